@@ -1,0 +1,32 @@
+# Every target sets itself up: a fresh machine needs nothing but `make test` (or `make demo`).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev binaries test test-unit lint clean-cluster
+
+$(STAMP): pyproject.toml operator/pyproject.toml server/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -e '.[test]' -e ./operator -e './server[redis]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+binaries: $(STAMP)
+	$(PY) -m devcluster build
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test: $(STAMP) binaries
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+clean-cluster:
+	-$(PY) -m devcluster down

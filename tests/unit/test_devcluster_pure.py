@@ -1,0 +1,79 @@
+"""Pure parts of devcluster: certificates, address ranges, node objects, build stamps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from devcluster import agent, build, network, pki
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_client_certificate_carries_user_and_groups_and_chains_to_ca():
+    ca = pki.make_ca("test-ca", NOW)
+    leaf = pki.issue_cert(ca, "alice", NOW, organizations=("system:masters",))
+    cert = x509.load_pem_x509_certificate(leaf.cert_pem)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
+    assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:masters"
+    assert cert.issuer == ca_cert.subject
+    pub = ca_cert.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+
+
+def test_serving_certificate_names_every_address():
+    ca = pki.make_ca("test-ca", NOW)
+    leaf = pki.issue_cert(ca, "kube-apiserver", NOW, server=True, dns_names=("kubernetes",),
+                          ip_addresses=("127.0.0.1", "10.240.0.1"))
+    sans = x509.load_pem_x509_certificate(leaf.cert_pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["kubernetes"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.240.0.1"]
+
+
+def test_pod_cidr_avoids_networks_in_use():
+    used = [ipaddress.ip_network("10.240.0.0/16"), ipaddress.ip_network("10.0.0.0/8")]
+    # 10.0.0.0/8 overlaps every candidate: nothing is free.
+    try:
+        network.pick_pod_cidr(used)
+    except network.NetworkError as exc:
+        assert "no free /16" in str(exc)
+    else:
+        raise AssertionError("expected NetworkError")
+    assert network.pick_pod_cidr([ipaddress.ip_network("10.240.0.0/16")]) == ipaddress.ip_network("10.241.0.0/16")
+
+
+def test_pod_addresses_skip_gateway_and_are_not_loopback():
+    net = network.PodNetwork("dc-x", ipaddress.ip_network("10.241.0.0/16"))
+    assert net.gateway == "10.241.0.1"
+    assert net.pod_ip(1) == "10.241.0.2"
+    assert not ipaddress.ip_address(net.pod_ip(300)).is_loopback
+    assert len(network.bridge_name("a-very-long-cluster-name" * 3)) <= 15
+
+
+def test_node_object_advertises_gpus_and_product():
+    node = agent.build_node("gpu-node-1", 8, "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu", "10.241.0.1")
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    ready = [c for c in agent.node_conditions("t1", "t0") if c["type"] == "Ready"][0]
+    assert ready["status"] == "True" and ready["lastHeartbeatTime"] == "t1"
+
+
+def test_image_mapping_uses_globs():
+    pod = {"spec": {"containers": [{"name": "c", "image": "ghcr.io/acme/deepseek-server:1.0"}]}}
+    assert agent.image_matches(pod, {"*deepseek-server*": ["x"]})
+    assert not agent.image_matches(pod, {"*other*": ["x"]})
+
+
+def test_kubernetes_binaries_are_stamped_with_their_version():
+    flags = " ".join(build._kube_ldflags())
+    assert f"k8s.io/component-base/version.gitVersion={build.KUBERNETES_VERSION}" in flags
+    assert "k8s.io/client-go/pkg/version.gitVersion" in flags
+    names = {b.name for b in build.BINARIES}
+    assert names == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm"}
