@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev binaries test test-unit lint clean-cluster
+.PHONY: dev binaries test test-unit lint clean-cluster demo demo-down docs
 
 $(STAMP): pyproject.toml operator/pyproject.toml server/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,14 @@ test: $(STAMP) binaries
 
 clean-cluster:
 	-$(PY) -m devcluster down
+
+# The main job: devcluster + the Helm chart + a tiny model answering an OpenAI client (prints how to use it).
+demo: $(STAMP) binaries
+	$(PY) -m devcluster.demo up
+
+demo-down: $(STAMP)
+	$(PY) -m devcluster.demo down
+
+# Regenerate docs/api-reference.md from the CRDs (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) docs/crd_reference.py

@@ -208,6 +208,10 @@ class NodeAgent:
         for uid in list(self.ips):
             if uid not in live_uids and uid not in self.deleting:
                 self.ips.pop(uid, None)
+        # A pod removed without a graceful delete (--force --grace-period=0) must not keep running.
+        for runtime in (self.simulated, self.process_runtime):
+            if runtime is not None:
+                runtime.retain(live_uids | self.deleting)
         for key, pod in pods.items():
             phase = (pod.get("status") or {}).get("phase")
             if pod["metadata"].get("deletionTimestamp"):

@@ -77,7 +77,8 @@ def default_image_commands() -> dict[str, list[str]]:
     return {
         "*deepseek-server*": [str(bin_dir / "deepseek-server")],
         "*deepseek-operator*": [str(bin_dir / "deepseek-operator")],
-        "*devcluster-testserver*": [sys.executable, "-m", "devcluster.testserver"],
+        # by file path: the test server is stdlib-only and runs whether or not devcluster is installed
+        "*devcluster-testserver*": [sys.executable, str(Path(__file__).with_name("testserver.py"))],
     }
 
 
@@ -193,6 +194,12 @@ class DevCluster:
                     _terminate_group(pid, grace=15 if name == "agent" else 5)
             self.state.pids.clear()
             if self.state.network:
+                # Pods the agent could not end (it was SIGKILLed): every pod netns of this cluster, with whatever
+                # still runs inside it, and every veth on the bridge.
+                from devcluster import podnet
+
+                for leftover in podnet.sweep(self.network):
+                    self.log(f"[devcluster] removed leftover {leftover}")
                 self.network.delete()
         if not self.keep_state or self._owns_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -1,10 +1,14 @@
 """Per-pod network namespaces on the cluster bridge: what gives every process pod a real, routable pod IP.
 
 Each pod gets a network namespace ``dcpod-<bridge id>-<uid>`` with ``lo`` up and a veth pair: ``eth0`` inside,
-holding the pod IP from the agent (a /16 of the cluster's pod CIDR) with a default route via the bridge's gateway;
+holding the pod IP from the agent in the cluster's pod CIDR (a /16 on the bridge), and a MAC derived from that IP;
 the host end is enslaved to the cluster bridge. Every pod can therefore bind ``0.0.0.0:<containerPort>`` like in
 Kubernetes, the host (tests, probes, the service proxy) reaches it at its pod IP, and the pod reaches the host (API
-server, Redis) at the gateway address. Nothing is routed off this machine.
+server, Redis: anything bound to 0.0.0.0) at the gateway address ``.0.1`` and the other pods at their IPs.
+
+Nothing is routed off this machine: the only route is the pod CIDR, and the default route is ``unreachable``, so a
+pod that tries any other address (a model hub, a DNS server) fails at once with ENETUNREACH, even on a host with
+IP forwarding on. Kubernetes would give a pod a default route via its gateway; here that would only leak or hang.
 
 Names derive from the bridge, so ``sweep`` finds every namespace and veth of a cluster even when the agent that
 made them was SIGKILLed.
@@ -72,12 +76,18 @@ class PodSandbox:
             _ip("link", "add", self.host_veth, "type", "veth", "peer", "name", peer)
             _ip("link", "set", peer, "netns", self.netns)
             _ip("-n", self.netns, "link", "set", peer, "name", "eth0")
+            # A MAC derived from the IP (as OVN-Kubernetes does): an address reused by a later pod keeps its MAC,
+            # so the host's ARP cache never points a new pod's IP at a deleted pod's veth.
+            _ip("-n", self.netns, "link", "set", "eth0", "address", pod_mac(self.ip))
             _ip("-n", self.netns, "addr", "add", f"{self.ip}/{network.cidr.prefixlen}", "dev", "eth0")
             _ip("-n", self.netns, "link", "set", "lo", "up")
             _ip("-n", self.netns, "link", "set", "eth0", "up")
-            _ip("-n", self.netns, "route", "add", "default", "via", network.gateway)
+            # Only the pod CIDR is routed (gateway = the host, and the other pods); everything else fails at once
+            # with ENETUNREACH instead of leaving through the host (where ip_forward may be on) or hanging.
+            _ip("-n", self.netns, "route", "add", "unreachable", "default")
             _ip("link", "set", self.host_veth, "master", network.bridge)
             _ip("link", "set", self.host_veth, "up")
+            _ip("neigh", "flush", "to", self.ip, "dev", network.bridge, check=False)
         except PodNetError:
             self.delete()
             raise
@@ -91,6 +101,11 @@ class PodSandbox:
         kill_netns_processes(self.netns)
         _ip("netns", "del", self.netns, check=False)
         _ip("link", "del", self.host_veth, check=False)
+
+
+def pod_mac(ip: str) -> str:
+    """0a:58:<the IPv4 address in hex>: locally administered, unicast, and the same for the same address."""
+    return "0a:58:" + ":".join(f"{int(octet):02x}" for octet in ip.split("."))
 
 
 def netns_pids(netns: str) -> list[int]:

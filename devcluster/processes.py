@@ -6,13 +6,21 @@ in that network namespace and in a private mount + UTS namespace of its own, whe
 its real ``mountPath`` (so ``/var/run/secrets/kubernetes.io/serviceaccount`` works unchanged), ``/etc/hosts`` names
 the pod, and the hostname is the pod name. Nothing in args or env is rewritten: the paths are real.
 
+Filesystem rule: a container sees this machine's filesystem with its volumes mounted over it (its own mount
+namespace; other processes and containers do not see them). A mountPath therefore hides what the host has there,
+for that container only; one that would hide the virtual environment the entry points run from is refused
+(CreateContainerConfigError). A missing mount point is created on the host as an empty folder (or file, for a
+file subPath) and left there: removing it would detach the mounts of pods of other clusters on this machine.
+
 What the process gets, as in Kubernetes:
 - argv: ``command + args`` when ``command`` is set, else the image's mapped entry point + ``args``; ``$(VAR)``
   references are expanded from the container's environment (``$$`` escapes, unknown references stay as written).
 - env: ``envFrom`` then ``env`` (``valueFrom`` secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef), plus
-  ``HOSTNAME``, ``HOME`` and ``KUBERNETES_SERVICE_HOST``/``_PORT``. There is no kube-proxy, so these point at the
+  ``PATH`` (this virtual environment's ``bin`` first), ``HOSTNAME``, ``HOME=/root``, ``LANG`` and
+  ``KUBERNETES_SERVICE_HOST``/``_PORT`` -- nothing else from the host. There is no kube-proxy, so these point at the
   API server itself: the bridge gateway and the API server's real port (its certificate names that address).
-  Service environment variables (``<SVC>_SERVICE_HOST``) are not set: ClusterIPs route nowhere here.
+  Service environment variables (``<SVC>_SERVICE_HOST``) are not set and there is no cluster DNS: ClusterIPs and
+  Service names lead nowhere here. Pods reach each other at pod IPs and the host at the gateway address.
 - stdout and stderr go to ``<state dir>/pods/<ns>_<pod>_<uid>/logs/<container>/<restartCount>.log``.
 
 Status is observed, not assumed: container states with reasons and exit codes, ``restartCount``, ``started``,
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 import math
 import os
@@ -94,7 +103,8 @@ def resource_value(container: dict[str, Any], resource: str, divisor: str | None
     value = (res.get(kind) or {}).get(name) or (res.get("limits") or {}).get(name) or NODE_ALLOCATABLE.get(name)
     if value is None:
         raise ConfigError(f"unsupported resourceFieldRef {resource!r}")
-    amount = parse_quantity(value) / parse_quantity(divisor or "1")
+    divide_by = parse_quantity(divisor or "1") or 1  # the API server defaults an unset divisor to "0"
+    amount = parse_quantity(value) / divide_by
     return str(math.ceil(amount))
 
 
@@ -131,7 +141,9 @@ class ContainerRunner(threading.Thread):
         self.name = spec["name"]
         self.init = init
         self.argv0 = image_command(spec.get("image", ""), worker.runtime.image_commands)
-        self.simulated = self.argv0 is None and not spec.get("command")
+        # A container whose image has no mapping is simulated even in a process pod (a sidecar we do not own):
+        # its command names a program of that image, not of this machine.
+        self.simulated = self.argv0 is None
         self.restart_count = 0
         self.state = _state(waiting={"reason": "ContainerCreating", "message": None})
         self.last_state = _state()
@@ -144,12 +156,13 @@ class ContainerRunner(threading.Thread):
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.probers: list[Prober] = []
+        self.env: dict[str, str] = {}
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
         return {
             "name": self.name, "image": self.spec.get("image", ""),
-            "imageID": f"devcluster-process://{self.spec.get('image', '')}",
+            "imageID": f"devcluster-{'simulated' if self.simulated else 'process'}://{self.spec.get('image', '')}",
             "containerID": self.container_id, "ready": self.ready, "started": self.started,
             "restartCount": self.restart_count, "state": dict(self.state), "lastState": dict(self.last_state),
         }
@@ -161,6 +174,14 @@ class ContainerRunner(threading.Thread):
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # a bug must show in the pod's status, not end a thread silently
+            log.exception("container %s/%s failed", self.worker.key, self.name)
+            self.state = _state(waiting={"reason": "RunContainerError", "message": f"devcluster: {exc!r}"})
+            self.ready = False
+
+    def _run(self) -> None:
         if self.simulated:  # a sidecar image with no mapping: simulated, as on the simulated runtime
             self.state = _state(running={"startedAt": now_rfc3339()})
             self.started = self.ready = True
@@ -170,13 +191,22 @@ class ContainerRunner(threading.Thread):
         while not self.stopping.is_set():
             try:
                 env = self.worker.container_env(self.spec)
-            except (ConfigError, client.ApiException) as exc:
-                message = str(exc) if isinstance(exc, ConfigError) else f"{exc.status} {exc.reason}"
+            except Exception as exc:  # any unresolvable reference keeps the container waiting, as the kubelet does
+                message = f"{exc.status} {exc.reason}" if isinstance(exc, client.ApiException) else str(exc)
+                if not isinstance(exc, ConfigError | client.ApiException):
+                    message = f"{type(exc).__name__}: {exc}"
                 self.state = _state(waiting={"reason": "CreateContainerConfigError", "message": message})
                 self.stopping.wait(1)
                 continue
+            try:
+                argv = self._argv(env)
+                self.worker.check_mounts(self.spec)
+            except ConfigError as exc:
+                self.state = _state(waiting={"reason": "CreateContainerConfigError", "message": str(exc)})
+                self.stopping.wait(1)
+                continue
             ran_from = time.monotonic()
-            code, reason, message = self._run_once(env)
+            code, reason = self._run_once(argv, env)
             if self.stopping.is_set():
                 return
             ran_for = time.monotonic() - ran_from
@@ -205,25 +235,18 @@ class ContainerRunner(threading.Thread):
             self.restart_count += 1
             log.info("restarting %s/%s (%s, exit %s, restart %d)", self.worker.key, self.name, reason, code,
                      self.restart_count)
-            del message
 
     def _argv(self, env: dict[str, str]) -> list[str]:
         command = self.spec.get("command")
         args = self.spec.get("args") or []
         base = list(command) if command else list(self.argv0 or [])
         if not base:
-            raise ConfigError(f"container {self.name} has no command and image {self.spec.get('image')!r} "
-                              "has no entry point mapping")
+            raise ConfigError(f"container {self.name} has no command and its image's entry point mapping is empty")
         return [expand(a, env) for a in [*base, *args]]
 
-    def _run_once(self, env: dict[str, str]) -> tuple[int, str, str | None]:
-        """Start the process, probe it, wait for its end; (exit code, reason, message)."""
-        try:
-            argv = self._argv(env)
-        except ConfigError as exc:
-            self.state = _state(waiting={"reason": "CreateContainerConfigError", "message": str(exc)})
-            self.stopping.wait(5)
-            return 128, "ContainerCannotRun", str(exc)
+    def _run_once(self, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+        """Start the process, probe it, wait for its end; (exit code, reason)."""
+        self.env = env
         log_path = self.worker.log_path(self.name, self.restart_count)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         launcher = self.worker.launcher(self.spec, env)
@@ -234,7 +257,7 @@ class ContainerRunner(threading.Thread):
             except OSError as exc:
                 self.state = _state(waiting={"reason": "RunContainerError", "message": str(exc)})
                 self.stopping.wait(5)
-                return 128, "StartError", str(exc)
+                return 128, "StartError"
         started_at = now_rfc3339()
         self.container_id = f"devcluster://{self.worker.uid}/{self.name}/{self.restart_count}"
         self.kill_reason = None
@@ -253,17 +276,14 @@ class ContainerRunner(threading.Thread):
             grace = self._liveness_grace()
             self.terminate_process(grace)
         if self.stopping.is_set():
-            return 0, "Stopped", None
+            return 0, "Stopped"
         code = _exit_code(proc.wait())
         self.ready = False
         self.started = False
         reason = "Completed" if code == 0 else "Error"
-        message = None
-        if self.kill_reason:
-            message = self.kill_reason
         self.state = _state(terminated=_terminated(code, reason, started_at, now_rfc3339(), self.container_id,
-                                                   message))
-        return code, reason, message
+                                                   self.kill_reason))
+        return code, reason
 
     def _liveness_grace(self) -> float:
         for kind in ("livenessProbe", "startupProbe"):
@@ -274,7 +294,7 @@ class ContainerRunner(threading.Thread):
 
     def _start_probers(self) -> None:
         assert self.proc is not None
-        target = ProbeTarget(pod_ip=self.worker.pod_ip, pid=self.proc.pid, env=dict(self.proc.args and {} or {}),
+        target = ProbeTarget(pod_ip=self.worker.pod_ip, pid=self.proc.pid, env=self.env,
                              ports={p["name"]: int(p["containerPort"]) for p in self.spec.get("ports") or []
                                     if p.get("name")})
         self.probers = []
@@ -307,14 +327,12 @@ class ContainerRunner(threading.Thread):
             self.started = True
             self.ready = "readinessProbe" not in self.spec
             self._start_after_startup(self.probers[0].target)
-            self.worker.changed()
         else:
             self.kill_reason = f"Container {self.name} failed startup probe, will be restarted: {message}"
             self.wake.set()
 
     def _on_readiness(self, ok: bool, message: str) -> None:
         self.ready = ok and self.started
-        self.worker.changed()
 
     def _on_liveness(self, ok: bool, message: str) -> None:
         if not ok:
@@ -328,10 +346,8 @@ class ContainerRunner(threading.Thread):
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(grace, 0.0))
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -395,14 +411,18 @@ class PodWorker(threading.Thread):
         self.lock = threading.Lock()
         self.transitions: dict[str, tuple[bool, str]] = {}
 
-    def changed(self) -> None:
-        """A probe flipped: nothing to do, the agent reads status() every tick."""
-
     def log_path(self, container: str, restart: int) -> Path:
         return self.dir / "logs" / container / f"{restart}.log"
 
     # ------------------------------------------------------------------ bring-up
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:
+            log.exception("pod %s failed", self.key)
+            self.waiting_message = f"devcluster: {exc!r}"
+
+    def _run(self) -> None:
         while not self.stopping.is_set() and not self.sandbox_ready:
             if not self.runtime.enabled:
                 self.waiting_message = ("devcluster has no pod network (the agent needs root to make network "
@@ -426,6 +446,8 @@ class PodWorker(threading.Thread):
             except (VolumeError, client.ApiException) as exc:
                 self.waiting_message = f"MountVolume.SetUp failed: {exc}"
                 self.stopping.wait(1)
+        if self.stopping.is_set():
+            return
         self._write_hosts()
         for runner in self.init_runners:
             if self.stopping.is_set():
@@ -539,6 +561,16 @@ class PodWorker(threading.Thread):
             return resource_value(container, ref["resource"], ref.get("divisor"))
         raise ConfigError(f"unsupported valueFrom {sorted(source)}")
 
+    def check_mounts(self, spec: dict[str, Any]) -> None:
+        """Refuse a mountPath that would hide this machine's Python environment from the container (the
+        container sees the host's filesystem, with its volumes mounted over it)."""
+        venv = Path(sys.prefix).resolve()
+        for mount in spec.get("volumeMounts") or []:
+            path = Path(mount["mountPath"])
+            if path == venv or path in venv.parents:
+                raise ConfigError(f"volumeMount {mount['name']} at {path} would hide {venv}, which devcluster "
+                                  "runs the container from; mount it somewhere else")
+
     def launcher(self, spec: dict[str, Any], env: dict[str, str]) -> list[str]:
         """argv prefix that enters the pod's network namespace and a private mount/UTS namespace, mounts the
         container's volumes at their mountPaths, and execs the container's argv (so the pid is the process's)."""
@@ -566,6 +598,7 @@ class PodWorker(threading.Thread):
             script.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
         else:
             script.append("cd /")
+        script.append("unset OLDPWD")
         script.append('exec "$@"')
         return [self.runtime.unshare, "--mount", "--uts", "--propagation", "private", "--",
                 self.runtime.nsenter, f"--net={self.sandbox.netns_path}", "--",
@@ -577,7 +610,8 @@ class PodWorker(threading.Thread):
         if previous is None or previous[0] != value:
             previous = (value, now_rfc3339())
             self.transitions[kind] = previous
-        return condition(kind, value, previous[1], reason)
+        # reason always present (null clears a stale one under the agent's strategic merge patch)
+        return {**condition(kind, value, previous[1]), "reason": reason}
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -668,8 +702,6 @@ class ProcessRuntime:
         self.enabled = enabled
         self.unshare = shutil.which("unshare") or "/usr/bin/unshare"
         self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-        import json
-
         self.apiserver_port = int(json.loads((state_dir / "state.json").read_text())["apiserver_port"])
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
@@ -694,10 +726,23 @@ class ProcessRuntime:
         with self.lock:
             worker = self.workers.pop(uid, None)
         if worker is not None:
-            worker.terminate(grace_seconds)
-            shutil.rmtree(worker.dir, ignore_errors=True)
+            self._stop_worker(worker, grace_seconds)
         else:
             PodSandbox.for_pod(self.network, uid, "").delete()
+
+    def retain(self, uids: set[str]) -> None:
+        with self.lock:
+            gone = [w for uid, w in self.workers.items() if uid not in uids]
+            for worker in gone:
+                del self.workers[worker.uid]
+        for worker in gone:
+            log.info("pod %s vanished from the API; stopping its containers", worker.key)
+            grace = float(worker.pod["spec"].get("terminationGracePeriodSeconds", 30))
+            threading.Thread(target=self._stop_worker, args=(worker, grace), daemon=True).start()
+
+    def _stop_worker(self, worker: PodWorker, grace: float) -> None:
+        worker.terminate(grace)
+        shutil.rmtree(worker.dir, ignore_errors=True)
 
     def shutdown(self) -> None:
         self.stopping.set()

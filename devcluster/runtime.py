@@ -29,6 +29,9 @@ class PodRuntime(Protocol):
     def stop(self, pod: Pod, grace_seconds: float) -> None:
         """End the pod (SIGTERM, grace, SIGKILL for processes); blocks until it is gone."""
 
+    def retain(self, uids: set[str]) -> None:
+        """Forget (and stop, in the background) pods not in `uids`: they vanished without a graceful delete."""
+
     def shutdown(self) -> None:
         """End every pod this runtime started (the agent is exiting)."""
 
@@ -74,6 +77,10 @@ class SimulatedRuntime:
 
     def stop(self, pod: Pod, grace_seconds: float) -> None:
         self._started.pop(pod["metadata"]["uid"], None)
+
+    def retain(self, uids: set[str]) -> None:
+        for uid in set(self._started) - uids:
+            self._started.pop(uid, None)
 
     def shutdown(self) -> None:
         self._started.clear()

@@ -61,7 +61,7 @@ def test_node_object_advertises_gpus_and_product():
     node = agent.build_node("gpu-node-1", 8, "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu", "10.241.0.1")
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
-    ready = [c for c in agent.node_conditions("t1", "t0") if c["type"] == "Ready"][0]
+    ready = next(c for c in agent.node_conditions("t1", "t0") if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["lastHeartbeatTime"] == "t1"
 
 
