@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
 from devcluster import build
-from devcluster.cluster import ClusterConfig, ClusterError, DevCluster, _alive, named_state_dir
+from devcluster.cluster import (
+    ClusterConfig,
+    ClusterError,
+    DevCluster,
+    _alive,
+    default_image_commands,
+    named_state_dir,
+)
 
 
 def _attach(name: str) -> DevCluster:
@@ -33,6 +41,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 0
         running.stop()
     cfg = ClusterConfig(name=args.name, nodes=args.nodes, gpus_per_node=args.gpus)
+    if args.image:
+        cfg.image_commands = default_image_commands()
+        for item in args.image:
+            glob, sep, command = item.partition("=")
+            if not sep or not glob or not command.strip():
+                print(f"--image {item!r}: expected GLOB=COMMAND, e.g. '*my-server*=/usr/bin/my-server --flag'",
+                      file=sys.stderr)
+                return 2
+            cfg.image_commands[glob] = shlex.split(command)
     cluster = DevCluster(cfg, state_dir, keep_state=True)
     started = time.monotonic()
     try:
@@ -85,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a cluster in the background")
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node")
+    up.add_argument("--image", action="append", default=[], metavar="GLOB=COMMAND",
+                    help="run pods whose image matches GLOB as local processes with COMMAND as the entrypoint "
+                         "(repeatable; added to the built-in deepseek-server/deepseek-operator mappings)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the cluster and remove its state").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show the cluster's processes").set_defaults(func=cmd_status)

@@ -1,0 +1,297 @@
+"""Load benchmark of the model server, printed as ratios measured side by side in one run (not a test).
+
+1. The seed's latency table on the tiny model: concurrency 10/50/100 -> avg and p95 latency, error rate,
+   requests/s, tokens/s, time to first token (a real server process, full auth + limits + metrics + audit).
+2. The batched engine vs plain sequential `model.generate` at 16 concurrent requests (target >= 5x tokens/s).
+3. The cost of auth + limits + metrics + audit vs the same app with them off, on a no-op engine (target <= 5 %).
+
+    python bench/serve_load.py [--quick] [--arch llama]
+
+Absolute numbers depend on the machine; the ratios are the point. No GPU run here (see the issue for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODEL = "deepseek-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(round(q * (len(ordered) - 1)), len(ordered) - 1)] if ordered else float("nan")
+
+
+# -- servers in their own processes (so the load generator does not share their GIL) --------------------------
+
+
+def _run_server(settings_json: str, engine_kind: str, record: bool, port: int) -> None:
+    import logging
+
+    import uvicorn
+    from deepseek_server.app import create_app
+    from deepseek_server.engine.noop import NoopEngine
+    from deepseek_server.settings import ServerSettings
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = ServerSettings(**json.loads(settings_json))
+    engine = NoopEngine(model_name=MODEL) if engine_kind == "noop" else None
+    app = create_app(settings, engine=engine, record_requests=record)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=settings.keep_alive_s)
+
+
+class ServerProcess:
+    def __init__(self, settings: dict[str, Any], engine_kind: str = "model", record: bool = True) -> None:
+        self.port = free_port()
+        ctx = multiprocessing.get_context("spawn")
+        self.proc = ctx.Process(target=_run_server, args=(json.dumps(settings, default=str), engine_kind, record,
+                                                          self.port), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerProcess:
+        self.proc.start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("benchmark server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.join(30)
+
+
+def auth_setup(root: Path) -> tuple[Path, str]:
+    """An auth directory with one key and generous limits, and a token for it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "server"))
+    from server_harness import SigningKey, mint, write_auth_dir
+
+    key = SigningKey(kid="bench")
+    directory = write_auth_dir(root / "auth", [key], default_limits={"rps": 1e6, "burst": 1_000_000,
+                                                                      "tpm": None, "parallel": None})
+    return directory, mint(key, uid="uid-bench")
+
+
+# -- 1. latency table -----------------------------------------------------------------------------------------
+
+
+async def one_streamed_request(client: httpx.AsyncClient, token: str, max_tokens: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    ttft: float | None = None
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", headers={"authorization": f"Bearer {token}"},
+                                 json={"model": MODEL, "max_tokens": max_tokens, "stream": True,
+                                       "stream_options": {"include_usage": True},
+                                       "messages": [{"role": "user", "content": "Tell me about DeepSeek."}]}) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"ok": False, "latency": time.perf_counter() - started, "error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                elif ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - started
+    except httpx.HTTPError as exc:
+        return {"ok": False, "latency": time.perf_counter() - started, "error": type(exc).__name__}
+    return {"ok": True, "latency": time.perf_counter() - started, "ttft": ttft, "tokens": tokens}
+
+
+async def load_level(url: str, token: str, concurrency: int, requests_per_worker: int, max_tokens: int
+                     ) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        results: list[dict[str, Any]] = []
+
+        async def worker() -> None:
+            for _ in range(requests_per_worker):
+                results.append(await one_streamed_request(client, token, max_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ok = [r for r in results if r["ok"]]
+    errors = sorted({r["error"] for r in results if not r["ok"]})
+    latencies = [r["latency"] for r in ok]
+    ttfts = [r["ttft"] for r in ok if r.get("ttft") is not None]
+    return {
+        "concurrency": concurrency, "requests": len(results),
+        "avg_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
+        "p95_ms": 1000 * percentile(latencies, 0.95),
+        "errors_pct": 100 * (len(results) - len(ok)) / len(results),
+        "rps": len(ok) / wall, "tokens_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_avg_ms": 1000 * statistics.fmean(ttfts) if ttfts else float("nan"),
+        "ttft_p95_ms": 1000 * percentile(ttfts, 0.95), "errors": ", ".join(errors),
+    }
+
+
+def latency_table(model_dir: Path, root: Path, quick: bool) -> None:
+    auth_dir, token = auth_setup(root)
+    settings = {"model": str(model_dir), "model_name": MODEL, "precision": "fp32", "device": "cpu",
+                "auth_dir": str(auth_dir), "audit_log": str(root / "audit.jsonl"), "max_batch_size": 32,
+                "max_new_tokens": 64, "max_model_len": 512}
+    max_tokens = 16
+    print(f"\n1. Latency table: tiny model, full stack (auth, limits, metrics, audit), streamed chat, "
+          f"max_tokens={max_tokens}, max_batch_size=32")
+    print(f"{'conc':>5} {'reqs':>5} {'avg ms':>8} {'p95 ms':>8} {'err %':>6} {'req/s':>7} {'tok/s':>8} "
+          f"{'TTFT avg':>9} {'TTFT p95':>9}")
+    with ServerProcess(settings) as server:
+        asyncio.run(load_level(server.url, token, 4, 2, max_tokens))  # warm-up
+        for concurrency in (10, 50, 100):
+            per_worker = 2 if quick else 4
+            row = asyncio.run(load_level(server.url, token, concurrency, per_worker, max_tokens))
+            print(f"{row['concurrency']:>5} {row['requests']:>5} {row['avg_ms']:>8.1f} {row['p95_ms']:>8.1f} "
+                  f"{row['errors_pct']:>6.1f} {row['rps']:>7.1f} {row['tokens_s']:>8.1f} "
+                  f"{row['ttft_avg_ms']:>9.1f} {row['ttft_p95_ms']:>9.1f}  {row['errors']}")
+
+
+# -- 2. batched engine vs sequential generate ----------------------------------------------------------------
+
+
+def batched_vs_sequential(model_dir: Path, concurrent: int, new_tokens: int) -> None:
+    import torch
+    from deepseek_server.engine.base import GenerationRequest
+    from deepseek_server.engine.batched import BatchedEngine
+    from deepseek_server.engine.loading import load_model
+
+    loaded = load_model(model_dir, "fp32", "cpu")
+    engine = BatchedEngine(loaded, model_name=MODEL, max_batch_size=concurrent, max_new_tokens=new_tokens)
+    prompts = [engine.encode_chat([{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"}])
+               for i in range(concurrent)]
+
+    def sequential() -> tuple[float, int]:
+        started, produced = time.perf_counter(), 0
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = torch.tensor([prompt])
+                out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                            min_new_tokens=new_tokens, do_sample=False,
+                                            pad_token_id=loaded.tokenizer.pad_token_id)
+                produced += out.shape[1] - ids.shape[1]
+        return time.perf_counter() - started, produced
+
+    async def batched() -> tuple[float, int]:
+        await engine.start()
+        try:
+            started = time.perf_counter()
+            streams = [engine.submit(GenerationRequest(prompt_ids=p, max_new_tokens=new_tokens, temperature=0.0))
+                       for p in prompts]
+            results = await asyncio.gather(*(s.collect() for s in streams))
+            return time.perf_counter() - started, sum(r.completion_tokens for _, r in results)
+        finally:
+            await engine.stop()
+
+    sequential()  # warm-up
+    seq_time, seq_tokens = sequential()
+    bat_time, bat_tokens = asyncio.run(batched())
+    seq_rate, bat_rate = seq_tokens / seq_time, bat_tokens / bat_time
+    print(f"\n2. Batched engine vs sequential generate: {concurrent} concurrent requests x {new_tokens} new tokens, "
+          f"tiny model, CPU")
+    print(f"   sequential generate: {seq_tokens} tokens in {seq_time:.2f} s = {seq_rate:.0f} tok/s")
+    print(f"   batched engine:      {bat_tokens} tokens in {bat_time:.2f} s = {bat_rate:.0f} tok/s")
+    print(f"   ratio: {bat_rate / seq_rate:.1f}x (target >= 5x)")
+
+
+# -- 3. overhead of auth + limits + metrics + audit -----------------------------------------------------------
+
+
+async def hammer(url: str, token: str | None, requests: int, concurrency: int) -> float:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    body = {"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                response = await client.post("/v1/completions", json=body)
+                response.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        return (time.perf_counter() - started) / requests
+
+
+def overhead(root: Path, quick: bool) -> None:
+    import psutil
+
+    auth_dir, token = auth_setup(root)
+    base = {"model_name": MODEL, "device": "cpu", "no_cache": True}
+    full = {**base, "auth_dir": str(auth_dir), "audit_log": str(root / "overhead-audit.jsonl")}
+    bare = {**base, "auth": "disabled"}
+    requests, rounds = (400, 3) if quick else (1000, 7)
+    with ServerProcess(full, "noop", record=True) as on, ServerProcess(bare, "noop", record=False) as off:
+        asyncio.run(hammer(on.url, token, 200, 10))
+        asyncio.run(hammer(off.url, None, 200, 10))
+        wall: dict[str, list[float]] = {"on": [], "off": []}
+        cpu: dict[str, list[float]] = {"on": [], "off": []}
+        for _ in range(rounds):  # interleaved, so drift and neighbours' load hit both alike
+            for name, server, key in (("on", on, token), ("off", off, None)):
+                process = psutil.Process(server.proc.pid)
+                before = process.cpu_times()
+                wall[name].append(asyncio.run(hammer(server.url, key, requests, 10)))
+                after = process.cpu_times()
+                cpu[name].append((after.user + after.system - before.user - before.system) / requests)
+    t_on, t_off = statistics.median(wall["on"]), statistics.median(wall["off"])
+    c_on, c_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    print("\n3. Cost of auth + rate limits + metrics + audit, no-op engine, 10 concurrent clients, "
+          f"{rounds} interleaved rounds of {requests} requests (medians)")
+    print(f"   all on : {1000 * t_on:.3f} ms/request wall ({1 / t_on:.0f} req/s), server CPU {1000 * c_on:.3f} "
+          "ms/request")
+    print(f"   all off: {1000 * t_off:.3f} ms/request wall ({1 / t_off:.0f} req/s), server CPU {1000 * c_off:.3f} "
+          "ms/request")
+    print(f"   overhead: {100 * (t_on - t_off) / t_off:+.1f} % wall, {100 * (c_on - c_off) / c_off:+.1f} % server CPU "
+          f"({1000 * (c_on - c_off):.3f} ms CPU per request) (target <= 5 %)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "deepseek_v3"])
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: table,batching,overhead")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from deepseek_server.tiny_model import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        root = Path(tmp)
+        model_dir = make_tiny_model(args.arch, root / "model")
+        print(f"deepseek-server load benchmark: tiny {args.arch} (hidden 64, 2 layers), {os.cpu_count()} CPUs, "
+              "no GPU")
+        if "table" not in skip:
+            latency_table(model_dir, root, args.quick)
+        if "batching" not in skip:
+            batched_vs_sequential(model_dir, concurrent=16, new_tokens=32)
+        if "overhead" not in skip:
+            overhead(root, args.quick)
+
+
+if __name__ == "__main__":
+    main()

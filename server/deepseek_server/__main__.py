@@ -1,0 +1,78 @@
+"""`deepseek-server serve ...` and `deepseek-server make-tiny-model --arch ARCH OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from deepseek_server.settings import ServerSettings
+from deepseek_server.tiny_model import ARCHITECTURES
+
+
+def _serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                           description="Every flag also reads DEEPSEEK_<FLAG_IN_CAPS> from the environment.")
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "") + f" [env DEEPSEEK_{name.upper()}]"
+        if field.annotation is bool:
+            serve.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif name == "auth":
+            serve.add_argument(flag, choices=["required", "disabled"], default=argparse.SUPPRESS,
+                               help="'disabled' turns off API keys and limits (local testing only)" + help_text)
+        elif name == "precision":
+            serve.add_argument(flag, choices=["bf16", "fp16", "fp32", "int8"], default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            serve.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
+def serve(options: dict[str, Any]) -> int:
+    try:
+        settings = ServerSettings(**options)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"deepseek-server: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from deepseek_server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on",
+                            timeout_keep_alive=settings.keep_alive_s,
+                            access_log=False)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepseek-server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight model and tokenizer (no download)")
+    tiny.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "make-tiny-model":
+        from deepseek_server.tiny_model import make_tiny_model
+
+        make_tiny_model(args.arch, args.out, seed=args.seed)
+        print(f"wrote a tiny {args.arch} model to {args.out}")
+        return 0
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    return serve(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

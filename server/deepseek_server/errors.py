@@ -1,0 +1,126 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the status OpenAI uses."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error a client sees: raise it anywhere below a route and it is rendered as OpenAI does."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The JSON body of an OpenAI error."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+_UNION_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-\w+)$|[\[\]]")
+
+
+def _param_of(location: tuple[Any, ...]) -> str | None:
+    """`('body', 'messages', 0, 'role')` -> `messages[0].role`, dropping pydantic's union-member tags."""
+    parts = [str(p) for p in location
+             if p not in ("body", "query") and not (isinstance(p, str) and _UNION_TAGS.search(p))]
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Map a pydantic validation failure to OpenAI's 400 invalid_request_error, naming the parameter."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return APIError(
+            400,
+            "We could not parse the JSON body of your request. The body must be valid JSON "
+            f"({first.get('msg', 'invalid JSON')}).",
+            code="invalid_json",
+        )
+    param = _param_of(tuple(first.get("loc", ())))
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return APIError(400, "We could not parse the JSON body of your request: it must be a JSON object, sent "
+                        "with 'Content-Type: application/json'.", code="invalid_json")
+    message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}." if param else str(first["msg"])
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    return APIError(400, message, param=param, code="invalid_value" if first.get("type") != "missing"
+                    else "missing_required_parameter")
+
+
+_STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error the app can raise in OpenAI's shape; never a bare traceback."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        request.state.error_code = exc.code or exc.type
+        principal = getattr(exc, "principal", None)
+        if principal is not None:  # a genuine but refused key: the audit names it
+            request.state.principal = principal
+        return error_response(exc)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        err = validation_error(exc)
+        request.state.error_code = err.code
+        return error_response(err)
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = "Unknown request URL. Check the path and method; see /v1/models for what this server serves."
+        err = APIError(exc.status_code, message, type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
+                       headers=dict(exc.headers or {}))
+        return error_response(err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        request.state.error_code = "internal_error"
+        return error_response(APIError(500, "The server had an error while processing your request.",
+                                       type="server_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,239 @@
+"""From a validated OpenAI request to a response: length checks, rate-limit admission, cache, engine, rendering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deepseek_server.auth.tokens import Principal
+from deepseek_server.cache import is_deterministic, request_fingerprint
+from deepseek_server.engine.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    GenerationStream,
+    TextDelta,
+    merged_events,
+)
+from deepseek_server.errors import APIError
+from deepseek_server.limits.limiter import Lease
+from deepseek_server.response_bodies import Kind, chunk, full_body, sse, usage_body, usage_chunk
+from deepseek_server.schemas import SamplingFields
+from deepseek_server.services import Services
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    kind: Kind
+    model: str
+    prompt_tokens: int
+    requests: list[GenerationRequest]
+    stream: bool
+    include_usage: bool
+    fingerprint: str
+    cacheable: bool
+
+
+def serving_engine(services: Services, model: str) -> Engine:
+    """The engine for `model`: 404 for another model, 503 while loading or shutting down."""
+    engine = services.engine
+    if engine is None or not engine.ready:
+        detail = f" (loading failed: {services.load_error})" if services.load_error else ""
+        raise APIError(503, f"The model is not loaded yet{detail}; retry shortly.", type="server_error",
+                       code="model_not_ready", headers={"retry-after": "5"})
+    if model != engine.model_name:
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. "
+                       f"This server serves `{engine.model_name}`.", param="model", code="model_not_found")
+    if services.shutting_down:
+        raise APIError(503, "The server is shutting down; retry on another replica.", type="server_error",
+                       code="shutting_down", headers={"retry-after": "1"})
+    return engine
+
+
+def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFields, prompt_ids: list[int],
+              requested_max: int | None, prompt_param: str) -> PlannedCall:
+    """Check lengths against the context and the server's ceiling, and expand `n` into engine requests."""
+    settings = services.settings
+    room = engine.max_model_len - len(prompt_ids)
+    if room <= 0:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, your "
+                       f"{prompt_param} resulted in {len(prompt_ids)} tokens. Please reduce the length of the "
+                       f"{prompt_param}.", param=prompt_param, code="context_length_exceeded")
+    ceiling = min(settings.max_new_tokens, engine.max_new_tokens)
+    if requested_max is not None and requested_max > ceiling:
+        raise APIError(400, f"max_tokens is too large: {requested_max}. This server supports at most {ceiling} "
+                       "completion tokens.", param="max_tokens", code="invalid_value")
+    if requested_max is not None and requested_max > room:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
+                       f"requested {len(prompt_ids) + requested_max} tokens ({len(prompt_ids)} in the "
+                       f"{prompt_param}, {requested_max} in the completion). Please reduce the length of the "
+                       f"{prompt_param} or completion.", param=prompt_param, code="context_length_exceeded")
+    max_new = requested_max if requested_max is not None else min(ceiling, room)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    n = body.n or 1
+    requests = [
+        GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=None if body.seed is None else (body.seed + i) % (2**63),
+            stop=tuple(body.stop_list()),
+        )
+        for i in range(n)
+    ]
+    fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
+    cacheable = services.cache is not None and not body.stream and is_deterministic(body.temperature, body.seed)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return PlannedCall(kind=kind, model=engine.model_name, prompt_tokens=len(prompt_ids), requests=requests,
+                       stream=body.stream, include_usage=include_usage,
+                       fingerprint=fingerprint, cacheable=cacheable)
+
+
+async def admit(services: Services, request: Request, principal: Principal) -> Lease | None:
+    """Take a rate-limit slot for the caller or raise 429 with OpenAI's headers; None when auth is off."""
+    if services.authenticator.disabled:
+        return None
+    lease = await services.limiter.acquire(principal.uid, services.authenticator.limits_for(principal))
+    decision = lease.decision
+    request.state.ratelimit_headers = decision.headers()
+    if not decision.allowed:
+        services.metrics.ratelimit_rejections.labels(decision.kind or "requests").inc()
+        what = {"requests": "requests per second", "tokens": "tokens per minute",
+                "parallel": "parallel requests"}[decision.kind or "requests"]
+        raise APIError(429, f"Rate limit reached for {what} on this API key. Retry after "
+                       f"{decision.headers()['retry-after']} s.", type="tokens" if decision.kind == "tokens"
+                       else "requests", code="rate_limit_exceeded", headers=decision.headers())
+    return lease
+
+
+async def release(services: Services, lease: Lease | None, tokens_used: int) -> None:
+    if lease is not None:
+        with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still free its slot
+            await services.limiter.release(lease, tokens_used)
+
+
+def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
+    headers = dict(getattr(request.state, "ratelimit_headers", {}) or {})
+    if cache is not None:
+        headers["x-cache"] = cache
+    return headers
+
+
+async def respond(services: Services, request: Request, principal: Principal, engine: Engine,
+                  call: PlannedCall) -> JSONResponse | StreamingResponse:
+    request.state.fingerprint = call.fingerprint
+    request.state.stream = call.stream
+    if not hasattr(request.state, "started"):  # set by the recording middleware when it is installed
+        request.state.started = time.perf_counter()
+    call_id = f"{'chatcmpl' if call.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if call.cacheable and services.cache is not None:
+        cached = await services.cache.get(call.fingerprint)
+        if cached is not None:
+            lease = await admit(services, request, principal)
+            await release(services, lease, 0)
+            services.metrics.cache_hits.inc()
+            request.state.cache = "hit"
+            usage = cached.get("usage") or {}
+            request.state.usage = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            return JSONResponse({**cached, "id": call_id, "created": created}, headers=_headers(request, "hit"))
+        services.metrics.cache_misses.inc()
+    request.state.cache = "miss"
+    lease = await admit(services, request, principal)
+    streams = [engine.submit(r) for r in call.requests]
+    services.metrics.prompt_tokens.inc(call.prompt_tokens)
+    if call.stream:
+        return StreamingResponse(_stream(services, request, engine, call, streams, lease, call_id, created),
+                                 media_type="text/event-stream", headers=_headers(request))
+    texts, reasons, completion_tokens = await _collect(services, request, call, streams, lease)
+    body = full_body(call.kind, call_id, created, call.model, texts, reasons,
+                     usage_body(call.prompt_tokens, completion_tokens))
+    if call.cacheable and services.cache is not None and "cancelled" not in reasons:
+        await services.cache.put(call.fingerprint, body)
+    return JSONResponse(body, headers=_headers(request, "miss"))
+
+
+async def _collect(services: Services, request: Request, call: PlannedCall, streams: list[GenerationStream],
+                   lease: Lease | None) -> tuple[list[str], list[str], int]:
+    started = request.state.started
+    texts = [""] * len(streams)
+    reasons = ["stop"] * len(streams)
+    produced = 0
+    first = True
+
+    async def watch_disconnect() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        for stream in streams:
+            stream.cancel()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        async for index, event in merged_events(streams):
+            if isinstance(event, TextDelta):
+                produced += event.tokens
+                if event.text:
+                    if first:
+                        first = False
+                        services.metrics.ttft.labels(call.kind).observe(time.perf_counter() - started)
+                    texts[index] += event.text
+            elif isinstance(event, GenerationResult):
+                reasons[index] = event.finish_reason
+    except RuntimeError as exc:
+        raise APIError(500, f"The model failed while generating: {exc}", type="server_error") from exc
+    finally:
+        watcher.cancel()
+        for stream in streams:
+            stream.cancel()
+        request.state.usage = (call.prompt_tokens, produced)
+        services.metrics.generated_tokens.inc(produced)
+        await release(services, lease, call.prompt_tokens + produced)
+    return texts, reasons, produced
+
+
+async def _stream(services: Services, request: Request, engine: Engine, call: PlannedCall,
+                  streams: list[GenerationStream], lease: Lease | None, call_id: str, created: int
+                  ) -> AsyncIterator[str]:
+    started = request.state.started
+    produced = 0
+    first = True
+    kind, model, with_usage = call.kind, call.model, call.include_usage
+    try:
+        if kind == "chat":
+            for index in range(len(streams)):
+                yield sse(chunk(kind, call_id, created, model, index, role=True, with_usage_field=with_usage))
+        async for index, event in merged_events(streams):
+            if isinstance(event, TextDelta):
+                produced += event.tokens
+                if event.text:
+                    if first:
+                        first = False
+                        services.metrics.ttft.labels(kind).observe(time.perf_counter() - started)
+                    yield sse(chunk(kind, call_id, created, model, index, text=event.text,
+                                    with_usage_field=with_usage))
+            elif isinstance(event, GenerationResult):
+                yield sse(chunk(kind, call_id, created, model, index, finish_reason=event.finish_reason,
+                                with_usage_field=with_usage))
+        if with_usage:
+            yield sse(usage_chunk(kind, call_id, created, model, usage_body(call.prompt_tokens, produced)))
+        yield sse("[DONE]")
+    except RuntimeError as exc:
+        request.state.error_code = "generation_failed"
+        yield sse({"error": {"message": f"The model failed while generating: {exc}", "type": "server_error",
+                             "param": None, "code": None}})
+    finally:
+        for stream in streams:
+            stream.cancel()  # no-op for finished streams; frees the batch slot when the client left
+        request.state.usage = (call.prompt_tokens, produced)
+        services.metrics.generated_tokens.inc(produced)
+        await release(services, lease, call.prompt_tokens + produced)

@@ -1,0 +1,1 @@
+"""Per-key rate limits: requests/s with burst (GCRA), tokens per minute, parallel requests."""

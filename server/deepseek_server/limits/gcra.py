@@ -1,0 +1,70 @@
+"""The limit arithmetic, as pure functions of stored times and `now` (the Redis Lua script mirrors it).
+
+Requests: GCRA. Each request pushes the key's theoretical arrival time (TAT) by 1/rps; a request is admitted while
+TAT - now stays within capacity/rps, so an idle key may send `capacity` requests at once, then `rps` per second.
+Tokens: the same idea in "debt" form. A request is admitted while fewer than `tpm` tokens are outstanding in the
+last minute; its actual usage is charged when it ends (so one request may overshoot the budget once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deepseek_server.limits.policy import KeyLimits
+
+TOKEN_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class RequestCheck:
+    allowed: bool
+    new_tat: float
+    retry_after_s: float
+
+
+def check_request(tat: float | None, now: float, limits: KeyLimits) -> RequestCheck:
+    """Admit one request against the GCRA state `tat`; returns the TAT to store if admitted."""
+    interval = 1.0 / limits.rps
+    tolerance = limits.capacity * interval
+    start = max(tat if tat is not None else now, now)
+    new_tat = start + interval
+    if new_tat - now > tolerance + 1e-9:
+        return RequestCheck(False, start, new_tat - tolerance - now)
+    return RequestCheck(True, new_tat, 0.0)
+
+
+def remaining_requests(tat: float | None, now: float, limits: KeyLimits) -> int:
+    interval = 1.0 / limits.rps
+    outstanding = max((tat or now) - now, 0.0)
+    return max(math.floor((limits.capacity * interval - outstanding) / interval + 1e-9), 0)
+
+
+def tokens_outstanding(token_tat: float | None, now: float) -> float:
+    """Seconds of token budget in use: tokens_in_use * 60 / tpm."""
+    return max((token_tat or now) - now, 0.0)
+
+
+def check_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> tuple[bool, float]:
+    """(admitted, retry_after_s): admitted while at least one token of the minute's budget is free."""
+    if limits.tpm is None:
+        return True, 0.0
+    per_token = TOKEN_WINDOW_S / limits.tpm
+    outstanding = tokens_outstanding(token_tat, now)
+    if outstanding > TOKEN_WINDOW_S - per_token + 1e-9:
+        return False, outstanding - (TOKEN_WINDOW_S - per_token)
+    return True, 0.0
+
+
+def charge_tokens(token_tat: float | None, now: float, used: int, limits: KeyLimits) -> float | None:
+    """The token TAT after `used` tokens were spent."""
+    if limits.tpm is None:
+        return token_tat
+    return max(token_tat or now, now) + used * TOKEN_WINDOW_S / limits.tpm
+
+
+def remaining_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> int | None:
+    if limits.tpm is None:
+        return None
+    per_token = TOKEN_WINDOW_S / limits.tpm
+    return max(int((TOKEN_WINDOW_S - tokens_outstanding(token_tat, now)) / per_token), 0)

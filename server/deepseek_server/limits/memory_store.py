@@ -1,0 +1,59 @@
+"""Rate-limit state in this process (one replica, or the fallback while Redis is unreachable)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from deepseek_server.limits import gcra
+from deepseek_server.limits.decision import Decision
+from deepseek_server.limits.policy import KeyLimits
+
+
+class MemoryLimitStore:
+    """GCRA request and token state plus parallel counters per key uid, guarded by one lock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._request_tat: dict[str, float] = {}
+        self._token_tat: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def acquire(self, uid: str, limits: KeyLimits) -> Decision:
+        with self._lock:
+            now = self.clock()
+            tat, token_tat = self._request_tat.get(uid), self._token_tat.get(uid)
+            request = gcra.check_request(tat, now, limits)
+            tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits)
+            in_flight = self._in_flight.get(uid, 0)
+            decision = Decision(
+                allowed=False,
+                limits=limits,
+                remaining_tokens=gcra.remaining_tokens(token_tat, now, limits),
+                reset_tokens_s=gcra.tokens_outstanding(token_tat, now),
+                backend="memory",
+            )
+            if not request.allowed:
+                decision.kind, decision.retry_after_s = "requests", request.retry_after_s
+            elif not tokens_ok:
+                decision.kind, decision.retry_after_s = "tokens", tokens_retry
+            elif limits.parallel is not None and in_flight >= limits.parallel:
+                decision.kind, decision.retry_after_s = "parallel", 1.0
+            else:
+                decision.allowed = True
+                self._request_tat[uid] = request.new_tat
+                self._in_flight[uid] = in_flight + 1
+            stored = self._request_tat.get(uid)
+            decision.remaining_requests = gcra.remaining_requests(stored, now, limits)
+            decision.reset_requests_s = max((stored or now) - now, 0.0)
+            return decision
+
+    def release(self, uid: str, limits: KeyLimits, tokens_used: int) -> None:
+        with self._lock:
+            self._in_flight[uid] = max(self._in_flight.get(uid, 0) - 1, 0)
+            if tokens_used > 0:
+                charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used, limits)
+                if charged is not None:
+                    self._token_tat[uid] = charged

@@ -1,0 +1,113 @@
+"""Rate-limit state shared by all replicas in Redis, checked and updated atomically by Lua scripts.
+
+The scripts mirror `deepseek_server.limits.gcra` and use Redis's own clock (TIME), so replicas with skewed clocks
+still agree. Parallel requests are members of a sorted set scored by a lease expiry, so a replica that dies with
+requests in flight does not hold the slots for longer than the lease.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from deepseek_server.limits.decision import Decision
+from deepseek_server.limits.policy import KeyLimits
+
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local per_token = tonumber(ARGV[3])
+local parallel = tonumber(ARGV[4])
+local member = ARGV[5]
+local lease = tonumber(ARGV[6])
+local tolerance = capacity * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local token_tat = tonumber(redis.call('GET', KEYS[2]) or now)
+if token_tat < now then token_tat = now end
+local token_out = token_tat - now
+local new_tat = tat + interval
+if new_tat - now > tolerance + 1e-9 then
+  return {0, 'requests', tostring(new_tat - tolerance - now), tostring(tat - now), tostring(token_out)}
+end
+if per_token > 0 and token_out > 60 - per_token + 1e-9 then
+  return {0, 'tokens', tostring(token_out - (60 - per_token)), tostring(tat - now), tostring(token_out)}
+end
+if parallel > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= parallel then
+    return {0, 'parallel', '1', tostring(tat - now), tostring(token_out)}
+  end
+  redis.call('ZADD', KEYS[3], now + lease, member)
+  redis.call('PEXPIRE', KEYS[3], math.ceil(lease * 1000) + 1000)
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
+"""
+
+RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREM', KEYS[2], ARGV[1])
+local used = tonumber(ARGV[2])
+local per_token = tonumber(ARGV[3])
+if used > 0 and per_token > 0 then
+  local token_tat = tonumber(redis.call('GET', KEYS[1]) or now)
+  if token_tat < now then token_tat = now end
+  token_tat = token_tat + used * per_token
+  redis.call('SET', KEYS[1], tostring(token_tat), 'PX', math.ceil((token_tat - now) * 1000) + 1000)
+end
+return 1
+"""
+
+
+class RedisLimitStore:
+    """The same contract as MemoryLimitStore, over a `redis.asyncio.Redis` client."""
+
+    def __init__(self, client: Any, prefix: str = "deepseek:rl", lease_s: float = 600.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lease_s = lease_s
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+
+    def _keys(self, uid: str) -> list[str]:
+        # one hash tag per key uid keeps the three keys in one Redis Cluster slot
+        return [f"{self.prefix}:{{{uid}}}:req", f"{self.prefix}:{{{uid}}}:tok", f"{self.prefix}:{{{uid}}}:par"]
+
+    async def acquire(self, uid: str, limits: KeyLimits) -> Decision:
+        lease_id = uuid.uuid4().hex
+        per_token = 60.0 / limits.tpm if limits.tpm else 0.0
+        reply = await self._acquire(
+            keys=self._keys(uid),
+            args=[1.0 / limits.rps, limits.capacity, per_token, limits.parallel or 0, lease_id, self.lease_s],
+        )
+        allowed, kind, retry, request_out, token_out = (
+            int(reply[0]), _text(reply[1]), float(reply[2]), float(reply[3]), float(reply[4])
+        )
+        interval = 1.0 / limits.rps
+        remaining = max(int((limits.capacity * interval - request_out) / interval + 1e-9), 0)
+        remaining_tokens = max(int((60.0 - token_out) / per_token), 0) if per_token else None
+        return Decision(
+            allowed=bool(allowed),
+            limits=limits,
+            kind=kind or None,  # type: ignore[arg-type]
+            retry_after_s=retry,
+            remaining_requests=remaining,
+            reset_requests_s=request_out,
+            remaining_tokens=remaining_tokens,
+            reset_tokens_s=token_out,
+            backend="redis",
+            lease_id=lease_id if allowed else "",
+        )
+
+    async def release(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int) -> None:
+        keys = self._keys(uid)
+        per_token = 60.0 / limits.tpm if limits.tpm else 0.0
+        await self._release(keys=[keys[1], keys[2]], args=[lease_id, tokens_used, per_token])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

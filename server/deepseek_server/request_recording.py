@@ -1,0 +1,124 @@
+"""Record every request: Prometheus counters and latency, and one audit record for each API (/v1) request.
+
+Pure ASGI middleware, so it sees the final status of every response (including ones refused by auth, limits or the
+body size check) and, for streams, waits for the last byte before writing the record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from deepseek_server.audit import AuditLog
+from deepseek_server.metrics import ServerMetrics
+
+# request ids: a random per-process prefix (unique across replicas) and a counter (cheaper than uuid4 per request)
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
+def route_label(scope: dict[str, Any]) -> str:
+    """The matched route's template (bounded cardinality), or 'unmatched'."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+class RequestRecordingMiddleware:
+    def __init__(self, app: Any, metrics: ServerMetrics, audit: AuditLog | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.audit = audit
+        # labelled children, looked up once per (route, status) instead of on every request
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    def _observe(self, route: str, status: int, elapsed: float) -> None:
+        children = self._children.get((route, status))
+        if children is None:
+            code = str(status)
+            children = (self.metrics.requests.labels(route, code),
+                        self.metrics.errors.labels(route, code) if status >= 400 else None,
+                        self.metrics.latency.labels(route))
+            self._children[(route, status)] = children
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(elapsed)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["started"] = started
+        request_id = state["request_id"] = new_request_id()
+        status = 500
+        recorded = False
+
+        async def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            elapsed = time.perf_counter() - started
+            route = route_label(scope)
+            self._observe(route, status, elapsed)
+            if self.audit is not None and scope["path"].startswith("/v1/"):
+                await self.audit.record(audit_record(scope, state, request_id, route, status, elapsed))
+
+        async def recording_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await record()
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            with anyio.CancelScope(shield=True):  # client went away mid-stream, or the app raised
+                await record()
+
+
+def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
+                 elapsed: float) -> dict[str, Any]:
+    """The audit record of one request; fields a handler did not reach stay null."""
+    principal = state.get("principal")
+    usage = state.get("usage") or (None, None)
+    record: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "request_id": request_id,
+        "key_uid": getattr(principal, "uid", None),
+        "subject": getattr(principal, "subject", None),
+        "token_id": getattr(principal, "token_id", None),
+        "env": getattr(principal, "env", None),
+        "method": scope["method"],
+        "route": route,
+        "path": scope["path"],
+        "model": state.get("model"),
+        "prompt_tokens": usage[0],
+        "completion_tokens": usage[1],
+        "status": status,
+        "error_code": state.get("error_code"),
+        "latency_ms": round(elapsed * 1000, 2),
+        "fingerprint": state.get("fingerprint"),
+        "cache": state.get("cache"),
+        "stream": state.get("stream"),
+        "client": (scope.get("client") or [None])[0],
+    }
+    if "prompt_preview" in state:
+        record["prompt_preview"] = state["prompt_preview"]
+    return record

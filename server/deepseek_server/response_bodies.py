@@ -1,0 +1,66 @@
+"""OpenAI response bodies and SSE chunks for chat and text completions, as plain dicts (pure functions)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+Kind = Literal["chat", "text"]
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def full_body(kind: Kind, call_id: str, created: int, model: str, texts: list[str], reasons: list[str],
+              usage: dict[str, int]) -> dict[str, Any]:
+    """A non-streamed `chat.completion` or `text_completion`."""
+    if kind == "chat":
+        choices: list[dict[str, Any]] = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+        obj = "text_completion"
+    return {"id": call_id, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage,
+            "system_fingerprint": None}
+
+
+def chunk(kind: Kind, call_id: str, created: int, model: str, index: int, *, text: str | None = None,
+          role: bool = False, finish_reason: str | None = None, with_usage_field: bool = False) -> dict[str, Any]:
+    """One streamed chunk with one choice."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    body: dict[str, Any] = {"id": call_id, "object": obj, "created": created, "model": model, "choices": [choice],
+                            "system_fingerprint": None}
+    if with_usage_field:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(kind: Kind, call_id: str, created: int, model: str, usage: dict[str, int]) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": call_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage,
+            "system_fingerprint": None}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event. ASCII-only JSON: raw U+2028/U+2029/U+0085 in generated text would otherwise split the
+    event for clients that break lines like str.splitlines (httpx's iter_lines does)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+    return f"data: {payload}\n\n"

@@ -1,0 +1,36 @@
+"""Probes and metrics: /health (alive), /ready (model loaded and warmed, auth loaded), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    services = request.app.state.services
+    model_ready = services.engine is not None and services.engine.ready
+    auth_ready = services.authenticator.loaded
+    body = {"status": "ready" if model_ready and auth_ready and not services.shutting_down else "not ready",
+            "model": model_ready, "auth": auth_ready, "shutting_down": services.shutting_down}
+    if services.authenticator.disabled:
+        body["warning"] = "authentication is DISABLED on this server"
+    if services.load_error:
+        body["error"] = services.load_error
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    services = request.app.state.services
+    if services.engine is not None:
+        services.metrics.queue_depth.set(services.engine.queue_depth)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,63 @@
+"""The objects one app instance wires together, built from settings (each may be injected by tests)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepseek_server.audit import AuditLog, MemoryHistory, RedisHistory
+from deepseek_server.auth.guard import Authenticator
+from deepseek_server.cache import ResponseCache
+from deepseek_server.engine.base import Engine
+from deepseek_server.limits.limiter import RateLimiter
+from deepseek_server.limits.redis_store import RedisLimitStore
+from deepseek_server.metrics import ServerMetrics
+from deepseek_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    authenticator: Authenticator
+    limiter: RateLimiter
+    cache: ResponseCache | None
+    audit: AuditLog
+    engine: Engine | None = None
+    redis: Any = None
+    shutting_down: bool = False
+    load_error: str | None = None
+    background: list[Any] = field(default_factory=list)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def history(self) -> MemoryHistory | RedisHistory:
+        return self.audit.history
+
+
+def redis_client(settings: ServerSettings) -> Any:
+    """An asyncio Redis client with short timeouts, so an outage degrades quickly instead of hanging requests."""
+    if settings.redis_url is None:
+        return None
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+                             socket_timeout=settings.redis_timeout_s, retry_on_timeout=False)
+
+
+def build_services(settings: ServerSettings, engine: Engine | None = None) -> Services:
+    metrics = ServerMetrics()
+    redis = redis_client(settings)
+    authenticator = Authenticator(disabled=settings.auth == "disabled")
+    limiter = RateLimiter(RedisLimitStore(redis) if redis is not None else None,
+                          on_backend_error=metrics.ratelimit_backend_errors.inc)
+    cache = (ResponseCache(settings.cache_ttl, settings.cache_max_entries, redis)
+             if settings.cache_enabled else None)
+    history = RedisHistory(redis, settings.history_size) if redis is not None else MemoryHistory(settings.history_size)
+    audit = AuditLog(history, settings.audit_log)
+    return Services(settings=settings, metrics=metrics, authenticator=authenticator, limiter=limiter, cache=cache,
+                    audit=audit, engine=engine, redis=redis)

@@ -1,0 +1,166 @@
+"""Bad requests, table-driven: each gets the right status and an error body in OpenAI's exact shape."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import SigningKey, b64url, claims, mint, write_json_atomically
+
+MODEL = "deepseek-tiny"
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+OK_CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+OK_TEXT: dict[str, Any] = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+
+
+@dataclass
+class Case:
+    name: str
+    status: int
+    path: str = CHAT
+    method: str = "POST"
+    json: Any = None
+    content: bytes | None = None
+    token: str | Callable[[Callable[..., str], SigningKey], str | None] = "valid"
+    code: str | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def chat(**changes: Any) -> dict[str, Any]:
+    body = {**OK_CHAT, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def text(**changes: Any) -> dict[str, Any]:
+    body = {**OK_TEXT, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def unsigned_none(_: Callable[..., str], key: SigningKey) -> str:
+    header = b64url(json.dumps({"alg": "none", "typ": "JWT", "kid": key.kid}).encode())
+    payload = b64url(json.dumps(claims()).encode())
+    return f"{header}.{payload}."
+
+
+def hs256_with_public_key(_: Callable[..., str], key: SigningKey) -> str:
+    # the classic algorithm-confusion attack: HMAC keyed with the (public) verification key
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode())
+    payload = b64url(json.dumps(claims()).encode())
+    signature = hmac.new(key.public_raw(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(signature)}"
+
+
+LONG_PROMPT = "token " * 400
+NOW = int(time.time())
+
+CASES = [
+    # request bodies
+    Case("malformed json", 400, content=b'{"model": "deepseek-tiny", "messages": [', code="invalid_json"),
+    Case("body is a list", 400, json=[OK_CHAT]),
+    Case("body is a string", 400, json="hello"),
+    Case("model missing", 400, json=chat(model=...), param="model", code="missing_required_parameter"),
+    Case("model wrong type", 400, json=chat(model=42), param="model"),
+    Case("unknown model", 404, json=chat(model="gpt-4o"), code="model_not_found", param="model"),
+    Case("messages missing", 400, json=chat(messages=...), param="messages"),
+    Case("messages empty", 400, json=chat(messages=[]), param="messages"),
+    Case("messages not a list", 400, json=chat(messages="hi"), param="messages"),
+    Case("message role unknown", 400, json=chat(messages=[{"role": "wizard", "content": "hi"}]),
+         param="messages[0].role"),
+    Case("message content wrong type", 400, json=chat(messages=[{"role": "user", "content": 5}])),
+    Case("temperature negative", 400, json=chat(temperature=-0.5), param="temperature"),
+    Case("temperature huge", 400, json=chat(temperature=50), param="temperature"),
+    Case("temperature a string", 400, json=chat(temperature="hot"), param="temperature"),
+    Case("top_p zero", 400, json=chat(top_p=0), param="top_p"),
+    Case("top_p above one", 400, json=chat(top_p=1.5), param="top_p"),
+    Case("n zero", 400, json=chat(n=0), param="n"),
+    Case("n huge", 400, json=chat(n=1000), param="n"),
+    Case("max_tokens zero", 400, json=chat(max_tokens=0), param="max_tokens"),
+    Case("max_tokens negative", 400, json=chat(max_tokens=-5), param="max_tokens"),
+    Case("max_tokens huge", 400, json=chat(max_tokens=10**9), param="max_tokens", code="invalid_value"),
+    Case("prompt beyond context", 400, json=chat(messages=[{"role": "user", "content": LONG_PROMPT * 3}]),
+         code="context_length_exceeded", param="messages"),
+    Case("prompt plus max_tokens beyond context", 400, path=TEXT,
+         json=text(prompt=" ".join(["hello"] * 120)[:1000], max_tokens=64), code="context_length_exceeded"),
+    Case("too many stop sequences", 400, json=chat(stop=["a", "b", "c", "d", "e"]), param="stop"),
+    Case("empty stop sequence", 400, json=chat(stop=""), param="stop"),
+    Case("stream wrong type", 400, json=chat(stream=[1]), param="stream"),
+    Case("seed not an integer", 400, json=chat(seed="abc"), param="seed"),
+    Case("seed out of range", 400, json=chat(seed=2**70), param="seed"),
+    Case("logprobs unsupported", 400, json=chat(logprobs=True), param="logprobs", code="unsupported_parameter"),
+    Case("completion echo unsupported", 400, path=TEXT, json=text(echo=True), param="echo"),
+    Case("completion prompt missing", 400, path=TEXT, json=text(prompt=...), param="prompt"),
+    Case("completion prompt of token ids", 400, path=TEXT, json=text(prompt=[1, 2, 3]), param="prompt"),
+    Case("completion several prompts", 400, path=TEXT, json=text(prompt=["a", "b"]), param="prompt"),
+    Case("oversize body", 413, json=chat(messages=[{"role": "user", "content": "x" * 70_000}]),
+         code="request_too_large"),
+    Case("unknown route", 404, path="/v1/embeddings", json={}),
+    Case("wrong method", 405, method="GET"),
+    Case("history limit zero", 400, method="GET", path="/v1/history?limit=0", param="limit"),
+    # API keys (docs/auth-contract.md)
+    Case("no token", 401, token=lambda mk, k: None, code="missing_api_key"),
+    Case("not bearer", 401, token=lambda mk, k: None, headers={"authorization": "Basic YWxpY2U6c2VjcmV0"},
+         code="invalid_api_key"),
+    Case("garbage token", 401, token=lambda mk, k: "garbage.token.here", code="invalid_api_key"),
+    Case("expired", 401, token=lambda mk, k: mk(exp=NOW - 120, iat=NOW - 7200, nbf=NOW - 7200),
+         code="invalid_api_key"),
+    Case("not yet valid", 401, token=lambda mk, k: mk(nbf=NOW + 600), code="invalid_api_key"),
+    Case("issued in the future", 401, token=lambda mk, k: mk(iat=NOW + 600, nbf=NOW), code="invalid_api_key"),
+    Case("wrong audience", 401, token=lambda mk, k: mk(aud="team-a/other"), code="invalid_api_key"),
+    Case("wrong issuer", 401, token=lambda mk, k: mk(iss="deepseek-operator/team-b/chat"), code="invalid_api_key"),
+    Case("missing uid claim", 401, token=lambda mk, k: mk(uid=None), code="invalid_api_key"),
+    Case("missing jti claim", 401, token=lambda mk, k: mk(jti=None), code="invalid_api_key"),
+    Case("scope not a list", 401, token=lambda mk, k: mk(scope="model:predict"), code="invalid_api_key"),
+    Case("bad env", 401, token=lambda mk, k: mk(env="staging"), code="invalid_api_key"),
+    Case("alg none", 401, token=unsigned_none, code="invalid_api_key"),
+    Case("HS256 signed with the public key", 401, token=hs256_with_public_key, code="invalid_api_key"),
+    Case("unknown kid", 401, token=lambda mk, k: mint(SigningKey(kid="rogue")), code="invalid_api_key"),
+    Case("right kid, wrong key", 401, token=lambda mk, k: mint(SigningKey(kid=k.kid)), code="invalid_api_key"),
+    Case("revoked", 401, token=lambda mk, k: mk(jti="revoked-token-id-000000"), code="invalid_api_key"),
+    Case("missing scope", 403, token=lambda mk, k: mk(scope=["history:read"]), code="insufficient_scope"),
+    Case("models with no token", 401, method="GET", path="/v1/models", token=lambda mk, k: None),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def revoke_fixed_token(auth_dir: Any, llama_server: Any) -> None:
+    revoked = json.loads((auth_dir / "revoked.json").read_text())
+    revoked["revoked-token-id-000000"] = NOW + 3600
+    write_json_atomically(auth_dir / "revoked.json", revoked)
+    time.sleep(1.2)
+
+
+def test_at_least_thirty_cases() -> None:
+    assert len(CASES) >= 30
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, llama_server: Any, token_factory: Callable[..., str], signing_key: SigningKey) -> None:
+    token = token_factory() if case.token == "valid" else case.token(token_factory, signing_key)  # type: ignore[operator]
+    headers = dict(case.headers)
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    if case.content is not None:
+        headers["content-type"] = "application/json"
+    response = httpx.request(case.method, f"{llama_server.url}{case.path}", json=case.json, content=case.content,
+                             headers=headers, timeout=30)
+    assert response.status_code == case.status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if case.code is not None:
+        assert body["error"]["code"] == case.code
+    if case.param is not None:
+        assert body["error"]["param"] == case.param
+    if token is not None:
+        assert token not in response.text

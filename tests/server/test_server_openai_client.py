@@ -1,0 +1,171 @@
+"""The official openai client against a live server on a tiny Llama: the API a user sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+from server_harness import ServerThread
+
+MODEL = "deepseek-tiny"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def client(llama_server: ServerThread, token_factory: Callable[..., str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token_factory(), max_retries=0)
+
+
+def test_chat_completion_answers_with_usage(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    assert reply.object == "chat.completion"
+    assert reply.model == MODEL
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
+    assert 1 <= reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_text_completion(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+
+
+def test_greedy_is_deterministic_and_cached(client: openai.OpenAI) -> None:
+    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10,
+                                                            temperature=0, user="cache-test")
+    second = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=10,
+                                                             temperature=0, user="cache-test")
+    assert first.headers["x-cache"] in ("miss", "hit")
+    assert second.headers["x-cache"] == "hit"
+    assert first.parse().choices[0].message.content == second.parse().choices[0].message.content
+    assert first.parse().id != second.parse().id
+    sampled = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                                              temperature=1.0)
+    assert sampled.headers["x-cache"] == "miss"
+
+
+def test_seeded_sampling_repeats(client: openai.OpenAI) -> None:
+    texts = {client.completions.create(model=MODEL, prompt=f"seed {i % 1}", max_tokens=10, temperature=1.0,
+                                       seed=1234).choices[0].text for i in range(2)}
+    assert len(texts) == 1
+
+
+def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None and last.usage.completion_tokens >= 1
+    assert all(c.usage is None for c in chunks[:-1])
+    greedy = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == greedy.choices[0].message.content
+    assert isinstance(content, str)
+
+
+def test_streaming_ends_with_done(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
+    with httpx.stream("POST", f"{llama_server.url}/v1/completions", timeout=30,
+                      headers={"authorization": f"Bearer {token_factory()}"},
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True,
+                            "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert '"choices":[]' in events[-2] and '"usage":{' in events[-2]
+
+
+def test_stop_sequence_cuts_the_text(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=40, temperature=0)
+    text = full.choices[0].text
+    # pick a stop string from the middle of the greedy answer: the same request must end right before it
+    candidates = [text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() and "\ufffd" not in
+                  text[i:i + 2]]
+    assert candidates, f"greedy output too short to test stop: {text!r}"
+    stop = candidates[0]
+    cut = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=40, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert stop not in cut.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Hello world", max_tokens=40, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == cut.choices[0].text
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=3, seed=7)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage is not None and reply.usage.completion_tokens <= 18
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=2, stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=50)
+    assert excinfo.value.body["param"] == "n"  # type: ignore[index]
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_errors_are_the_clients_own_exceptions(llama_server: ServerThread, token_factory: Callable[..., str],
+                                               client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=3)
+    assert bad.value.param == "temperature"
+    anonymous = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="not-a-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as unauthenticated:
+        anonymous.models.list()
+    assert unauthenticated.value.code == "invalid_api_key"
+    history_only = openai.OpenAI(base_url=f"{llama_server.url}/v1", max_retries=0,
+                                 api_key=token_factory(scope=["history:read"]))
+    with pytest.raises(openai.PermissionDeniedError):
+        history_only.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+
+def test_history_returns_only_the_callers_calls(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
+    mine, other = token_factory(uid="uid-history-a"), token_factory(uid="uid-history-b")
+    for token in (mine, mine, other):
+        openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token, max_retries=0).completions.create(
+            model=MODEL, prompt="history", max_tokens=2)
+    response = httpx.get(f"{llama_server.url}/v1/history", headers={"authorization": f"Bearer {mine}"})
+    assert response.status_code == 200
+    records = response.json()["data"]
+    assert len(records) == 2
+    assert {r["key_uid"] for r in records} == {"uid-history-a"}
+    assert all(r["route"] == "/v1/completions" and r["status"] == 200 for r in records)
+    no_scope = token_factory(uid="uid-history-a", scope=["model:predict"])
+    denied = httpx.get(f"{llama_server.url}/v1/history", headers={"authorization": f"Bearer {no_scope}"})
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "insufficient_scope"
+
+
+def test_probes_and_metrics(llama_server: ServerThread) -> None:
+    assert httpx.get(f"{llama_server.url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{llama_server.url}/ready")
+    assert ready.status_code == 200 and ready.json()["model"] is True
+    text = httpx.get(f"{llama_server.url}/metrics").text
+    for name in ("deepseek_api_requests_total", "deepseek_api_errors_total", "deepseek_api_request_duration_seconds",
+                 "deepseek_time_to_first_token_seconds", "deepseek_generated_tokens_total", "deepseek_batch_size",
+                 "deepseek_queue_depth", "deepseek_ratelimit_rejections_total", "deepseek_cache_hits_total"):
+        assert name in text
+    assert 'deepseek_api_requests_total{route="/v1/chat/completions",status="200"}' in text

@@ -1,0 +1,131 @@
+"""Shared state through a real Redis: limits across two server processes, history across replicas, and the
+documented fallback when Redis is unreachable."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from deepseek_server.app import create_app
+from deepseek_server.engine.noop import NoopEngine
+from deepseek_server.limits.policy import KeyLimits
+from deepseek_server.limits.redis_store import RedisLimitStore
+from server_harness import ServerThread, SigningKey, free_port, mint, server_processes, tiny_settings, write_auth_dir
+
+MODEL = "deepseek-tiny"
+SHARED_UID = "uid-shared"
+RPS, BURST = 0.5, 4
+
+
+def test_two_processes_sharing_redis_admit_no_more_than_the_limit(
+    tiny_models: dict[str, Path], tmp_path: Path, redis_url: str
+) -> None:
+    key = SigningKey(kid="shared-key")
+    auth = write_auth_dir(tmp_path / "auth", [key],
+                          limits={SHARED_UID: {"rps": RPS, "burst": BURST, "tpm": None, "parallel": None}})
+    args = ["--model", str(tiny_models["llama"]), "--model-name", MODEL, "--precision", "fp32", "--device", "cpu",
+            "--auth-dir", str(auth), "--redis-url", redis_url, "--max-new-tokens", "8", "--max-model-len", "128"]
+    token = mint(key, uid=SHARED_UID)
+    with server_processes([args, args], log_dir=tmp_path) as servers:
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def fire(url: str) -> None:
+            for _ in range(8):
+                response = httpx.post(f"{url}/v1/completions", headers={"authorization": f"Bearer {token}"},
+                                      json={"model": MODEL, "prompt": "shared", "max_tokens": 1}, timeout=30)
+                with lock:
+                    statuses.append(response.status_code)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=fire, args=(url,)) for url, _ in servers for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        admitted = statuses.count(200)
+        assert set(statuses) <= {200, 429}
+        # each process alone would admit BURST; together they must share one budget
+        assert BURST <= admitted <= BURST + int(RPS * elapsed) + 1, (admitted, elapsed)
+        assert statuses.count(429) == len(statuses) - admitted
+
+        # history written through one replica is read through the other
+        a, b = servers[0][0], servers[1][0]
+        history_token = mint(key, uid="uid-history-shared")
+        done = httpx.post(f"{a}/v1/completions", headers={"authorization": f"Bearer {history_token}"},
+                          json={"model": MODEL, "prompt": "where", "max_tokens": 1}, timeout=30)
+        assert done.status_code == 200
+        seen = httpx.get(f"{b}/v1/history", headers={"authorization": f"Bearer {history_token}"}).json()["data"]
+        assert [r["request_id"] for r in seen] == [done.headers["x-request-id"]]
+
+        # a deterministic answer cached by one replica is a hit on the other
+        body = {"model": MODEL, "prompt": "cache me", "max_tokens": 4, "temperature": 0}
+        other = mint(key, uid="uid-cache-shared")
+        first = httpx.post(f"{a}/v1/completions", headers={"authorization": f"Bearer {other}"}, json=body)
+        second = httpx.post(f"{b}/v1/completions", headers={"authorization": f"Bearer {other}"}, json=body)
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert first.json()["choices"] == second.json()["choices"]
+
+
+def test_unreachable_redis_falls_back_to_per_replica_limits(tmp_path: Path) -> None:
+    key = SigningKey(kid="fallback-key")
+    auth = write_auth_dir(tmp_path / "auth", [key], default_limits={"rps": 0.5, "burst": 2, "tpm": None,
+                                                                    "parallel": None})
+    settings = tiny_settings(tmp_path / "unused", auth_dir=auth, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                             model_name="noop")
+    server = ServerThread(create_app(settings, engine=NoopEngine())).start()
+    try:
+        headers = {"authorization": f"Bearer {mint(key, uid='uid-fallback')}"}
+        responses = [httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=10,
+                                json={"model": "noop", "prompt": "still up", "max_tokens": 2}) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 200, 429]
+        assert all(r.headers["x-ratelimit-backend"] == "memory-fallback" for r in responses)
+        assert responses[0].json()["choices"][0]["text"] == "ok from "
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "deepseek_ratelimit_backend_errors_total 0.0" not in metrics
+        history = httpx.get(f"{server.url}/v1/history", headers=headers)
+        assert history.status_code == 503
+        assert history.json()["error"]["code"] == "history_unavailable"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_store(redis_url: str):  # type: ignore[no-untyped-def]
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    yield RedisLimitStore(client, prefix=f"test:{time.monotonic_ns()}")
+    await client.aclose()
+
+
+async def test_redis_store_parallel_and_tokens(redis_store: RedisLimitStore) -> None:
+    limits = KeyLimits(rps=1000, burst=1000, tpm=60, parallel=2)
+    first = await redis_store.acquire("u", limits)
+    second = await redis_store.acquire("u", limits)
+    third = await redis_store.acquire("u", limits)
+    assert (first.allowed, second.allowed, third.allowed) == (True, True, False)
+    assert third.kind == "parallel"
+    await redis_store.release("u", limits, first.lease_id, tokens_used=59)
+    fourth = await redis_store.acquire("u", limits)
+    assert fourth.allowed and fourth.remaining_tokens == 1
+    await redis_store.release("u", limits, second.lease_id, tokens_used=5)
+    await redis_store.release("u", limits, fourth.lease_id, tokens_used=0)
+    refused = await redis_store.acquire("u", limits)
+    assert not refused.allowed and refused.kind == "tokens" and refused.retry_after_s > 0
+    assert json.dumps(refused.headers())  # headers render
+
+
+async def test_redis_store_gcra_burst(redis_store: RedisLimitStore) -> None:
+    limits = KeyLimits(rps=1, burst=3)
+    results = [await redis_store.acquire("g", limits) for _ in range(5)]
+    assert [r.allowed for r in results] == [True, True, True, False, False]
+    assert [r.remaining_requests for r in results[:3]] == [2, 1, 0]
+    assert 0 < results[3].retry_after_s <= 1.0
+
+

@@ -1,0 +1,179 @@
+"""Pure pieces of the server: streamed text with stop strings, limit arithmetic, headers, fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from deepseek_server.cache import is_deterministic, request_fingerprint
+from deepseek_server.engine.text_assembly import TextAssembler
+from deepseek_server.limits import gcra
+from deepseek_server.limits.decision import Decision, format_duration
+from deepseek_server.limits.memory_store import MemoryLimitStore
+from deepseek_server.limits.policy import KeyLimits
+
+# one "token" per character makes the assembler's behaviour easy to read
+VOCAB = {i: ch for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz .!")}
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(VOCAB[i] for i in ids)
+
+
+def ids(text: str) -> list[int]:
+    reverse = {v: k for k, v in VOCAB.items()}
+    return [reverse[c] for c in text]
+
+
+def run(text: str, stop: tuple[str, ...]) -> tuple[list[str], bool]:
+    assembler = TextAssembler(decode, stop)
+    pieces = []
+    for token in ids(text):
+        pieces.append(assembler.add(token))
+        if assembler.stopped:
+            return pieces, True
+    pieces.append(assembler.finish())
+    return pieces, False
+
+
+def test_without_stops_every_token_is_released_at_once() -> None:
+    pieces, stopped = run("hello", ())
+    assert pieces == ["h", "e", "l", "l", "o", ""] and not stopped
+
+
+def test_stop_string_is_cut_and_never_emitted() -> None:
+    pieces, stopped = run("hello world. more", ("world",))
+    assert stopped and "".join(pieces) == "hello "
+
+
+def test_a_possible_stop_prefix_is_held_back_then_released() -> None:
+    pieces, stopped = run("ab abc", ("abd",))
+    assert not stopped
+    assert "".join(pieces) == "ab abc"
+    assert pieces[0] == "" and pieces[1] == ""  # "a", "ab" could start "abd"
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    pieces, stopped = run("one two three", ("three", "two"))
+    assert stopped and "".join(pieces) == "one "
+
+
+def test_incomplete_utf8_is_held_until_complete() -> None:
+    table = {1: b"\xe4", 2: b"\xbd", 3: b"\xa0", 4: b"!"}
+    assembler = TextAssembler(lambda t: b"".join(table[i] for i in t).decode("utf-8", "replace"), ())
+    assert [assembler.add(i) for i in (1, 2, 3, 4)] == ["", "", "你", "!"]
+
+
+def test_gcra_admits_the_burst_then_the_rate() -> None:
+    limits = KeyLimits(rps=2, burst=3)
+    tat, now, admitted = None, 100.0, []
+    for _ in range(5):
+        check = gcra.check_request(tat, now, limits)
+        admitted.append(check.allowed)
+        if check.allowed:
+            tat = check.new_tat
+    assert admitted == [True, True, True, False, False]
+    refused = gcra.check_request(tat, now, limits)
+    assert refused.retry_after_s == pytest.approx(0.5)
+    assert gcra.check_request(tat, now + 0.5, limits).allowed
+    assert gcra.remaining_requests(tat, now + 10, limits) == 3
+
+
+def test_burst_zero_still_admits_one_request() -> None:
+    limits = KeyLimits(rps=1, burst=0)
+    first = gcra.check_request(None, 0.0, limits)
+    assert first.allowed and not gcra.check_request(first.new_tat, 0.0, limits).allowed
+
+
+def test_tokens_per_minute_debt() -> None:
+    limits = KeyLimits(rps=100, burst=100, tpm=60)
+    assert gcra.check_tokens(None, 0.0, limits) == (True, 0.0)
+    token_tat = gcra.charge_tokens(None, 0.0, 100, limits)  # overshoot: 100 tokens of a 60 budget
+    allowed, retry = gcra.check_tokens(token_tat, 0.0, limits)
+    assert not allowed and retry == pytest.approx(41.0)
+    assert gcra.check_tokens(token_tat, 41.0, limits)[0]
+    assert gcra.remaining_tokens(token_tat, 100.0, limits) == 60
+    assert gcra.check_tokens(None, 0.0, KeyLimits(rps=1, burst=1)) == (True, 0.0)
+
+
+def test_memory_store_parallel_limit_and_release() -> None:
+    clock = [0.0]
+    store = MemoryLimitStore(clock=lambda: clock[0])
+    limits = KeyLimits(rps=100, burst=100, parallel=1)
+    assert store.acquire("k", limits).allowed
+    blocked = store.acquire("k", limits)
+    assert not blocked.allowed and blocked.kind == "parallel"
+    assert store.acquire("other", limits).allowed  # keys are independent
+    store.release("k", limits, 0)
+    assert store.acquire("k", limits).allowed
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (0.0, "0ms"), (1.0, "1s"), (1.5, "1.5s"),
+                                               (360.0, "6m0s"), (61.25, "1m1.25s")])
+def test_reset_durations_in_openai_format(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_decision_headers() -> None:
+    limits = KeyLimits(rps=10, burst=20, tpm=1000)
+    ok = Decision(True, limits, remaining_requests=19, reset_requests_s=0.1, remaining_tokens=900,
+                  reset_tokens_s=6.0)
+    assert ok.headers() == {"x-ratelimit-limit-requests": "20", "x-ratelimit-remaining-requests": "19",
+                            "x-ratelimit-reset-requests": "100ms", "x-ratelimit-limit-tokens": "1000",
+                            "x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "6s"}
+    refused = Decision(False, KeyLimits(rps=1, burst=1), kind="requests", retry_after_s=0.2)
+    assert refused.headers()["retry-after"] == "1" and refused.headers()["retry-after-ms"] == "200"
+
+
+@pytest.mark.parametrize("doc", [None, {"rps": 0, "burst": 1}, {"rps": 1, "burst": -1}, {"rps": "1", "burst": 1},
+                                 {"rps": 1, "burst": 1, "tpm": 0}, {"rps": 1, "burst": 1, "parallel": 1.5}])
+def test_bad_limits_are_refused_with_the_location(doc: object) -> None:
+    with pytest.raises(ValueError, match=r"limits\.json\[u\]"):
+        KeyLimits.from_document(doc, "limits.json[u]")
+
+
+def test_fingerprint_ignores_transport_fields_only() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    same = request_fingerprint("chat", {**body, "stream": False, "user": "x"})
+    assert request_fingerprint("chat", body) == same
+    assert request_fingerprint("chat", {**body, "temperature": 0.5}) != same
+    assert request_fingerprint("text", body) != same
+    assert is_deterministic(0.0, None) and is_deterministic(1.0, 5)
+    assert not is_deterministic(None, None) and not is_deterministic(0.7, None)
+
+
+def test_sse_events_never_contain_unicode_line_breaks() -> None:
+    from deepseek_server.response_bodies import chunk, sse
+
+    event = sse(chunk("chat", "id", 0, "m", 0, text="a\u2028b\x85c\u2029d\r\ne 你好"))
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["delta"]["content"] == "a\u2028b\x85c\u2029d\r\ne 你好"
+
+
+def test_decoding_is_incremental_not_quadratic() -> None:
+    decoded = [0]
+
+    def counting_decode(token_ids: list[int]) -> str:
+        decoded[0] += len(token_ids)
+        return decode(token_ids)
+
+    assembler = TextAssembler(counting_decode, ("zzz",))
+    text = "".join(assembler.add(t) for t in ids("hello world " * 200)) + assembler.finish()
+    assert text == "hello world " * 200
+    assert decoded[0] < 10 * 2400  # whole-sequence decoding would be ~2.9 million
+
+
+async def test_response_cache_ttl_and_lru(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_server import cache as cache_module
+    from deepseek_server.cache import ResponseCache
+
+    now = [1000.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
+    cache = ResponseCache(ttl_s=10, max_entries=2)
+    await cache.put("a", {"v": 1})
+    await cache.put("b", {"v": 2})
+    assert await cache.get("a") == {"v": 1}  # "a" is now the most recent
+    await cache.put("c", {"v": 3})  # evicts the least recent: "b"
+    assert await cache.get("b") is None and await cache.get("c") == {"v": 3}
+    now[0] += 11
+    assert await cache.get("a") is None  # past its TTL
