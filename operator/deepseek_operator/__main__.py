@@ -1,0 +1,92 @@
+"""`python -m deepseek_operator` / `deepseek-operator`: run the operator in-process with kopf."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import kopf
+
+from .durations import parse_duration
+from .handlers import build_registry
+from .kopf_settings import build_kopf_settings
+from .runtime import OperatorRuntime
+from .settings import OperatorSettings, settings_from_env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepseek-operator",
+        description="Serve DeepSeek models on Kubernetes and issue their API keys. Every option also reads "
+                    "DEEPSEEK_OPERATOR_<OPTION> (e.g. DEEPSEEK_OPERATOR_NAMESPACES=a,b).",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", dest="namespaces", metavar="NS",
+                       help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", default=None, help="watch every namespace")
+    parser.add_argument("--liveness", dest="liveness_endpoint", metavar="URL",
+                        help="liveness endpoint (default http://0.0.0.0:8080/healthz; 'none' disables it)")
+    parser.add_argument("--log-format", choices=["json", "plain"])
+    parser.add_argument("--verbose", "-v", action="store_true", default=None)
+    parser.add_argument("--workers", type=int, help="reconciles running at once (default 16)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, else in-cluster)")
+    for option in ("signing-key-rotation", "signing-key-propagation", "signing-key-retire-margin",
+                   "drift-check-interval", "issuer-check-interval", "retry-interval"):
+        parser.add_argument(f"--{option}", type=parse_duration, metavar="DURATION")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, base: OperatorSettings) -> OperatorSettings:
+    changes: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    if "namespaces" in changes:
+        changes["namespaces"] = tuple(changes["namespaces"])
+        changes["all_namespaces"] = False
+    if changes.get("all_namespaces"):
+        changes["namespaces"] = ()
+    if changes.get("liveness_endpoint") == "none":
+        changes["liveness_endpoint"] = None
+    return replace(base, **changes)
+
+
+def configure_logging(settings: OperatorSettings) -> None:
+    kopf.configure(verbose=settings.verbose,
+                   log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
+    for noisy in ("httpx", "httpcore", "kubernetes", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not settings.verbose:
+        # kopf's per-object "Handler succeeded" lines would be one per key per change.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+
+def run(settings: OperatorSettings) -> None:
+    """Run until SIGTERM/SIGINT."""
+    runtime = OperatorRuntime.connect(settings)
+    kopf.run(
+        registry=build_registry(runtime),
+        settings=build_kopf_settings(settings),
+        standalone=True,
+        clusterwide=settings.all_namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=settings.liveness_endpoint,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args, settings_from_env())
+        settings.validate()
+    except ValueError as exc:
+        print(f"deepseek-operator: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""What an ApiKey reconcile should do, decided from a snapshot of the world (pure: `now` and inputs passed in).
+
+The reconcile gathers (ApiKey, its Secret, its deployment's issuer), calls `plan_apikey`, then acts in a
+crash-safe order: revocations reach the ConfigMap first, a new token is recorded in status as `pendingToken`
+before it is written to the Secret, and only then does status make it current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth_config import Limits, SetKeyLimits, limits_from_spec
+from .conditions import Condition, condition_status
+from .durations import format_timestamp, parse_duration, parse_timestamp
+from .signing_keys import SigningKey
+from .tokens import TokenGrant, binding_hash, token_sha256
+
+TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash")
+ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
+WARNING_REASONS = {"SecretMissing", "SecretAltered"}
+REASON_TEXT = {
+    "Initial": "first token",
+    "Unrevoked": "the key was un-revoked",
+    "Renewal": "renewal time reached",
+    "Expired": "the previous token had expired",
+    "SecretMissing": "the Secret or its token was missing; the lost token is revoked",
+    "SecretAltered": "the token in the Secret was altered; the replaced token is revoked",
+    "BindingChanged": "subject, scopes or environment changed; the old token is revoked",
+    "SigningKeyRetired": "its signing key is no longer published",
+}
+
+
+@dataclass(frozen=True)
+class IssuerView:
+    """What an ApiKey reconcile sees of its deployment (None in place of this: the deployment does not exist)."""
+
+    deployment: str
+    issuer: str
+    audience: str
+    base_url: str
+    signing_key: SigningKey | None
+    published_kids: frozenset[str]
+    default_scopes: tuple[str, ...]
+    default_limits: Limits
+    limits_entry: dict[str, Any] | None
+    not_ready_message: str = ""
+    # Published keys (to recognise our own tokens) and the revoked list, as last read.
+    verification_keys: Mapping[str, SigningKey] = field(default_factory=dict)
+    revoked: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiKeyEvent:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ApiKeyPlan:
+    """The decision: what to revoke, what limits to set, whether to issue, what status to keep."""
+
+    status: dict[str, Any]
+    revoke: dict[str, int] = field(default_factory=dict)
+    limits: SetKeyLimits | None = None
+    issue_reason: str | None = None
+    previous_revoke_at: int | None = None
+    delete_secret: bool = False
+    repair_secret: bool = False
+    events: tuple[ApiKeyEvent, ...] = ()
+
+
+def _ts(value: Any) -> int:
+    return int(parse_timestamp(str(value))) if value else 0
+
+
+def effective_scopes(spec: Mapping[str, Any], issuer: IssuerView) -> tuple[str, ...]:
+    return tuple(sorted(spec.get("scopes") or issuer.default_scopes))
+
+
+def desired_limits(spec: Mapping[str, Any], issuer: IssuerView) -> dict[str, Any] | None:
+    """The key's entry in the `limits` document: None when it has no own limits or they equal the defaults."""
+    if spec.get("revoked") or not spec.get("rateLimit"):
+        return None
+    limits = limits_from_spec(spec["rateLimit"], issuer.default_limits)
+    return None if limits == issuer.default_limits else limits.as_document()
+
+
+def current_binding(apikey: Mapping[str, Any], issuer: IssuerView) -> str:
+    spec = apikey["spec"]
+    return binding_hash(subject=spec["subject"], scopes=effective_scopes(spec, issuer),
+                        environment=spec["environment"], audience=issuer.audience)
+
+
+def live_tokens(status: Mapping[str, Any], now: float) -> dict[str, int]:
+    """Every token id of the key that may still verify (current, pending, in grace), with its expiry."""
+    live: dict[str, int] = {}
+    if status.get("tokenId"):
+        live[status["tokenId"]] = _ts(status.get("expiresAt"))
+    pending = status.get("pendingToken")
+    if pending:
+        live[pending["tokenId"]] = _ts(pending.get("expiresAt"))
+    for item in status.get("previousTokens") or []:
+        live[item["tokenId"]] = _ts(item.get("expiresAt"))
+    return {token_id: exp for token_id, exp in live.items() if exp > now}
+
+
+def live_token_expiry_by_kid(apikeys: Iterable[Mapping[str, Any]], now: float) -> dict[str, int]:
+    """kid -> the latest expiry of a live token it signed, over the given ApiKeys' status."""
+    result: dict[str, int] = {}
+    for apikey in apikeys:
+        status = apikey.get("status") or {}
+        entries = []
+        if status.get("tokenId"):
+            entries.append((status.get("signingKeyId"), _ts(status.get("expiresAt"))))
+        if status.get("pendingToken"):
+            entries.append((status["pendingToken"].get("signingKeyId"), _ts(status["pendingToken"].get("expiresAt"))))
+        entries.extend((p.get("signingKeyId"), _ts(p.get("expiresAt"))) for p in status.get("previousTokens") or [])
+        for kid, exp in entries:
+            if kid and exp > now:
+                result[kid] = max(result.get(kid, 0), exp)
+    return result
+
+
+def resolve_pending(status: Mapping[str, Any], secret_sha: str | None, renew_before: float) -> tuple[dict, dict]:
+    """Settle a `pendingToken` left by an interrupted reconcile.
+
+    If the Secret holds it, it was delivered: make it current. Otherwise it never left the operator: revoke its id
+    anyway (cheap, and safe even if a write we cannot see landed). Returns (status, revocations).
+    """
+    status = dict(status)
+    pending = status.get("pendingToken")
+    if not pending:
+        return status, {}
+    if secret_sha is not None and secret_sha == pending.get("tokenSHA256"):
+        return promote_pending(status, renew_before), {}
+    status.pop("pendingToken")
+    return status, {pending["tokenId"]: _ts(pending.get("expiresAt"))}
+
+
+def promote_pending(status: Mapping[str, Any], renew_before: float) -> dict[str, Any]:
+    """Status once the pending token is in the Secret: it becomes current, the old one enters its grace period."""
+    status = dict(status)
+    pending = dict(status.pop("pendingToken"))
+    previous = list(status.get("previousTokens") or [])
+    if status.get("tokenId") and pending.get("previousRevokeAt"):
+        previous.append({
+            "tokenId": status["tokenId"],
+            "signingKeyId": status.get("signingKeyId"),
+            "expiresAt": status.get("expiresAt"),
+            "revokeAt": pending["previousRevokeAt"],
+        })
+    expires = _ts(pending["expiresAt"])
+    status.update({
+        "tokenId": pending["tokenId"],
+        "tokenSHA256": pending["tokenSHA256"],
+        "signingKeyId": pending["signingKeyId"],
+        "issuedAt": pending["issuedAt"],
+        "expiresAt": pending["expiresAt"],
+        "renewalTime": format_timestamp(expires - renew_before),
+        "bindingHash": pending["bindingHash"],
+        "revision": int(status.get("revision") or 0) + 1,
+    })
+    if previous:
+        status["previousTokens"] = previous
+    else:
+        status.pop("previousTokens", None)
+    return status
+
+
+def adopt_token(
+    status: Mapping[str, Any], claims: Mapping[str, Any], sha: str, renew_before: float
+) -> dict[str, Any]:
+    """Status with a verified token of ours found in the Secret as the current token."""
+    status = dict(status)
+    binding = binding_hash(subject=claims["sub"], scopes=claims["scope"], environment=claims["env"],
+                           audience=claims["aud"])
+    status.update({
+        "tokenId": claims["jti"],
+        "tokenSHA256": sha,
+        "signingKeyId": claims["kid"],
+        "issuedAt": format_timestamp(claims["iat"]),
+        "expiresAt": format_timestamp(claims["exp"]),
+        "renewalTime": format_timestamp(claims["exp"] - renew_before),
+        "bindingHash": binding,
+        "revision": int(status.get("revision") or 0) + 1,
+    })
+    return status
+
+
+def build_grant(apikey: Mapping[str, Any], issuer: IssuerView, *, token_id: str, now: int) -> TokenGrant:
+    """The token a reconcile at `now` issues for this key."""
+    spec = apikey["spec"]
+    return TokenGrant(
+        issuer=issuer.issuer,
+        audience=issuer.audience,
+        subject=spec["subject"],
+        scopes=effective_scopes(spec, issuer),
+        environment=spec["environment"],
+        apikey_uid=apikey["metadata"]["uid"],
+        token_id=token_id,
+        issued_at=now,
+        expires_at=now + int(parse_duration(spec.get("duration", "72h"))),
+    )
+
+
+def with_pending(
+    status: Mapping[str, Any], *, grant: TokenGrant, token: str, signing_key_id: str, reason: str,
+    binding: str, previous_revoke_at: int | None,
+) -> dict[str, Any]:
+    """Status recording a token about to be written to the Secret (its id and hash, never the token)."""
+    status = dict(status)
+    pending = {
+        "tokenId": grant.token_id,
+        "tokenSHA256": token_sha256(token),
+        "signingKeyId": signing_key_id,
+        "issuedAt": format_timestamp(grant.issued_at),
+        "expiresAt": format_timestamp(grant.expires_at),
+        "reason": reason,
+        "bindingHash": binding,
+    }
+    if previous_revoke_at is not None:
+        pending["previousRevokeAt"] = format_timestamp(previous_revoke_at)
+    status["pendingToken"] = pending
+    return status
+
+
+def plan_apikey(
+    apikey: Mapping[str, Any], *, secret_exists: bool, secret_token: str | None, secret_current: bool,
+    issuer: IssuerView | None, now: int, secret_claims: Mapping[str, Any] | None = None,
+) -> ApiKeyPlan:
+    """Decide one reconcile of a live (not deleting) ApiKey.
+
+    `secret_token` is the token found in the Secret (None: no Secret or no token), `secret_current` whether the
+    Secret's other fields, labels and owner are as they should be, `secret_claims` the claims of that token when
+    this operator signed it for this key (see `tokens.verified_claims`) and it is not revoked.
+    """
+    spec = apikey["spec"]
+    status = dict(apikey.get("status") or {})
+    if issuer is None:
+        # Without its deployment there is no revoked list to write to; leave token bookkeeping untouched.
+        return ApiKeyPlan(status=status)
+    renew_before = parse_duration(spec.get("renewBefore", "24h"))
+    grace = parse_duration(spec.get("gracePeriod", "1h"))
+    secret_sha = token_sha256(secret_token) if secret_token else None
+
+    status, revoke = resolve_pending(status, secret_sha, renew_before)
+    if not status.get("tokenId") and secret_claims and secret_token:
+        # A first token reached the Secret but not status (the operator stopped in between): it is ours, so it
+        # becomes current instead of being issued again.
+        status = adopt_token(status, secret_claims, token_sha256(secret_token), renew_before)
+    events: list[ApiKeyEvent] = []
+
+    kept = []
+    for item in status.get("previousTokens") or []:
+        exp = _ts(item.get("expiresAt"))
+        if exp <= now:
+            continue
+        if _ts(item.get("revokeAt")) <= now:
+            revoke[item["tokenId"]] = exp
+            events.append(ApiKeyEvent("Normal", "Revoked", f"Revoked token {item['tokenId']}: grace period ended"))
+            continue
+        kept.append(item)
+    if kept:
+        status["previousTokens"] = kept
+    else:
+        status.pop("previousTokens", None)
+
+    wanted_limits = desired_limits(spec, issuer)
+    limits = SetKeyLimits(apikey["metadata"]["uid"], wanted_limits) if issuer.limits_entry != wanted_limits else None
+
+    if spec.get("revoked"):
+        revoked_now = dict(live_tokens(status, now))
+        revoke.update(revoked_now)
+        for name in (*TOKEN_FIELDS, "previousTokens", "pendingToken"):
+            status.pop(name, None)
+        if revoked_now:
+            events.append(ApiKeyEvent("Normal", "Revoked",
+                                      f"Revoked {len(revoked_now)} token(s) ({', '.join(sorted(revoked_now))}): "
+                                      "spec.revoked is true"))
+        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, delete_secret=secret_exists,
+                          events=tuple(events))
+
+    current_id = status.get("tokenId")
+    expires = _ts(status.get("expiresAt"))
+    reason: str | None = None
+    previous_revoke_at: int | None = None
+    if not current_id:
+        reason = "Unrevoked" if condition_status(status.get("conditions"), "Revoked") == "True" else "Initial"
+    elif expires <= now:
+        reason = "Expired"
+    elif secret_token is None:
+        reason = "SecretMissing"
+    elif secret_sha != status.get("tokenSHA256"):
+        reason = "SecretAltered"
+    elif status.get("bindingHash") != current_binding(apikey, issuer):
+        reason = "BindingChanged"
+    elif status.get("signingKeyId") not in issuer.published_kids:
+        reason = "SigningKeyRetired"
+    elif now >= expires - renew_before:
+        reason = "Renewal"
+        if grace > 0:
+            previous_revoke_at = min(int(now + grace), expires)
+    if reason and current_id and expires > now and previous_revoke_at is None:
+        revoke[current_id] = expires
+    if reason == "SecretAltered" and secret_claims and secret_claims.get("jti") != current_id:
+        # The Secret holds a token this operator signed for this key but never recorded: it is replaced, so revoke
+        # it too rather than leave it valid and unknown.
+        revoke[str(secret_claims["jti"])] = int(secret_claims["exp"])
+    if reason is not None and issuer.signing_key is None:
+        # Cannot sign yet: revoke what must go and stop pointing at a revoked token.
+        if current_id in revoke:
+            for name in TOKEN_FIELDS:
+                status.pop(name, None)
+        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events))
+    if reason is None and status.get("renewalTime") != format_timestamp(expires - renew_before):
+        status["renewalTime"] = format_timestamp(expires - renew_before)
+    return ApiKeyPlan(
+        status=status, revoke=revoke, limits=limits, issue_reason=reason, previous_revoke_at=previous_revoke_at,
+        repair_secret=reason is None and not secret_current, events=tuple(events),
+    )
+
+
+def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str) -> ApiKeyEvent:
+    """The Event for a token issued for `reason` (never the token itself)."""
+    kind = ISSUE_EVENT.get(reason, "Rotated")
+    return ApiKeyEvent(
+        "Warning" if reason in WARNING_REASONS else "Normal",
+        kind,
+        f"{kind} token {token_id} into Secret {secret_name}, expires {expires_at} ({REASON_TEXT.get(reason, reason)})",
+    )
+
+
+def apikey_conditions(
+    apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: IssuerView | None, *, now: int, deployment: str,
+) -> list[Condition]:
+    """Ready and Revoked, derived from the status a reconcile ends with."""
+    spec = apikey["spec"]
+    revoked = bool(spec.get("revoked"))
+    revoked_condition = (
+        Condition("Revoked", True, "RevokedBySpec", "spec.revoked is true: every token of this key is revoked")
+        if revoked else Condition("Revoked", False, "Active", "the key is not revoked")
+    )
+    namespace = apikey["metadata"]["namespace"]
+    if revoked:
+        ready = Condition("Ready", False, "Revoked", "the key is revoked; set spec.revoked to false for a new token")
+    elif issuer is None:
+        ready = Condition("Ready", False, "DeploymentNotFound",
+                          f"DeepSeekDeployment {deployment!r} not found in namespace {namespace!r}; "
+                          "the key is issued as soon as it exists")
+    elif status.get("tokenId") and _ts(status.get("expiresAt")) > now:
+        ready = Condition("Ready", True, "TokenIssued",
+                          f"token {status['tokenId']} is in Secret {status.get('secretName')}, expires "
+                          f"{status.get('expiresAt')}, rotates at {status.get('renewalTime')}")
+    else:
+        ready = Condition("Ready", False, "IssuerNotReady",
+                          issuer.not_ready_message or "the deployment's signing key is not published yet")
+    return [ready, revoked_condition]
+
+
+def next_due(
+    status: Mapping[str, Any], *, ready: bool, revoked: bool, now: float, retry_interval: float
+) -> float | None:
+    """When this key next needs a reconcile on its own (rotation, end of a grace period, expiry, or a retry)."""
+    if revoked:
+        return None
+    if not ready:
+        return now + retry_interval
+    times = [_ts(status.get("renewalTime")), _ts(status.get("expiresAt"))]
+    for item in status.get("previousTokens") or []:
+        times.extend([_ts(item.get("revokeAt")), _ts(item.get("expiresAt"))])
+    return float(min(t for t in times if t))

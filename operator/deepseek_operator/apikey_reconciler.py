@@ -1,0 +1,263 @@
+"""The ApiKey reconcile: gather, decide (`apikey_plan`), act in a crash-safe order, write status whole.
+
+Order of effects, so that a SIGKILL between any two steps neither loses a revocation nor issues twice:
+1. revocations and limits reach the auth ConfigMap (durably) before status forgets any token id;
+2. a new token's id and hash are written to status as `pendingToken` before the token goes into the Secret;
+3. status makes the pending token current only after the Secret holds it.
+A restarted reconcile settles a leftover `pendingToken` by looking at the Secret (see `resolve_pending`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import failpoints
+from .apikey_plan import (
+    ApiKeyEvent,
+    IssuerView,
+    apikey_conditions,
+    build_grant,
+    current_binding,
+    issue_event,
+    live_tokens,
+    next_due,
+    plan_apikey,
+    promote_pending,
+    with_pending,
+)
+from .apikey_secret import build_apikey_secret, secret_token, secret_up_to_date
+from .auth_config import AuthChange, RevokeTokens, SetKeyLimits
+from .auth_store import AuthConfigStore
+from .conditions import Condition, merge_conditions
+from .durations import format_timestamp, parse_duration
+from .issuer import Issuers
+from .key_material import new_token_id
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi
+from .names import FINALIZER, apikey_secret_name
+from .settings import OperatorSettings
+from .tokens import sign_token, verified_claims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What the scheduler needs: when to come back, and which deployment the key belongs to."""
+
+    next_due: float | None
+    deployment: str | None
+
+
+class ApiKeyReconciler:
+    def __init__(
+        self, kube: KubeApi, issuers: Issuers, auth_store: AuthConfigStore, settings: OperatorSettings,
+        *, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._kube = kube
+        self._issuers = issuers
+        self._auth = auth_store
+        self._settings = settings
+        self._clock = clock
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+    def reconcile(self, namespace: str, name: str) -> ReconcileResult:
+        """Bring one ApiKey to its desired state; retried from a fresh read when the object changed meanwhile."""
+        with self._lock(namespace, name):
+            for _ in range(8):
+                try:
+                    return self._reconcile_once(namespace, name)
+                except Conflict:
+                    continue
+            raise Conflict(409, "Conflict", f"ApiKey {namespace}/{name} kept changing", "PUT", name)
+
+    def _write_status(self, apikey: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"], "metadata": apikey["metadata"],
+                "spec": apikey["spec"], "status": status}
+        return self._kube.replace_status(APIKEYS, apikey["metadata"]["namespace"], body)
+
+    def _events(self, apikey: dict[str, Any], events: list[ApiKeyEvent]) -> None:
+        for event in events:
+            self._kube.post_event(apikey, type_=event.type, reason=event.reason, message=event.message)
+            log.info("%s %s/%s: %s", event.reason, apikey["metadata"]["namespace"], apikey["metadata"]["name"],
+                     event.message)
+
+    def _reconcile_once(self, namespace: str, name: str) -> ReconcileResult:
+        apikey = self._kube.get(APIKEYS, namespace, name)
+        if apikey is None:
+            return ReconcileResult(None, None)
+        finalizers = list(apikey["metadata"].get("finalizers") or [])
+        if apikey["metadata"].get("deletionTimestamp"):
+            if FINALIZER in finalizers:
+                self._finalize(apikey)
+                # Release the key only now that every token of it is in the revoked list.
+                self._kube.merge(APIKEYS, namespace, name, {"metadata": {
+                    "finalizers": [f for f in finalizers if f != FINALIZER],
+                    "resourceVersion": apikey["metadata"]["resourceVersion"]}})
+            return ReconcileResult(None, None)
+        if FINALIZER not in finalizers:
+            # Before any token exists: a key deleted from now on is finalized (its tokens revoked) first.
+            apikey = self._kube.merge(APIKEYS, namespace, name, {"metadata": {
+                "finalizers": [*finalizers, FINALIZER], "resourceVersion": apikey["metadata"]["resourceVersion"]}})
+        meta, spec = apikey["metadata"], apikey["spec"]
+        uid, generation = meta["uid"], int(meta.get("generation", 1))
+        deployment = spec["deploymentRef"]["name"]
+        now = int(self._clock())
+        found = self._issuers.view_for(namespace, deployment, uid)
+        issuer, dsd = found if found else (None, None)
+        secret_name = apikey_secret_name(name, spec)
+        secret = self._kube.get(SECRETS, namespace, secret_name)
+        previous_status = dict(apikey.get("status") or {})
+
+        if secret is not None and not any(ref.get("uid") == uid for ref in
+                                          secret["metadata"].get("ownerReferences") or []):
+            return self._secret_taken(apikey, previous_status, secret_name, now)
+
+        token = secret_token(secret)
+        secret_current = False
+        if secret is not None and token and issuer is not None:
+            desired = build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=deployment, token=token,
+                                          base_url=issuer.base_url)
+            secret_current = secret_up_to_date(secret, desired)
+        claims = self._own_token_claims(token, issuer, uid, now)
+        plan = plan_apikey(apikey, secret_exists=secret is not None, secret_token=token,
+                           secret_current=secret_current, issuer=issuer, now=now, secret_claims=claims)
+        status = dict(plan.status)
+        events = list(plan.events)
+
+        changes: list[AuthChange] = []
+        if plan.revoke:
+            changes.append(RevokeTokens(plan.revoke))
+        if plan.limits is not None:
+            changes.append(plan.limits)
+        if changes and dsd is not None:
+            self._auth.commit(namespace, deployment, changes, owner=dsd)
+            failpoints.reached("apikey:after-auth-commit", f"{namespace}/{name}")
+
+        if issuer is not None and not spec.get("revoked"):
+            status["secretName"] = secret_name
+        if plan.issue_reason and issuer is not None and issuer.signing_key is not None:
+            status, apikey = self._issue(apikey, status, issuer, plan.issue_reason, plan.previous_revoke_at,
+                                         secret_name, secret, now)
+            events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"], secret_name))
+        elif plan.repair_secret and token and issuer is not None:
+            self._kube.create_or_replace(
+                SECRETS, namespace,
+                build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=deployment, token=token,
+                                    base_url=issuer.base_url),
+                up_to_date=secret_up_to_date)
+        if plan.delete_secret and secret is not None:
+            self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
+            status.pop("secretName", None)
+
+        conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment)
+        status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
+                                                now=format_timestamp(now), generation=generation)
+        status["observedGeneration"] = generation
+        if status != (apikey.get("status") or {}):
+            apikey = self._write_status(apikey, status)
+        self._events(apikey, events)
+        ready = conditions[0].status is True
+        due = next_due(status, ready=ready, revoked=bool(spec.get("revoked")), now=now,
+                       retry_interval=self._settings.retry_interval)
+        # Spread the checks: keys created together would otherwise all be checked in the same second.
+        drift = now + self._settings.drift_check_interval * random.uniform(0.8, 1.2)
+        return ReconcileResult(drift if due is None else min(due, drift), deployment)
+
+    @staticmethod
+    def _own_token_claims(token: str | None, issuer: IssuerView | None, uid: str,
+                          now: int) -> dict[str, Any] | None:
+        """Claims of the Secret's token when this operator signed it for this key and has not revoked it."""
+        if not token or issuer is None:
+            return None
+        claims = verified_claims(token, issuer.verification_keys, issuer=issuer.issuer, audience=issuer.audience,
+                                 apikey_uid=uid, now=now)
+        if claims is None or claims.get("jti") in issuer.revoked:
+            return None
+        return claims
+
+    def _issue(
+        self, apikey: dict[str, Any], status: dict[str, Any], issuer: IssuerView, reason: str,
+        previous_revoke_at: int | None, secret_name: str, secret: dict[str, Any] | None, now: int,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Mint a token, write it to the Secret and make it current. Returns (status, apikey).
+
+        A token that replaces another is first recorded as `pendingToken`, so that a restart can tell whether the
+        replacement reached the Secret. A first token needs no such record: found in the Secret, it verifies as
+        ours and is adopted (see `plan_apikey`); not found, it never left the operator.
+        """
+        assert issuer.signing_key is not None
+        namespace = apikey["metadata"]["namespace"]
+        grant = build_grant(apikey, issuer, token_id=new_token_id(), now=now)
+        token = sign_token(grant, issuer.signing_key)
+        status = with_pending(status, grant=grant, token=token, signing_key_id=issuer.signing_key.kid, reason=reason,
+                              binding=current_binding(apikey, issuer), previous_revoke_at=previous_revoke_at)
+        if status.get("tokenId"):
+            apikey = self._write_status(apikey, status)
+            failpoints.reached("apikey:after-pending", f"{namespace}/{apikey['metadata']['name']}")
+        self._kube.write(
+            SECRETS, namespace,
+            build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=issuer.deployment, token=token,
+                                base_url=issuer.base_url),
+            current=secret, up_to_date=secret_up_to_date)
+        failpoints.reached("apikey:after-secret", f"{namespace}/{apikey['metadata']['name']}")
+        return promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey
+
+    def _secret_taken(self, apikey: dict[str, Any], status: dict[str, Any], secret_name: str,
+                      now: int) -> ReconcileResult:
+        generation = int(apikey["metadata"].get("generation", 1))
+        conditions = [Condition("Ready", False, "SecretNameTaken",
+                                f"Secret {secret_name} exists and is not owned by this ApiKey; delete it or set "
+                                "another spec.secretName on a new ApiKey")]
+        status = dict(status)
+        status["conditions"] = merge_conditions(status.get("conditions"), conditions, now=format_timestamp(now),
+                                                generation=generation, keep_others=True)
+        status["observedGeneration"] = generation
+        if status != (apikey.get("status") or {}):
+            self._write_status(apikey, status)
+        return ReconcileResult(now + self._settings.retry_interval, apikey["spec"]["deploymentRef"]["name"])
+
+    def _finalize(self, apikey: dict[str, Any]) -> None:
+        """Deletion: revoke every live token of the key, drop its limits, delete its Secret."""
+        namespace, name = apikey["metadata"]["namespace"], apikey["metadata"]["name"]
+        status = apikey.get("status") or {}
+        spec = apikey["spec"]
+        uid = apikey["metadata"]["uid"]
+        deployment = spec["deploymentRef"]["name"]
+        dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, deployment)
+        live = live_tokens(status, self._clock())
+        secret_name = apikey_secret_name(name, spec)
+        secret = self._kube.get(SECRETS, namespace, secret_name)
+        owned = secret is not None and any(ref.get("uid") == uid for ref in
+                                           secret["metadata"].get("ownerReferences") or [])
+        found = self._issuers.view_for(namespace, deployment, uid) if dsd is not None and owned else None
+        claims = self._own_token_claims(secret_token(secret), found[0] if found else None, uid,
+                                        int(self._clock()))
+        if claims:  # a token in the Secret that status never recorded: revoke it too
+            live[claims["jti"]] = int(claims["exp"])
+        if dsd is not None:
+            changes: list[AuthChange] = [SetKeyLimits(uid, None)]
+            if live:
+                changes.append(RevokeTokens(live))
+            self._auth.commit(namespace, deployment, changes, owner=dsd)
+        failpoints.reached("apikey:finalize-after-auth-commit", f"{namespace}/{name}")
+        if owned and secret is not None:
+            self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
+        if live:
+            self._events(apikey, [ApiKeyEvent("Normal", "Revoked",
+                                              f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}): "
+                                              "the ApiKey is being deleted")])

@@ -1,0 +1,170 @@
+"""The `<deployment>-auth` ConfigMap's documents (docs/auth-contract.md): model, changes, and encoding (pure).
+
+Each document is written as `data["<name>.json"]` while its compact JSON is at most 256 KiB, else as
+`binaryData["<name>.json.gz"]`; that keeps 10,000 keys on one deployment well under the 1 MiB ConfigMap cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DOCUMENTS = ("config", "jwks", "revoked", "limits")
+GZIP_THRESHOLD = 256 * 1024
+CONFIGMAP_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One key's limits: requests per second with a burst, tokens per minute and parallel requests (None = no cap)."""
+
+    rps: float
+    burst: int
+    tpm: int | None = None
+    parallel: int | None = None
+
+    def as_document(self) -> dict[str, Any]:
+        rps: float | int = int(self.rps) if float(self.rps).is_integer() else self.rps
+        return {"rps": rps, "burst": self.burst, "tpm": self.tpm, "parallel": self.parallel}
+
+
+def limits_from_spec(spec: Mapping[str, Any] | None, defaults: Limits | None = None) -> Limits:
+    """Limits from a CRD `rateLimit` block; fields left out come from `defaults` (or the schema defaults 10/20)."""
+    spec = spec or {}
+    base = defaults or Limits(rps=10, burst=20)
+    return Limits(
+        rps=float(spec.get("requestsPerSecond", base.rps)),
+        burst=int(spec.get("burst", base.burst)),
+        tpm=spec.get("tokensPerMinute", base.tpm),
+        parallel=spec.get("maxParallelRequests", base.parallel),
+    )
+
+
+@dataclass(frozen=True)
+class AuthDocuments:
+    """The four documents, as plain JSON-ready values."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
+    revoked: dict[str, int] = field(default_factory=dict)
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def published_kids(self) -> frozenset[str]:
+        return frozenset(str(key.get("kid")) for key in self.jwks.get("keys", []))
+
+
+@dataclass(frozen=True)
+class PublishIssuer:
+    """Replace `config` and `jwks` (the issuer's part)."""
+
+    config: dict[str, Any]
+    jwks: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RevokeTokens:
+    """Add token ids with their expiry to the revoked list."""
+
+    entries: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class SetKeyLimits:
+    """Set one ApiKey's limits (keyed by its uid); None removes the entry (the key uses `defaultLimits`)."""
+
+    apikey_uid: str
+    limits: dict[str, Any] | None
+
+
+AuthChange = PublishIssuer | RevokeTokens | SetKeyLimits
+
+
+def apply_changes(documents: AuthDocuments, changes: Iterable[AuthChange], *, now: float) -> AuthDocuments:
+    """The documents after `changes`, with revoked entries past their expiry pruned."""
+    config, jwks = documents.config, documents.jwks
+    revoked = dict(documents.revoked)
+    limits = dict(documents.limits)
+    for change in changes:
+        if isinstance(change, PublishIssuer):
+            config, jwks = change.config, change.jwks
+        elif isinstance(change, RevokeTokens):
+            for token_id, expires in change.entries.items():
+                revoked[token_id] = max(int(expires), revoked.get(token_id, 0))
+        elif isinstance(change, SetKeyLimits):
+            if change.limits is None:
+                limits.pop(change.apikey_uid, None)
+            else:
+                limits[change.apikey_uid] = change.limits
+    revoked = {token_id: expires for token_id, expires in revoked.items() if expires > now}
+    return AuthDocuments(config=config, jwks=jwks, revoked=revoked, limits=limits)
+
+
+def _compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def encode_documents(documents: AuthDocuments) -> tuple[dict[str, str], dict[str, str]]:
+    """(`data`, `binaryData`) of the ConfigMap: each document in exactly one form."""
+    data: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    for name in DOCUMENTS:
+        plain = _compact(getattr(documents, name))
+        if len(plain) <= GZIP_THRESHOLD:
+            data[f"{name}.json"] = plain.decode()
+        else:
+            # mtime=0 keeps the bytes a function of the content, so an unchanged document never rewrites.
+            binary[f"{name}.json.gz"] = base64.b64encode(gzip.compress(plain, compresslevel=9, mtime=0)).decode()
+    return data, binary
+
+
+def decode_documents(data: Mapping[str, str] | None, binary: Mapping[str, str] | None) -> AuthDocuments:
+    """The documents of a ConfigMap, reading either form; missing ones are empty."""
+    data = data or {}
+    binary = binary or {}
+    values: dict[str, Any] = {}
+    for name in DOCUMENTS:
+        if f"{name}.json" in data:
+            values[name] = json.loads(data[f"{name}.json"])
+        elif f"{name}.json.gz" in binary:
+            values[name] = json.loads(gzip.decompress(base64.b64decode(binary[f"{name}.json.gz"])))
+    return AuthDocuments(
+        config=values.get("config", {}),
+        jwks=values.get("jwks", {"keys": []}),
+        revoked={str(k): int(v) for k, v in values.get("revoked", {}).items()},
+        limits=values.get("limits", {}),
+    )
+
+
+def configmap_size(data: Mapping[str, str], binary: Mapping[str, str]) -> int:
+    """Bytes the API server counts against the 1 MiB cap (keys plus values; binaryData decoded)."""
+    size = sum(len(k) + len(v.encode()) for k, v in data.items())
+    size += sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
+    return size
+
+
+def build_auth_configmap(
+    *, name: str, namespace: str, labels: Mapping[str, str], owner_references: list[dict[str, Any]],
+    documents: AuthDocuments,
+) -> dict[str, Any]:
+    """The whole ConfigMap object."""
+    data, binary = encode_documents(documents)
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
+                     "ownerReferences": owner_references},
+        "data": data,
+    }
+    if binary:
+        body["binaryData"] = binary
+    return body
+
+
+def build_issuer_config(*, issuer: str, audience: str, default_limits: Limits, generation: int) -> dict[str, Any]:
+    """The `config` document."""
+    return {"issuer": issuer, "audience": audience, "defaultLimits": default_limits.as_document(),
+            "generation": generation}

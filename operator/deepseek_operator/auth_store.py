@@ -1,0 +1,139 @@
+"""Writes the `<deployment>-auth` ConfigMap for many concurrent reconciles without losing any change.
+
+Every change (a revocation, a key's limits, the issuer's JWKS) goes through `commit`, which queues it and lets one
+thread per deployment write all queued changes in one resourceVersion-guarded update (group commit), re-reading
+and re-applying on 409. `commit` returns only once the change is stored, so a caller may then forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth_config import (
+    AuthChange,
+    AuthDocuments,
+    apply_changes,
+    build_auth_configmap,
+    decode_documents,
+    encode_documents,
+)
+from .kube import CONFIGMAPS, Conflict, KubeApi, KubeError, NotFound
+from .names import auth_configmap_name, deployment_labels, owner_reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    changes: Sequence[AuthChange]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: AuthDocuments | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Slot:
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    queue_lock: threading.Lock = field(default_factory=threading.Lock)
+    queue: list[_Request] = field(default_factory=list)
+    documents: AuthDocuments | None = None
+    resource_version: str | None = None
+    owner_uid: str | None = None
+
+
+class AuthConfigStore:
+    """Cached documents and serialized writes of every deployment's auth ConfigMap."""
+
+    def __init__(self, kube: KubeApi, *, clock: Callable[[], float] = time.time, attempts: int = 20) -> None:
+        self._kube = kube
+        self._clock = clock
+        self._attempts = attempts
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._slots_lock = threading.Lock()
+
+    def _slot(self, namespace: str, deployment: str) -> _Slot:
+        with self._slots_lock:
+            return self._slots.setdefault((namespace, deployment), _Slot())
+
+    def documents(self, namespace: str, deployment: str, *, refresh: bool = False) -> AuthDocuments | None:
+        """The documents as last read or written (read from the API on first use); None while no ConfigMap."""
+        slot = self._slot(namespace, deployment)
+        with slot.write_lock:
+            if refresh or slot.resource_version is None:
+                self._load(slot, namespace, deployment)
+            return slot.documents if slot.resource_version is not None else None
+
+    def _load(self, slot: _Slot, namespace: str, deployment: str) -> None:
+        current = self._kube.get(CONFIGMAPS, namespace, auth_configmap_name(deployment))
+        if current is None:
+            # Keep the documents last known: if someone deleted the ConfigMap, the next write recreates it with
+            # every revocation this process knew of instead of an empty list.
+            slot.resource_version, slot.owner_uid = None, None
+            return
+        slot.documents = decode_documents(current.get("data"), current.get("binaryData"))
+        slot.resource_version = current["metadata"]["resourceVersion"]
+        owners = current["metadata"].get("ownerReferences") or []
+        slot.owner_uid = owners[0].get("uid") if owners else None
+
+    def commit(
+        self, namespace: str, deployment: str, changes: Sequence[AuthChange], *, owner: dict[str, Any]
+    ) -> AuthDocuments:
+        """Store `changes` (with everyone else's queued ones); `owner` is the DeepSeekDeployment object."""
+        slot = self._slot(namespace, deployment)
+        request = _Request(changes)
+        with slot.queue_lock:
+            slot.queue.append(request)
+        with slot.write_lock:
+            if not request.done.is_set():
+                with slot.queue_lock:
+                    batch, slot.queue = slot.queue, []
+                try:
+                    documents = self._write(slot, namespace, deployment,
+                                            [c for r in batch for c in r.changes], owner)
+                except BaseException as exc:
+                    for item in batch:
+                        item.error = exc
+                        item.done.set()
+                else:
+                    for item in batch:
+                        item.result = documents
+                        item.done.set()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _write(self, slot: _Slot, namespace: str, deployment: str, changes: list[AuthChange],
+               owner: dict[str, Any]) -> AuthDocuments:
+        name = auth_configmap_name(deployment)
+        if slot.resource_version is None or slot.owner_uid != owner["metadata"]["uid"]:
+            self._load(slot, namespace, deployment)
+        for _ in range(self._attempts):
+            base = slot.documents or AuthDocuments()
+            updated = apply_changes(base, changes, now=self._clock())
+            body = build_auth_configmap(
+                name=name, namespace=namespace, labels=deployment_labels(deployment),
+                owner_references=[owner_reference(owner)], documents=updated,
+            )
+            try:
+                if slot.resource_version is None:
+                    stored = self._kube.create(CONFIGMAPS, namespace, body)
+                elif (encode_documents(updated) == encode_documents(base)
+                      and slot.owner_uid == owner["metadata"]["uid"]):
+                    return updated
+                else:
+                    body["metadata"]["resourceVersion"] = slot.resource_version
+                    stored = self._kube.replace(CONFIGMAPS, namespace, body)
+            except (Conflict, NotFound):
+                self._load(slot, namespace, deployment)
+                continue
+            slot.documents = updated
+            slot.resource_version = stored["metadata"]["resourceVersion"]
+            slot.owner_uid = owner["metadata"]["uid"]
+            return updated
+        raise KubeError(409, "Conflict", f"ConfigMap {namespace}/{name} kept changing under us", "PUT", name)

@@ -1,0 +1,236 @@
+"""The issuer of one DeepSeekDeployment: its signing-key Secret and the issuer part of its auth ConfigMap.
+
+`Issuers.reconcile_issuer(dsd)` is called from the DeepSeekDeployment reconcile; `Issuers.view_for` gives an
+ApiKey reconcile what it needs to sign (the active, published key) without re-reading the Secret every time.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .apikey_plan import IssuerView, live_token_expiry_by_kid
+from .auth_config import Limits, PublishIssuer, build_issuer_config, limits_from_spec
+from .auth_store import AuthConfigStore
+from .key_material import new_signing_key
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, KubeApi
+from .names import (
+    audience_name,
+    auth_configmap_name,
+    base_url,
+    deployment_labels,
+    issuer_name,
+    owner_reference,
+    signing_key_secret_name,
+)
+from .settings import OperatorSettings
+from .signing_keys import (
+    KEY_RING_DATA_KEY,
+    KeyRing,
+    SigningKey,
+    build_jwks,
+    next_key_ring_change,
+    parse_key_ring,
+    plan_key_ring,
+    retired_at,
+    serialize_key_ring,
+)
+
+log = logging.getLogger(__name__)
+DEPLOYMENT_CACHE_SECONDS = 2.0
+LIVE_EXPIRY_RELIST = 5  # issuer checks between listings of the ApiKeys while a retired key waits
+
+
+@dataclass(frozen=True)
+class IssuerState:
+    """The outcome of an issuer reconcile, for the deployment's status."""
+
+    ready: bool
+    reason: str
+    message: str
+    signing_key_id: str | None
+    auth_configmap: str
+    next_check: float
+    jwks_changed: bool
+
+
+def build_signing_key_secret(dsd: dict[str, Any], ring: KeyRing) -> dict[str, Any]:
+    """The signing-key Secret (private keys; only the operator reads it)."""
+    name = dsd["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": signing_key_secret_name(name),
+            "namespace": dsd["metadata"]["namespace"],
+            "labels": {**deployment_labels(name), "app.kubernetes.io/component": "signing-key"},
+            "ownerReferences": [owner_reference(dsd)],
+        },
+        "data": {KEY_RING_DATA_KEY: base64.b64encode(serialize_key_ring(ring).encode()).decode()},
+    }
+
+
+def _signing_secret_up_to_date(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
+    owners = {ref.get("uid") for ref in actual["metadata"].get("ownerReferences") or []}
+    return (actual.get("data") or {}) == desired["data"] and desired["metadata"]["ownerReferences"][0]["uid"] in owners
+
+
+def default_limits(dsd: dict[str, Any]) -> Limits:
+    return limits_from_spec(dsd.get("spec", {}).get("rateLimit"))
+
+
+class Issuers:
+    """Issuer state of every deployment this operator serves (key rings cached in memory)."""
+
+    def __init__(
+        self, kube: KubeApi, auth_store: AuthConfigStore, settings: OperatorSettings,
+        *, clock: Callable[[], float] = time.time, new_key: Callable[[int], SigningKey] = new_signing_key,
+    ) -> None:
+        self._kube = kube
+        self._auth = auth_store
+        self._settings = settings
+        self._clock = clock
+        self._new_key = new_key
+        self._rings: dict[tuple[str, str], tuple[str, KeyRing]] = {}  # -> (deployment uid, ring)
+        # Deployments as last read, so that a thousand keys for one deployment do not read it a thousand times.
+        self._deployments: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._live_expiry: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def _read_ring(self, namespace: str, name: str) -> tuple[KeyRing, dict[str, Any] | None]:
+        secret = self._kube.get(SECRETS, namespace, signing_key_secret_name(name))
+        if secret is None:
+            return KeyRing(), None
+        raw = (secret.get("data") or {}).get(KEY_RING_DATA_KEY, "")
+        try:
+            return parse_key_ring(base64.b64decode(raw).decode()), secret
+        except ValueError as exc:
+            log.warning("signing-key Secret %s/%s is unreadable (%s); issuing a new key ring",
+                        namespace, signing_key_secret_name(name), exc)
+            return KeyRing(), secret
+
+    def _live_token_expiry(self, namespace: str, name: str, ring: KeyRing, now: int) -> dict[str, int]:
+        """Only list the ApiKeys when a retired key might be dropped: that is the one decision that needs them."""
+        policy = self._settings.rotation_policy
+        candidates = [k for k in ring.keys if (stopped := retired_at(ring, k)) is not None
+                      and stopped + policy.retire_margin <= now]
+        if not candidates:
+            return {}
+        # A retired key signs nothing new, so its live-token expiry can only shrink (revocations): a recent answer
+        # is a safe upper bound, and 10,000 keys are not listed on every check.
+        cached = self._live_expiry.get((namespace, name))
+        if cached is not None:
+            listed_at, expiry = cached
+            due = min([expiry.get(k.kid, 0) for k in candidates])
+            if now < due and time.monotonic() - listed_at < LIVE_EXPIRY_RELIST * self._settings.issuer_check_interval:
+                return expiry
+        apikeys = [item for item in self._kube.list(APIKEYS, namespace)
+                   if item.get("spec", {}).get("deploymentRef", {}).get("name") == name]
+        expiry = live_token_expiry_by_kid(apikeys, now)
+        self._live_expiry[(namespace, name)] = (time.monotonic(), expiry)
+        return expiry
+
+    def _deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        cached = self._deployments.get((namespace, name))
+        if cached is not None and time.monotonic() - cached[0] < DEPLOYMENT_CACHE_SECONDS:
+            return cached[1]
+        dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, name)
+        if dsd is None:
+            self._deployments.pop((namespace, name), None)
+        else:
+            self._deployments[(namespace, name)] = (time.monotonic(), dsd)
+        return dsd
+
+    def reconcile_issuer(self, dsd: dict[str, Any]) -> IssuerState:
+        """Make the signing-key Secret and the issuer's part of the auth ConfigMap match the schedule."""
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        self._deployments[(namespace, name)] = (time.monotonic(), dsd)
+        with self._lock(namespace, name):
+            now = int(self._clock())
+            ring, secret = self._read_ring(namespace, name)
+            owned = secret is not None and any(
+                ref.get("uid") == dsd["metadata"]["uid"] for ref in secret["metadata"].get("ownerReferences") or [])
+            if secret is not None and not owned:
+                # A leftover of a deleted deployment with the same name: its keys signed tokens for another owner.
+                ring = KeyRing()
+            live = self._live_token_expiry(namespace, name, ring, now)
+            policy = self._settings.rotation_policy
+            planned = plan_key_ring(ring, now=now, policy=policy, live_token_expiry=live,
+                                    fresh_key=self._new_key(now))
+            desired_secret = build_signing_key_secret(dsd, planned)
+            if secret is None or planned != ring or not _signing_secret_up_to_date(secret, desired_secret):
+                self._kube.create_or_replace(SECRETS, namespace, desired_secret, up_to_date=_signing_secret_up_to_date)
+                added = planned.kids() - ring.kids()
+                dropped = ring.kids() - planned.kids()
+                if added or dropped:
+                    log.info("signing keys of %s/%s: added %s, dropped %s", namespace, name,
+                             sorted(added), sorted(dropped))
+            self._rings[(namespace, name)] = (dsd["metadata"]["uid"], planned)
+
+            before = self._auth.documents(namespace, name, refresh=True)
+            config = build_issuer_config(
+                issuer=issuer_name(namespace, name), audience=audience_name(namespace, name),
+                default_limits=default_limits(dsd), generation=int(dsd["metadata"].get("generation", 1)),
+            )
+            jwks = build_jwks(planned)
+            documents = self._auth.commit(namespace, name, [PublishIssuer(config, jwks)], owner=dsd)
+            jwks_changed = before is None or before.jwks != jwks or before.config != config
+            active = planned.active(now, documents.published_kids())
+            upcoming = next_key_ring_change(planned, now=now, policy=policy, live_token_expiry=live)
+            next_check = now + self._settings.issuer_check_interval
+            if upcoming is not None:
+                next_check = min(next_check, max(upcoming, now + 1.0))
+            if active is None:
+                return IssuerState(False, "SigningKeyNotPublished", "no published signing key can sign yet",
+                                   None, auth_configmap_name(name), now + 1.0, jwks_changed)
+            return IssuerState(True, "SigningKeyPublished",
+                               f"signing key {active.kid} signs; {len(planned.keys)} key(s) published in "
+                               f"ConfigMap {auth_configmap_name(name)}",
+                               active.kid, auth_configmap_name(name), next_check, jwks_changed)
+
+    def view_for(
+        self, namespace: str, deployment: str, apikey_uid: str
+    ) -> tuple[IssuerView, dict[str, Any]] | None:
+        """What an ApiKey for `namespace/deployment` signs with, and the deployment object; None if it is absent."""
+        dsd = self._deployment(namespace, deployment)
+        if dsd is None:
+            return None
+        cached = self._rings.get((namespace, deployment))
+        if cached is None or cached[0] != dsd["metadata"]["uid"]:
+            # First key for this deployment since start (or it was recreated): settle the issuer now.
+            self.reconcile_issuer(dsd)
+            cached = self._rings.get((namespace, deployment))
+        ring = cached[1] if cached else KeyRing()
+        documents = self._auth.documents(namespace, deployment)
+        published = documents.published_kids() if documents else frozenset()
+        now = self._clock()
+        signing = ring.active(now, published)
+        spec = dsd.get("spec", {})
+        view = IssuerView(
+            deployment=deployment,
+            issuer=issuer_name(namespace, deployment),
+            audience=audience_name(namespace, deployment),
+            base_url=base_url(namespace, deployment),
+            signing_key=signing,
+            published_kids=published,
+            default_scopes=tuple(spec.get("auth", {}).get("defaultScopes") or ["model:predict"]),
+            default_limits=default_limits(dsd),
+            limits_entry=documents.limits.get(apikey_uid) if documents else None,
+            verification_keys={k.kid: k for k in ring.keys if k.kid in published},
+            revoked=documents.revoked if documents else {},
+            not_ready_message="" if signing else
+            f"no signing key of deployment {deployment!r} is published in ConfigMap "
+            f"{auth_configmap_name(deployment)} yet",
+        )
+        return view, dsd

@@ -1,0 +1,32 @@
+"""Our kopf settings, fixed on day one: finalizer and annotation names under deepseek.ai, quiet kopf events."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from .names import FIELD_MANAGER
+from .settings import OperatorSettings
+
+KOPF_FINALIZER = "deepseek.ai/kopf-finalizer"
+
+
+def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    kopf_settings = kopf.OperatorSettings()
+    # The ApiKey finalizer (names.FINALIZER) is managed by the ApiKey reconcile itself; kopf's own finalizer name
+    # must differ, or kopf would strip ours from objects it has no deletion handlers for.
+    kopf_settings.persistence.finalizer = KOPF_FINALIZER
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="deepseek.ai")
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="deepseek.ai", key="last-handled-configuration")
+    # Our own Events (Issued, Rotated, Revoked) say what happened; kopf only reports its own trouble.
+    kopf_settings.posting.level = logging.WARNING
+    kopf_settings.posting.reporting_component = FIELD_MANAGER
+    kopf_settings.execution.max_workers = settings.workers
+    # CRDs are installed with the chart before the operator starts; no need to watch CRDs (and the RBAC for it).
+    kopf_settings.scanning.disabled = True
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.connect_timeout = 10
+    kopf_settings.networking.request_timeout = 60
+    return kopf_settings

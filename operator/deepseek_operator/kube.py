@@ -1,0 +1,257 @@
+"""The one module that talks to the Kubernetes API: JSON over HTTP with fixed names and a field manager.
+
+Handlers never build URLs or bodies by hand; they call these helpers with whole objects (dicts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .names import FIELD_MANAGER, GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced resource type: where its objects live under the API."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        root = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        path = f"{root}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+        if subresource is not None:
+            path += f"/{subresource}"
+        return path
+
+    @property
+    def api_version(self) -> str:
+        return self.version if not self.group else f"{self.group}/{self.version}"
+
+
+SECRETS = Resource("", "v1", "secrets", "Secret")
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
+EVENTS = Resource("", "v1", "events", "Event")
+APIKEYS = Resource(GROUP, VERSION, "apikeys", "ApiKey")
+DEEPSEEKDEPLOYMENTS = Resource(GROUP, VERSION, "deepseekdeployments", "DeepSeekDeployment")
+
+
+class KubeError(Exception):
+    """An API call failed; `status` is the HTTP status, `reason` Kubernetes' reason (Conflict, NotFound, ...)."""
+
+    def __init__(self, status: int, reason: str, message: str, method: str, path: str) -> None:
+        super().__init__(f"{method} {path}: {status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+
+
+class Conflict(KubeError):
+    """409: the object changed since it was read (or already exists)."""
+
+
+class NotFound(KubeError):
+    """404."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the API server is and how to authenticate to it."""
+
+    host: str
+    ssl_context: ssl.SSLContext | bool
+    token: Callable[[], str | None]
+
+
+def load_connection(kubeconfig: str | None = None) -> Connection:
+    """From a kubeconfig file (or $KUBECONFIG, ~/.kube/config), else the in-cluster service account."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    except config.ConfigException:
+        config.load_incluster_config(client_configuration=configuration)
+
+    def token() -> str | None:
+        if configuration.refresh_api_key_hook is not None:
+            configuration.refresh_api_key_hook(configuration)
+        value = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
+        if value and not value.lower().startswith("bearer "):
+            value = f"Bearer {value}"
+        return value
+
+    context: ssl.SSLContext | bool = False
+    if configuration.host.startswith("https"):
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+        if not configuration.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    return Connection(host=configuration.host.rstrip("/"), ssl_context=context, token=token)
+
+
+class KubeApi:
+    """Thread-safe JSON client for the few calls the operator makes."""
+
+    def __init__(self, connection: Connection, *, max_connections: int = 32, timeout: float = 30.0) -> None:
+        self._connection = connection
+        self._http = httpx.Client(
+            base_url=connection.host,
+            verify=connection.ssl_context,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
+                 content_type: str = "application/json") -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        token = self._connection.token()
+        if token:
+            headers["Authorization"] = token
+        content = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            content = json.dumps(body, separators=(",", ":"))
+        response = self._http.request(method, path, content=content, params=params, headers=headers)
+        if response.status_code >= 400:
+            try:
+                detail = response.json()
+                reason, message = str(detail.get("reason", "")), str(detail.get("message", ""))
+            except ValueError:
+                reason, message = "", response.text[:200]
+            error = {404: NotFound, 409: Conflict}.get(response.status_code, KubeError)
+            raise error(response.status_code, reason, message, method, path)
+        return response.json() if response.content else {}
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._request("GET", resource.path(namespace, name))
+        except NotFound:
+            return None
+
+    def list(self, resource: Resource, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        return list(self._request("GET", resource.path(namespace), params=params).get("items", []))
+
+    def create(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create; raises Conflict when the name is taken."""
+        return self._request("POST", resource.path(namespace), body=body, params={"fieldManager": FIELD_MANAGER})
+
+    def replace(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Replace; `body.metadata.resourceVersion` guards against lost updates (Conflict)."""
+        name = body["metadata"]["name"]
+        return self._request("PUT", resource.path(namespace, name), body=body, params={"fieldManager": FIELD_MANAGER})
+
+    def replace_status(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Write the status subresource whole, guarded by `body.metadata.resourceVersion`."""
+        name = body["metadata"]["name"]
+        return self._request("PUT", resource.path(namespace, name, "status"), body=body,
+                             params={"fieldManager": FIELD_MANAGER})
+
+    def merge(self, resource: Resource, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch an object; a `metadata.resourceVersion` in the patch makes it conditional (Conflict)."""
+        return self._request("PATCH", resource.path(namespace, name), body=patch,
+                             params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json")
+
+    def merge_status(self, resource: Resource, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch part of the status subresource (for status owned by several parts of one reconcile)."""
+        return self._request("PATCH", resource.path(namespace, name, "status"), body={"status": status},
+                             params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json")
+
+    def delete(self, resource: Resource, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete (only the object with `uid`, if given); False when it was already gone."""
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self._request("DELETE", resource.path(namespace, name), body=body)
+        except NotFound:
+            return False
+        return True
+
+    def create_or_replace(
+        self, resource: Resource, namespace: str, desired: dict[str, Any],
+        *, up_to_date: Callable[[dict[str, Any], dict[str, Any]], bool], attempts: int = 5,
+    ) -> dict[str, Any]:
+        """Make the object equal `desired`: create it (AlreadyExists counts as success and is then compared),
+        or replace it when `up_to_date(actual, desired)` says it differs."""
+        name = desired["metadata"]["name"]
+        for _ in range(attempts):
+            actual = self.get(resource, namespace, name)
+            if actual is None:
+                try:
+                    return self.create(resource, namespace, desired)
+                except Conflict:
+                    continue
+            if up_to_date(actual, desired):
+                return actual
+            body = dict(desired)
+            body["metadata"] = {**desired["metadata"], "resourceVersion": actual["metadata"]["resourceVersion"]}
+            try:
+                return self.replace(resource, namespace, body)
+            except (Conflict, NotFound):
+                continue
+        raise KubeError(409, "Conflict", f"{resource.kind} {namespace}/{name} kept changing; will retry",
+                        "PUT", resource.path(namespace, name))
+
+    def write(
+        self, resource: Resource, namespace: str, desired: dict[str, Any], *, current: dict[str, Any] | None,
+        up_to_date: Callable[[dict[str, Any], dict[str, Any]], bool],
+    ) -> dict[str, Any]:
+        """Like `create_or_replace`, skipping the read when the caller has just read the object (`current`)."""
+        try:
+            if current is None:
+                return self.create(resource, namespace, desired)
+            body = dict(desired)
+            body["metadata"] = {**desired["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}
+            return self.replace(resource, namespace, body)
+        except (Conflict, NotFound):
+            return self.create_or_replace(resource, namespace, desired, up_to_date=up_to_date)
+
+    def post_event(self, involved: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
+        """Record an Event on `involved` (best effort: an Event that cannot be written is only logged)."""
+        meta = involved["metadata"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.create(EVENTS, meta["namespace"], body)
+        except KubeError as exc:
+            log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)

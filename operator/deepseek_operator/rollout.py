@@ -1,0 +1,692 @@
+"""The blue-green rollout as a pure function: an observed snapshot in, a Decision (data) out.
+
+Phases (DESIGN.md, "Blue-green rollout"):
+
+    Provisioning -> Starting -> Verifying -> [AwaitingPromotion] -> Promoting -> PostVerifying -> Completed
+         any failure, deadline or abort  -> RollingBack -> Degraded
+
+All rollout state lives in the DeepSeekDeployment's status (`activeColor`, `activeRevision`, `failedRevision`,
+`retriedRevision`, `rollout`, `history`), so a restarted operator decides exactly as the one before it. Side effects
+(scaling, switching the Service, sending verification requests) are requested through the Decision and carried out
+by `deployment_reconcile`; a verification result is written to status and then decided on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .capacity import CapacityShortage, gpu_shortage
+from .conditions import Condition
+from .workloads import COLORS, REVISION_LABEL, other_color
+
+PROVISIONING = "Provisioning"
+STARTING = "Starting"
+VERIFYING = "Verifying"
+AWAITING_PROMOTION = "AwaitingPromotion"
+PROMOTING = "Promoting"
+POST_VERIFYING = "PostVerifying"
+COMPLETED = "Completed"
+ROLLING_BACK = "RollingBack"
+DEGRADED = "Degraded"
+IN_PROGRESS = (PROVISIONING, STARTING, VERIFYING, AWAITING_PROMOTION, PROMOTING, POST_VERIFYING, ROLLING_BACK)
+BEFORE_SWITCH = (PROVISIONING, STARTING, VERIFYING, AWAITING_PROMOTION, PROMOTING)
+
+PROMOTE_ANNOTATION = "deepseek.ai/promote"
+ABORT_ANNOTATION = "deepseek.ai/abort"
+RETRY_ANNOTATION = "deepseek.ai/retry"
+
+# A pod that restarted this often and is backing off, or cannot pull its image, will not become ready in time.
+CRASH_LOOP_RESTARTS = 2
+FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# Live traffic is judged only once it is large enough for a rate to mean something.
+MIN_LIVE_REQUESTS = 10
+
+
+def format_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+# ---------------------------------------------------------------------------------------------------- observation
+@dataclass(frozen=True)
+class ColorObservation:
+    """One color's Deployment and pods as observed."""
+
+    exists: bool = False
+    revision: str | None = None  # the revision its pod template runs
+    replicas: int = 0  # spec.replicas of the Deployment
+    ready_pods: tuple[str, ...] = ()  # ready pods of `revision`, by name
+    pods: int = 0  # every pod of the color, including terminating ones (they still hold GPUs)
+    shortage: CapacityShortage | None = None
+    failure: str | None = None  # why a pod of `revision` cannot come up, when it cannot
+    waiting: str | None = None  # what the first pod of `revision` that is not ready is waiting for
+
+    @property
+    def ready(self) -> int:
+        return len(self.ready_pods)
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _pod_failure(pod: Mapping[str, Any]) -> str | None:
+    name = pod["metadata"]["name"]
+    pod_status = pod.get("status") or {}
+    for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        if reason in FATAL_WAITING_REASONS:
+            return f"pod {name}: {reason}: {waiting.get('message', '')}".strip()
+        if reason == "CrashLoopBackOff" and int(status.get("restartCount", 0)) >= CRASH_LOOP_RESTARTS:
+            detail = f"exit code {last.get('exitCode')}" if last else "crashing"
+            if last.get("message"):
+                detail += f": {str(last['message'])[-300:]}"
+            return f"pod {name} restarted {status.get('restartCount')} times ({detail})"
+    return None
+
+
+def _pod_waiting(pod: Mapping[str, Any]) -> str | None:
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return f"pod {name} is not scheduled: {condition.get('message', condition.get('reason', ''))}"
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting:
+            return f"pod {name}: {waiting.get('reason', 'Waiting')} {waiting.get('message', '')}".strip()[:500]
+    return f"pod {name} is not ready yet"
+
+
+def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any]], *, gpu_resource: str,
+                  gpus_per_pod: int) -> ColorObservation:
+    """Summarize a color from its Deployment (None when absent) and the pods that carry its color label."""
+    if deployment is None:
+        return ColorObservation(pods=len(pods))
+    revision = (deployment["spec"]["template"]["metadata"].get("labels") or {}).get(REVISION_LABEL)
+    current = [pod for pod in pods if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
+               and not pod["metadata"].get("deletionTimestamp")]
+    failures = [text for pod in current if (text := _pod_failure(pod))]
+    not_ready = [pod for pod in current if not _pod_ready(pod)]
+    return ColorObservation(
+        exists=True,
+        revision=revision,
+        replicas=int(deployment["spec"].get("replicas", 0) or 0),
+        ready_pods=tuple(sorted(pod["metadata"]["name"] for pod in current if _pod_ready(pod))),
+        pods=len(pods),
+        shortage=gpu_shortage(current, gpu_resource, gpus_per_pod),
+        failure=failures[0] if failures else None,
+        waiting=_pod_waiting(not_ready[0]) if not_ready else None,
+    )
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The spec's rollout knobs plus the operator's polling intervals (seconds)."""
+
+    replicas: int = 1
+    strategy: str = "BlueGreen"
+    auto_promote: bool = True
+    preview_replicas: int = 1
+    progress_deadline: float = 1800.0
+    window: float = 300.0
+    scale_down_delay: float = 300.0
+    history_limit: int = 3
+    max_error_rate: float = 0.05
+    progressing_interval: float = 2.0
+    stable_interval: float = 30.0
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], *, progressing_interval: float,
+                  stable_interval: float) -> RolloutSettings:
+        rollout = spec.get("rollout") or {}
+        analysis = rollout.get("analysis") or {}
+        return cls(
+            replicas=int(spec.get("replicas", 1)),
+            strategy=str(rollout.get("strategy", "BlueGreen")),
+            auto_promote=bool(rollout.get("autoPromote", True)),
+            preview_replicas=int(rollout.get("previewReplicas", 1)),
+            progress_deadline=float(rollout.get("progressDeadlineSeconds", 1800)),
+            window=float(analysis.get("windowSeconds", 300)),
+            scale_down_delay=float(rollout.get("scaleDownDelaySeconds", 300)),
+            history_limit=int(rollout.get("revisionHistoryLimit", 3)),
+            max_error_rate=float(analysis.get("maxErrorRate", 0.05)),
+            progressing_interval=progressing_interval,
+            stable_interval=stable_interval,
+        )
+
+
+@dataclass(frozen=True)
+class LiveTraffic:
+    """Requests and server errors (5xx) the new color's pods counted since they started (from /metrics)."""
+
+    requests: int
+    errors: int
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything a rollout decision depends on."""
+
+    now: float
+    desired_revision: str
+    settings: RolloutSettings
+    status: Mapping[str, Any]
+    colors: Mapping[str, ColorObservation]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    # (color, revision) the active Service selects, or None when it does not exist
+    service_target: tuple[str, str] | None = None
+    live: LiveTraffic | None = None
+    summary: Mapping[str, str] = field(default_factory=dict)  # model, image, precision of the desired revision
+
+
+# ---------------------------------------------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class ScaleColor:
+    """Make `color`'s Deployment run `replicas`; with a revision, (re)build its template for that revision."""
+
+    color: str
+    replicas: int
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class SwitchTraffic:
+    """Point the active Service at `color` running `revision`."""
+
+    color: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class PointPreview:
+    """Point the preview Service at `color` running `revision`."""
+
+    color: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Send real inference requests to the ready pods of `color`; `only` limits it to those pods."""
+
+    color: str
+    revision: str
+    stage: str
+    min_pods: int
+    only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EventNote:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """What to do now: status to write, children to change, and when to look again."""
+
+    status: dict[str, Any]
+    scale: list[ScaleColor] = field(default_factory=list)
+    switch: SwitchTraffic | None = None
+    preview: PointPreview | None = None
+    verify: Verify | None = None
+    events: list[EventNote] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
+    requeue_after: float = 30.0
+    again: bool = False  # decide again at once (the state moved on and the next phase may act right away)
+
+
+class _Builder:
+    """Accumulates one decision; phase functions read the snapshot and call these."""
+
+    def __init__(self, observed: Observed) -> None:
+        self.o = observed
+        status = observed.status
+        self.status: dict[str, Any] = {
+            "activeColor": status.get("activeColor"),
+            "activeRevision": status.get("activeRevision"),
+            "failedRevision": status.get("failedRevision"),
+            "retriedRevision": status.get("retriedRevision"),
+            "rollout": dict(status.get("rollout") or {}) or None,
+            "history": list(status.get("history") or []),
+        }
+        self.decision = Decision(status=self.status, requeue_after=observed.settings.stable_interval)
+
+    @property
+    def rollout(self) -> dict[str, Any]:
+        return self.status["rollout"] or {}
+
+    def set_rollout(self, **changes: Any) -> None:
+        merged = {**self.rollout, **changes}
+        self.status["rollout"] = {key: value for key, value in merged.items() if value is not None}
+
+    def scale(self, color: str, replicas: int, revision: str | None = None) -> None:
+        current = self.o.colors.get(color, ColorObservation())
+        if revision is not None and (not current.exists or current.revision != revision):
+            self.decision.scale.append(ScaleColor(color, replicas, revision))
+        elif not current.exists and revision is None:
+            return  # nothing to scale, and no revision to build it from
+        elif current.replicas != replicas:
+            self.decision.scale.append(ScaleColor(color, replicas, None))
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.decision.events.append(EventNote(type_, reason, message))
+
+    def progressing(self) -> None:
+        self.decision.requeue_after = self.o.settings.progressing_interval
+
+    def again(self) -> None:
+        self.decision.again = True
+        self.progressing()
+
+    def record_history(self, revision: str, result: str) -> None:
+        entry: dict[str, Any] = {"revision": revision, "result": result, "at": format_time(self.o.now)}
+        if revision == self.o.desired_revision:
+            entry.update({key: value for key, value in self.o.summary.items() if value})
+        limit = self.o.settings.history_limit
+        self.status["history"] = ([entry, *self.status["history"]])[:limit] if limit > 0 else []
+
+
+# ---------------------------------------------------------------------------------------------------- phases
+def _preview_count(o: Observed, active: str | None) -> int:
+    """Replicas of the new color while it is verified: all of them on a first rollout, else previewReplicas."""
+    replicas = max(1, o.settings.replicas)
+    return replicas if active is None else min(o.settings.preview_replicas, replicas)
+
+
+def _start_rollout(b: _Builder) -> None:
+    o = b.o
+    active = b.status["activeColor"]
+    color = other_color(active) if active else COLORS[0]
+    idle = o.colors.get(color, ColorObservation())
+    desired = o.desired_revision
+    base = {"revision": desired, "color": color, "startedAt": format_time(o.now), "switchedAt": None,
+            "scaleDownAt": None, "analysis": None, "reason": None, "verifiedPods": None}
+    warm = (active is not None and idle.revision == desired and idle.ready >= max(1, o.settings.replicas)
+            and o.settings.strategy == "BlueGreen")
+    b.status["rollout"] = None
+    if warm:
+        # Fast rollback: the idle color still runs this revision and is ready; its pods already served it.
+        b.set_rollout(**{**base, "verifiedPods": list(idle.ready_pods)}, phase=PROMOTING,
+                      deadline=format_time(o.now + o.settings.progress_deadline),
+                      message=f"{color} still runs revision {desired} warm: switching back at once")
+        b.event("Normal", "RolloutStarted", f"revision {desired}: fast rollback to the warm {color} color")
+    else:
+        b.set_rollout(**base, phase=PROVISIONING, deadline=format_time(o.now + o.settings.progress_deadline),
+                      message=f"starting revision {desired} in {color}")
+        b.event("Normal", "RolloutStarted", f"rolling out revision {desired} to {color}"
+                + (f" (active: {active} at {b.status['activeRevision']})" if active else ""))
+    b.again()
+
+
+def _begin_rollback(b: _Builder, reason: str, message: str) -> None:
+    b.set_rollout(phase=ROLLING_BACK, reason=reason, message=message)
+    b.again()
+
+
+def _deadline_passed(b: _Builder) -> bool:
+    deadline = parse_time(b.rollout.get("deadline"))
+    return deadline is not None and b.o.now >= deadline
+
+
+def _steady(b: _Builder) -> None:
+    o = b.o
+    active, active_revision = b.status["activeColor"], b.status["activeRevision"]
+    desired = o.desired_revision
+    phase = b.rollout.get("phase")
+    if active is not None and active_revision is not None:
+        b.scale(active, o.settings.replicas)  # replicas changes need no rollout
+    if desired == active_revision:
+        if phase == DEGRADED and b.status["failedRevision"] != desired:
+            b.set_rollout(phase=COMPLETED, message=f"spec is back at the active revision {desired}; revision "
+                                                   f"{b.status['failedRevision']} was rolled back")
+        idle = other_color(active) if active else None
+        scale_down_at = parse_time(b.rollout.get("scaleDownAt"))
+        if idle is not None and o.colors.get(idle, ColorObservation()).replicas > 0:
+            if scale_down_at is None or o.now >= scale_down_at:
+                b.scale(idle, 0)
+                b.event("Normal", "ScaledDown", f"scaled {idle} (revision {o.colors[idle].revision}) to zero; "
+                                                "its Deployment is kept for history")
+            else:
+                b.decision.requeue_after = max(1.0, min(o.settings.stable_interval, scale_down_at - o.now))
+        return
+    if o.settings.replicas == 0:
+        return  # scaled to zero: nothing to verify; the new revision rolls out when replicas come back
+    retry = o.annotations.get(RETRY_ANNOTATION) == desired and b.status["retriedRevision"] != desired
+    if desired == b.status["failedRevision"] and not retry:
+        return  # no retry loop: the failed revision waits for a spec change or the retry annotation
+    if retry:
+        b.status["retriedRevision"] = desired
+    _start_rollout(b)
+
+
+def _provisioning(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    active = b.status["activeColor"]
+    if o.settings.strategy == "Recreate" and active is not None:
+        current = o.colors.get(active, ColorObservation())
+        b.scale(active, 0)
+        if current.pods > 0:
+            b.set_rollout(message=f"Recreate: waiting for the {current.pods} pod(s) of {active} to stop")
+            b.progressing()
+            return
+    count = _preview_count(o, active) if o.settings.strategy == "BlueGreen" else max(1, o.settings.replicas)
+    b.scale(color, count, revision)
+    b.decision.preview = PointPreview(color, revision)
+    b.set_rollout(phase=STARTING, message=f"waiting for {count} pod(s) of {color} to load revision {revision}")
+    b.again()
+
+
+def _target_count(b: _Builder) -> int:
+    o = b.o
+    if o.settings.strategy == "Recreate" or b.status["activeColor"] in (None, b.rollout["color"]):
+        return max(1, o.settings.replicas)
+    return _preview_count(o, b.status["activeColor"])
+
+
+def _starting(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    count = _target_count(b)
+    b.scale(color, count, revision)
+    b.decision.preview = PointPreview(color, revision)
+    state = o.colors.get(color, ColorObservation())
+    if state.failure:
+        _begin_rollback(b, "ServerFailing", state.failure)
+        return
+    if state.revision == revision and state.ready >= count:
+        b.set_rollout(phase=VERIFYING, message=f"verifying revision {revision} on {state.ready} pod(s) of {color}")
+        b.again()
+        return
+    if _deadline_passed(b):
+        detail = state.shortage.describe(color) if state.shortage else (state.waiting or "pods did not become ready")
+        _begin_rollback(b, "ProgressDeadlineExceeded",
+                        f"{state.ready}/{count} pod(s) of {color} ready within "
+                        f"{int(o.settings.progress_deadline)} s: {detail}")
+        return
+    b.set_rollout(message=f"{state.ready}/{count} pod(s) of {color} ready"
+                  + (f"; {state.shortage.describe(color)}" if state.shortage else
+                     f"; {state.waiting}" if state.waiting else ""))
+    b.progressing()
+
+
+def _analysis(b: _Builder, stage: str) -> Mapping[str, Any] | None:
+    analysis = b.rollout.get("analysis") or {}
+    return analysis if analysis.get("stage") == stage and b.rollout.get("phase") == stage else None
+
+
+def _verifying(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    count = _target_count(b)
+    result = _analysis(b, VERIFYING)
+    if result is None:
+        state = o.colors.get(color, ColorObservation())
+        if state.ready < count:
+            b.set_rollout(phase=STARTING, message=f"{state.ready}/{count} pod(s) of {color} ready again")
+            b.again()
+            return
+        b.decision.verify = Verify(color, revision, VERIFYING, count)
+        b.progressing()
+        return
+    if not result.get("passed"):
+        _begin_rollback(b, "VerificationFailed", str(result.get("message", "verification failed")))
+        return
+    b.event("Normal", "Verified", f"revision {revision} on {color}: {result.get('message', '')}")
+    first = b.status["activeColor"] is None  # nothing serves yet: there is nothing to protect by waiting
+    if o.settings.auto_promote or first or o.annotations.get(PROMOTE_ANNOTATION) == revision:
+        b.set_rollout(phase=PROMOTING, deadline=format_time(o.now + o.settings.progress_deadline),
+                      message=f"scaling {color} to {o.settings.replicas} replica(s)")
+    else:
+        b.set_rollout(phase=AWAITING_PROMOTION, deadline=None,
+                      message=f"verified; annotate {PROMOTE_ANNOTATION}={revision} to switch traffic")
+    b.again()
+
+
+def _awaiting_promotion(b: _Builder) -> None:
+    o = b.o
+    revision = b.rollout["revision"]
+    if o.annotations.get(PROMOTE_ANNOTATION) == revision:
+        b.set_rollout(phase=PROMOTING, deadline=format_time(o.now + o.settings.progress_deadline),
+                      message=f"promotion asked for by {PROMOTE_ANNOTATION}")
+        b.again()
+        return
+    b.decision.requeue_after = o.settings.stable_interval
+
+
+def _promoting(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    replicas = max(1, o.settings.replicas)
+    active = b.status["activeColor"]
+    state = o.colors.get(color, ColorObservation())
+    result = _analysis(b, PROMOTING)
+    if result is not None and not result.get("passed"):
+        _begin_rollback(b, "VerificationFailed", str(result.get("message", "verification failed")))
+        return
+    b.scale(color, replicas, revision)
+    if state.failure:
+        _begin_rollback(b, "ServerFailing", state.failure)
+        return
+    if state.shortage and active is not None and active != color:
+        # Not enough GPUs for two full colors: hand one GPU replica over at a time, never the last serving one,
+        # and only once the previous step has settled (terminating pods still hold their GPUs).
+        serving = o.colors.get(active, ColorObservation())
+        if serving.replicas > 1 and serving.pods <= serving.replicas and serving.ready >= serving.replicas:
+            b.scale(active, serving.replicas - 1)
+            b.event("Normal", "CapacityHandover", f"{state.shortage.describe(color)}; {active} gives up one "
+                                                  f"replica ({serving.replicas} -> {serving.replicas - 1})")
+    if state.revision == revision and state.ready >= replicas:
+        unverified = tuple(sorted(set(state.ready_pods) - set(b.rollout.get("verifiedPods") or [])))
+        if unverified:
+            b.decision.verify = Verify(color, revision, PROMOTING, len(unverified), only=unverified)
+            b.progressing()
+            return
+        b.decision.switch = SwitchTraffic(color, revision)
+        previous = b.status["activeRevision"]
+        b.status["activeColor"], b.status["activeRevision"] = color, revision
+        b.set_rollout(phase=POST_VERIFYING, switchedAt=format_time(o.now), deadline=None,
+                      message=f"traffic on {color}; watching live traffic for {int(o.settings.window)} s")
+        b.event("Normal", "Promoted", f"traffic switched to {color} (revision {revision})"
+                + (f" from {active} (revision {previous})" if active else ""))
+        b.again()
+        return
+    if _deadline_passed(b):
+        detail = state.shortage.describe(color) if state.shortage else (state.waiting or "pods did not become ready")
+        _begin_rollback(b, "ProgressDeadlineExceeded", f"{state.ready}/{replicas} pod(s) of {color} ready in time: "
+                                                       f"{detail}")
+        return
+    b.set_rollout(message=f"{state.ready}/{replicas} pod(s) of {color} ready"
+                  + (f"; {state.shortage.describe(color)}" if state.shortage else
+                     f"; {state.waiting}" if state.waiting else ""))
+    b.progressing()
+
+
+def _post_verifying(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    state = o.colors.get(color, ColorObservation())
+    live = o.live
+    if live is not None:
+        b.set_rollout(analysis={
+            "stage": POST_VERIFYING, "requests": live.requests, "errors": live.errors,
+            "errorRate": round(live.error_rate, 4), "passed": live.error_rate <= o.settings.max_error_rate,
+            "message": f"{live.errors} server error(s) in {live.requests} request(s) on {color}"})
+    if state.ready == 0:
+        _begin_rollback(b, "NoReadyReplicas", f"no pod of {color} is ready after the switch")
+        return
+    if live is not None and live.requests >= MIN_LIVE_REQUESTS and live.error_rate > o.settings.max_error_rate:
+        _begin_rollback(b, "PostVerificationFailed",
+                        f"error rate {live.error_rate:.1%} ({live.errors}/{live.requests}) on {color} is above "
+                        f"{o.settings.max_error_rate:.1%}")
+        return
+    switched = parse_time(b.rollout.get("switchedAt")) or o.now
+    if o.now < switched + o.settings.window:
+        b.decision.requeue_after = max(0.5, min(o.settings.progressing_interval, switched + o.settings.window - o.now))
+        return
+    scale_down_at = o.now + o.settings.scale_down_delay
+    b.set_rollout(phase=COMPLETED, scaleDownAt=format_time(scale_down_at), reason=None,
+                  message=f"revision {revision} serves on {color}; the old color is kept warm until "
+                          f"{format_time(scale_down_at)}")
+    if b.status["failedRevision"] == revision:
+        b.status["failedRevision"] = None
+    b.record_history(revision, "Completed")
+    b.again()
+
+
+def _rolling_back(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    stable = other_color(color)
+    stable_state = o.colors.get(stable, ColorObservation())
+    has_stable = stable_state.exists and stable_state.revision is not None and (
+        b.status["activeColor"] == stable or b.rollout.get("switchedAt") is not None)
+    replicas = max(1, o.settings.replicas)
+    if b.status["activeColor"] == color and has_stable:
+        # Traffic is on the failed color: return it to the stable one, but never to a color with no ready pod.
+        b.scale(stable, replicas)
+        capacity_bound = stable_state.shortage is not None
+        if stable_state.ready >= replicas or (stable_state.ready >= 1 and capacity_bound):
+            b.decision.switch = SwitchTraffic(stable, str(stable_state.revision))
+            b.status["activeColor"], b.status["activeRevision"] = stable, stable_state.revision
+        else:
+            b.set_rollout(message=f"waiting for {stable} to be ready before switching back "
+                                  f"({stable_state.ready}/{replicas})")
+            b.progressing()
+            return
+    if b.status["activeColor"] != color:
+        b.scale(color, 0)  # free the failed color's GPUs and stop it crash-looping
+        if b.status["activeColor"] is not None:
+            b.scale(b.status["activeColor"], o.settings.replicas)
+    aborted = b.rollout.get("reason") == "Aborted"
+    b.status["failedRevision"] = revision
+    b.set_rollout(phase=DEGRADED, deadline=None,
+                  message=f"revision {revision} {'aborted' if aborted else 'rolled back'}: "
+                          f"{b.rollout.get('message', '')}")
+    b.record_history(revision, "Aborted" if aborted else "RolledBack")
+    target = b.status["activeColor"]
+    b.event("Warning", "RolledBack", f"revision {revision} on {color} {'aborted' if aborted else 'failed'} "
+                                     f"({b.rollout.get('reason')}); "
+                                     + (f"traffic stays on {target} (revision {b.status['activeRevision']})"
+                                        if target else "no earlier revision to return to"))
+    b.again()
+
+
+def _superseded(b: _Builder) -> None:
+    """The spec moved on during a rollout: finish or drop the old one, then start the new one."""
+    phase, revision = b.rollout["phase"], b.rollout["revision"]
+    if phase == POST_VERIFYING:
+        # Traffic already runs on the new color and it passed verification: it becomes the stable color.
+        b.set_rollout(phase=COMPLETED, scaleDownAt=format_time(b.o.now + b.o.settings.scale_down_delay),
+                      message=f"revision {revision} superseded by {b.o.desired_revision} during post-verification")
+        b.record_history(revision, "Completed")
+    else:
+        b.set_rollout(phase=DEGRADED if b.status["activeColor"] is None else COMPLETED,
+                      message=f"revision {revision} superseded by {b.o.desired_revision} before the switch")
+        b.record_history(revision, "Aborted")
+    b.again()
+
+
+PHASES = {
+    PROVISIONING: _provisioning,
+    STARTING: _starting,
+    VERIFYING: _verifying,
+    AWAITING_PROMOTION: _awaiting_promotion,
+    PROMOTING: _promoting,
+    POST_VERIFYING: _post_verifying,
+    ROLLING_BACK: _rolling_back,
+}
+
+
+def _conditions(b: _Builder) -> list[Condition]:
+    o = b.o
+    status, rollout = b.status, b.rollout
+    phase = rollout.get("phase")
+    active, active_revision = status["activeColor"], status["activeRevision"]
+    serving = o.colors.get(active, ColorObservation()) if active else ColorObservation()
+    if active is None:
+        ready = Condition("Ready", False, "NoActiveRevision", "no revision has been promoted yet"
+                          + (f"; rollout of {rollout.get('revision')} is {phase}" if phase else ""))
+    elif o.settings.replicas == 0:
+        ready = Condition("Ready", False, "ScaledToZero", f"replicas is 0; {active} (revision {active_revision}) "
+                                                          "runs no pod")
+    elif serving.ready == 0:
+        ready = Condition("Ready", False, "NoReadyReplicas", f"no pod of {active} (revision {active_revision}) "
+                                                            "is ready")
+    else:
+        ready = Condition("Ready", True, "Serving", f"{serving.ready}/{o.settings.replicas} replica(s) of revision "
+                                                   f"{active_revision} ready in {active}")
+    if phase in IN_PROGRESS:
+        progressing = Condition("Progressing", True, phase, str(rollout.get("message", "")))
+    elif phase == DEGRADED:
+        progressing = Condition("Progressing", False, "RolloutFailed", str(rollout.get("message", "")))
+    else:
+        progressing = Condition("Progressing", False, "RolloutCompleted" if phase else "NoRollout",
+                                str(rollout.get("message", "")) or "nothing to roll out")
+    failed = status["failedRevision"]
+    if phase == ROLLING_BACK:
+        degraded = Condition("Degraded", True, str(rollout.get("reason", "RollingBack")),
+                             str(rollout.get("message", "")))
+    elif failed and failed == o.desired_revision:
+        degraded = Condition("Degraded", True, str(rollout.get("reason") or "RolledBack"),
+                             f"revision {failed} was rolled back and is not retried until the spec changes or "
+                             f"{RETRY_ANNOTATION}={failed} is set: {rollout.get('message', '')}")
+    else:
+        degraded = Condition("Degraded", False, "AsExpected", "the spec'd revision is not known to fail")
+    short_color = rollout.get("color") if phase in IN_PROGRESS else active
+    shortage = o.colors.get(short_color, ColorObservation()).shortage if short_color else None
+    if shortage is not None and short_color is not None:
+        capacity = Condition("CapacityAvailable", False, "InsufficientGPU", shortage.describe(short_color)
+                             + ("; the active color keeps serving" if short_color != active else ""))
+    else:
+        capacity = Condition("CapacityAvailable", True, "Scheduled", "every pod found a node with its GPUs")
+    return [ready, progressing, degraded, capacity]
+
+
+def next_step(observed: Observed) -> Decision:
+    """Decide the rollout's next step from one snapshot (pure; no clock, no API)."""
+    b = _Builder(observed)
+    o = observed
+    if o.annotations.get(RETRY_ANNOTATION) != b.status["retriedRevision"] and b.status["retriedRevision"]:
+        # The retry annotation was removed or changed: the same revision may be retried again later.
+        b.status["retriedRevision"] = None
+    phase = b.rollout.get("phase")
+    revision = b.rollout.get("revision")
+    if phase in IN_PROGRESS:
+        if phase != ROLLING_BACK and revision != o.desired_revision:
+            _superseded(b)
+        elif phase in (*BEFORE_SWITCH, POST_VERIFYING) and o.annotations.get(ABORT_ANNOTATION) == revision:
+            _begin_rollback(b, "Aborted", f"aborted by {ABORT_ANNOTATION}={revision}")
+        else:
+            PHASES[phase](b)
+    else:
+        _steady(b)
+    active, active_revision = b.status["activeColor"], b.status["activeRevision"]
+    if (b.decision.switch is None and active is not None and active_revision is not None
+            and o.service_target != (active, active_revision)):
+        # The active Service follows status (drift, or a crash between switching and writing status).
+        b.decision.switch = SwitchTraffic(active, active_revision)
+    b.status["previewRevision"] = b.rollout.get("revision") if b.rollout.get("phase") in IN_PROGRESS else None
+    serving = o.colors.get(active, ColorObservation()) if active else ColorObservation()
+    b.status["readyReplicas"] = serving.ready if active else 0
+    b.decision.conditions = _conditions(b)
+    return b.decision

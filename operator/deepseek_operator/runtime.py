@@ -1,0 +1,109 @@
+"""Everything one running operator holds: the API client, caches, reconcilers, the schedule, a worker pool.
+
+Kopf handlers and the schedule loop both go through `OperatorRuntime`, which runs the (blocking) reconciles in
+the worker pool and decides when each object comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .apikey_reconciler import ApiKeyReconciler
+from .auth_store import AuthConfigStore
+from .deployment_reconciler import DeploymentReconciler
+from .issuer import Issuers
+from .kube import KubeApi, KubeError, load_connection
+from .scheduling import DueSchedule, ObjectKey
+from .serving import ServingReconciler
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+APIKEY = "ApiKey"
+DEPLOYMENT = "DeepSeekDeployment"
+MAX_BACKOFF = 30.0
+
+
+class OperatorRuntime:
+    def __init__(self, settings: OperatorSettings, kube: KubeApi) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.auth_store = AuthConfigStore(kube)
+        self.issuers = Issuers(kube, self.auth_store, settings)
+        self.apikeys = ApiKeyReconciler(kube, self.issuers, self.auth_store, settings)
+        self.deployments = DeploymentReconciler(kube, self.issuers, serving=ServingReconciler(kube, self.issuers))
+        self.schedule = DueSchedule()
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
+        self._failures: dict[ObjectKey, int] = {}
+
+    @classmethod
+    def connect(cls, settings: OperatorSettings) -> OperatorRuntime:
+        return cls(settings, KubeApi(load_connection(settings.kubeconfig), max_connections=settings.workers + 8))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.kube.close()
+
+    async def _blocking(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _failed(self, key: ObjectKey, exc: BaseException) -> None:
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        delay = min(MAX_BACKOFF, self.settings.retry_interval * 2 ** (count - 1) / 4)
+        # KubeError carries the API's status line only; never a request body (which may hold a token).
+        if isinstance(exc, KubeError):
+            log.warning("reconcile of %s %s/%s failed (%s); retrying in %.1fs", key.kind, key.namespace, key.name,
+                        exc, delay)
+        else:
+            log.exception("reconcile of %s %s/%s failed; retrying in %.1fs", key.kind, key.namespace, key.name,
+                          delay)
+        self.schedule.set(key, time.time() + delay)
+
+    async def reconcile_apikey(self, namespace: str, name: str) -> None:
+        key = ObjectKey(APIKEY, namespace, name)
+        started = time.monotonic()
+        try:
+            result = await self._blocking(self.apikeys.reconcile, namespace, name)
+        except Exception as exc:
+            self._failed(key, exc)
+            return
+        log.debug("reconciled ApiKey %s/%s in %.0f ms", namespace, name, (time.monotonic() - started) * 1000)
+        self._failures.pop(key, None)
+        if result.next_due is None:
+            self.schedule.forget(key)
+        else:
+            self.schedule.set(key, result.next_due, group=(APIKEY, namespace, result.deployment))
+
+    def forget_apikey(self, namespace: str, name: str) -> None:
+        """The key is gone: drop its schedule entry and lock."""
+        self.schedule.forget(ObjectKey(APIKEY, namespace, name))
+        self.apikeys.forget(namespace, name)
+
+    async def reconcile_deployment(self, namespace: str, name: str, *, wake_keys: bool = False) -> None:
+        key = ObjectKey(DEPLOYMENT, namespace, name)
+        try:
+            result = await self._blocking(self.deployments.reconcile, namespace, name)
+        except Exception as exc:
+            self._failed(key, exc)
+            return
+        self._failures.pop(key, None)
+        if result.next_due is None:
+            self.schedule.forget(key)
+            return
+        self.schedule.set(key, result.next_due)
+        if wake_keys or result.wake_keys:
+            woken = self.schedule.wake_group((APIKEY, namespace, name), time.time())
+            if woken:
+                log.info("deployment %s/%s changed its issuer: re-checking %d key(s)", namespace, name, woken)
+
+    async def dispatch(self, key: ObjectKey) -> None:
+        """Run the reconcile a schedule entry asks for."""
+        if key.kind == APIKEY:
+            await self.reconcile_apikey(key.namespace, key.name)
+        elif key.kind == DEPLOYMENT:
+            await self.reconcile_deployment(key.namespace, key.name)

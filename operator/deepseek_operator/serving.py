@@ -1,0 +1,312 @@
+"""The serving part of the DeepSeekDeployment reconcile: gather, decide (rollout.next_step), act.
+
+Called from `DeploymentReconciler.reconcile` after the issuer, under the same per-deployment lock. It keeps the
+server's ServiceAccount/Role/RoleBinding, the blue/green Deployments and both Services in line with the rollout's
+decisions, runs verification requests, and writes the rollout fields and conditions of status. It returns when it
+wants to run again (fast while a rollout progresses, slowly when stable).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import failpoints
+from .conditions import merge_conditions
+from .durations import parse_duration
+from .issuer import Issuers
+from .kube import DEEPSEEKDEPLOYMENTS, Conflict, KubeApi, KubeError, Resource
+from .revision import compute_revision
+from .rollout import (
+    POST_VERIFYING,
+    Decision,
+    LiveTraffic,
+    Observed,
+    RolloutSettings,
+    next_step,
+    observe_color,
+)
+from .settings import ENV_PREFIX
+from .verification import AnalysisSettings, Verifier, ready_endpoints
+from .workloads import (
+    COLOR_LABEL,
+    COLORS,
+    DEPLOYMENT_LABEL,
+    DEPLOYMENTS,
+    ENDPOINT_SLICES,
+    PODS,
+    REVISION_LABEL,
+    ROLE_BINDINGS,
+    ROLES,
+    SERVICE_ACCOUNTS,
+    SERVICES,
+    active_service_name,
+    build_active_service,
+    build_deployment,
+    build_preview_service,
+    build_server_account,
+    color_deployment_name,
+    endpoint_url,
+    label_selector_text,
+    preview_service_name,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_PER_RECONCILE = 8
+_RESOURCES = {"ServiceAccount": SERVICE_ACCOUNTS, "Role": ROLES, "RoleBinding": ROLE_BINDINGS}
+
+
+@dataclass(frozen=True)
+class RolloutTiming:
+    """How often a deployment is looked at: while a rollout progresses, and when stable (seconds).
+
+    From `DEEPSEEK_OPERATOR_ROLLOUT_PROGRESSING_INTERVAL` / `..._ROLLOUT_STABLE_INTERVAL` (`2s`, `1m`, ...).
+    """
+
+    progressing_interval: float = 2.0
+    stable_interval: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RolloutTiming:
+        environ = os.environ if environ is None else environ
+        values: dict[str, float] = {}
+        for name in ("progressing_interval", "stable_interval"):
+            key = f"{ENV_PREFIX}ROLLOUT_{name.upper()}"
+            if key in environ:
+                try:
+                    values[name] = parse_duration(environ[key])
+                except ValueError as exc:
+                    raise ValueError(f"{key}={environ[key]!r}: {exc}") from exc
+        return cls(**values)
+
+
+def _owned_copy(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """RBAC objects: up to date when rules, roleRef, subjects and owner agree."""
+    owners = {ref.get("uid") for ref in actual["metadata"].get("ownerReferences") or []}
+    return (all(actual.get(key) == desired.get(key) for key in ("rules", "roleRef", "subjects"))
+            and desired["metadata"]["ownerReferences"][0]["uid"] in owners)
+
+
+def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `previous` into `new` for the keys of `new` (None deletes, maps recurse)."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        old = previous.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            inner = status_patch(old, value)
+            for gone in set(old) - set(value):
+                inner[gone] = None
+            if inner:
+                patch[key] = inner
+        elif value != old:
+            patch[key] = value
+    return patch
+
+
+class ServingReconciler:
+    """Serving children and the rollout of every DeepSeekDeployment (thread-safe per deployment via the caller)."""
+
+    def __init__(self, kube: KubeApi, issuers: Issuers, timing: RolloutTiming | None = None, *,
+                 verifier: Verifier | None = None, clock: Callable[[], float] = time.time) -> None:
+        self._kube = kube
+        self._issuers = issuers
+        self._timing = timing or RolloutTiming.from_env()
+        self._verifier = verifier or Verifier()
+        self._clock = clock
+
+    # ------------------------------------------------------------------------------------------------ gather
+    def _observe(self, dsd: dict[str, Any]) -> tuple[Observed, dict[str, list[dict[str, Any]]]]:
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        spec = dsd["spec"]
+        resources = spec.get("resources") or {}
+        gpu_resource = str(resources.get("gpuResourceName", "nvidia.com/gpu"))
+        gpus = int(resources.get("gpus", 1))
+        selector = label_selector_text({DEPLOYMENT_LABEL: name})
+        deployments = {item["metadata"]["name"]: item
+                       for item in self._kube.list(DEPLOYMENTS, namespace, label_selector=selector)}
+        pods_by_color: dict[str, list[dict[str, Any]]] = {color: [] for color in COLORS}
+        for pod in self._kube.list(PODS, namespace, label_selector=selector):
+            color = (pod["metadata"].get("labels") or {}).get(COLOR_LABEL)
+            if color in pods_by_color:
+                pods_by_color[color].append(pod)
+        colors = {color: observe_color(deployments.get(color_deployment_name(name, color)), pods_by_color[color],
+                                       gpu_resource=gpu_resource, gpus_per_pod=gpus) for color in COLORS}
+        service = self._kube.get(SERVICES, namespace, active_service_name(name))
+        target = None
+        if service is not None:
+            chosen = service["spec"].get("selector") or {}
+            if chosen.get(COLOR_LABEL) and chosen.get(REVISION_LABEL):
+                target = (chosen[COLOR_LABEL], chosen[REVISION_LABEL])
+        status = dsd.get("status") or {}
+        rollout = status.get("rollout") or {}
+        live = None
+        if rollout.get("phase") == POST_VERIFYING and rollout.get("color") in colors:
+            state = colors[rollout["color"]]
+            ips = [pod["status"]["podIP"] for pod in pods_by_color[rollout["color"]]
+                   if pod["metadata"]["name"] in state.ready_pods and (pod.get("status") or {}).get("podIP")]
+            counts = self._verifier.live_counts(ips)
+            live = LiveTraffic(*counts) if counts is not None else None
+        server = spec.get("server") or {}
+        observed = Observed(
+            now=self._clock(),
+            desired_revision=compute_revision(spec),
+            settings=RolloutSettings.from_spec(spec, progressing_interval=self._timing.progressing_interval,
+                                               stable_interval=self._timing.stable_interval),
+            status=status,
+            colors=colors,
+            annotations=dict(dsd["metadata"].get("annotations") or {}),
+            service_target=target,
+            live=live,
+            summary={"model": f"{spec['model']['name']}@{spec['model'].get('revision', 'main')}",
+                     "image": str(spec.get("image", "")), "precision": str(server.get("precision", ""))},
+        )
+        return observed, pods_by_color
+
+    # ------------------------------------------------------------------------------------------------ act
+    def _ensure_server_account(self, dsd: dict[str, Any]) -> None:
+        namespace = dsd["metadata"]["namespace"]
+        for item in build_server_account(dsd):
+            self._kube.create_or_replace(_RESOURCES[item["kind"]], namespace, item, up_to_date=_owned_copy)
+
+    def _replace_field(self, resource: Resource, namespace: str, name: str,
+                       change: Callable[[dict[str, Any]], bool]) -> bool:
+        """Read-modify-write one object (`change` edits it and says whether it changed); False when absent."""
+        for _ in range(5):
+            actual = self._kube.get(resource, namespace, name)
+            if actual is None:
+                return False
+            if not change(actual):
+                return True
+            try:
+                self._kube.replace(resource, namespace, actual)
+                return True
+            except Conflict:
+                continue
+        raise KubeError(409, "Conflict", f"{resource.kind} {namespace}/{name} kept changing; will retry", "PUT",
+                        resource.path(namespace, name))
+
+    def _scale(self, dsd: dict[str, Any], color: str, replicas: int, revision: str | None) -> None:
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        deployment_name = color_deployment_name(name, color)
+        if revision is not None:
+            desired = build_deployment(dsd, color, revision, replicas)
+            self._kube.create_or_replace(
+                DEPLOYMENTS, namespace, desired,
+                up_to_date=lambda actual, want: (
+                    actual["spec"]["template"]["metadata"].get("labels") == want["spec"]["template"]["metadata"][
+                        "labels"] and actual["spec"].get("replicas") == want["spec"]["replicas"]))
+            log.info("%s/%s: %s runs revision %s with %d replica(s)", namespace, name, color, revision, replicas)
+            return
+
+        def set_replicas(actual: dict[str, Any]) -> bool:
+            if actual["spec"].get("replicas") == replicas:
+                return False
+            actual["spec"]["replicas"] = replicas
+            return True
+
+        self._replace_field(DEPLOYMENTS, namespace, deployment_name, set_replicas)
+        log.info("%s/%s: %s scaled to %d", namespace, name, color, replicas)
+
+    def _point_service(self, dsd: dict[str, Any], desired: dict[str, Any]) -> None:
+        namespace = dsd["metadata"]["namespace"]
+
+        def set_selector(actual: dict[str, Any]) -> bool:
+            if actual["spec"].get("selector") == desired["spec"]["selector"]:
+                return False
+            actual["spec"]["selector"] = desired["spec"]["selector"]
+            return True
+
+        if not self._replace_field(SERVICES, namespace, desired["metadata"]["name"], set_selector):
+            try:
+                self._kube.create(SERVICES, namespace, desired)
+            except Conflict:
+                self._replace_field(SERVICES, namespace, desired["metadata"]["name"], set_selector)
+
+    def _run_verification(self, dsd: dict[str, Any], decision: Decision) -> dict[str, Any] | None:
+        """The analysis block for the requested check, or None when its pods are not all reachable yet."""
+        verify = decision.verify
+        assert verify is not None
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        slices = self._kube.list(ENDPOINT_SLICES, namespace,
+                                 label_selector=f"kubernetes.io/service-name={preview_service_name(name)}")
+        endpoints = ready_endpoints(slices)
+        if verify.only:
+            endpoints = [e for e in endpoints if e.pod in verify.only]
+        if len(endpoints) < verify.min_pods:
+            log.info("%s/%s: %d/%d pod(s) of %s in the preview endpoints; verifying when all are", namespace, name,
+                     len(endpoints), verify.min_pods, verify.color)
+            return None
+        found = self._issuers.view_for(namespace, name, dsd["metadata"]["uid"])
+        if found is None or found[0].signing_key is None:
+            log.info("%s/%s: no published signing key yet; verification waits", namespace, name)
+            return None
+        result = self._verifier.verify(
+            endpoints, signing_key=found[0].signing_key, namespace=namespace, deployment=name,
+            deployment_uid=dsd["metadata"]["uid"], model=dsd["spec"]["model"]["name"],
+            settings=AnalysisSettings.from_spec(dsd["spec"]))
+        result["stage"] = verify.stage
+        result["pods"] = [e.pod for e in endpoints]
+        return result
+
+    def _apply(self, dsd: dict[str, Any], decision: Decision) -> None:
+        for step in decision.scale:
+            self._scale(dsd, step.color, step.replicas, step.revision)
+        if decision.preview is not None:
+            self._point_service(dsd, build_preview_service(dsd, decision.preview.color, decision.preview.revision))
+        if decision.switch is not None:
+            failpoints.reached("rollout-before-switch")
+            self._point_service(dsd, build_active_service(dsd, decision.switch.color, decision.switch.revision))
+            failpoints.reached("rollout-after-switch")
+        for note in decision.events:
+            self._kube.post_event(dsd, type_=note.type, reason=note.reason, message=note.message)
+
+    def _write_status(self, dsd: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        previous = dsd.get("status") or {}
+        new = dict(decision.status)
+        new["endpoint"] = endpoint_url(namespace, name) if new.get("activeColor") else None
+        new["observedGeneration"] = int(dsd["metadata"].get("generation", 1))
+        new["conditions"] = merge_conditions(previous.get("conditions"), decision.conditions,
+                                             now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())),
+                                             generation=new["observedGeneration"], keep_others=True)
+        patch = status_patch(previous, new)
+        if patch:
+            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, patch)
+        merged = {**previous, **{key: value for key, value in new.items() if value is not None}}
+        for key, value in new.items():
+            if value is None:
+                merged.pop(key, None)
+        return merged
+
+    # ------------------------------------------------------------------------------------------------ entry point
+    def reconcile(self, dsd: dict[str, Any]) -> float:
+        """Move the deployment's rollout as far as it can go now; returns when to look again (epoch seconds)."""
+        self._ensure_server_account(dsd)
+        decision: Decision | None = None
+        for _ in range(MAX_STEPS_PER_RECONCILE):
+            observed, _pods = self._observe(dsd)
+            phase_before = ((dsd.get("status") or {}).get("rollout") or {}).get("phase")
+            decision = next_step(observed)
+            failpoints.reached(f"rollout-{phase_before or 'none'}")
+            self._apply(dsd, decision)
+            verified = False
+            if decision.verify is not None:
+                result = self._run_verification(dsd, decision)
+                if result is not None:
+                    rollout = dict(decision.status.get("rollout") or {})
+                    pods = result.pop("pods")
+                    if result["passed"]:
+                        rollout["verifiedPods"] = sorted(set(rollout.get("verifiedPods") or []) | set(pods))
+                    rollout["analysis"] = result
+                    decision.status["rollout"] = rollout
+                    verified = True
+            dsd = {**dsd, "status": self._write_status(dsd, decision)}
+            if not (decision.again or verified):
+                break
+        assert decision is not None
+        return self._clock() + decision.requeue_after

@@ -1,0 +1,93 @@
+"""Operator settings: from environment variables `DEEPSEEK_OPERATOR_*`, overridable on the command line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .durations import parse_duration
+from .signing_keys import RotationPolicy
+
+ENV_PREFIX = "DEEPSEEK_OPERATOR_"
+DURATION_SETTINGS = {
+    "signing_key_rotation", "signing_key_propagation", "signing_key_retire_margin", "drift_check_interval",
+    "retry_interval", "issuer_check_interval",
+}
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything the operator can be told; durations in seconds (env and CLI accept `30s`, `72h`, ...)."""
+
+    namespaces: tuple[str, ...] = ()
+    all_namespaces: bool = False
+    liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
+    log_format: str = "json"
+    verbose: bool = False
+    workers: int = 16
+    kubeconfig: str | None = None
+    # A signing key signs for this long, is published this long before it signs, and stays published at least
+    # this long after it stopped signing (covers the operator's own short-lived verification tokens).
+    signing_key_rotation: float = 30 * 24 * 3600.0
+    signing_key_propagation: float = 60.0
+    signing_key_retire_margin: float = 900.0
+    # How often a key's Secret is checked for deletion or tampering, and a deployment's issuer objects.
+    drift_check_interval: float = 300.0
+    issuer_check_interval: float = 60.0
+    # How soon a key waiting for its deployment (or anything that failed) is tried again.
+    retry_interval: float = 5.0
+
+    @property
+    def rotation_policy(self) -> RotationPolicy:
+        return RotationPolicy(
+            rotation_interval=self.signing_key_rotation,
+            propagation_delay=self.signing_key_propagation,
+            retire_margin=self.signing_key_retire_margin,
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError with an actionable message for a settings combination that cannot work."""
+        if not self.all_namespaces and not self.namespaces:
+            raise ValueError("choose a scope: --namespace NS (repeatable) or --all-namespaces "
+                             f"(env {ENV_PREFIX}NAMESPACES=a,b or {ENV_PREFIX}ALL_NAMESPACES=true)")
+        if self.all_namespaces and self.namespaces:
+            raise ValueError("--all-namespaces and --namespace exclude each other")
+        if self.log_format not in ("json", "plain"):
+            raise ValueError(f"log format {self.log_format!r} is not json or plain")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {self.workers}")
+
+
+def _parse(name: str, text: str, current: Any) -> Any:
+    if name in DURATION_SETTINGS:
+        return parse_duration(text)
+    if name == "liveness_endpoint" and text.lower() in ("", "none"):
+        return None
+    if name == "namespaces":
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a boolean (true/false)")
+    if isinstance(current, int):
+        return int(text)
+    return text or None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Settings from `DEEPSEEK_OPERATOR_<NAME>` variables (e.g. `DEEPSEEK_OPERATOR_SIGNING_KEY_ROTATION=720h`)."""
+    environ = os.environ if environ is None else environ
+    settings = OperatorSettings()
+    changes: dict[str, Any] = {}
+    for item in fields(OperatorSettings):
+        key = ENV_PREFIX + item.name.upper()
+        if key in environ:
+            try:
+                changes[item.name] = _parse(item.name, environ[key], getattr(settings, item.name))
+            except ValueError as exc:
+                raise ValueError(f"{key}={environ[key]!r}: {exc}") from exc
+    return replace(settings, **changes)

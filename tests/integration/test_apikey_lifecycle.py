@@ -1,0 +1,199 @@
+"""ApiKey lifecycle against a real API server: issue, verify, revoke, delete, limits, drift, missing deployment."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def test_issued_token_verifies_against_the_published_jwks_and_status_never_holds_it(world):
+    world.apply_deployment(rateLimit={"requestsPerSecond": 10, "burst": 20})
+    world.create_apikey("alice", environment="prod", scopes=["model:predict", "history:read"], duration="72h")
+    key = world.wait_ready("alice")
+    token = world.token("alice")
+    claims = world.verify(token)
+    assert claims["sub"] == "alice" and claims["env"] == "prod"
+    assert sorted(claims["scope"]) == ["history:read", "model:predict"]
+    assert claims["aud"] == f"{world.namespace}/chat"
+    assert claims["iss"] == f"deepseek-operator/{world.namespace}/chat"
+    assert claims["uid"] == key["metadata"]["uid"] and claims["jti"] == key["status"]["tokenId"]
+    assert claims["exp"] - claims["iat"] == 72 * 3600 and claims["nbf"] == claims["iat"]
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    status = key["status"]
+    assert status["revision"] == 1 and status["secretName"] == "alice-apikey"
+    for field in ("tokenId", "tokenSHA256", "issuedAt", "expiresAt", "renewalTime", "observedGeneration"):
+        assert field in status, field
+    assert token not in json.dumps(key) and token.split(".")[1] not in json.dumps(key)
+    secret = world.secret("alice-apikey")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    assert decoded["OPENAI_API_KEY"] == token
+    assert decoded["base-url"] == decoded["OPENAI_BASE_URL"] == f"http://chat.{world.namespace}.svc:8000/v1"
+    events = world.events("alice")
+    assert [e.reason for e in events] == ["Issued"] and all(token not in (e.message or "") for e in events)
+    # Another deployment's servers refuse it: the audience binds the key to one deployment.
+    world.apply_deployment("other")
+    world.wait_for("other-auth", lambda: world.auth("other").get("jwks"))
+    with pytest.raises(jwt.PyJWTError):
+        world.verify(token, deployment="other")
+    # The issuer's objects carry owner references and the deployment's labels.
+    configmap = world.core.read_namespaced_config_map("chat-auth", world.namespace)
+    assert configmap.metadata.owner_references[0].kind == "DeepSeekDeployment"
+    assert configmap.metadata.labels["deepseek.ai/deployment"] == "chat"
+    assert "seed" not in json.dumps(world.auth()), "private key material in the ConfigMap"
+
+
+def test_key_waits_for_its_deployment_and_is_issued_once_it_exists(world):
+    world.create_apikey("early")
+    waiting = world.wait_condition("early", "Ready", "False", "DeploymentNotFound")
+    assert "chat" in next(c["message"] for c in waiting["status"]["conditions"] if c["type"] == "Ready")
+    started = time.monotonic()
+    world.apply_deployment()
+    world.wait_ready("early", timeout=15)
+    assert time.monotonic() - started < 5
+    world.verify(world.token("early"))
+
+
+def test_revoke_by_flag_reaches_the_revoked_list_and_unrevoke_issues_a_fresh_token(world):
+    world.apply_deployment()
+    world.create_apikey("bob")
+    first = world.wait_ready("bob")["status"]["tokenId"]
+    world.patch_apikey("bob", {"revoked": True})
+    revoked = world.wait_condition("bob", "Revoked", "True")
+    world.wait_for("revocation in X-auth", lambda: first in world.auth()["revoked"])
+    world.wait_for("Secret deleted", lambda: world.secret("bob-apikey") is None)
+    ready = next(c for c in revoked["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Revoked")
+    assert "tokenId" not in revoked["status"]
+    world.patch_apikey("bob", {"revoked": False})
+    world.wait_for("a new token", lambda: (world.apikey("bob")["status"].get("tokenId") or first) != first)
+    fresh = world.wait_ready("bob")["status"]
+    assert fresh["tokenId"] != first and first in world.auth()["revoked"]
+    assert world.verify(world.token("bob"))["jti"] == fresh["tokenId"]
+    reasons = [e.reason for e in world.events("bob")]
+    assert reasons.count("Issued") == 2 and "Revoked" in reasons
+
+
+def test_deleting_a_key_revokes_its_tokens_through_the_finalizer(world):
+    world.apply_deployment()
+    world.create_apikey("carol", rateLimit={"requestsPerSecond": 1})
+    key = world.wait_ready("carol")
+    uid, token_id = key["metadata"]["uid"], key["status"]["tokenId"]
+    assert "deepseek.ai/finalizer" in key["metadata"]["finalizers"]
+    world.wait_for("limits entry", lambda: uid in world.auth()["limits"])
+    world.delete_apikey("carol")
+    world.wait_for("ApiKey gone", lambda: world.apikey("carol") is None)
+    documents = world.auth()
+    assert token_id in documents["revoked"] and uid not in documents["limits"]
+    assert world.secret("carol-apikey") is None
+
+
+def test_rate_limit_change_updates_the_configmap_and_keeps_the_token(world):
+    world.apply_deployment()
+    world.create_apikey("dave")
+    key = world.wait_ready("dave")
+    uid, token = key["metadata"]["uid"], world.token("dave")
+    assert uid not in world.auth()["limits"], "a key on the defaults needs no entry"
+    world.patch_apikey("dave", {"rateLimit": {"requestsPerSecond": 2.5, "burst": 5, "maxParallelRequests": 2}})
+    entry = world.wait_for("limits entry", lambda: world.auth()["limits"].get(uid))
+    assert entry == {"rps": 2.5, "burst": 5, "tpm": None, "parallel": 2}
+    time.sleep(1.5)
+    assert world.token("dave") == token
+    assert world.apikey("dave")["status"]["revision"] == 1
+
+
+@pytest.mark.parametrize("damage", ["delete", "tamper"])
+def test_lost_or_tampered_secret_is_restored_with_a_new_token_and_the_old_one_revoked(world, damage):
+    world.apply_deployment()
+    world.create_apikey("erin")
+    old = world.wait_ready("erin")["status"]["tokenId"]
+    if damage == "delete":
+        world.core.delete_namespaced_secret("erin-apikey", world.namespace)
+    else:
+        forged = base64.b64encode(b"eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0.").decode()
+        world.core.patch_namespaced_secret("erin-apikey", world.namespace, {"data": {"api-key": forged}})
+    world.wait_for("old token revoked", lambda: old in world.auth()["revoked"], timeout=15)
+    world.wait_for("new token", lambda: world.apikey("erin")["status"].get("tokenId") not in (None, old))
+    fresh = world.wait_ready("erin")["status"]
+    assert world.verify(world.token("erin"))["jti"] == fresh["tokenId"]
+    assert fresh["revision"] == 2
+    warnings = [e for e in world.events("erin") if e.type == "Warning"]
+    assert warnings and warnings[0].reason == "Rotated"
+
+
+def test_many_keys_revoked_at_once_lose_no_revocation(world):
+    world.apply_deployment()
+    names = [f"k{i}" for i in range(30)]
+    for name in names:
+        world.create_apikey(name)
+    token_ids = {name: world.wait_ready(name, timeout=60)["status"]["tokenId"] for name in names}
+    for name in names:
+        world.patch_apikey(name, {"revoked": True})
+    world.wait_for("all 30 revocations", lambda: set(token_ids.values()) <= set(world.auth()["revoked"]), timeout=30)
+
+
+def test_secret_name_taken_by_someone_else_is_reported_not_overwritten(world):
+    world.apply_deployment()
+    world.core.create_namespaced_secret(world.namespace, {"metadata": {"name": "frank-apikey"},
+                                                          "stringData": {"api-key": "mine"}})
+    world.create_apikey("frank")
+    key = world.wait_condition("frank", "Ready", "False", "SecretNameTaken")
+    assert "frank-apikey" in next(c["message"] for c in key["status"]["conditions"] if c["type"] == "Ready")
+    assert base64.b64decode(world.secret("frank-apikey").data["api-key"]) == b"mine"
+
+
+def test_operator_serves_liveness_and_logs_json(kubeconfig, namespace, crds):
+    import json as json_module
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepseek_operator", "--namespace", namespace,
+         "--liveness", f"http://127.0.0.1:{port}/healthz"],
+        env={**os.environ, "KUBECONFIG": kubeconfig}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                    return response.status == 200 and json_module.loads(response.read())
+            except OSError:
+                return None
+        probes = wait_for_value(healthy)
+        assert "scheduled" in probes
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0].decode()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines and all(json_module.loads(line)["message"] is not None for line in lines)
+
+
+def wait_for_value(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("the liveness endpoint did not answer")
+
+
+def test_deleted_auth_configmap_comes_back_with_its_revocations(world):
+    world.apply_deployment()
+    world.create_apikey("gina")
+    token_id = world.wait_ready("gina")["status"]["tokenId"]
+    world.patch_apikey("gina", {"revoked": True})
+    world.wait_for("revoked", lambda: token_id in world.auth()["revoked"])
+    world.core.delete_namespaced_config_map("chat-auth", world.namespace)
+    documents = world.wait_for("X-auth recreated", lambda: world.auth(), timeout=15)
+    assert token_id in documents["revoked"] and documents["jwks"]["keys"]

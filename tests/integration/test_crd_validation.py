@@ -1,0 +1,135 @@
+"""The CRDs reject bad objects at `kubectl apply`, with a message that says what to fix (table-driven)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+KUBECTL = str(Path(sys.executable).with_name("kubectl"))
+
+APIKEY = {"apiVersion": "deepseek.ai/v1alpha1", "kind": "ApiKey", "metadata": {"name": "k"},
+          "spec": {"deploymentRef": {"name": "chat"}, "subject": "alice", "environment": "dev"}}
+DSD = {"apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekDeployment", "metadata": {"name": "chat"},
+       "spec": {"model": {"name": "deepseek-ai/deepseek-llm-7b-chat"}, "image": "deepseek-server:1"}}
+
+
+def edited(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """`base` with the dotted `path` set to `value` (or removed when value is ...)."""
+    obj = copy.deepcopy(base)
+    *parents, last = path.split(".")
+    node = obj
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is ...:
+        node.pop(last)
+    else:
+        node[last] = value
+    return obj
+
+
+def apply(kubeconfig: str, namespace: str, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KUBECTL, "apply", "-n", namespace, "-f", "-"], input=json.dumps(obj), text=True,
+                          capture_output=True, env={**os.environ, "KUBECONFIG": kubeconfig}, timeout=30)
+
+
+INVALID = [
+    ("apikey without subject", edited(APIKEY, "spec.subject", ...), "spec.subject: Required value"),
+    ("apikey without deploymentRef", edited(APIKEY, "spec.deploymentRef", ...), "spec.deploymentRef: Required"),
+    ("unknown environment", edited(APIKEY, "spec.environment", "staging"), 'Unsupported value: "staging"'),
+    ("unknown scope", edited(APIKEY, "spec.scopes", ["model:predict", "admin:all"]), 'Unsupported value: "admin:all"'),
+    ("duplicate scope", edited(APIKEY, "spec.scopes", ["model:predict", "model:predict"]), "Duplicate value"),
+    ("duration in days", edited(APIKEY, "spec.duration", "3d"), "spec.duration in body should match"),
+    ("duration too short", edited(APIKEY, "spec.duration", "5s"), "duration must be between 10s and 8760h"),
+    ("renewBefore not shorter than duration",
+     edited(edited(APIKEY, "spec.duration", "30s"), "spec.renewBefore", "30s"),
+     "renewBefore must be shorter than duration"),
+    ("grace longer than renewBefore",
+     edited(edited(APIKEY, "spec.renewBefore", "1h"), "spec.gracePeriod", "2h"),
+     "gracePeriod must not exceed renewBefore"),
+    ("zero requests per second", edited(APIKEY, "spec.rateLimit", {"requestsPerSecond": 0}),
+     "spec.rateLimit.requestsPerSecond: Invalid value"),
+    ("zero burst", edited(APIKEY, "spec.rateLimit", {"burst": 0}), "should be greater than or equal to 1"),
+    ("deployment name with capitals", edited(APIKEY, "spec.deploymentRef.name", "Chat_1"),
+     "spec.deploymentRef.name in body should match"),
+    ("secret name not a DNS name", edited(APIKEY, "spec.secretName", "Bad_Name"),
+     "spec.secretName in body should match"),
+    ("misspelt field", edited(APIKEY, "spec.scope", ["model:predict"]), 'unknown field "spec.scope"'),
+    ("deployment without image", edited(DSD, "spec.image", ...), "spec.image: Required value"),
+    ("two model sources", edited(DSD, "spec.model.source", {"pvc": {"claimName": "w"}, "hostPath": {"path": "/m"}}),
+     "model.source must set exactly one of pvc, hostPath or huggingFace"),
+    ("unknown precision", edited(DSD, "spec.server", {"precision": "int4"}), 'Unsupported value: "int4"'),
+    ("preview larger than replicas",
+     edited(edited(DSD, "spec.replicas", 2), "spec.rollout", {"previewReplicas": 3}),
+     "rollout.previewReplicas must not exceed replicas"),
+    ("memory not a quantity", edited(DSD, "spec.resources", {"memory": "40 GB"}),
+     "spec.resources.memory in body should match"),
+    ("redis url and secret", edited(DSD, "spec.redis", {"url": "redis://r:6379", "secretRef": {"name": "s"}}),
+     "redis must set exactly one of url or secretRef"),
+    ("error rate above one", edited(DSD, "spec.rollout", {"analysis": {"maxErrorRate": 1.5}}),
+     "should be less than or equal to 1"),
+    ("unknown strategy", edited(DSD, "spec.rollout", {"strategy": "Canary"}), 'Unsupported value: "Canary"'),
+    ("deployment name with a dot", edited(DSD, "metadata.name", "chat.v1"),
+     "must start with a lowercase letter and contain only lowercase letters, digits and '-'"),
+]
+
+
+@pytest.mark.parametrize(("case", "obj", "message"), INVALID, ids=[case for case, _, _ in INVALID])
+def test_invalid_object_is_rejected_with_a_readable_message(crds, kubeconfig, namespace, case, obj, message):
+    result = apply(kubeconfig, namespace, obj)
+    assert result.returncode != 0, f"{case}: accepted"
+    assert message in result.stderr, result.stderr
+
+
+def test_valid_objects_are_accepted_with_schema_defaults(crds, kubeconfig, namespace, api_client):
+    from kubernetes import client
+
+    assert apply(kubeconfig, namespace, DSD).returncode == 0
+    short = edited(edited(edited(APIKEY, "spec.duration", "30s"), "spec.renewBefore", "15s"),
+                   "spec.gracePeriod", "10s")
+    result = apply(kubeconfig, namespace, short)
+    assert result.returncode == 0, result.stderr
+    custom = client.CustomObjectsApi(api_client)
+    stored = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", "chat")
+    assert stored["spec"]["replicas"] == 1 and stored["spec"]["server"]["precision"] == "bf16"
+    assert stored["spec"]["rateLimit"] == {"requestsPerSecond": 10, "burst": 20}
+    assert stored["spec"]["rollout"]["strategy"] == "BlueGreen"
+    key = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "apikeys", "k")
+    assert key["spec"]["revoked"] is False
+    assert apply(kubeconfig, namespace, APIKEY | {"metadata": {"name": "d"}}).returncode == 0
+    key = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "apikeys", "d")
+    assert (key["spec"]["duration"], key["spec"]["renewBefore"], key["spec"]["gracePeriod"]) == ("72h", "24h", "1h")
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("spec.environment", "prod", "environment is immutable"),
+    ("spec.deploymentRef.name", "other", "deploymentRef.name is immutable"),
+    ("spec.secretName", "renamed", "secretName is immutable"),
+])
+def test_binding_fields_are_immutable(crds, kubeconfig, namespace, path, value, message):
+    assert apply(kubeconfig, namespace, APIKEY).returncode == 0
+    result = apply(kubeconfig, namespace, edited(APIKEY, path, value))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_kubectl_explain_teaches_the_api(crds, kubeconfig):
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    deadline = time.monotonic() + 30
+    while True:  # the API server publishes a new CRD's OpenAPI a few seconds after it is Established
+        explained = subprocess.run([KUBECTL, "explain", "apikey.spec.gracePeriod"], capture_output=True, text=True,
+                                   env=env, timeout=30)
+        if explained.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "previous token keeps working after a rotation" in " ".join(explained.stdout.split())
+    listed = subprocess.run([KUBECTL, "get", "deepseek", "-A"], capture_output=True, text=True, env=env, timeout=30)
+    assert listed.returncode == 0, listed.stderr

@@ -1,0 +1,224 @@
+"""Decisions of the ApiKey reconcile, from snapshots (no cluster)."""
+
+import pytest
+from deepseek_operator.apikey_plan import (
+    IssuerView,
+    apikey_conditions,
+    build_grant,
+    current_binding,
+    live_token_expiry_by_kid,
+    next_due,
+    plan_apikey,
+    promote_pending,
+    resolve_pending,
+    with_pending,
+)
+from deepseek_operator.auth_config import Limits
+from deepseek_operator.durations import format_timestamp as ts
+from deepseek_operator.signing_keys import signing_key_from_seed
+from deepseek_operator.tokens import sign_token, token_sha256
+
+NOW = 1_800_000_000
+KEY = signing_key_from_seed(b"\x01" * 32, created_at=0, sign_from=0)
+OTHER = signing_key_from_seed(b"\x02" * 32, created_at=0, sign_from=0)
+
+
+def issuer(**changes) -> IssuerView:
+    values = dict(deployment="chat", issuer="deepseek-operator/ns/chat", audience="ns/chat",
+                  base_url="http://chat.ns.svc:8000/v1", signing_key=KEY, published_kids=frozenset({KEY.kid}),
+                  default_scopes=("model:predict",), default_limits=Limits(10, 20), limits_entry=None)
+    values.update(changes)
+    return IssuerView(**values)
+
+
+def apikey(status=None, **spec) -> dict:
+    base = {"deploymentRef": {"name": "chat"}, "subject": "alice", "environment": "dev", "duration": "30s",
+            "renewBefore": "15s", "gracePeriod": "10s", "revoked": False}
+    base.update(spec)
+    return {"apiVersion": "deepseek.ai/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": "alice", "namespace": "ns", "uid": "uid-1", "generation": 1},
+            "spec": base, "status": status or {}}
+
+
+def issued(key: dict, *, at: int = NOW, token_id: str = "tok-1") -> tuple[dict, str]:
+    """A key whose token `token_id` was issued at `at`; returns (apikey with that status, token)."""
+    grant = build_grant(key, issuer(), token_id=token_id, now=at)
+    token = sign_token(grant, KEY)
+    status = with_pending(key["status"], grant=grant, token=token, signing_key_id=KEY.kid, reason="Initial",
+                          binding=current_binding(key, issuer()), previous_revoke_at=None)
+    return {**key, "status": promote_pending(status, 15)}, token
+
+
+def plan(key, token, *, now=NOW, exists=None, current=True, view="default"):
+    return plan_apikey(key, secret_exists=token is not None if exists is None else exists, secret_token=token,
+                       secret_current=current, issuer=issuer() if view == "default" else view, now=now)
+
+
+def test_new_key_gets_a_first_token():
+    result = plan(apikey(), None)
+    assert result.issue_reason == "Initial" and result.revoke == {}
+
+
+def test_settled_key_needs_nothing_and_comes_back_at_renewal_time():
+    key, token = issued(apikey())
+    result = plan(key, token, now=NOW + 5)
+    assert result.issue_reason is None and result.revoke == {} and not result.repair_secret
+    assert result.status["renewalTime"] == ts(NOW + 15)
+    assert next_due(result.status, ready=True, revoked=False, now=NOW + 5, retry_interval=5) == NOW + 15
+
+
+def test_renewal_keeps_the_old_token_for_its_grace_period_then_revokes_it():
+    key, token = issued(apikey())
+    result = plan(key, token, now=NOW + 15)
+    assert result.issue_reason == "Renewal" and result.revoke == {}
+    assert result.previous_revoke_at == NOW + 25
+    grant = build_grant(key, issuer(), token_id="tok-2", now=NOW + 15)
+    new_token = sign_token(grant, KEY)
+    rotated = promote_pending(with_pending(result.status, grant=grant, token=new_token, signing_key_id=KEY.kid,
+                                           reason="Renewal", binding=current_binding(key, issuer()),
+                                           previous_revoke_at=result.previous_revoke_at), 15)
+    assert rotated["tokenId"] == "tok-2" and rotated["revision"] == 2
+    assert rotated["previousTokens"] == [{"tokenId": "tok-1", "signingKeyId": KEY.kid, "expiresAt": ts(NOW + 30),
+                                          "revokeAt": ts(NOW + 25)}]
+    assert next_due(rotated, ready=True, revoked=False, now=NOW + 15, retry_interval=5) == NOW + 25
+    after_grace = plan({**key, "status": rotated}, new_token, now=NOW + 25)
+    assert after_grace.revoke == {"tok-1": NOW + 30} and after_grace.issue_reason is None
+    assert "previousTokens" not in after_grace.status
+    assert [e.reason for e in after_grace.events] == ["Revoked"]
+
+
+def test_zero_grace_revokes_the_old_token_at_once():
+    key, token = issued(apikey(gracePeriod="0s"))
+    result = plan(key, token, now=NOW + 15)
+    assert result.issue_reason == "Renewal" and result.revoke == {"tok-1": NOW + 30}
+    assert result.previous_revoke_at is None
+
+
+@pytest.mark.parametrize(("secret_token", "reason"), [(None, "SecretMissing"), ("x.y.z", "SecretAltered")])
+def test_lost_or_altered_token_is_revoked_and_replaced(secret_token, reason):
+    key, _ = issued(apikey())
+    result = plan(key, secret_token, now=NOW + 1)
+    assert result.issue_reason == reason and result.revoke == {"tok-1": NOW + 30}
+
+
+def test_changed_subject_or_scopes_reissue_and_revoke_at_once():
+    key, token = issued(apikey())
+    changed = {**key, "spec": {**key["spec"], "scopes": ["model:predict", "history:read"]}}
+    result = plan(changed, token, now=NOW + 1)
+    assert result.issue_reason == "BindingChanged" and result.revoke == {"tok-1": NOW + 30}
+
+
+def test_token_of_an_unpublished_signing_key_is_replaced():
+    key, token = issued(apikey())
+    result = plan(key, token, now=NOW + 1, view=issuer(signing_key=OTHER, published_kids=frozenset({OTHER.kid})))
+    assert result.issue_reason == "SigningKeyRetired"
+
+
+def test_rate_limit_change_only_touches_the_limits_entry():
+    key, token = issued(apikey(rateLimit={"requestsPerSecond": 2}))
+    result = plan(key, token, now=NOW + 1)
+    assert result.issue_reason is None and result.revoke == {}
+    assert result.limits is not None and result.limits.limits == {"rps": 2, "burst": 20, "tpm": None,
+                                                                   "parallel": None}
+    stored = issuer(limits_entry=result.limits.limits)
+    assert plan(key, token, now=NOW + 1, view=stored).limits is None
+    same_as_default = apikey(rateLimit={"requestsPerSecond": 10, "burst": 20})
+    assert plan(same_as_default, None, view=stored).limits.limits is None
+
+
+def test_revoking_revokes_every_live_token_and_deletes_the_secret():
+    key, token = issued(apikey())
+    rotated = plan(key, token, now=NOW + 15)
+    in_grace = dict(rotated.status, previousTokens=[{"tokenId": "old", "signingKeyId": KEY.kid,
+                                                     "expiresAt": ts(NOW + 40), "revokeAt": ts(NOW + 30)}])
+    revoked = {**key, "spec": {**key["spec"], "revoked": True}, "status": in_grace}
+    result = plan(revoked, token, now=NOW + 16)
+    assert result.revoke == {"tok-1": NOW + 30, "old": NOW + 40}
+    assert result.delete_secret and result.issue_reason is None
+    assert "tokenId" not in result.status and "previousTokens" not in result.status
+    conditions = apikey_conditions(revoked, result.status, issuer(), now=NOW, deployment="chat")
+    assert [(c.type, c.status, c.reason) for c in conditions] == [("Ready", False, "Revoked"),
+                                                                  ("Revoked", True, "RevokedBySpec")]
+    assert next_due(result.status, ready=False, revoked=True, now=NOW, retry_interval=5) is None
+
+
+def test_unrevoking_issues_a_fresh_token():
+    status = {"conditions": [{"type": "Revoked", "status": "True"}], "revision": 3}
+    result = plan(apikey(status=status), None)
+    assert result.issue_reason == "Unrevoked"
+
+
+def test_pending_token_found_in_the_secret_becomes_current_without_a_new_issue():
+    key, _ = issued(apikey())
+    grant = build_grant(key, issuer(), token_id="tok-2", now=NOW + 15)
+    new_token = sign_token(grant, KEY)
+    crashed = with_pending(key["status"], grant=grant, token=new_token, signing_key_id=KEY.kid, reason="Renewal",
+                           binding=current_binding(key, issuer()), previous_revoke_at=NOW + 25)
+    status, revoke = resolve_pending(crashed, token_sha256(new_token), 15)
+    assert revoke == {} and status["tokenId"] == "tok-2" and status["previousTokens"][0]["tokenId"] == "tok-1"
+    result = plan({**key, "status": crashed}, new_token, now=NOW + 16)
+    assert result.issue_reason is None and result.status["tokenId"] == "tok-2" and result.revoke == {}
+
+
+def test_pending_token_never_written_is_revoked_and_the_step_redone():
+    key, token = issued(apikey())
+    grant = build_grant(key, issuer(), token_id="tok-2", now=NOW + 15)
+    crashed = with_pending(key["status"], grant=grant, token=sign_token(grant, KEY), signing_key_id=KEY.kid,
+                           reason="Renewal", binding=current_binding(key, issuer()), previous_revoke_at=NOW + 25)
+    result = plan({**key, "status": crashed}, token, now=NOW + 16)
+    assert result.revoke == {"tok-2": NOW + 45}
+    assert result.issue_reason == "Renewal" and result.status["tokenId"] == "tok-1"
+    assert "pendingToken" not in result.status
+
+
+def test_missing_deployment_changes_nothing_and_says_so():
+    key, token = issued(apikey())
+    result = plan(key, token, view=None)
+    assert result.issue_reason is None and result.revoke == {} and result.status == key["status"]
+    ready = apikey_conditions(key, result.status, None, now=NOW, deployment="chat")[0]
+    assert (ready.status, ready.reason) == (False, "DeploymentNotFound") and "'chat'" in ready.message
+    assert next_due(result.status, ready=False, revoked=False, now=NOW, retry_interval=5) == NOW + 5
+
+
+def test_no_published_key_means_not_ready_and_no_issue():
+    result = plan(apikey(), None, view=issuer(signing_key=None))
+    assert result.issue_reason is None
+    ready = apikey_conditions(apikey(), result.status, issuer(signing_key=None), now=NOW, deployment="chat")[0]
+    assert (ready.status, ready.reason) == (False, "IssuerNotReady")
+
+
+def test_secret_with_the_right_token_but_wrong_fields_is_repaired_without_a_new_token():
+    key, token = issued(apikey())
+    result = plan(key, token, now=NOW + 1, current=False)
+    assert result.repair_secret and result.issue_reason is None
+
+
+def test_live_tokens_by_signing_key_cover_current_pending_and_grace():
+    key, _ = issued(apikey())
+    status = dict(key["status"], previousTokens=[{"tokenId": "old", "signingKeyId": OTHER.kid,
+                                                  "expiresAt": ts(NOW + 90), "revokeAt": ts(NOW + 5)}])
+    assert live_token_expiry_by_kid([{"status": status}], NOW) == {KEY.kid: NOW + 30, OTHER.kid: NOW + 90}
+    assert live_token_expiry_by_kid([{"status": status}], NOW + 60) == {OTHER.kid: NOW + 90}
+
+
+def test_an_unrecorded_token_of_ours_replaced_in_the_secret_is_revoked_as_well():
+    key, _ = issued(apikey())
+    stray_grant = build_grant(key, issuer(), token_id="stray", now=NOW)
+    stray = sign_token(stray_grant, KEY)
+    claims = {"jti": "stray", "exp": NOW + 30, "kid": KEY.kid}
+    result = plan_apikey(key, secret_exists=True, secret_token=stray, secret_current=True, issuer=issuer(),
+                         now=NOW + 1, secret_claims=claims)
+    assert result.issue_reason == "SecretAltered"
+    assert result.revoke == {"tok-1": NOW + 30, "stray": NOW + 30}
+
+
+def test_a_first_token_found_in_the_secret_is_adopted_not_reissued():
+    key = apikey()
+    grant = build_grant(key, issuer(), token_id="found", now=NOW)
+    token = sign_token(grant, KEY)
+    claims = {"jti": "found", "exp": NOW + 30, "iat": NOW, "kid": KEY.kid, "sub": "alice",
+              "scope": ["model:predict"], "env": "dev", "aud": "ns/chat"}
+    result = plan_apikey(key, secret_exists=True, secret_token=token, secret_current=True, issuer=issuer(),
+                         now=NOW + 1, secret_claims=claims)
+    assert result.issue_reason is None and result.revoke == {}
+    assert result.status["tokenId"] == "found" and result.status["revision"] == 1

@@ -1,0 +1,38 @@
+import pytest
+from deepseek_operator.__main__ import build_parser, main, settings_from_args
+from deepseek_operator.settings import OperatorSettings, settings_from_env
+
+
+def test_env_sets_scope_and_durations():
+    settings = settings_from_env({"DEEPSEEK_OPERATOR_NAMESPACES": "a, b",
+                                  "DEEPSEEK_OPERATOR_SIGNING_KEY_ROTATION": "2h",
+                                  "DEEPSEEK_OPERATOR_VERBOSE": "true", "DEEPSEEK_OPERATOR_WORKERS": "4"})
+    assert settings.namespaces == ("a", "b") and settings.signing_key_rotation == 7200
+    assert settings.verbose is True and settings.workers == 4
+    assert settings.rotation_policy.rotation_interval == 7200
+
+
+def test_liveness_can_be_switched_off_from_env():
+    assert settings_from_env({"DEEPSEEK_OPERATOR_LIVENESS_ENDPOINT": "none"}).liveness_endpoint is None
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ValueError, match="DEEPSEEK_OPERATOR_DRIFT_CHECK_INTERVAL"):
+        settings_from_env({"DEEPSEEK_OPERATOR_DRIFT_CHECK_INTERVAL": "soon"})
+
+
+def test_cli_overrides_env_and_scope_must_be_explicit():
+    base = settings_from_env({"DEEPSEEK_OPERATOR_NAMESPACES": "a"})
+    settings = settings_from_args(build_parser().parse_args(["-A", "--retry-interval", "2s", "--liveness", "none"]),
+                                  base)
+    assert settings.all_namespaces and settings.namespaces == () and settings.retry_interval == 2
+    assert settings.liveness_endpoint is None
+    with pytest.raises(ValueError, match="choose a scope"):
+        OperatorSettings().validate()
+
+
+def test_main_refuses_to_start_without_a_scope(capsys, monkeypatch):
+    monkeypatch.delenv("DEEPSEEK_OPERATOR_NAMESPACES", raising=False)
+    monkeypatch.delenv("DEEPSEEK_OPERATOR_ALL_NAMESPACES", raising=False)
+    assert main([]) == 2
+    assert "--all-namespaces" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+import pytest
+from deepseek_operator.signing_keys import (
+    KeyRing,
+    RotationPolicy,
+    build_jwks,
+    next_key_ring_change,
+    parse_key_ring,
+    plan_key_ring,
+    serialize_key_ring,
+    signing_key_from_seed,
+)
+
+POLICY = RotationPolicy(rotation_interval=100, propagation_delay=10, retire_margin=5)
+
+
+def key(n: int):
+    return signing_key_from_seed(bytes([n]) * 32, created_at=0, sign_from=0)
+
+
+def test_first_key_signs_at_once():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    assert [k.kid for k in ring.keys] == [key(1).kid]
+    assert ring.active(1000).kid == key(1).kid
+
+
+def test_new_key_is_published_before_it_signs_and_takes_over_after_propagation():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    unchanged = plan_key_ring(ring, now=1099, policy=POLICY, live_token_expiry={}, fresh_key=key(2))
+    assert unchanged == ring
+    rotated = plan_key_ring(ring, now=1100, policy=POLICY, live_token_expiry={}, fresh_key=key(2))
+    assert [k.kid for k in rotated.keys] == [key(1).kid, key(2).kid]
+    assert {k["kid"] for k in build_jwks(rotated)["keys"]} == {key(1).kid, key(2).kid}
+    assert rotated.active(1105).kid == key(1).kid, "must not sign before propagation"
+    assert rotated.active(1110).kid == key(2).kid
+    # Only published keys sign: a key the servers do not know yet is never used.
+    assert rotated.active(1110, published=frozenset({key(1).kid})).kid == key(1).kid
+
+
+def test_old_key_stays_until_its_last_live_token_expired():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    ring = plan_key_ring(ring, now=1100, policy=POLICY, live_token_expiry={}, fresh_key=key(2))
+    live = {key(1).kid: 1200}
+    kept = plan_key_ring(ring, now=1150, policy=POLICY, live_token_expiry=live, fresh_key=key(3))
+    assert key(1).kid in kept.kids()
+    assert next_key_ring_change(kept, now=1150, policy=POLICY, live_token_expiry=live) == 1200
+    dropped = plan_key_ring(kept, now=1200, policy=POLICY, live_token_expiry=live, fresh_key=key(3))
+    assert dropped.kids() == {key(2).kid}
+
+
+def test_retired_key_kept_for_the_margin_even_without_tokens():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    ring = plan_key_ring(ring, now=1100, policy=POLICY, live_token_expiry={}, fresh_key=key(2))
+    assert key(1).kid in plan_key_ring(ring, now=1114, policy=POLICY, live_token_expiry={}, fresh_key=key(3)).kids()
+    assert key(1).kid not in plan_key_ring(ring, now=1115, policy=POLICY, live_token_expiry={},
+                                           fresh_key=key(3)).kids()
+
+
+def test_jwks_holds_public_keys_only_and_ring_round_trips():
+    ring = KeyRing((key(1),))
+    jwk = build_jwks(ring)["keys"][0]
+    assert set(jwk) == {"kty", "crv", "x", "kid", "use", "alg"}
+    assert jwk["alg"] == "EdDSA" and jwk["crv"] == "Ed25519"
+    assert key(1).seed not in str(build_jwks(ring))
+    assert parse_key_ring(serialize_key_ring(ring)) == ring
+    with pytest.raises(ValueError, match="malformed"):
+        parse_key_ring('{"keys": [{"kid": 1}]}')
+
+
+def test_kid_is_a_stable_thumbprint_of_the_public_key():
+    assert key(1).kid == key(1).kid and key(1).kid != key(2).kid and len(key(1).kid) == 16
