@@ -40,6 +40,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [deepseek.ai]
   resources: [deepseekdeployments/status, apikeys/status]
   verbs: [get, patch, update]
+# Children carry owner references with blockOwnerDeletion; the ApiKey finalizer guards revocation on delete.
+- apiGroups: [deepseek.ai]
+  resources: [deepseekdeployments/finalizers, apikeys/finalizers]
+  verbs: [update]
 # Signing keys and ApiKey Secrets: read and written by name only; the operator never lists or watches Secrets.
 - apiGroups: [""]
   resources: [secrets]

@@ -1,0 +1,95 @@
+"""End to end through Helm, on the same path as `make demo`: chart installed into devcluster, the operator pod (from
+the chart's settings) reconciles a DeepSeekDeployment and an ApiKey applied with kubectl, an OpenAI client gets a
+completion through the active Service, RBAC is least-privilege, and `helm uninstall` removes what the chart made."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from devcluster import demo
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def running_demo():
+    name = f"e2e-demo-{os.getpid()}"
+    port = 18000 + os.getpid() % 1000
+    lines: list[str] = []
+    try:
+        started = demo.up(name=name, port=port, log=lines.append)
+    except Exception:
+        print("\n".join(lines))
+        demo.down(name)
+        raise
+    yield started
+    demo.down(name)
+
+
+def test_demo_prints_a_working_openai_example(running_demo):
+    from openai import OpenAI
+
+    text = demo.instructions(running_demo)
+    assert running_demo.base_url in text and "OPENAI_API_KEY" in text and running_demo.api_key not in text
+    client = OpenAI(base_url=running_demo.base_url, api_key=running_demo.api_key, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model=running_demo.model, max_tokens=8,
+                                           messages=[{"role": "user", "content": "Hello!"}])
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+
+
+def test_chart_installed_crds_and_operator_from_chart_settings(running_demo):
+    cluster = running_demo.cluster
+    crds = cluster.kubectl("get", "crd", "-o", "name").stdout.split()
+    assert "customresourcedefinition.apiextensions.k8s.io/deepseekdeployments.deepseek.ai" in crds
+    assert "customresourcedefinition.apiextensions.k8s.io/apikeys.deepseek.ai" in crds
+    dep = json.loads(cluster.kubectl("get", "deploy", "deepseek-operator", "-n", demo.OPERATOR_NAMESPACE,
+                                     "-o", "json").stdout)
+    assert dep["status"]["readyReplicas"] == 1
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", demo.OPERATOR_NAMESPACE, "-o", "json").stdout)["items"]
+    assert [p["status"]["phase"] for p in pods] == ["Running"]
+    dsd = json.loads(cluster.kubectl("get", "dsd", "tiny", "-n", running_demo.namespace, "-o", "json").stdout)
+    assert dsd["status"]["activeColor"] in ("blue", "green")
+
+
+SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), [
+    ("create", "secrets", "demo", True),
+    ("get", "secrets", "demo", True),
+    ("list", "secrets", "demo", False),
+    ("watch", "secrets", "kube-system", False),
+    ("list", "secrets", "", False),
+    ("patch", "deepseekdeployments.deepseek.ai/status", "demo", True),
+    ("create", "deployments.apps", "demo", True),
+    ("delete", "nodes", "", False),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", "", False),
+    ("create", "pods/exec", "demo", False),
+    ("escalate", "roles.rbac.authorization.k8s.io", "demo", False),
+])
+def test_operator_rbac_is_least_privilege(running_demo, verb, resource, namespace, allowed):
+    args = ["auth", "can-i", verb, resource, "--as", SA]
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    out = running_demo.cluster.kubectl(*args, check=False)
+    assert out.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, namespace, out.stdout, out.stderr)
+
+
+def test_helm_uninstall_removes_what_the_chart_installed(running_demo):
+    cluster = running_demo.cluster
+    cluster.helm("uninstall", "deepseek-operator", "--namespace", demo.OPERATOR_NAMESPACE, "--wait")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = cluster.kubectl("get", "deploy,sa,pods", "-n", demo.OPERATOR_NAMESPACE, "-o", "name").stdout.split()
+        if not left or left == ["serviceaccount/default"]:
+            break
+        time.sleep(1)
+    assert left in ([], ["serviceaccount/default"]), left
+    roles = cluster.kubectl("get", "clusterrole,clusterrolebinding", "-o", "name").stdout
+    assert "deepseek-operator" not in roles
+    # CRDs stay (Helm never deletes CRDs): the users' DeepSeekDeployments and keys are not lost by an uninstall.
+    assert "deepseekdeployments.deepseek.ai" in cluster.kubectl("get", "crd", "-o", "name").stdout

@@ -1,0 +1,476 @@
+"""The blue-green state machine, one test per transition (pure: no cluster, no clock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepseek_operator.capacity import CapacityShortage
+from deepseek_operator.rollout import (
+    ColorObservation,
+    LiveTraffic,
+    Observed,
+    PointPreview,
+    RolloutSettings,
+    ScaleColor,
+    SwitchTraffic,
+    Verify,
+    format_time,
+    next_step,
+    observe_color,
+)
+
+NOW = 1_800_000_000.0
+OLD, NEW = "aaaaaaaaaa", "bbbbbbbbbb"
+SETTINGS = RolloutSettings(replicas=2, preview_replicas=1, progress_deadline=600, window=60, scale_down_delay=120,
+                           history_limit=3, max_error_rate=0.05, progressing_interval=1.0, stable_interval=30.0)
+SHORTAGE = CapacityShortage(1, 1, "nvidia.com/gpu", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+
+
+def ready(color: str, revision: str, count: int, replicas: int | None = None, **extra: Any) -> ColorObservation:
+    return ColorObservation(exists=True, revision=revision, replicas=count if replicas is None else replicas,
+                            ready_pods=tuple(f"{color}-{revision[:3]}-{i}" for i in range(count)),
+                            pods=count if replicas is None else max(count, replicas), **extra)
+
+
+def stable_status(**rollout: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"activeColor": "blue", "activeRevision": OLD, "history": []}
+    if rollout:
+        status["rollout"] = {"revision": NEW, "color": "green", "startedAt": format_time(NOW - 10),
+                             "deadline": format_time(NOW + 590), **rollout}
+    return status
+
+
+def observed(status: dict[str, Any], *, desired: str = NEW, green: ColorObservation | None = None,
+             blue: ColorObservation | None = None, service: tuple[str, str] | None = ("blue", OLD),
+             settings: RolloutSettings = SETTINGS, now: float = NOW, annotations: dict[str, str] | None = None,
+             live: LiveTraffic | None = None) -> Observed:
+    return Observed(
+        now=now, desired_revision=desired, settings=settings, status=status,
+        colors={"blue": blue if blue is not None else ready("blue", OLD, 2),
+                "green": green if green is not None else ColorObservation()},
+        annotations=annotations or {}, service_target=service, live=live,
+        summary={"model": "tiny", "image": "deepseek-server:dev", "precision": "fp32"},
+    )
+
+
+def condition(decision: Any, type_: str) -> Any:
+    return next(c for c in decision.conditions if c.type == type_)
+
+
+# ------------------------------------------------------------------------------------------------ steady state
+def test_first_revision_starts_provisioning_in_blue() -> None:
+    decision = next_step(observed({}, desired=OLD, blue=ColorObservation(), service=None))
+    rollout = decision.status["rollout"]
+    assert (rollout["phase"], rollout["color"], rollout["revision"]) == ("Provisioning", "blue", OLD)
+    assert [e.reason for e in decision.events] == ["RolloutStarted"]
+    assert decision.again
+    assert condition(decision, "Ready").status is False
+
+
+def test_spec_change_starts_rollout_into_idle_color() -> None:
+    decision = next_step(observed(stable_status()))
+    assert decision.status["rollout"]["phase"] == "Provisioning"
+    assert decision.status["rollout"]["color"] == "green"
+    assert decision.status["activeColor"] == "blue"
+    assert decision.status["previewRevision"] == NEW
+
+
+def test_steady_state_scales_active_color_without_rollout() -> None:
+    decision = next_step(observed(stable_status(), desired=OLD, blue=ready("blue", OLD, 2, replicas=3)))
+    assert decision.scale == [ScaleColor("blue", 2, None)]
+    assert decision.status.get("rollout") is None
+    assert condition(decision, "Ready").status is True
+    assert decision.requeue_after == SETTINGS.stable_interval
+
+
+def test_steady_state_restores_active_service_selector() -> None:
+    decision = next_step(observed(stable_status(), desired=OLD, service=("green", NEW)))
+    assert decision.switch == SwitchTraffic("blue", OLD)
+
+
+def test_failed_revision_is_not_retried() -> None:
+    status = {**stable_status(), "failedRevision": NEW,
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green", "reason": "VerificationFailed"}}
+    decision = next_step(observed(status))
+    assert decision.status["rollout"]["phase"] == "Degraded"
+    assert decision.scale == [] and decision.events == []
+    assert condition(decision, "Degraded").status is True
+    assert condition(decision, "Degraded").reason == "VerificationFailed"
+
+
+def test_retry_annotation_restarts_the_failed_revision_once() -> None:
+    status = {**stable_status(), "failedRevision": NEW,
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green"}}
+    decision = next_step(observed(status, annotations={"deepseek.ai/retry": NEW}))
+    assert decision.status["rollout"]["phase"] == "Provisioning"
+    assert decision.status["retriedRevision"] == NEW
+    # failing again with the annotation still there: no second retry
+    again = {**status, "retriedRevision": NEW}
+    assert next_step(observed(again, annotations={"deepseek.ai/retry": NEW})).status["rollout"]["phase"] == "Degraded"
+
+
+def test_removing_retry_annotation_forgets_the_retry() -> None:
+    status = {**stable_status(), "failedRevision": NEW, "retriedRevision": NEW,
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green"}}
+    assert next_step(observed(status)).status["retriedRevision"] is None
+
+
+def test_spec_reverted_to_warm_color_switches_back_at_once() -> None:
+    # green runs NEW (active), blue still runs OLD warm; spec goes back to OLD
+    status = {"activeColor": "green", "activeRevision": NEW, "history": [],
+              "rollout": {"phase": "Completed", "revision": NEW, "color": "green",
+                          "scaleDownAt": format_time(NOW + 100)}}
+    first = next_step(observed(status, desired=OLD, green=ready("green", NEW, 2), service=("green", NEW)))
+    assert first.status["rollout"]["phase"] == "Promoting"
+    assert first.status["rollout"]["color"] == "blue"
+    second = next_step(observed({**status, **first.status}, desired=OLD, green=ready("green", NEW, 2),
+                                service=("green", NEW)))
+    assert second.switch == SwitchTraffic("blue", OLD)
+    assert second.verify is None
+    assert second.status["activeColor"] == "blue"
+
+
+def test_old_color_scaled_down_after_delay() -> None:
+    status = stable_status()
+    status["activeColor"], status["activeRevision"] = "green", NEW
+    status["rollout"] = {"phase": "Completed", "revision": NEW, "color": "green",
+                         "scaleDownAt": format_time(NOW + 50)}
+    kwargs = {"green": ready("green", NEW, 2), "blue": ready("blue", OLD, 2), "service": ("green", NEW)}
+    early = next_step(observed(status, **kwargs))
+    assert early.scale == [] and 1.0 <= early.requeue_after <= 50
+    late = next_step(observed(status, now=NOW + 51, **kwargs))
+    assert late.scale == [ScaleColor("blue", 0, None)]
+    assert [e.reason for e in late.events] == ["ScaledDown"]
+
+
+def test_degraded_becomes_completed_when_spec_returns_to_active() -> None:
+    status = {**stable_status(), "failedRevision": NEW,
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green"}}
+    decision = next_step(observed(status, desired=OLD))
+    assert decision.status["rollout"]["phase"] == "Completed"
+    assert condition(decision, "Degraded").status is False
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def test_provisioning_builds_idle_color_with_preview_replicas() -> None:
+    decision = next_step(observed(stable_status(phase="Provisioning")))
+    assert decision.scale == [ScaleColor("green", 1, NEW)]
+    assert decision.preview == PointPreview("green", NEW)
+    assert decision.status["rollout"]["phase"] == "Starting"
+
+
+def test_first_rollout_provisions_all_replicas() -> None:
+    status = {"rollout": {"phase": "Provisioning", "revision": OLD, "color": "blue",
+                          "deadline": format_time(NOW + 100)}}
+    decision = next_step(observed(status, desired=OLD, blue=ColorObservation(), service=None))
+    assert decision.scale == [ScaleColor("blue", 2, OLD)]
+
+
+def test_recreate_stops_active_color_first() -> None:
+    settings = RolloutSettings(**{**SETTINGS.__dict__, "strategy": "Recreate"})
+    decision = next_step(observed(stable_status(phase="Provisioning"), settings=settings))
+    assert ScaleColor("blue", 0, None) in decision.scale
+    assert decision.status["rollout"]["phase"] == "Provisioning"
+    stopped = ColorObservation(exists=True, revision=OLD, replicas=0)
+    decision = next_step(observed(stable_status(phase="Provisioning"), settings=settings, blue=stopped))
+    assert decision.scale == [ScaleColor("green", 2, NEW)]
+    assert decision.status["rollout"]["phase"] == "Starting"
+
+
+def test_starting_waits_for_preview_pods() -> None:
+    decision = next_step(observed(stable_status(phase="Starting"), green=ready("green", NEW, 0, replicas=1)))
+    assert decision.status["rollout"]["phase"] == "Starting"
+    assert decision.requeue_after == SETTINGS.progressing_interval
+    assert condition(decision, "Progressing").status is True
+
+
+def test_starting_to_verifying_when_preview_ready() -> None:
+    decision = next_step(observed(stable_status(phase="Starting"), green=ready("green", NEW, 1)))
+    assert decision.status["rollout"]["phase"] == "Verifying"
+
+
+def test_starting_reports_gpu_shortage_and_keeps_serving() -> None:
+    green = ready("green", NEW, 0, replicas=1, shortage=SHORTAGE)
+    decision = next_step(observed(stable_status(phase="Starting"), green=green))
+    capacity = condition(decision, "CapacityAvailable")
+    assert capacity.status is False and capacity.reason == "InsufficientGPU"
+    assert "1 more needed" in capacity.message and "Insufficient nvidia.com/gpu" in capacity.message
+    assert condition(decision, "Ready").status is True
+    assert decision.switch is None and not any(s.color == "blue" for s in decision.scale)
+
+
+def test_starting_deadline_rolls_back() -> None:
+    green = ready("green", NEW, 0, replicas=1, shortage=SHORTAGE)
+    decision = next_step(observed(stable_status(phase="Starting"), green=green, now=NOW + 600))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    assert "Insufficient" in decision.status["rollout"]["message"]
+    stuck = ready("green", NEW, 0, replicas=1, waiting="pod g: ContainerCreating MountVolume.SetUp failed")
+    decision = next_step(observed(stable_status(phase="Starting"), green=stuck, now=NOW + 600))
+    assert "MountVolume.SetUp failed" in decision.status["rollout"]["message"]
+
+
+def test_starting_crash_loop_rolls_back_early() -> None:
+    green = ready("green", NEW, 0, replicas=1, failure="pod x restarted 3 times (exit code 1: no such model)")
+    decision = next_step(observed(stable_status(phase="Starting"), green=green))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "ServerFailing"
+
+
+def test_verifying_asks_for_inference_check() -> None:
+    decision = next_step(observed(stable_status(phase="Verifying"), green=ready("green", NEW, 1)))
+    assert decision.verify == Verify("green", NEW, "Verifying", 1)
+    assert decision.status["rollout"]["phase"] == "Verifying"
+
+
+def test_verifying_back_to_starting_when_pod_lost() -> None:
+    decision = next_step(observed(stable_status(phase="Verifying"), green=ready("green", NEW, 0, replicas=1)))
+    assert decision.status["rollout"]["phase"] == "Starting"
+    assert decision.verify is None
+
+
+def test_verified_with_auto_promote_goes_promoting() -> None:
+    status = stable_status(phase="Verifying", analysis={"stage": "Verifying", "passed": True, "message": "5/5"})
+    decision = next_step(observed(status, green=ready("green", NEW, 1)))
+    assert decision.status["rollout"]["phase"] == "Promoting"
+    assert [e.reason for e in decision.events] == ["Verified"]
+
+
+def test_verified_without_auto_promote_awaits_promotion() -> None:
+    settings = RolloutSettings(**{**SETTINGS.__dict__, "auto_promote": False})
+    status = stable_status(phase="Verifying", analysis={"stage": "Verifying", "passed": True, "message": "ok"})
+    decision = next_step(observed(status, green=ready("green", NEW, 1), settings=settings))
+    assert decision.status["rollout"]["phase"] == "AwaitingPromotion"
+    assert "deepseek.ai/promote=" + NEW in decision.status["rollout"]["message"]
+
+
+def test_first_revision_is_promoted_without_waiting_for_annotation() -> None:
+    settings = RolloutSettings(**{**SETTINGS.__dict__, "auto_promote": False})
+    status = {"rollout": {"phase": "Verifying", "revision": OLD, "color": "blue",
+                          "analysis": {"stage": "Verifying", "passed": True}}}
+    decision = next_step(observed(status, desired=OLD, blue=ready("blue", OLD, 2), service=None, settings=settings))
+    assert decision.status["rollout"]["phase"] == "Promoting"
+
+
+def test_verification_failure_rolls_back() -> None:
+    status = stable_status(phase="Verifying", analysis={"stage": "Verifying", "passed": False,
+                                                        "message": "error rate 100% (5/5)"})
+    decision = next_step(observed(status, green=ready("green", NEW, 1)))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "VerificationFailed"
+
+
+def test_promote_annotation_for_this_revision_promotes() -> None:
+    status = stable_status(phase="AwaitingPromotion")
+    assert next_step(observed(status, green=ready("green", NEW, 1),
+                              annotations={"deepseek.ai/promote": OLD})).status["rollout"]["phase"] == (
+        "AwaitingPromotion")
+    decision = next_step(observed(status, green=ready("green", NEW, 1), annotations={"deepseek.ai/promote": NEW}))
+    assert decision.status["rollout"]["phase"] == "Promoting"
+
+
+def test_abort_annotation_rolls_back() -> None:
+    decision = next_step(observed(stable_status(phase="AwaitingPromotion"), green=ready("green", NEW, 1),
+                                  annotations={"deepseek.ai/abort": NEW}))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "Aborted"
+
+
+def test_promoting_scales_to_full_and_waits() -> None:
+    status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0"])
+    decision = next_step(observed(status, green=ready("green", NEW, 1, replicas=1)))
+    assert decision.scale == [ScaleColor("green", 2, None)]
+    assert decision.switch is None
+    assert decision.status["activeColor"] == "blue"
+
+
+def test_promoting_verifies_pods_not_yet_verified_before_switch() -> None:
+    status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0"])
+    decision = next_step(observed(status, green=ready("green", NEW, 2)))
+    assert decision.verify == Verify("green", NEW, "Promoting", 1, only=("green-bbb-1",))
+    assert decision.switch is None
+
+
+def test_promoting_switches_only_when_all_ready() -> None:
+    status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0", "green-bbb-1"])
+    decision = next_step(observed(status, green=ready("green", NEW, 2)))
+    assert decision.switch == SwitchTraffic("green", NEW)
+    assert decision.status["activeColor"] == "green" and decision.status["activeRevision"] == NEW
+    assert decision.status["rollout"]["phase"] == "PostVerifying"
+    assert [e.reason for e in decision.events] == ["Promoted"]
+
+
+def test_promoting_hands_over_one_gpu_replica_at_a_time() -> None:
+    status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0"])
+    green = ready("green", NEW, 1, replicas=2, shortage=SHORTAGE)
+    decision = next_step(observed(status, green=green))
+    assert ScaleColor("blue", 1, None) in decision.scale
+    assert decision.switch is None
+    assert condition(decision, "CapacityAvailable").status is False
+    # a step still settling (blue has a terminating pod) or the last serving replica: no further step
+    settling = next_step(observed(status, green=green, blue=ready("blue", OLD, 1, replicas=1).__class__(
+        exists=True, revision=OLD, replicas=1, ready_pods=("blue-aaa-0",), pods=2)))
+    assert not any(s.color == "blue" for s in settling.scale)
+    last = next_step(observed(status, green=green, blue=ready("blue", OLD, 1)))
+    assert not any(s.color == "blue" for s in last.scale)
+
+
+def test_promoting_deadline_rolls_back() -> None:
+    status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0"])
+    decision = next_step(observed(status, green=ready("green", NEW, 1, replicas=2), now=NOW + 600))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+
+
+def test_post_verifying_waits_for_the_window() -> None:
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW),
+                                  live=LiveTraffic(100, 1)))
+    assert decision.status["rollout"]["phase"] == "PostVerifying"
+    assert decision.status["rollout"]["analysis"]["requests"] == 100
+    assert decision.switch is None
+
+
+def test_post_verifying_completes_after_window() -> None:
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 61)),
+              "activeColor": "green", "activeRevision": NEW, "failedRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW),
+                                  live=LiveTraffic(100, 0)))
+    rollout = decision.status["rollout"]
+    assert rollout["phase"] == "Completed"
+    assert rollout["scaleDownAt"] == format_time(NOW + 120)
+    assert decision.status["failedRevision"] is None
+    assert decision.status["history"][0]["result"] == "Completed"
+    assert decision.status["history"][0]["model"] == "tiny"
+
+
+def test_post_verifying_error_rate_rolls_back() -> None:
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW),
+                                  live=LiveTraffic(100, 20)))
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "PostVerificationFailed"
+    assert "20.0%" in decision.status["rollout"]["message"]
+
+
+def test_rolling_back_after_switch_returns_traffic_to_ready_stable_color() -> None:
+    status = {**stable_status(phase="RollingBack", switchedAt=format_time(NOW - 10), reason="PostVerificationFailed",
+                              message="error rate"), "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW)))
+    assert decision.switch == SwitchTraffic("blue", OLD)
+    assert decision.status["activeColor"] == "blue" and decision.status["activeRevision"] == OLD
+    assert ScaleColor("green", 0, None) in decision.scale
+    assert decision.status["rollout"]["phase"] == "Degraded"
+    assert decision.status["failedRevision"] == NEW
+    assert [e.reason for e in decision.events] == ["RolledBack"]
+    assert decision.status["history"][0]["result"] == "RolledBack"
+
+
+def test_rolling_back_never_switches_to_unready_color() -> None:
+    status = {**stable_status(phase="RollingBack", switchedAt=format_time(NOW - 10), reason="NoReadyReplicas"),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), blue=ready("blue", OLD, 0, replicas=2),
+                                  service=("green", NEW)))
+    assert decision.switch is None
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+
+
+def test_rolling_back_before_switch_frees_new_color_and_restores_active() -> None:
+    status = stable_status(phase="RollingBack", reason="ServerFailing", message="crash")
+    decision = next_step(observed(status, green=ready("green", NEW, 0, replicas=1), blue=ready("blue", OLD, 1,
+                                                                                               replicas=1)))
+    assert ScaleColor("green", 0, None) in decision.scale
+    assert ScaleColor("blue", 2, None) in decision.scale
+    assert decision.switch is None
+    assert decision.status["rollout"]["phase"] == "Degraded"
+    assert condition(decision, "Degraded").status is True
+
+
+def test_aborted_rollout_is_recorded_as_aborted() -> None:
+    status = stable_status(phase="RollingBack", reason="Aborted", message="aborted by deepseek.ai/abort")
+    decision = next_step(observed(status, green=ready("green", NEW, 1)))
+    assert decision.status["history"][0]["result"] == "Aborted"
+
+
+def test_spec_change_during_rollout_supersedes_it() -> None:
+    third = "cccccccccc"
+    decision = next_step(observed(stable_status(phase="Starting"), desired=third, green=ready("green", NEW, 0)))
+    assert decision.status["rollout"]["phase"] == "Completed"
+    assert decision.status["history"][0] == {"revision": NEW, "result": "Aborted", "at": format_time(NOW)}
+    assert decision.again
+    follow = next_step(observed({**stable_status(), **decision.status}, desired=third))
+    assert follow.status["rollout"]["phase"] == "Provisioning"
+    assert follow.status["rollout"]["revision"] == third
+
+
+def test_history_is_bounded() -> None:
+    history = [{"revision": f"r{i}", "result": "Completed", "at": format_time(NOW)} for i in range(3)]
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 61)),
+              "activeColor": "green", "activeRevision": NEW, "history": history}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW)))
+    assert len(decision.status["history"]) == 3
+    assert decision.status["history"][0]["revision"] == NEW
+
+
+def test_restart_mid_switch_repoints_service_from_status() -> None:
+    # status already says traffic is on green, but the Service write was lost when the operator died
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 5)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("blue", OLD)))
+    assert decision.switch == SwitchTraffic("green", NEW)
+
+
+# ------------------------------------------------------------------------------------------------ observation
+def _pod(name: str, revision: str, *, ready_: bool = True, waiting: str | None = None, restarts: int = 0,
+         unschedulable: str | None = None) -> dict[str, Any]:
+    conditions = [{"type": "Ready", "status": "True" if ready_ else "False"}]
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                           "message": unschedulable})
+    statuses = []
+    if waiting:
+        statuses.append({"name": "server", "restartCount": restarts, "state": {"waiting": {"reason": waiting}},
+                         "lastState": {"terminated": {"exitCode": 1, "message": "model path does not exist"}}})
+    return {"metadata": {"name": name, "labels": {"deepseek.ai/revision": revision}},
+            "status": {"conditions": conditions, "containerStatuses": statuses}}
+
+
+def test_observe_color_counts_ready_pods_of_template_revision_only() -> None:
+    deployment = {"spec": {"replicas": 2, "template": {"metadata": {"labels": {"deepseek.ai/revision": NEW}}}}}
+    full = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    pods = [_pod("a", NEW), _pod("b", OLD), _pod("c", NEW, ready_=False, unschedulable=full)]
+    state = observe_color(deployment, pods, gpu_resource="nvidia.com/gpu", gpus_per_pod=2)
+    assert state.ready_pods == ("a",) and state.pods == 3 and state.revision == NEW
+    assert state.shortage is not None and state.shortage.gpus_missing == 2
+
+
+def test_observe_color_reports_crash_loop() -> None:
+    deployment = {"spec": {"replicas": 1, "template": {"metadata": {"labels": {"deepseek.ai/revision": NEW}}}}}
+    state = observe_color(deployment, [_pod("a", NEW, ready_=False, waiting="CrashLoopBackOff", restarts=2)],
+                          gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    assert state.failure is not None and "model path does not exist" in state.failure
+    once = observe_color(deployment, [_pod("a", NEW, ready_=False, waiting="CrashLoopBackOff", restarts=1)],
+                         gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    assert once.failure is None
+
+
+def test_observe_color_reports_crash_looping_init_container() -> None:
+    deployment = {"spec": {"replicas": 1, "template": {"metadata": {"labels": {"deepseek.ai/revision": NEW}}}}}
+    pod = _pod("a", NEW, ready_=False)
+    pod["status"]["initContainerStatuses"] = [{"name": "fetch-model", "restartCount": 3,
+                                               "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]
+    state = observe_color(deployment, [pod], gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    assert state.failure is not None and "restarted 3 times" in state.failure
+
+
+def test_scaled_to_zero_starts_no_rollout() -> None:
+    settings = RolloutSettings(**{**SETTINGS.__dict__, "replicas": 0})
+    decision = next_step(observed(stable_status(), settings=settings))
+    assert decision.status.get("rollout") is None
+    assert decision.scale == [ScaleColor("blue", 0, None)]
+    assert condition(decision, "Ready").reason == "ScaledToZero"
+
+
+def test_observe_color_without_deployment() -> None:
+    assert not observe_color(None, [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1).exists
