@@ -158,6 +158,7 @@ def instructions(demo: Demo) -> str:
     return f"""
 The tiny DeepSeek-style model is serving behind the active Service, proxied to {demo.base_url}.
 
+  export PATH=$PWD/.venv/bin:$PATH       # kubectl and python from the project's environment
   {demo.cluster.env()}
   kubectl get dsd,ak -n {ns}
 

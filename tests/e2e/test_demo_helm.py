@@ -22,7 +22,7 @@ def running_demo():
     lines: list[str] = []
     try:
         started = demo.up(name=name, port=port, log=lines.append)
-    except Exception:
+    except BaseException:  # pytest's timeout and failures too: never leave a cluster behind
         print("\n".join(lines))
         demo.down(name)
         raise

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -15,6 +18,21 @@ from . import apikey, deployment
 KOPF_CONNECTIONS = 16
 
 
+def in_cluster_service_account(info: kopf.ConnectionInfo | None,
+                               environ: Mapping[str, str]) -> kopf.ConnectionInfo | None:
+    """kopf's service-account login, pointed where client-go points: $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+
+    kopf assumes `https://kubernetes.default.svc` (cluster DNS, port 443); not every cluster resolves that name from
+    a pod, while the kubelet always sets the two variables.
+    """
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if info is None or not host or not port:
+        return info
+    if ":" in host:
+        host = f"[{host}]"
+    return dataclasses.replace(info, server=f"https://{host}:{port}")
+
+
 def build_registry(runtime: OperatorRuntime) -> kopf.OperatorRegistry:
     """A registry with every handler bound to `runtime`."""
     registry = kopf.OperatorRegistry()
@@ -24,7 +42,8 @@ def build_registry(runtime: OperatorRuntime) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
-        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        info = in_cluster_service_account(kopf.login_with_service_account(**kwargs), os.environ)
+        info = info or kopf.login_with_kubeconfig(**kwargs)
         if info is None:
             return None
         # kopf's own session opens a new TLS connection for every concurrent patch (no connection limit); a
