@@ -62,6 +62,11 @@ def hs256_with_public_key(_: Callable[..., str], key: SigningKey) -> str:
 LONG_PROMPT = "token " * 400
 NOW = int(time.time())
 
+
+def now() -> int:
+    """The time when a case runs (cases are collected minutes before they run in a full session)."""
+    return int(time.time())
+
 CASES = [
     # request bodies
     Case("malformed json", 400, content=b'{"model": "deepseek-tiny", "messages": [', code="invalid_json"),
@@ -110,10 +115,10 @@ CASES = [
     Case("not bearer", 401, token=lambda mk, k: None, headers={"authorization": "Basic YWxpY2U6c2VjcmV0"},
          code="invalid_api_key"),
     Case("garbage token", 401, token=lambda mk, k: "garbage.token.here", code="invalid_api_key"),
-    Case("expired", 401, token=lambda mk, k: mk(exp=NOW - 120, iat=NOW - 7200, nbf=NOW - 7200),
+    Case("expired", 401, token=lambda mk, k: mk(exp=now() - 120, iat=now() - 7200, nbf=now() - 7200),
          code="invalid_api_key"),
-    Case("not yet valid", 401, token=lambda mk, k: mk(nbf=NOW + 600), code="invalid_api_key"),
-    Case("issued in the future", 401, token=lambda mk, k: mk(iat=NOW + 600, nbf=NOW), code="invalid_api_key"),
+    Case("not yet valid", 401, token=lambda mk, k: mk(nbf=now() + 600), code="invalid_api_key"),
+    Case("issued in the future", 401, token=lambda mk, k: mk(iat=now() + 600, nbf=now()), code="invalid_api_key"),
     Case("wrong audience", 401, token=lambda mk, k: mk(aud="team-a/other"), code="invalid_api_key"),
     Case("wrong issuer", 401, token=lambda mk, k: mk(iss="deepseek-operator/team-b/chat"), code="invalid_api_key"),
     Case("missing uid claim", 401, token=lambda mk, k: mk(uid=None), code="invalid_api_key"),
