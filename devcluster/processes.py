@@ -8,9 +8,10 @@ the pod, and the hostname is the pod name. Nothing in args or env is rewritten: 
 
 Filesystem rule: a container sees this machine's filesystem with its volumes mounted over it (its own mount
 namespace; other processes and containers do not see them). A mountPath therefore hides what the host has there,
-for that container only; one that would hide the virtual environment the entry points run from is refused
-(CreateContainerConfigError). A missing mount point is created on the host as an empty folder (or file, for a
-file subPath) and left there: removing it would detach the mounts of pods of other clusters on this machine.
+for that container only -- except the paths the container runs from (this virtual environment and the project's
+source), which stay visible at their own paths even under a volume at /tmp or /root. A missing mount point is
+created on the host as an empty folder (or file, for a file subPath) and left there: removing it would detach the
+mounts of pods of other clusters on this machine.
 
 What the process gets, as in Kubernetes:
 - argv: ``command + args`` when ``command`` is set, else the image's mapped entry point + ``args``; ``$(VAR)``
@@ -562,20 +563,26 @@ class PodWorker(threading.Thread):
         raise ConfigError(f"unsupported valueFrom {sorted(source)}")
 
     def check_mounts(self, spec: dict[str, Any]) -> None:
-        """Refuse a mountPath that would hide this machine's Python environment from the container (the
-        container sees the host's filesystem, with its volumes mounted over it)."""
-        venv = Path(sys.prefix).resolve()
+        """Refuse a mountPath that would replace the whole filesystem the entry points run from."""
         for mount in spec.get("volumeMounts") or []:
-            path = Path(mount["mountPath"])
-            if path == venv or path in venv.parents:
-                raise ConfigError(f"volumeMount {mount['name']} at {path} would hide {venv}, which devcluster "
-                                  "runs the container from; mount it somewhere else")
+            if Path(mount["mountPath"]) == Path("/"):
+                raise ConfigError(f"volumeMount {mount['name']} at / would hide this machine's filesystem, "
+                                  "which devcluster runs the container from; mount it somewhere else")
 
     def launcher(self, spec: dict[str, Any], env: dict[str, str]) -> list[str]:
         """argv prefix that enters the pod's network namespace and a private mount/UTS namespace, mounts the
-        container's volumes at their mountPaths, and execs the container's argv (so the pid is the process's)."""
-        script = ["set -e", f"echo {shlex.quote(self.pod['metadata']['name'][:63])} > /proc/sys/kernel/hostname"]
+        container's volumes at their mountPaths, and execs the container's argv (so the pid is the process's).
+
+        Every mount source, and the paths the container runs from (this virtual environment and the project's
+        source for editable installs), is opened as a file descriptor before the first mount and mounted from
+        /proc/self/fd: a volume at /tmp or /root (an emptyDir for a read-only root filesystem, say) would otherwise
+        hide the host paths of later sources, and of the Python environment, that live under it. `mount` must not
+        canonicalize /proc/self/fd/N: it would turn it back into the (by then covered) path.
+        """
+        script = ["set -e", f"echo {shlex.quote(self.pod['metadata']['name'][:63])} > /proc/sys/kernel/hostname",
+                  f"exec 9<{shlex.quote(str(self.dir / 'etc-hosts'))}"]
         mounts = sorted(spec.get("volumeMounts") or [], key=lambda m: len(m["mountPath"].rstrip("/")))
+        binds: list[tuple[str, bool, bool]] = []  # (mountPath, is a folder, read-only); its fd is 10 + index
         for mount in mounts:
             src = self.volumes.host_path(mount["name"])
             sub = mount.get("subPath") or (expand(mount["subPathExpr"], env) if mount.get("subPathExpr") else "")
@@ -583,16 +590,23 @@ class PodWorker(threading.Thread):
                 src = src / sub
                 if not src.exists():
                     src.mkdir(parents=True, exist_ok=True)  # the kubelet creates a missing subPath as a folder
-            dst = shlex.quote(mount["mountPath"])
-            qsrc = shlex.quote(str(src))
-            if src.is_dir():
+            script.append(f"exec {10 + len(binds)}<{shlex.quote(str(src))}")
+            binds.append((mount["mountPath"], src.is_dir(), bool(mount.get("readOnly"))))
+        for root in hidden_runtime_roots([m["mountPath"] for m in mounts]):
+            script.append(f"exec {10 + len(binds)}<{shlex.quote(str(root))}")
+            binds.append((str(root), True, False))
+        for index, (path, is_dir, read_only) in enumerate(binds):
+            dst = shlex.quote(path)
+            if is_dir:
                 script.append(f"mkdir -p {dst}")
             else:
                 script.append(f"[ -e {dst} ] || {{ mkdir -p \"$(dirname {dst})\"; : > {dst}; }}")
-            script.append(f"mount --bind {qsrc} {dst}")
-            if mount.get("readOnly"):
+            script.append(f"mount --no-canonicalize --bind /proc/self/fd/{10 + index} {dst}")
+            if read_only:
                 script.append(f"mount -o remount,bind,ro {dst}")
-        script.append(f"mount --bind {shlex.quote(str(self.dir / 'etc-hosts'))} /etc/hosts")
+            script.append(f"exec {10 + index}<&-")
+        script.append("mount --no-canonicalize --bind /proc/self/fd/9 /etc/hosts")
+        script.append("exec 9<&-")
         workdir = spec.get("workingDir")
         if workdir:
             script.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
@@ -600,9 +614,10 @@ class PodWorker(threading.Thread):
             script.append("cd /")
         script.append("unset OLDPWD")
         script.append('exec "$@"')
+        # bash, not sh: dash redirects only file descriptors 0-9.
         return [self.runtime.unshare, "--mount", "--uts", "--propagation", "private", "--",
                 self.runtime.nsenter, f"--net={self.sandbox.netns_path}", "--",
-                "/bin/sh", "-c", "\n".join(script), "sh"]
+                "/bin/bash", "-c", "\n".join(script), "bash"]
 
     # ------------------------------------------------------------------ status
     def _condition(self, kind: str, value: bool, reason: str | None = None) -> dict[str, Any]:
@@ -766,3 +781,12 @@ class ProcessRuntime:
                 workers = list(self.workers.values())
             for worker in workers:
                 worker.refresh_volumes(reader)
+
+
+def hidden_runtime_roots(mount_paths: list[str]) -> list[Path]:
+    """The paths a mapped container runs from (this virtual environment, its base interpreter, the project's source
+    for editable installs) that one of `mount_paths` would hide."""
+    roots = sorted({Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                    Path(__file__).resolve().parent.parent})
+    mounts = [Path(m) for m in mount_paths]
+    return [root for root in roots if any(m == root or m in root.parents for m in mounts)]

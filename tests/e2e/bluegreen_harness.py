@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import polling
 from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,21 +38,9 @@ E2E_OPERATOR_ENV = {
 }
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.25) -> Any:
-    """Poll `check` until it returns something truthy; fail saying what was awaited and what was last seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except client.ApiException as exc:
-            result, last = None, f"ApiException {exc.status}"
-        else:
-            last = result
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60,
+             interval: float = 0.25) -> Any:
+    return polling.wait_for(what, check, timeout, interval)
 
 
 class OperatorProcess:

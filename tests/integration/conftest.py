@@ -14,12 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
+import polling
 import pytest
 import yaml
 from kubernetes import client
@@ -36,21 +36,9 @@ FAST_OPERATOR_ENV = {
 }
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
-    """Poll `check` until it returns something truthy; fail saying what was awaited and what was last seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except client.ApiException as exc:
-            result, last = None, f"ApiException {exc.status}"
-        else:
-            last = result
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30,
+             interval: float = 0.1) -> Any:
+    return polling.wait_for(what, check, timeout, interval)
 
 
 @pytest.fixture(scope="session")

@@ -406,3 +406,28 @@ def test_devcluster_down_leaves_no_process_behind_even_after_the_agent_was_kille
     assert podnet.list_cluster_netns(network) == []
     assert not network.exists()
     assert state_dir is not None and not state_dir.exists()
+
+
+def test_volume_over_the_folder_holding_the_environment_keeps_it_and_later_sources_visible(
+        kube: Cluster, tmp_path: Path) -> None:
+    """An emptyDir over /tmp (what a read-only root filesystem needs) must not hide the Python environment, the
+    project, or a hostPath whose source lives under /tmp, even when the project itself was cloned under /tmp."""
+    import sys
+
+    covering = Path(sys.prefix).resolve().parent.parent  # above the venv and the project: the whole checkout's parent
+    (tmp_path / "weights.txt").write_text("from the host")
+    (covering / "devcluster-visible-on-host.txt").write_text("host only")
+    app = container(readinessProbe=ready_probe(),
+                    volumeMounts=[{"name": "scratch", "mountPath": str(covering)},
+                                  {"name": "tmp", "mountPath": "/tmp"},
+                                  {"name": "models", "mountPath": f"{MOUNTS}/models", "readOnly": True}])
+    kube.core.create_namespaced_pod(kube.ns, bare_pod(
+        "covered", app, volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}},
+                                 {"name": "models", "hostPath": {"path": str(tmp_path), "type": "Directory"}}]))
+    try:
+        ip = kube.ready_pod("app=covered", timeout=30).status.pod_ip
+        assert get(ip, f"/file?path={MOUNTS}/models/weights.txt") == "from the host"
+        with pytest.raises(urllib.error.HTTPError):  # the emptyDir really covers the host's folder
+            get(ip, f"/file?path={covering / 'devcluster-visible-on-host.txt'}")
+    finally:
+        (covering / "devcluster-visible-on-host.txt").unlink(missing_ok=True)
