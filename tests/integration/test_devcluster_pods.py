@@ -417,13 +417,15 @@ def test_volume_over_the_folder_holding_the_environment_keeps_it_and_later_sourc
     covering = Path(sys.prefix).resolve().parent.parent  # above the venv and the project: the whole checkout's parent
     (tmp_path / "weights.txt").write_text("from the host")
     (covering / "devcluster-visible-on-host.txt").write_text("host only")
-    app = container(readinessProbe=ready_probe(),
-                    volumeMounts=[{"name": "scratch", "mountPath": str(covering)},
-                                  {"name": "tmp", "mountPath": "/tmp"},
-                                  {"name": "models", "mountPath": f"{MOUNTS}/models", "readOnly": True}])
-    kube.core.create_namespaced_pod(kube.ns, bare_pod(
-        "covered", app, volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}},
-                                 {"name": "models", "hostPath": {"path": str(tmp_path), "type": "Directory"}}]))
+    mounts = [{"name": "scratch", "mountPath": str(covering)},
+              {"name": "models", "mountPath": f"{MOUNTS}/models", "readOnly": True}]
+    volumes = [{"name": "scratch", "emptyDir": {}},
+               {"name": "models", "hostPath": {"path": str(tmp_path), "type": "Directory"}}]
+    if covering != Path("/tmp"):  # a checkout under /tmp is covered by the first volume already
+        mounts.append({"name": "tmp", "mountPath": "/tmp"})
+        volumes.append({"name": "tmp", "emptyDir": {}})
+    app = container(readinessProbe=ready_probe(), volumeMounts=mounts)
+    kube.core.create_namespaced_pod(kube.ns, bare_pod("covered", app, volumes=volumes))
     try:
         ip = kube.ready_pod("app=covered", timeout=30).status.pod_ip
         assert get(ip, f"/file?path={MOUNTS}/models/weights.txt") == "from the host"
