@@ -418,15 +418,11 @@ def _starting(b: _Builder) -> None:
         b.again()
         return
     if _deadline_passed(b):
-        detail = state.shortage.describe(color) if state.shortage else (state.waiting or "pods did not become ready")
         _begin_rollback(b, "ProgressDeadlineExceeded",
                         f"{state.ready}/{count} pod(s) of {color} ready within "
-                        f"{int(o.settings.progress_deadline)} s: {detail}")
+                        f"{int(o.settings.progress_deadline)} s: {_waiting_detail(state, color)}")
         return
-    b.set_rollout(message=f"{state.ready}/{count} pod(s) of {color} ready"
-                  + (f"; {state.shortage.describe(color)}" if state.shortage else
-                     f"; {state.waiting}" if state.waiting else ""))
-    b.progressing()
+    _report_waiting(b, state, color, count)
 
 
 def _analysis(b: _Builder, stage: str) -> Mapping[str, Any] | None:
@@ -511,13 +507,23 @@ def _promoting(b: _Builder) -> None:
         b.again()
         return
     if _deadline_passed(b):
-        detail = state.shortage.describe(color) if state.shortage else (state.waiting or "pods did not become ready")
         _begin_rollback(b, "ProgressDeadlineExceeded", f"{state.ready}/{replicas} pod(s) of {color} ready in time: "
-                                                       f"{detail}")
+                                                       f"{_waiting_detail(state, color)}")
         return
-    b.set_rollout(message=f"{state.ready}/{replicas} pod(s) of {color} ready"
-                  + (f"; {state.shortage.describe(color)}" if state.shortage else
-                     f"; {state.waiting}" if state.waiting else ""))
+    _report_waiting(b, state, color, replicas)
+
+
+def _waiting_detail(state: ColorObservation, color: str) -> str:
+    """Why `color`'s pods are not all ready: a GPU shortage, what a pod waits for, or nothing known."""
+    if state.shortage:
+        return state.shortage.describe(color)
+    return state.waiting or "pods did not become ready"
+
+
+def _report_waiting(b: _Builder, state: ColorObservation, color: str, wanted: int) -> None:
+    """Still within the deadline: say how many of `color`'s pods are ready and what the rest wait for."""
+    known = state.shortage.describe(color) if state.shortage else state.waiting
+    b.set_rollout(message=f"{state.ready}/{wanted} pod(s) of {color} ready" + (f"; {known}" if known else ""))
     b.progressing()
 
 
