@@ -72,13 +72,18 @@ class ClusterState:
 
 
 def default_image_commands() -> dict[str, list[str]]:
-    """Our own images map to the entry points of this virtual environment."""
+    """Our own images map to the entry points of this virtual environment; vLLM's image to its CPU build."""
+    from devcluster.vllm_env import venv_dir  # here: `python -m devcluster.vllm_env` imports this package first
+
     bin_dir = Path(sys.executable).parent
     return {
         "*deepseek-server*": [str(bin_dir / "deepseek-server")],
         "*deepseek-operator*": [str(bin_dir / "deepseek-operator")],
         # by file path: the test server is stdlib-only and runs whether or not devcluster is installed
         "*devcluster-testserver*": [sys.executable, str(Path(__file__).with_name("testserver.py"))],
+        # vLLM's CPU build from its own virtualenv; without it the container fails saying `make vllm-env`
+        "*vllm/vllm-openai*": [sys.executable, str(Path(__file__).with_name("vllm_entry.py")),
+                               "--vllm-venv", str(venv_dir()), "--"],
     }
 
 
