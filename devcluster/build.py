@@ -8,6 +8,7 @@ under ``<cache>/<component>-<version>/bin`` and reused when present, so only a f
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,10 +36,11 @@ class Binary:
     package: str
     version: str
     ldflags: tuple[str, ...] = ()
+    stamp: str = ""  # part of the cache directory name: a change of build flags rebuilds
 
     @property
     def path(self) -> Path:
-        return cache_root() / f"{self.module_dir}-{self.version}" / "bin" / self.name
+        return cache_root() / f"{self.module_dir}-{self.version}{self.stamp}" / "bin" / self.name
 
 
 def _kube_ldflags() -> tuple[str, ...]:
@@ -54,14 +56,32 @@ def _kube_ldflags() -> tuple[str, ...]:
     return tuple(stamps)
 
 
+def _helm_kube_minor() -> str:
+    """The Kubernetes minor version of the client libraries helm is built with (k8s.io/client-go v0.<minor>)."""
+    found = re.search(r"k8s\.io/client-go v0\.(\d+)\.", (GOMOD_DIR / "helm" / "go.mod").read_text())
+    if found is None:
+        raise RuntimeError("k8s.io/client-go is not pinned in devcluster/gomod/helm/go.mod")
+    return found.group(1)
+
+
+def _helm_ldflags() -> tuple[str, ...]:
+    # What helm's own release build stamps (its Makefile, K8S_MODULES_*): the Kubernetes version `helm template`
+    # and `helm lint` assume without a cluster. Unstamped, helm assumes v1.20.0 and refuses charts needing newer.
+    minor = _helm_kube_minor()
+    stamps = [f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+    for pkg in ("helm.sh/helm/v3/pkg/chartutil", "helm.sh/helm/v3/pkg/lint/rules"):
+        stamps += [f"-X {pkg}.k8sVersionMajor=1", f"-X {pkg}.k8sVersionMinor={minor}"]
+    return tuple(stamps)
+
+
 BINARIES: tuple[Binary, ...] = (
     Binary("etcd", "etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION),
     Binary("kube-apiserver", "kube", "k8s.io/kubernetes/cmd/kube-apiserver", KUBERNETES_VERSION, _kube_ldflags()),
     Binary("kube-controller-manager", "kube", "k8s.io/kubernetes/cmd/kube-controller-manager",
            KUBERNETES_VERSION, _kube_ldflags()),
     Binary("kube-scheduler", "kube", "k8s.io/kubernetes/cmd/kube-scheduler", KUBERNETES_VERSION, _kube_ldflags()),
-    Binary("helm", "helm", "helm.sh/helm/v3/cmd/helm", HELM_VERSION,
-           (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",)),
+    Binary("helm", "helm", "helm.sh/helm/v3/cmd/helm", HELM_VERSION, _helm_ldflags(),
+           stamp=f"-kube1.{_helm_kube_minor()}"),
 )
 
 

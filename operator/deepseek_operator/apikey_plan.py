@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth_config import Limits, SetKeyLimits, limits_from_spec
+from .auth_config import TOKEN_LEEWAY_SECONDS, Limits, SetKeyLimits, limits_from_spec
 from .conditions import Condition, condition_status
 from .durations import format_timestamp, parse_duration, parse_timestamp
 from .signing_keys import SigningKey
@@ -49,6 +49,8 @@ class IssuerView:
     # Published keys (to recognise our own tokens) and the revoked list, as last read.
     verification_keys: Mapping[str, SigningKey] = field(default_factory=dict)
     revoked: Mapping[str, int] = field(default_factory=dict)
+    # Why the auth ConfigMap's content is unknown (missing, unreadable); empty when it was read.
+    auth_unknown: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def current_binding(apikey: Mapping[str, Any], issuer: IssuerView) -> str:
 
 
 def live_tokens(status: Mapping[str, Any], now: float) -> dict[str, int]:
-    """Every token id of the key that may still verify (current, pending, in grace), with its expiry."""
+    """Every token id of the key that may still verify (current, pending, in grace), with its expiry; servers
+    accept a token up to TOKEN_LEEWAY_SECONDS past its `exp`, so those count too."""
     live: dict[str, int] = {}
     if status.get("tokenId"):
         live[status["tokenId"]] = _ts(status.get("expiresAt"))
@@ -104,7 +107,7 @@ def live_tokens(status: Mapping[str, Any], now: float) -> dict[str, int]:
         live[pending["tokenId"]] = _ts(pending.get("expiresAt"))
     for item in status.get("previousTokens") or []:
         live[item["tokenId"]] = _ts(item.get("expiresAt"))
-    return {token_id: exp for token_id, exp in live.items() if exp > now}
+    return {token_id: exp for token_id, exp in live.items() if exp + TOKEN_LEEWAY_SECONDS > now}
 
 
 def live_token_expiry_by_kid(apikeys: Iterable[Mapping[str, Any]], now: float) -> dict[str, int]:
@@ -242,6 +245,10 @@ def plan_apikey(
     if issuer is None:
         # Without its deployment there is no revoked list to write to; leave token bookkeeping untouched.
         return ApiKeyPlan(status=status)
+    if issuer.auth_unknown and not spec.get("revoked"):
+        # Which keys are published and which tokens are revoked is unknown, not empty: deciding on it would retire
+        # valid tokens. Change nothing until the ConfigMap reads again (a revocation by spec needs none of it).
+        return ApiKeyPlan(status=status)
     renew_before = parse_duration(spec.get("renewBefore", "24h"))
     grace = parse_duration(spec.get("gracePeriod", "1h"))
     secret_sha = token_sha256(secret_token) if secret_token else None
@@ -335,8 +342,9 @@ def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str) -
 
 def apikey_conditions(
     apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: IssuerView | None, *, now: int, deployment: str,
+    secret_write_error: str | None = None,
 ) -> list[Condition]:
-    """Ready and Revoked, derived from the status a reconcile ends with."""
+    """Ready and Revoked, derived from the status a reconcile ends with (and a refused Secret write, if any)."""
     spec = apikey["spec"]
     revoked = bool(spec.get("revoked"))
     revoked_condition = (
@@ -350,6 +358,13 @@ def apikey_conditions(
         ready = Condition("Ready", False, "DeploymentNotFound",
                           f"DeepSeekDeployment {deployment!r} not found in namespace {namespace!r}; "
                           "the key is issued as soon as it exists")
+    elif secret_write_error:
+        ready = Condition("Ready", False, "SecretWriteFailed",
+                          f"{secret_write_error}; retrying with backoff, no new token is issued meanwhile")
+    elif issuer.auth_unknown:
+        ready = Condition("Ready", None, "AuthConfigUnknown",
+                          f"{issuer.auth_unknown}: which signing keys are published and which tokens are revoked is "
+                          "unknown, so nothing is rotated or revoked until it can be read again")
     elif status.get("tokenId") and _ts(status.get("expiresAt")) > now:
         ready = Condition("Ready", True, "TokenIssued",
                           f"token {status['tokenId']} is in Secret {status.get('secretName')}, expires "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import failpoints
 from .apikey_plan import (
+    TOKEN_FIELDS,
     ApiKeyEvent,
     IssuerView,
     apikey_conditions,
@@ -38,12 +40,38 @@ from .conditions import Condition, merge_conditions
 from .durations import format_timestamp, parse_duration
 from .issuer import Issuers
 from .key_material import new_token_id
-from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi, KubeError
 from .names import FINALIZER, apikey_secret_name
 from .settings import OperatorSettings
 from .tokens import sign_token, verified_claims
 
 log = logging.getLogger(__name__)
+# A Secret the API server refuses to take is tried again after retry_interval, doubling up to this.
+SECRET_WRITE_MAX_BACKOFF = 300.0
+_JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+
+
+@dataclass(frozen=True)
+class SecretWriteFailure:
+    """The last failed attempts to write a key's Secret: how many in a row, the next allowed one, and why."""
+
+    attempts: int
+    retry_at: float
+    message: str
+
+
+def secret_write_failed(previous: SecretWriteFailure | None, error: Exception, *, secret_name: str, now: float,
+                        retry_interval: float) -> SecretWriteFailure:
+    """The failure record after one more refused write: exponential backoff, the API's message without a token."""
+    attempts = (previous.attempts if previous else 0) + 1
+    delay = min(SECRET_WRITE_MAX_BACKOFF, retry_interval * 2 ** (attempts - 1))
+    detail = _JWT_LIKE.sub("<token>", str(error))[:500] or type(error).__name__
+    return SecretWriteFailure(attempts, now + delay, f"could not write Secret {secret_name}: {detail}")
+
+
+def write_landed_nowhere(error: Exception) -> bool:
+    """Whether a failed write certainly changed nothing: the API server answered it with a 4xx."""
+    return isinstance(error, KubeError) and 400 <= error.status < 500
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,8 @@ class ApiKeyReconciler:
         self._clock = clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # In memory on purpose: after a restart one more attempt is cheap, and status needs no extra field.
+        self._secret_failures: dict[tuple[str, str], SecretWriteFailure] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -74,6 +104,7 @@ class ApiKeyReconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._secret_failures.pop((namespace, name), None)
 
     def reconcile(self, namespace: str, name: str) -> ReconcileResult:
         """Bring one ApiKey to its desired state; retried from a fresh read when the object changed meanwhile."""
@@ -150,10 +181,25 @@ class ApiKeyReconciler:
 
         if issuer is not None and not spec.get("revoked"):
             status["secretName"] = secret_name
+        failure = self._secret_failures.get((namespace, name))
+        if not plan.issue_reason:
+            self._secret_failures.pop((namespace, name), None)
+            failure = None
         if plan.issue_reason and issuer is not None and issuer.signing_key is not None:
-            status, apikey = self._issue(apikey, status, issuer, plan.issue_reason, plan.previous_revoke_at,
-                                         secret_name, secret, now)
-            events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"], secret_name))
+            if failure is None or now >= failure.retry_at:
+                status, apikey, failure = self._issue(apikey, status, issuer, plan.issue_reason,
+                                                      plan.previous_revoke_at, secret_name, secret, now, failure)
+                if failure is None:
+                    events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"],
+                                              secret_name))
+                else:
+                    events.append(ApiKeyEvent("Warning", "SecretWriteFailed",
+                                              f"{failure.message}; next attempt in "
+                                              f"{max(0, int(failure.retry_at - now))} s"))
+            if failure is not None and status.get("tokenId") in plan.revoke:
+                # The replacement did not reach the Secret: stop calling a revoked token current.
+                for field_name in TOKEN_FIELDS:
+                    status.pop(field_name, None)
         elif plan.repair_secret and token and issuer is not None:
             self._kube.create_or_replace(
                 SECRETS, namespace,
@@ -164,7 +210,8 @@ class ApiKeyReconciler:
             self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
             status.pop("secretName", None)
 
-        conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment)
+        conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment,
+                                       secret_write_error=failure.message if failure else None)
         status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
                                                 now=format_timestamp(now), generation=generation)
         status["observedGeneration"] = generation
@@ -174,6 +221,8 @@ class ApiKeyReconciler:
         ready = conditions[0].status is True
         due = next_due(status, ready=ready, revoked=bool(spec.get("revoked")), now=now,
                        retry_interval=self._settings.retry_interval)
+        if failure is not None:
+            due = failure.retry_at
         # Spread the checks: keys created together would otherwise all be checked in the same second.
         drift = now + self._settings.drift_check_interval * random.uniform(0.8, 1.2)
         return ReconcileResult(drift if due is None else min(due, drift), deployment)
@@ -193,12 +242,17 @@ class ApiKeyReconciler:
     def _issue(
         self, apikey: dict[str, Any], status: dict[str, Any], issuer: IssuerView, reason: str,
         previous_revoke_at: int | None, secret_name: str, secret: dict[str, Any] | None, now: int,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Mint a token, write it to the Secret and make it current. Returns (status, apikey).
+        failure: SecretWriteFailure | None,
+    ) -> tuple[dict[str, Any], dict[str, Any], SecretWriteFailure | None]:
+        """Mint a token, write it to the Secret and make it current. Returns (status, apikey, write failure).
 
         A token that replaces another is first recorded as `pendingToken`, so that a restart can tell whether the
         replacement reached the Secret. A first token needs no such record: found in the Secret, it verifies as
         ours and is adopted (see `plan_apikey`); not found, it never left the operator.
+
+        A write the API server refuses (4xx: quota, immutable Secret, admission) is recorded and backed off: the
+        token reached no one, so it is dropped rather than revoked, and no new one is minted before the retry time.
+        Any other failure also backs off, and leaves `pendingToken` for the next reconcile to settle.
         """
         assert issuer.signing_key is not None
         namespace = apikey["metadata"]["namespace"]
@@ -209,13 +263,25 @@ class ApiKeyReconciler:
         if status.get("tokenId"):
             apikey = self._write_status(apikey, status)
             failpoints.reached("apikey:after-pending", f"{namespace}/{apikey['metadata']['name']}")
-        self._kube.write(
-            SECRETS, namespace,
-            build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=issuer.deployment, token=token,
-                                base_url=issuer.base_url),
-            current=secret, up_to_date=secret_up_to_date)
+        key = (namespace, apikey["metadata"]["name"])
+        try:
+            self._kube.write(
+                SECRETS, namespace,
+                build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=issuer.deployment,
+                                    token=token, base_url=issuer.base_url),
+                current=secret, up_to_date=secret_up_to_date)
+        except Exception as exc:
+            failure = secret_write_failed(failure, exc, secret_name=secret_name, now=now,
+                                          retry_interval=self._settings.retry_interval)
+            self._secret_failures[key] = failure
+            if not write_landed_nowhere(exc):
+                raise
+            log.warning("ApiKey %s/%s: %s", namespace, key[1], failure.message)
+            status.pop("pendingToken", None)
+            return status, apikey, failure
+        self._secret_failures.pop(key, None)
         failpoints.reached("apikey:after-secret", f"{namespace}/{apikey['metadata']['name']}")
-        return promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey
+        return promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey, None
 
     def _secret_taken(self, apikey: dict[str, Any], status: dict[str, Any], secret_name: str,
                       now: int) -> ReconcileResult:

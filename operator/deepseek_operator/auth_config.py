@@ -16,6 +16,10 @@ from typing import Any
 DOCUMENTS = ("config", "jwks", "revoked", "limits")
 GZIP_THRESHOLD = 256 * 1024
 CONFIGMAP_LIMIT = 1024 * 1024
+# Servers accept a token up to this long past its `exp` (and before its `nbf`): the clock skew the contract allows
+# (docs/auth-contract.md). A revocation must outlive it, plus a margin for the operator's clock running ahead.
+TOKEN_LEEWAY_SECONDS = 30
+REVOCATION_PRUNE_MARGIN_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,13 @@ class SetKeyLimits:
 AuthChange = PublishIssuer | RevokeTokens | SetKeyLimits
 
 
+def revocation_prune_time(expires: int) -> int:
+    """When a revoked entry may leave the list: past the token's `exp`, the servers' leeway and a margin."""
+    return int(expires) + TOKEN_LEEWAY_SECONDS + REVOCATION_PRUNE_MARGIN_SECONDS
+
+
 def apply_changes(documents: AuthDocuments, changes: Iterable[AuthChange], *, now: float) -> AuthDocuments:
-    """The documents after `changes`, with revoked entries past their expiry pruned."""
+    """The documents after `changes`, with revoked entries pruned once no server accepts their token any more."""
     config, jwks = documents.config, documents.jwks
     revoked = dict(documents.revoked)
     limits = dict(documents.limits)
@@ -99,7 +108,7 @@ def apply_changes(documents: AuthDocuments, changes: Iterable[AuthChange], *, no
                 limits.pop(change.apikey_uid, None)
             else:
                 limits[change.apikey_uid] = change.limits
-    revoked = {token_id: expires for token_id, expires in revoked.items() if expires > now}
+    revoked = {token_id: expires for token_id, expires in revoked.items() if now <= revocation_prune_time(expires)}
     return AuthDocuments(config=config, jwks=jwks, revoked=revoked, limits=limits)
 
 
@@ -121,8 +130,13 @@ def encode_documents(documents: AuthDocuments) -> tuple[dict[str, str], dict[str
     return data, binary
 
 
-def decode_documents(data: Mapping[str, str] | None, binary: Mapping[str, str] | None) -> AuthDocuments:
-    """The documents of a ConfigMap, reading either form; missing ones are empty."""
+def decode_documents(data: Mapping[str, str] | None, binary: Mapping[str, str] | None, *,
+                     complete: bool = False) -> AuthDocuments:
+    """The documents of a ConfigMap, reading either form; missing ones are empty.
+
+    With `complete`, a missing document raises ValueError: in a ConfigMap this operator wrote, an absent `jwks` means
+    the content is unknown, not that no key is published.
+    """
     data = data or {}
     binary = binary or {}
     values: dict[str, Any] = {}
@@ -131,6 +145,8 @@ def decode_documents(data: Mapping[str, str] | None, binary: Mapping[str, str] |
             values[name] = json.loads(data[f"{name}.json"])
         elif f"{name}.json.gz" in binary:
             values[name] = json.loads(gzip.decompress(base64.b64decode(binary[f"{name}.json.gz"])))
+        elif complete:
+            raise ValueError(f"{name}.json is missing")
     return AuthDocuments(
         config=values.get("config", {}),
         jwks=values.get("jwks", {"keys": []}),

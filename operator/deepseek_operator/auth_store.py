@@ -44,6 +44,8 @@ class _Slot:
     documents: AuthDocuments | None = None
     resource_version: str | None = None
     owner_uid: str | None = None
+    # Why the ConfigMap's content is not known as last read (missing, unreadable); None when it was read.
+    problem: str | None = None
 
 
 class AuthConfigStore:
@@ -68,14 +70,40 @@ class AuthConfigStore:
                 self._load(slot, namespace, deployment)
             return slot.documents if slot.resource_version is not None else None
 
+    def read(self, namespace: str, deployment: str, *, refresh: bool = False) -> tuple[AuthDocuments | None, str]:
+        """(documents, "") when the ConfigMap was read as this operator writes it, else (None, why it is unknown).
+
+        Decisions that act on what is published or revoked must not read a missing or unreadable ConfigMap as
+        "nothing published".
+        """
+        slot = self._slot(namespace, deployment)
+        with slot.write_lock:
+            try:
+                if refresh or slot.resource_version is None or slot.problem is not None:
+                    self._load(slot, namespace, deployment)
+            except KubeError as exc:
+                return None, (f"ConfigMap {namespace}/{auth_configmap_name(deployment)} cannot be read "
+                              f"({exc.status} {exc.reason})")
+            if slot.problem is not None:
+                return None, slot.problem
+            return slot.documents, ""
+
     def _load(self, slot: _Slot, namespace: str, deployment: str) -> None:
-        current = self._kube.get(CONFIGMAPS, namespace, auth_configmap_name(deployment))
+        name = auth_configmap_name(deployment)
+        current = self._kube.get(CONFIGMAPS, namespace, name)
         if current is None:
             # Keep the documents last known: if someone deleted the ConfigMap, the next write recreates it with
             # every revocation this process knew of instead of an empty list.
             slot.resource_version, slot.owner_uid = None, None
+            slot.problem = f"ConfigMap {namespace}/{name} does not exist"
             return
-        slot.documents = decode_documents(current.get("data"), current.get("binaryData"))
+        try:
+            slot.documents = decode_documents(current.get("data"), current.get("binaryData"), complete=True)
+            slot.problem = None
+        except (ValueError, TypeError, AttributeError, OSError) as exc:
+            # Keep the documents last known (a write repairs the ConfigMap from them) and say what is wrong.
+            slot.problem = f"ConfigMap {namespace}/{name} cannot be read: {str(exc)[:200]}"
+            log.warning("%s", slot.problem)
         slot.resource_version = current["metadata"]["resourceVersion"]
         owners = current["metadata"].get("ownerReferences") or []
         slot.owner_uid = owners[0].get("uid") if owners else None
@@ -114,6 +142,10 @@ class AuthConfigStore:
         if slot.resource_version is None or slot.owner_uid != owner["metadata"]["uid"]:
             self._load(slot, namespace, deployment)
         for _ in range(self._attempts):
+            if slot.problem is not None and slot.resource_version is not None and slot.documents is None:
+                # Unreadable and no earlier copy: writing would replace a revoked list nobody can read any more.
+                raise KubeError(422, "Invalid", f"{slot.problem}; this operator holds no earlier copy of it: "
+                                "restore it, or delete it to start an empty one", "PUT", name)
             base = slot.documents or AuthDocuments()
             updated = apply_changes(base, changes, now=self._clock())
             body = build_auth_configmap(
@@ -123,7 +155,7 @@ class AuthConfigStore:
             try:
                 if slot.resource_version is None:
                     stored = self._kube.create(CONFIGMAPS, namespace, body)
-                elif (encode_documents(updated) == encode_documents(base)
+                elif (encode_documents(updated) == encode_documents(base) and slot.problem is None
                       and slot.owner_uid == owner["metadata"]["uid"]):
                     return updated
                 else:
@@ -133,6 +165,7 @@ class AuthConfigStore:
                 self._load(slot, namespace, deployment)
                 continue
             slot.documents = updated
+            slot.problem = None
             slot.resource_version = stored["metadata"]["resourceVersion"]
             slot.owner_uid = owner["metadata"]["uid"]
             return updated

@@ -166,8 +166,10 @@ class Issuers:
                 ring = KeyRing()
             live = self._live_token_expiry(namespace, name, ring, now)
             policy = self._settings.rotation_policy
+            before, _ = self._auth.read(namespace, name, refresh=True)
             planned = plan_key_ring(ring, now=now, policy=policy, live_token_expiry=live,
-                                    fresh_key=self._new_key(now))
+                                    fresh_key=self._new_key(now),
+                                    published=before.published_kids() if before is not None else None)
             desired_secret = build_signing_key_secret(dsd, planned)
             if secret is None or planned != ring or not _signing_secret_up_to_date(secret, desired_secret):
                 self._kube.create_or_replace(SECRETS, namespace, desired_secret, up_to_date=_signing_secret_up_to_date)
@@ -178,7 +180,6 @@ class Issuers:
                              sorted(added), sorted(dropped))
             self._rings[(namespace, name)] = (dsd["metadata"]["uid"], planned)
 
-            before = self._auth.documents(namespace, name, refresh=True)
             config = build_issuer_config(
                 issuer=issuer_name(namespace, name), audience=audience_name(namespace, name),
                 default_limits=default_limits(dsd), generation=int(dsd["metadata"].get("generation", 1)),
@@ -212,7 +213,7 @@ class Issuers:
             self.reconcile_issuer(dsd)
             cached = self._rings.get((namespace, deployment))
         ring = cached[1] if cached else KeyRing()
-        documents = self._auth.documents(namespace, deployment)
+        documents, unknown = self._auth.read(namespace, deployment)
         published = documents.published_kids() if documents else frozenset()
         now = self._clock()
         signing = ring.active(now, published)
@@ -229,6 +230,7 @@ class Issuers:
             limits_entry=documents.limits.get(apikey_uid) if documents else None,
             verification_keys={k.kid: k for k in ring.keys if k.kid in published},
             revoked=documents.revoked if documents else {},
+            auth_unknown=unknown,
             not_ready_message="" if signing else
             f"no signing key of deployment {deployment!r} is published in ConfigMap "
             f"{auth_configmap_name(deployment)} yet",

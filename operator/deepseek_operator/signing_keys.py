@@ -99,15 +99,25 @@ def plan_key_ring(
     policy: RotationPolicy,
     live_token_expiry: Mapping[str, int],
     fresh_key: SigningKey,
+    published: frozenset[str] | None = None,
 ) -> KeyRing:
     """The ring after this reconcile: add a key when one is due (published ahead of signing), drop spent ones.
 
     `live_token_expiry` maps kid -> the latest expiry of a live (unrevoked) token it signed; `fresh_key` is used
-    (with its `sign_from` set here) only when a new key is due.
+    (with its `sign_from` set here) only when a new key is due. `published` is the kids the auth ConfigMap holds as
+    last read (None: unknown): a key not among them yet signs no sooner than `propagation_delay` from now.
     """
     keys = list(ring.keys)
     if not keys:
         return KeyRing((replace(fresh_key, created_at=now, sign_from=now),))
+    if published and published & ring.kids():
+        # Servers load a key only once it is published: count its propagation delay from then, not from when it
+        # was planned (the write that publishes it may have failed, or the operator stopped before it).
+        earliest = int(now + policy.propagation_delay)
+        keys = [replace(k, sign_from=earliest) if k.kid not in published and k.sign_from < earliest else k
+                for k in keys]
+        ring = KeyRing(_ordered(keys))
+        keys = list(ring.keys)
     active = ring.active(now)
     pending = [k for k in keys if k.sign_from > now]
     if not pending and (active is None or active.sign_from + policy.rotation_interval <= now):

@@ -39,6 +39,8 @@ def build_claims(grant: TokenGrant) -> dict[str, Any]:
         "uid": grant.apikey_uid,
         "jti": grant.token_id,
         "iat": grant.issued_at,
+        # Not backdated: servers check `iat` as strictly as `nbf`, so their leeway (TOKEN_LEEWAY_SECONDS, on both)
+        # is what lets a server whose clock runs behind the operator's accept a fresh token.
         "nbf": grant.issued_at,
         "exp": grant.expires_at,
     }

@@ -13,8 +13,10 @@ from deepseek_operator.apikey_plan import (
     resolve_pending,
     with_pending,
 )
+from deepseek_operator.apikey_reconciler import SECRET_WRITE_MAX_BACKOFF, secret_write_failed, write_landed_nowhere
 from deepseek_operator.auth_config import Limits
 from deepseek_operator.durations import format_timestamp as ts
+from deepseek_operator.kube import KubeError
 from deepseek_operator.signing_keys import signing_key_from_seed
 from deepseek_operator.tokens import sign_token, token_sha256
 
@@ -222,3 +224,51 @@ def test_a_first_token_found_in_the_secret_is_adopted_not_reissued():
                          now=NOW + 1, secret_claims=claims)
     assert result.issue_reason is None and result.revoke == {}
     assert result.status["tokenId"] == "found" and result.status["revision"] == 1
+
+
+@pytest.mark.parametrize("problem", ["ConfigMap ns/chat-auth does not exist",
+                                     "ConfigMap ns/chat-auth cannot be read: jwks.json is missing"])
+def test_unknown_auth_configmap_neither_rotates_nor_revokes_and_says_so(problem):
+    key, token = issued(apikey())
+    # What the issuer can tell while its ConfigMap is gone or unreadable: nothing is known to be published.
+    unknown = issuer(signing_key=None, published_kids=frozenset(), auth_unknown=problem)
+    result = plan(key, token, now=NOW + 5, view=unknown)
+    assert result.revoke == {}, f"an unknown auth state revoked {sorted(result.revoke)}"
+    assert result.issue_reason is None and result.limits is None
+    assert result.status == key["status"]
+    ready = apikey_conditions(key, result.status, unknown, now=NOW + 5, deployment="chat")[0]
+    assert (ready.status, ready.reason) == (None, "AuthConfigUnknown")
+    assert problem in ready.message
+    # Once it reads again, the same token is simply current.
+    again = plan(key, token, now=NOW + 6)
+    assert again.revoke == {} and again.issue_reason is None
+
+
+def test_unknown_auth_configmap_still_honours_a_revocation_by_spec():
+    key, token = issued(apikey(revoked=True))
+    unknown = issuer(signing_key=None, published_kids=frozenset(), auth_unknown="ConfigMap ns/chat-auth does not "
+                                                                                "exist")
+    result = plan(key, token, now=NOW + 5, view=unknown)
+    assert result.revoke == {"tok-1": NOW + 30} and result.delete_secret
+
+
+def test_refused_secret_writes_back_off_exponentially_and_never_quote_a_token():
+    error = KubeError(422, "Invalid", 'Secret "alice-apikey" is invalid: data: Forbidden: field is immutable; '
+                      "was eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhIn0.c2ln", "PUT", "/api/v1/namespaces/ns/secrets/a")
+    first = secret_write_failed(None, error, secret_name="alice-apikey", now=NOW, retry_interval=5)
+    second = secret_write_failed(first, error, secret_name="alice-apikey", now=NOW + 5, retry_interval=5)
+    assert (first.retry_at, second.retry_at) == (NOW + 5, NOW + 15)
+    assert "immutable" in first.message and "alice-apikey" in first.message and "eyJ" not in first.message
+    failure = first
+    for _ in range(20):
+        failure = secret_write_failed(failure, error, secret_name="alice-apikey", now=NOW, retry_interval=5)
+    assert failure.retry_at == NOW + SECRET_WRITE_MAX_BACKOFF
+    assert write_landed_nowhere(error) and write_landed_nowhere(KubeError(403, "Forbidden", "quota", "POST", "/"))
+    assert not write_landed_nowhere(KubeError(504, "Timeout", "may still be processing", "PUT", "/"))
+    assert not write_landed_nowhere(TimeoutError("read timed out"))
+
+
+def test_revoking_covers_a_token_just_past_its_exp_that_servers_still_accept():
+    key, token = issued(apikey(revoked=True))
+    result = plan(key, token, now=NOW + 30 + 10)  # 10 s past exp: within the servers' leeway
+    assert result.revoke == {"tok-1": NOW + 30}, "a token servers still accept was not revoked"

@@ -8,6 +8,8 @@ import pytest
 from deepseek_operator.auth_config import (
     CONFIGMAP_LIMIT,
     GZIP_THRESHOLD,
+    REVOCATION_PRUNE_MARGIN_SECONDS,
+    TOKEN_LEEWAY_SECONDS,
     AuthDocuments,
     Limits,
     PublishIssuer,
@@ -26,11 +28,21 @@ from deepseek_operator.signing_keys import KeyRing, build_jwks, signing_key_from
 NOW = 1_800_000_000
 
 
-def test_revocations_are_added_and_pruned_after_the_token_expired():
-    docs = apply_changes(AuthDocuments(), [RevokeTokens({"a": NOW + 10, "b": NOW - 1})], now=NOW)
+def test_revocations_are_added_and_pruned_once_no_server_accepts_the_token():
+    # Servers accept a token up to TOKEN_LEEWAY_SECONDS past its exp; its revocation must outlive that.
+    keep_until = TOKEN_LEEWAY_SECONDS + REVOCATION_PRUNE_MARGIN_SECONDS
+    docs = apply_changes(AuthDocuments(), [RevokeTokens({"a": NOW + 10, "b": NOW - keep_until - 1})], now=NOW)
     assert docs.revoked == {"a": NOW + 10}
-    later = apply_changes(docs, [RevokeTokens({"c": NOW + 100})], now=NOW + 10)
+    later = apply_changes(docs, [RevokeTokens({"c": NOW + 100})], now=NOW + 10 + keep_until + 1)
     assert later.revoked == {"c": NOW + 100}
+
+
+def test_a_revocation_outlives_the_servers_leeway_past_expiry():
+    docs = apply_changes(AuthDocuments(), [RevokeTokens({"a": NOW})], now=NOW - 100)
+    for late in (1, TOKEN_LEEWAY_SECONDS, TOKEN_LEEWAY_SECONDS + REVOCATION_PRUNE_MARGIN_SECONDS):
+        assert apply_changes(docs, [], now=NOW + late).revoked == {"a": NOW}, (
+            f"revocation pruned {late} s after exp, while servers still accept the token")
+    assert REVOCATION_PRUNE_MARGIN_SECONDS > 0
 
 
 def test_limits_entries_set_and_removed_by_uid_and_issuer_part_replaced():
@@ -107,3 +119,11 @@ def test_ten_thousand_keys_fit_in_one_configmap(label, revoked_per_key, custom_s
     # The API server's request carries binaryData base64-encoded: keep that under etcd's 1.5 MiB request cap too.
     assert len(json.dumps(body)) < 1.5 * 1024 * 1024
     assert decode_documents(body["data"], body.get("binaryData")) == docs
+
+
+def test_a_configmap_missing_a_document_is_unreadable_not_empty_when_read_as_written():
+    data, binary = encode_documents(AuthDocuments(jwks={"keys": [{"kid": "k1"}]}))
+    del data["jwks.json"]
+    assert decode_documents(data, binary).published_kids() == frozenset()  # lenient: what a reader may accept
+    with pytest.raises(ValueError, match=r"jwks\.json is missing"):
+        decode_documents(data, binary, complete=True)

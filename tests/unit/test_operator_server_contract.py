@@ -8,6 +8,7 @@ import time
 
 import pytest
 from deepseek_operator.auth_config import (
+    TOKEN_LEEWAY_SECONDS,
     AuthDocuments,
     Limits,
     RevokeTokens,
@@ -63,6 +64,36 @@ def test_server_accepts_the_operators_token_and_reads_limits_and_revocations():
     assert "gone" in state.revoked
     with pytest.raises(server_tokens.TokenRejected):
         server_tokens.verify_token(sign_token(grant("gone"), OLD), state)
+
+
+def test_a_revoked_token_stays_rejected_through_the_servers_leeway_after_expiry():
+    assert TOKEN_LEEWAY_SECONDS == server_tokens.LEEWAY_SECONDS
+    now = int(time.time())
+    expired = TokenGrant(issuer="deepseek-operator/team/chat", audience="team/chat", subject="alice",
+                         scopes=("model:predict",), environment="prod", apikey_uid="uid-1", token_id="late",
+                         issued_at=now - 3600, expires_at=now - TOKEN_LEEWAY_SECONDS // 2)
+    token = sign_token(expired, OLD)
+    revoked = apply_changes(base_documents(), [RevokeTokens({"late": expired.expires_at})], now=now - 3600)
+    # A later write of the ConfigMap (any change) prunes; the server must still reject the token.
+    state = server_state(apply_changes(revoked, [SetKeyLimits("uid-2", None)], now=now))
+    with pytest.raises(server_tokens.TokenRejected, match="revoked"):
+        server_tokens.verify_token(token, state)
+
+
+@pytest.mark.parametrize(("operator_ahead", "accepted"), [(TOKEN_LEEWAY_SECONDS - 5, True),
+                                                          (TOKEN_LEEWAY_SECONDS + 15, False)])
+def test_a_fresh_token_verifies_on_a_server_whose_clock_is_behind_within_the_leeway(operator_ahead, accepted):
+    # `nbf` equals `iat`: the servers' leeway (on both) is the whole allowance for a server clock running behind.
+    now = int(time.time())
+    fresh = TokenGrant(issuer="deepseek-operator/team/chat", audience="team/chat", subject="alice",
+                       scopes=("model:predict",), environment="prod", apikey_uid="uid-1", token_id="fresh",
+                       issued_at=now + operator_ahead, expires_at=now + operator_ahead + 3600)
+    state = server_state(base_documents())
+    if accepted:
+        assert server_tokens.verify_token(sign_token(fresh, OLD), state).token_id == "fresh"
+    else:
+        with pytest.raises(server_tokens.TokenRejected, match="not valid yet"):
+            server_tokens.verify_token(sign_token(fresh, OLD), state)
 
 
 def test_server_reads_the_gzip_form_of_ten_thousand_keys():

@@ -68,3 +68,29 @@ def test_jwks_holds_public_keys_only_and_ring_round_trips():
 
 def test_kid_is_a_stable_thumbprint_of_the_public_key():
     assert key(1).kid == key(1).kid and key(1).kid != key(2).kid and len(key(1).kid) == 16
+
+
+def test_propagation_counts_from_publication_not_from_planning():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    rotated = plan_key_ring(ring, now=1100, policy=POLICY, live_token_expiry={}, fresh_key=key(2),
+                            published=frozenset({key(1).kid}))
+    # Publishing the new key failed (the ConfigMap write was refused, the operator stopped); it is published later.
+    late = plan_key_ring(rotated, now=1500, policy=POLICY, live_token_expiry={}, fresh_key=key(3),
+                         published=frozenset({key(1).kid}))
+    new = late.get(key(2).kid)
+    assert new is not None and new.sign_from >= 1500 + POLICY.propagation_delay, (
+        f"the new key would sign at {new.sign_from if new else None}, before servers had "
+        f"{POLICY.propagation_delay} s to load it")
+    assert late.active(1505, published=frozenset({key(1).kid, key(2).kid})).kid == key(1).kid
+    # Once published, its schedule stays put.
+    settled = plan_key_ring(late, now=1502, policy=POLICY, live_token_expiry={}, fresh_key=key(3),
+                            published=frozenset({key(1).kid, key(2).kid}))
+    assert settled == late
+    assert settled.active(1510, published=frozenset({key(1).kid, key(2).kid})).kid == key(2).kid
+
+
+def test_the_first_key_signs_at_once_even_before_its_publication_is_confirmed():
+    ring = plan_key_ring(KeyRing(), now=1000, policy=POLICY, live_token_expiry={}, fresh_key=key(1))
+    again = plan_key_ring(ring, now=1001, policy=POLICY, live_token_expiry={}, fresh_key=key(2),
+                          published=frozenset())
+    assert again == ring

@@ -474,3 +474,72 @@ def test_scaled_to_zero_starts_no_rollout() -> None:
 
 def test_observe_color_without_deployment() -> None:
     assert not observe_color(None, [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1).exists
+
+
+def test_spec_edit_during_failing_post_verification_rolls_back_before_the_new_rollout() -> None:
+    # green (NEW) took traffic 10 s ago and answers half of it with server errors; then the spec moves on.
+    third = "cccccccccc"
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+              "activeColor": "green", "activeRevision": NEW}
+    green = ready("green", NEW, 2)
+    first = next_step(observed(status, desired=third, green=green, service=("green", NEW),
+                               live=LiveTraffic(40, 20)))
+    assert first.status["rollout"]["phase"] == "RollingBack", first.status["rollout"]
+    assert first.status["rollout"]["reason"] == "PostVerificationFailed"
+    assert "50.0%" in first.status["rollout"]["message"]
+    assert all(entry["result"] != "Completed" for entry in first.status["history"])
+
+    second = next_step(observed({**status, **first.status}, desired=third, green=green, service=("green", NEW)))
+    assert second.switch == SwitchTraffic("blue", OLD)  # traffic back on the last good color
+    assert (second.status["activeColor"], second.status["activeRevision"]) == ("blue", OLD)
+    assert ScaleColor("green", 0, None) in second.scale
+    assert second.status["failedRevision"] == NEW
+    assert second.status["history"][0]["result"] == "RolledBack"
+
+    third_step = next_step(observed({**status, **second.status}, desired=third, green=ready("green", NEW, 0),
+                                    service=("blue", OLD)))
+    rollout = third_step.status["rollout"]
+    assert (rollout["phase"], rollout["color"], rollout["revision"]) == ("Provisioning", "green", third)
+    # the stable color is never rebuilt for the new revision
+    assert not any(s.color == "blue" and s.revision is not None for s in third_step.scale)
+
+
+def test_spec_edit_during_healthy_post_verification_completes_the_switch() -> None:
+    third = "cccccccccc"
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, desired=third, green=ready("green", NEW, 2), service=("green", NEW),
+                                  live=LiveTraffic(100, 1)))
+    assert decision.status["rollout"]["phase"] == "Completed"
+    assert decision.status["history"][0]["result"] == "Completed"
+
+
+def test_rolling_back_frees_the_failed_colors_gpus_once_the_stable_color_waited_past_its_deadline():
+    # Traffic is on green (failed); blue cannot get its GPUs back because green holds them.
+    status = {**stable_status(phase="RollingBack", switchedAt=format_time(NOW - 700), reason="PostVerificationFailed",
+                              message="error rate", deadline=format_time(NOW - 1)),
+              "activeColor": "green", "activeRevision": NEW}
+    starved = ready("blue", OLD, 0, replicas=2, shortage=SHORTAGE)
+    within = next_step(observed({**status, "rollout": {**status["rollout"], "deadline": format_time(NOW + 60)}},
+                                green=ready("green", NEW, 2), blue=starved, service=("green", NEW)))
+    assert ScaleColor("green", 0, None) not in within.scale and within.switch is None
+
+    decision = next_step(observed(status, green=ready("green", NEW, 2), blue=starved, service=("green", NEW)))
+    assert ScaleColor("green", 0, None) in decision.scale, (
+        f"RollingBack past its deadline still waits with {decision.scale}")
+    assert decision.switch is None  # never to a color with no ready pod
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert "GPU" in decision.status["rollout"]["message"] or "gpu" in decision.status["rollout"]["message"]
+
+    freed = next_step(observed({**status, **decision.status}, green=ready("green", NEW, 0, replicas=0),
+                               blue=ready("blue", OLD, 2), service=("green", NEW)))
+    assert freed.switch == SwitchTraffic("blue", OLD)
+    assert freed.status["rollout"]["phase"] == "Degraded" and freed.status["failedRevision"] == NEW
+
+
+def test_a_rollback_gets_its_own_deadline():
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW),
+                                  live=LiveTraffic(100, 20)))
+    assert decision.status["rollout"]["deadline"] == format_time(NOW + SETTINGS.progress_deadline)
