@@ -25,6 +25,8 @@ def _serve_parser(sub: Any) -> None:
         elif name == "auth":
             serve.add_argument(flag, choices=["required", "disabled"], default=argparse.SUPPRESS,
                                help="'disabled' turns off API keys and limits (local testing only)" + help_text)
+        elif name == "engine":
+            serve.add_argument(flag, choices=["builtin", "vllm"], default=argparse.SUPPRESS, help=help_text)
         elif name == "precision":
             serve.add_argument(flag, choices=["bf16", "fp16", "fp32", "int8"], default=argparse.SUPPRESS,
                                help=help_text)
@@ -62,13 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight model and tokenizer (no download)")
     tiny.add_argument("--arch", choices=ARCHITECTURES, default="llama")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2, help="number of decoder layers")
+    tiny.add_argument("--heads", type=int, default=2, help="attention heads (head_dim = hidden size / heads)")
+    tiny.add_argument("--kv-heads", type=int, default=1, help="key/value heads (grouped-query attention)")
+    tiny.add_argument("--intermediate-size", type=int, default=128)
+    tiny.add_argument("--max-len", type=int, default=512, help="context length (max_position_embeddings)")
     tiny.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     if args.command == "make-tiny-model":
-        from deepseek_server.tiny_model import make_tiny_model
+        from deepseek_server.tiny_model import ModelSize, make_tiny_model
 
-        make_tiny_model(args.arch, args.out, seed=args.seed)
-        print(f"wrote a tiny {args.arch} model to {args.out}")
+        try:
+            size = ModelSize(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                             intermediate_size=args.intermediate_size)
+        except ValueError as exc:
+            parser.error(str(exc))
+        make_tiny_model(args.arch, args.out, seed=args.seed, max_len=args.max_len, size=size)
+        print(f"wrote a tiny {args.arch} model (hidden {size.hidden_size}, {size.num_hidden_layers} layers, "
+              f"head_dim {size.head_dim}) to {args.out}")
         return 0
     options = {k: v for k, v in vars(args).items() if k != "command"}
     return serve(options)

@@ -16,6 +16,7 @@ from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
 from deepseek_server.body_limit import BodyLimitMiddleware
 from deepseek_server.engine.base import Engine
+from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine
 from deepseek_server.errors import install_error_handlers
 from deepseek_server.request_recording import RequestRecordingMiddleware
 from deepseek_server.routes import completions, history, operations
@@ -48,11 +49,14 @@ def _auth_source(services: Services) -> DirectoryAuthSource | ConfigMapAuthSourc
 
 async def _load_engine(services: Services) -> None:
     """Load the model from settings off the event loop, so /health answers while weights load."""
-    from deepseek_server.engine.batched import BatchedEngine
-    from deepseek_server.engine.loading import load_model
-
     settings = services.settings
     try:
+        try:
+            from deepseek_server.engine.batched import BatchedEngine
+            from deepseek_server.engine.loading import load_model
+        except ImportError as exc:
+            raise RuntimeError(f"--engine builtin needs torch and transformers ({exc}): install "
+                               "deepseek-server[builtin], or use --engine vllm") from exc
         if settings.model is None:
             raise ValueError("no model given: pass --model PATH (or DEEPSEEK_MODEL)")
         loaded = await asyncio.to_thread(load_model, settings.model, settings.precision, settings.device,
@@ -74,11 +78,21 @@ async def _load_engine(services: Services) -> None:
         log.exception("loading the model failed")
 
 
+def upstream_engine(settings: ServerSettings) -> OpenAIUpstreamEngine:
+    """The engine in front of which this process is only the gateway (vLLM's OpenAI server on localhost)."""
+    return OpenAIUpstreamEngine(settings.engine_url, settings.served_model_name(),
+                                max_new_tokens=settings.max_new_tokens,
+                                connect_timeout_s=settings.engine_connect_timeout_s,
+                                read_timeout_s=settings.engine_read_timeout_s)
+
+
 def create_app(settings: ServerSettings, engine: Engine | None = None, *, record_requests: bool = True) -> FastAPI:
     """Build the server app. With `engine=None` the model in `settings.model` is loaded at start-up.
 
     `record_requests=False` leaves out metrics and audit recording (only for measuring their cost).
     """
+    if engine is None and settings.engine == "vllm":
+        engine = upstream_engine(settings)  # type: ignore[assignment]  # relayed, see deepseek_server.relay
     services = build_services(settings, engine)
 
     @asynccontextmanager

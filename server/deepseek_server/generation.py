@@ -47,7 +47,9 @@ def serving_engine(services: Services, model: str) -> Engine:
     """The engine for `model`: 404 for another model, 503 while loading or shutting down."""
     engine = services.engine
     if engine is None or not engine.ready:
-        detail = f" (loading failed: {services.load_error})" if services.load_error else ""
+        reason = getattr(engine, "not_ready_reason", None)  # engines in another process say why
+        reason = f"loading failed: {services.load_error}" if services.load_error else reason
+        detail = f" ({reason})" if reason else ""
         raise APIError(503, f"The model is not loaded yet{detail}; retry shortly.", type="server_error",
                        code="model_not_ready", headers={"retry-after": "5"})
     if model != engine.model_name:
@@ -129,6 +131,25 @@ def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
     return headers
 
 
+async def serve_cached(services: Services, request: Request, principal: Principal, kind: Kind,
+                       fingerprint: str) -> JSONResponse | None:
+    """The cached answer under a fresh id (a hit still takes and returns a rate-limit slot), or None on a miss."""
+    if services.cache is None:
+        return None
+    cached = await services.cache.get(fingerprint)
+    if cached is None:
+        services.metrics.cache_misses.inc()
+        return None
+    lease = await admit(services, request, principal)
+    await release(services, lease, 0)
+    services.metrics.cache_hits.inc()
+    request.state.cache = "hit"
+    usage = cached.get("usage") or {}
+    request.state.usage = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    call_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    return JSONResponse({**cached, "id": call_id, "created": int(time.time())}, headers=_headers(request, "hit"))
+
+
 async def respond(services: Services, request: Request, principal: Principal, engine: Engine,
                   call: PlannedCall) -> JSONResponse | StreamingResponse:
     request.state.fingerprint = call.fingerprint
@@ -137,17 +158,10 @@ async def respond(services: Services, request: Request, principal: Principal, en
         request.state.started = time.perf_counter()
     call_id = f"{'chatcmpl' if call.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    if call.cacheable and services.cache is not None:
-        cached = await services.cache.get(call.fingerprint)
+    if call.cacheable:
+        cached = await serve_cached(services, request, principal, call.kind, call.fingerprint)
         if cached is not None:
-            lease = await admit(services, request, principal)
-            await release(services, lease, 0)
-            services.metrics.cache_hits.inc()
-            request.state.cache = "hit"
-            usage = cached.get("usage") or {}
-            request.state.usage = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            return JSONResponse({**cached, "id": call_id, "created": created}, headers=_headers(request, "hit"))
-        services.metrics.cache_misses.inc()
+            return cached
     request.state.cache = "miss"
     lease = await admit(services, request, principal)
     streams = [engine.submit(r) for r in call.requests]

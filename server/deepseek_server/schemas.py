@@ -37,8 +37,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Parameters shared by chat and text completions."""
 
-    # Unknown OpenAI parameters are ignored so that clients sending e.g. `user` keep working.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown parameters are kept (in `model_extra`): the engine's capabilities decide whether they are relayed to
+    # it or refused by name, never silently dropped.
+    model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1)]
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None

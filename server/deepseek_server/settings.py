@@ -12,12 +12,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPSEEK_", extra="ignore")
 
-    model: str | None = Field(None, description="path of the model directory (config.json, weights, tokenizer)")
-    model_name: str | None = Field(None, description="the id clients send as `model` (default: the directory name)")
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin", description="builtin: load --model in this process; vllm: relay to vLLM's OpenAI server at "
+        "--engine-url (this process is then only the gateway and needs no torch)")
+    engine_url: str = Field("http://127.0.0.1:8001", description="base URL of the vLLM server (--engine vllm)")
+    engine_connect_timeout_s: float = Field(1.0, gt=0, description="connect timeout to the engine; an engine that "
+                                            "does not accept within it is answered as 503")
+    engine_read_timeout_s: float = Field(600.0, gt=0, description="longest wait for the engine's next bytes")
+    model: str | None = Field(None, description="path of the model directory (config.json, weights, tokenizer); "
+                              "not used with --engine vllm")
+    model_name: str | None = Field(None, description="the id clients send as `model` (default: the directory name; "
+                                   "with --engine vllm it must equal vLLM's --served-model-name)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     precision: Literal["bf16", "fp16", "fp32", "int8"] = "bf16"
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description="auto (every visible GPU, else the CPU), cpu, cuda (every visible "
+                        "GPU, the model sharded across them) or cuda:N (that GPU only)")
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's own)")
     max_new_tokens: int = Field(512, ge=1, description="default and ceiling for max_tokens")
@@ -52,6 +62,14 @@ class ServerSettings(BaseSettings):
                     "auth is required: give exactly one of --auth-dir DIR or --auth-configmap NAMESPACE/NAME "
                     "(or --auth disabled for a local test server)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ServerSettings:
+        if self.engine == "vllm" and not self.model_name and not self.model:
+            raise ValueError("--engine vllm needs --model-name NAME (vLLM's --served-model-name)")
+        if not self.engine_url.startswith(("http://", "https://")):
+            raise ValueError(f"--engine-url must be an http(s) URL, got {self.engine_url!r}")
         return self
 
     @property

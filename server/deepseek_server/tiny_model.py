@@ -9,6 +9,7 @@ AutoModelForCausalLM/AutoTokenizer path. Nothing is downloaded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,16 +75,39 @@ def train_tokenizer(vocab_size: int = 384):  # type: ignore[no-untyped-def]
     )
 
 
-def _config(arch: Architecture, vocab_size: int, bos: int, eos: int, pad: int, max_len: int):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class ModelSize:
+    """The shape of a tiny model. The defaults keep head_dim at 32, the smallest vLLM's CPU attention serves."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    intermediate_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"{self.num_attention_heads} attention heads are not a multiple of "
+                             f"{self.num_key_value_heads} key/value heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _config(arch: Architecture, size: ModelSize, vocab_size: int, bos: int, eos: int, pad: int,  # type: ignore[no-untyped-def]
+            max_len: int):
     from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_key_value_heads,
         max_position_embeddings=max_len,
         bos_token_id=bos,
         eos_token_id=eos,
@@ -94,8 +118,9 @@ def _config(arch: Architecture, vocab_size: int, bos: int, eos: int, pad: int, m
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    # MLA sets its own head dims; the MoE layers need every head to have its own key/value.
     return DeepseekV3Config(
-        **{**common, "num_key_value_heads": 4},
+        **{**common, "num_key_value_heads": size.num_attention_heads},
         moe_intermediate_size=32,
         n_routed_experts=4,
         num_experts_per_tok=2,
@@ -111,8 +136,9 @@ def _config(arch: Architecture, vocab_size: int, bos: int, eos: int, pad: int, m
     )
 
 
-def make_tiny_model(arch: Architecture, out: Path, *, seed: int = 0, max_len: int = 512) -> Path:
-    """Write a tiny model of `arch` (hidden 64, 2 layers) and its tokenizer into `out`; returns `out`."""
+def make_tiny_model(arch: Architecture, out: Path, *, seed: int = 0, max_len: int = 512,
+                    size: ModelSize | None = None) -> Path:
+    """Write a random-weight model of `arch` (default ModelSize: hidden 64, 2 layers) and its tokenizer into `out`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -122,7 +148,7 @@ def make_tiny_model(arch: Architecture, out: Path, *, seed: int = 0, max_len: in
     tokenizer = train_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     bos, eos, pad = ids(BOS), ids(EOS), ids(PAD)
-    config = _config(arch, len(tokenizer), bos, eos, pad, max_len)
+    config = _config(arch, size or ModelSize(), len(tokenizer), bos, eos, pad, max_len)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)

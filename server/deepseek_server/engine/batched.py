@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from deepseek_server.engine.base import FinishReason, GenerationRequest, GenerationResult, GenerationStream, TextDelta
 from deepseek_server.engine.loading import LoadedModel
-from deepseek_server.engine.running_batch import BatchTensors, cache_is_joinable
+from deepseek_server.engine.running_batch import BatchTensors, cache_is_joinable, make_growable
 from deepseek_server.engine.sampling import sample_rows
 from deepseek_server.engine.text_assembly import TextAssembler
 
@@ -199,6 +199,8 @@ class BatchedEngine:
             self.joinable = cache_is_joinable(cache)
             log.info("continuous batching %s for %s", "on" if self.joinable else "off (dynamic batching)",
                      type(self.model).__name__)
+        if self.joinable:
+            make_growable(cache)
         return BatchTensors(mask=mask, positions=positions[:, -1:], logits=logits, cache=cache)
 
     def _admit(self, room: int) -> list[_Row]:

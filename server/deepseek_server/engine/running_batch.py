@@ -4,6 +4,8 @@ Rows are left-padded: each row of `mask` is zeros then ones, and the KV cache of
 dim] along the same time axis. So two batches join by left-padding the shorter in time and concatenating rows;
 finished rows leave by selecting the others; and columns that are padding for every row are cropped from the left.
 Position ids are explicit per row, so none of these edits changes what the model computes for a row.
+A joinable cache's layers are `GrowingLayer`s (see `kv_cache`), so decode steps append in place. With a model
+sharded over several devices each layer's cache lives on its own device, so row indexes go to each tensor's device.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deepseek_server.engine.kv_cache import GrowingLayer
+
 
 def cache_is_joinable(cache: Any) -> bool:
     """Only plain per-layer key/value tensors can be padded and concatenated (no sliding-window or hybrid layers)."""
@@ -21,10 +25,16 @@ def cache_is_joinable(cache: Any) -> bool:
 
     layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(
-        type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
+        type(layer) in (DynamicLayer, GrowingLayer) and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
         and isinstance(layer.values, torch.Tensor) and layer.values.dim() == 4
         for layer in layers
     )
+
+
+def make_growable(cache: Any) -> None:
+    """Turn a joinable cache's layers into `GrowingLayer`s, so that later steps write in place."""
+    cache.layers = [layer if isinstance(layer, GrowingLayer) else GrowingLayer.from_layer(layer)
+                    for layer in cache.layers]
 
 
 @dataclass
@@ -45,22 +55,19 @@ class BatchTensors:
         length = max(self.mask.shape[1], other.mask.shape[1])
         mine, theirs = length - self.mask.shape[1], length - other.mask.shape[1]
         for layer, incoming in zip(self.cache.layers, other.cache.layers, strict=True):
-            layer.keys = torch.cat([F.pad(layer.keys, (0, 0, mine, 0)), F.pad(incoming.keys, (0, 0, theirs, 0))])
-            layer.values = torch.cat([F.pad(layer.values, (0, 0, mine, 0)),
-                                      F.pad(incoming.values, (0, 0, theirs, 0))])
+            layer.join(incoming)
         self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
         self.positions = torch.cat([self.positions, other.positions])
         self.logits = torch.cat([self.logits, other.logits])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in this order), then crop time columns that are padding for all of them."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        index = torch.tensor(rows, dtype=torch.long)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        self.logits = self.logits.index_select(0, index)
+            layer.select(index)
+        self.mask = self.mask.index_select(0, index.to(self.mask.device))
+        self.positions = self.positions.index_select(0, index.to(self.positions.device))
+        self.logits = self.logits.index_select(0, index.to(self.logits.device))
         self.crop_padding()
 
     def crop_padding(self) -> None:
@@ -68,6 +75,5 @@ class BatchTensors:
         start = int(used[0].item()) if used.numel() else 0
         if start > 0:
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:, :]
-                layer.values = layer.values[:, :, start:, :]
+                layer.drop_front(start)
             self.mask = self.mask[:, start:]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from deepseek_server.auth.dependency import require_scope
 from deepseek_server.auth.guard import SCOPE_PREDICT
 from deepseek_server.auth.tokens import Principal
+from deepseek_server.engine.capabilities import capabilities_of, reject_unsupported
 from deepseek_server.errors import APIError
 from deepseek_server.generation import plan_call, respond, serving_engine
+from deepseek_server.relay import relay_call
 from deepseek_server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deepseek_server.services import Services
 
@@ -22,23 +24,22 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _unsupported(param: str, what: str) -> APIError:
-    return APIError(400, f"{what} is not supported by this server.", param=param, code="unsupported_parameter")
-
-
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(require_scope(SCOPE_PREDICT))
-                           ) -> JSONResponse | StreamingResponse:
+                           ) -> Response:
     """Chat completion, streamed as SSE when `stream` is true."""
     services = _services(request)
     request.state.model = body.model
     engine = serving_engine(services, body.model)
-    if body.logprobs:
-        raise _unsupported("logprobs", "logprobs")
+    capabilities = capabilities_of(engine)
+    reject_unsupported(capabilities, "chat", body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if services.settings.audit_prompts:
         request.state.prompt_preview = messages[-1]["content"][:PROMPT_PREVIEW_CHARS]
+    if capabilities.relays_openai:
+        return await relay_call(services, request, principal, engine, "chat", body,  # type: ignore[arg-type]
+                                body.requested_max_tokens())
     try:
         prompt_ids = engine.encode_chat(messages)
     except Exception as exc:  # template errors are the caller's messages not fitting the model's format
@@ -51,20 +52,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request,
                       principal: Principal = Depends(require_scope(SCOPE_PREDICT))
-                      ) -> JSONResponse | StreamingResponse:
+                      ) -> Response:
     """Text completion of `prompt`, streamed as SSE when `stream` is true."""
     services = _services(request)
     request.state.model = body.model
     engine = serving_engine(services, body.model)
-    if body.echo:
-        raise _unsupported("echo", "echo")
-    if body.logprobs is not None:
-        raise _unsupported("logprobs", "logprobs")
-    if body.suffix is not None:
-        raise _unsupported("suffix", "suffix (insertion)")
+    capabilities = capabilities_of(engine)
+    reject_unsupported(capabilities, "text", body)
     prompt = body.prompt_text()
     if services.settings.audit_prompts:
         request.state.prompt_preview = prompt[:PROMPT_PREVIEW_CHARS]
+    if capabilities.relays_openai:
+        return await relay_call(services, request, principal, engine, "text", body,  # type: ignore[arg-type]
+                                body.max_tokens if "max_tokens" in body.model_fields_set else None)
     prompt_ids = engine.encode_text(prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")

@@ -1,10 +1,13 @@
-"""Probes and metrics: /health (alive), /ready (model loaded and warmed, auth loaded), /metrics."""
+"""Probes and metrics: /health (alive), /ready (model loaded and warmed, auth loaded), /metrics, /metrics/engine."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from deepseek_server.engine.capabilities import capabilities_of
+from deepseek_server.errors import APIError
 
 router = APIRouter()
 
@@ -25,6 +28,8 @@ async def ready(request: Request) -> JSONResponse:
         body["warning"] = "authentication is DISABLED on this server"
     if services.load_error:
         body["error"] = services.load_error
+    elif not model_ready and getattr(services.engine, "not_ready_reason", None):
+        body["error"] = services.engine.not_ready_reason  # an engine in another process: why it is not ready
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
@@ -34,3 +39,13 @@ async def metrics(request: Request) -> Response:
     if services.engine is not None:
         services.metrics.queue_depth.set(services.engine.queue_depth)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/engine")
+async def engine_metrics(request: Request) -> Response:
+    """The engine's own Prometheus metrics (vLLM's), through the gateway's port: the engine's port stays private."""
+    engine = request.app.state.services.engine
+    if engine is None or not capabilities_of(engine).own_metrics:
+        raise APIError(404, "This server's engine has no metrics of its own; see /metrics.", code="not_found")
+    body, content_type = await engine.scrape_metrics()
+    return Response(body, media_type=content_type)

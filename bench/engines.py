@@ -1,0 +1,322 @@
+"""Benchmark: the builtin engine, vLLM direct, and vLLM through our gateway, side by side on one model.
+
+One model (made by `deepseek-server make-tiny-model` with size flags: >= 100M parameters, head_dim 64 in full mode),
+one client, streamed completions with temperature 0 and 64 output tokens, at concurrency 1, 16 and 64. All three
+servers run at once and the order alternates between rounds, so drift on a shared machine hits all of them alike.
+Prints tokens/s, p50/p95 latency and time to first token, with ratios next to the targets:
+- gateway vs vLLM direct: <= 3 % fewer tokens/s and <= 2 ms more p50 latency, at every concurrency;
+- builtin vs vLLM direct: >= 0.8x tokens/s at concurrency 16.
+
+    .venv/bin/python bench/engines.py            # full: ~110M-parameter model
+    .venv/bin/python bench/engines.py --quick    # the default tiny model, few requests: a few minutes
+    .venv/bin/python bench/engines.py --only vllm,gateway --concurrency 1,16
+
+vLLM comes from `make vllm-env` (.venv-vllm). Both our servers check real API keys (an auth directory made here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+REPO = Path(__file__).resolve().parent.parent
+STATUS_FILE = Path("/tmp/bench_engines_status.txt")
+MODEL_NAME = "bench-model"
+ISSUER, AUDIENCE = "deepseek-operator/bench/engines", "bench/engines"
+TARGETS = {"gateway_tokens_loss": 0.03, "gateway_p50_ms": 2.0, "builtin_ratio_c16": 0.8}
+# full mode: 12 layers x (4 x 768^2 attention + 3 x 768 x 3072 MLP) ~ 113M parameters, head_dim 64
+FULL_SIZE = ["--hidden-size", "768", "--layers", "12", "--heads", "12", "--kv-heads", "12",
+             "--intermediate-size", "3072", "--max-len", "1024"]
+ENGINES = ("builtin", "vllm", "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_auth(directory: Path) -> str:
+    """An auth directory with one signing key and generous limits; returns a token valid for a day."""
+    key = Ed25519PrivateKey.generate()
+    x = b64url(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = {
+        "config": {"issuer": ISSUER, "audience": AUDIENCE, "generation": 1,
+                   "defaultLimits": {"rps": 100000, "burst": 100000, "tpm": None, "parallel": None}},
+        "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "bench", "use": "sig", "alg": "EdDSA"}]},
+        "revoked": {}, "limits": {},
+    }
+    for name, document in documents.items():
+        (directory / f"{name}.json").write_text(json.dumps(document))
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench", "scope": ["model:predict"], "env": "dev",
+              "uid": "bench", "jti": b64url(secrets.token_bytes(16)), "iat": now, "nbf": now, "exp": now + 86400}
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": "bench"})
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+    token: str | None = None
+
+
+def start(name: str, args: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None,
+          token: str | None = None) -> Server:
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    return Server(name, f"http://127.0.0.1:{port}", proc, log, token)
+
+
+def wait_ready(server: Server, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc is not None and server.proc.poll() is not None:
+            sys.exit(f"{server.name} exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"{server.name} not ready within {timeout:.0f} s:\n{server.log.read_text()[-3000:]}")
+
+
+def stop(server: Server) -> None:
+    if server.proc is not None and server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@dataclass
+class Level:
+    """Results of one engine at one concurrency, over all rounds."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int,
+                      level: Level) -> None:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    headers = {"authorization": f"Bearer {server.token}"} if server.token else {}
+    started = time.perf_counter()
+    first: float | None = None
+    usage = None
+    try:
+        async with client.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {response.text[:300]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except (httpx.HTTPError, RuntimeError) as exc:
+        level.errors += 1
+        if level.errors <= 3:
+            print(f"  error: {exc}", file=sys.stderr)
+        return
+    done = time.perf_counter()
+    level.latencies.append(done - started)
+    level.ttfts.append((first or done) - started)
+    level.tokens += int((usage or {}).get("completion_tokens") or 0)
+
+
+async def run_level(server: Server, concurrency: int, requests: int, max_tokens: int, level: Level,
+                    round_no: int) -> None:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        queue = list(range(requests))
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                await one_request(client, server, f"Request {round_no}-{i}: tell me a story about", max_tokens,
+                                  level)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        level.seconds += time.perf_counter() - started
+
+
+def table(results: dict[int, dict[str, Level]], engines: list[str]) -> str:
+    lines = [f"{'conc':>4} {'engine':<8} {'tok/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'TTFT p50':>9} {'err':>4}  "
+             "vs vLLM direct (target)"]
+    verdicts: list[bool] = []
+    for concurrency, by_engine in results.items():
+        direct = by_engine.get("vllm")
+        for name in engines:
+            level = by_engine[name]
+            p50 = pct(level.latencies, 0.5) * 1000
+            note = ""
+            if direct is not None and name != "vllm" and direct.tokens_per_s:
+                ratio = level.tokens_per_s / direct.tokens_per_s
+                if name == "gateway":
+                    overhead = p50 - pct(direct.latencies, 0.5) * 1000
+                    ok_tokens = ratio >= 1 - TARGETS["gateway_tokens_loss"]
+                    ok_p50 = overhead <= TARGETS["gateway_p50_ms"]
+                    verdicts += [ok_tokens, ok_p50]
+                    note = (f"tok/s {ratio:.3f}x (>= {1 - TARGETS['gateway_tokens_loss']:.2f}) "
+                            f"{'ok' if ok_tokens else 'MISS'}; p50 {overhead:+.1f} ms (<= "
+                            f"{TARGETS['gateway_p50_ms']:.0f}) {'ok' if ok_p50 else 'MISS'}")
+                else:
+                    note = f"tok/s {ratio:.3f}x"
+                    if concurrency == 16:
+                        ok = ratio >= TARGETS["builtin_ratio_c16"]
+                        verdicts.append(ok)
+                        note += f" (>= {TARGETS['builtin_ratio_c16']}) {'ok' if ok else 'MISS'}"
+            lines.append(f"{concurrency:>4} {name:<8} {level.tokens_per_s:>8.1f} {p50:>9.1f} "
+                         f"{pct(level.latencies, 0.95) * 1000:>9.1f} {pct(level.ttfts, 0.5) * 1000:>9.1f} "
+                         f"{level.errors:>4}  {note}")
+    lines.append(f"targets met: {sum(verdicts)}/{len(verdicts)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the default tiny model and few requests")
+    parser.add_argument("--model", type=Path, help="use this model directory instead of making one")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--requests", type=int, help="requests per engine, level and round (default: by mode)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per level; the order alternates")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--only", default=",".join(ENGINES), help="engines to run: builtin,vllm,gateway")
+    parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
+    parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engines = [e for e in ENGINES if e in args.only.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    STATUS_FILE.write_text(f"running since {time.strftime('%H:%M:%S')}: cd {REPO} && {sys.executable} "
+                           f"{shlex.join(sys.argv)}\n")
+    vllm_python = args.vllm_venv / "bin" / "python"
+    if ("vllm" in engines or "gateway" in engines) and not vllm_python.exists():
+        sys.exit(f"no vLLM environment at {args.vllm_venv}: run `make vllm-env`")
+    work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    model = args.model
+    if model is None:
+        model = work / "model"
+        size = [] if args.quick else FULL_SIZE
+        subprocess.run([sys.executable, "-m", "deepseek_server", "make-tiny-model", "--arch", "llama", *size,
+                        str(model)], check=True)
+    config = json.loads((model / "config.json").read_text())
+    max_len = int(config.get("max_position_embeddings", 512))
+    token = make_auth(work / "auth")
+    server_cmd = [sys.executable, "-m", "deepseek_server", "serve", "--model-name", MODEL_NAME, "--auth-dir",
+                  str(work / "auth"), "--no-cache", "--host", "127.0.0.1", "--audit-log", str(work / "audit.jsonl"),
+                  "--max-new-tokens", str(args.max_tokens), "--log-level", "warning"]
+    ports = {name: free_port() for name in ENGINES}
+    servers: dict[str, Server] = {}
+    print(f"model {model} ({config.get('hidden_size')} hidden, {config.get('num_hidden_layers')} layers); "
+          f"logs in {work}", flush=True)
+    with ExitStack() as stack:
+        if args.vllm_url:
+            servers["vllm"] = Server("vllm", args.vllm_url.rstrip("/"), None, work / "vllm.log")
+        elif "vllm" in engines or "gateway" in engines:
+            servers["vllm"] = start("vllm", [
+                str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(ports["vllm"]),
+                "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
+                "--disable-log-stats", "--uvicorn-log-level", "warning"],
+                ports["vllm"], work, env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+                                          "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
+            stack.callback(stop, servers["vllm"])
+        if "gateway" in engines:
+            servers["gateway"] = start("gateway", [*server_cmd, "--engine", "vllm", "--engine-url",
+                                                   servers["vllm"].url, "--port", str(ports["gateway"])],
+                                       ports["gateway"], work, token=token)
+            stack.callback(stop, servers["gateway"])
+        if "builtin" in engines:
+            servers["builtin"] = start("builtin", [*server_cmd, "--engine", "builtin", "--model", str(model),
+                                                   "--precision", "fp32", "--device", "cpu", "--max-batch-size",
+                                                   str(max(levels)), "--port", str(ports["builtin"])],
+                                       ports["builtin"], work, token=token)
+            stack.callback(stop, servers["builtin"])
+        for name in servers:
+            wait_ready(servers[name], "/health" if name == "vllm" else "/ready", 900)
+        print("all servers ready; warming up", flush=True)
+        for name in engines:
+            asyncio.run(run_level(servers[name], 2, 4, args.max_tokens, Level(), -1))
+        results: dict[int, dict[str, Level]] = {}
+        for concurrency in levels:
+            requests = args.requests or (max(4, concurrency) if args.quick else max(16, 2 * concurrency))
+            results[concurrency] = {name: Level() for name in engines}
+            for round_no in range(args.rounds):
+                order = engines if round_no % 2 == 0 else engines[::-1]
+                for name in order:
+                    asyncio.run(run_level(servers[name], concurrency, requests, args.max_tokens,
+                                          results[concurrency][name], round_no))
+                    level = results[concurrency][name]
+                    print(f"  c={concurrency} round {round_no} {name}: {level.tokens_per_s:.1f} tok/s so far, "
+                          f"p50 {pct(level.latencies, 0.5) * 1000:.1f} ms", flush=True)
+    report = table(results, engines)
+    print()
+    print(f"engines bench ({'quick' if args.quick else 'full'}): {args.max_tokens} output tokens, temperature 0, "
+          f"streamed, {args.rounds} rounds alternating, model hidden {config.get('hidden_size')} x "
+          f"{config.get('num_hidden_layers')} layers")
+    print(report)
+    STATUS_FILE.write_text(STATUS_FILE.read_text() + f"finished {time.strftime('%H:%M:%S')}:\n{report}\n")
+    if not args.keep_logs:
+        for path in work.glob("*.log"):
+            path.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""What an engine can do, as data the gateway reads: the OpenAI parameters it honours, and how it is called.
+
+The gateway refuses any parameter outside an engine's set by name (400 `unsupported_parameter`): a request is either
+answered as asked or refused, never answered with a parameter silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from deepseek_server.errors import APIError
+
+# What every engine accepts on both routes.
+_COMMON = frozenset({"model", "stream", "stream_options", "temperature", "top_p", "n", "stop", "seed",
+                     "presence_penalty", "frequency_penalty", "user"})
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """`chat`/`text`: request parameters honoured on /v1/chat/completions and /v1/completions.
+
+    `relays_openai`: the engine is an OpenAI server the gateway relays requests to (rather than one that takes
+    token ids in this process). `own_metrics`: the engine has Prometheus metrics of its own (GET /metrics/engine).
+    """
+
+    name: str
+    chat: frozenset[str]
+    text: frozenset[str]
+    relays_openai: bool = False
+    own_metrics: bool = False
+
+    def parameters(self, kind: str) -> frozenset[str]:
+        return self.chat if kind == "chat" else self.text
+
+
+# The engine in this process: no logprobs, echo or suffix; penalties are accepted as OpenAI's neutral defaults.
+BUILTIN = EngineCapabilities(
+    name="builtin",
+    chat=_COMMON | {"messages", "max_tokens", "max_completion_tokens"},
+    text=_COMMON | {"prompt", "max_tokens"},
+)
+
+# vLLM's OpenAI server. Its sampling and structured-output extensions are relayed; parameters that steer the engine's
+# operation rather than the answer (scheduling priority, request ids, KV transfer, custom chat templates, extra
+# engine arguments, prefix-cache salts) are not, so one key cannot affect other keys' requests.
+_VLLM_SAMPLING = frozenset({
+    "logit_bias", "logprobs", "top_logprobs", "response_format", "top_k", "min_p", "repetition_penalty",
+    "length_penalty", "use_beam_search", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
+    "allowed_token_ids", "bad_words", "echo", "add_special_tokens", "structured_outputs",
+    "return_tokens_as_token_ids",
+})
+VLLM = EngineCapabilities(
+    name="vllm",
+    chat=_COMMON | _VLLM_SAMPLING | {
+        "messages", "max_tokens", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
+        "reasoning_effort", "include_reasoning", "add_generation_prompt", "continue_final_message",
+        "chat_template_kwargs", "documents"},
+    text=_COMMON | _VLLM_SAMPLING | {"prompt", "max_tokens"},
+    relays_openai=True,
+    own_metrics=True,
+)
+
+
+def capabilities_of(engine: Any) -> EngineCapabilities:
+    """The engine's declared capabilities; engines that take token ids in this process declare none: BUILTIN."""
+    declared = getattr(engine, "capabilities", None)
+    return declared if isinstance(declared, EngineCapabilities) else BUILTIN
+
+
+def sent_parameters(body: BaseModel) -> dict[str, Any]:
+    """The parameters a request body actually carries: declared fields the client set, and any unknown ones."""
+    sent = {name: getattr(body, name) for name in body.model_fields_set}
+    sent.update(body.model_extra or {})
+    return sent
+
+
+def reject_unsupported(capabilities: EngineCapabilities, kind: str, body: BaseModel) -> None:
+    """400 `unsupported_parameter` naming the first parameter the engine does not honour.
+
+    `null` and `false` mean "not asked for" in OpenAI's API (e.g. `"logprobs": false`), so they pass.
+    """
+    supported = capabilities.parameters(kind)
+    for name, value in sent_parameters(body).items():
+        if name not in supported and value is not None and value is not False:
+            raise APIError(400, f"The parameter '{name}' is not supported by this server's engine "
+                           f"({capabilities.name}). Remove it from the request.", param=name,
+                           code="unsupported_parameter")

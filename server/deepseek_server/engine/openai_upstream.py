@@ -1,0 +1,287 @@
+"""An OpenAI-compatible engine server (vLLM) on localhost, spoken to over pooled HTTP/1.1 clients.
+
+Requests are relayed through aiohttp, whose C HTTP parser costs a fraction of a pure-Python one for each streamed
+chunk (the gateway relays one chunk per generated token); the readiness probe and metrics scrape use httpx.
+
+Readiness is checked, not assumed: the engine is ready once its /health answers *and* a one-token completion for the
+served model came back through the same client; losing health (or a refused connection on a request) makes it
+not ready until both hold again. Nothing here imports torch: a gateway in front of vLLM needs no model in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import httpx
+
+from deepseek_server.engine.capabilities import VLLM, EngineCapabilities
+from deepseek_server.errors import APIError
+
+log = logging.getLogger(__name__)
+_JSON = {"content-type": "application/json"}
+
+RETRY_AFTER_S = "5"
+WARM_PROMPT = "Hello"
+# Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
+# never reused at the moment the engine closes it.
+KEEPALIVE_EXPIRY_S = 4.0
+
+# Connection-level failures: the engine is gone or restarting, not a fault of the request.
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+               httpx.WriteError, httpx.PoolTimeout, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+class UpstreamResponse:
+    """The engine's answer to a relayed call: status and body, or (streamed) its raw body as it arrives."""
+
+    def __init__(self, response: aiohttp.ClientResponse, content: bytes | None = None) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.content = content if content is not None else b""
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    async def aiter_raw(self) -> Any:
+        async for data in self._response.content.iter_any():
+            yield data
+
+    async def aclose(self) -> None:
+        """Drop the connection unless the body was read to its end: the engine then aborts the request."""
+        self._response.close()
+
+
+def engine_unavailable(reason: str) -> APIError:
+    return APIError(503, f"The inference engine is not available ({reason}); retry shortly.", type="server_error",
+                    code="engine_unavailable", headers={"retry-after": RETRY_AFTER_S})
+
+
+def engine_error(status: int, content: bytes) -> APIError:
+    """The engine's error answer in OpenAI's shape: 4xx keep their status, 5xx become 502 (503 stays 503)."""
+    message, param, code = content.decode(errors="replace")[:2000] or f"HTTP {status}", None, None
+    try:
+        document = json.loads(content)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error") if isinstance(document.get("error"), dict) else document
+        message = str(error.get("message") or message)
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+    if 400 <= status < 500:
+        return APIError(status, message, param=param, code=code)
+    if status == 503:
+        return APIError(503, f"The inference engine is overloaded or starting: {message}", type="server_error",
+                        code="engine_unavailable", headers={"retry-after": RETRY_AFTER_S})
+    return APIError(502, f"The inference engine failed: {message}", type="server_error", code="engine_error")
+
+
+class OpenAIUpstreamEngine:
+    """Relays OpenAI requests to an engine server; the gateway around it is the same as for the builtin engine."""
+
+    capabilities: EngineCapabilities = VLLM
+    queue_depth = 0  # the engine queues; its own metrics (GET /metrics/engine) show how deep
+
+    def __init__(self, base_url: str, model_name: str, *, max_new_tokens: int, connect_timeout_s: float = 1.0,
+                 read_timeout_s: float = 600.0, probe_interval_s: float = 1.0,
+                 capabilities: EngineCapabilities = VLLM) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.max_new_tokens = max_new_tokens
+        self.max_model_len = 0  # learned from the engine's /v1/models
+        self.capabilities = capabilities
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.not_ready_reason: str | None = "the engine has not been checked yet"
+        # the engine's `system_fingerprint` (JSON-encoded), learned from the test completion; see relay.py
+        self.system_fingerprint: bytes | None = None
+        self._ready = False
+        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._recheck = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise engine_unavailable("the gateway is not started")
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=httpx.Timeout(connect=self.connect_timeout_s, read=self.read_timeout_s, write=30.0,
+                                      pool=self.connect_timeout_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                                    keepalive_expiry=KEEPALIVE_EXPIRY_S),
+                trust_env=False,  # the engine is on localhost: never through a proxy from the environment
+            )
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                base_url=self.base_url,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s,
+                                              sock_read=self.read_timeout_s),
+                trust_env=False,  # the engine is on localhost: never through a proxy from the environment
+                auto_decompress=False, skip_auto_headers=("User-Agent",),
+            )
+        self._recheck = asyncio.Event()
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.create_task(self._watch(), name="engine-readiness")
+
+    async def stop(self) -> None:
+        self._ready = False
+        self.not_ready_reason = "the gateway is stopping"
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def lost(self, reason: str) -> None:
+        """A request could not reach the engine: stop admitting requests and re-check it now."""
+        if self._ready:
+            log.warning("inference engine at %s lost: %s", self.base_url, reason)
+        self._ready = False
+        self.not_ready_reason = reason
+        self._recheck.set()
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a probe must never end the monitor
+                self._mark(False, f"readiness check failed: {type(exc).__name__}: {exc}")
+            self._recheck.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), self.probe_interval_s)
+
+    def _mark(self, ready: bool, reason: str | None) -> None:
+        if ready and not self._ready:
+            log.info("inference engine at %s ready (model %s, max_model_len %d)", self.base_url, self.model_name,
+                     self.max_model_len)
+        elif not ready and (self._ready or reason != self.not_ready_reason):
+            log.warning("inference engine at %s not ready: %s", self.base_url, reason)
+        self._ready = ready
+        self.not_ready_reason = reason
+
+    async def _probe(self) -> None:
+        timeout = self.connect_timeout_s + 2.0
+        try:
+            health = await self.client.get("/health", timeout=timeout)
+        except httpx.HTTPError as exc:
+            self._mark(False, f"engine at {self.base_url} unreachable: {type(exc).__name__}")
+            return
+        if health.status_code != 200:
+            self._mark(False, f"engine health check answered {health.status_code}")
+            return
+        if self._ready:
+            return
+        await self._warm()
+
+    async def _warm(self) -> None:
+        """Ready only after the served model is listed and answered a one-token completion."""
+        models = await self.client.get("/v1/models", timeout=self.connect_timeout_s + 5.0)
+        if models.status_code != 200:
+            self._mark(False, f"engine /v1/models answered {models.status_code}")
+            return
+        cards = {card.get("id"): card for card in models.json().get("data", [])}
+        if self.model_name not in cards:
+            self._mark(False, f"the engine serves {sorted(cards)}, not '{self.model_name}'; --model-name must "
+                              "equal the engine's served model name")
+            return
+        self.max_model_len = int(cards[self.model_name].get("max_model_len") or 0)
+        answer = await self.client.post("/v1/completions", timeout=60.0, json={
+            "model": self.model_name, "prompt": WARM_PROMPT, "max_tokens": 1, "temperature": 0})
+        if answer.status_code != 200 or not answer.json().get("choices"):
+            self._mark(False, f"the engine's test completion answered {answer.status_code}: {answer.text[:200]}")
+            return
+        fingerprint = answer.json().get("system_fingerprint")
+        self.system_fingerprint = json.dumps(fingerprint).encode() if isinstance(fingerprint, str) else None
+        self._mark(True, None)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise engine_unavailable("the gateway is not started")
+        return self._session
+
+    async def _send(self, path: str, content: bytes) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.post(path, data=content, headers=_JSON)
+        except UNREACHABLE as exc:
+            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
+            raise engine_unavailable(type(exc).__name__) from exc
+        except TimeoutError as exc:
+            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
+                           type="server_error", code="engine_timeout") from exc
+
+    async def post(self, path: str, content: bytes) -> UpstreamResponse:
+        """A non-streamed call; the caller maps a non-200 status with `engine_error`."""
+        response = await self._send(path, content)
+        try:
+            body = await response.read()
+        except UNREACHABLE as exc:
+            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
+            raise engine_unavailable(type(exc).__name__) from exc
+        except TimeoutError as exc:
+            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
+                           type="server_error", code="engine_timeout") from exc
+        finally:
+            response.release()
+        return UpstreamResponse(response, body)
+
+    async def open_stream(self, path: str, content: bytes) -> UpstreamResponse:
+        """Send a streamed call and return once the engine's status and headers are in (body not yet read).
+
+        The caller must `aclose()` the response; closing it before the end drops the connection, which is how
+        the engine learns that the client left and aborts the request.
+        """
+        response = await self._send(path, content)
+        if response.status != 200:
+            try:
+                body = await response.read()
+            except UNREACHABLE as exc:
+                raise engine_unavailable(type(exc).__name__) from exc
+            finally:
+                response.release()
+            raise engine_error(response.status, body)
+        return UpstreamResponse(response)
+
+    async def scrape_metrics(self) -> tuple[bytes, str]:
+        """The engine's own Prometheus exposition (body, content type)."""
+        try:
+            response = await self.client.get("/metrics", timeout=self.connect_timeout_s + 5.0)
+        except httpx.HTTPError as exc:
+            raise engine_unavailable(f"metrics: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise engine_error(response.status_code, response.content)
+        return response.content, response.headers.get("content-type", "text/plain; version=0.0.4")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        raise NotImplementedError("the engine tokenizes relayed requests itself")
+
+    def encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError("the engine tokenizes relayed requests itself")
+
+    def submit(self, request: Any) -> Any:
+        raise NotImplementedError("requests are relayed to the engine as OpenAI calls, see deepseek_server.relay")

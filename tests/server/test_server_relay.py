@@ -1,0 +1,285 @@
+"""The gateway's relay to an OpenAI engine server, against a small stand-in engine over real HTTP (fast; the same
+behaviour against a real vLLM is in test_server_vllm_gateway.py), and the lean install of the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from deepseek_server.app import create_app
+from deepseek_server.settings import ServerSettings
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from server_harness import TOKENS_UID, ServerThread, free_port
+
+MODEL = "standin"
+
+
+class StandInEngine:
+    """Speaks vLLM's OpenAI dialect: compact JSON, usage only when asked, 400 for too many tokens."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.running = 0
+        self.aborted = 0
+        self.app = FastAPI()
+        app = self.app
+
+        @app.get("/health")
+        async def health() -> PlainTextResponse:
+            return PlainTextResponse("")
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 128}]}
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(f"vllm:num_requests_running {self.running}\n")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Any:
+            return await self.answer(request, "text_completion")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            return await self.answer(request, "chat.completion")
+
+    async def answer(self, request: Request, obj: str) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        max_tokens = body.get("max_tokens", 16)
+        if max_tokens > 100:
+            return JSONResponse({"error": {"message": f"max_tokens {max_tokens} is too large", "type":
+                                           "BadRequestError", "param": "max_tokens", "code": 400}}, status_code=400)
+        words = ["w"] * max_tokens
+        usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+        if not body.get("stream"):
+            choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                                       "finish_reason": "length"} if obj == "chat.completion"
+                                      else {"index": 0, "text": " ".join(words), "finish_reason": "length"})
+            return {"id": "x", "object": obj, "created": 1, "model": MODEL, "choices": [choice], "usage": usage}
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
+        delay = 0.05 if body.get("prompt") == "slowly" else 0.0
+
+        async def events() -> AsyncIterator[bytes]:
+            self.running += 1
+            try:
+                for word in words:
+                    await asyncio.sleep(delay)
+                    chunk = {"id": "x", "object": obj + ".chunk", "created": 1, "model": MODEL,
+                             "choices": [{"index": 0, "delta": {"content": word}}]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                if include_usage:
+                    last = {"id": "x", "object": obj + ".chunk", "created": 1, "model": MODEL, "choices": [],
+                            "usage": usage}
+                    yield b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
+            finally:
+                self.running -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[tuple[StandInEngine, ServerThread]]:
+    engine = StandInEngine()
+    server = ServerThread(engine.app)
+    server.thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{server.url}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield engine, server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(standin: tuple[StandInEngine, ServerThread], auth_dir: Path) -> Iterator[ServerThread]:
+    settings = ServerSettings(engine="vllm", engine_url=standin[1].url, model_name=MODEL, auth_dir=auth_dir,
+                              max_new_tokens=1000)
+    server = ServerThread(create_app(settings)).start(ready_timeout=30)
+    yield server
+    server.stop()
+
+
+def _auth(token_factory: Callable[..., str], **claims: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {token_factory(**claims)}"}
+
+
+def _events(text: str) -> list[Any]:
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def test_stream_without_usage_is_what_the_engine_sends_without_it(
+        standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
+        token_factory: Callable[..., str]) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}
+    relayed = httpx.post(f"{gateway.url}/v1/completions", json=body, headers=_auth(token_factory), timeout=10)
+    assert relayed.status_code == 200
+    assert standin[0].requests[-1]["stream_options"] == {"include_usage": True}  # the gateway always asks
+    direct = httpx.post(f"{standin[1].url}/v1/completions", json=body, timeout=10)
+    assert relayed.text == direct.text
+    assert "usage" not in relayed.text
+
+
+def test_stream_with_usage_passes_through(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = _events(httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=_auth(token_factory),
+                                timeout=10).text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert all(e["usage"] is None for e in events[:-2])
+
+
+def test_engine_4xx_keeps_its_status_in_openai_shape(gateway: ServerThread,
+                                                      token_factory: Callable[..., str]) -> None:
+    for stream in (False, True):
+        response = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                              json={"model": MODEL, "prompt": "hi", "max_tokens": 500, "stream": stream})
+        assert response.status_code == 400
+        assert response.json()["error"] == {"message": "max_tokens 500 is too large",
+                                            "type": "invalid_request_error", "param": "max_tokens", "code": None}
+
+
+def test_unsupported_parameters_are_refused_by_name(gateway: ServerThread,
+                                                    token_factory: Callable[..., str]) -> None:
+    ok = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "top_k": 5, "echo": True})
+    assert ok.status_code == 200, ok.text  # vLLM's own parameters are relayed
+    refused = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                         json={"model": MODEL, "prompt": "hi", "priority": 5})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "priority"
+    assert refused.json()["error"]["code"] == "unsupported_parameter"
+
+
+def test_token_limit_counts_engine_usage(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
+    headers = _auth(token_factory, uid=TOKENS_UID)  # 40 tokens per minute
+    first = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=10,
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True})
+    assert first.status_code == 200
+    second = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=10,
+                        json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_client_disconnect_aborts_the_engine_request(standin: tuple[StandInEngine, ServerThread],
+                                                     gateway: ServerThread,
+                                                     token_factory: Callable[..., str]) -> None:
+    engine = standin[0]
+    aborted = engine.aborted
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                      json={"model": MODEL, "prompt": "slowly", "max_tokens": 100, "stream": True}) as response:
+        assert response.status_code == 200
+        for _ in response.iter_lines():
+            break
+        assert engine.running == 1
+    deadline = time.monotonic() + 5
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0
+    assert engine.aborted == aborted + 1
+
+
+def test_engine_metrics_through_the_gateway(gateway: ServerThread) -> None:
+    response = httpx.get(f"{gateway.url}/metrics/engine", timeout=10)
+    assert response.status_code == 200
+    assert "vllm:num_requests_running" in response.text
+
+
+def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    settings = ServerSettings(engine="vllm", engine_url=f"http://127.0.0.1:{free_port()}", model_name=MODEL,
+                              auth_dir=auth_dir)
+    server = ServerThread(create_app(settings))
+    server.thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{server.url}/ready", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert ready.status_code == 503
+        assert "unreachable" in ready.json()["error"]
+        assert httpx.get(f"{server.url}/health", timeout=1).status_code == 200
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                              json={"model": MODEL, "prompt": "hi"})
+        assert time.monotonic() - started < 1
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        assert response.json()["error"]["code"] == "model_not_ready"
+    finally:
+        server.stop()
+
+
+def test_gateway_imports_no_torch(tmp_path: Path) -> None:
+    """`--engine vllm` must run from a lean install: building the app loads neither torch nor transformers."""
+    (tmp_path / "auth").mkdir()
+    script = (
+        "import sys\n"
+        "from deepseek_server.__main__ import main\n"
+        "from deepseek_server.app import create_app\n"
+        "from deepseek_server.settings import ServerSettings\n"
+        f"create_app(ServerSettings(engine='vllm', model_name='m', auth_dir={str(tmp_path / 'auth')!r}))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_builtin_engine_refuses_what_it_cannot_honour(auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    """Capabilities are data per engine: the in-process engine takes no logprobs, echo or vLLM extensions."""
+    from deepseek_server.engine.noop import NoopEngine
+
+    settings = ServerSettings(model_name="noop", auth_dir=auth_dir)
+    server = ServerThread(create_app(settings, engine=NoopEngine())).start(ready_timeout=30)
+    try:
+        url, headers = f"{server.url}/v1/completions", _auth(token_factory)
+        for param, value in (("top_k", 5), ("echo", True), ("logprobs", 0), ("suffix", "")):
+            refused = httpx.post(url, headers=headers, timeout=10,
+                                 json={"model": "noop", "prompt": "a b", param: value})
+            assert refused.status_code == 400, param
+            assert refused.json()["error"]["param"] == param
+            assert refused.json()["error"]["code"] == "unsupported_parameter"
+        neutral = {"model": "noop", "prompt": "a b", "echo": False, "logprobs": None, "user": "u", "max_tokens": 2}
+        assert httpx.post(url, headers=headers, timeout=10, json=neutral).status_code == 200
+        assert httpx.get(f"{server.url}/metrics/engine", timeout=10).status_code == 404
+    finally:
+        server.stop()
+
+
+def test_usage_chunk_is_removed_and_its_fingerprint_moves_to_the_last_chunks() -> None:
+    from deepseek_server.relay import _take_usage, _with_fingerprint
+
+    events = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":"length"}]}\n\n'
+              b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1},"system_fingerprint":"fp"}\n\n'
+              b"data: [DONE]\n\n")
+    kept, usage = _take_usage(events, client_usage=False)
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 1}
+    assert kept == b'data: {"choices":[{"index":0,"text":"a","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+    assert _with_fingerprint(kept, b'"fp"') == (b'data: {"choices":[{"index":0,"text":"a","finish_reason":"length"}]'
+                                                b',"system_fingerprint":"fp"}\n\ndata: [DONE]\n\n')
+    assert _take_usage(events, client_usage=True) == (events, usage)

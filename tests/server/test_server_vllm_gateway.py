@@ -1,0 +1,296 @@
+"""`deepseek-server serve --engine vllm`: the gateway in front of a REAL vLLM (CPU build from `make vllm-env`).
+
+One vLLM process serves a tiny Llama for the whole module; the gateway runs in this process with API keys from an
+auth directory. The last test kills vLLM, so it stays last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from deepseek_server.app import create_app
+from deepseek_server.settings import ServerSettings
+from server_harness import LIMITED_UID, TOKENS_UID, ServerThread, free_port
+
+MODEL = "tiny-vllm"
+MAX_MODEL_LEN = 4096
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+VLLM_START_TIMEOUT_S = 300
+
+
+def vllm_python() -> Path:
+    from devcluster.vllm_env import is_ready, venv_python
+
+    if not is_ready():
+        pytest.fail("vLLM's CPU environment is missing or unfinished: run `make vllm-env` (creates .venv-vllm)")
+    return venv_python()
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """vLLM's OpenAI server on a free port, serving a small random Llama (head_dim 32) as MODEL."""
+    from deepseek_server.tiny_model import ModelSize, make_tiny_model
+
+    python = vllm_python()
+    root = tmp_path_factory.mktemp("vllm")
+    # big enough (12M parameters) that a long generation keeps the engine busy for seconds on a CPU
+    size = ModelSize(hidden_size=512, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                     intermediate_size=1536)
+    model = make_tiny_model("llama", root / "small-llama", max_len=MAX_MODEL_LEN, size=size)
+    port = free_port()
+    log_path = root / "vllm.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode} while starting:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM not healthy within {VLLM_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm: tuple[str, subprocess.Popen[bytes]], auth_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    settings = ServerSettings(engine="vllm", engine_url=vllm[0], model_name=MODEL, auth_dir=auth_dir,
+                              max_new_tokens=100_000, audit_log=tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    server = ServerThread(create_app(settings)).start(ready_timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(gateway: ServerThread, token_factory: Callable[..., str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token_factory(), max_retries=0)
+
+
+def engine_gauge(gateway: ServerThread, name: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics/engine", timeout=10).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    assert values, f"{name} not in the engine's metrics"
+    return sum(values)
+
+
+def test_chat_and_completion_through_the_gateway(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.model == MODEL
+    assert chat.usage is not None and 1 <= chat.usage.completion_tokens <= 8 and chat.usage.prompt_tokens > 0
+    text = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0)
+    assert text.object == "text_completion"
+    assert text.usage is not None and 1 <= text.usage.completion_tokens <= 6
+
+
+def test_stream_has_usage_only_when_asked(client: openai.OpenAI) -> None:
+    plain = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                stream=True))
+    assert plain and all(c.usage is None for c in plain)
+    assert all(c.choices for c in plain)  # no usage-only chunk
+    asked = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage is not None
+    assert asked[-1].usage.completion_tokens >= 1
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == \
+        "".join(c.choices[0].delta.content or "" for c in asked if c.choices)
+    texts = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0,
+                                           stream=True))
+    assert texts and all(c.usage is None for c in texts)
+
+
+def test_stream_bytes_match_vllm_direct_without_usage(vllm: tuple[str, subprocess.Popen[bytes]],
+                                                      gateway: ServerThread,
+                                                      token_factory: Callable[..., str]) -> None:
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 5, "temperature": 0, "stream": True}
+    direct = httpx.post(f"{vllm[0]}/v1/completions", json=body, timeout=60).text
+    relayed = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=60,
+                         headers={"authorization": f"Bearer {token_factory()}"}).text
+
+    def shape(text: str) -> dict[str, Any]:
+        """What a client reads from a stream; vLLM may group tokens into chunks differently from call to call."""
+        events = [e[6:] for e in text.split("\n\n") if e.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        return {"done": events[-1], "text": "".join(c["choices"][0]["text"] for c in chunks if c["choices"]),
+                "usage": [c.get("usage") for c in chunks if "usage" in c],
+                "keys": sorted({k for c in chunks for k in c}), "last": {**chunks[-1], "id": 0, "created": 0,
+                                                                         "choices": None}}
+
+    assert shape(relayed) == shape(direct)
+    assert shape(relayed)["usage"] == [] and shape(relayed)["last"]["system_fingerprint"]
+
+
+def test_token_limit_counts_the_engines_usage(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
+    limited = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token_factory(uid=TOKENS_UID), max_retries=0)
+    first = limited.completions.create(model=MODEL, prompt="Count with me", max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert first.usage is not None and first.usage.total_tokens > 40  # over the key's 40 tokens per minute
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        limited.completions.create(model=MODEL, prompt="again", max_tokens=1)
+    assert excinfo.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+    assert excinfo.value.response.headers["retry-after"]
+
+
+def test_gateway_refuses_401_403_429(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}
+    assert httpx.post(url, json=body, timeout=10).status_code == 401
+    no_scope = httpx.post(url, json=body, timeout=10,
+                          headers={"authorization": f"Bearer {token_factory(scope=['history:read'])}"})
+    assert no_scope.status_code == 403
+    limited = {"authorization": f"Bearer {token_factory(uid=LIMITED_UID)}"}  # burst 3
+    statuses = [httpx.post(url, json=body, timeout=60, headers=limited).status_code for _ in range(5)]
+    assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:]
+
+
+def test_engine_4xx_reaches_the_client_unchanged(client: openai.OpenAI) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=MAX_MODEL_LEN + 100, stream=stream)
+        error = excinfo.value.body
+        assert isinstance(error, dict) and f"max_model_len={MAX_MODEL_LEN}" in error["message"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens"
+
+
+def test_parameters_the_engine_lacks_are_refused_by_name(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logprobs=2, echo=True,
+                                      extra_body={"top_k": 3})
+    assert reply.choices[0].logprobs is not None  # vLLM's parameters are relayed, not dropped
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"priority": -10})
+    assert excinfo.value.body["param"] == "priority"  # type: ignore[index]
+    assert excinfo.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+
+
+def test_deterministic_repeat_is_a_cache_hit(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=MESSAGES, max_tokens=7, temperature=0, user="vllm-cache")
+    first = client.chat.completions.with_raw_response.create(**kwargs)
+    second = client.chat.completions.with_raw_response.create(**kwargs)
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+    assert first.parse().choices[0].message.content == second.parse().choices[0].message.content
+    assert first.parse().id != second.parse().id
+
+
+def test_audit_and_history_carry_the_engines_usage(client: openai.OpenAI, gateway: ServerThread,
+                                                   token_factory: Callable[..., str]) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Audit me", max_tokens=4, temperature=0.5)
+    assert reply.usage is not None
+    history = httpx.get(f"{gateway.url}/v1/history?limit=1", timeout=10,
+                        headers={"authorization": f"Bearer {token_factory()}"}).json()["data"]
+    assert history[0]["prompt_tokens"] == reply.usage.prompt_tokens
+    assert history[0]["completion_tokens"] == reply.usage.completion_tokens
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert re.search(r'^deepseek_api_requests_total\{route="/v1/completions",status="200"\} ', metrics, re.M)
+
+
+def test_engine_metrics_are_served_on_the_gateway_port(gateway: ServerThread) -> None:
+    response = httpx.get(f"{gateway.url}/metrics/engine", timeout=10)
+    assert response.status_code == 200
+    assert "vllm:num_requests_running" in response.text
+    assert response.headers["content-type"].startswith("text/plain")
+
+
+def wait_for_gauge(gateway: ServerThread, check: Callable[[float], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check(engine_gauge(gateway, "vllm:num_requests_running")):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
+                                                     token_factory: Callable[..., str]) -> None:
+    """The engine needs ~45 s for this request; after the client leaves it must stop within seconds."""
+    body = {"model": MODEL, "prompt": "Go on and on", "max_tokens": MAX_MODEL_LEN - 20, "stream": True,
+            "ignore_eos": True}
+    headers = {"authorization": f"Bearer {token_factory()}"}
+    wait_for_gauge(gateway, lambda running: running == 0, "the engine is busy before the test")
+    leave = threading.Event()
+
+    def read_then_leave() -> None:
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60,
+                          headers=headers) as response:
+            assert response.status_code == 200
+            for _ in response.iter_lines():  # a client that keeps reading, then goes away mid-stream
+                if leave.is_set():
+                    return
+
+    reader = threading.Thread(target=read_then_leave, daemon=True)
+    reader.start()
+    wait_for_gauge(gateway, lambda running: running >= 1, "the engine never showed the request running")
+    leave.set()
+    reader.join(10)
+    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
+
+    # a non-streamed call whose client gives up while the engine is generating
+    async def give_up() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            call = asyncio.create_task(http.post(f"{gateway.url}/v1/completions", json={**body, "stream": False},
+                                                 headers=headers))
+            deadline = time.monotonic() + 10
+            while engine_gauge(gateway, "vllm:num_requests_running") < 1:
+                assert time.monotonic() < deadline and not call.done(), "the engine never ran the request"
+                await asyncio.sleep(0.1)
+            call.cancel()  # closes the client's connection to the gateway
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+    asyncio.run(give_up())
+    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
+
+
+def test_zz_dead_engine_makes_the_gateway_unready_and_answer_503_quickly(
+        vllm: tuple[str, subprocess.Popen[bytes]], gateway: ServerThread, client: openai.OpenAI) -> None:
+    """Kills the module's vLLM: keep this test last."""
+    assert httpx.get(f"{gateway.url}/ready", timeout=5).status_code == 200
+    proc = vllm[1]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    killed = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as excinfo:  # the first call finds the engine gone
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert time.monotonic() - killed < 3
+    assert excinfo.value.status_code == 503
+    assert excinfo.value.response.headers["retry-after"]
+    while httpx.get(f"{gateway.url}/ready", timeout=5).status_code != 503:
+        assert time.monotonic() - killed < 5, "/ready still 200 five seconds after the engine died"
+        time.sleep(0.1)
+    assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
+    started = time.monotonic()
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
+                          json={"model": MODEL, "messages": MESSAGES},
+                          headers={"authorization": f"Bearer {client.api_key}"})
+    assert time.monotonic() - started < 1
+    assert response.status_code == 503 and response.headers["retry-after"]
