@@ -71,7 +71,10 @@ def install_chart(cluster: DevCluster, log: Callable[[str], None]) -> None:
     log("[demo] helm upgrade --install deepseek-operator (operator image mapped to a local process)")
     cluster.helm("upgrade", "--install", "deepseek-operator", str(CHART), "--namespace", OPERATOR_NAMESPACE,
                  "--create-namespace", "--set", "image.repository=local/deepseek-operator", "--set", "image.tag=dev",
-                 "--set", "operator.logFormat=plain", "--wait", "--timeout", "5m")
+                 "--set", "operator.logFormat=plain",
+                 # The demo's tiny model is mounted from this machine: allow exactly that folder.
+                 "--set-json", f"operator.allowedHostPathPrefixes={json.dumps([str(cache_root() / 'demo-models')])}",
+                 "--wait", "--timeout", "5m")
 
 
 def apply_resources(cluster: DevCluster, namespace: str, model_path: Path, log: Callable[[str], None]) -> None:

@@ -342,9 +342,10 @@ def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str) -
 
 def apikey_conditions(
     apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: IssuerView | None, *, now: int, deployment: str,
-    secret_write_error: str | None = None,
+    secret_write_error: str | None = None, auth_config_full: str = "",
 ) -> list[Condition]:
-    """Ready and Revoked, derived from the status a reconcile ends with (and a refused Secret write, if any)."""
+    """Ready and Revoked, derived from the status a reconcile ends with (a refused Secret write, a full auth
+    ConfigMap, if any)."""
     spec = apikey["spec"]
     revoked = bool(spec.get("revoked"))
     revoked_condition = (
@@ -361,6 +362,8 @@ def apikey_conditions(
     elif secret_write_error:
         ready = Condition("Ready", False, "SecretWriteFailed",
                           f"{secret_write_error}; retrying with backoff, no new token is issued meanwhile")
+    elif auth_config_full and not (status.get("tokenId") and _ts(status.get("expiresAt")) > now):
+        ready = Condition("Ready", False, "AuthConfigFull", f"no token is issued yet: {auth_config_full}")
     elif issuer.auth_unknown:
         ready = Condition("Ready", None, "AuthConfigUnknown",
                           f"{issuer.auth_unknown}: which signing keys are published and which tokens are revoked is "
@@ -368,7 +371,9 @@ def apikey_conditions(
     elif status.get("tokenId") and _ts(status.get("expiresAt")) > now:
         ready = Condition("Ready", True, "TokenIssued",
                           f"token {status['tokenId']} is in Secret {status.get('secretName')}, expires "
-                          f"{status.get('expiresAt')}, rotates at {status.get('renewalTime')}")
+                          f"{status.get('expiresAt')}, rotates at {status.get('renewalTime')}"
+                          + (f"; its new rate limits are not applied yet: {auth_config_full}" if auth_config_full
+                             else ""))
     else:
         ready = Condition("Ready", False, "IssuerNotReady",
                           issuer.not_ready_message or "the deployment's signing key is not published yet")

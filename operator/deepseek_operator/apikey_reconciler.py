@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import failpoints
@@ -35,7 +35,7 @@ from .apikey_plan import (
 )
 from .apikey_secret import build_apikey_secret, secret_token, secret_up_to_date
 from .auth_config import AuthChange, RevokeTokens, SetKeyLimits
-from .auth_store import AuthConfigStore
+from .auth_store import AuthConfigFull, AuthConfigStore
 from .conditions import Condition, merge_conditions
 from .durations import format_timestamp, parse_duration
 from .issuer import Issuers
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # A Secret the API server refuses to take is tried again after retry_interval, doubling up to this.
 SECRET_WRITE_MAX_BACKOFF = 300.0
 _JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+# Issue reasons that bring a key (back) into use, as opposed to rotating one in use: these wait when the auth
+# ConfigMap has no room.
+NEW_KEY_REASONS = frozenset({"Initial", "Unrevoked"})
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,19 @@ class ApiKeyReconciler:
             changes.append(RevokeTokens(plan.revoke))
         if plan.limits is not None:
             changes.append(plan.limits)
+        auth_full = ""
         if changes and dsd is not None:
-            self._auth.commit(namespace, deployment, changes, owner=dsd)
+            try:
+                self._auth.commit(namespace, deployment, changes, owner=dsd)
+            except AuthConfigFull as exc:
+                # The revocations of this commit are stored; only this key's new limits entry waits for room.
+                auth_full = str(exc)
             failpoints.reached("apikey:after-auth-commit", f"{namespace}/{name}")
+        if plan.issue_reason in NEW_KEY_REASONS and dsd is not None and not auth_full:
+            # A new key would later add revocations of its own; existing keys' rotations keep the reserve.
+            auth_full = self._auth.new_keys_wait_reason(namespace, deployment)
+        if auth_full and plan.issue_reason in NEW_KEY_REASONS:
+            plan = replace(plan, issue_reason=None)
 
         if issuer is not None and not spec.get("revoked"):
             status["secretName"] = secret_name
@@ -211,7 +224,8 @@ class ApiKeyReconciler:
             status.pop("secretName", None)
 
         conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment,
-                                       secret_write_error=failure.message if failure else None)
+                                       secret_write_error=failure.message if failure else None,
+                                       auth_config_full=auth_full)
         status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
                                                 now=format_timestamp(now), generation=generation)
         status["observedGeneration"] = generation

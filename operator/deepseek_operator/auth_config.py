@@ -2,6 +2,11 @@
 
 Each document is written as `data["<name>.json"]` while its compact JSON is at most 256 KiB, else as
 `binaryData["<name>.json.gz"]`; that keeps 10,000 keys on one deployment well under the 1 MiB ConfigMap cap.
+
+Past that cap the API server refuses the whole write, and with it every revocation batched into it, so the
+ConfigMap is kept under a budget (`fit_changes`): once it holds more than `NEW_ENTRY_BUDGET`, changes that add an
+entry for a key that has none (a new key's own limits) are left out and wait, while revocations, removals and edits
+of existing entries are always applied; the rest of the cap is their reserve.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 DOCUMENTS = ("config", "jwks", "revoked", "limits")
 GZIP_THRESHOLD = 256 * 1024
 CONFIGMAP_LIMIT = 1024 * 1024
+# Above this size new entries wait; the remaining 256 KiB (about 10,000 revoked token ids) is kept for revocations.
+NEW_ENTRY_BUDGET = 768 * 1024
 # Servers accept a token up to this long past its `exp` (and before its `nbf`): the clock skew the contract allows
 # (docs/auth-contract.md). A revocation must outlive it, plus a margin for the operator's clock running ahead.
 TOKEN_LEEWAY_SECONDS = 30
@@ -160,6 +167,45 @@ def configmap_size(data: Mapping[str, str], binary: Mapping[str, str]) -> int:
     size = sum(len(k) + len(v.encode()) for k, v in data.items())
     size += sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
     return size
+
+
+def documents_size(documents: AuthDocuments) -> int:
+    """Bytes of the ConfigMap these documents make, as the API server counts them (in the form they are written)."""
+    return configmap_size(*encode_documents(documents))
+
+
+def adds_entry(documents: AuthDocuments, change: AuthChange) -> bool:
+    """Whether `change` adds an entry that `documents` lacks: the only kind of change that may wait for room."""
+    return (isinstance(change, SetKeyLimits) and change.limits is not None
+            and change.apikey_uid not in documents.limits)
+
+
+@dataclass(frozen=True)
+class FittedChanges:
+    """The documents after the changes that fit, their size, and which change groups had a change left out."""
+
+    documents: AuthDocuments
+    size: int
+    refused: tuple[int, ...] = ()
+
+
+def fit_changes(documents: AuthDocuments, groups: Sequence[Sequence[AuthChange]], *, now: float,
+                new_entry_budget: int = NEW_ENTRY_BUDGET) -> FittedChanges:
+    """Apply every group of changes, leaving out new entries when the result would exceed `new_entry_budget`.
+
+    Revocations, removals and edits of existing entries are never left out: a revocation that waits is a token
+    that stays valid. The caller refuses a write whose size still exceeds `CONFIGMAP_LIMIT`.
+    """
+    changes = [change for group in groups for change in group]
+    updated = apply_changes(documents, changes, now=now)
+    size = documents_size(updated)
+    if size <= new_entry_budget:
+        return FittedChanges(updated, size)
+    refused = tuple(i for i, group in enumerate(groups) if any(adds_entry(documents, c) for c in group))
+    if not refused:
+        return FittedChanges(updated, size)
+    updated = apply_changes(documents, [c for c in changes if not adds_entry(documents, c)], now=now)
+    return FittedChanges(updated, documents_size(updated), refused)
 
 
 def build_auth_configmap(

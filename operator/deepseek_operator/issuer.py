@@ -18,7 +18,7 @@ from .apikey_plan import IssuerView, live_token_expiry_by_kid
 from .auth_config import Limits, PublishIssuer, build_issuer_config, limits_from_spec
 from .auth_store import AuthConfigStore
 from .key_material import new_signing_key
-from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, KubeApi
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, KubeApi, ensure_controlled
 from .names import (
     audience_name,
     auth_configmap_name,
@@ -57,6 +57,8 @@ class IssuerState:
     auth_configmap: str
     next_check: float
     jwks_changed: bool
+    # The auth ConfigMap's size in bytes as last written (None when unknown).
+    auth_config_size: int | None = None
 
 
 def build_signing_key_secret(dsd: dict[str, Any], ring: KeyRing) -> dict[str, Any]:
@@ -108,10 +110,13 @@ class Issuers:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
-    def _read_ring(self, namespace: str, name: str) -> tuple[KeyRing, dict[str, Any] | None]:
+    def _read_ring(self, namespace: str, name: str, owner_uid: str) -> tuple[KeyRing, dict[str, Any] | None]:
+        """The key ring in the signing-key Secret; NotOwned when the Secret of that name is not the deployment's
+        (someone else's, or a leftover of a deleted deployment of the same name awaiting garbage collection)."""
         secret = self._kube.get(SECRETS, namespace, signing_key_secret_name(name))
         if secret is None:
             return KeyRing(), None
+        ensure_controlled(SECRETS, secret, owner_uid)
         raw = (secret.get("data") or {}).get(KEY_RING_DATA_KEY, "")
         try:
             return parse_key_ring(base64.b64decode(raw).decode()), secret
@@ -158,12 +163,7 @@ class Issuers:
         self._deployments[(namespace, name)] = (time.monotonic(), dsd)
         with self._lock(namespace, name):
             now = int(self._clock())
-            ring, secret = self._read_ring(namespace, name)
-            owned = secret is not None and any(
-                ref.get("uid") == dsd["metadata"]["uid"] for ref in secret["metadata"].get("ownerReferences") or [])
-            if secret is not None and not owned:
-                # A leftover of a deleted deployment with the same name: its keys signed tokens for another owner.
-                ring = KeyRing()
+            ring, secret = self._read_ring(namespace, name, dsd["metadata"]["uid"])
             live = self._live_token_expiry(namespace, name, ring, now)
             policy = self._settings.rotation_policy
             before, _ = self._auth.read(namespace, name, refresh=True)
@@ -172,7 +172,8 @@ class Issuers:
                                     published=before.published_kids() if before is not None else None)
             desired_secret = build_signing_key_secret(dsd, planned)
             if secret is None or planned != ring or not _signing_secret_up_to_date(secret, desired_secret):
-                self._kube.create_or_replace(SECRETS, namespace, desired_secret, up_to_date=_signing_secret_up_to_date)
+                self._kube.create_or_replace(SECRETS, namespace, desired_secret, up_to_date=_signing_secret_up_to_date,
+                                             owner_uid=dsd["metadata"]["uid"])
                 added = planned.kids() - ring.kids()
                 dropped = ring.kids() - planned.kids()
                 if added or dropped:
@@ -192,13 +193,14 @@ class Issuers:
             next_check = now + self._settings.issuer_check_interval
             if upcoming is not None:
                 next_check = min(next_check, max(upcoming, now + 1.0))
+            size = self._auth.usage(namespace, name)
             if active is None:
                 return IssuerState(False, "SigningKeyNotPublished", "no published signing key can sign yet",
-                                   None, auth_configmap_name(name), now + 1.0, jwks_changed)
+                                   None, auth_configmap_name(name), now + 1.0, jwks_changed, size)
             return IssuerState(True, "SigningKeyPublished",
                                f"signing key {active.kid} signs; {len(planned.keys)} key(s) published in "
                                f"ConfigMap {auth_configmap_name(name)}",
-                               active.kid, auth_configmap_name(name), next_check, jwks_changed)
+                               active.kid, auth_configmap_name(name), next_check, jwks_changed, size)
 
     def view_for(
         self, namespace: str, deployment: str, apikey_uid: str

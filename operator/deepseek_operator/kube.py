@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from .names import FIELD_MANAGER, GROUP, VERSION
+from .names import FIELD_MANAGER, GROUP, VERSION, controlled_by
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,26 @@ class Conflict(KubeError):
 
 class NotFound(KubeError):
     """404."""
+
+
+class NotOwned(KubeError):
+    """An object has the name the operator needs, and its owner does not control it: it was left untouched."""
+
+    def __init__(self, resource: Resource, actual: Mapping[str, Any]) -> None:
+        meta = actual["metadata"]
+        self.kind, self.namespace, self.name = resource.kind, str(meta["namespace"]), str(meta["name"])
+        controller = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
+        holder = (f"controlled by {controller.get('kind')} {controller.get('name')} (uid {controller.get('uid')})"
+                  if controller else "controlled by nothing (no controller ownerReference)")
+        self.description = (f"{self.kind} {self.namespace}/{self.name} already exists and is not this "
+                            f"DeepSeekDeployment's: it is {holder}")
+        super().__init__(409, "NotOwned", self.description, "GET", resource.path(self.namespace, self.name))
+
+
+def ensure_controlled(resource: Resource, actual: Mapping[str, Any], owner_uid: str) -> None:
+    """Raise NotOwned unless `owner_uid` controls `actual` (never take over what someone else made)."""
+    if not controlled_by(dict(actual), owner_uid):
+        raise NotOwned(resource, actual)
 
 
 @dataclass(frozen=True)
@@ -149,9 +169,12 @@ class KubeApi:
         except NotFound:
             return None
 
-    def list(self, resource: Resource, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
-        return list(self._request("GET", resource.path(namespace), params=params).get("items", []))
+    def list(self, resource: Resource, namespace: str, *, label_selector: str | None = None,
+             field_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        return list(self._request("GET", resource.path(namespace), params=params or None).get("items", []))
 
     def create(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create; raises Conflict when the name is taken."""
@@ -178,6 +201,14 @@ class KubeApi:
         return self._request("PATCH", resource.path(namespace, name, "status"), body={"status": status},
                              params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json")
 
+    def apply(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply `body` (apiVersion, kind, metadata.name and the fields the operator owns) as the
+        operator's field manager; a `metadata.resourceVersion` in it makes the apply conditional (Conflict)."""
+        name = body["metadata"]["name"]
+        return self._request("PATCH", resource.path(namespace, name), body=body,
+                             params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                             content_type="application/apply-patch+yaml")
+
     def delete(self, resource: Resource, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete (only the object with `uid`, if given); False when it was already gone."""
         body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
@@ -192,9 +223,11 @@ class KubeApi:
     def create_or_replace(
         self, resource: Resource, namespace: str, desired: dict[str, Any],
         *, up_to_date: Callable[[dict[str, Any], dict[str, Any]], bool], attempts: int = 5,
+        owner_uid: str | None = None,
     ) -> dict[str, Any]:
         """Make the object equal `desired`: create it (AlreadyExists counts as success and is then compared),
-        or replace it when `up_to_date(actual, desired)` says it differs."""
+        or replace it when `up_to_date(actual, desired)` says it differs. With `owner_uid`, an existing object that
+        owner does not control raises NotOwned and is not written."""
         name = desired["metadata"]["name"]
         for _ in range(attempts):
             actual = self.get(resource, namespace, name)
@@ -203,6 +236,8 @@ class KubeApi:
                     return self.create(resource, namespace, desired)
                 except Conflict:
                     continue
+            if owner_uid is not None:
+                ensure_controlled(resource, actual, owner_uid)
             if up_to_date(actual, desired):
                 return actual
             body = dict(desired)
@@ -213,6 +248,33 @@ class KubeApi:
                 continue
         raise KubeError(409, "Conflict", f"{resource.kind} {namespace}/{name} kept changing; will retry",
                         "PUT", resource.path(namespace, name))
+
+    def create_or_apply(
+        self, resource: Resource, namespace: str, desired: dict[str, Any], *, owner_uid: str,
+        up_to_date: Callable[[dict[str, Any], dict[str, Any]], bool], attempts: int = 5,
+    ) -> dict[str, Any]:
+        """Create `desired`, or server-side apply it over the object `owner_uid` controls when `up_to_date(actual,
+        desired)` says it differs; an object that owner does not control raises NotOwned and is not written."""
+        name = desired["metadata"]["name"]
+        for _ in range(attempts):
+            actual = self.get(resource, namespace, name)
+            if actual is None:
+                try:
+                    return self.create(resource, namespace, desired)
+                except Conflict:
+                    continue
+            ensure_controlled(resource, actual, owner_uid)
+            if up_to_date(actual, desired):
+                return actual
+            # Conditional on what was checked: an object replaced since by someone else's is not applied over.
+            body = {**desired, "metadata": {**desired["metadata"],
+                                            "resourceVersion": actual["metadata"]["resourceVersion"]}}
+            try:
+                return self.apply(resource, namespace, body)
+            except (Conflict, NotFound):
+                continue
+        raise KubeError(409, "Conflict", f"{resource.kind} {namespace}/{name} kept changing; will retry",
+                        "PATCH", resource.path(namespace, name))
 
     def write(
         self, resource: Resource, namespace: str, desired: dict[str, Any], *, current: dict[str, Any] | None,

@@ -61,6 +61,19 @@ def base_url(namespace: str, deployment: str) -> str:
     return f"http://{deployment}.{namespace}.svc:{SERVER_PORT}/v1"
 
 
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid in the object's controlling ownerReference (`controller: true`), or None when nothing controls it."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "") or None
+    return None
+
+
+def controlled_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    """Whether `owner_uid` controls the object: only then may the operator change it."""
+    return controller_uid(obj) == owner_uid
+
+
 def owner_reference(owner: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
     """An ownerReference to `owner` (a full object), so garbage collection removes the child with it."""
     return {

@@ -1,7 +1,9 @@
 """The revision of a DeepSeekDeployment: a stable hash of the spec fields that change its pods.
 
 `replicas`, `rollout`, `rateLimit` and `auth` are left out on purpose: scaling, rollout tuning, default limits and
-scopes never need new pods (limits and keys reach the servers through the auth ConfigMap).
+scopes never need new pods (limits and keys reach the servers through the auth ConfigMap). `engine` counts only
+for vllm, with its defaults resolved: a builtin pod does not depend on it, so writing `engine: {name: builtin}` out,
+or an operator that knows engines at all, never changes the revision of a builtin deployment.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+
+from .engines import engine_fingerprint
 
 # The spec fields whose change means new server pods, hence a blue-green rollout.
 POD_AFFECTING_FIELDS = ("model", "image", "resources", "scheduling", "server", "redis")
@@ -27,7 +31,11 @@ def _normalized(value: Any) -> Any:
 
 def pod_spec_fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
     """The part of a DeepSeekDeployment spec that the revision hashes."""
-    return _normalized({name: spec.get(name) for name in POD_AFFECTING_FIELDS})
+    fingerprint = {name: spec.get(name) for name in POD_AFFECTING_FIELDS}
+    engine = engine_fingerprint(spec)
+    if engine is not None:
+        fingerprint["engine"] = engine
+    return _normalized(fingerprint)
 
 
 def compute_revision(spec: dict[str, Any]) -> str:

@@ -13,13 +13,14 @@ by `deployment_reconcile`; a verification result is written to status and then d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .capacity import CapacityShortage, gpu_shortage
 from .conditions import Condition
+from .pod_failures import pod_failure
 from .workloads import COLORS, REVISION_LABEL, other_color
 
 PROVISIONING = "Provisioning"
@@ -38,9 +39,6 @@ PROMOTE_ANNOTATION = "deepseek.ai/promote"
 ABORT_ANNOTATION = "deepseek.ai/abort"
 RETRY_ANNOTATION = "deepseek.ai/retry"
 
-# A pod that restarted this often and is backing off, or cannot pull its image, will not become ready in time.
-CRASH_LOOP_RESTARTS = 2
-FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 # Live traffic is judged only once it is large enough for a rate to mean something.
 MIN_LIVE_REQUESTS = 10
 
@@ -67,6 +65,7 @@ class ColorObservation:
     pods: int = 0  # every pod of the color, including terminating ones (they still hold GPUs)
     shortage: CapacityShortage | None = None
     failure: str | None = None  # why a pod of `revision` cannot come up, when it cannot
+    failure_reason: str | None = None  # the Kubernetes reason of `failure` (CrashLoopBackOff, FailedMount, ...)
     waiting: str | None = None  # what the first pod of `revision` that is not ready is waiting for
 
     @property
@@ -77,23 +76,6 @@ class ColorObservation:
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in (pod.get("status") or {}).get("conditions") or [])
-
-
-def _pod_failure(pod: Mapping[str, Any]) -> str | None:
-    name = pod["metadata"]["name"]
-    pod_status = pod.get("status") or {}
-    for status in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
-        waiting = (status.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason")
-        last = (status.get("lastState") or {}).get("terminated") or {}
-        if reason in FATAL_WAITING_REASONS:
-            return f"pod {name}: {reason}: {waiting.get('message', '')}".strip()
-        if reason == "CrashLoopBackOff" and int(status.get("restartCount", 0)) >= CRASH_LOOP_RESTARTS:
-            detail = f"exit code {last.get('exitCode')}" if last else "crashing"
-            if last.get("message"):
-                detail += f": {str(last['message'])[-300:]}"
-            return f"pod {name} restarted {status.get('restartCount')} times ({detail})"
-    return None
 
 
 def _pod_waiting(pod: Mapping[str, Any]) -> str | None:
@@ -110,14 +92,15 @@ def _pod_waiting(pod: Mapping[str, Any]) -> str | None:
 
 
 def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any]], *, gpu_resource: str,
-                  gpus_per_pod: int) -> ColorObservation:
-    """Summarize a color from its Deployment (None when absent) and the pods that carry its color label."""
+                  gpus_per_pod: int, events: Sequence[Mapping[str, Any]] = ()) -> ColorObservation:
+    """Summarize a color from its Deployment (None when absent) and the pods that carry its color label
+    (`events`: the namespace's pod Events, where the kubelet reports failed mounts)."""
     if deployment is None:
         return ColorObservation(pods=len(pods))
     revision = (deployment["spec"]["template"]["metadata"].get("labels") or {}).get(REVISION_LABEL)
     current = [pod for pod in pods if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
                and not pod["metadata"].get("deletionTimestamp")]
-    failures = [text for pod in current if (text := _pod_failure(pod))]
+    failures = [found for pod in current if (found := pod_failure(pod, events))]
     not_ready = [pod for pod in current if not _pod_ready(pod)]
     return ColorObservation(
         exists=True,
@@ -126,7 +109,8 @@ def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any
         ready_pods=tuple(sorted(pod["metadata"]["name"] for pod in current if _pod_ready(pod))),
         pods=len(pods),
         shortage=gpu_shortage(current, gpu_resource, gpus_per_pod),
-        failure=failures[0] if failures else None,
+        failure=failures[0].message if failures else None,
+        failure_reason=failures[0].reason if failures else None,
         waiting=_pod_waiting(not_ready[0]) if not_ready else None,
     )
 
@@ -338,7 +322,9 @@ def _start_rollout(b: _Builder) -> None:
 
 
 def _begin_rollback(b: _Builder, reason: str, message: str) -> None:
-    b.set_rollout(phase=ROLLING_BACK, reason=reason, message=message)
+    # The stable color may have to load its model again: it gets a deadline of its own, like any rollout step.
+    b.set_rollout(phase=ROLLING_BACK, reason=reason, message=message,
+                  deadline=format_time(b.o.now + b.o.settings.progress_deadline))
     b.again()
 
 
@@ -411,7 +397,8 @@ def _starting(b: _Builder) -> None:
     b.decision.preview = PointPreview(color, revision)
     state = o.colors.get(color, ColorObservation())
     if state.failure:
-        _begin_rollback(b, "ServerFailing", state.failure)
+        # Known to be hopeless (pod_failures.py): roll back now instead of at the deadline.
+        _begin_rollback(b, state.failure_reason or "ServerFailing", state.failure)
         return
     if state.revision == revision and state.ready >= count:
         b.set_rollout(phase=VERIFYING, message=f"verifying revision {revision} on {state.ready} pod(s) of {color}")
@@ -481,7 +468,8 @@ def _promoting(b: _Builder) -> None:
         return
     b.scale(color, replicas, revision)
     if state.failure:
-        _begin_rollback(b, "ServerFailing", state.failure)
+        # Known to be hopeless (pod_failures.py): roll back now instead of at the deadline.
+        _begin_rollback(b, state.failure_reason or "ServerFailing", state.failure)
         return
     if state.shortage and active is not None and active != color:
         # Not enough GPUs for two full colors: hand one GPU replica over at a time, never the last serving one,
@@ -527,9 +515,10 @@ def _report_waiting(b: _Builder, state: ColorObservation, color: str, wanted: in
     b.progressing()
 
 
-def _post_verifying(b: _Builder) -> None:
+def _judge_live_traffic(b: _Builder) -> tuple[str, str] | None:
+    """Record the post-switch analysis; (reason, message) when the new color fails it, else None."""
     o = b.o
-    color, revision = b.rollout["color"], b.rollout["revision"]
+    color = b.rollout["color"]
     state = o.colors.get(color, ColorObservation())
     live = o.live
     if live is not None:
@@ -538,12 +527,20 @@ def _post_verifying(b: _Builder) -> None:
             "errorRate": round(live.error_rate, 4), "passed": live.error_rate <= o.settings.max_error_rate,
             "message": f"{live.errors} server error(s) in {live.requests} request(s) on {color}"})
     if state.ready == 0:
-        _begin_rollback(b, "NoReadyReplicas", f"no pod of {color} is ready after the switch")
-        return
+        return "NoReadyReplicas", f"no pod of {color} is ready after the switch"
     if live is not None and live.requests >= MIN_LIVE_REQUESTS and live.error_rate > o.settings.max_error_rate:
-        _begin_rollback(b, "PostVerificationFailed",
-                        f"error rate {live.error_rate:.1%} ({live.errors}/{live.requests}) on {color} is above "
-                        f"{o.settings.max_error_rate:.1%}")
+        return ("PostVerificationFailed",
+                f"error rate {live.error_rate:.1%} ({live.errors}/{live.requests}) on {color} is above "
+                f"{o.settings.max_error_rate:.1%}")
+    return None
+
+
+def _post_verifying(b: _Builder) -> None:
+    o = b.o
+    color, revision = b.rollout["color"], b.rollout["revision"]
+    failure = _judge_live_traffic(b)
+    if failure is not None:
+        _begin_rollback(b, *failure)
         return
     switched = parse_time(b.rollout.get("switchedAt")) or o.now
     if o.now < switched + o.settings.window:
@@ -574,9 +571,24 @@ def _rolling_back(b: _Builder) -> None:
         if stable_state.ready >= replicas or (stable_state.ready >= 1 and capacity_bound):
             b.decision.switch = SwitchTraffic(stable, str(stable_state.revision))
             b.status["activeColor"], b.status["activeRevision"] = stable, stable_state.revision
+        elif _deadline_passed(b) and capacity_bound:
+            # The failed color holds the GPUs the stable one needs: waiting longer cannot help. Free them; traffic
+            # switches back as soon as a pod of the stable color is ready.
+            failed_state = o.colors.get(color, ColorObservation())
+            b.scale(color, 0)
+            if failed_state.replicas > 0:
+                b.event("Warning", "CapacityHandover",
+                        f"{stable_state.shortage.describe(stable) if stable_state.shortage else stable}; rollback "
+                        f"deadline passed: scaled the failed {color} to zero to free its GPUs")
+            b.set_rollout(message=f"rollback deadline passed with {stable_state.ready}/{replicas} pod(s) of {stable} "
+                                  f"ready and short of GPUs: freed the GPUs of {color}; switching back once {stable} "
+                                  "has a ready pod")
+            b.progressing()
+            return
         else:
+            late = " (rollback deadline passed)" if _deadline_passed(b) else ""
             b.set_rollout(message=f"waiting for {stable} to be ready before switching back "
-                                  f"({stable_state.ready}/{replicas})")
+                                  f"({stable_state.ready}/{replicas}){late}: {_waiting_detail(stable_state, stable)}")
             b.progressing()
             return
     if b.status["activeColor"] != color:
@@ -601,7 +613,14 @@ def _superseded(b: _Builder) -> None:
     """The spec moved on during a rollout: finish or drop the old one, then start the new one."""
     phase, revision = b.rollout["phase"], b.rollout["revision"]
     if phase == POST_VERIFYING:
-        # Traffic already runs on the new color and it passed verification: it becomes the stable color.
+        # Judge live traffic first: a color failing it must not become the stable one just because the spec
+        # moved on, or the next rollout would rebuild the last good color and leave nothing to return to.
+        failure = _judge_live_traffic(b)
+        if failure is not None:
+            reason, message = failure
+            _begin_rollback(b, reason, f"{message} (the spec moved on to {b.o.desired_revision} meanwhile)")
+            return
+        # Traffic already runs on the new color and it passes post-verification: it becomes the stable color.
         b.set_rollout(phase=COMPLETED, scaleDownAt=format_time(b.o.now + b.o.settings.scale_down_delay),
                       message=f"revision {revision} superseded by {b.o.desired_revision} during post-verification")
         b.record_history(revision, "Completed")

@@ -35,7 +35,10 @@ class OperatorRuntime:
         self.auth_store = AuthConfigStore(kube)
         self.issuers = Issuers(kube, self.auth_store, settings)
         self.apikeys = ApiKeyReconciler(kube, self.issuers, self.auth_store, settings)
-        self.deployments = DeploymentReconciler(kube, self.issuers, serving=ServingReconciler(kube, self.issuers))
+        serving = ServingReconciler(kube, self.issuers,
+                                    allowed_host_path_prefixes=settings.allowed_host_path_prefixes)
+        self.deployments = DeploymentReconciler(kube, self.issuers, serving=serving,
+                                                conflict_recheck=settings.retry_interval)
         self.schedule = DueSchedule()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self._failures: dict[ObjectKey, int] = {}

@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import failpoints
-from .conditions import merge_conditions
+from .conditions import Condition, condition_reason, merge_conditions
 from .durations import parse_duration
+from .engines import engine_name, uses_vllm, vllm_image
+from .host_paths import host_path_refusal
 from .issuer import Issuers
-from .kube import DEEPSEEKDEPLOYMENTS, Conflict, KubeApi, KubeError, Resource
+from .kube import DEEPSEEKDEPLOYMENTS, EVENTS, Conflict, KubeApi, KubeError, Resource, ensure_controlled
 from .revision import compute_revision
 from .rollout import (
     POST_VERIFYING,
+    PROVISIONING,
+    STARTING,
     Decision,
     LiveTraffic,
     Observed,
@@ -56,6 +60,14 @@ from .workloads import (
 )
 
 log = logging.getLogger(__name__)
+HOST_PATH_NOT_ALLOWED = "HostPathNotAllowed"
+
+
+def model_source_condition(refusal: str | None) -> Condition:
+    """`ModelSourceAllowed`: False with the reason when the spec's model source may not be mounted (host_paths.py)."""
+    if refusal is not None:
+        return Condition("ModelSourceAllowed", False, HOST_PATH_NOT_ALLOWED, refusal)
+    return Condition("ModelSourceAllowed", True, "Allowed", "the model source may be mounted")
 
 MAX_STEPS_PER_RECONCILE = 8
 _RESOURCES = {"ServiceAccount": SERVICE_ACCOUNTS, "Role": ROLES, "RoleBinding": ROLE_BINDINGS}
@@ -85,11 +97,13 @@ class RolloutTiming:
         return cls(**values)
 
 
-def _owned_copy(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
-    """RBAC objects: up to date when rules, roleRef, subjects and owner agree."""
-    owners = {ref.get("uid") for ref in actual["metadata"].get("ownerReferences") or []}
-    return (all(actual.get(key) == desired.get(key) for key in ("rules", "roleRef", "subjects"))
-            and desired["metadata"]["ownerReferences"][0]["uid"] in owners)
+def _same_grants(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """RBAC objects: up to date when rules, roleRef and subjects agree (ownership is checked before)."""
+    return all(actual.get(key) == desired.get(key) for key in ("rules", "roleRef", "subjects"))
+
+
+def _same_selector(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
+    return bool((actual.get("spec") or {}).get("selector") == desired["spec"]["selector"])
 
 
 def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,7 +126,9 @@ class ServingReconciler:
     """Serving children and the rollout of every DeepSeekDeployment (thread-safe per deployment via the caller)."""
 
     def __init__(self, kube: KubeApi, issuers: Issuers, timing: RolloutTiming | None = None, *,
-                 verifier: Verifier | None = None, clock: Callable[[], float] = time.time) -> None:
+                 verifier: Verifier | None = None, clock: Callable[[], float] = time.time,
+                 allowed_host_path_prefixes: tuple[str, ...] = ()) -> None:
+        self._allowed_host_paths = allowed_host_path_prefixes
         self._kube = kube
         self._issuers = issuers
         self._timing = timing or RolloutTiming.from_env()
@@ -129,16 +145,24 @@ class ServingReconciler:
         selector = label_selector_text({DEPLOYMENT_LABEL: name})
         deployments = {item["metadata"]["name"]: item
                        for item in self._kube.list(DEPLOYMENTS, namespace, label_selector=selector)}
+        uid = dsd["metadata"]["uid"]
+        for color in COLORS:
+            if color_deployment_name(name, color) in deployments:
+                ensure_controlled(DEPLOYMENTS, deployments[color_deployment_name(name, color)], uid)
         pods_by_color: dict[str, list[dict[str, Any]]] = {color: [] for color in COLORS}
         for pod in self._kube.list(PODS, namespace, label_selector=selector):
             color = (pod["metadata"].get("labels") or {}).get(COLOR_LABEL)
             if color in pods_by_color:
                 pods_by_color[color].append(pod)
+        events = self._mount_events(namespace, dsd, pods_by_color)
         colors = {color: observe_color(deployments.get(color_deployment_name(name, color)), pods_by_color[color],
-                                       gpu_resource=gpu_resource, gpus_per_pod=gpus) for color in COLORS}
+                                       gpu_resource=gpu_resource, gpus_per_pod=gpus, events=events)
+                  for color in COLORS}
         service = self._kube.get(SERVICES, namespace, active_service_name(name))
         target = None
         if service is not None:
+            # Someone else's Service of this name is neither read as the traffic target nor (later) repointed.
+            ensure_controlled(SERVICES, service, uid)
             chosen = service["spec"].get("selector") or {}
             if chosen.get(COLOR_LABEL) and chosen.get(REVISION_LABEL):
                 target = (chosen[COLOR_LABEL], chosen[REVISION_LABEL])
@@ -163,23 +187,42 @@ class ServingReconciler:
             service_target=target,
             live=live,
             summary={"model": f"{spec['model']['name']}@{spec['model'].get('revision', 'main')}",
-                     "image": str(spec.get("image", "")), "precision": str(server.get("precision", ""))},
+                     "image": str(spec.get("image", "")), "precision": str(server.get("precision", "")),
+                     "engine": engine_name(spec), "engineImage": vllm_image(spec) if uses_vllm(spec) else ""},
         )
         return observed, pods_by_color
+
+    def _mount_events(self, namespace: str, dsd: dict[str, Any],
+                      pods_by_color: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The kubelet's FailedMount Events in the namespace, read only while new pods are starting."""
+        rollout = (dsd.get("status") or {}).get("rollout") or {}
+        starting = pods_by_color.get(str(rollout.get("color")), [])
+        if rollout.get("phase") not in (PROVISIONING, STARTING) or all(
+                (pod.get("status") or {}).get("phase") != "Pending" for pod in starting):
+            return []
+        try:
+            return self._kube.list(EVENTS, namespace, field_selector="involvedObject.kind=Pod,reason=FailedMount")
+        except KubeError as exc:
+            # Without them a missing hostPath still ends the rollout, at its deadline.
+            log.debug("cannot list Events in %s: %s", namespace, exc)
+            return []
 
     # ------------------------------------------------------------------------------------------------ act
     def _ensure_server_account(self, dsd: dict[str, Any]) -> None:
         namespace = dsd["metadata"]["namespace"]
         for item in build_server_account(dsd):
-            self._kube.create_or_replace(_RESOURCES[item["kind"]], namespace, item, up_to_date=_owned_copy)
+            self._kube.create_or_apply(_RESOURCES[item["kind"]], namespace, item, owner_uid=dsd["metadata"]["uid"],
+                                       up_to_date=_same_grants)
 
-    def _replace_field(self, resource: Resource, namespace: str, name: str,
+    def _replace_field(self, resource: Resource, namespace: str, name: str, owner_uid: str,
                        change: Callable[[dict[str, Any]], bool]) -> bool:
-        """Read-modify-write one object (`change` edits it and says whether it changed); False when absent."""
+        """Read-modify-write one object `owner_uid` controls (`change` edits it and says whether it changed);
+        False when absent, NotOwned when someone else's."""
         for _ in range(5):
             actual = self._kube.get(resource, namespace, name)
             if actual is None:
                 return False
+            ensure_controlled(resource, actual, owner_uid)
             if not change(actual):
                 return True
             try:
@@ -195,8 +238,10 @@ class ServingReconciler:
         deployment_name = color_deployment_name(name, color)
         if revision is not None:
             desired = build_deployment(dsd, color, revision, replicas)
+            # Replaced whole (not applied): the builder's pod template is all of it, and a field it no longer
+            # sets (a container, an env var) must go with the new revision.
             self._kube.create_or_replace(
-                DEPLOYMENTS, namespace, desired,
+                DEPLOYMENTS, namespace, desired, owner_uid=dsd["metadata"]["uid"],
                 up_to_date=lambda actual, want: (
                     actual["spec"]["template"]["metadata"].get("labels") == want["spec"]["template"]["metadata"][
                         "labels"] and actual["spec"].get("replicas") == want["spec"]["replicas"]))
@@ -209,23 +254,12 @@ class ServingReconciler:
             actual["spec"]["replicas"] = replicas
             return True
 
-        self._replace_field(DEPLOYMENTS, namespace, deployment_name, set_replicas)
+        self._replace_field(DEPLOYMENTS, namespace, deployment_name, dsd["metadata"]["uid"], set_replicas)
         log.info("%s/%s: %s scaled to %d", namespace, name, color, replicas)
 
     def _point_service(self, dsd: dict[str, Any], desired: dict[str, Any]) -> None:
-        namespace = dsd["metadata"]["namespace"]
-
-        def set_selector(actual: dict[str, Any]) -> bool:
-            if actual["spec"].get("selector") == desired["spec"]["selector"]:
-                return False
-            actual["spec"]["selector"] = desired["spec"]["selector"]
-            return True
-
-        if not self._replace_field(SERVICES, namespace, desired["metadata"]["name"], set_selector):
-            try:
-                self._kube.create(SERVICES, namespace, desired)
-            except Conflict:
-                self._replace_field(SERVICES, namespace, desired["metadata"]["name"], set_selector)
+        self._kube.create_or_apply(SERVICES, dsd["metadata"]["namespace"], desired, owner_uid=dsd["metadata"]["uid"],
+                                   up_to_date=_same_selector)
 
     def _run_verification(self, dsd: dict[str, Any], decision: Decision) -> dict[str, Any] | None:
         """The analysis block for the requested check, or None when its pods are not all reachable yet."""
@@ -271,7 +305,8 @@ class ServingReconciler:
         new = dict(decision.status)
         new["endpoint"] = endpoint_url(namespace, name) if new.get("activeColor") else None
         new["observedGeneration"] = int(dsd["metadata"].get("generation", 1))
-        new["conditions"] = merge_conditions(previous.get("conditions"), decision.conditions,
+        new["conditions"] = merge_conditions(previous.get("conditions"),
+                                             [*decision.conditions, model_source_condition(None)],
                                              now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())),
                                              generation=new["observedGeneration"], keep_others=True)
         patch = status_patch(previous, new)
@@ -283,9 +318,30 @@ class ServingReconciler:
                 merged.pop(key, None)
         return merged
 
+    def _refuse_model_source(self, dsd: dict[str, Any], refusal: str) -> float:
+        """No pods for a model source the operator may not mount: say so, leave any running color as it is."""
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        previous = dsd.get("status") or {}
+        conditions = [model_source_condition(refusal)]
+        if not previous.get("activeColor"):
+            conditions.append(Condition("Ready", False, HOST_PATH_NOT_ALLOWED, refusal))
+        generation = int(dsd["metadata"].get("generation", 1))
+        new = {**previous, "observedGeneration": generation, "conditions": merge_conditions(
+            previous.get("conditions"), conditions, generation=generation, keep_others=True,
+            now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())))}
+        patch = status_patch(previous, new)
+        if patch:
+            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, patch)
+            if condition_reason(previous.get("conditions"), "ModelSourceAllowed") != HOST_PATH_NOT_ALLOWED:
+                self._kube.post_event(dsd, type_="Warning", reason=HOST_PATH_NOT_ALLOWED, message=refusal)
+        return self._clock() + self._timing.stable_interval
+
     # ------------------------------------------------------------------------------------------------ entry point
     def reconcile(self, dsd: dict[str, Any]) -> float:
         """Move the deployment's rollout as far as it can go now; returns when to look again (epoch seconds)."""
+        refusal = host_path_refusal(dsd["spec"], self._allowed_host_paths)
+        if refusal is not None:
+            return self._refuse_model_source(dsd, refusal)
         self._ensure_server_account(dsd)
         decision: Decision | None = None
         for _ in range(MAX_STEPS_PER_RECONCILE):

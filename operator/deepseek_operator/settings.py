@@ -38,6 +38,8 @@ class OperatorSettings:
     issuer_check_interval: float = 60.0
     # How soon a key waiting for its deployment (or anything that failed) is tried again.
     retry_interval: float = 5.0
+    # Where a DeepSeekDeployment may mount model weights from a node's filesystem (host_paths.py); none by default.
+    allowed_host_path_prefixes: tuple[str, ...] = ()
 
     @property
     def rotation_policy(self) -> RotationPolicy:
@@ -65,7 +67,7 @@ def _parse(name: str, text: str, current: Any) -> Any:
         return parse_duration(text)
     if name == "liveness_endpoint" and text.lower() in ("", "none"):
         return None
-    if name == "namespaces":
+    if name in ("namespaces", "allowed_host_path_prefixes"):
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):

@@ -1,6 +1,10 @@
 """Pure builders of a DeepSeekDeployment's serving children: the blue/green Deployments, the active and preview
 Services, and the server's ServiceAccount, Role and RoleBinding (DESIGN.md, "What the operator makes").
 
+A builtin pod has one container, `server` (deepseek-server with the model inside). A vllm pod has two: `server`, the
+deepseek-server gateway (auth, limits, cache, audit, metrics; the only port the Services reach), and `engine`, vLLM's
+OpenAI server on the pod's loopback, holding the GPUs.
+
 Every function takes the DeepSeekDeployment object (as the API returns it, defaults applied) and returns plain dicts.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .engines import VLLM, VLLM_URL, uses_vllm, vllm_args, vllm_env, vllm_image
 from .kube import Resource
 from .names import SERVER_PORT, auth_configmap_name, deployment_labels, owner_reference
 
@@ -16,11 +21,34 @@ COLORS = ("blue", "green")
 COLOR_LABEL = "deepseek.ai/color"
 REVISION_LABEL = "deepseek.ai/revision"
 DEPLOYMENT_LABEL = "deepseek.ai/deployment"
+ENGINE_LABEL = "deepseek.ai/engine"
 MODEL_MOUNT = "/models"
 MODEL_DIR = "/models/model"
 # Probe periods: readiness is polled often so a switch waits seconds, not minutes, for a loaded model.
 READINESS_PERIOD_SECONDS = 2
 STARTUP_PERIOD_SECONDS = 2
+# A deleted pod stays in its Services' endpoints until the EndpointSlice controller and every node's proxy have seen
+# the deletion; a server that stopped listening at once would reset the connections sent to it meanwhile (scale-downs,
+# the capacity handover). Every container first sleeps this long (the kubelet's preStop sleep action, no binary in
+# the image needed), then gets SIGTERM and finishes its in-flight requests within SERVER_SHUTDOWN_GRACE_SECONDS (the
+# server's --shutdown-grace-s default).
+PRE_STOP_SLEEP_SECONDS = 5
+SERVER_SHUTDOWN_GRACE_SECONDS = 30
+TERMINATION_GRACE_PERIOD_SECONDS = PRE_STOP_SLEEP_SECONDS + SERVER_SHUTDOWN_GRACE_SECONDS
+
+# vLLM's probes run a short Python program in its container (it listens on loopback only, out of the kubelet's
+# reach); every few seconds is enough for a start that takes minutes.
+ENGINE_STARTUP_PERIOD_SECONDS = 5
+ENGINE_PROBE_TIMEOUT_SECONDS = 5
+ENGINE_HEALTH_COMMAND = ["python3", "-c", "import urllib.request; "
+                         f"urllib.request.urlopen('{VLLM_URL}/health', timeout={ENGINE_PROBE_TIMEOUT_SECONDS - 1})"]
+
+# Pods pass the Pod Security Standards `restricted` profile: a non-root uid (the server image's own user), no
+# privilege escalation, no capabilities, the runtime's seccomp profile, and a read-only root filesystem with emptyDirs
+# where the processes write: /tmp (also $HOME, so Python, torch, Hugging Face and vLLM caches land there).
+POD_UID = 65532
+WRITABLE_DIR = "/tmp"
+TMP_VOLUME = "tmp"
 
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 SERVICES = Resource("", "v1", "services", "Service")
@@ -79,23 +107,39 @@ def _metadata(dsd: dict[str, Any], name: str, component: str, extra: dict[str, s
 
 
 def server_args(dsd: dict[str, Any]) -> list[str]:
-    """The `deepseek-server serve` command line (docs/auth-contract.md, "Server settings the operator's pods use")."""
+    """The `deepseek-server serve` command line (docs/auth-contract.md, "Server settings the operator's pods use").
+
+    With vllm it is the gateway: no model, precision or batch size of its own (those are the engine's, see
+    `engines.vllm_args`), the engine's loopback URL instead.
+    """
     spec = dsd["spec"]
     server = spec.get("server") or {}
     namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
-    args = [
-        "serve",
-        "--model", MODEL_DIR,
-        "--model-name", spec["model"]["name"],
-        "--host", "0.0.0.0",
-        "--port", str(SERVER_PORT),
-        "--precision", str(server.get("precision", "bf16")),
-        "--auth-configmap", f"{namespace}/{auth_configmap_name(name)}",
-        "--max-batch-size", str(server.get("maxBatchSize", 8)),
-        "--max-new-tokens", str(server.get("maxNewTokens", 512)),
-    ]
-    if server.get("maxModelLen"):
-        args += ["--max-model-len", str(server["maxModelLen"])]
+    if uses_vllm(spec):
+        args = [
+            "serve",
+            "--engine", VLLM,
+            "--engine-url", VLLM_URL,
+            "--model-name", spec["model"]["name"],
+            "--host", "0.0.0.0",
+            "--port", str(SERVER_PORT),
+            "--auth-configmap", f"{namespace}/{auth_configmap_name(name)}",
+            "--max-new-tokens", str(server.get("maxNewTokens", 512)),
+        ]
+    else:
+        args = [
+            "serve",
+            "--model", MODEL_DIR,
+            "--model-name", spec["model"]["name"],
+            "--host", "0.0.0.0",
+            "--port", str(SERVER_PORT),
+            "--precision", str(server.get("precision", "bf16")),
+            "--auth-configmap", f"{namespace}/{auth_configmap_name(name)}",
+            "--max-batch-size", str(server.get("maxBatchSize", 8)),
+            "--max-new-tokens", str(server.get("maxNewTokens", 512)),
+        ]
+        if server.get("maxModelLen"):
+            args += ["--max-model-len", str(server["maxModelLen"])]
     cache = server.get("cache") or {}
     if cache.get("enabled", True):
         args += ["--cache-ttl", str(cache.get("ttlSeconds", 300))]
@@ -133,7 +177,9 @@ def _model_volumes(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
         # The server loads from a directory; an init container of the same image downloads the revision first
         # (anonymously when no token Secret is named).
         ref = (source.get("huggingFace") or {}).get("tokenSecretRef")
-        env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{MODEL_MOUNT}/hf-home"}]
+        # The server images set HF_HUB_OFFLINE=1 (the server never downloads); this container exists to download.
+        env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{MODEL_MOUNT}/hf-home"},
+                                     {"name": "HF_HUB_OFFLINE", "value": "0"}]
         if ref:
             env.append({"name": "HF_TOKEN",
                         "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "token")}}})
@@ -171,6 +217,11 @@ def _resources(spec: dict[str, Any]) -> dict[str, Any]:
     return built
 
 
+def _pre_stop() -> dict[str, Any]:
+    """The preStop hook of every long-running container (see PRE_STOP_SLEEP_SECONDS)."""
+    return {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}}
+
+
 def _probes(spec: dict[str, Any]) -> dict[str, Any]:
     deadline = int((spec.get("rollout") or {}).get("progressDeadlineSeconds", 1800))
     http = {"port": "http"}
@@ -186,12 +237,79 @@ def _probes(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _engine_probes(spec: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's /health from inside its container: the start may take most of the progress deadline (weights, CUDA
+    graphs, the KV cache), then a hung engine is restarted. Readiness is the gateway's (/ready asks the engine)."""
+    deadline = int((spec.get("rollout") or {}).get("progressDeadlineSeconds", 1800))
+    check = {"exec": {"command": ENGINE_HEALTH_COMMAND}, "timeoutSeconds": ENGINE_PROBE_TIMEOUT_SECONDS}
+    return {
+        "startupProbe": {**check, "periodSeconds": ENGINE_STARTUP_PERIOD_SECONDS,
+                         "failureThreshold": max(3, math.ceil(deadline / ENGINE_STARTUP_PERIOD_SECONDS))},
+        "livenessProbe": {**check, "periodSeconds": 10, "failureThreshold": 3},
+    }
+
+
+def build_engine_container(spec: dict[str, Any], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `engine` container of a vllm pod: the official image's `vllm serve` on loopback, with the GPUs."""
+    return {
+        "name": "engine",
+        "image": vllm_image(spec),
+        "args": vllm_args(spec, MODEL_DIR),
+        "env": vllm_env(spec),
+        "resources": _resources(spec),
+        # Tensor-parallel workers exchange tensors through shared memory; a container's own /dev/shm is 64 MiB.
+        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
+        **_engine_probes(spec),
+        # not stopped before the gateway in front of it has left the endpoints
+        "lifecycle": _pre_stop(),
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The `restricted` profile for one container, with a read-only root filesystem."""
+    return {"runAsNonRoot": True, "runAsUser": POD_UID, "runAsGroup": POD_UID, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def restrict_pod_spec(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """`pod_spec` with the restricted security context on the pod and on every container (init containers too),
+    and a writable emptyDir at /tmp, also $HOME unless a container sets its own, in each of them."""
+    restricted = dict(pod_spec)
+    restricted["securityContext"] = {"runAsNonRoot": True, "runAsUser": POD_UID, "runAsGroup": POD_UID,
+                                     "fsGroup": POD_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+    volumes = list(pod_spec.get("volumes") or [])
+    if not any(v["name"] == TMP_VOLUME for v in volumes):
+        volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
+    restricted["volumes"] = volumes
+    for key in ("initContainers", "containers"):
+        if key not in pod_spec:
+            continue
+        containers = []
+        for original in pod_spec[key]:
+            container = {**original, "securityContext": container_security_context()}
+            mounts = list(original.get("volumeMounts") or [])
+            if not any(m["mountPath"] == WRITABLE_DIR for m in mounts):
+                mounts.append({"name": TMP_VOLUME, "mountPath": WRITABLE_DIR})
+            container["volumeMounts"] = mounts
+            env = list(original.get("env") or [])
+            if not any(e["name"] == "HOME" for e in env):
+                env.append({"name": "HOME", "value": WRITABLE_DIR})
+            container["env"] = env
+            containers.append(container)
+        restricted[key] = containers
+    return restricted
+
+
 def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: int) -> dict[str, Any]:
     """The `X-<color>` Deployment running `revision`; `Recreate` so a template change never needs a spare GPU."""
     spec = dsd["spec"]
     name = dsd["metadata"]["name"]
     labels = color_selector(name, color, revision)
+    vllm = uses_vllm(spec)
     pod_labels = {**deployment_labels(name), "app.kubernetes.io/component": "server", **labels}
+    if vllm:
+        pod_labels[ENGINE_LABEL] = VLLM  # the chart's ServiceMonitor scrapes /metrics/engine of these pods only
     volumes, mounts, init_containers = _model_volumes(spec)
     container: dict[str, Any] = {
         "name": "server",
@@ -199,16 +317,22 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
         "args": server_args(dsd),
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "env": _server_env(spec),
-        "resources": _resources(spec),
-        "volumeMounts": mounts,
+        # With vllm the engine container holds the GPUs, memory and CPU; the gateway needs little of either.
+        "resources": {} if vllm else _resources(spec),
+        "volumeMounts": [] if vllm else mounts,
         **_probes(spec),
+        "lifecycle": _pre_stop(),  # keeps serving until the Services' endpoints no longer lead here
     }
+    containers = [container]
+    if vllm:
+        containers.append(build_engine_container(spec, mounts))
+        volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     scheduling = spec.get("scheduling") or {}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": server_account_name(name),
         "automountServiceAccountToken": True,  # the server watches its auth ConfigMap through the API
-        "terminationGracePeriodSeconds": 30,
-        "containers": [container],
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_SECONDS,
+        "containers": containers,
         "volumes": volumes,
     }
     if init_containers:
@@ -216,6 +340,8 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         if scheduling.get(key):
             pod_spec[key] = scheduling[key]
+    # Last, so that every container built above (server, engine, fetch-model) gets it.
+    pod_spec = restrict_pod_spec(pod_spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -228,13 +354,21 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {"deepseek.ai/model": spec["model"]["name"],
-                                    "deepseek.ai/model-revision": str(spec["model"].get("revision", "main"))},
+                    "annotations": _pod_annotations(spec),
                 },
                 "spec": pod_spec,
             },
         },
     }
+
+
+def _pod_annotations(spec: dict[str, Any]) -> dict[str, str]:
+    annotations = {"deepseek.ai/model": spec["model"]["name"],
+                   "deepseek.ai/model-revision": str(spec["model"].get("revision", "main"))}
+    if uses_vllm(spec):
+        # `kubectl logs POD` shows the gateway (requests, auth) unless `-c engine` asks for vLLM's log.
+        annotations["kubectl.kubernetes.io/default-container"] = "server"
+    return annotations
 
 
 def _service(dsd: dict[str, Any], name: str, component: str, selector: dict[str, str]) -> dict[str, Any]:

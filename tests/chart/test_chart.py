@@ -71,6 +71,53 @@ def test_default_render_is_cluster_wide_least_privilege():
             assert not {"list", "watch"} & set(rule["verbs"]), "the operator must not bulk-read Secrets"
 
 
+# Every API call of the operator, by resource: kube.py's callers (issuer, auth_store, apikey_reconciler, serving,
+# deployment_reconciler) and kopf (list/watch/patch of both kinds, Events). The chart grants these and nothing else.
+OPERATOR_VERBS = {
+    ("deepseek.ai", "deepseekdeployments"): {"get", "list", "watch", "patch"},
+    ("deepseek.ai", "apikeys"): {"get", "list", "watch", "patch"},
+    ("deepseek.ai", "deepseekdeployments/status"): {"patch"},
+    ("deepseek.ai", "apikeys/status"): {"update"},
+    ("deepseek.ai", "deepseekdeployments/finalizers"): {"update"},
+    ("deepseek.ai", "apikeys/finalizers"): {"update"},
+    ("", "secrets"): {"get", "create", "update", "delete"},
+    ("", "configmaps"): {"get", "watch", "create", "update"},  # watch: only so the server's Role may grant it
+    ("", "services"): {"get", "create", "patch"},
+    ("", "serviceaccounts"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "create", "update"},
+    ("", "pods"): {"list"},
+    ("discovery.k8s.io", "endpointslices"): {"list"},
+    ("", "events"): {"create", "list"},
+}
+
+
+def granted(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault((group, resource), set()).update(rule["verbs"])
+    return verbs
+
+
+@pytest.mark.parametrize(("sets", "kind", "namespaces"), [
+    ((), "ClusterRole", [None]),
+    (("watchNamespaces={team-a,team-b}",), "Role", ["team-a", "team-b"]),
+])
+def test_rbac_grants_exactly_the_verbs_the_operator_calls(sets, kind, namespaces):
+    docs = render(*sets)
+    roles = [d for d in docs if d["kind"] == kind]
+    assert [r["metadata"].get("namespace") for r in roles] == namespaces
+    for role in roles:
+        assert granted(role["rules"]) == OPERATOR_VERBS
+    bindings = [d for d in docs if d["kind"] == f"{kind}Binding"]
+    assert [(b["metadata"].get("namespace"), b["roleRef"]["kind"]) for b in bindings] == \
+        [(namespace, kind) for namespace in namespaces]
+
+
 def test_namespaced_mode_renders_roles_only_in_watched_namespaces():
     docs = render("watchNamespaces={team-a,team-b}")
     roles = [d for d in docs if d["kind"] == "Role"]
@@ -91,7 +138,13 @@ def test_monitoring_objects_carry_the_seed_alert():
     assert error["expr"].strip().endswith("> 0.05") and error["for"] == "10m"
     assert error["labels"]["severity"] == "critical"
     assert "DeepSeekApiLatencyHigh" in alerts
-    assert any(d["kind"] == "ServiceMonitor" for d in docs)
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    gateway, engine = monitor["spec"]["endpoints"]
+    assert (gateway["port"], gateway["path"], engine["port"], engine["path"]) == ("http", "/metrics", "http",
+                                                                                 "/metrics/engine")
+    # vLLM's metrics only from the pods that run it (the operator labels them deepseek.ai/engine=vllm)
+    assert engine["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_deepseek_ai_engine"],
+                                      "regex": "vllm", "action": "keep"}]
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
     assert policy["metadata"]["namespace"] == "team-a"
 

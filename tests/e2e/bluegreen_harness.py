@@ -35,6 +35,8 @@ E2E_OPERATOR_ENV = {
     "DEEPSEEK_OPERATOR_RETRY_INTERVAL": "1s",
     "DEEPSEEK_OPERATOR_ROLLOUT_PROGRESSING_INTERVAL": "1s",
     "DEEPSEEK_OPERATOR_ROLLOUT_STABLE_INTERVAL": "3s",
+    # The tiny models are made under the temporary directory and mounted by hostPath.
+    "DEEPSEEK_OPERATOR_ALLOWED_HOST_PATH_PREFIXES": tempfile.gettempdir(),
 }
 
 

@@ -80,6 +80,27 @@ INVALID = [
     ("unknown strategy", edited(DSD, "spec.rollout", {"strategy": "Canary"}), 'Unsupported value: "Canary"'),
     ("deployment name with a dot", edited(DSD, "metadata.name", "chat.v1"),
      "must start with a lowercase letter and contain only lowercase letters, digits and '-'"),
+    ("unknown engine", edited(DSD, "spec.engine", {"name": "sglang"}), 'Unsupported value: "sglang"'),
+    ("int8 on vllm", edited(edited(DSD, "spec.engine", {"name": "vllm"}), "spec.server", {"precision": "int8"}),
+     "server.precision int8 needs engine builtin; with engine vllm use fp8"),
+    ("fp8 on the default engine", edited(DSD, "spec.server", {"precision": "fp8"}),
+     "server.precision fp8 needs engine vllm"),
+    ("fp8 on builtin", edited(edited(DSD, "spec.engine", {"name": "builtin"}), "spec.server", {"precision": "fp8"}),
+     "server.precision fp8 needs engine vllm"),
+    ("vllm without gpus", edited(edited(DSD, "spec.engine", {"name": "vllm"}), "spec.resources", {"gpus": 0}),
+     "engine vllm needs resources.gpus of at least 1"),
+    ("extraArgs on builtin", edited(DSD, "spec.engine", {"extraArgs": ["--enforce-eager"]}),
+     "engine.extraArgs applies to the vllm engine only"),
+    ("env on builtin", edited(DSD, "spec.engine", {"env": [{"name": "A", "value": "1"}]}),
+     "engine.env applies to the vllm engine only"),
+    ("prefixCaching on builtin", edited(DSD, "spec.engine", {"name": "builtin", "prefixCaching": True}),
+     "engine.prefixCaching applies to the vllm engine only"),
+    *[(f"extraArgs sets {flag}", edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": ["--enforce-eager", flag]}),
+       "engine.extraArgs must not set --model")
+      for flag in ("--tensor-parallel-size=4", "-tp", "--max_model_len", "--port", "--no-enable-prefix-caching",
+                   "--dtype=half", "--api-key")],
+    ("engine env name with a dash", edited(DSD, "spec.engine", {"name": "vllm", "env": [{"name": "A-B"}]}),
+     "spec.engine.env[0].name in body should match"),
 ]
 
 
@@ -110,6 +131,32 @@ def test_valid_objects_are_accepted_with_schema_defaults(crds, kubeconfig, names
     assert (key["spec"]["duration"], key["spec"]["renewBefore"], key["spec"]["gracePeriod"]) == ("72h", "24h", "1h")
 
 
+def test_engine_choices_are_accepted_with_defaults(crds, kubeconfig, namespace, api_client):
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+    vllm = edited(edited(edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": ["--gpu-memory-utilization=0.85",
+                                                                                   "--max-num-batched-tokens", "8192"],
+                                                      "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]}),
+                         "spec.server", {"precision": "fp8", "maxModelLen": 16384}),
+                  "spec.resources", {"gpus": 2})
+    for name, obj in (("vllm", vllm), ("builtin-int8", edited(DSD, "spec.server", {"precision": "int8"})),
+                      ("explicit-builtin", edited(DSD, "spec.engine", {"name": "builtin"})),
+                      ("vllm-fp16", edited(DSD, "spec.engine", {"name": "vllm", "prefixCaching": False}))):
+        result = apply(kubeconfig, namespace, edited(obj, "metadata.name", name))
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+    stored = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", "vllm")
+    assert stored["spec"]["engine"]["image"] == "vllm/vllm-openai:v0.32.0"
+    assert "maxBatchSize" not in stored["spec"]["server"]  # vLLM keeps its own default unless one is set
+    plain = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "deepseekdeployments",
+                                                "explicit-builtin")
+    assert plain["spec"]["engine"]["name"] == "builtin"
+    example = subprocess.run([KUBECTL, "apply", "--dry-run=server", "-n", namespace, "-f",
+                              str(Path(__file__).resolve().parents[2] / "examples" / "vllm-r1-distill-32b.yaml")],
+                             capture_output=True, text=True, env={**os.environ, "KUBECONFIG": kubeconfig}, timeout=30)
+    assert example.returncode == 0, example.stderr
+
+
 @pytest.mark.parametrize(("path", "value", "message"), [
     ("spec.environment", "prod", "environment is immutable"),
     ("spec.deploymentRef.name", "other", "deploymentRef.name is immutable"),
@@ -131,5 +178,8 @@ def test_kubectl_explain_teaches_the_api(crds, kubeconfig):
             break
         time.sleep(0.5)
     assert "previous token keeps working after a rotation" in " ".join(explained.stdout.split())
+    engine = subprocess.run([KUBECTL, "explain", "dsd.spec.engine"], capture_output=True, text=True, env=env,
+                            timeout=30)
+    assert "tensor-parallel over the replica's GPUs" in " ".join(engine.stdout.split()), engine.stdout
     listed = subprocess.run([KUBECTL, "get", "deepseek", "-A"], capture_output=True, text=True, env=env, timeout=30)
     assert listed.returncode == 0, listed.stderr

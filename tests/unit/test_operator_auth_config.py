@@ -127,3 +127,23 @@ def test_a_configmap_missing_a_document_is_unreadable_not_empty_when_read_as_wri
     assert decode_documents(data, binary).published_kids() == frozenset()  # lenient: what a reader may accept
     with pytest.raises(ValueError, match=r"jwks\.json is missing"):
         decode_documents(data, binary, complete=True)
+
+
+def test_over_the_new_entry_budget_only_new_entries_are_left_out():
+    from deepseek_operator.auth_config import NEW_ENTRY_BUDGET, documents_size, fit_changes
+
+    rng = random.Random(3)
+    base = AuthDocuments(revoked={_jti(rng): NOW + rng.randrange(72 * 3600) for _ in range(38_000)},
+                         limits={"old": Limits(5, 10).as_document()})
+    assert documents_size(base) > NEW_ENTRY_BUDGET
+    revoke = RevokeTokens({"late": NOW + 60})
+    groups = [[revoke, SetKeyLimits("new", Limits(1, 2).as_document())],
+              [SetKeyLimits("old", None)], [SetKeyLimits("edited", None)]]
+    fitted = fit_changes(base, groups, now=NOW)
+    assert fitted.refused == (0,)
+    assert "late" in fitted.documents.revoked and "new" not in fitted.documents.limits
+    assert "old" not in fitted.documents.limits
+    assert fitted.size == documents_size(fitted.documents) < CONFIGMAP_LIMIT
+    # Under the budget nothing is left out.
+    small = fit_changes(AuthDocuments(), groups, now=NOW)
+    assert small.refused == () and "new" in small.documents.limits

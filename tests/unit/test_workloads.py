@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import yaml
 from deepseek_operator.capacity import gpu_shortage
+from deepseek_operator.engines import DEFAULT_VLLM_IMAGE, vllm_args
 from deepseek_operator.key_material import new_signing_key
 from deepseek_operator.revision import compute_revision
 from deepseek_operator.tokens import sign_token
@@ -28,6 +31,8 @@ from deepseek_operator.workloads import (
     endpoint_url,
     server_args,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dsd(**spec: Any) -> dict[str, Any]:
@@ -121,14 +126,17 @@ def test_model_sources() -> None:
                            "blue", "r", 1)["spec"]["template"]["spec"]
     init = hub["initContainers"][0]
     assert init["command"][:3] == ["hf", "download", "deepseek-ai/x"] and "v3" in init["command"]
-    assert init["env"][1]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    env = {e["name"]: e for e in init["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    # the server images run with HF_HUB_OFFLINE=1; the container that downloads must turn it off
+    assert env["HF_HUB_OFFLINE"]["value"] == "0"
 
 
 def test_redis_secret_ref_becomes_env() -> None:
     container = build_deployment(dsd(redis={"secretRef": {"name": "redis", "key": "url"}}), "blue", "r", 1)[
         "spec"]["template"]["spec"]["containers"][0]
-    assert container["env"] == [{"name": "DEEPSEEK_REDIS_URL",
-                                 "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}]
+    assert [e for e in container["env"] if e["name"] != "HOME"] == [
+        {"name": "DEEPSEEK_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}]
     assert not any(a.startswith("redis://") for a in container["args"])
 
 
@@ -147,7 +155,163 @@ def test_cpu_only_deployment_requests_no_gpu() -> None:
     assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
 
 
+# ------------------------------------------------------------------------------------------------ engines
+VLLM = {"name": "vllm", "image": "vllm/vllm-openai:v0.32.0"}
+
+
+def vllm_dsd(**spec: Any) -> dict[str, Any]:
+    return dsd(**{"engine": dict(VLLM), **spec})
+
+
+def containers(built: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in built["spec"]["template"]["spec"]["containers"]}
+
+
+def test_vllm_pod_runs_the_engine_next_to_the_gateway() -> None:
+    spec = vllm_dsd(resources={"gpus": 2, "gpuResourceName": "nvidia.com/gpu", "memory": "80Gi", "cpu": "16"},
+                    server={"precision": "bf16", "maxBatchSize": 64, "maxModelLen": 16384, "maxNewTokens": 1024,
+                            "cache": {"enabled": True, "ttlSeconds": 60}},
+                    redis={"url": "redis://r:6379/0"})
+    deployment = build_deployment(spec, "blue", "r", 1)
+    assert deployment["spec"]["template"]["metadata"]["labels"]["deepseek.ai/engine"] == "vllm"
+    assert "deepseek.ai/engine" not in deployment["spec"]["selector"]["matchLabels"]
+    built = containers(deployment)
+    assert list(built) == ["server", "engine"]
+    engine, gateway = built["engine"], built["server"]
+    assert engine["image"] == "vllm/vllm-openai:v0.32.0"
+    assert engine["args"] == [
+        "/models/model", "--host", "127.0.0.1", "--port", "8001",
+        "--served-model-name", "deepseek-ai/deepseek-llm-7b-chat", "--tensor-parallel-size", "2",
+        "--dtype", "bfloat16", "--max-num-seqs", "64", "--max-model-len", "16384", "--enable-prefix-caching"]
+    assert gateway["image"] == "registry.example/deepseek-server:1.0"
+    assert gateway["args"] == [
+        "serve", "--engine", "vllm", "--engine-url", "http://127.0.0.1:8001",
+        "--model-name", "deepseek-ai/deepseek-llm-7b-chat", "--host", "0.0.0.0", "--port", "8000",
+        "--auth-configmap", "team/chat-auth", "--max-new-tokens", "1024", "--cache-ttl", "60",
+        "--redis-url", "redis://r:6379/0"]
+    # The GPUs (and the memory the weights need) belong to vLLM; only the gateway has a port.
+    assert engine["resources"] == {"requests": {"nvidia.com/gpu": "2", "memory": "80Gi", "cpu": "16"},
+                                   "limits": {"nvidia.com/gpu": "2", "memory": "80Gi"}}
+    assert gateway["resources"] == {} and "ports" not in engine
+    assert gateway["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert {m["mountPath"] for m in engine["volumeMounts"]} == {"/models/model", "/dev/shm", "/tmp"}
+    assert [m["mountPath"] for m in gateway["volumeMounts"]] == ["/tmp"]  # the read-only root's writable dir
+
+
+def test_vllm_probes_reach_the_engine_on_loopback_and_wait_for_its_start() -> None:
+    built = containers(build_deployment(vllm_dsd(rollout={"progressDeadlineSeconds": 3600}), "blue", "r", 1))
+    engine, gateway = built["engine"], built["server"]
+    startup, liveness = engine["startupProbe"], engine["livenessProbe"]
+    assert startup["exec"]["command"][0] == "python3"
+    assert "http://127.0.0.1:8001/health" in startup["exec"]["command"][-1]
+    assert liveness["exec"] == startup["exec"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    assert "readinessProbe" not in engine  # the gateway's /ready asks the engine for a real answer
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+@pytest.mark.parametrize(("precision", "expected"), [
+    ("bf16", ["--dtype", "bfloat16"]),
+    ("fp16", ["--dtype", "float16"]),
+    ("fp32", ["--dtype", "float32"]),
+    ("fp8", ["--dtype", "bfloat16", "--quantization", "fp8"]),
+])
+def test_vllm_precision_maps_to_dtype_and_quantization(precision: str, expected: list[str]) -> None:
+    args = vllm_args(vllm_dsd(server={"precision": precision})["spec"], "/models/model")
+    start = args.index("--dtype")
+    assert args[start:start + len(expected)] == expected
+    assert ("--quantization" in args) == (precision == "fp8")
+
+
+def test_vllm_refuses_int8() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        vllm_args(vllm_dsd(server={"precision": "int8"})["spec"], "/models/model")
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_vllm_tensor_parallel_size_is_the_replica_gpus(gpus: int) -> None:
+    spec = vllm_dsd(resources={"gpus": gpus})
+    args = vllm_args(spec["spec"], "/models/model")
+    assert args[args.index("--tensor-parallel-size") + 1] == str(gpus)
+    engine = containers(build_deployment(spec, "blue", "r", 1))["engine"]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+
+
+def test_vllm_optional_args_prefix_caching_extra_args_and_env() -> None:
+    plain = vllm_args(vllm_dsd(server={})["spec"], "/m")
+    assert "--max-num-seqs" not in plain and "--max-model-len" not in plain  # vLLM's own defaults
+    spec = vllm_dsd(engine={**VLLM, "prefixCaching": False, "extraArgs": ["--gpu-memory-utilization", "0.85"],
+                            "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+                                    {"name": "HF_HUB_OFFLINE", "value": "0"}]})
+    engine = containers(build_deployment(spec, "blue", "r", 1))["engine"]
+    assert engine["args"][-3:] == ["--no-enable-prefix-caching", "--gpu-memory-utilization", "0.85"]
+    assert [e for e in engine["env"] if e["name"] != "HOME"] == [{"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+                             {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+                             {"name": "HF_HUB_OFFLINE", "value": "0"}]
+
+
+def test_vllm_pod_with_hub_weights_fetches_them_for_the_engine() -> None:
+    spec = vllm_dsd(model={"name": "deepseek-ai/x", "source": {"huggingFace": {}}})
+    pod = build_deployment(spec, "blue", "r", 1)["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["command"][:3] == ["hf", "download", "deepseek-ai/x"]
+    engine = containers(build_deployment(spec, "blue", "r", 1))["engine"]
+    assert {"name": "model", "mountPath": "/models"} in engine["volumeMounts"]
+    assert engine["args"][0] == "/models/model"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+
+
+def test_builtin_pod_is_unchanged_by_an_explicit_builtin_engine() -> None:
+    explicit = dsd(engine={"name": "builtin", "image": DEFAULT_VLLM_IMAGE})
+    assert build_deployment(explicit, "blue", "r", 1) == build_deployment(dsd(), "blue", "r", 1)
+    assert [c["name"] for c in build_deployment(dsd(), "blue", "r", 1)["spec"]["template"]["spec"]["containers"]] \
+        == ["server"]
+    assert compute_revision(explicit["spec"]) == compute_revision(dsd()["spec"])
+
+
+@pytest.mark.parametrize("change", [
+    {"engine": dict(VLLM)},
+    {"engine": {**VLLM, "image": "vllm/vllm-openai:v0.33.0"}},
+    {"engine": {**VLLM, "prefixCaching": False}},
+    {"engine": {**VLLM, "extraArgs": ["--enforce-eager"]}},
+    {"engine": {**VLLM, "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]}},
+])
+def test_revision_changes_with_the_engine(change: dict[str, Any]) -> None:
+    revisions = {compute_revision(dsd()["spec"]), compute_revision(vllm_dsd()["spec"]),
+                 compute_revision(dsd(**change)["spec"])}
+    assert len(revisions) == (2 if change["engine"] == VLLM else 3)
+
+
+def test_revision_resolves_engine_defaults() -> None:
+    assert compute_revision(vllm_dsd(engine={"name": "vllm"})["spec"]) == compute_revision(vllm_dsd()["spec"])
+    assert compute_revision(vllm_dsd(engine={**VLLM, "prefixCaching": True})["spec"]) == \
+        compute_revision(vllm_dsd()["spec"])
+
+
+def test_default_vllm_image_is_the_crds() -> None:
+    crd = yaml.safe_load((REPO / "crds" / "deepseekdeployments.deepseek.ai.yaml").read_text())
+    engine = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["engine"]
+    assert engine["properties"]["image"]["default"] == DEFAULT_VLLM_IMAGE
+
+
 # ------------------------------------------------------------------------------------------------ services, RBAC
+@pytest.mark.parametrize("spec", [dsd(), vllm_dsd(model={"name": "deepseek-ai/x", "source": {"huggingFace": {}}})],
+                         ids=["builtin", "vllm"])
+def test_pods_keep_serving_until_their_endpoints_are_gone(spec: dict[str, Any]) -> None:
+    """A deleted pod stays in the Services' endpoints for a moment (EndpointSlice controller, then each node's
+    proxy): every container sleeps in preStop before its SIGTERM, and the grace period still leaves the server its
+    whole graceful shutdown after that sleep."""
+    from deepseek_server.settings import ServerSettings
+
+    pod = build_deployment(spec, "blue", "r", 2)["spec"]["template"]["spec"]
+    sleeps = [c["lifecycle"]["preStop"]["sleep"]["seconds"] for c in pod["containers"]]
+    assert len(sleeps) == len(pod["containers"]) and min(sleeps) >= 3
+    # plain init containers may not have lifecycle hooks (the API server rejects them)
+    assert all("lifecycle" not in c for c in pod.get("initContainers") or [])
+    server_grace = ServerSettings.model_fields["shutdown_grace_s"].default
+    assert pod["terminationGracePeriodSeconds"] >= max(sleeps) + server_grace
+
+
 def test_services_select_color_and_revision_and_only_ready_pods() -> None:
     active = build_active_service(dsd(), "blue", "r1")
     preview = build_preview_service(dsd(), "green", "r2")

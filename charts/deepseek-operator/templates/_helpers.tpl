@@ -32,42 +32,51 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The rules the operator needs in a namespace it manages (used by the ClusterRole and by per-namespace Roles). */}}
+{{/* The rules the operator needs in a namespace it manages (used by the ClusterRole and by per-namespace Roles).
+Every verb here is one the operator's code calls (operator/deepseek_operator/kube.py and kopf); nothing more. */}}
 {{- define "deepseek-operator.namespacedRules" -}}
+# kopf lists and watches both kinds and patches their metadata (annotations, the ApiKey finalizer).
 - apiGroups: [deepseek.ai]
   resources: [deepseekdeployments, apikeys]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [deepseek.ai]
-  resources: [deepseekdeployments/status, apikeys/status]
-  verbs: [get, patch, update]
-# Children carry owner references with blockOwnerDeletion; the ApiKey finalizer guards revocation on delete.
+  resources: [deepseekdeployments/status]
+  verbs: [patch]
+- apiGroups: [deepseek.ai]
+  resources: [apikeys/status]
+  verbs: [update]
+# Children carry owner references with blockOwnerDeletion (admission may require this to set them).
 - apiGroups: [deepseek.ai]
   resources: [deepseekdeployments/finalizers, apikeys/finalizers]
   verbs: [update]
-# Signing keys and ApiKey Secrets: read and written by name only; the operator never lists or watches Secrets.
+# Signing keys and ApiKey Secrets: read, written and deleted by name only; never listed, watched or patched.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create, patch, update, delete]
+  verbs: [get, create, update, delete]
+# The auth ConfigMap: written whole under a resourceVersion guard. `watch` is not used by the operator itself: the
+# server's Role grants get/watch on its own auth ConfigMap, and Kubernetes only lets the operator grant what it holds.
 - apiGroups: [""]
-  resources: [configmaps, services, serviceaccounts]
-  verbs: [get, list, watch, create, patch, update, delete]
+  resources: [configmaps]
+  verbs: [get, watch, create, update]
+# Services and the server's RBAC objects: created, then server-side applied; owner references remove them.
 - apiGroups: [""]
-  resources: [pods]
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
-- apiGroups: [apps]
-  resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
-- apiGroups: [discovery.k8s.io]
-  resources: [endpointslices]
-  verbs: [get, list, watch]
-# The server's Role grants get/watch on its own auth ConfigMap; Kubernetes only lets the operator grant what it holds.
+  resources: [services, serviceaccounts]
+  verbs: [get, create, patch]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, create, patch]
+# The blue/green Deployments: listed by label, created, replaced whole (a new revision), scaled.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, create, update]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list]
+# Events: the operator's own are created; the kubelet's FailedMount Events are listed while new pods start.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, list]
 {{- end -}}

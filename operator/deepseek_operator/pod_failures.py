@@ -1,0 +1,80 @@
+"""Which pods cannot come up however long the rollout waits, and why (pure: pod statuses and Events in).
+
+A rollout's Starting phase waits up to `progressDeadlineSeconds` for model loading, which is slow. Some failures are
+known to be final long before that: an image that cannot be pulled, a container that keeps crashing, a hostPath
+that is not on the node. `pod_failure` names them by the reason Kubernetes itself shows (`ImagePullBackOff`,
+`CrashLoopBackOff`, `FailedMount`, ...), so the rollout rolls back at once and says why; everything else keeps
+the deadline (a Secret or a volume claim that is missing now may still appear).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# A container that crashed and restarted this often and is backing off will not become ready in time.
+CRASH_LOOP_RESTARTS = 2
+# Waiting reasons that no amount of waiting cures: the image name or registry is wrong, or the container's
+# configuration cannot be built.
+FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# A mount failure that stays: the kubelet's hostPath type check (the path is missing or of the wrong kind).
+FATAL_MOUNT_MARKERS = ("hostPath type check failed",)
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    """Why a pod cannot come up: a Kubernetes reason and a sentence with the pod, container and detail."""
+
+    reason: str
+    message: str
+
+
+def _container_failure(pod_name: str, status: Mapping[str, Any]) -> PodFailure | None:
+    container = status.get("name", "?")
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason in FATAL_WAITING_REASONS:
+        return PodFailure(str(reason), f"pod {pod_name} container {container}: {reason}: "
+                                       f"{waiting.get('message', '')}".strip())
+    restarts = int(status.get("restartCount", 0))
+    if reason == "CrashLoopBackOff" and restarts >= CRASH_LOOP_RESTARTS:
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        detail = f"exit code {last.get('exitCode')}" if last else "crashing"
+        if last.get("message"):
+            detail += f": {str(last['message'])[-300:]}"
+        return PodFailure("CrashLoopBackOff",
+                          f"pod {pod_name} container {container} restarted {restarts} times ({detail})")
+    return None
+
+
+def _mount_failure(pod_name: str, message: str) -> PodFailure | None:
+    if any(marker in message for marker in FATAL_MOUNT_MARKERS):
+        return PodFailure("FailedMount", f"pod {pod_name}: {message[:500]}")
+    return None
+
+
+def pod_failure(pod: Mapping[str, Any], events: Iterable[Mapping[str, Any]] = ()) -> PodFailure | None:
+    """The reason `pod` will never become ready, or None while it still may (`events`: the namespace's Events)."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    for container in containers:
+        failure = _container_failure(name, container)
+        if failure is not None:
+            return failure
+    # The kubelet reports a failed mount as an Event on the pod; devcluster's node agent in the waiting message.
+    for container in containers:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in ("ContainerCreating", "PodInitializing") and waiting.get("message"):
+            failure = _mount_failure(name, str(waiting["message"]))
+            if failure is not None:
+                return failure
+    uid = pod["metadata"].get("uid")
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") == "FailedMount" and uid and involved.get("uid") == uid:
+            failure = _mount_failure(name, str(event.get("message", "")))
+            if failure is not None:
+                return failure
+    return None

@@ -1,0 +1,44 @@
+"""Rollouts that cannot succeed end early, with the reason Kubernetes shows, instead of at the progress deadline:
+a server process crash-looping on devcluster, and a hostPath that is not on the node."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import pytest
+from bluegreen_harness import World, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
+
+DEADLINE = 600
+
+
+def _wait_degraded(world: World, timeout: float) -> dict:
+    return wait_for("the rollout to be rolled back", lambda: (status := world.status()).get("failedRevision")
+                    and (status.get("rollout") or {}).get("phase") == "Degraded" and status, timeout)
+
+
+def test_a_crash_looping_server_is_rolled_back_long_before_the_deadline(world: World) -> None:
+    started = time.monotonic()
+    # devcluster runs this image as its stdlib test server, which refuses deepseek-server's arguments and exits.
+    world.create(image="devcluster-testserver:exits-at-once", rollout={"progressDeadlineSeconds": DEADLINE})
+    status = _wait_degraded(world, 240)
+    assert time.monotonic() - started < DEADLINE / 2
+    assert status["rollout"]["reason"] == "CrashLoopBackOff"
+    assert "restarted" in status["rollout"]["message"]
+    degraded = world.condition("Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "CrashLoopBackOff"
+    assert world.events("RolledBack")
+
+
+def test_a_missing_host_path_is_rolled_back_with_failed_mount(world: World) -> None:
+    missing = f"{tempfile.gettempdir()}/deepseek-missing-model-{world.namespace}"  # under the allowed prefix
+    started = time.monotonic()
+    world.create(model={"name": "tiny-chat", "revision": "v1", "source": {"hostPath": {"path": missing}}},
+                 rollout={"progressDeadlineSeconds": DEADLINE})
+    status = _wait_degraded(world, 120)
+    assert time.monotonic() - started < DEADLINE / 4
+    assert status["rollout"]["reason"] == "FailedMount"
+    assert missing in status["rollout"]["message"]
+    assert world.condition("Degraded")["reason"] == "FailedMount"

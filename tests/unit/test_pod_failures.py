@@ -1,0 +1,81 @@
+"""Pods known to be hopeless end the Starting phase at once, with the reason a person recognizes (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepseek_operator.rollout import format_time, next_step, observe_color
+from test_rollout import NEW, NOW, condition, observed, stable_status
+
+DEPLOYMENT = {"spec": {"replicas": 1, "template": {"metadata": {"labels": {"deepseek.ai/revision": NEW}}}}}
+
+
+def _pod(*, waiting: dict[str, Any] | None = None, restarts: int = 0, init: bool = False) -> dict[str, Any]:
+    statuses = [{"name": "fetch-model" if init else "server", "restartCount": restarts,
+                 "state": {"waiting": waiting} if waiting else {"running": {}},
+                 "lastState": {"terminated": {"exitCode": 2, "message": "no model at /models/x"}} if restarts else {}}]
+    return {"metadata": {"name": "chat-green-1", "uid": "pod-uid", "labels": {"deepseek.ai/revision": NEW}},
+            "status": {"phase": "Pending",
+                       "conditions": [{"type": "Ready", "status": "False"}],
+                       "initContainerStatuses" if init else "containerStatuses": statuses}}
+
+
+def _starting(pods: list[dict[str, Any]], events: list[dict[str, Any]] | None = None) -> Any:
+    green = observe_color(DEPLOYMENT, pods, gpu_resource="nvidia.com/gpu", gpus_per_pod=1, events=events or [])
+    # Ten seconds into a 600 s deadline.
+    return next_step(observed(stable_status(phase="Starting", deadline=format_time(NOW + 590)), green=green))
+
+
+def _assert_rolled_back_early(decision: Any, reason: str, detail: str) -> None:
+    rollout = decision.status["rollout"]
+    assert rollout["phase"] == "RollingBack", rollout
+    assert rollout["reason"] == reason
+    assert detail in rollout["message"]
+    assert condition(decision, "Degraded").reason == reason
+
+
+def test_a_crash_looping_server_rolls_back_with_reason_crash_loop_back_off() -> None:
+    pod = _pod(waiting={"reason": "CrashLoopBackOff", "message": "back-off 20s"}, restarts=2)
+    _assert_rolled_back_early(_starting([pod]), "CrashLoopBackOff", "no model at /models/x")
+
+
+def test_a_crash_looping_model_fetch_rolls_back_too() -> None:
+    pod = _pod(waiting={"reason": "CrashLoopBackOff"}, restarts=3, init=True)
+    _assert_rolled_back_early(_starting([pod]), "CrashLoopBackOff", "fetch-model")
+
+
+def test_one_crash_is_not_yet_a_crash_loop() -> None:
+    pod = _pod(waiting={"reason": "CrashLoopBackOff"}, restarts=1)
+    assert _starting([pod]).status["rollout"]["phase"] == "Starting"
+
+
+def test_an_image_that_cannot_be_pulled_rolls_back_with_the_pull_reason() -> None:
+    for reason in ("ImagePullBackOff", "ErrImagePull"):
+        pod = _pod(waiting={"reason": reason, "message": 'pull access denied for "nosuch/image"'})
+        _assert_rolled_back_early(_starting([pod]), reason, "nosuch/image")
+
+
+def test_a_missing_host_path_rolls_back_with_failed_mount_from_the_kubelets_event() -> None:
+    pod = _pod(waiting={"reason": "ContainerCreating"})
+    event = {"reason": "FailedMount", "type": "Warning", "involvedObject": {"kind": "Pod", "uid": "pod-uid"},
+             "message": 'MountVolume.SetUp failed for volume "model" : hostPath type check failed: '
+                        "/models/missing is not a directory"}
+    other = {**event, "involvedObject": {"kind": "Pod", "uid": "someone-else"}}
+    assert _starting([pod], [other]).status["rollout"]["phase"] == "Starting"
+    _assert_rolled_back_early(_starting([pod], [event]), "FailedMount", "/models/missing is not a directory")
+
+
+def test_a_missing_host_path_rolls_back_with_failed_mount_from_the_pod_status() -> None:
+    # devcluster's node agent reports the mount failure in the waiting message instead of an Event.
+    pod = _pod(waiting={"reason": "ContainerCreating",
+                        "message": "MountVolume.SetUp failed: hostPath type check failed: /models/missing is not a "
+                                   "directory"})
+    _assert_rolled_back_early(_starting([pod]), "FailedMount", "/models/missing")
+
+
+def test_a_mount_still_being_set_up_keeps_the_deadline() -> None:
+    # A Secret or a claim that is not there yet may still appear: only the deadline ends that wait.
+    pod = _pod(waiting={"reason": "ContainerCreating"})
+    event = {"reason": "FailedMount", "type": "Warning", "involvedObject": {"kind": "Pod", "uid": "pod-uid"},
+             "message": 'MountVolume.SetUp failed for volume "auth" : configmap "chat-auth" not found'}
+    assert _starting([pod], [event]).status["rollout"]["phase"] == "Starting"
