@@ -238,18 +238,28 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
     headers = {"authorization": f"Bearer {token_factory()}"}
     wait_for_gauge(gateway, lambda running: running == 0, "the engine is busy before the test")
     leave = threading.Event()
+    outcome: list[str] = []
 
     def read_then_leave() -> None:
-        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60,
-                          headers=headers) as response:
-            assert response.status_code == 200
-            for _ in response.iter_lines():  # a client that keeps reading, then goes away mid-stream
-                if leave.is_set():
+        try:
+            with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60,
+                              headers=headers) as response:
+                outcome.append(f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    outcome.append(response.read().decode()[:500])
                     return
+                for line in response.iter_lines():  # a client that keeps reading, then goes away mid-stream
+                    if leave.is_set():
+                        return
+                    if line and line != "data: [DONE]":
+                        outcome[1:] = [line[:300]]
+        except httpx.HTTPError as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
 
     reader = threading.Thread(target=read_then_leave, daemon=True)
     reader.start()
-    wait_for_gauge(gateway, lambda running: running >= 1, "the engine never showed the request running")
+    wait_for_gauge(gateway, lambda running: running >= 1,
+                   f"the engine never showed the request running; the client saw {outcome}")
     leave.set()
     reader.join(10)
     wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
@@ -274,7 +284,11 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
 def test_zz_dead_engine_makes_the_gateway_unready_and_answer_503_quickly(
         vllm: tuple[str, subprocess.Popen[bytes]], gateway: ServerThread, client: openai.OpenAI) -> None:
     """Kills the module's vLLM: keep this test last."""
-    assert httpx.get(f"{gateway.url}/ready", timeout=5).status_code == 200
+    # an earlier test's broken connection may have asked for a re-check: start from a ready gateway
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gateway.url}/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway is not ready before the engine is killed"
+        time.sleep(0.2)
     proc = vllm[1]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
