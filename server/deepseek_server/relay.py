@@ -16,17 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.cache import is_deterministic, request_fingerprint
-from deepseek_server.engine.openai_upstream import (
-    UNREACHABLE,
-    OpenAIUpstreamEngine,
-    UpstreamResponse,
-    engine_error,
-)
+from deepseek_server.engine.openai_upstream import UNREACHABLE, OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
 from deepseek_server.generation import admit, release, serve_cached
 from deepseek_server.limits.limiter import Lease
@@ -160,7 +156,7 @@ class _StreamRelay:
     """One relayed stream: the engine's events to the client, then the accounting, exactly once, however it ends."""
 
     def __init__(self, services: Services, request: Request, engine: OpenAIUpstreamEngine, kind: Kind,
-                 upstream: UpstreamResponse, lease: Lease | None, client_usage: bool) -> None:
+                 upstream: httpx.Response, lease: Lease | None, client_usage: bool) -> None:
         self.services, self.request, self.engine, self.kind = services, request, engine, kind
         self.upstream, self.lease, self.client_usage = upstream, lease, client_usage
         self.usage: dict[str, Any] | None = None
@@ -199,7 +195,7 @@ class _StreamRelay:
                     yield events
             if pending:
                 yield pending
-        except (*UNREACHABLE, TimeoutError) as exc:
+        except (*UNREACHABLE, httpx.StreamClosed) as exc:
             if not await request.is_disconnected():
                 self.engine.lost(f"{type(exc).__name__} while streaming from {self.engine.base_url}")
                 request.state.error_code = "engine_unavailable"
@@ -239,7 +235,7 @@ class _RelayedStreamResponse(StreamingResponse):
             await self.relay.finish()
 
 
-async def _close_on_disconnect(request: Request, upstream: UpstreamResponse) -> None:
+async def _close_on_disconnect(request: Request, upstream: httpx.Response) -> None:
     await _wait_for_disconnect(request)
     # shielded: the stream's own clean-up cancels this task, and a close cut short would leave the engine running
     await asyncio.shield(upstream.aclose())

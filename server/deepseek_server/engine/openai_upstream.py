@@ -1,7 +1,4 @@
-"""An OpenAI-compatible engine server (vLLM) on localhost, spoken to over pooled HTTP/1.1 clients.
-
-Requests are relayed through aiohttp, whose C HTTP parser costs a fraction of a pure-Python one for each streamed
-chunk (the gateway relays one chunk per generated token); the readiness probe and metrics scrape use httpx.
+"""An OpenAI-compatible engine server (vLLM) on localhost, spoken to over one pooled HTTP/1.1 client.
 
 Readiness is checked, not assumed: the engine is ready once its /health answers *and* a one-token completion for the
 served model came back through the same client; losing health (or a refused connection on a request) makes it
@@ -16,14 +13,12 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
 import httpx
 
 from deepseek_server.engine.capabilities import VLLM, EngineCapabilities
 from deepseek_server.errors import APIError
 
 log = logging.getLogger(__name__)
-_JSON = {"content-type": "application/json"}
 
 RETRY_AFTER_S = "5"
 WARM_PROMPT = "Hello"
@@ -33,27 +28,7 @@ KEEPALIVE_EXPIRY_S = 4.0
 
 # Connection-level failures: the engine is gone or restarting, not a fault of the request.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-               httpx.WriteError, httpx.PoolTimeout, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-
-
-class UpstreamResponse:
-    """The engine's answer to a relayed call: status and body, or (streamed) its raw body as it arrives."""
-
-    def __init__(self, response: aiohttp.ClientResponse, content: bytes | None = None) -> None:
-        self._response = response
-        self.status_code = response.status
-        self.content = content if content is not None else b""
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    async def aiter_raw(self) -> Any:
-        async for data in self._response.content.iter_any():
-            yield data
-
-    async def aclose(self) -> None:
-        """Drop the connection unless the body was read to its end: the engine then aborts the request."""
-        self._response.close()
+               httpx.WriteError, httpx.PoolTimeout)
 
 
 def engine_unavailable(reason: str) -> APIError:
@@ -103,7 +78,6 @@ class OpenAIUpstreamEngine:
         self.system_fingerprint: bytes | None = None
         self._ready = False
         self._client: httpx.AsyncClient | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._recheck = asyncio.Event()
 
@@ -127,15 +101,6 @@ class OpenAIUpstreamEngine:
                                     keepalive_expiry=KEEPALIVE_EXPIRY_S),
                 trust_env=False,  # the engine is on localhost: never through a proxy from the environment
             )
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                base_url=self.base_url,
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S),
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s,
-                                              sock_read=self.read_timeout_s),
-                trust_env=False,  # the engine is on localhost: never through a proxy from the environment
-                auto_decompress=False, skip_auto_headers=("User-Agent",),
-            )
         self._recheck = asyncio.Event()
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch(), name="engine-readiness")
@@ -151,9 +116,6 @@ class OpenAIUpstreamEngine:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def lost(self, reason: str) -> None:
         """A request could not reach the engine: stop admitting requests and re-check it now."""
@@ -219,53 +181,40 @@ class OpenAIUpstreamEngine:
         self.system_fingerprint = json.dumps(fingerprint).encode() if isinstance(fingerprint, str) else None
         self._mark(True, None)
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise engine_unavailable("the gateway is not started")
-        return self._session
-
-    async def _send(self, path: str, content: bytes) -> aiohttp.ClientResponse:
-        try:
-            return await self.session.post(path, data=content, headers=_JSON)
-        except UNREACHABLE as exc:
-            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
-            raise engine_unavailable(type(exc).__name__) from exc
-        except TimeoutError as exc:
-            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
-                           type="server_error", code="engine_timeout") from exc
-
-    async def post(self, path: str, content: bytes) -> UpstreamResponse:
+    async def post(self, path: str, content: bytes) -> httpx.Response:
         """A non-streamed call; the caller maps a non-200 status with `engine_error`."""
-        response = await self._send(path, content)
         try:
-            body = await response.read()
+            return await self.client.post(path, content=content, headers={"content-type": "application/json"})
         except UNREACHABLE as exc:
             self.lost(f"{type(exc).__name__} talking to {self.base_url}")
             raise engine_unavailable(type(exc).__name__) from exc
-        except TimeoutError as exc:
+        except httpx.TimeoutException as exc:
             raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
                            type="server_error", code="engine_timeout") from exc
-        finally:
-            response.release()
-        return UpstreamResponse(response, body)
 
-    async def open_stream(self, path: str, content: bytes) -> UpstreamResponse:
+    async def open_stream(self, path: str, content: bytes) -> httpx.Response:
         """Send a streamed call and return once the engine's status and headers are in (body not yet read).
 
         The caller must `aclose()` the response; closing it before the end drops the connection, which is how
         the engine learns that the client left and aborts the request.
         """
-        response = await self._send(path, content)
-        if response.status != 200:
+        request = self.client.build_request("POST", path, content=content,
+                                            headers={"content-type": "application/json"})
+        try:
+            response = await self.client.send(request, stream=True)
+        except UNREACHABLE as exc:
+            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
+            raise engine_unavailable(type(exc).__name__) from exc
+        except httpx.TimeoutException as exc:
+            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
+                           type="server_error", code="engine_timeout") from exc
+        if response.status_code != 200:
             try:
-                body = await response.read()
-            except UNREACHABLE as exc:
-                raise engine_unavailable(type(exc).__name__) from exc
+                content = await response.aread()
             finally:
-                response.release()
-            raise engine_error(response.status, body)
-        return UpstreamResponse(response)
+                await response.aclose()
+            raise engine_error(response.status_code, content)
+        return response
 
     async def scrape_metrics(self) -> tuple[bytes, str]:
         """The engine's own Prometheus exposition (body, content type)."""
