@@ -181,16 +181,22 @@ class OpenAIUpstreamEngine:
         self.system_fingerprint = json.dumps(fingerprint).encode() if isinstance(fingerprint, str) else None
         self._mark(True, None)
 
-    async def post(self, path: str, content: bytes) -> httpx.Response:
-        """A non-streamed call; the caller maps a non-200 status with `engine_error`."""
+    async def _send(self, path: str, content: bytes, *, stream: bool) -> httpx.Response:
+        """POST a relayed call: unreachable -> 503 (and re-check readiness), too slow -> 504."""
+        request = self.client.build_request("POST", path, content=content,
+                                            headers={"content-type": "application/json"})
         try:
-            return await self.client.post(path, content=content, headers={"content-type": "application/json"})
+            return await self.client.send(request, stream=stream)
         except UNREACHABLE as exc:
             self.lost(f"{type(exc).__name__} talking to {self.base_url}")
             raise engine_unavailable(type(exc).__name__) from exc
         except httpx.TimeoutException as exc:
             raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
                            type="server_error", code="engine_timeout") from exc
+
+    async def post(self, path: str, content: bytes) -> httpx.Response:
+        """A non-streamed call; the caller maps a non-200 status with `engine_error`."""
+        return await self._send(path, content, stream=False)
 
     async def open_stream(self, path: str, content: bytes) -> httpx.Response:
         """Send a streamed call and return once the engine's status and headers are in (body not yet read).
@@ -198,16 +204,7 @@ class OpenAIUpstreamEngine:
         The caller must `aclose()` the response; closing it before the end drops the connection, which is how
         the engine learns that the client left and aborts the request.
         """
-        request = self.client.build_request("POST", path, content=content,
-                                            headers={"content-type": "application/json"})
-        try:
-            response = await self.client.send(request, stream=True)
-        except UNREACHABLE as exc:
-            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
-            raise engine_unavailable(type(exc).__name__) from exc
-        except httpx.TimeoutException as exc:
-            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
-                           type="server_error", code="engine_timeout") from exc
+        response = await self._send(path, content, stream=True)
         if response.status_code != 200:
             try:
                 content = await response.aread()
