@@ -8,7 +8,7 @@ Prints tokens/s, p50/p95 latency and time to first token, with ratios next to th
 - builtin vs vLLM direct: >= 0.8x tokens/s at concurrency 16.
 
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
-    .venv/bin/python bench/engines.py --quick    # the default tiny model, few requests: a few minutes
+    .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
     .venv/bin/python bench/engines.py --only vllm,gateway --concurrency 1,16
 
 vLLM comes from `make vllm-env` (.venv-vllm). Both our servers check real API keys (an auth directory made here).
@@ -24,7 +24,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from devcluster.testing.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 STATUS_FILE = Path("/tmp/bench_engines_status.txt")
 MODEL_NAME = "bench-model"
@@ -47,12 +48,6 @@ TARGETS = {"gateway_tokens_loss": 0.03, "gateway_p50_ms": 2.0, "builtin_ratio_c1
 FULL_SIZE = ["--hidden-size", "768", "--layers", "12", "--heads", "12", "--kv-heads", "12",
              "--intermediate-size", "3072", "--max-len", "1024"]
 ENGINES = ("builtin", "vllm", "gateway")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def b64url(data: bytes) -> str:
@@ -191,10 +186,15 @@ async def run_level(server: Server, concurrency: int, requests: int, max_tokens:
         level.seconds += time.perf_counter() - started
 
 
-def table(results: dict[int, dict[str, Level]], engines: list[str]) -> str:
+def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool = True) -> str:
+    """Rows per concurrency and engine, with ratios to vLLM direct; `judge=False` (a quick run) leaves out verdicts."""
     lines = [f"{'conc':>4} {'engine':<8} {'tok/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'TTFT p50':>9} {'err':>4}  "
              "vs vLLM direct (target)"]
     verdicts: list[bool] = []
+
+    def mark(ok: bool) -> str:
+        return ("ok" if ok else "MISS") if judge else "(not judged)"
+
     for concurrency, by_engine in results.items():
         direct = by_engine.get("vllm")
         for name in engines:
@@ -209,34 +209,39 @@ def table(results: dict[int, dict[str, Level]], engines: list[str]) -> str:
                     ok_p50 = overhead <= TARGETS["gateway_p50_ms"]
                     verdicts += [ok_tokens, ok_p50]
                     note = (f"tok/s {ratio:.3f}x (>= {1 - TARGETS['gateway_tokens_loss']:.2f}) "
-                            f"{'ok' if ok_tokens else 'MISS'}; p50 {overhead:+.1f} ms (<= "
-                            f"{TARGETS['gateway_p50_ms']:.0f}) {'ok' if ok_p50 else 'MISS'}")
+                            f"{mark(ok_tokens)}; p50 {overhead:+.1f} ms (<= "
+                            f"{TARGETS['gateway_p50_ms']:.0f}) {mark(ok_p50)}")
                 else:
                     note = f"tok/s {ratio:.3f}x"
                     if concurrency == 16:
                         ok = ratio >= TARGETS["builtin_ratio_c16"]
                         verdicts.append(ok)
-                        note += f" (>= {TARGETS['builtin_ratio_c16']}) {'ok' if ok else 'MISS'}"
+                        note += f" (>= {TARGETS['builtin_ratio_c16']}) {mark(ok)}"
             lines.append(f"{concurrency:>4} {name:<8} {level.tokens_per_s:>8.1f} {p50:>9.1f} "
                          f"{pct(level.latencies, 0.95) * 1000:>9.1f} {pct(level.ttfts, 0.5) * 1000:>9.1f} "
                          f"{level.errors:>4}  {note}")
-    lines.append(f"targets met: {sum(verdicts)}/{len(verdicts)}")
+    lines.append(f"targets met: {sum(verdicts)}/{len(verdicts)}" if judge else "targets not judged (--quick)")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the default tiny model and few requests")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, concurrency 1,2, 8 tokens, one round, targets not judged")
     parser.add_argument("--model", type=Path, help="use this model directory instead of making one")
-    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--concurrency", help="levels (default 1,16,64; 1,2 with --quick)")
     parser.add_argument("--requests", type=int, help="requests per engine, level and round (default: by mode)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per level; the order alternates")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, help="rounds per level; the order alternates (default 2; 1 quick)")
+    parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 64; 8 with --quick)")
     parser.add_argument("--only", default=",".join(ENGINES), help="engines to run: builtin,vllm,gateway")
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or ("1,2" if args.quick else "1,16,64")
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.max_tokens = args.max_tokens or (8 if args.quick else 64)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(servers[name], "/health" if name == "vllm" else "/ready", 900)
         print("all servers ready; warming up", flush=True)
         for name in engines:
-            asyncio.run(run_level(servers[name], 2, 4, args.max_tokens, Level(), -1))
+            asyncio.run(run_level(servers[name], 1 if args.quick else 2, 1 if args.quick else 4, args.max_tokens,
+                                  Level(), -1))
         results: dict[int, dict[str, Level]] = {}
         for concurrency in levels:
-            requests = args.requests or (max(4, concurrency) if args.quick else max(16, 2 * concurrency))
+            requests = args.requests or (2 * concurrency if args.quick else max(16, 2 * concurrency))
             results[concurrency] = {name: Level() for name in engines}
             for round_no in range(args.rounds):
                 order = engines if round_no % 2 == 0 else engines[::-1]
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     level = results[concurrency][name]
                     print(f"  c={concurrency} round {round_no} {name}: {level.tokens_per_s:.1f} tok/s so far, "
                           f"p50 {pct(level.latencies, 0.5) * 1000:.1f} ms", flush=True)
-    report = table(results, engines)
+    report = table(results, engines, judge=not args.quick)
     print()
     print(f"engines bench ({'quick' if args.quick else 'full'}): {args.max_tokens} output tokens, temperature 0, "
           f"streamed, {args.rounds} rounds alternating, model hidden {config.get('hidden_size')} x "

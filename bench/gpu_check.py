@@ -3,6 +3,7 @@
 
     bash bench/gpu_check.sh           # deepseek-llm-7b's shape, random weights, bf16, on the GPU (2-3 minutes)
     bash bench/gpu_check.sh --tiny    # the same code on the CPU with a tiny model (a minute), to try the script
+                                      # (--quick is the same; tests/bench/test_bench_quick.py runs it)
 
 It needs only torch, transformers and accelerate (plus bitsandbytes for the 8-bit part): it imports the engine
 modules from server/ and nothing of the HTTP server, and builds its model in memory (no download, no network).
@@ -235,7 +236,8 @@ def main() -> None:
     parser.add_argument("--int8-layers", type=int, default=8, help="depth of the model saved for the 8-bit part")
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, a few tokens: tries the script")
+    parser.add_argument("--tiny", "--quick", dest="tiny", action="store_true",
+                        help="a tiny model on the CPU, a few tokens: tries the script")
     args = parser.parse_args()
     if args.tiny:
         args.size, args.device, args.dtype, args.concurrency = "tiny", "cpu", "fp32", "1,4"

@@ -2,7 +2,9 @@
 operator's own overhead (beyond the new pods' start-up and the verification requests), over N rollouts, with a
 client sending through the active Service the whole time (failed requests: target 0).
 
-    .venv/bin/python bench/rollout.py [--rollouts 5] [--interval 1s]
+    .venv/bin/python bench/rollout.py [--rollouts 5] [--interval 1s] [--quick]
+
+`--quick` is one rollout: it shows the script still runs end to end (tests/bench/test_bench_quick.py runs it).
 
 Starts its own devcluster, the operator as a subprocess and real deepseek-server processes on a tiny model. Prints
 per-rollout timings and the overhead as a share of the switch time (ratios from one run, side by side; no pass/fail).
@@ -20,11 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-
-from bluegreen_harness import (  # noqa: E402
+from devcluster.testing.bluegreen import (
     E2E_OPERATOR_ENV,
+    REPO,
     ContinuousClient,
     OperatorProcess,
     World,
@@ -84,7 +84,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rollouts", type=int, default=5)
     parser.add_argument("--interval", default="1s", help="the operator's polling interval while a rollout runs")
+    parser.add_argument("--quick", action="store_true", help="one rollout: checks the script runs, measures little")
     args = parser.parse_args()
+    if args.quick:
+        args.rollouts = 1
 
     from deepseek_operator.revision import compute_revision
     from kubernetes import client
@@ -139,6 +142,10 @@ def main() -> int:
                           f"verification {verifying:.2f}s + operator {rows[-1]['overhead']:.2f}s", flush=True)
                     time.sleep(1)
             timeline.stop()
+        except AssertionError:  # a wait timed out: show where the rollout stood
+            print(f"rollout status: {world.status()}\noperator log (last lines):\n{operator.log_tail()}",
+                  file=sys.stderr)
+            raise
         finally:
             operator.stop()
 

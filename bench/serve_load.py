@@ -7,6 +7,9 @@
 
     python bench/serve_load.py [--quick] [--arch llama]
 
+`--quick` runs each part small (a few requests, low concurrency): it shows the script still runs
+(tests/bench/test_bench_quick.py); its numbers say little.
+
 Absolute numbers depend on the machine; the ratios are the point. No GPU run here (see the issue for that).
 """
 
@@ -17,7 +20,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,13 +29,10 @@ from typing import Any
 
 import httpx
 
+from devcluster.testing.model_server import SigningKey, mint, write_auth_dir
+from devcluster.testing.ports import free_port
+
 MODEL = "deepseek-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -44,8 +43,11 @@ def percentile(values: list[float], q: float) -> float:
 # -- servers in their own processes (so the load generator does not share their GIL) --------------------------
 
 
-def _run_server(settings_json: str, engine_kind: str, record: bool, port: int) -> None:
+def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, source: str | None = None) -> None:
     import logging
+
+    if source is not None:  # another copy of the server package (e.g. a checkout of an earlier commit)
+        sys.path.insert(0, source)
 
     import uvicorn
     from deepseek_server.app import create_app
@@ -61,11 +63,12 @@ def _run_server(settings_json: str, engine_kind: str, record: bool, port: int) -
 
 
 class ServerProcess:
-    def __init__(self, settings: dict[str, Any], engine_kind: str = "model", record: bool = True) -> None:
+    def __init__(self, settings: dict[str, Any], engine_kind: str = "model", record: bool = True,
+                 source: str | None = None) -> None:
         self.port = free_port()
         ctx = multiprocessing.get_context("spawn")
         self.proc = ctx.Process(target=_run_server, args=(json.dumps(settings, default=str), engine_kind, record,
-                                                          self.port), daemon=True)
+                                                          self.port, source), daemon=True)
 
     @property
     def url(self) -> str:
@@ -75,8 +78,10 @@ class ServerProcess:
         self.proc.start()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
+            if not self.proc.is_alive():
+                raise RuntimeError(f"benchmark server exited with {self.proc.exitcode} before it was ready")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -90,9 +95,6 @@ class ServerProcess:
 
 def auth_setup(root: Path) -> tuple[Path, str]:
     """An auth directory with one key and generous limits, and a token for it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "server"))
-    from server_harness import SigningKey, mint, write_auth_dir
-
     key = SigningKey(kid="bench")
     directory = write_auth_dir(root / "auth", [key], default_limits={"rps": 1e6, "burst": 1_000_000,
                                                                       "tpm": None, "parallel": None})
@@ -167,8 +169,8 @@ def latency_table(model_dir: Path, root: Path, quick: bool) -> None:
           f"{'TTFT avg':>9} {'TTFT p95':>9}")
     with ServerProcess(settings) as server:
         asyncio.run(load_level(server.url, token, 4, 2, max_tokens))  # warm-up
-        for concurrency in (10, 50, 100):
-            per_worker = 2 if quick else 4
+        for concurrency in (2, 4) if quick else (10, 50, 100):
+            per_worker = 1 if quick else 4
             row = asyncio.run(load_level(server.url, token, concurrency, per_worker, max_tokens))
             print(f"{row['concurrency']:>5} {row['requests']:>5} {row['avg_ms']:>8.1f} {row['p95_ms']:>8.1f} "
                   f"{row['errors_pct']:>6.1f} {row['rps']:>7.1f} {row['tokens_s']:>8.1f} "
@@ -239,43 +241,58 @@ async def hammer(url: str, token: str | None, requests: int, concurrency: int) -
         return (time.perf_counter() - started) / requests
 
 
-def overhead(root: Path, quick: bool) -> None:
+def overhead(root: Path, quick: bool, before: str | None = None) -> None:
+    """The API layer's cost on the no-op engine: all on vs all off, interleaved in one run. With `before` (the
+    `server/` directory of another checkout), that code's pair runs in the same rounds, for a before/after table."""
     import psutil
 
     auth_dir, token = auth_setup(root)
     base = {"model_name": MODEL, "device": "cpu", "no_cache": True}
     full = {**base, "auth_dir": str(auth_dir), "audit_log": str(root / "overhead-audit.jsonl")}
     bare = {**base, "auth": "disabled"}
-    requests, rounds = (400, 3) if quick else (1000, 7)
-    with ServerProcess(full, "noop", record=True) as on, ServerProcess(bare, "noop", record=False) as off:
-        asyncio.run(hammer(on.url, token, 200, 10))
-        asyncio.run(hammer(off.url, None, 200, 10))
-        wall: dict[str, list[float]] = {"on": [], "off": []}
-        cpu: dict[str, list[float]] = {"on": [], "off": []}
-        for _ in range(rounds):  # interleaved, so drift and neighbours' load hit both alike
-            for name, server, key in (("on", on, token), ("off", off, None)):
+    requests, rounds, warm_up = (100, 1, 20) if quick else (1000, 7, 200)
+    sides = ["after", "before"] if before else ["after"]
+    sources = {"after": None, "before": before}
+    servers: dict[tuple[str, str], ServerProcess] = {}
+    try:
+        for side in sides:
+            servers[side, "on"] = ServerProcess(full, "noop", record=True, source=sources[side]).__enter__()
+            servers[side, "off"] = ServerProcess(bare, "noop", record=False, source=sources[side]).__enter__()
+        for (_side, mode), server in servers.items():
+            asyncio.run(hammer(server.url, token if mode == "on" else None, warm_up, 10))
+        wall: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
+        cpu: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
+        for _ in range(rounds):  # interleaved, so drift and neighbours' load hit all alike
+            for (side, mode), server in servers.items():
                 process = psutil.Process(server.proc.pid)
-                before = process.cpu_times()
-                wall[name].append(asyncio.run(hammer(server.url, key, requests, 10)))
-                after = process.cpu_times()
-                cpu[name].append((after.user + after.system - before.user - before.system) / requests)
-    t_on, t_off = statistics.median(wall["on"]), statistics.median(wall["off"])
-    c_on, c_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+                started = process.cpu_times()
+                wall[side, mode].append(asyncio.run(hammer(server.url, token if mode == "on" else None, requests,
+                                                           10)))
+                ended = process.cpu_times()
+                cpu[side, mode].append((ended.user + ended.system - started.user - started.system) / requests)
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
     print("\n3. Cost of auth + rate limits + metrics + audit, no-op engine, 10 concurrent clients, "
-          f"{rounds} interleaved rounds of {requests} requests (medians)")
-    print(f"   all on : {1000 * t_on:.3f} ms/request wall ({1 / t_on:.0f} req/s), server CPU {1000 * c_on:.3f} "
-          "ms/request")
-    print(f"   all off: {1000 * t_off:.3f} ms/request wall ({1 / t_off:.0f} req/s), server CPU {1000 * c_off:.3f} "
-          "ms/request")
-    print(f"   overhead: {100 * (t_on - t_off) / t_off:+.1f} % wall, {100 * (c_on - c_off) / c_off:+.1f} % server CPU "
-          f"({1000 * (c_on - c_off):.3f} ms CPU per request) (target <= 5 %)")
+          f"{rounds} interleaved rounds of {requests} requests (medians; limits in memory, audit to a file)")
+    print(f"   {'code':<7} {'on ms/req':>10} {'off ms/req':>11} {'on CPU ms':>10} {'off CPU ms':>11} "
+          f"{'wall +%':>8} {'CPU +%':>7} {'CPU ms/req':>11}")
+    for side in sides:
+        t_on, t_off = statistics.median(wall[side, "on"]), statistics.median(wall[side, "off"])
+        c_on, c_off = statistics.median(cpu[side, "on"]), statistics.median(cpu[side, "off"])
+        cpu_share = f"{100 * (c_on - c_off) / c_off:+7.1f}" if c_off > 0 else f"{'n/a':>7}"
+        print(f"   {side:<7} {1000 * t_on:>10.3f} {1000 * t_off:>11.3f} {1000 * c_on:>10.3f} {1000 * c_off:>11.3f} "
+              f"{100 * (t_on - t_off) / t_off:>+8.1f} {cpu_share} {1000 * (c_on - c_off):>+11.3f}")
+    print("   targets: <= 3 % wall and <= 10 % server CPU per request")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="each part small: checks the script runs")
     parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "deepseek_v3"])
     parser.add_argument("--skip", default="", help="comma list of parts to skip: table,batching,overhead")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="the server/ directory of another checkout: part 3 measures it side by side")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from deepseek_server.tiny_model import make_tiny_model
@@ -288,9 +305,12 @@ def main() -> None:
         if "table" not in skip:
             latency_table(model_dir, root, args.quick)
         if "batching" not in skip:
-            batched_vs_sequential(model_dir, concurrent=16, new_tokens=32)
+            if args.quick:
+                batched_vs_sequential(model_dir, concurrent=4, new_tokens=8)
+            else:
+                batched_vs_sequential(model_dir, concurrent=16, new_tokens=32)
         if "overhead" not in skip:
-            overhead(root, args.quick)
+            overhead(root, args.quick, args.before)
 
 
 if __name__ == "__main__":

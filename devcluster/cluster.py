@@ -77,6 +77,8 @@ def default_image_commands() -> dict[str, list[str]]:
 
     bin_dir = Path(sys.executable).parent
     return {
+        # first: the glob below matches it too. A server whose engine fails after its first answers (tests only).
+        "*deepseek-server-flaky*": [sys.executable, "-m", "devcluster.flaky_server"],
         "*deepseek-server*": [str(bin_dir / "deepseek-server")],
         "*deepseek-operator*": [str(bin_dir / "deepseek-operator")],
         # by file path: the test server is stdlib-only and runs whether or not devcluster is installed

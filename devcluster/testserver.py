@@ -3,7 +3,8 @@
 ``python -m devcluster.testserver [--port 8080] [--name NAME] [--not-ready-file PATH] [--unhealthy-file PATH]
 [--startup-seconds S]``; the port also comes from ``$PORT``, the name from ``$POD_NAME`` (else the hostname).
 
-- ``GET /``           JSON: name, pid, pod IP (``$POD_IP``), hostname, boot id (new on every start)
+- ``GET /``           JSON: name, pid, pod IP (``$POD_IP``), hostname, boot id (new on every start), and
+  ``slowInFlight``, the number of ``/slow`` requests being answered now
 - ``GET /ready``      200, or 503 while ``--not-ready-file`` exists or after ``POST /control/ready?value=0``
 - ``GET /healthz``    200, or 500 while ``--unhealthy-file`` exists or after ``POST /control/live?value=0``
 - ``GET /env``        JSON of the environment
@@ -42,6 +43,8 @@ class TestServer(ThreadingHTTPServer):
         self.ready = True
         self.live = True
         self.boot_id = uuid.uuid4().hex
+        self.slow_in_flight = 0
+        self.lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -68,7 +71,8 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         if url.path == "/":
             self._send(200, {"name": srv.name, "pid": os.getpid(), "podIP": os.environ.get("POD_IP"),
-                             "hostname": socket.gethostname(), "boot": srv.boot_id})
+                             "hostname": socket.gethostname(), "boot": srv.boot_id,
+                             "slowInFlight": srv.slow_in_flight})
         elif url.path == "/ready":
             ok = srv.ready and not (srv.not_ready_file and os.path.exists(srv.not_ready_file))
             self._send(200 if ok else 503, {"ready": ok})
@@ -84,7 +88,13 @@ class Handler(BaseHTTPRequestHandler):
             except OSError as exc:
                 self._send(404, {"error": str(exc)})
         elif url.path == "/slow":
-            time.sleep(float(query.get("seconds", ["1"])[0]))
+            with srv.lock:
+                srv.slow_in_flight += 1
+            try:
+                time.sleep(float(query.get("seconds", ["1"])[0]))
+            finally:
+                with srv.lock:
+                    srv.slow_in_flight -= 1
             self._send(200, {"name": srv.name, "slept": True})
         else:
             self._send(404, {"error": f"no route {url.path}"})

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from devcluster.testing.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -29,27 +25,33 @@ def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `apt-get install redis-server` (.ci/run does)")
-    port = free_port()
     workdir = tempfile.mkdtemp(prefix="redis-")
-    proc = subprocess.Popen(
-        # Bound to all addresses so that pods in devcluster's network namespaces reach it through the bridge
-        # gateway; this machine's network is closed, and protected mode is off only for that reason.
-        [binary, "--port", str(port), "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            time.sleep(0.05)
+    for _attempt in range(5):  # a port chosen before redis binds it can be taken meanwhile: then another port
+        port = free_port()
+        proc = subprocess.Popen(
+            # Bound to all addresses so that pods in devcluster's network namespaces reach it through the bridge
+            # gateway; this machine's network is closed, and protected mode is off only for that reason.
+            [binary, "--port", str(port), "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
+             "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            if proc.poll() is not None:
+                continue  # exited: most likely the port was taken
+            proc.kill()
+            pytest.fail(f"redis-server did not answer on port {port} within 60 s")
+        break
     else:
-        proc.kill()
-        pytest.fail(f"redis-server did not answer on port {port} within 10 s")
+        pytest.fail("redis-server exited at start five times (ports taken?)")
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -14,6 +16,7 @@ import kopf
 from .durations import parse_duration
 from .handlers import build_registry
 from .kopf_settings import build_kopf_settings
+from .leader_election import LeaderElector, StandbyLiveness, default_identity
 from .runtime import OperatorRuntime
 from .settings import OperatorSettings, settings_from_env
 
@@ -37,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     for option in ("signing-key-rotation", "signing-key-propagation", "signing-key-retire-margin",
                    "drift-check-interval", "issuer-check-interval", "retry-interval"):
         parser.add_argument(f"--{option}", type=parse_duration, metavar="DURATION")
+    parser.add_argument("--signing-key-namespace", metavar="NS",
+                        help="where the private signing keys are kept (default: the pod's own namespace; outside "
+                             "a cluster 'deepseek-operator', created if missing)")
+    election = parser.add_argument_group("leader election (run several replicas; only the Lease holder acts)")
+    election.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=None,
+                          help="take part in leader election (default off)")
+    election.add_argument("--leader-election-namespace", metavar="NS",
+                          help="namespace of the Lease (default: the pod's own)")
+    election.add_argument("--leader-election-lease-name", metavar="NAME",
+                          help="name of the Lease (default deepseek-operator)")
+    for option, default in (("lease-duration", "15s"), ("renew-deadline", "10s"), ("retry-period", "2s")):
+        election.add_argument(f"--leader-election-{option}", type=parse_duration, metavar="DURATION",
+                              help=f"default {default}")
     return parser
 
 
@@ -62,17 +78,44 @@ def configure_logging(settings: OperatorSettings) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
+def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -> bool:
+    """Stand by (serving liveness, reconciling nothing) until this process holds the Lease; False on SIGTERM/SIGINT."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if liveness_endpoint is None:
+            return elector.acquire(stop)
+        with StandbyLiveness(liveness_endpoint, elector.standby_healthy):
+            return elector.acquire(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(settings: OperatorSettings) -> None:
-    """Run until SIGTERM/SIGINT."""
-    runtime = OperatorRuntime.connect(settings)
-    kopf.run(
-        registry=build_registry(runtime),
-        settings=build_kopf_settings(settings),
-        standalone=True,
-        clusterwide=settings.all_namespaces,
-        namespaces=list(settings.namespaces),
-        liveness_endpoint=settings.liveness_endpoint,
-    )
+    """Run until SIGTERM/SIGINT; with leader election, reconcile only while holding the Lease."""
+    elector: LeaderElector | None = None
+    if settings.leader_election:
+        elector = LeaderElector.connect(settings.leader_election_config(default_identity()), settings.kubeconfig)
+        if not wait_for_leadership(elector, settings.liveness_endpoint):
+            elector.close()
+            return
+        # Renewal starts before kopf does; losing the Lease from here on ends the process at once.
+        elector.keep_leading()
+    try:
+        runtime = OperatorRuntime.connect(settings)
+        kopf.run(
+            registry=build_registry(runtime),
+            settings=build_kopf_settings(settings),
+            standalone=True,
+            clusterwide=settings.all_namespaces,
+            namespaces=list(settings.namespaces),
+            liveness_endpoint=settings.liveness_endpoint,
+        )
+    finally:
+        if elector is not None:
+            elector.step_down()
+            elector.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,9 @@ from .durations import format_timestamp, parse_duration, parse_timestamp
 from .signing_keys import SigningKey
 from .tokens import TokenGrant, binding_hash, token_sha256
 
+# A new value of this annotation asks for one rotation now (any value: the plugin writes a timestamp); the value
+# is kept in status as `rotationRequest` once a token issued after it is in the Secret, so each value rotates once.
+ROTATE_ANNOTATION = "deepseek.ai/rotate"
 TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash")
 ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
 WARNING_REASONS = {"SecretMissing", "SecretAltered"}
@@ -29,6 +32,7 @@ REASON_TEXT = {
     "SecretAltered": "the token in the Secret was altered; the replaced token is revoked",
     "BindingChanged": "subject, scopes or environment changed; the old token is revoked",
     "SigningKeyRetired": "its signing key is no longer published",
+    "Requested": f"rotation asked for with the {ROTATE_ANNOTATION} annotation",
 }
 
 
@@ -72,6 +76,8 @@ class ApiKeyPlan:
     delete_secret: bool = False
     repair_secret: bool = False
     events: tuple[ApiKeyEvent, ...] = ()
+    # The rotate annotation's value that the token issued now answers (recorded with it; see `with_pending`).
+    rotation_request: str | None = None
 
 
 def _ts(value: Any) -> int:
@@ -127,6 +133,14 @@ def live_token_expiry_by_kid(apikeys: Iterable[Mapping[str, Any]], now: float) -
     return result
 
 
+def rotation_request(apikey: Mapping[str, Any]) -> str | None:
+    """The rotate annotation's value when it asks for a rotation not done yet, else None."""
+    value = ((apikey.get("metadata") or {}).get("annotations") or {}).get(ROTATE_ANNOTATION)
+    if not value or value == (apikey.get("status") or {}).get("rotationRequest"):
+        return None
+    return str(value)
+
+
 def resolve_pending(status: Mapping[str, Any], secret_sha: str | None, renew_before: float) -> tuple[dict, dict]:
     """Settle a `pendingToken` left by an interrupted reconcile.
 
@@ -156,6 +170,8 @@ def promote_pending(status: Mapping[str, Any], renew_before: float) -> dict[str,
             "revokeAt": pending["previousRevokeAt"],
         })
     expires = _ts(pending["expiresAt"])
+    if pending.get("rotationRequest"):
+        status["rotationRequest"] = pending["rotationRequest"]
     status.update({
         "tokenId": pending["tokenId"],
         "tokenSHA256": pending["tokenSHA256"],
@@ -211,9 +227,10 @@ def build_grant(apikey: Mapping[str, Any], issuer: IssuerView, *, token_id: str,
 
 def with_pending(
     status: Mapping[str, Any], *, grant: TokenGrant, token: str, signing_key_id: str, reason: str,
-    binding: str, previous_revoke_at: int | None,
+    binding: str, previous_revoke_at: int | None, rotation_request: str | None = None,
 ) -> dict[str, Any]:
-    """Status recording a token about to be written to the Secret (its id and hash, never the token)."""
+    """Status recording a token about to be written to the Secret (its id and hash, never the token), and the
+    rotate annotation value it answers, so that the request counts as done exactly when the token is delivered."""
     status = dict(status)
     pending = {
         "tokenId": grant.token_id,
@@ -226,6 +243,8 @@ def with_pending(
     }
     if previous_revoke_at is not None:
         pending["previousRevokeAt"] = format_timestamp(previous_revoke_at)
+    if rotation_request:
+        pending["rotationRequest"] = rotation_request
     status["pendingToken"] = pending
     return status
 
@@ -292,6 +311,7 @@ def plan_apikey(
 
     current_id = status.get("tokenId")
     expires = _ts(status.get("expiresAt"))
+    requested = rotation_request({"metadata": apikey.get("metadata") or {}, "status": status})
     reason: str | None = None
     previous_revoke_at: int | None = None
     if not current_id:
@@ -306,8 +326,9 @@ def plan_apikey(
         reason = "BindingChanged"
     elif status.get("signingKeyId") not in issuer.published_kids:
         reason = "SigningKeyRetired"
-    elif now >= expires - renew_before:
-        reason = "Renewal"
+    elif now >= expires - renew_before or requested:
+        # A requested rotation is an early renewal: the old token keeps its grace period.
+        reason = "Renewal" if now >= expires - renew_before else "Requested"
         if grace > 0:
             previous_revoke_at = min(int(now + grace), expires)
     if reason and current_id and expires > now and previous_revoke_at is None:
@@ -327,6 +348,7 @@ def plan_apikey(
     return ApiKeyPlan(
         status=status, revoke=revoke, limits=limits, issue_reason=reason, previous_revoke_at=previous_revoke_at,
         repair_secret=reason is None and not secret_current, events=tuple(events),
+        rotation_request=requested if reason is not None else None,
     )
 
 

@@ -201,7 +201,8 @@ class ApiKeyReconciler:
         if plan.issue_reason and issuer is not None and issuer.signing_key is not None:
             if failure is None or now >= failure.retry_at:
                 status, apikey, failure = self._issue(apikey, status, issuer, plan.issue_reason,
-                                                      plan.previous_revoke_at, secret_name, secret, now, failure)
+                                                      plan.previous_revoke_at, secret_name, secret, now, failure,
+                                                      rotation_request=plan.rotation_request)
                 if failure is None:
                     events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"],
                                               secret_name))
@@ -256,7 +257,7 @@ class ApiKeyReconciler:
     def _issue(
         self, apikey: dict[str, Any], status: dict[str, Any], issuer: IssuerView, reason: str,
         previous_revoke_at: int | None, secret_name: str, secret: dict[str, Any] | None, now: int,
-        failure: SecretWriteFailure | None,
+        failure: SecretWriteFailure | None, *, rotation_request: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], SecretWriteFailure | None]:
         """Mint a token, write it to the Secret and make it current. Returns (status, apikey, write failure).
 
@@ -273,7 +274,8 @@ class ApiKeyReconciler:
         grant = build_grant(apikey, issuer, token_id=new_token_id(), now=now)
         token = sign_token(grant, issuer.signing_key)
         status = with_pending(status, grant=grant, token=token, signing_key_id=issuer.signing_key.kid, reason=reason,
-                              binding=current_binding(apikey, issuer), previous_revoke_at=previous_revoke_at)
+                              binding=current_binding(apikey, issuer), previous_revoke_at=previous_revoke_at,
+                              rotation_request=rotation_request)
         if status.get("tokenId"):
             apikey = self._write_status(apikey, status)
             failpoints.reached("apikey:after-pending", f"{namespace}/{apikey['metadata']['name']}")

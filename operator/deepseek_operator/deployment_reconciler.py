@@ -13,7 +13,7 @@ from typing import Any
 from .conditions import merge_conditions
 from .deployment_status import conflict_condition, issuer_status
 from .durations import format_timestamp
-from .issuer import Issuers, IssuerState
+from .issuer import IN_SIGNING_KEY_NAMESPACE, Issuers, IssuerState
 from .kube import DEEPSEEKDEPLOYMENTS, KubeApi, NotOwned
 from .names import auth_configmap_name
 from .serving import ServingReconciler
@@ -66,7 +66,8 @@ class DeploymentReconciler:
             next_due = state.next_check
             # --- issue 6: serving children and the blue-green rollout (serving.py) ---
             # Not while the issuer's own objects are someone else's: the servers would trust that auth ConfigMap.
-            if self._serving is not None and not conflicts:
+            # Nor in the namespace of the private signing keys, where its pods could read them.
+            if self._serving is not None and not conflicts and state.reason != IN_SIGNING_KEY_NAMESPACE:
                 try:
                     next_due = min(next_due, self._serving.reconcile({**dsd, "status": status}))
                 except NotOwned as exc:

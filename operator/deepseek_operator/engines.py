@@ -7,6 +7,7 @@ a spec written by hand in a test means the same thing.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 BUILTIN = "builtin"
@@ -17,6 +18,8 @@ DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 VLLM_HOST = "127.0.0.1"
 VLLM_PORT = 8001
 VLLM_URL = f"http://{VLLM_HOST}:{VLLM_PORT}"
+# The CRD's default for spec.server.maxNewTokens: the most completion tokens one request may ask for.
+DEFAULT_MAX_NEW_TOKENS = 512
 # server.precision -> vLLM's --dtype (the compute dtype). fp8 computes in bf16 with FP8-quantized weights.
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 VLLM_QUANTIZATION = {"fp8": "fp8"}
@@ -43,8 +46,12 @@ def tensor_parallel_size(spec: dict[str, Any]) -> int:
     return max(1, int((spec.get("resources") or {}).get("gpus", 1)))
 
 
-def vllm_args(spec: dict[str, Any], model_dir: str) -> list[str]:
-    """Arguments of the official image's `vllm serve` entry point, derived from the spec, then engine.extraArgs."""
+def vllm_args(spec: dict[str, Any], model_dir: str, *, shutdown_grace_s: int | None = None) -> list[str]:
+    """Arguments of the official image's `vllm serve` entry point, derived from the spec, then engine.extraArgs.
+
+    `shutdown_grace_s`: how long vLLM may finish its running requests after SIGTERM (it aborts them at once by
+    default), the same time the gateway in front of it gets.
+    """
     server = spec.get("server") or {}
     engine = spec.get("engine") or {}
     precision = str(server.get("precision", "bf16"))
@@ -66,6 +73,12 @@ def vllm_args(spec: dict[str, Any], model_dir: str) -> list[str]:
     if server.get("maxModelLen"):
         args += ["--max-model-len", str(server["maxModelLen"])]
     args.append("--enable-prefix-caching" if engine.get("prefixCaching", True) else "--no-enable-prefix-caching")
+    # The gateway's completion-token ceiling is vLLM's too: a request without max_tokens then gets at most that many
+    # (or what the context leaves), as with the builtin engine, instead of running to the end of the context.
+    generation = {"max_new_tokens": int(server.get("maxNewTokens", DEFAULT_MAX_NEW_TOKENS))}
+    args += ["--override-generation-config", json.dumps(generation, separators=(",", ":"))]
+    if shutdown_grace_s is not None:
+        args += ["--shutdown-timeout", str(shutdown_grace_s)]
     return args + [str(arg) for arg in engine.get("extraArgs") or []]
 
 

@@ -1,4 +1,5 @@
-"""The issuer of one DeepSeekDeployment: its signing-key Secret and the issuer part of its auth ConfigMap.
+"""The issuer of one DeepSeekDeployment: its signing keys (signing_key_store.py: a Secret in the operator's own
+namespace) and the issuer part of its auth ConfigMap (public keys only).
 
 `Issuers.reconcile_issuer(dsd)` is called from the DeepSeekDeployment reconcile; `Issuers.view_for` gives an
 ApiKey reconcile what it needs to sign (the active, published key) without re-reading the Secret every time.
@@ -6,7 +7,6 @@ ApiKey reconcile what it needs to sign (the active, published key) without re-re
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -18,32 +18,16 @@ from .apikey_plan import IssuerView, live_token_expiry_by_kid
 from .auth_config import Limits, PublishIssuer, build_issuer_config, limits_from_spec
 from .auth_store import AuthConfigStore
 from .key_material import new_signing_key
-from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, KubeApi, ensure_controlled
-from .names import (
-    audience_name,
-    auth_configmap_name,
-    base_url,
-    deployment_labels,
-    issuer_name,
-    owner_reference,
-    signing_key_secret_name,
-)
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi
+from .names import audience_name, auth_configmap_name, base_url, issuer_name
 from .settings import OperatorSettings
-from .signing_keys import (
-    KEY_RING_DATA_KEY,
-    KeyRing,
-    SigningKey,
-    build_jwks,
-    next_key_ring_change,
-    parse_key_ring,
-    plan_key_ring,
-    retired_at,
-    serialize_key_ring,
-)
+from .signing_key_store import SigningKeyStore
+from .signing_keys import KeyRing, SigningKey, build_jwks, next_key_ring_change, plan_key_ring, retired_at
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_CACHE_SECONDS = 2.0
 LIVE_EXPIRY_RELIST = 5  # issuer checks between listings of the ApiKeys while a retired key waits
+IN_SIGNING_KEY_NAMESPACE = "InSigningKeyNamespace"
 
 
 @dataclass(frozen=True)
@@ -59,28 +43,6 @@ class IssuerState:
     jwks_changed: bool
     # The auth ConfigMap's size in bytes as last written (None when unknown).
     auth_config_size: int | None = None
-
-
-def build_signing_key_secret(dsd: dict[str, Any], ring: KeyRing) -> dict[str, Any]:
-    """The signing-key Secret (private keys; only the operator reads it)."""
-    name = dsd["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": signing_key_secret_name(name),
-            "namespace": dsd["metadata"]["namespace"],
-            "labels": {**deployment_labels(name), "app.kubernetes.io/component": "signing-key"},
-            "ownerReferences": [owner_reference(dsd)],
-        },
-        "data": {KEY_RING_DATA_KEY: base64.b64encode(serialize_key_ring(ring).encode()).decode()},
-    }
-
-
-def _signing_secret_up_to_date(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
-    owners = {ref.get("uid") for ref in actual["metadata"].get("ownerReferences") or []}
-    return (actual.get("data") or {}) == desired["data"] and desired["metadata"]["ownerReferences"][0]["uid"] in owners
 
 
 def default_limits(dsd: dict[str, Any]) -> Limits:
@@ -99,6 +61,7 @@ class Issuers:
         self._settings = settings
         self._clock = clock
         self._new_key = new_key
+        self.signing_keys = SigningKeyStore(kube, settings.key_namespace, auth_store)
         self._rings: dict[tuple[str, str], tuple[str, KeyRing]] = {}  # -> (deployment uid, ring)
         # Deployments as last read, so that a thousand keys for one deployment do not read it a thousand times.
         self._deployments: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
@@ -110,20 +73,16 @@ class Issuers:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
-    def _read_ring(self, namespace: str, name: str, owner_uid: str) -> tuple[KeyRing, dict[str, Any] | None]:
-        """The key ring in the signing-key Secret; NotOwned when the Secret of that name is not the deployment's
-        (someone else's, or a leftover of a deleted deployment of the same name awaiting garbage collection)."""
-        secret = self._kube.get(SECRETS, namespace, signing_key_secret_name(name))
-        if secret is None:
-            return KeyRing(), None
-        ensure_controlled(SECRETS, secret, owner_uid)
-        raw = (secret.get("data") or {}).get(KEY_RING_DATA_KEY, "")
-        try:
-            return parse_key_ring(base64.b64decode(raw).decode()), secret
-        except ValueError as exc:
-            log.warning("signing-key Secret %s/%s is unreadable (%s); issuing a new key ring",
-                        namespace, signing_key_secret_name(name), exc)
-            return KeyRing(), secret
+    def forget_deployment(self, namespace: str, name: str, uid: str) -> None:
+        """The deployment was deleted: delete its private keys (no owner reference reaches across namespaces).
+        After a reconcile in flight (the lock); one that still rewrites them is undone by the sweep."""
+        with self._lock(namespace, name):
+            cached = self._rings.get((namespace, name))
+            if cached is not None and cached[0] == uid:
+                self._rings.pop((namespace, name), None)
+            self._deployments.pop((namespace, name), None)
+            self._live_expiry.pop((namespace, name), None)
+            self.signing_keys.delete_for(namespace, name, uid)
 
     def _live_token_expiry(self, namespace: str, name: str, ring: KeyRing, now: int) -> dict[str, int]:
         """Only list the ApiKeys when a retired key might be dropped: that is the one decision that needs them."""
@@ -161,24 +120,30 @@ class Issuers:
         """Make the signing-key Secret and the issuer's part of the auth ConfigMap match the schedule."""
         namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
         self._deployments[(namespace, name)] = (time.monotonic(), dsd)
+        if namespace == self.signing_keys.namespace:
+            # Its pods could mount any Secret there (a Redis or token secretRef names one): every deployment's keys.
+            return IssuerState(False, IN_SIGNING_KEY_NAMESPACE,
+                               f"not served in namespace {namespace}: the operator keeps every deployment's private "
+                               "signing keys there, which this deployment's pods could read; create it in another "
+                               "namespace", None, auth_configmap_name(name),
+                               self._clock() + self._settings.issuer_check_interval, False)
         with self._lock(namespace, name):
             now = int(self._clock())
-            ring, secret = self._read_ring(namespace, name, dsd["metadata"]["uid"])
+            stored = self.signing_keys.read(dsd)
+            ring = stored.ring
             live = self._live_token_expiry(namespace, name, ring, now)
             policy = self._settings.rotation_policy
             before, _ = self._auth.read(namespace, name, refresh=True)
             planned = plan_key_ring(ring, now=now, policy=policy, live_token_expiry=live,
                                     fresh_key=self._new_key(now),
                                     published=before.published_kids() if before is not None else None)
-            desired_secret = build_signing_key_secret(dsd, planned)
-            if secret is None or planned != ring or not _signing_secret_up_to_date(secret, desired_secret):
-                self._kube.create_or_replace(SECRETS, namespace, desired_secret, up_to_date=_signing_secret_up_to_date,
-                                             owner_uid=dsd["metadata"]["uid"])
-                added = planned.kids() - ring.kids()
-                dropped = ring.kids() - planned.kids()
-                if added or dropped:
-                    log.info("signing keys of %s/%s: added %s, dropped %s", namespace, name,
-                             sorted(added), sorted(dropped))
+            # Stored before the JWKS names a new key: a key is never published that the operator could lose.
+            self.signing_keys.store(dsd, stored, planned)
+            added = planned.kids() - ring.kids()
+            dropped = ring.kids() - planned.kids()
+            if added or dropped:
+                log.info("signing keys of %s/%s: added %s, dropped %s", namespace, name,
+                         sorted(added), sorted(dropped))
             self._rings[(namespace, name)] = (dsd["metadata"]["uid"], planned)
 
             config = build_issuer_config(

@@ -220,6 +220,21 @@ class KubeApi:
             return False
         return True
 
+    def ensure_namespace(self, name: str) -> bool:
+        """Create the namespace unless it exists (for runs outside a cluster); True when it was created."""
+        try:
+            self._request("GET", f"/api/v1/namespaces/{name}")
+            return False
+        except NotFound:
+            pass
+        try:
+            self._request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
+                                                              "metadata": {"name": name}},
+                          params={"fieldManager": FIELD_MANAGER})
+        except Conflict:
+            return False
+        return True
+
     def create_or_replace(
         self, resource: Resource, namespace: str, desired: dict[str, Any],
         *, up_to_date: Callable[[dict[str, Any], dict[str, Any]], bool], attempts: int = 5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 GROUP = "deepseek.ai"
@@ -13,8 +14,42 @@ MANAGED_BY = "deepseek-operator"
 SERVER_PORT = 8000
 
 
-def signing_key_secret_name(deployment: str) -> str:
+SIGNING_KEY_COMPONENT = "signing-key"
+SIGNING_KEY_NAMESPACE_LABEL = "deepseek.ai/deployment-namespace"
+SIGNING_KEY_UID_LABEL = "deepseek.ai/deployment-uid"
+
+
+def signing_key_secret_name(namespace: str, deployment: str, uid: str) -> str:
+    """The Secret that holds the private signing keys of `namespace/deployment`, in the operator's own namespace.
+
+    `<namespace>.<deployment>.<hash>`: namespaces are DNS labels (no dots), so the prefix is unambiguous, and the
+    hash of the uid gives a recreated deployment of the same name a key ring of its own. At most 63 + 40 (the CRD's
+    name limit) + 12 characters, well inside a Secret name's 253.
+    """
+    digest = hashlib.sha256(f"{namespace}/{deployment}/{uid}".encode()).hexdigest()[:10]
+    return f"{namespace}.{deployment}.{digest}"
+
+
+def record_key_secret_name(deployment: str) -> str:
+    """The Secret holding the key of the servers' request HMACs (audit fingerprints, response-cache keys)."""
+    return f"{deployment}-record-key"
+
+
+def legacy_signing_key_secret_name(deployment: str) -> str:
+    """Where earlier releases kept a deployment's private keys: `<deployment>-signing-key` in its own namespace."""
     return f"{deployment}-signing-key"
+
+
+def signing_key_labels(namespace: str, deployment: str, uid: str) -> dict[str, str]:
+    """Labels on a signing-key Secret: which deployment (namespace, name, uid) it belongs to, for the sweep."""
+    return {
+        "app.kubernetes.io/name": "deepseek-server",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": SIGNING_KEY_COMPONENT,
+        SIGNING_KEY_NAMESPACE_LABEL: namespace,
+        "deepseek.ai/deployment": deployment,
+        SIGNING_KEY_UID_LABEL: uid,
+    }
 
 
 def auth_configmap_name(deployment: str) -> str:

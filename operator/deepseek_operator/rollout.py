@@ -48,9 +48,43 @@ def format_time(epoch: float) -> str:
 
 
 def parse_time(text: str | None) -> float | None:
-    if not text:
+    """Epoch seconds of an RFC 3339 time as status holds it (whole seconds, `Z`; fractions and offsets read too).
+
+    None when absent or unreadable: a time this operator cannot read counts as not set, never as a failed reconcile.
+    """
+    if not text or not isinstance(text, str):
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def read_rollout_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The rollout's own status fields, read tolerantly across operator versions.
+
+    Fields another version added are left out (and left alone in the stored status: it is written as a merge
+    patch); a field missing here gets its default; a `rollout` still in progress but without the revision or the
+    color it moves to cannot be continued and reads as no rollout, so the next step starts over from the spec.
+    """
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) and value else None
+
+    rollout = dict(status.get("rollout") or {}) if isinstance(status.get("rollout"), Mapping) else {}
+    if rollout.get("phase") in IN_PROGRESS and not (text(rollout.get("revision"))
+                                                    and rollout.get("color") in COLORS):
+        rollout = {}
+    history = status.get("history") if isinstance(status.get("history"), list) else []
+    active = status.get("activeColor")
+    return {
+        "activeColor": active if active in COLORS else None,
+        "activeRevision": text(status.get("activeRevision")),
+        "failedRevision": text(status.get("failedRevision")),
+        "retriedRevision": text(status.get("retriedRevision")),
+        "rollout": rollout or None,
+        "history": [entry for entry in history if isinstance(entry, Mapping)],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- observation
@@ -243,15 +277,7 @@ class _Builder:
 
     def __init__(self, observed: Observed) -> None:
         self.o = observed
-        status = observed.status
-        self.status: dict[str, Any] = {
-            "activeColor": status.get("activeColor"),
-            "activeRevision": status.get("activeRevision"),
-            "failedRevision": status.get("failedRevision"),
-            "retriedRevision": status.get("retriedRevision"),
-            "rollout": dict(status.get("rollout") or {}) or None,
-            "history": list(status.get("history") or []),
-        }
+        self.status: dict[str, Any] = read_rollout_status(observed.status)
         self.decision = Decision(status=self.status, requeue_after=observed.settings.stable_interval)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .durations import parse_duration
 from .engines import engine_name, uses_vllm, vllm_image
 from .host_paths import host_path_refusal
 from .issuer import Issuers
-from .kube import DEEPSEEKDEPLOYMENTS, EVENTS, Conflict, KubeApi, KubeError, Resource, ensure_controlled
+from .kube import DEEPSEEKDEPLOYMENTS, EVENTS, SECRETS, Conflict, KubeApi, KubeError, Resource, ensure_controlled
 from .revision import compute_revision
 from .rollout import (
     POST_VERIFYING,
@@ -52,6 +53,7 @@ from .workloads import (
     build_active_service,
     build_deployment,
     build_preview_service,
+    build_record_key_secret,
     build_server_account,
     color_deployment_name,
     endpoint_url,
@@ -213,6 +215,9 @@ class ServingReconciler:
         for item in build_server_account(dsd):
             self._kube.create_or_apply(_RESOURCES[item["kind"]], namespace, item, owner_uid=dsd["metadata"]["uid"],
                                        up_to_date=_same_grants)
+        # Made once and never rewritten: a new key would only empty the response cache and change fingerprints.
+        self._kube.create_or_apply(SECRETS, namespace, build_record_key_secret(dsd, secrets.token_urlsafe(32)),
+                                   owner_uid=dsd["metadata"]["uid"], up_to_date=lambda actual, _desired: True)
 
     def _replace_field(self, resource: Resource, namespace: str, name: str, owner_uid: str,
                        change: Callable[[dict[str, Any]], bool]) -> bool:

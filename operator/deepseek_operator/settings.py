@@ -8,12 +8,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .durations import parse_duration
+from .leader_election import LeaderElectionConfig, in_cluster_namespace
 from .signing_keys import RotationPolicy
 
 ENV_PREFIX = "DEEPSEEK_OPERATOR_"
+OUT_OF_CLUSTER_SIGNING_KEY_NAMESPACE = "deepseek-operator"
 DURATION_SETTINGS = {
     "signing_key_rotation", "signing_key_propagation", "signing_key_retire_margin", "drift_check_interval",
     "retry_interval", "issuer_check_interval",
+    "leader_election_lease_duration", "leader_election_renew_deadline", "leader_election_retry_period",
 }
 
 
@@ -40,6 +43,22 @@ class OperatorSettings:
     retry_interval: float = 5.0
     # Where a DeepSeekDeployment may mount model weights from a node's filesystem (host_paths.py); none by default.
     allowed_host_path_prefixes: tuple[str, ...] = ()
+    # Where the private signing keys are kept (only the operator reads that namespace): the pod's own namespace in a
+    # cluster, else OUT_OF_CLUSTER_SIGNING_KEY_NAMESPACE (created at startup if missing).
+    signing_key_namespace: str | None = None
+    # Several replicas: only the holder of this Lease reconciles (leader_election.py); the others stand by.
+    # Namespace default: the pod's own (in a cluster). Timings as client-go's defaults.
+    leader_election: bool = False
+    leader_election_namespace: str | None = None
+    leader_election_lease_name: str = "deepseek-operator"
+    leader_election_lease_duration: float = 15.0
+    leader_election_renew_deadline: float = 10.0
+    leader_election_retry_period: float = 2.0
+
+    @property
+    def key_namespace(self) -> str:
+        """The namespace of the signing-key Secrets (see `signing_key_namespace`)."""
+        return self.signing_key_namespace or in_cluster_namespace() or OUT_OF_CLUSTER_SIGNING_KEY_NAMESPACE
 
     @property
     def rotation_policy(self) -> RotationPolicy:
@@ -60,6 +79,20 @@ class OperatorSettings:
             raise ValueError(f"log format {self.log_format!r} is not json or plain")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.leader_election:
+            self.leader_election_config("validation").validate()
+
+    def leader_election_config(self, identity: str) -> LeaderElectionConfig:
+        """The Lease this process competes for; ValueError when no namespace is known for it."""
+        namespace = self.leader_election_namespace or in_cluster_namespace()
+        if not namespace:
+            raise ValueError("leader election needs the Lease's namespace: --leader-election-namespace NS "
+                             f"(env {ENV_PREFIX}LEADER_ELECTION_NAMESPACE), or run in a pod")
+        return LeaderElectionConfig(
+            namespace=namespace, name=self.leader_election_lease_name, identity=identity,
+            lease_duration=self.leader_election_lease_duration, renew_deadline=self.leader_election_renew_deadline,
+            retry_period=self.leader_election_retry_period,
+        )
 
 
 def _parse(name: str, text: str, current: Any) -> Any:

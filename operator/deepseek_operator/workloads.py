@@ -15,7 +15,7 @@ from typing import Any
 
 from .engines import VLLM, VLLM_URL, uses_vllm, vllm_args, vllm_env, vllm_image
 from .kube import Resource
-from .names import SERVER_PORT, auth_configmap_name, deployment_labels, owner_reference
+from .names import SERVER_PORT, auth_configmap_name, deployment_labels, owner_reference, record_key_secret_name
 
 COLORS = ("blue", "green")
 COLOR_LABEL = "deepseek.ai/color"
@@ -106,11 +106,12 @@ def _metadata(dsd: dict[str, Any], name: str, component: str, extra: dict[str, s
     }
 
 
-def server_args(dsd: dict[str, Any]) -> list[str]:
+def server_args(dsd: dict[str, Any], revision: str | None = None) -> list[str]:
     """The `deepseek-server serve` command line (docs/auth-contract.md, "Server settings the operator's pods use").
 
     With vllm it is the gateway: no model, precision or batch size of its own (those are the engine's, see
-    `engines.vllm_args`), the engine's loopback URL instead.
+    `engines.vllm_args`), the engine's loopback URL instead. The deployment and the pods' `revision` key the
+    server's response cache, so a rollout never serves the previous revision's answers.
     """
     spec = dsd["spec"]
     server = spec.get("server") or {}
@@ -145,10 +146,43 @@ def server_args(dsd: dict[str, Any]) -> list[str]:
         args += ["--cache-ttl", str(cache.get("ttlSeconds", 300))]
     else:
         args.append("--no-cache")
+    args += ["--deployment", f"{namespace}/{name}"]
+    if revision is not None:
+        args += ["--model-revision", revision]
     redis = spec.get("redis") or {}
     if redis.get("url"):
         args += ["--redis-url", str(redis["url"])]
+    if server.get("shutdownGraceSeconds") is not None:  # left out: the server's own default, the same 30 s
+        args += ["--shutdown-grace-s", str(int(server["shutdownGraceSeconds"]))]
     return args
+
+
+def shutdown_grace(spec: dict[str, Any]) -> int:
+    """Seconds a server (and a vLLM engine) may finish in-flight requests after SIGTERM."""
+    grace = (spec.get("server") or {}).get("shutdownGraceSeconds")
+    return int(SERVER_SHUTDOWN_GRACE_SECONDS if grace is None else grace)
+
+
+def termination_grace_period(spec: dict[str, Any]) -> int:
+    """Seconds the kubelet gives a server pod to stop: the preStop wait, then the server's shutdown grace."""
+    return PRE_STOP_SLEEP_SECONDS + shutdown_grace(spec)
+
+
+RECORD_KEY_ENTRY = "record-key"
+
+
+def build_record_key_secret(dsd: dict[str, Any], key: str) -> dict[str, Any]:
+    """The Secret with the deployment's record key (`key`: random, at least 32 characters, made by the caller)."""
+    name = dsd["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _metadata(dsd, record_key_secret_name(name), "record-key"),
+            "stringData": {RECORD_KEY_ENTRY: key}}
+
+
+def record_key_env(deployment: str) -> dict[str, Any]:
+    """The server reads its record key from the environment (never from its command line, which `ps` shows)."""
+    return {"name": "DEEPSEEK_RECORD_KEY",
+            "valueFrom": {"secretKeyRef": {"name": record_key_secret_name(deployment), "key": RECORD_KEY_ENTRY}}}
 
 
 def _server_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -254,7 +288,7 @@ def build_engine_container(spec: dict[str, Any], mounts: list[dict[str, Any]]) -
     return {
         "name": "engine",
         "image": vllm_image(spec),
-        "args": vllm_args(spec, MODEL_DIR),
+        "args": vllm_args(spec, MODEL_DIR, shutdown_grace_s=shutdown_grace(spec)),
         "env": vllm_env(spec),
         "resources": _resources(spec),
         # Tensor-parallel workers exchange tensors through shared memory; a container's own /dev/shm is 64 MiB.
@@ -314,9 +348,9 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
     container: dict[str, Any] = {
         "name": "server",
         "image": spec["image"],
-        "args": server_args(dsd),
+        "args": server_args(dsd, revision),
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-        "env": _server_env(spec),
+        "env": [*_server_env(spec), record_key_env(name)],
         # With vllm the engine container holds the GPUs, memory and CPU; the gateway needs little of either.
         "resources": {} if vllm else _resources(spec),
         "volumeMounts": [] if vllm else mounts,
@@ -331,7 +365,7 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
     pod_spec: dict[str, Any] = {
         "serviceAccountName": server_account_name(name),
         "automountServiceAccountToken": True,  # the server watches its auth ConfigMap through the API
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace_period(spec),
         "containers": containers,
         "volumes": volumes,
     }

@@ -69,6 +69,9 @@ async def _load_engine(services: Services) -> None:
             max_new_tokens=settings.max_new_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
             on_batch=services.metrics.batch_size.observe,
+            kv_cache_tokens=settings.kv_cache_tokens,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            admission_wait_s=settings.admission_wait_s,
         )
         await engine.start()
         services.engine = engine
@@ -121,7 +124,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, *, record
                 source.stop()
             if services.redis is not None:
                 await services.redis.aclose()
-            services.audit.close()
+            await services.audit.aclose()
 
     app = FastAPI(title="deepseek-server", version=__version__, lifespan=lifespan)
     app.state.services = services
@@ -131,5 +134,6 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, *, record
     app.include_router(operations.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if record_requests:
-        app.add_middleware(RequestRecordingMiddleware, metrics=services.metrics, audit=services.audit)
+        app.add_middleware(RequestRecordingMiddleware, metrics=services.metrics, audit=services.audit,
+                           keys=services.request_keys, redactor=services.redactor)
     return app

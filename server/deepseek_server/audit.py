@@ -1,21 +1,31 @@
 """Audit records (one JSON object per API request, even rejected ones) and the per-key history they feed.
 
-A record holds who (key uid, subject, token id), what (route, model, parameter fingerprint, token counts) and how it
-went (status, error code, latency, cache). It never holds the token, and holds prompt text only when
-`--audit-prompts` asks for a short preview.
+A record holds who (key uid, subject, token id), what (route, model, keyed request fingerprint, token counts) and how
+it went (status, error code, latency, cache). It never holds the token, and holds prompt text only when
+`--audit-prompts` asks for a short preview, masked (`deepseek_server.redaction`) before it is recorded.
+
+Records are queued by the request (no I/O on its path) and written by one background task in batches: the JSON
+lines go to the file in a worker thread, and a batch's history entries go to Redis in one pipeline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sys
-import threading
+import time
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
+
+BATCH_MAX = 512
+# Under load the writer waits this long after waking, so that one write (one hop to the worker thread, one Redis
+# pipeline) carries the records of many requests; a record after a quiet spell is written at once.
+BATCH_GATHER_S = 0.01
 
 
 class MemoryHistory:
@@ -26,6 +36,9 @@ class MemoryHistory:
         self._records: dict[str, deque[dict[str, Any]]] = defaultdict(lambda: deque(maxlen=self.size))
 
     async def add(self, uid: str, record: dict[str, Any]) -> None:
+        self.add_now(uid, record)
+
+    def add_now(self, uid: str, record: dict[str, Any]) -> None:
         self._records[uid].appendleft(record)
 
     async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
@@ -42,15 +55,23 @@ class RedisHistory:
         self.ttl_s = ttl_s
 
     async def add(self, uid: str, record: dict[str, Any]) -> None:
-        key = f"{self.prefix}:{uid}"
+        await self.add_many([(uid, json.dumps(record))])
+
+    async def add_many(self, entries: list[tuple[str, str]]) -> None:
+        """Append (uid, record JSON) pairs in one round trip."""
+        if not entries:
+            return
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.lpush(key, json.dumps(record))
-                pipe.ltrim(key, 0, self.size - 1)
-                pipe.expire(key, self.ttl_s)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for uid, line in entries:
+                    key = f"{self.prefix}:{uid}"
+                    pipe.lpush(key, line)
+                    pipe.ltrim(key, 0, self.size - 1)
+                    pipe.expire(key, self.ttl_s)
                 await pipe.execute()
         except Exception as exc:
-            log.warning("history: Redis write failed (%s); the audit log still has the record", exc)
+            log.warning("history: Redis write of %d record(s) failed (%s); the audit log still has them",
+                        len(entries), exc)
 
     async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
         raw = await self.client.lrange(f"{self.prefix}:{uid}", 0, limit - 1)
@@ -58,32 +79,101 @@ class RedisHistory:
 
 
 class AuditLog:
-    """Writes records as JSON lines (to a file or stdout) and adds them to the caller's history."""
+    """Queues records; a background task writes them as JSON lines (to a file or stdout) and to the history."""
 
     def __init__(self, history: MemoryHistory | RedisHistory, path: Path | None = None) -> None:
         self.history = history
         self.path = path
-        self._lock = threading.Lock()
         self._out: TextIO | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._queued = 0  # records queued so far
+        self._written = 0  # records written so far
+        self._wake: asyncio.Event | None = None
+        self._progress: asyncio.Condition | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     def _stream(self) -> TextIO:
         if self._out is None:
-            self._out = open(self.path, "a", buffering=1, encoding="utf-8") if self.path else sys.stdout  # noqa: SIM115
+            self._out = open(self.path, "a", encoding="utf-8") if self.path else sys.stdout  # noqa: SIM115
         return self._out
 
-    async def record(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-        with self._lock:
-            out = self._stream()
-            out.write(line + "\n")
-            if self.path is None:
-                out.flush()
+    def record(self, record: dict[str, Any]) -> None:
+        """Queue one record (call on the event loop; returns at once)."""
+        self._pending.append(record)
+        self._queued += 1
         uid = record.get("key_uid")
-        if uid:
-            await self.history.add(uid, record)
+        if uid and isinstance(self.history, MemoryHistory):
+            self.history.add_now(uid, record)  # in memory: readable at once
+        if self._writer is None or self._writer.done():
+            self._wake = asyncio.Event()
+            self._progress = asyncio.Condition()
+            self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._progress is not None
+        last_write = 0.0
+        while True:
+            await self._wake.wait()
+            if time.monotonic() - last_write < BATCH_GATHER_S:
+                await asyncio.sleep(BATCH_GATHER_S)
+            self._wake.clear()
+            last_write = time.monotonic()
+            while self._pending:
+                batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+                await self._write(batch)
+                async with self._progress:
+                    self._written += len(batch)
+                    self._progress.notify_all()
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        try:
+            lines = await asyncio.to_thread(self._write_lines, batch)
+        except Exception as exc:  # a full disk must not stop the server; the next batch tries again
+            log.error("audit: writing %d record(s) failed: %s", len(batch), exc)
+            return
+        if isinstance(self.history, RedisHistory):
+            await self.history.add_many([(str(record["key_uid"]), line)
+                                         for record, line in zip(batch, lines, strict=True) if record.get("key_uid")])
+
+    def _write_lines(self, batch: list[dict[str, Any]]) -> list[str]:
+        lines = [json.dumps(record, separators=(",", ":"), ensure_ascii=False) for record in batch]
+        out = self._stream()
+        out.write("".join(line + "\n" for line in lines))
+        out.flush()
+        return lines
+
+    async def flush(self) -> None:
+        """Return once every record queued before the call is written."""
+        target = self._queued
+        if self._progress is None or self._written >= target:
+            return
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target or self._writer is None
+                                          or self._writer.done())
+
+    async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
+        """The key's history, newest first, including records still queued by this process."""
+        await self.flush()
+        return await self.history.recent(uid, limit)
+
+    async def aclose(self) -> None:
+        """Write what is queued, stop the writer and close the file."""
+        await self.flush()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        self.close()
 
     def close(self) -> None:
-        with self._lock:
-            if self.path is not None and self._out is not None:
-                self._out.close()
-            self._out = None
+        """Write what is still queued (synchronously: only at shutdown) and close the file."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._write_lines(batch)
+            self._written += len(batch)
+        if self.path is not None and self._out is not None:
+            self._out.close()
+        self._out = None

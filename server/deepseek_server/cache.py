@@ -1,4 +1,10 @@
-"""Response cache for deterministic requests (temperature 0 or a seed): local LRU plus Redis when configured."""
+"""Response cache for deterministic requests (temperature 0 or a seed): local LRU plus Redis when configured.
+
+Entries are keyed by an HMAC (`RequestKeys.cache_key`) of the deployment, the model revision, the caller's
+environment, the caller's key (its ApiKey uid) and the request. So a new revision or another deployment sharing the
+Redis never serves these answers, and an answer is only ever served to the key that caused it: `x-cache: hit` tells
+a caller nothing about other keys' requests. Keys of one ApiKey share entries across its rotated tokens.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,16 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from deepseek_server.auth.tokens import Principal
+from deepseek_server.request_keys import RequestKeys
+
 log = logging.getLogger(__name__)
 
 
 def request_fingerprint(route: str, body: dict[str, Any]) -> str:
-    """A stable hash of what determines the answer: route, model, prompt/messages and sampling parameters."""
+    """A stable plain digest of what determines the answer (route, model, prompt/messages, sampling parameters).
+
+    It stays in memory: audit, history and cache keys hold HMACs of it (`RequestKeys`)."""
     relevant = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "user")}
     canonical = json.dumps({"route": route, "body": relevant}, sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
@@ -25,46 +36,57 @@ def is_deterministic(temperature: float | None, seed: int | None) -> bool:
 
 
 class ResponseCache:
-    """`get`/`put` of response bodies by fingerprint; Redis errors count as misses and never fail a request."""
+    """`get`/`put` of response bodies per (caller, request); Redis errors count as misses and never fail a request."""
 
-    def __init__(self, ttl_s: int, max_entries: int = 1024, redis: Any = None, prefix: str = "deepseek:cache") -> None:
+    def __init__(self, ttl_s: int, keys: RequestKeys, max_entries: int = 1024, redis: Any = None,
+                 prefix: str = "deepseek:cache") -> None:
         self.ttl_s = ttl_s
+        self.keys = keys
         self.max_entries = max_entries
         self.redis = redis
         self.prefix = prefix
         self._local: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
 
-    async def get(self, fingerprint: str) -> dict[str, Any] | None:
-        entry = self._local.get(fingerprint)
+    def key(self, fingerprint: str, principal: Principal) -> str:
+        return self.keys.cache_key(fingerprint, principal.env, f"key:{principal.uid}")
+
+    async def get(self, fingerprint: str, principal: Principal) -> dict[str, Any] | None:
+        key = self.key(fingerprint, principal)
+        entry = self._local.get(key)
         if entry is not None:
             expires, body = entry
             if expires > time.monotonic():
-                self._local.move_to_end(fingerprint)
+                self._local.move_to_end(key)
                 return body
-            del self._local[fingerprint]
+            del self._local[key]
         if self.redis is None:
             return None
         try:
-            raw = await self.redis.get(f"{self.prefix}:{fingerprint}")
+            raw = await self.redis.get(f"{self.prefix}:{key}")
         except Exception as exc:
             log.warning("response cache: Redis get failed (%s); treating as a miss", exc)
             return None
         if raw is None:
             return None
         body = json.loads(raw)
-        self._remember(fingerprint, body)
+        self._remember(key, body)
         return body
 
-    async def put(self, fingerprint: str, body: dict[str, Any]) -> None:
-        self._remember(fingerprint, body)
+    async def put(self, fingerprint: str, body: dict[str, Any], principal: Principal | None = None) -> None:
+        """Store `body` for `principal`'s key; without a principal nothing is stored (whose answer is it?)."""
+        if principal is None:
+            log.debug("response cache: put without a principal; not stored")
+            return
+        key = self.key(fingerprint, principal)
+        self._remember(key, body)
         if self.redis is not None:
             try:
-                await self.redis.set(f"{self.prefix}:{fingerprint}", json.dumps(body), ex=self.ttl_s)
+                await self.redis.set(f"{self.prefix}:{key}", json.dumps(body), ex=self.ttl_s)
             except Exception as exc:
                 log.warning("response cache: Redis set failed (%s)", exc)
 
-    def _remember(self, fingerprint: str, body: dict[str, Any]) -> None:
-        self._local[fingerprint] = (time.monotonic() + self.ttl_s, body)
-        self._local.move_to_end(fingerprint)
+    def _remember(self, key: str, body: dict[str, Any]) -> None:
+        self._local[key] = (time.monotonic() + self.ttl_s, body)
+        self._local.move_to_end(key)
         while len(self._local) > self.max_entries:
             self._local.popitem(last=False)

@@ -15,15 +15,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.cache import is_deterministic, request_fingerprint
 from deepseek_server.engine.base import (
+    OPENAI_FINISH_REASONS,
     Engine,
+    EngineBusy,
     GenerationRequest,
     GenerationResult,
     GenerationStream,
     TextDelta,
+    TokenLogprob,
     merged_events,
 )
 from deepseek_server.errors import APIError
 from deepseek_server.limits.limiter import Lease
+from deepseek_server.logprob_bodies import logprobs_body
 from deepseek_server.response_bodies import Kind, chunk, full_body, sse, usage_body, usage_chunk
 from deepseek_server.schemas import SamplingFields
 from deepseek_server.services import Services
@@ -61,6 +65,22 @@ def serving_engine(services: Services, model: str) -> Engine:
     return engine
 
 
+def check_token_shaping(engine: Engine, body: SamplingFields, json_schema: str | None) -> None:
+    """400 for a `logit_bias` token id outside the vocabulary or a JSON schema the engine cannot enforce."""
+    vocab_size = getattr(engine, "vocab_size", None)
+    outside = [token for token, _ in body.logit_bias_pairs() if vocab_size is not None and token >= vocab_size]
+    if outside:
+        raise APIError(400, f"logit_bias has token ids outside the vocabulary (0..{vocab_size - 1}): "
+                       f"{outside[:5]}.", param="logit_bias", code="invalid_value")
+    check = getattr(engine, "check_json_schema", None)
+    if json_schema is not None and check is not None:
+        try:
+            check(json_schema)
+        except ValueError as exc:
+            raise APIError(400, f"Invalid response_format: {exc}.", param="response_format",
+                           code="invalid_value") from exc
+
+
 def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFields, prompt_ids: list[int],
               requested_max: int | None, prompt_param: str) -> PlannedCall:
     """Check lengths against the context and the server's ceiling, and expand `n` into engine requests."""
@@ -82,6 +102,8 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
     max_new = requested_max if requested_max is not None else min(ceiling, room)
     temperature = 1.0 if body.temperature is None else body.temperature
     n = body.n or 1
+    json_schema = body.response_format.schema_text() if body.response_format is not None else None
+    check_token_shaping(engine, body, json_schema)
     requests = [
         GenerationRequest(
             prompt_ids=prompt_ids,
@@ -90,6 +112,11 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=None if body.seed is None else (body.seed + i) % (2**63),
             stop=tuple(body.stop_list()),
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=body.logit_bias_pairs(),
+            logprobs=getattr(body, "logprob_alternatives", lambda: None)(),
+            json_schema=json_schema,
         )
         for i in range(n)
     ]
@@ -101,11 +128,15 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
                        fingerprint=fingerprint, cacheable=cacheable)
 
 
-async def admit(services: Services, request: Request, principal: Principal) -> Lease | None:
-    """Take a rate-limit slot for the caller or raise 429 with OpenAI's headers; None when auth is off."""
+async def admit(services: Services, request: Request, principal: Principal, reserve_tokens: int = 0,
+                hold: bool = True) -> Lease | None:
+    """Take a rate-limit slot for the caller, reserving `reserve_tokens` (prompt + max_tokens) of its tokens per
+    minute, or raise 429 with OpenAI's headers; None when auth is off. `hold=False`: answered at once, no slot kept
+    (and nothing to release)."""
     if services.authenticator.disabled:
         return None
-    lease = await services.limiter.acquire(principal.uid, services.authenticator.limits_for(principal))
+    lease = await services.limiter.acquire(principal.uid, services.authenticator.limits_for(principal),
+                                           reserve_tokens, hold)
     decision = lease.decision
     request.state.ratelimit_headers = decision.headers()
     if not decision.allowed:
@@ -119,9 +150,13 @@ async def admit(services: Services, request: Request, principal: Principal) -> L
 
 
 async def release(services: Services, lease: Lease | None, tokens_used: int) -> None:
-    if lease is not None:
-        with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still free its slot
-            await services.limiter.release(lease, tokens_used)
+    if lease is None:
+        return
+    if not lease.needs_io:
+        services.limiter.release_now(lease, tokens_used)  # in memory: nothing to await, nothing to shield
+        return
+    with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still free its slot in Redis
+        await services.limiter.release(lease, tokens_used)
 
 
 def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
@@ -133,15 +168,14 @@ def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
 
 async def serve_cached(services: Services, request: Request, principal: Principal, kind: Kind,
                        fingerprint: str) -> JSONResponse | None:
-    """The cached answer under a fresh id (a hit still takes and returns a rate-limit slot), or None on a miss."""
+    """The cached answer under a fresh id (a hit counts against the request rate, in one limiter call), or None."""
     if services.cache is None:
         return None
-    cached = await services.cache.get(fingerprint)
+    cached = await services.cache.get(fingerprint, principal)
     if cached is None:
         services.metrics.cache_misses.inc()
         return None
-    lease = await admit(services, request, principal)
-    await release(services, lease, 0)
+    await admit(services, request, principal, hold=False)
     services.metrics.cache_hits.inc()
     request.state.cache = "hit"
     usage = cached.get("usage") or {}
@@ -163,23 +197,54 @@ async def respond(services: Services, request: Request, principal: Principal, en
         if cached is not None:
             return cached
     request.state.cache = "miss"
-    lease = await admit(services, request, principal)
-    streams = [engine.submit(r) for r in call.requests]
+    lease = await admit(services, request, principal,
+                        call.prompt_tokens + sum(r.max_new_tokens for r in call.requests))
+    try:
+        streams = [engine.submit(r) for r in call.requests]
+    except BaseException:  # the slot must not stay taken by a request the engine refused
+        await release(services, lease, 0)
+        raise
+    await _wait_admitted(services, streams, lease)
     services.metrics.prompt_tokens.inc(call.prompt_tokens)
     if call.stream:
         return StreamingResponse(_stream(services, request, engine, call, streams, lease, call_id, created),
                                  media_type="text/event-stream", headers=_headers(request))
-    texts, reasons, completion_tokens = await _collect(services, request, call, streams, lease)
-    body = full_body(call.kind, call_id, created, call.model, texts, reasons,
-                     usage_body(call.prompt_tokens, completion_tokens))
+    texts, reasons, completion_tokens, logprobs = await _collect(services, request, call, streams, lease)
+    body = full_body(call.kind, call_id, created, call.model, texts,
+                     [OPENAI_FINISH_REASONS.get(r, r) for r in reasons],
+                     usage_body(call.prompt_tokens, completion_tokens),
+                     None if call.requests[0].logprobs is None else
+                     [logprobs_body(call.kind, entries) for entries in logprobs])
     if call.cacheable and services.cache is not None and "cancelled" not in reasons:
-        await services.cache.put(call.fingerprint, body)
+        await services.cache.put(call.fingerprint, body, principal)
     return JSONResponse(body, headers=_headers(request, "miss"))
 
 
+def busy_error(exc: EngineBusy) -> APIError:
+    return APIError(503, f"The model is busy: {exc}. Retry after {exc.retry_after_s} s.", type="server_error",
+                    code="engine_overloaded", headers={"retry-after": str(exc.retry_after_s)})
+
+
+async def _wait_admitted(services: Services, streams: list[GenerationStream], lease: Lease | None) -> None:
+    """Wait until the engine runs every stream (it may queue them for memory); 503 when it will not."""
+    try:
+        for stream in streams:
+            await stream.wait_admitted()
+    except BaseException as exc:
+        for stream in streams:
+            stream.cancel()
+        await release(services, lease, 0)
+        if isinstance(exc, EngineBusy):
+            raise busy_error(exc) from exc
+        if isinstance(exc, Exception):
+            raise APIError(500, f"The model failed while generating: {exc}", type="server_error") from exc
+        raise
+
+
 async def _collect(services: Services, request: Request, call: PlannedCall, streams: list[GenerationStream],
-                   lease: Lease | None) -> tuple[list[str], list[str], int]:
+                   lease: Lease | None) -> tuple[list[str], list[str], int, list[list[TokenLogprob]]]:
     started = request.state.started
+    logprobs: list[list[TokenLogprob]] = [[] for _ in streams]
     texts = [""] * len(streams)
     reasons = ["stop"] * len(streams)
     produced = 0
@@ -196,6 +261,7 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
         async for index, event in merged_events(streams):
             if isinstance(event, TextDelta):
                 produced += event.tokens
+                logprobs[index].extend(event.logprobs)
                 if event.text:
                     if first:
                         first = False
@@ -203,6 +269,8 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
                     texts[index] += event.text
             elif isinstance(event, GenerationResult):
                 reasons[index] = event.finish_reason
+    except EngineBusy as exc:
+        raise busy_error(exc) from exc
     except RuntimeError as exc:
         raise APIError(500, f"The model failed while generating: {exc}", type="server_error") from exc
     finally:
@@ -212,7 +280,7 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
         request.state.usage = (call.prompt_tokens, produced)
         services.metrics.generated_tokens.inc(produced)
         await release(services, lease, call.prompt_tokens + produced)
-    return texts, reasons, produced
+    return texts, reasons, produced, logprobs
 
 
 async def _stream(services: Services, request: Request, engine: Engine, call: PlannedCall,
@@ -222,6 +290,8 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
     produced = 0
     first = True
     kind, model, with_usage = call.kind, call.model, call.include_usage
+    with_logprobs = call.requests[0].logprobs is not None
+    text_offsets = [0] * len(streams)  # where each choice's next token starts in its text (completions' shape)
     try:
         if kind == "chat":
             for index in range(len(streams)):
@@ -229,14 +299,19 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
         async for index, event in merged_events(streams):
             if isinstance(event, TextDelta):
                 produced += event.tokens
-                if event.text:
-                    if first:
-                        first = False
-                        services.metrics.ttft.labels(kind).observe(time.perf_counter() - started)
+                if event.text and first:
+                    first = False
+                    services.metrics.ttft.labels(kind).observe(time.perf_counter() - started)
+                if event.text or (with_logprobs and event.logprobs):
+                    logprobs = None
+                    if with_logprobs:
+                        logprobs = logprobs_body(kind, event.logprobs, text_offsets[index])
+                        text_offsets[index] += sum(len(e.token) for e in event.logprobs)
                     yield sse(chunk(kind, call_id, created, model, index, text=event.text,
-                                    with_usage_field=with_usage))
+                                    with_usage_field=with_usage, logprobs=logprobs))
             elif isinstance(event, GenerationResult):
-                yield sse(chunk(kind, call_id, created, model, index, finish_reason=event.finish_reason,
+                yield sse(chunk(kind, call_id, created, model, index,
+                                finish_reason=OPENAI_FINISH_REASONS.get(event.finish_reason, event.finish_reason),
                                 with_usage_field=with_usage))
         if with_usage:
             yield sse(usage_chunk(kind, call_id, created, model, usage_body(call.prompt_tokens, produced)))

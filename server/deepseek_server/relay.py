@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.cache import is_deterministic, request_fingerprint
-from deepseek_server.engine.openai_upstream import UNREACHABLE, OpenAIUpstreamEngine, engine_error
+from deepseek_server.engine.engine_http import EngineConnectionError, EngineResponse, EngineTimeout
+from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
 from deepseek_server.generation import admit, release, serve_cached
 from deepseek_server.limits.limiter import Lease
@@ -56,7 +56,9 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             return cached
     request.state.cache = "miss"
     raw = await request.body()  # already read and validated by FastAPI; relayed as sent
-    lease = await admit(services, request, principal)
+    # the engine counts the prompt; the completion part is known now (what the prompt used is charged at release)
+    reserve = (requested_max or ceiling) * (body.n or 1)
+    lease = await admit(services, request, principal, reserve)
     headers = dict(getattr(request.state, "ratelimit_headers", {}) or {})
     if body.stream:
         client_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -83,7 +85,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     _account(services, request, prompt_tokens, completion_tokens)
     await release(services, lease, prompt_tokens + completion_tokens)
     if cacheable and services.cache is not None:
-        await services.cache.put(fingerprint, answer)
+        await services.cache.put(fingerprint, answer, principal)
     headers["x-cache"] = "miss"
     return Response(response.content, media_type="application/json", headers=headers)
 
@@ -156,7 +158,7 @@ class _StreamRelay:
     """One relayed stream: the engine's events to the client, then the accounting, exactly once, however it ends."""
 
     def __init__(self, services: Services, request: Request, engine: OpenAIUpstreamEngine, kind: Kind,
-                 upstream: httpx.Response, lease: Lease | None, client_usage: bool) -> None:
+                 upstream: EngineResponse, lease: Lease | None, client_usage: bool) -> None:
         self.services, self.request, self.engine, self.kind = services, request, engine, kind
         self.upstream, self.lease, self.client_usage = upstream, lease, client_usage
         self.usage: dict[str, Any] | None = None
@@ -195,12 +197,15 @@ class _StreamRelay:
                     yield events
             if pending:
                 yield pending
-        except (*UNREACHABLE, httpx.StreamClosed) as exc:
+        except (EngineConnectionError, EngineTimeout) as exc:
             if not await request.is_disconnected():
-                self.engine.lost(f"{type(exc).__name__} while streaming from {self.engine.base_url}")
-                request.state.error_code = "engine_unavailable"
-                error = {"error": {"message": "The inference engine stopped while answering; retry the request.",
-                                   "type": "server_error", "param": None, "code": "engine_unavailable"}}
+                if isinstance(exc, EngineTimeout):
+                    code, message = "engine_timeout", f"The inference engine stopped sending: {exc}."
+                else:
+                    self.engine.lost(f"{exc} while streaming ({self.engine.base_url})")
+                    code, message = "engine_unavailable", "The inference engine stopped while answering; retry."
+                request.state.error_code = code
+                error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
         finally:
             watcher.cancel()
@@ -235,7 +240,7 @@ class _RelayedStreamResponse(StreamingResponse):
             await self.relay.finish()
 
 
-async def _close_on_disconnect(request: Request, upstream: httpx.Response) -> None:
+async def _close_on_disconnect(request: Request, upstream: EngineResponse) -> None:
     await _wait_for_disconnect(request)
     # shielded: the stream's own clean-up cancels this task, and a close cut short would leave the engine running
     await asyncio.shield(upstream.aclose())

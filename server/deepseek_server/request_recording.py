@@ -1,7 +1,9 @@
 """Record every request: Prometheus counters and latency, and one audit record for each API (/v1) request.
 
 Pure ASGI middleware, so it sees the final status of every response (including ones refused by auth, limits or the
-body size check) and, for streams, waits for the last byte before writing the record.
+body size check) and, for streams, waits for the last byte before queueing the record. Queueing is synchronous and
+does no I/O (`AuditLog` writes in the background), so the record is taken even when the request is being cancelled,
+without a shielded cancel scope.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
-
 from deepseek_server.audit import AuditLog
 from deepseek_server.metrics import ServerMetrics
+from deepseek_server.redaction import Redactor
+from deepseek_server.request_keys import RequestKeys
+
+PROMPT_PREVIEW_CHARS = 200
 
 # request ids: a random per-process prefix (unique across replicas) and a counter (cheaper than uuid4 per request)
 _ID_PREFIX = secrets.token_hex(6)
@@ -34,10 +38,13 @@ def route_label(scope: dict[str, Any]) -> str:
 
 
 class RequestRecordingMiddleware:
-    def __init__(self, app: Any, metrics: ServerMetrics, audit: AuditLog | None) -> None:
+    def __init__(self, app: Any, metrics: ServerMetrics, audit: AuditLog | None, keys: RequestKeys,
+                 redactor: Redactor) -> None:
         self.app = app
         self.metrics = metrics
         self.audit = audit
+        self.keys = keys
+        self.redactor = redactor
         # labelled children, looked up once per (route, status) instead of on every request
         self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
@@ -66,7 +73,7 @@ class RequestRecordingMiddleware:
         status = 500
         recorded = False
 
-        async def record() -> None:
+        def record() -> None:
             nonlocal recorded
             if recorded:
                 return
@@ -75,7 +82,8 @@ class RequestRecordingMiddleware:
             route = route_label(scope)
             self._observe(route, status, elapsed)
             if self.audit is not None and scope["path"].startswith("/v1/"):
-                await self.audit.record(audit_record(scope, state, request_id, route, status, elapsed))
+                self.audit.record(audit_record(scope, state, request_id, route, status, elapsed, self.keys,
+                                               self.redactor))
 
         async def recording_send(message: dict[str, Any]) -> None:
             nonlocal status
@@ -84,18 +92,22 @@ class RequestRecordingMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await record()
+                record()
 
         try:
             await self.app(scope, receive, recording_send)
-        finally:
-            with anyio.CancelScope(shield=True):  # client went away mid-stream, or the app raised
-                await record()
+        except Exception:  # answered 500 by Starlette's outermost middleware, after this record is taken
+            state.setdefault("error_code", "internal_error")
+            raise
+        finally:  # also when the client went away mid-stream, or the app raised
+            record()
 
 
 def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
-                 elapsed: float) -> dict[str, Any]:
-    """The audit record of one request; fields a handler did not reach stay null."""
+                 elapsed: float, keys: RequestKeys, redactor: Redactor) -> dict[str, Any]:
+    """The audit record of one request; fields a handler did not reach stay null. The request's digest is recorded
+    as its keyed HMAC, prompt text (with `--audit-prompts`) only masked."""
+    digest = state.get("fingerprint")
     principal = state.get("principal")
     usage = state.get("usage") or (None, None)
     record: dict[str, Any] = {
@@ -114,11 +126,16 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
         "status": status,
         "error_code": state.get("error_code"),
         "latency_ms": round(elapsed * 1000, 2),
-        "fingerprint": state.get("fingerprint"),
+        "fingerprint": keys.fingerprint(digest) if digest else None,
         "cache": state.get("cache"),
         "stream": state.get("stream"),
         "client": (scope.get("client") or [None])[0],
     }
-    if "prompt_preview" in state:
-        record["prompt_preview"] = state["prompt_preview"]
+    if "prompt_text" in state:
+        record["prompt_preview"] = redactor.preview(state["prompt_text"], PROMPT_PREVIEW_CHARS)
+    elif "prompt_preview" in state:  # already cut: its last word may be part of a secret, so it goes
+        preview = str(state["prompt_preview"])
+        if len(preview) >= PROMPT_PREVIEW_CHARS:
+            preview = preview[:max(preview.rfind(" "), 0)]
+        record["prompt_preview"] = redactor.mask(preview)
     return record

@@ -14,24 +14,26 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def full_body(kind: Kind, call_id: str, created: int, model: str, texts: list[str], reasons: list[str],
-              usage: dict[str, int]) -> dict[str, Any]:
-    """A non-streamed `chat.completion` or `text_completion`."""
+              usage: dict[str, int], logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A non-streamed `chat.completion` or `text_completion`; `logprobs`: one body per choice when asked for."""
+    each = logprobs if logprobs is not None else [None] * len(texts)
     if kind == "chat":
         choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(zip(texts, reasons, each, strict=True))
         ]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+        choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+                   for i, (text, reason, lp) in enumerate(zip(texts, reasons, each, strict=True))]
         obj = "text_completion"
     return {"id": call_id, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage,
             "system_fingerprint": None}
 
 
 def chunk(kind: Kind, call_id: str, created: int, model: str, index: int, *, text: str | None = None,
-          role: bool = False, finish_reason: str | None = None, with_usage_field: bool = False) -> dict[str, Any]:
+          role: bool = False, finish_reason: str | None = None, with_usage_field: bool = False,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One streamed chunk with one choice."""
     if kind == "chat":
         delta: dict[str, Any] = {}
@@ -40,10 +42,11 @@ def chunk(kind: Kind, call_id: str, created: int, model: str, index: int, *, tex
             delta["content"] = ""
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     body: dict[str, Any] = {"id": call_id, "object": obj, "created": created, "model": model, "choices": [choice],
                             "system_fingerprint": None}

@@ -14,6 +14,8 @@ from deepseek_server.engine.base import Engine
 from deepseek_server.limits.limiter import RateLimiter
 from deepseek_server.limits.redis_store import RedisLimitStore
 from deepseek_server.metrics import ServerMetrics
+from deepseek_server.redaction import Redactor
+from deepseek_server.request_keys import RequestKeys
 from deepseek_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class Services:
     limiter: RateLimiter
     cache: ResponseCache | None
     audit: AuditLog
+    request_keys: RequestKeys
+    redactor: Redactor
     engine: Engine | None = None
     redis: Any = None
     shutting_down: bool = False
@@ -35,8 +39,9 @@ class Services:
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def history(self) -> MemoryHistory | RedisHistory:
-        return self.audit.history
+    def history(self) -> AuditLog:
+        """Reads of the history go through the audit log, which first writes what it still has queued."""
+        return self.audit
 
 
 def redis_client(settings: ServerSettings) -> Any:
@@ -55,9 +60,13 @@ def build_services(settings: ServerSettings, engine: Engine | None = None) -> Se
     authenticator = Authenticator(disabled=settings.auth == "disabled")
     limiter = RateLimiter(RedisLimitStore(redis) if redis is not None else None,
                           on_backend_error=metrics.ratelimit_backend_errors.inc)
-    cache = (ResponseCache(settings.cache_ttl, settings.cache_max_entries, redis)
+    record_key = settings.record_key.get_secret_value() if settings.record_key is not None else None
+    request_keys = RequestKeys.from_settings(record_key, settings.deployment,
+                                             settings.model_revision or settings.served_model_name())
+    cache = (ResponseCache(settings.cache_ttl, request_keys, settings.cache_max_entries, redis)
              if settings.cache_enabled else None)
     history = RedisHistory(redis, settings.history_size) if redis is not None else MemoryHistory(settings.history_size)
     audit = AuditLog(history, settings.audit_log)
     return Services(settings=settings, metrics=metrics, authenticator=authenticator, limiter=limiter, cache=cache,
-                    audit=audit, engine=engine, redis=redis)
+                    audit=audit, request_keys=request_keys, redactor=Redactor.from_setting(settings.redact),
+                    engine=engine, redis=redis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +32,14 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's own)")
     max_new_tokens: int = Field(512, ge=1, description="default and ceiling for max_tokens")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    kv_cache_tokens: int | None = Field(None, ge=16, description="KV-cache budget in tokens: requests run together "
+                                        "only while (rows) x (longest prompt + max_tokens) fits; it also caps the "
+                                        "context length (default: sized from free GPU memory after loading; none "
+                                        "on the CPU)")
+    max_prefill_tokens: int | None = Field(4096, ge=16, description="prompt tokens prefilled per step: joining "
+                                           "requests beyond it wait a step, a longer prompt is prefilled in chunks")
+    admission_wait_s: float = Field(30.0, gt=0, description="longest wait for KV-cache room before a request "
+                                    "is answered 503 with Retry-After")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: CPUs - 1)")
 
     auth: Literal["required", "disabled"] = "required"
@@ -43,15 +51,42 @@ class ServerSettings(BaseSettings):
     cache_ttl: int = Field(300, ge=1, description="seconds a deterministic response stays cached")
     no_cache: bool = False
     cache_max_entries: int = Field(1024, ge=1)
+    deployment: str = Field("", description="NAMESPACE/NAME of the deployment this server belongs to; part of every "
+                            "response-cache key, so deployments sharing a Redis never share answers")
+    model_revision: str = Field("", description="revision of the weights and serving settings (the operator passes "
+                                "the rollout revision); part of every response-cache key, so a new revision never "
+                                "serves the previous one's answers")
+    record_key: SecretStr | None = Field(None, description="secret (at least 32 characters) that keys the HMACs of "
+                                         "requests in audit records, history and response-cache keys; give it "
+                                         "through the environment, not the command line (default: a random key "
+                                         "per process, so replicas then share no cache entries)")
 
     audit_log: Path | None = Field(None, description="append audit JSON lines here (default: stdout)")
     audit_prompts: bool = Field(False, description="include a prompt preview in audit records (off: redacted)")
+    redact: str = Field("api_key,email,phone,card,national_id", description="comma list of what is masked in "
+                        "recorded prompt text (audit, history): api_key (API keys, bearer tokens, JWTs), email, "
+                        "phone, card (Luhn-checked card numbers), national_id (e.g. US SSN); 'none' masks nothing")
     history_size: int = Field(100, ge=1, le=10_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_grace_s: float = Field(30.0, ge=0)
     keep_alive_s: int = Field(75, ge=1, description="idle keep-alive; longer than clients' (httpx: 5 s) so that a "
                               "client never reuses a connection the server is closing")
     log_level: str = "info"
+
+    @field_validator("record_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("the record key must be at least 32 characters (e.g. `openssl rand -base64 32`)")
+        return value
+
+    @field_validator("redact")
+    @classmethod
+    def _known_categories(cls, value: str) -> str:
+        from deepseek_server.redaction import parse_categories
+
+        parse_categories(value)
+        return value
 
     @model_validator(mode="after")
     def _one_auth_source(self) -> ServerSettings:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -42,20 +43,57 @@ def test_helm_lint_is_clean_with_default_and_full_values():
 
 
 def test_chart_crds_are_the_repository_crds():
-    chart_crds = CHART / "crds"
+    chart_crds = CHART / "files" / "crds"
     assert chart_crds.resolve() == (REPO / "crds").resolve(), "the chart must use crds/ itself, not a copy"
+    assert not (CHART / "crds").exists(), "a crds/ folder in the chart is installed once by Helm and never upgraded"
     names = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
     assert names, "crds/ holds no CRD"
     match, mismatch, errors = filecmp.cmpfiles(chart_crds, REPO / "crds", names, shallow=False)
     assert match == names and not mismatch and not errors
 
 
+def test_packaged_chart_carries_byte_identical_crds(tmp_path):
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    [package] = tmp_path.glob("deepseek-operator-*.tgz")
+    with tarfile.open(package) as archive:
+        packaged = {Path(m.name).name: archive.extractfile(m).read() for m in archive.getmembers()
+                    if m.isfile() and m.name.startswith("deepseek-operator/files/crds/")}
+    assert packaged == {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+
+
+def crd_docs(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+
+
+def test_crds_render_from_crds_folder_with_keep_policy_and_release_labels():
+    rendered = crd_docs(render())
+    sources = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "crds").glob("*.yaml")}
+    assert sorted(rendered) == sorted(sources) == ["apikeys.deepseek.ai", "deepseekdeployments.deepseek.ai"]
+    for name, crd in rendered.items():
+        source = sources[name]
+        assert {k: v for k, v in crd.items() if k != "metadata"} == {k: v for k, v in source.items() if k != "metadata"}
+        assert crd["metadata"]["annotations"] == {**source["metadata"].get("annotations", {}),
+                                                  "helm.sh/resource-policy": "keep"}
+        labels = crd["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm" and labels["app.kubernetes.io/instance"] == "rel"
+        assert "namespace" not in crd["metadata"]
+
+
+def test_crds_can_be_left_to_gitops_or_dropped_on_uninstall():
+    assert crd_docs(render("crds.enabled=false")) == {}
+    for crd in crd_docs(render("crds.keep=false")).values():
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+
+
 def test_default_render_is_cluster_wide_least_privilege():
     docs = render()
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    # the replicas' Lease Role/RoleBinding and PodDisruptionBudget are tested on their own
+    kinds = sorted(d["kind"] for d in docs
+                   if d["metadata"]["name"] != LEADER_ELECTION_ROLE and d["kind"] != "PodDisruptionBudget")
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "CustomResourceDefinition",
+                     "Deployment", "Role", "RoleBinding", "ServiceAccount"]
     dep = next(d for d in docs if d["kind"] == "Deployment")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "Recreate"
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = pod["containers"][0]
@@ -93,6 +131,10 @@ OPERATOR_VERBS = {
 }
 
 
+SIGNING_KEY_ROLE = "rel-deepseek-operator-signing-keys"
+LEADER_ELECTION_ROLE = "rel-deepseek-operator-leader-election"
+
+
 def granted(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
     verbs: dict[tuple[str, str], set[str]] = {}
     for rule in rules:
@@ -109,23 +151,104 @@ def granted(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
 ])
 def test_rbac_grants_exactly_the_verbs_the_operator_calls(sets, kind, namespaces):
     docs = render(*sets)
-    roles = [d for d in docs if d["kind"] == kind]
+    roles = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] not in (SIGNING_KEY_ROLE,
+                                                                                      LEADER_ELECTION_ROLE)]
     assert [r["metadata"].get("namespace") for r in roles] == namespaces
     for role in roles:
         assert granted(role["rules"]) == OPERATOR_VERBS
-    bindings = [d for d in docs if d["kind"] == f"{kind}Binding"]
+    bindings = [d for d in docs if d["kind"] == f"{kind}Binding" and d["metadata"]["name"] not in (
+        SIGNING_KEY_ROLE, LEADER_ELECTION_ROLE)]
     assert [(b["metadata"].get("namespace"), b["roleRef"]["kind"]) for b in bindings] == \
         [(namespace, kind) for namespace in namespaces]
 
 
 def test_namespaced_mode_renders_roles_only_in_watched_namespaces():
     docs = render("watchNamespaces={team-a,team-b}")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] not in (SIGNING_KEY_ROLE,
+                                                                                       LEADER_ELECTION_ROLE)]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")], \
         "namespaced mode grants nothing cluster-wide"
     env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "DEEPSEEK_OPERATOR_NAMESPACES", "value": "team-a,team-b"} in env
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={team-a,team-b}",)])
+def test_signing_keys_are_managed_only_in_the_operators_own_namespace(sets):
+    docs = render(*sets)
+    [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == SIGNING_KEY_ROLE]
+    assert role["metadata"]["namespace"] == "ops"
+    # The sweep lists them (by label) there, and only there: tenant namespaces never have Secrets listed.
+    assert granted(role["rules"]) == {("", "secrets"): {"get", "list", "create", "update", "delete"}}
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == SIGNING_KEY_ROLE]
+    assert binding["metadata"]["namespace"] == "ops" and binding["roleRef"]["name"] == SIGNING_KEY_ROLE
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-deepseek-operator", "namespace": "ops"}]
+    env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "DEEPSEEK_OPERATOR_SIGNING_KEY_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in env
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={team-a,team-b}",)])
+def test_two_replicas_with_leader_election_by_default(sets):
+    docs = render(*sets)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # no release's operator beside another's
+    pod = dep["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0]["env"]}
+    assert env["DEEPSEEK_OPERATOR_LEADER_ELECTION"] == "true"
+    assert env["DEEPSEEK_OPERATOR_LEADER_ELECTION_NAMESPACE"] == "ops"
+    assert env["DEEPSEEK_OPERATOR_LEADER_ELECTION_LEASE_NAME"] == "rel-deepseek-operator"
+    assert [env[f"DEEPSEEK_OPERATOR_LEADER_ELECTION_{timing}"] for timing in
+            ("LEASE_DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")] == ["15s", "10s", "2s"]
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # the standby answers the same liveness probe
+    assert pod["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+    [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == LEADER_ELECTION_ROLE]
+    assert role["metadata"]["namespace"] == "ops"
+    assert granted(role["rules"]) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == LEADER_ELECTION_ROLE]
+    assert binding["metadata"]["namespace"] == "ops" and binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-deepseek-operator", "namespace": "ops"}]
+    for doc in docs:  # leases nowhere else, and nothing cluster-wide for them
+        if doc["kind"] in ("ClusterRole", "Role") and doc["metadata"]["name"] != LEADER_ELECTION_ROLE:
+            assert ("coordination.k8s.io", "leases") not in granted(doc["rules"])
+
+    [pdb] = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
+
+
+def test_one_replica_without_leader_election_recreates():
+    docs = render("replicaCount=1", "leaderElection.enabled=false")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    env = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert not [name for name in env if "LEADER_ELECTION" in name]
+    assert "affinity" not in dep["spec"]["template"]["spec"]
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" or d["metadata"]["name"] == LEADER_ELECTION_ROLE]
+
+
+def test_custom_affinity_and_lease_values_are_used():
+    affinity = "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]" \
+               ".matchExpressions[0].key=pool"
+    docs = render(affinity, "leaderElection.leaseName=ops-lock", "leaderElection.leaseDuration=30s",
+                  "podDisruptionBudget.enabled=false")
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert "podAntiAffinity" not in pod["affinity"] and "nodeAffinity" in pod["affinity"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["DEEPSEEK_OPERATOR_LEADER_ELECTION_LEASE_NAME"] == "ops-lock"
+    assert env["DEEPSEEK_OPERATOR_LEADER_ELECTION_LEASE_DURATION"] == "30s"
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_two_replicas_without_leader_election_are_refused():
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "leaderElection.enabled=false",
+               check=False)
+    assert out.returncode != 0 and "leaderElection.enabled" in out.stderr
 
 
 def test_monitoring_objects_carry_the_seed_alert():
@@ -157,6 +280,8 @@ def test_monitoring_objects_carry_the_seed_alert():
     ("watchNamespaces={Not_A_Namespace}", "does not match pattern"),
     ("unknownKey=1", "additional properties"),
     ("monitoring.prometheusRule.errorRateThreshold=5", "maximum"),
+    ("replicaCount=0", "minimum"),
+    ("leaderElection.leaseDuration=soon", "does not match pattern"),
 ])
 def test_schema_rejects_bad_values(setting, message):
     out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)

@@ -1,5 +1,5 @@
 """Fixtures for the blue-green e2e tests: CRDs, a tiny model on the host (mounted into pods by hostPath) and the
-operator as a subprocess. Helpers live in bluegreen_harness.py."""
+operator as a subprocess. Helpers live in devcluster/testing/bluegreen.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bluegreen_harness import E2E_OPERATOR_ENV, REPO, OperatorProcess, World
+
+from devcluster.testing.bluegreen import E2E_OPERATOR_ENV, REPO, OperatorProcess, World
 
 
 @pytest.fixture(scope="session")

@@ -12,17 +12,33 @@ import pytest
 
 from devcluster import demo
 from devcluster.cli_pods import pod_dir
+from devcluster.cluster import named_state_dir
+from devcluster.testing.polling import wait_for
+from devcluster.testing.ports import free_port, lost_bind_race
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def proxy_lost_its_port(name: str) -> bool:
+    """Whether the demo's `devcluster proxy` could not bind its port (another process took it first)."""
+    log = named_state_dir(name) / "logs" / "demo-proxy.log"
+    return log.exists() and lost_bind_race(log.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
 def running_demo():
     name = f"e2e-demo-{os.getpid()}"
-    port = 18000 + os.getpid() % 1000
     lines: list[str] = []
     try:
-        started = demo.up(name=name, port=port, log=lines.append)
+        for attempt in range(3):
+            try:
+                # the proxy binds the port itself: a port free now may be taken before; `up` again on another
+                started = demo.up(name=name, port=free_port(), log=lines.append)
+                break
+            except RuntimeError:
+                if attempt == 2 or not proxy_lost_its_port(name):
+                    raise
+                (named_state_dir(name) / "logs" / "demo-proxy.log").unlink()
     except BaseException:  # pytest's timeout and failures too: never leave a cluster behind
         print("\n".join(lines))
         demo.down(name)
@@ -50,16 +66,39 @@ def test_chart_installed_crds_and_operator_from_chart_settings(running_demo):
     assert "customresourcedefinition.apiextensions.k8s.io/apikeys.deepseek.ai" in crds
     dep = json.loads(cluster.kubectl("get", "deploy", "deepseek-operator", "-n", demo.OPERATOR_NAMESPACE,
                                      "-o", "json").stdout)
-    assert dep["status"]["readyReplicas"] == 1
+    # Two replicas (the chart's default): one holds the leader-election Lease, the other stands by.
+    assert dep["status"]["readyReplicas"] == 2
     pods = json.loads(cluster.kubectl("get", "pods", "-n", demo.OPERATOR_NAMESPACE, "-o", "json").stdout)["items"]
-    assert [p["status"]["phase"] for p in pods] == ["Running"]
-    dsd = json.loads(cluster.kubectl("get", "dsd", "tiny", "-n", running_demo.namespace, "-o", "json").stdout)
-    assert dsd["status"]["activeColor"] in ("blue", "green")
+    assert [p["status"]["phase"] for p in pods] == ["Running", "Running"]
+    lease = json.loads(cluster.kubectl("get", "lease", "deepseek-operator", "-n", demo.OPERATOR_NAMESPACE,
+                                       "-o", "json").stdout)
+    leader = lease["spec"]["holderIdentity"].rpartition("_")[0]
+    assert leader in [p["metadata"]["name"] for p in pods]
+
+    def completed() -> dict | None:
+        dsd = json.loads(cluster.kubectl("get", "dsd", "tiny", "-n", running_demo.namespace, "-o", "json").stdout)
+        status = dsd.get("status") or {}
+        return status if (status.get("rollout") or {}).get("phase") == "Completed" else None
+
+    # Ready comes while the first rollout still verifies after its switch; then it completes
+    status = wait_for("the first rollout to complete", completed, timeout=600, interval=1)
+    # the first revision is served by blue, and the active Service selects exactly its ready pods
+    assert status["activeColor"] == "blue"
+    assert status["activeRevision"] == status["rollout"]["revision"] and status["readyReplicas"] >= 1
+    service = json.loads(cluster.kubectl("get", "svc", "tiny", "-n", running_demo.namespace, "-o", "json").stdout)
+    selector = service["spec"]["selector"]
+    assert selector["deepseek.ai/color"] == "blue" and selector["deepseek.ai/revision"] == status["activeRevision"]
+    selected = json.loads(cluster.kubectl("get", "pods", "-n", running_demo.namespace, "-o", "json", "-l",
+                                          ",".join(f"{k}={v}" for k, v in selector.items())).stdout)["items"]
+    assert len(selected) == status["readyReplicas"]
     # The chart's RBAC holds only the verbs the operator calls: it got this far without one refused call.
-    folder, containers = pod_dir(cluster, demo.OPERATOR_NAMESPACE, pods[0]["metadata"]["name"])
-    assert folder is not None
-    log = "".join(run.read_text(errors="replace") for run in sorted((folder / "logs" / containers[0]).glob("*.log")))
-    assert log and " 403 " not in log and "forbidden" not in log.lower(), log[-3000:]
+    for pod in pods:
+        folder, containers = pod_dir(cluster, demo.OPERATOR_NAMESPACE, pod["metadata"]["name"])
+        assert folder is not None
+        log = "".join(run.read_text(errors="replace")
+                      for run in sorted((folder / "logs" / containers[0]).glob("*.log")))
+        assert log and " 403 " not in log and "forbidden" not in log.lower(), log[-3000:]
+        assert ("now holds lease" in log) == (pod["metadata"]["name"] == leader), log[-3000:]
 
 
 SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
@@ -68,7 +107,7 @@ SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
 # The operator's ClusterRole (watchNamespaces: []) holds the verbs its code calls and nothing else; each "no" below is
 # a verb it does not use (tests/chart/test_chart.py holds the full list, for both modes).
 @pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), [
-    # Secrets: by name only (signing keys, ApiKey Secrets); never listed, watched or patched.
+    # Secrets in tenant namespaces: by name only (ApiKey Secrets); never listed, watched or patched.
     ("create", "secrets", "demo", True),
     ("get", "secrets", "demo", True),
     ("update", "secrets", "demo", True),
@@ -77,6 +116,12 @@ SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
     ("watch", "secrets", "kube-system", False),
     ("list", "secrets", "", False),
     ("patch", "secrets", "demo", False),
+    # Private signing keys: in the operator's own namespace, listed (by label) there only, for the orphan sweep.
+    ("list", "secrets", demo.OPERATOR_NAMESPACE, True),
+    ("create", "secrets", demo.OPERATOR_NAMESPACE, True),
+    ("delete", "secrets", demo.OPERATOR_NAMESPACE, True),
+    ("watch", "secrets", demo.OPERATOR_NAMESPACE, False),
+    ("patch", "secrets", demo.OPERATOR_NAMESPACE, False),
     # Its own kinds.
     ("watch", "deepseekdeployments.deepseek.ai", "", True),
     ("patch", "deepseekdeployments.deepseek.ai/status", "demo", True),
@@ -118,6 +163,13 @@ SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
     ("create", "events", "demo", True),
     ("patch", "events", "demo", False),
     ("create", "events.events.k8s.io", "demo", False),
+    # Leader election: its Lease in the operator's own namespace, nowhere else.
+    ("get", "leases.coordination.k8s.io", demo.OPERATOR_NAMESPACE, True),
+    ("create", "leases.coordination.k8s.io", demo.OPERATOR_NAMESPACE, True),
+    ("update", "leases.coordination.k8s.io", demo.OPERATOR_NAMESPACE, True),
+    ("delete", "leases.coordination.k8s.io", demo.OPERATOR_NAMESPACE, False),
+    ("list", "leases.coordination.k8s.io", demo.OPERATOR_NAMESPACE, False),
+    ("get", "leases.coordination.k8s.io", "demo", False),
     # Nothing cluster-scoped, no way around RBAC.
     ("delete", "nodes", "", False),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", "", False),
@@ -148,5 +200,7 @@ def test_helm_uninstall_removes_what_the_chart_installed(running_demo):
     assert left in ([], ["serviceaccount/default"]), left
     roles = cluster.kubectl("get", "clusterrole,clusterrolebinding", "-o", "name").stdout
     assert "deepseek-operator" not in roles
-    # CRDs stay (Helm never deletes CRDs): the users' DeepSeekDeployments and keys are not lost by an uninstall.
+    # CRDs stay (the chart marks them helm.sh/resource-policy: keep): the users' DeepSeekDeployments and keys are not
+    # lost by an uninstall.
     assert "deepseekdeployments.deepseek.ai" in cluster.kubectl("get", "crd", "-o", "name").stdout
+    assert cluster.kubectl("get", "dsd", "tiny", "-n", running_demo.namespace, "-o", "name").stdout.strip()

@@ -5,8 +5,9 @@ restricted refuses hostPath volumes."""
 from __future__ import annotations
 
 import pytest
-from bluegreen_harness import World
 from kubernetes import client
+
+from devcluster.testing.bluegreen import World
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

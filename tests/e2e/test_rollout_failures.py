@@ -7,7 +7,8 @@ import tempfile
 import time
 
 import pytest
-from bluegreen_harness import World, wait_for
+
+from devcluster.testing.bluegreen import World, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from bluegreen_harness import GROUP, MODEL_NAME, VERSION, ContinuousClient, World, wait_for
 from kubernetes import client
 
 from devcluster import vllm_env
 from devcluster.podnet import netns_pids
 from devcluster.proxy import ServiceProxy
+from devcluster.testing.bluegreen import GROUP, MODEL_NAME, VERSION, ContinuousClient, World, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -137,6 +137,10 @@ def test_builtin_to_vllm_rollout_gateway_answers_and_a_killed_engine(vllm_world:
         reply = chat(api)
         assert reply.model == MODEL_NAME and reply.choices[0].message.content
         assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 8
+        # without max_tokens, vLLM stops at spec.server.maxNewTokens (16 here), as the builtin engine does
+        open_ended = api.chat.completions.create(model=MODEL_NAME, temperature=0.7,
+                                                 messages=[{"role": "user", "content": "Tell a long story"}])
+        assert open_ended.usage is not None and 1 <= open_ended.usage.completion_tokens <= 16
         chunks = list(chat(api, stream=True))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len(chunks) >= 2 and streamed

@@ -19,17 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import polling
 import pytest
 import yaml
 from kubernetes import client
+
+from devcluster.testing import polling
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
 GROUP, VERSION = "deepseek.ai", "v1alpha1"
 
+# Where the operator keeps private signing keys (in a cluster: its pod's namespace); it creates it when missing.
+KEY_NAMESPACE = "deepseek-operator-keys"
+
 # Short intervals so the suite is quick; production defaults are minutes.
 FAST_OPERATOR_ENV = {
+    "DEEPSEEK_OPERATOR_SIGNING_KEY_NAMESPACE": KEY_NAMESPACE,
     "DEEPSEEK_OPERATOR_DRIFT_CHECK_INTERVAL": "1s",
     "DEEPSEEK_OPERATOR_ISSUER_CHECK_INTERVAL": "2s",
     "DEEPSEEK_OPERATOR_RETRY_INTERVAL": "1s",
@@ -141,6 +146,7 @@ class Cluster:
     """What the tests do to and read from the API server, in one namespace."""
 
     wait_for = staticmethod(wait_for)
+    key_namespace = KEY_NAMESPACE
 
     def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
         self.namespace = namespace
@@ -192,6 +198,19 @@ class Cluster:
         if secret is None or not secret.data or "api-key" not in secret.data:
             return None
         return base64.b64decode(secret.data["api-key"]).decode()
+
+    def signing_key_secret(self, deployment: str = "chat") -> client.V1Secret | None:
+        """The deployment's private keys: a Secret in the operator's key namespace, named after its uid."""
+        from deepseek_operator.names import signing_key_secret_name
+
+        uid = self.deployment(deployment)["metadata"]["uid"]
+        try:
+            return self.core.read_namespaced_secret(signing_key_secret_name(self.namespace, deployment, uid),
+                                                    KEY_NAMESPACE)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def auth(self, deployment: str = "chat") -> dict[str, Any]:
         return read_auth_documents(self.core.read_namespaced_config_map(f"{deployment}-auth", self.namespace))

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from polling import wait_for
+
+from devcluster.testing.polling import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -12,14 +12,21 @@ import jwt
 import pytest
 from kubernetes import client, watch
 
+from devcluster.testing.polling import wait_for
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 class SecretTokens:
-    """Every token ever written to a Secret in the namespace, seen through a watch."""
+    """Every token ever written to a Secret in the namespace, seen through one unbroken watch.
+
+    The watch resumes from the last resourceVersion it saw, so no write falls into a gap between two streams; any
+    error of the watch (a 410 Gone included: writes would be lost) is kept, and `jtis` fails on it."""
 
     def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
         self.seen: dict[str, set[str]] = defaultdict(set)
+        self.events = 0
+        self.errors: list[str] = []
         self._core = client.CoreV1Api(api_client)
         self._namespace = namespace
         self._watch = watch.Watch()
@@ -28,17 +35,23 @@ class SecretTokens:
         self._thread.start()
 
     def _run(self) -> None:
+        resource_version: str | None = None
         while not self._stopped.is_set():
             try:
                 for event in self._watch.stream(self._core.list_namespaced_secret, self._namespace,
-                                                timeout_seconds=300):
+                                                resource_version=resource_version, timeout_seconds=300):
                     secret = event["object"]
+                    resource_version = secret.metadata.resource_version
+                    self.events += 1
                     if secret.data and "api-key" in secret.data:
                         self.seen[secret.metadata.name].add(base64.b64decode(secret.data["api-key"]).decode())
-            except Exception:  # the stream ends when the namespace goes; a restarted list re-reads every Secret
-                time.sleep(0.1)
+            except Exception as exc:  # kept and reported by jtis(): a broken watch may have missed tokens
+                if not self._stopped.is_set():
+                    self.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                return
 
     def jtis(self, secret_name: str) -> set[str]:
+        assert not self.errors, f"the Secret watch broke, tokens may be missing: {self.errors}"
         return {jwt.decode(t, options={"verify_signature": False})["jti"] for t in self.seen[secret_name]}
 
     def stop(self) -> None:
@@ -49,9 +62,13 @@ class SecretTokens:
 @pytest.fixture
 def secrets(api_client, namespace):
     tokens = SecretTokens(api_client, namespace)
-    time.sleep(0.3)
+    # the watch is open once it reports a Secret created after it started
+    client.CoreV1Api(api_client).create_namespaced_secret(namespace, {"metadata": {"name": "watch-started"}})
+    wait_for("the Secret watch to start", lambda: tokens.events or tokens.errors, timeout=60)
+    assert not tokens.errors, tokens.errors
     yield tokens
     tokens.stop()
+    assert not tokens.errors, f"the Secret watch broke during the test: {tokens.errors}"
 
 
 def crash_at(operator, failpoint: str, world, name: str) -> None:

@@ -98,7 +98,8 @@ INVALID = [
     *[(f"extraArgs sets {flag}", edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": ["--enforce-eager", flag]}),
        "engine.extraArgs must not set --model")
       for flag in ("--tensor-parallel-size=4", "-tp", "--max_model_len", "--port", "--no-enable-prefix-caching",
-                   "--dtype=half", "--api-key")],
+                   "--dtype=half", "--api-key", "--override-generation-config={}",
+                   "--shutdown-timeout=5")],
     ("engine env name with a dash", edited(DSD, "spec.engine", {"name": "vllm", "env": [{"name": "A-B"}]}),
      "spec.engine.env[0].name in body should match"),
 ]

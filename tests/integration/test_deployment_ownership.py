@@ -1,6 +1,7 @@
 """Objects the operator did not create are never taken over: a DeepSeekDeployment whose fixed child names are
 already taken reports a Conflict naming each one (condition and Event), leaves it as it is, and proceeds once the
-squatter is gone."""
+squatter is gone. A `<name>-signing-key` Secret someone else made in the tenant's namespace (where earlier releases
+kept private keys) is no child at all any more: never read, adopted or deleted."""
 
 from __future__ import annotations
 
@@ -80,8 +81,7 @@ def test_squatted_child_names_are_left_untouched_and_reported_until_removed(worl
     apps = client.AppsV1Api(world.core.api_client)
 
     # One squatter after another: each is reported by kind and name, with what to do, and left as it was.
-    order = [("Secret", f"{name}-signing-key", world.core.delete_namespaced_secret),
-             ("ConfigMap", f"{name}-auth", world.core.delete_namespaced_config_map),
+    order = [("ConfigMap", f"{name}-auth", world.core.delete_namespaced_config_map),
              ("Service", name, world.core.delete_namespaced_service),
              ("Deployment", f"{name}-blue", apps.delete_namespaced_deployment)]
     for kind, child, delete in order:
@@ -104,11 +104,13 @@ def test_squatted_child_names_are_left_untouched_and_reported_until_removed(worl
     uid = world.deployment(name)["metadata"]["uid"]
     blue = world.wait_for("squat-blue created", lambda: _read_or_none(apps.read_namespaced_deployment,
                                                                       f"{name}-blue", ns), timeout=30)
-    for obj in (blue, world.core.read_namespaced_config_map(f"{name}-auth", ns),
-                world.core.read_namespaced_secret(f"{name}-signing-key", ns)):
+    for obj in (blue, world.core.read_namespaced_config_map(f"{name}-auth", ns)):
         owners = [(o.uid, o.controller) for o in obj.metadata.owner_references or []]
         assert owners == [(uid, True)], (obj.metadata.name, owners)
     assert world.auth(name).get("jwks", {}).get("keys")
+    # The keys are in the operator's namespace; the squatted old-layout Secret is still exactly as it was.
+    assert world.signing_key_secret(name) is not None
+    assert {k: v for k, v in snapshot(world, name).items() if k == "Secret"} == before == {"Secret": before["Secret"]}
 
 
 def _read_or_none(read, name: str, namespace: str) -> Any:

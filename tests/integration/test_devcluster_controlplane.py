@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from polling import wait_for
 
 from devcluster.build import KUBERNETES_VERSION
+from devcluster.testing.polling import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -154,15 +154,6 @@ def test_crd_is_served_and_schema_enforced(cluster, namespace):
     assert "spec.size" in rejected.stderr and "less than or equal to 10" in rejected.stderr
     names = cluster.kubectl("get", "widgets", "-n", namespace, "-o", "name").stdout.split()
     assert names == ["widget.test.devcluster.io/ok"]
-
-
-def test_redis_fixture_answers(redis_url):
-    import redis
-
-    r = redis.Redis.from_url(redis_url)
-    assert r.ping() is True
-    r.set("devcluster", "ok")
-    assert r.get("devcluster") == b"ok"
 
 
 def test_cli_up_down_leaves_nothing_behind(tmp_path):

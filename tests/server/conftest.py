@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 from deepseek_server.app import create_app
-from server_harness import SPECIAL_LIMITS, ServerThread, SigningKey, mint, tiny_settings, write_auth_dir
+
+from devcluster.testing.model_server import (
+    SPECIAL_LIMITS,
+    ServerThread,
+    SigningKey,
+    mint,
+    tiny_settings,
+    write_auth_dir,
+)
 
 
 @pytest.fixture(scope="session")

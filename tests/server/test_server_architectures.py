@@ -8,7 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 from deepseek_server.app import create_app
-from server_harness import ServerThread, tiny_settings
+
+from devcluster.testing.model_server import ServerThread, tiny_settings
 
 
 @pytest.mark.parametrize(("arch", "precision"), [("llama", "fp32"), ("qwen2", "bf16"), ("deepseek_v3", "fp32"),
@@ -43,3 +44,29 @@ def test_make_tiny_model_cli_writes_a_loadable_checkpoint(tmp_path: Path) -> Non
                                            tokenize=False)
     assert prompt == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>"  # noqa: RUF001
     assert tokenizer.decode(tokenizer.encode("héllo wörld 你好")) == "héllo wörld 你好"
+
+
+def test_int8_quantizes_every_linear_layer_and_stays_close_to_fp32(tiny_models: dict[str, Path]) -> None:
+    import torch
+    from deepseek_server.engine.loading import load_model
+
+    full = load_model(tiny_models["llama"], "fp32", "cpu")
+    eight = load_model(tiny_models["llama"], "int8", "cpu")
+    layers = [type(m) for m in eight.model.modules() if "Linear" in type(m).__name__ and "Params" not in
+              type(m).__name__]
+    assert layers and all(t.__module__.startswith("torch.ao.nn.quantized.dynamic") for t in layers), layers
+    assert len(layers) == len([m for m in full.model.modules() if "Linear" in type(m).__name__])
+
+    prompt = torch.tensor([full.tokenizer.encode("The quick brown fox jumps over the lazy dog")])
+    with torch.inference_mode():
+        greedy = full.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                     do_sample=False, pad_token_id=full.tokenizer.pad_token_id)
+        # both models read the same text (prompt + fp32's greedy answer) and predict each next token
+        logits_full, logits_eight = full.model(greedy).logits[0], eight.model(greedy).logits[0]
+    similarity = torch.nn.functional.cosine_similarity(logits_full, logits_eight, dim=-1)
+    assert similarity.min().item() > 0.99, similarity
+    agree = (logits_full.argmax(-1) == logits_eight.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"int8 picks fp32's greedy token at only {agree:.0%} of positions"
+    first = eight.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                                 pad_token_id=full.tokenizer.pad_token_id)
+    assert first[0, -1] == greedy[0, prompt.shape[1]]

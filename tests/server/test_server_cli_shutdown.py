@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from deepseek_server.settings import ServerSettings
-from server_harness import server_process
+
+from devcluster.testing.model_server import server_process
+from devcluster.testing.polling import wait_for
 
 
 def test_serve_refuses_to_start_without_an_auth_source(tiny_models: dict[str, Path]) -> None:
@@ -34,9 +36,12 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models: dict[str, Path],
                                                                    tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_models["llama"]).eos_token_id
     env = {"DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu",
            "DEEPSEEK_MAX_NEW_TOKENS": "400", "DEEPSEEK_MAX_MODEL_LEN": "512"}
-    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "20"], env=env,
+    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "60"], env=env,
                         log_dir=tmp_path) as (url, proc):
         assert httpx.get(f"{url}/v1/models").status_code == 200  # no key needed
         assert "warning" in httpx.get(f"{url}/ready").json()
@@ -44,9 +49,10 @@ def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models:
         first_chunk = threading.Event()
 
         def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+            # 400 tokens for sure: a seed, and the end-of-sequence token banned
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
                               json={"model": "tiny", "prompt": "long", "max_tokens": 400, "temperature": 1.0,
-                                    "stream": True}) as response:
+                                    "seed": 5, "logit_bias": {str(eos): -100}, "stream": True}) as response:
                 for line in response.iter_lines():
                     if line:
                         lines.append(line)
@@ -54,16 +60,28 @@ def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models:
 
         reader = threading.Thread(target=stream)
         reader.start()
-        assert first_chunk.wait(60)
+        assert first_chunk.wait(120)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.HTTPError):  # no new connections once shutdown began
-            httpx.get(f"{url}/health", timeout=2)
-        reader.join(60)
+        at_sigterm = len(lines)
+
+        def refused() -> bool:
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+            except httpx.HTTPError:
+                return True
+            return False
+
+        # no new connections once shutdown began, while the process still drains the stream
+        wait_for("the server to refuse new connections", refused, timeout=60, interval=0.05)
+        assert proc.poll() is None, "the server exited instead of finishing the in-flight stream"
+        reader.join(120)
+        assert not reader.is_alive()
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status is "terminated by SIGTERM"
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
     assert lines[-1] == "data: [DONE]", "the in-flight stream was cut by shutdown"
-    assert len(lines) > 5
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len(chunks) > at_sigterm + 1, f"no chunk arrived after SIGTERM ({at_sigterm} before, {len(chunks)} in all)"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
     log = (tmp_path / "server-0.log").read_text()
     assert "AUTHENTICATION IS DISABLED" in log
     assert "Finished server process" in log

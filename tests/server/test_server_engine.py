@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,59 +15,84 @@ import pytest
 from deepseek_server.engine.base import GenerationRequest, TextDelta
 from deepseek_server.engine.batched import BatchedEngine
 from deepseek_server.engine.loading import load_model
-from server_harness import ServerThread
+
+from devcluster.testing.model_server import ServerThread
+
+ARCHITECTURES = ["llama", "qwen2", "deepseek_v3"]
+# distinct prompts of different lengths: each row of a batch has its own text and its own padding
+PROMPTS = ["The quick brown fox", "a much longer prompt that needs left padding", "1 2 3", "Dear friend,",
+           "Once upon a time, in a land far away, there lived"]
+LONG_PROMPT = ("A prompt that is longer than everything the running batch holds so far: it has many more tokens "
+               "than the short running request and its first few generated tokens together.")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
-    return load_model(tiny_models["llama"], "fp32", "cpu")
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def loaded(request: pytest.FixtureRequest, tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+    return load_model(tiny_models[request.param], "fp32", "cpu")
+
+
+def without_eos(loaded) -> tuple[tuple[int, float], ...]:  # type: ignore[no-untyped-def]
+    """A logit bias that keeps a sampled request from ending before its max_new_tokens."""
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return tuple((int(i), -100.0) for i in ids if i is not None)
+
+
+async def solo(engine: BatchedEngine, request: GenerationRequest):  # type: ignore[no-untyped-def]
+    """The request's answer when it has the engine to itself."""
+    return await engine.submit(request).collect()
 
 
 async def test_one_batch_keeps_each_requests_own_rules(loaded) -> None:  # type: ignore[no-untyped-def]
     batches: list[int] = []
-    engine = BatchedEngine(loaded, model_name="m", max_batch_size=8, batch_wait_s=0.02, on_batch=batches.append)
+    engine = BatchedEngine(loaded, model_name="m", max_batch_size=8, batch_wait_s=0.05, on_batch=batches.append)
     await engine.start()
     try:
-        batches.clear()
-        prompt = engine.encode_text("The quick brown fox")
-        alone = await engine.submit(GenerationRequest(prompt, 12, temperature=0.0)).collect()
-        requests = [
-            GenerationRequest(prompt, 12, temperature=0.0),
-            GenerationRequest(engine.encode_text("a much longer prompt that needs left padding"), 5,
-                              temperature=0.0),
-            GenerationRequest(prompt, 12, temperature=0.9, seed=42),
-            GenerationRequest(prompt, 12, temperature=0.9, seed=42, top_p=0.5),
-            GenerationRequest(prompt, 3, temperature=1.0),
+        no_eos = without_eos(loaded)
+        requests = [GenerationRequest(engine.encode_text(text), 12, temperature=0.0) for text in PROMPTS]
+        requests += [
+            GenerationRequest(engine.encode_text(PROMPTS[0]), 12, temperature=0.9, seed=42),
+            GenerationRequest(engine.encode_text(PROMPTS[1]), 12, temperature=0.9, seed=42, top_p=0.5),
+            GenerationRequest(engine.encode_text(PROMPTS[2]), 3, temperature=1.0, seed=7, logit_bias=no_eos),
         ]
+        alone = [await solo(engine, r) for r in requests]
         batches.clear()
         results = await asyncio.gather(*(engine.submit(r).collect() for r in requests))
-        assert batches[0] == 5  # submitted together, decoded together
-        assert results[0] == alone  # left padding and batch-mates do not change a greedy answer
-        assert results[1][1].completion_tokens == 5 and results[1][1].finish_reason == "length"
-        assert results[4][1].completion_tokens == 3
-        again = await engine.submit(GenerationRequest(prompt, 12, temperature=0.9, seed=42)).collect()
-        assert again == results[2]  # a seed reproduces, whoever shares the batch
+        assert batches[0] == len(requests)  # submitted together, decoded together
+        for index, (together, by_itself) in enumerate(zip(results, alone, strict=True)):
+            # left padding and batch-mates change neither a greedy answer nor a seeded sample
+            assert together == by_itself, f"row {index} ({requests[index]}) changed in the batch"
+        assert len({text for text, _ in results[:len(PROMPTS)]}) > 1, "distinct prompts, yet one answer for all"
+        assert results[-1][1].completion_tokens == 3 and results[-1][1].finish_reason == "length"
     finally:
         await engine.stop()
 
 
-async def test_a_request_joins_the_running_batch(loaded) -> None:  # type: ignore[no-untyped-def]
-    engine = BatchedEngine(loaded, model_name="m", max_batch_size=4)
+async def test_requests_join_the_running_batch(loaded) -> None:  # type: ignore[no-untyped-def]
+    engine = BatchedEngine(loaded, model_name="m", max_batch_size=4, max_new_tokens=400)
     await engine.start()
     try:
         assert engine.joinable is True
-        prompt = engine.encode_text("The quick brown fox")
-        alone = await engine.submit(GenerationRequest(prompt, 6, temperature=0.0)).collect()
-        long = engine.submit(GenerationRequest(engine.encode_text("a long story"), 300, temperature=1.0))
-        events = long.events()
-        await anext(events)  # the long request is decoding
-        short = await engine.submit(GenerationRequest(prompt, 6, temperature=0.0)).collect()
-        assert long.result is None, "the short request waited for the long one instead of joining it"
-        assert short == alone  # joining a running batch (other length, other padding) changes nothing
-        long.cancel()
-        async for _ in events:
-            pass
-        assert long.result is not None and long.result.finish_reason == "cancelled"
+        running_request = GenerationRequest(engine.encode_text("a story"), 200, temperature=1.0, seed=3,
+                                            logit_bias=without_eos(loaded))
+        joiners = [GenerationRequest(engine.encode_text(text), 8, temperature=0.0)
+                   for text in (PROMPTS[0], LONG_PROMPT, PROMPTS[3])]
+        assert len(joiners[1].prompt_ids) > len(running_request.prompt_ids) + 20
+        running_alone = await solo(engine, running_request)
+        joiners_alone = [await solo(engine, r) for r in joiners]
+
+        running = engine.submit(running_request)
+        events = running.events()
+        first = await anext(events)  # the running request is decoding
+        joined = await asyncio.gather(*(engine.submit(r).collect() for r in joiners))
+        assert running.result is None, "the joiners waited for the running request instead of joining it"
+        # joining a running batch (other lengths, a prompt longer than the batch so far) changes no one's answer
+        assert joined == joiners_alone
+        rest = [event async for event in events]
+        text = "".join(e.text for e in [first, *rest] if isinstance(e, TextDelta))
+        assert (text, running.result) == running_alone
+        assert running.result.completion_tokens == 200
     finally:
         await engine.stop()
 
@@ -74,7 +101,8 @@ async def test_cancel_frees_the_slot_at_the_next_step(loaded) -> None:  # type: 
     engine = BatchedEngine(loaded, model_name="m", max_batch_size=4)
     await engine.start()
     try:
-        stream = engine.submit(GenerationRequest(engine.encode_text("hello"), 400, temperature=1.0))
+        stream = engine.submit(GenerationRequest(engine.encode_text("hello"), 200, temperature=1.0, seed=11,
+                                                 logit_bias=without_eos(loaded)))
         seen = 0
         async for event in stream.events():
             if isinstance(event, TextDelta):
@@ -85,7 +113,7 @@ async def test_cancel_frees_the_slot_at_the_next_step(loaded) -> None:  # type: 
                 assert event.finish_reason == "cancelled"
                 assert event.completion_tokens < 50
                 break
-        waiting = engine.submit(GenerationRequest(engine.encode_text("hi"), 400))
+        waiting = engine.submit(GenerationRequest(engine.encode_text("hi"), 200))
         waiting.cancel()  # still queued: leaves at once
         text, result = await waiting.collect()
         assert (text, result.finish_reason, result.completion_tokens) == ("", "cancelled", 0)
@@ -102,7 +130,7 @@ def test_client_disconnect_cancels_generation(llama_server: ServerThread, audit_
         for line in response.iter_lines():
             if line:
                 break  # leave after the first event
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     record = None
     while time.monotonic() < deadline and record is None:
         for line in (audit_path.read_text().splitlines() if audit_path.exists() else []):
@@ -112,3 +140,44 @@ def test_client_disconnect_cancels_generation(llama_server: ServerThread, audit_
         time.sleep(0.05)
     assert record is not None, "no audit record for the abandoned stream"
     assert record["completion_tokens"] < 64
+
+
+def test_two_concurrent_http_streams_each_get_their_own_answer(llama_server: ServerThread,
+                                                               token_factory: Callable[..., str]) -> None:
+    prompts = ["Tell me about the sea", "List three prime numbers and then explain why they are prime"]
+
+    def body(prompt: str, stream: bool) -> dict[str, object]:
+        return {"model": "deepseek-tiny", "prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": stream}
+
+    # each answer alone, from another key than the streams' (the response cache is per key)
+    solo_headers = {"authorization": f"Bearer {token_factory(uid=f'uid-solo-{uuid.uuid4().hex[:8]}')}"}
+    alone = [httpx.post(f"{llama_server.url}/v1/completions", json=body(p, False), headers=solo_headers,
+                        timeout=60).json()["choices"][0] for p in prompts]
+
+    headers = {"authorization": f"Bearer {token_factory(uid=f'uid-streams-{uuid.uuid4().hex[:8]}')}"}
+    start = threading.Barrier(len(prompts))
+    streamed: dict[int, tuple[str, str | None, str]] = {}
+
+    def read(index: int) -> None:
+        start.wait(30)
+        text, finish = "", None
+        with httpx.stream("POST", f"{llama_server.url}/v1/completions", json=body(prompts[index], True),
+                          headers=headers, timeout=60) as response:
+            cache = response.headers.get("x-cache", "")
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+        streamed[index] = (text, finish, cache)
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(prompts))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(120)
+    for index, choice in enumerate(alone):
+        text, finish, cache = streamed[index]
+        assert cache != "hit"
+        assert (text, finish) == (choice["text"], choice["finish_reason"]), f"stream {index} got another answer"
+    assert alone[0]["text"] != alone[1]["text"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import LIMITED_UID, TOKENS_UID, ServerThread, write_json_atomically
+from prometheus_client.parser import text_string_to_metric_families
+
+from devcluster.testing import polling
+from devcluster.testing.model_server import BURST_UID, LIMITED_UID, TOKENS_UID, ServerThread, write_json_atomically
 
 MODEL = "deepseek-tiny"
 
@@ -21,14 +25,35 @@ def post_completion(server: ServerThread, token: str, **body: object) -> httpx.R
                       timeout=30)
 
 
+RATE = 0.5  # requests per second of LIMITED_UID and BURST_UID (burst 3)
+
+
+def send_until_refused(send: Callable[[], httpx.Response | int], most: int = 12) -> tuple[list[int], float]:
+    """Send until a 429 (at most `most` requests); returns the statuses and the seconds it took."""
+    started = time.monotonic()
+    statuses: list[int] = []
+    while len(statuses) < most:
+        result = send()
+        statuses.append(result if isinstance(result, int) else result.status_code)
+        if statuses[-1] == 429:
+            break
+    return statuses, time.monotonic() - started
+
+
 def test_burst_beyond_the_limit_gets_429_with_headers(llama_server: ServerThread,
                                                       token_factory: Callable[..., str]) -> None:
-    token = token_factory(uid=LIMITED_UID)  # rps 0.5, burst 3
-    responses = [post_completion(llama_server, token) for _ in range(6)]
-    statuses = [r.status_code for r in responses]
-    assert statuses[:3] == [200, 200, 200]
-    assert statuses[3:] == [429, 429, 429]
-    ok, limited = responses[0], responses[3]
+    token = token_factory(uid=BURST_UID)  # rps 0.5, burst 3; no other test uses this key
+    responses: list[httpx.Response] = []
+
+    def send() -> httpx.Response:
+        responses.append(post_completion(llama_server, token))
+        return responses[-1]
+
+    statuses, took = send_until_refused(send)
+    assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429, statuses
+    # a slow machine may let the clock refill a request or two, never more than 0.5 per second
+    assert len(statuses) - 1 <= 3 + int(RATE * took), f"{statuses} in {took:.1f}s"
+    ok, limited = responses[0], responses[-1]
     assert ok.headers["x-ratelimit-limit-requests"] == "3"
     assert ok.headers["x-ratelimit-remaining-requests"] == "2"
     assert ok.headers["x-ratelimit-reset-requests"].endswith("s")
@@ -36,15 +61,25 @@ def test_burst_beyond_the_limit_gets_429_with_headers(llama_server: ServerThread
     assert 1 <= int(limited.headers["retry-after"]) <= 2
     error = limited.json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
-    client = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token, max_retries=0)
-    with pytest.raises(openai.RateLimitError):
-        client.completions.create(model=MODEL, prompt="again", max_tokens=1)
-    # a rotated token of the same ApiKey (same uid, new jti) shares the counters
-    with pytest.raises(openai.RateLimitError):
-        openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token_factory(uid=LIMITED_UID),
-                      max_retries=0).completions.create(model=MODEL, prompt="rotated", max_tokens=1)
     metrics = httpx.get(f"{llama_server.url}/metrics").text
     assert 'deepseek_ratelimit_rejections_total{limit="requests"}' in metrics
+
+    # the openai client sees the refusal as its own RateLimitError
+    client = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token, max_retries=0)
+
+    def through_client(api: openai.OpenAI) -> int:
+        try:
+            api.completions.create(model=MODEL, prompt="again", max_tokens=1)
+        except openai.RateLimitError:
+            return 429
+        return 200
+
+    statuses, took = send_until_refused(lambda: through_client(client))
+    assert statuses[-1] == 429 and statuses.count(200) <= 1 + int(RATE * took), f"{statuses} in {took:.1f}s"
+    # a rotated token of the same ApiKey (same uid, new jti) shares the counters: a fresh bucket would pass 3
+    rotated = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token_factory(uid=BURST_UID), max_retries=0)
+    statuses, took = send_until_refused(lambda: through_client(rotated))
+    assert statuses[-1] == 429 and statuses.count(200) <= 1 + int(RATE * took), f"{statuses} in {took:.1f}s"
 
 
 def test_tokens_per_minute(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
@@ -90,7 +125,7 @@ def test_audit_has_one_record_per_request_and_no_token(llama_server: ServerThrea
         response = httpx.request(method, f"{llama_server.url}{path}", json=body, headers=headers, timeout=30)
         assert response.status_code == status, response.text
         request_ids.append((response.headers["x-request-id"], status, path))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         records = read_audit(audit_path)
         by_id: dict[object, list[dict[str, object]]] = {}
@@ -117,8 +152,8 @@ def test_audit_has_one_record_per_request_and_no_token(llama_server: ServerThrea
     assert secret_prompt not in text
 
 
-def test_revoking_in_the_auth_dir_applies_within_two_seconds(llama_server: ServerThread, auth_dir: Path,
-                                                             token_factory: Callable[..., str]) -> None:
+def test_revoking_in_the_auth_dir_applies_without_a_restart(llama_server: ServerThread, auth_dir: Path,
+                                                            token_factory: Callable[..., str]) -> None:
     jti = "revoke-me-live-000000a"
     token = token_factory(jti=jti, uid="uid-revoke")
     headers = {"authorization": f"Bearer {token}"}
@@ -127,28 +162,53 @@ def test_revoking_in_the_auth_dir_applies_within_two_seconds(llama_server: Serve
     revoked[jti] = int(time.time()) + 3600
     started = time.monotonic()
     write_json_atomically(auth_dir / "revoked.json", revoked)
-    while time.monotonic() - started < 2.0:
-        response = httpx.get(f"{llama_server.url}/v1/models", headers=headers)
-        if response.status_code == 401:
-            break
-        time.sleep(0.05)
-    assert response.status_code == 401, "revocation did not apply within 2 s"
-    assert "revoked" in response.json()["error"]["message"]
+    response = wait_for_response(lambda: httpx.get(f"{llama_server.url}/v1/models", headers=headers), 401)
+    print(f"revocation applied {time.monotonic() - started:.2f}s after the file changed")
+    assert response.json()["error"]["message"] == "Incorrect API key provided: The API key has been revoked."
     # other keys are unaffected
     assert httpx.get(f"{llama_server.url}/v1/models",
                      headers={"authorization": f"Bearer {token_factory()}"}).status_code == 200
 
 
+def wait_for_response(send: Callable[[], httpx.Response], status: int, timeout: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = send()
+        if response.status_code == status or time.monotonic() > deadline:
+            assert response.status_code == status, f"still {response.status_code} after {timeout}s: {response.text}"
+            return response
+        time.sleep(0.05)
+
+
+def auth_reloads(server: ServerThread) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return next(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == "deepseek_auth_reloads_total")
+
+
 def test_a_broken_auth_update_keeps_the_last_good_state(llama_server: ServerThread, auth_dir: Path,
-                                                        token_factory: Callable[..., str]) -> None:
+                                                        token_factory: Callable[..., str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     limits_file = auth_dir / "limits.json"
-    good = limits_file.read_text()
+    good = json.loads(limits_file.read_text())
+    assert good[LIMITED_UID]["burst"] == 3
+    limited = token_factory(uid=LIMITED_UID)
+    statuses, _ = send_until_refused(lambda: post_completion(llama_server, limited))
+    assert statuses[-1] == 429, statuses
+    reloads = auth_reloads(llama_server)
+    caplog.set_level(logging.ERROR, logger="deepseek_server")
     try:
         limits_file.write_text("{not json")
-        time.sleep(0.6)
-        response = httpx.get(f"{llama_server.url}/v1/models",
-                             headers={"authorization": f"Bearer {token_factory()}"})
-        assert response.status_code == 200
+        polling.wait_for("the server to reject the broken limits.json", lambda: [
+            r for r in caplog.records if "keeping the previous auth state" in r.getMessage()
+            and str(auth_dir) in r.getMessage()], timeout=60, interval=0.05)
+        assert auth_reloads(llama_server) == reloads, "a broken auth directory was applied"
+        # the limited key's own limits (burst 3) still hold; the defaults (1000/s) would let it through
+        assert post_completion(llama_server, limited).status_code == 429
+        assert httpx.get(f"{llama_server.url}/v1/models",
+                         headers={"authorization": f"Bearer {token_factory()}"}).status_code == 200
     finally:
-        write_json_atomically(limits_file, json.loads(good))
-        time.sleep(0.6)
+        write_json_atomically(limits_file, good)
+    polling.wait_for("the repaired auth directory to be applied", lambda: auth_reloads(llama_server) == reloads + 1,
+                     timeout=60, interval=0.05)
+    assert auth_reloads(llama_server) == reloads + 1

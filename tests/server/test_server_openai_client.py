@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
-from server_harness import ServerThread
+from prometheus_client.parser import text_string_to_metric_families
+
+from devcluster.testing.model_server import ServerThread
 
 MODEL = "deepseek-tiny"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
@@ -52,15 +55,24 @@ def test_greedy_is_deterministic_and_cached(client: openai.OpenAI) -> None:
     assert sampled.headers["x-cache"] == "miss"
 
 
-def test_seeded_sampling_repeats(client: openai.OpenAI) -> None:
-    texts = {client.completions.create(model=MODEL, prompt=f"seed {i % 1}", max_tokens=10, temperature=1.0,
-                                       seed=1234).choices[0].text for i in range(2)}
-    assert len(texts) == 1
+def test_seeded_sampling_repeats(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
+    # Each answer comes from a different ApiKey (uid): the response cache is per key, so all three are generated.
+    def sample(seed: int) -> tuple[str, str]:
+        api = openai.OpenAI(base_url=f"{llama_server.url}/v1", max_retries=0,
+                            api_key=token_factory(uid=f"uid-seed-{uuid.uuid4().hex[:8]}"))
+        raw = api.completions.with_raw_response.create(model=MODEL, prompt="Tell me a story", max_tokens=16,
+                                                       temperature=1.0, seed=seed)
+        return raw.headers["x-cache"], raw.parse().choices[0].text
+
+    first, again, other = sample(1234), sample(1234), sample(4321)
+    assert (first[0], again[0], other[0]) == ("miss", "miss", "miss")
+    assert first[1] == again[1], "the same seed sampled two different answers"
+    assert first[1] != other[1], "another seed sampled the same answer"
 
 
 def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
-                                                 stream_options={"include_usage": True}))
+                                                 seed=7, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -73,7 +85,10 @@ def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, stream=True) if c.choices)
     assert streamed == greedy.choices[0].message.content
-    assert isinstance(content, str)
+    # the seeded stream carries the same text as the same request answered in one piece
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, seed=7)
+    assert content and content == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == finishes[0]
 
 
 def test_streaming_ends_with_done(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
@@ -162,13 +177,47 @@ def test_history_returns_only_the_callers_calls(llama_server: ServerThread, toke
     assert denied.json()["error"]["code"] == "insufficient_scope"
 
 
-def test_probes_and_metrics(llama_server: ServerThread) -> None:
+def metric_samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The server's /metrics as {(sample name, labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_probes_and_metrics(llama_server: ServerThread, token_factory: Callable[..., str]) -> None:
     assert httpx.get(f"{llama_server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{llama_server.url}/ready")
     assert ready.status_code == 200 and ready.json()["model"] is True
-    text = httpx.get(f"{llama_server.url}/metrics").text
-    for name in ("deepseek_api_requests_total", "deepseek_api_errors_total", "deepseek_api_request_duration_seconds",
-                 "deepseek_time_to_first_token_seconds", "deepseek_generated_tokens_total", "deepseek_batch_size",
-                 "deepseek_queue_depth", "deepseek_ratelimit_rejections_total", "deepseek_cache_hits_total"):
-        assert name in text
-    assert 'deepseek_api_requests_total{route="/v1/chat/completions",status="200"}' in text
+    api = openai.OpenAI(base_url=f"{llama_server.url}/v1", max_retries=0,
+                        api_key=token_factory(uid=f"uid-metrics-{uuid.uuid4().hex[:8]}"))
+    messages = [{"role": "user", "content": f"metrics {uuid.uuid4().hex}"}]  # never asked before: not cached
+    before = metric_samples(llama_server.url)
+    generated = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    cached = api.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6,
+                                                           temperature=0)
+    assert cached.headers["x-cache"] == "hit"
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="gpt-4o", messages=messages)
+    after = metric_samples(llama_server.url)
+
+    chat = "/v1/chat/completions"
+    assert generated.usage is not None
+    assert delta(before, after, "deepseek_api_requests_total", route=chat, status="200") == 2
+    assert delta(before, after, "deepseek_api_requests_total", route=chat, status="404") == 1
+    assert delta(before, after, "deepseek_api_errors_total", route=chat, status="404") == 1
+    assert delta(before, after, "deepseek_api_errors_total", route=chat, status="200") == 0
+    assert delta(before, after, "deepseek_api_request_duration_seconds_count", route=chat) == 3
+    # observed once per generated answer with text (labelled by kind); a cache hit generates nothing
+    first_text = 1 if generated.choices[0].message.content else 0
+    assert delta(before, after, "deepseek_time_to_first_token_seconds_count", route="chat") == first_text
+    assert delta(before, after, "deepseek_generated_tokens_total") == generated.usage.completion_tokens
+    assert delta(before, after, "deepseek_prompt_tokens_total") == generated.usage.prompt_tokens
+    assert delta(before, after, "deepseek_cache_hits_total") == 1
+    assert delta(before, after, "deepseek_cache_misses_total") == 1
+    assert delta(before, after, "deepseek_batch_size_count") >= 1  # one observation per decode step
+    assert after[("deepseek_queue_depth", frozenset())] == 0

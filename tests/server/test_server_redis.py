@@ -14,7 +14,17 @@ from deepseek_server.app import create_app
 from deepseek_server.engine.noop import NoopEngine
 from deepseek_server.limits.policy import KeyLimits
 from deepseek_server.limits.redis_store import RedisLimitStore
-from server_harness import ServerThread, SigningKey, free_port, mint, server_processes, tiny_settings, write_auth_dir
+from prometheus_client.parser import text_string_to_metric_families
+
+from devcluster.testing.model_server import (
+    ServerThread,
+    SigningKey,
+    mint,
+    server_processes,
+    tiny_settings,
+    write_auth_dir,
+)
+from devcluster.testing.ports import free_port
 
 MODEL = "deepseek-tiny"
 SHARED_UID = "uid-shared"
@@ -28,7 +38,8 @@ def test_two_processes_sharing_redis_admit_no_more_than_the_limit(
     auth = write_auth_dir(tmp_path / "auth", [key],
                           limits={SHARED_UID: {"rps": RPS, "burst": BURST, "tpm": None, "parallel": None}})
     args = ["--model", str(tiny_models["llama"]), "--model-name", MODEL, "--precision", "fp32", "--device", "cpu",
-            "--auth-dir", str(auth), "--redis-url", redis_url, "--max-new-tokens", "8", "--max-model-len", "128"]
+            "--auth-dir", str(auth), "--redis-url", redis_url, "--max-new-tokens", "8", "--max-model-len", "128",
+            "--record-key", "shared-record-key-of-this-deployment"]  # replicas share cache entries through it
     token = mint(key, uid=SHARED_UID)
     with server_processes([args, args], log_dir=tmp_path) as servers:
         statuses: list[int] = []
@@ -81,18 +92,29 @@ def test_unreachable_redis_falls_back_to_per_replica_limits(tmp_path: Path) -> N
     server = ServerThread(create_app(settings, engine=NoopEngine())).start()
     try:
         headers = {"authorization": f"Bearer {mint(key, uid='uid-fallback')}"}
-        responses = [httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=10,
+        errors_before = backend_errors(server)
+        started = time.monotonic()
+        responses = [httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=30,
                                 json={"model": "noop", "prompt": "still up", "max_tokens": 2}) for _ in range(3)]
-        assert [r.status_code for r in responses] == [200, 200, 429]
+        took = time.monotonic() - started
+        statuses = [r.status_code for r in responses]
+        # burst 2 at 0.5/s, enforced in memory: a slow machine may refill one more, never the burst plus more
+        assert statuses[:2] == [200, 200] and statuses.count(200) <= 2 + int(0.5 * took), (statuses, took)
         assert all(r.headers["x-ratelimit-backend"] == "memory-fallback" for r in responses)
         assert responses[0].json()["choices"][0]["text"] == "ok from "
-        metrics = httpx.get(f"{server.url}/metrics").text
-        assert "deepseek_ratelimit_backend_errors_total 0.0" not in metrics
+        # each failed try of Redis counts once; after a failure Redis is left alone for 5 s before the next try
+        assert 1 <= backend_errors(server) - errors_before <= 1 + int(took / 5)
         history = httpx.get(f"{server.url}/v1/history", headers=headers)
         assert history.status_code == 503
         assert history.json()["error"]["code"] == "history_unavailable"
     finally:
         server.stop()
+
+
+def backend_errors(server: ServerThread) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return next(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == "deepseek_ratelimit_backend_errors_total")
 
 
 @pytest.fixture

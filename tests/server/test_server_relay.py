@@ -18,7 +18,9 @@ from deepseek_server.app import create_app
 from deepseek_server.settings import ServerSettings
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from server_harness import TOKENS_UID, ServerThread, free_port
+
+from devcluster.testing.model_server import TOKENS_UID, ServerThread
+from devcluster.testing.ports import free_port
 
 MODEL = "standin"
 
@@ -29,6 +31,7 @@ class StandInEngine:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.running = 0
+        self.waiting = 0
         self.aborted = 0
         self.app = FastAPI()
         app = self.app
@@ -43,7 +46,8 @@ class StandInEngine:
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(f"vllm:num_requests_running {self.running}\n")
+            return PlainTextResponse(f"vllm:num_requests_running {self.running}\n"
+                                     f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {self.waiting}\n')
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
@@ -205,6 +209,18 @@ def test_engine_metrics_through_the_gateway(gateway: ServerThread) -> None:
     response = httpx.get(f"{gateway.url}/metrics/engine", timeout=10)
     assert response.status_code == 200
     assert "vllm:num_requests_running" in response.text
+
+
+def test_queue_depth_is_the_engines_waiting_requests(standin: tuple[StandInEngine, ServerThread],
+                                                     gateway: ServerThread) -> None:
+    engine = standin[0]
+    try:
+        for waiting in (4, 0):
+            engine.waiting = waiting
+            text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+            assert f"deepseek_queue_depth {float(waiting)}" in text.splitlines()
+    finally:
+        engine.waiting = 0
 
 
 def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: Callable[..., str]) -> None:

@@ -24,7 +24,9 @@ import openai
 import pytest
 from deepseek_server.app import create_app
 from deepseek_server.settings import ServerSettings
-from server_harness import LIMITED_UID, TOKENS_UID, ServerThread, free_port
+
+from devcluster.testing.model_server import LIMITED_UID, TOKENS_UID, ServerThread
+from devcluster.testing.ports import free_port
 
 MODEL = "tiny-vllm"
 MAX_MODEL_LEN = 4096

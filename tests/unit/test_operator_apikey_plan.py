@@ -6,6 +6,7 @@ from deepseek_operator.apikey_plan import (
     apikey_conditions,
     build_grant,
     current_binding,
+    issue_event,
     live_token_expiry_by_kid,
     next_due,
     plan_apikey,
@@ -272,3 +273,54 @@ def test_revoking_covers_a_token_just_past_its_exp_that_servers_still_accept():
     key, token = issued(apikey(revoked=True))
     result = plan(key, token, now=NOW + 30 + 10)  # 10 s past exp: within the servers' leeway
     assert result.revoke == {"tok-1": NOW + 30}, "a token servers still accept was not revoked"
+
+
+def _annotated(key: dict, value: str) -> dict:
+    return {**key, "metadata": {**key["metadata"], "annotations": {"deepseek.ai/rotate": value}}}
+
+
+def _issue_as_planned(key: dict, result, *, token_id: str, at: int) -> tuple[dict, str]:
+    """The status the reconcile writes once the planned token is in the Secret."""
+    grant = build_grant(key, issuer(), token_id=token_id, now=at)
+    new_token = sign_token(grant, KEY)
+    pending = with_pending(result.status, grant=grant, token=new_token, signing_key_id=KEY.kid,
+                           reason=result.issue_reason, binding=current_binding(key, issuer()),
+                           previous_revoke_at=result.previous_revoke_at, rotation_request=result.rotation_request)
+    return {**key, "status": promote_pending(pending, 15)}, new_token
+
+
+def test_rotate_annotation_rotates_once_per_value_with_the_grace_period():
+    key, token = issued(apikey())
+    asked = _annotated(key, "2026-11-30T07:00:00Z")
+    result = plan(asked, token, now=NOW + 2)
+    assert result.issue_reason == "Requested" and result.rotation_request == "2026-11-30T07:00:00Z"
+    assert result.revoke == {} and result.previous_revoke_at == NOW + 12  # the old token keeps its grace
+    rotated, new_token = _issue_as_planned(asked, result, token_id="tok-2", at=NOW + 2)
+    assert rotated["status"]["rotationRequest"] == "2026-11-30T07:00:00Z"
+    assert [p["tokenId"] for p in rotated["status"]["previousTokens"]] == ["tok-1"]
+    # The same value again (every later reconcile): nothing more.
+    again = plan(rotated, new_token, now=NOW + 3)
+    assert again.issue_reason is None and again.rotation_request is None
+    # A new value: one more rotation.
+    assert plan(_annotated(rotated, "2026-11-30T07:05:00Z"), new_token, now=NOW + 4).issue_reason == "Requested"
+    assert issue_event("Requested", "tok-2", ts(NOW + 32), "alice-apikey").reason == "Rotated"
+
+
+def test_rotate_request_counts_as_done_only_when_its_token_reached_the_secret():
+    key, token = issued(apikey())
+    asked = _annotated(key, "now")
+    result = plan(asked, token, now=NOW + 2)
+    grant = build_grant(asked, issuer(), token_id="tok-2", now=NOW + 2)
+    crashed = with_pending(result.status, grant=grant, token=sign_token(grant, KEY), signing_key_id=KEY.kid,
+                           reason="Requested", binding=current_binding(asked, issuer()),
+                           previous_revoke_at=result.previous_revoke_at, rotation_request="now")
+    # The pending token never reached the Secret: it is revoked and the rotation is asked for again.
+    redo = plan({**asked, "status": crashed}, token, now=NOW + 3)
+    assert redo.revoke == {"tok-2": NOW + 32} and redo.issue_reason == "Requested"
+    assert "rotationRequest" not in redo.status
+
+
+def test_rotate_annotation_on_a_revoked_key_issues_nothing():
+    key, token = issued(apikey())
+    result = plan(_annotated({**key, "spec": {**key["spec"], "revoked": True}}, "now"), token, now=NOW + 2)
+    assert result.issue_reason is None and result.rotation_request is None and result.delete_secret

@@ -38,3 +38,11 @@ def test_in_cluster_login_uses_the_service_host_and_port_the_kubelet_sets():
     assert v6 is not None and v6.server == "https://[fd00::1]:443"
     assert in_cluster_service_account(info, {}) is info
     assert in_cluster_service_account(None, {"KUBERNETES_SERVICE_HOST": "h", "KUBERNETES_SERVICE_PORT": "1"}) is None
+
+
+def test_a_new_rotate_annotation_value_is_reconciled_a_done_one_is_not():
+    asked = body(generation=2, observed=2)
+    asked["metadata"]["annotations"] = {"deepseek.ai/rotate": "2026-11-30T07:00:00Z"}
+    assert needs_reconcile("MODIFIED", asked)
+    asked["status"]["rotationRequest"] = "2026-11-30T07:00:00Z"
+    assert not needs_reconcile("MODIFIED", asked)

@@ -3,7 +3,7 @@ import os
 import pytest
 from deepseek_operator import failpoints
 from deepseek_operator.kube import APIKEYS, SECRETS
-from deepseek_operator.names import apikey_secret_name, auth_configmap_name, base_url, signing_key_secret_name
+from deepseek_operator.names import apikey_secret_name, auth_configmap_name, base_url, legacy_signing_key_secret_name
 
 
 def test_paths_for_core_and_custom_resources():
@@ -13,7 +13,7 @@ def test_paths_for_core_and_custom_resources():
 
 
 def test_fixed_child_names():
-    assert signing_key_secret_name("chat") == "chat-signing-key" and auth_configmap_name("chat") == "chat-auth"
+    assert legacy_signing_key_secret_name("chat") == "chat-signing-key" and auth_configmap_name("chat") == "chat-auth"
     assert apikey_secret_name("alice", {}) == "alice-apikey"
     assert apikey_secret_name("alice", {"secretName": "creds"}) == "creds"
     assert base_url("team", "chat") == "http://chat.team.svc:8000/v1"

@@ -48,3 +48,15 @@ def test_vllm_gateway_args_parse_into_a_gateway_for_the_engine_on_loopback() -> 
     assert (settings.host, settings.port, settings.max_new_tokens) == ("0.0.0.0", 8000, 256)
     assert settings.redis_url == "redis://r:6379/0" and not settings.cache_enabled
     assert settings.auth_configmap == "team/chat-auth"
+
+
+@pytest.mark.parametrize("engine", [{}, {"engine": {"name": "vllm"}}])
+def test_cache_identity_args_parse_into_the_settings_that_key_the_cache(engine: dict[str, Any]) -> None:
+    settings = parsed(server_args(dsd(**engine), "3f2a9c01de"))
+    assert (settings.deployment, settings.model_revision) == ("team/chat", "3f2a9c01de")
+    assert settings.record_key is None  # it comes from the environment (a Secret), never from the command line
+
+
+def test_shutdown_grace_parses_into_the_servers_graceful_shutdown_time() -> None:
+    assert parsed(server_args(dsd(server={"precision": "bf16", "shutdownGraceSeconds": 90}))).shutdown_grace_s == 90
+    assert parsed(server_args(dsd(server={"precision": "bf16", "shutdownGraceSeconds": 0}))).shutdown_grace_s == 0

@@ -72,7 +72,7 @@ class FakeCoreV1:
         self.events.put((json.dumps({"type": kind, "object": obj}) + "\n").encode())
 
 
-def wait_for(predicate: Any, timeout: float = 3.0) -> bool:
+def wait_for(predicate: Any, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -102,15 +102,18 @@ def test_get_then_watch_then_recover_from_gone() -> None:
         core.push("MODIFIED", {"metadata": {"name": "chat-auth", "resourceVersion": "3"},
                                "data": {"config.json": "{broken"}})
         core.push("DELETED", {"metadata": {"name": "chat-auth", "resourceVersion": "4"}})
-        time.sleep(0.2)
-        assert len(states) == 2  # a broken or deleted ConfigMap keeps the last good state
+        # events are handled in order: once the next good one applies, the two before it were seen and skipped
+        core.push("MODIFIED", {"metadata": {"name": "chat-auth", "resourceVersion": "5"},
+                               "data": configmap_data(5, {"jti-1": 99, "jti-2": 77})})
+        assert wait_for(lambda: len(states) == 3)
+        assert states[2].generation == 5 and states[2].revoked == {"jti-1": 99, "jti-2": 77}
 
         # history compacted: the source starts over with a fresh GET
         core.current = V1ConfigMap(metadata=V1ObjectMeta(name="chat-auth", resource_version="9"),
                                    data=configmap_data(9, {}))
         core.push("ERROR", {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"})
-        assert wait_for(lambda: len(states) == 3)
-        assert states[2].generation == 9 and core.gets >= 2
+        assert wait_for(lambda: len(states) == 4)
+        assert states[3].generation == 9 and core.gets >= 2
     finally:
         source._stop.set()
         core.events.put(None)  # end the open watch so the thread sees the stop

@@ -169,11 +169,15 @@ async def test_response_cache_ttl_and_lru(monkeypatch: pytest.MonkeyPatch) -> No
 
     now = [1000.0]
     monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
-    cache = ResponseCache(ttl_s=10, max_entries=2)
-    await cache.put("a", {"v": 1})
-    await cache.put("b", {"v": 2})
-    assert await cache.get("a") == {"v": 1}  # "a" is now the most recent
-    await cache.put("c", {"v": 3})  # evicts the least recent: "b"
-    assert await cache.get("b") is None and await cache.get("c") == {"v": 3}
+    from deepseek_server.auth.tokens import Principal
+    from deepseek_server.request_keys import RequestKeys
+
+    caller = Principal(uid="u", subject="s", token_id="t", scopes=frozenset(), env="dev", expires_at=0)
+    cache = ResponseCache(ttl_s=10, keys=RequestKeys(b"k" * 32), max_entries=2)
+    await cache.put("a", {"v": 1}, caller)
+    await cache.put("b", {"v": 2}, caller)
+    assert await cache.get("a", caller) == {"v": 1}  # "a" is now the most recent
+    await cache.put("c", {"v": 3}, caller)  # evicts the least recent: "b"
+    assert await cache.get("b", caller) is None and await cache.get("c", caller) == {"v": 3}
     now[0] += 11
-    assert await cache.get("a") is None  # past its TTL
+    assert await cache.get("a", caller) is None  # past its TTL

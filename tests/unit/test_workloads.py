@@ -135,9 +135,30 @@ def test_model_sources() -> None:
 def test_redis_secret_ref_becomes_env() -> None:
     container = build_deployment(dsd(redis={"secretRef": {"name": "redis", "key": "url"}}), "blue", "r", 1)[
         "spec"]["template"]["spec"]["containers"][0]
-    assert [e for e in container["env"] if e["name"] != "HOME"] == [
+    assert [e for e in container["env"] if e["name"] not in ("HOME", "DEEPSEEK_RECORD_KEY")] == [
         {"name": "DEEPSEEK_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}]
     assert not any(a.startswith("redis://") for a in container["args"])
+
+
+@pytest.mark.parametrize("spec", [{}, {"engine": {"name": "vllm"}}])
+def test_server_cache_is_keyed_by_deployment_and_revision_with_the_record_key_from_a_secret(
+        spec: dict[str, Any]) -> None:
+    from deepseek_operator.workloads import build_record_key_secret
+
+    resource = dsd(**spec)
+    revision = compute_revision(resource["spec"])
+    container = build_deployment(resource, "green", revision, 1)["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(container["args"])
+    assert "--deployment team/chat" in args and f"--model-revision {revision}" in args
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["DEEPSEEK_RECORD_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "chat-record-key", "key": "record-key"}
+    assert "record" not in args  # the key itself never on the command line
+    secret = build_record_key_secret(resource, "k" * 43)
+    assert secret["metadata"]["name"] == ref["name"] and secret["stringData"] == {ref["key"]: "k" * 43}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == resource["metadata"]["uid"]
+    other = build_deployment(resource, "blue", "another", 1)["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-revision another" in " ".join(other["args"])
 
 
 def test_scheduling_is_copied() -> None:
@@ -182,13 +203,14 @@ def test_vllm_pod_runs_the_engine_next_to_the_gateway() -> None:
     assert engine["args"] == [
         "/models/model", "--host", "127.0.0.1", "--port", "8001",
         "--served-model-name", "deepseek-ai/deepseek-llm-7b-chat", "--tensor-parallel-size", "2",
-        "--dtype", "bfloat16", "--max-num-seqs", "64", "--max-model-len", "16384", "--enable-prefix-caching"]
+        "--dtype", "bfloat16", "--max-num-seqs", "64", "--max-model-len", "16384", "--enable-prefix-caching",
+        "--override-generation-config", '{"max_new_tokens":1024}', "--shutdown-timeout", "30"]
     assert gateway["image"] == "registry.example/deepseek-server:1.0"
     assert gateway["args"] == [
         "serve", "--engine", "vllm", "--engine-url", "http://127.0.0.1:8001",
         "--model-name", "deepseek-ai/deepseek-llm-7b-chat", "--host", "0.0.0.0", "--port", "8000",
         "--auth-configmap", "team/chat-auth", "--max-new-tokens", "1024", "--cache-ttl", "60",
-        "--redis-url", "redis://r:6379/0"]
+        "--deployment", "team/chat", "--model-revision", "r", "--redis-url", "redis://r:6379/0"]
     # The GPUs (and the memory the weights need) belong to vLLM; only the gateway has a port.
     assert engine["resources"] == {"requests": {"nvidia.com/gpu": "2", "memory": "80Gi", "cpu": "16"},
                                    "limits": {"nvidia.com/gpu": "2", "memory": "80Gi"}}
@@ -245,7 +267,9 @@ def test_vllm_optional_args_prefix_caching_extra_args_and_env() -> None:
                             "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
                                     {"name": "HF_HUB_OFFLINE", "value": "0"}]})
     engine = containers(build_deployment(spec, "blue", "r", 1))["engine"]
-    assert engine["args"][-3:] == ["--no-enable-prefix-caching", "--gpu-memory-utilization", "0.85"]
+    assert engine["args"][-7:] == ["--no-enable-prefix-caching", "--override-generation-config",
+                                   '{"max_new_tokens":512}', "--shutdown-timeout", "30", "--gpu-memory-utilization",
+                                   "0.85"]
     assert [e for e in engine["env"] if e["name"] != "HOME"] == [{"name": "VLLM_NO_USAGE_STATS", "value": "1"},
                              {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
                              {"name": "HF_HUB_OFFLINE", "value": "0"}]
@@ -310,6 +334,18 @@ def test_pods_keep_serving_until_their_endpoints_are_gone(spec: dict[str, Any]) 
     assert all("lifecycle" not in c for c in pod.get("initContainers") or [])
     server_grace = ServerSettings.model_fields["shutdown_grace_s"].default
     assert pod["terminationGracePeriodSeconds"] >= max(sleeps) + server_grace
+
+
+def test_shutdown_grace_reaches_the_server_and_the_pods_grace_period() -> None:
+    default = build_deployment(dsd(), "blue", "r", 1)["spec"]["template"]["spec"]
+    assert "--shutdown-grace-s" not in default["containers"][0]["args"]  # unchanged pods for specs without it
+    spec = dsd(server={"precision": "bf16", "shutdownGraceSeconds": 120})
+    pod = build_deployment(spec, "blue", "r", 1)["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--shutdown-grace-s") + 1] == "120"
+    sleep = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] == sleep + 120 > default["terminationGracePeriodSeconds"]
+    assert compute_revision(spec["spec"]) != compute_revision(dsd()["spec"])  # new pods: a rollout
 
 
 def test_services_select_color_and_revision_and_only_ready_pods() -> None:

@@ -49,7 +49,8 @@ Every verb here is one the operator's code calls (operator/deepseek_operator/kub
 - apiGroups: [deepseek.ai]
   resources: [deepseekdeployments/finalizers, apikeys/finalizers]
   verbs: [update]
-# Signing keys and ApiKey Secrets: read, written and deleted by name only; never listed, watched or patched.
+# ApiKey Secrets: read, written and deleted by name only; never listed, watched or patched. (Signing keys are in
+# the operator's own namespace; an old-layout `<deployment>-signing-key` here is read once, moved, deleted.)
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, update, delete]

@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from ..apikey_plan import rotation_request
 from ..names import FINALIZER, GROUP, VERSION
 from ..runtime import OperatorRuntime
 
@@ -20,7 +21,8 @@ PLURAL = "apikeys"
 
 
 def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
-    """Whether a watch event asks for a reconcile (pure); status-only changes (our own writes) do not."""
+    """Whether a watch event asks for a reconcile (pure); status-only changes (our own writes) do not, a new value
+    of the rotate annotation (which changes no generation) does."""
     if event_type == "DELETED":
         return False
     if event_type is None:  # the initial listing after a start: resume every key (due times live in status)
@@ -31,7 +33,7 @@ def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     if meta.get("deletionTimestamp"):
         return FINALIZER in finalizers
     return (FINALIZER not in finalizers or status.get("observedGeneration") != meta.get("generation")
-            or "pendingToken" in status)
+            or "pendingToken" in status or rotation_request(body) is not None)
 
 
 def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:

@@ -31,14 +31,26 @@ class EngineCapabilities:
     text: frozenset[str]
     relays_openai: bool = False
     own_metrics: bool = False
+    # fields a chat message may carry besides role and content; None: any, relayed as sent
+    message_fields: frozenset[str] | None = frozenset({"name"})
 
     def parameters(self, kind: str) -> frozenset[str]:
         return self.chat if kind == "chat" else self.text
 
 
-# The engine in this process: no logprobs, echo or suffix; penalties are accepted as OpenAI's neutral defaults.
+# The engine in this process: penalties, logit bias, log-probabilities and JSON output (json_object and
+# json_schema, enforced while decoding); no tools, echo or suffix.
+_BUILTIN_SAMPLING = frozenset({"logit_bias", "logprobs", "response_format"})
 BUILTIN = EngineCapabilities(
     name="builtin",
+    chat=_COMMON | _BUILTIN_SAMPLING | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs"},
+    text=_COMMON | _BUILTIN_SAMPLING | {"prompt", "max_tokens"},
+)
+
+# An engine with no model (for measuring the API layer): a fixed reply; it cannot honour anything that shapes
+# tokens, so those are refused.
+NO_MODEL = EngineCapabilities(
+    name="noop",
     chat=_COMMON | {"messages", "max_tokens", "max_completion_tokens"},
     text=_COMMON | {"prompt", "max_tokens"},
 )
@@ -62,6 +74,7 @@ VLLM = EngineCapabilities(
     text=_COMMON | _VLLM_SAMPLING | {"prompt", "max_tokens"},
     relays_openai=True,
     own_metrics=True,
+    message_fields=None,
 )
 
 
@@ -89,3 +102,17 @@ def reject_unsupported(capabilities: EngineCapabilities, kind: str, body: BaseMo
             raise APIError(400, f"The parameter '{name}' is not supported by this server's engine "
                            f"({capabilities.name}). Remove it from the request.", param=name,
                            code="unsupported_parameter")
+
+
+def reject_unsupported_message_fields(capabilities: EngineCapabilities, messages: list[BaseModel]) -> None:
+    """400 `unsupported_parameter` naming the first message field (e.g. `messages[2].tool_calls`) the engine does
+    not honour."""
+    if capabilities.message_fields is None:
+        return
+    for index, message in enumerate(messages):
+        for name, value in (message.model_extra or {}).items():
+            if name not in capabilities.message_fields and value is not None:
+                param = f"messages[{index}].{name}"
+                raise APIError(400, f"The parameter '{param}' is not supported by this server's engine "
+                               f"({capabilities.name}). Remove it from the request.", param=param,
+                               code="unsupported_parameter")

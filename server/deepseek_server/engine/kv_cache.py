@@ -57,6 +57,11 @@ class GrowingLayer(DynamicLayer):
 
     def join(self, other: GrowingLayer) -> None:
         """Append `other`'s rows; the shorter side is left-padded with zeros to the common length."""
+        self.commit_join(self.prepare_join(other))
+
+    def prepare_join(self, other: GrowingLayer) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The joined buffers, without changing this layer: a batch joins all its layers or none (an allocation
+        that fails half-way leaves every layer as it was)."""
         length = max(self.length, other.length)
         rows = self._key_buffer.shape[0]
         keys = _buffer_like(self._key_buffer, length + spare_columns(length), rows + other._key_buffer.shape[0])
@@ -66,7 +71,15 @@ class GrowingLayer(DynamicLayer):
             assert mine is not None and theirs is not None
             _place(buffer[:rows], mine, length)
             _place(buffer[rows:], theirs, length)
-        self._key_buffer, self._value_buffer, self.length = keys, values, length
+        return keys, values, length
+
+    def commit_join(self, joined: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        self._key_buffer, self._value_buffer, self.length = joined
+        self._expose()
+
+    def truncate(self, length: int) -> None:
+        """Forget columns past `length` (undo a step that failed part-way through the layers)."""
+        self.length = min(self.length, length)
         self._expose()
 
     def select(self, rows: torch.Tensor) -> None:
@@ -116,3 +129,25 @@ def _place(target: torch.Tensor, source: torch.Tensor, length: int) -> None:
     if pad:
         target[:, :, :pad].zero_()
     target[:, :, pad:length] = source
+
+
+def kv_bytes_per_token(config: object, element_size: int) -> int:
+    """Bytes one token's keys and values take across all layers (multi-head latent attention caches its full
+    per-head keys and values, as transformers does)."""
+    layers = int(getattr(config, "num_hidden_layers", 1))
+    heads = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1))
+    nope, rope = getattr(config, "qk_nope_head_dim", None), getattr(config, "qk_rope_head_dim", None)
+    if nope is not None and rope is not None:  # DeepSeek-V3 style attention
+        key_dim = int(nope) + int(rope)
+        value_dim = int(getattr(config, "v_head_dim", key_dim))
+    else:
+        key_dim = value_dim = int(getattr(config, "head_dim", None)
+                                  or int(getattr(config, "hidden_size", 64)) // int(getattr(config,
+                                                                                            "num_attention_heads", 1)))
+    return layers * heads * (key_dim + value_dim) * element_size
+
+
+def kv_tokens_for_memory(free_bytes: int, per_token: int) -> int:
+    """Tokens the KV cache may hold in `free_bytes`: a buffer's spare columns add up to a quarter, and a tenth of
+    the memory is left for activations."""
+    return max(0, int(free_bytes * 0.9 / 1.25) // max(per_token, 1))

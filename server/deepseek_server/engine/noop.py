@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from deepseek_server.engine.base import FinishReason, GenerationRequest, GenerationResult, GenerationStream, TextDelta
+from deepseek_server.engine.capabilities import NO_MODEL
 
 _REPLY = ("ok ", "from ", "the ", "no-op ", "engine ")
 
 
 class NoopEngine:
     """Tokens are whitespace-separated words; generation yields `_REPLY` cut to max_new_tokens."""
+
+    capabilities = NO_MODEL
 
     def __init__(self, model_name: str = "noop", max_model_len: int = 4096, max_new_tokens: int = 256) -> None:
         self.model_name = model_name

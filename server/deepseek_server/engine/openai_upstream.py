@@ -1,4 +1,4 @@
-"""An OpenAI-compatible engine server (vLLM) on localhost, spoken to over one pooled HTTP/1.1 client.
+"""An OpenAI-compatible engine server (vLLM) on localhost, spoken to over pooled HTTP/1.1 connections.
 
 Readiness is checked, not assumed: the engine is ready once its /health answers *and* a one-token completion for the
 served model came back through the same client; losing health (or a refused connection on a request) makes it
@@ -12,28 +12,33 @@ import contextlib
 import json
 import logging
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from deepseek_server.engine.capabilities import VLLM, EngineCapabilities
+from deepseek_server.engine.engine_http import EngineConnectionError, EngineHTTPClient, EngineResponse, EngineTimeout
 from deepseek_server.errors import APIError
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
+WAITING_METRIC = b"vllm:num_requests_waiting"
 WARM_PROMPT = "Hello"
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
 # never reused at the moment the engine closes it.
 KEEPALIVE_EXPIRY_S = 4.0
 
 # Connection-level failures: the engine is gone or restarting, not a fault of the request.
-UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-               httpx.WriteError, httpx.PoolTimeout)
+UNREACHABLE = (EngineConnectionError,)
 
 
 def engine_unavailable(reason: str) -> APIError:
     return APIError(503, f"The inference engine is not available ({reason}); retry shortly.", type="server_error",
                     code="engine_unavailable", headers={"retry-after": RETRY_AFTER_S})
+
+
+def engine_timeout(read_timeout_s: float) -> APIError:
+    return APIError(504, f"The inference engine did not answer within {read_timeout_s:g} s.", type="server_error",
+                    code="engine_timeout")
 
 
 def engine_error(status: int, content: bytes) -> APIError:
@@ -56,11 +61,20 @@ def engine_error(status: int, content: bytes) -> APIError:
     return APIError(502, f"The inference engine failed: {message}", type="server_error", code="engine_error")
 
 
+def waiting_requests(exposition: bytes) -> int:
+    """The sum of vLLM's `vllm:num_requests_waiting` samples in a Prometheus text exposition."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith(WAITING_METRIC) and line[len(WAITING_METRIC):len(WAITING_METRIC) + 1] in (b"{", b" "):
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(b" ", 1)[1])
+    return int(total)
+
+
 class OpenAIUpstreamEngine:
     """Relays OpenAI requests to an engine server; the gateway around it is the same as for the builtin engine."""
 
     capabilities: EngineCapabilities = VLLM
-    queue_depth = 0  # the engine queues; its own metrics (GET /metrics/engine) show how deep
 
     def __init__(self, base_url: str, model_name: str, *, max_new_tokens: int, connect_timeout_s: float = 1.0,
                  read_timeout_s: float = 600.0, probe_interval_s: float = 1.0,
@@ -76,8 +90,11 @@ class OpenAIUpstreamEngine:
         self.not_ready_reason: str | None = "the engine has not been checked yet"
         # the engine's `system_fingerprint` (JSON-encoded), learned from the test completion; see relay.py
         self.system_fingerprint: bytes | None = None
+        # requests the engine holds but does not run yet (vLLM's `vllm:num_requests_waiting`), read on each
+        # scrape of the gateway's /metrics (`refresh_queue_depth`)
+        self.queue_depth = 0
         self._ready = False
-        self._client: httpx.AsyncClient | None = None
+        self._client: EngineHTTPClient | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._recheck = asyncio.Event()
 
@@ -86,21 +103,19 @@ class OpenAIUpstreamEngine:
         return self._ready
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> EngineHTTPClient:
         if self._client is None:
             raise engine_unavailable("the gateway is not started")
         return self._client
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=httpx.Timeout(connect=self.connect_timeout_s, read=self.read_timeout_s, write=30.0,
-                                      pool=self.connect_timeout_s),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                                    keepalive_expiry=KEEPALIVE_EXPIRY_S),
-                trust_env=False,  # the engine is on localhost: never through a proxy from the environment
-            )
+            address = urlsplit(self.base_url)
+            if address.scheme != "http" or not address.hostname:
+                raise ValueError(f"the engine URL must be http://HOST:PORT, not {self.base_url!r}")
+            self._client = EngineHTTPClient(address.hostname, address.port or 80,
+                                            connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
+                                            keepalive_expiry=KEEPALIVE_EXPIRY_S)
         self._recheck = asyncio.Event()
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch(), name="engine-readiness")
@@ -114,7 +129,7 @@ class OpenAIUpstreamEngine:
                 await self._monitor
             self._monitor = None
         if self._client is not None:
-            await self._client.aclose()
+            self._client.close()
             self._client = None
 
     def lost(self, reason: str) -> None:
@@ -146,12 +161,20 @@ class OpenAIUpstreamEngine:
         self._ready = ready
         self.not_ready_reason = reason
 
-    async def _probe(self) -> None:
-        timeout = self.connect_timeout_s + 2.0
+    async def _fetch(self, method: str, path: str, body: bytes = b"", *, timeout: float) -> EngineResponse:
+        """A whole answer (status, headers, body) for the gateway's own calls: probes, warm-up, metrics."""
+        response = await self.client.request(method, path, body, timeout=timeout)
         try:
-            health = await self.client.get("/health", timeout=timeout)
-        except httpx.HTTPError as exc:
-            self._mark(False, f"engine at {self.base_url} unreachable: {type(exc).__name__}")
+            await asyncio.wait_for(response.aread(), timeout)
+        finally:
+            await response.aclose()
+        return response
+
+    async def _probe(self) -> None:
+        try:
+            health = await self._fetch("GET", "/health", timeout=self.connect_timeout_s + 2.0)
+        except (EngineConnectionError, EngineTimeout) as exc:
+            self._mark(False, f"engine at {self.base_url} unreachable: {exc}")
             return
         if health.status_code != 200:
             self._mark(False, f"engine health check answered {health.status_code}")
@@ -162,7 +185,7 @@ class OpenAIUpstreamEngine:
 
     async def _warm(self) -> None:
         """Ready only after the served model is listed and answered a one-token completion."""
-        models = await self.client.get("/v1/models", timeout=self.connect_timeout_s + 5.0)
+        models = await self._fetch("GET", "/v1/models", timeout=self.connect_timeout_s + 5.0)
         if models.status_code != 200:
             self._mark(False, f"engine /v1/models answered {models.status_code}")
             return
@@ -172,8 +195,8 @@ class OpenAIUpstreamEngine:
                               "equal the engine's served model name")
             return
         self.max_model_len = int(cards[self.model_name].get("max_model_len") or 0)
-        answer = await self.client.post("/v1/completions", timeout=60.0, json={
-            "model": self.model_name, "prompt": WARM_PROMPT, "max_tokens": 1, "temperature": 0})
+        test = {"model": self.model_name, "prompt": WARM_PROMPT, "max_tokens": 1, "temperature": 0}
+        answer = await self._fetch("POST", "/v1/completions", json.dumps(test).encode(), timeout=60.0)
         if answer.status_code != 200 or not answer.json().get("choices"):
             self._mark(False, f"the engine's test completion answered {answer.status_code}: {answer.text[:200]}")
             return
@@ -181,30 +204,37 @@ class OpenAIUpstreamEngine:
         self.system_fingerprint = json.dumps(fingerprint).encode() if isinstance(fingerprint, str) else None
         self._mark(True, None)
 
-    async def _send(self, path: str, content: bytes, *, stream: bool) -> httpx.Response:
+    async def _send(self, path: str, content: bytes) -> EngineResponse:
         """POST a relayed call: unreachable -> 503 (and re-check readiness), too slow -> 504."""
-        request = self.client.build_request("POST", path, content=content,
-                                            headers={"content-type": "application/json"})
         try:
-            return await self.client.send(request, stream=stream)
-        except UNREACHABLE as exc:
-            self.lost(f"{type(exc).__name__} talking to {self.base_url}")
-            raise engine_unavailable(type(exc).__name__) from exc
-        except httpx.TimeoutException as exc:
-            raise APIError(504, f"The inference engine did not answer within {self.read_timeout_s:g} s.",
-                           type="server_error", code="engine_timeout") from exc
+            return await self.client.request("POST", path, content)
+        except EngineConnectionError as exc:
+            self.lost(f"{exc} ({self.base_url})")
+            raise engine_unavailable(str(exc)) from exc
+        except EngineTimeout as exc:
+            raise engine_timeout(self.read_timeout_s) from exc
 
-    async def post(self, path: str, content: bytes) -> httpx.Response:
-        """A non-streamed call; the caller maps a non-200 status with `engine_error`."""
-        return await self._send(path, content, stream=False)
+    async def post(self, path: str, content: bytes) -> EngineResponse:
+        """A non-streamed call, its body read; the caller maps a non-200 status with `engine_error`."""
+        response = await self._send(path, content)
+        try:
+            await response.aread()
+        except EngineConnectionError as exc:
+            self.lost(f"{exc} ({self.base_url})")
+            raise engine_unavailable(str(exc)) from exc
+        except EngineTimeout as exc:
+            raise engine_timeout(self.read_timeout_s) from exc
+        finally:
+            await response.aclose()  # cancelled (client gone): drops the connection, and the engine aborts
+        return response
 
-    async def open_stream(self, path: str, content: bytes) -> httpx.Response:
+    async def open_stream(self, path: str, content: bytes) -> EngineResponse:
         """Send a streamed call and return once the engine's status and headers are in (body not yet read).
 
         The caller must `aclose()` the response; closing it before the end drops the connection, which is how
         the engine learns that the client left and aborts the request.
         """
-        response = await self._send(path, content, stream=True)
+        response = await self._send(path, content)
         if response.status_code != 200:
             try:
                 content = await response.aread()
@@ -216,12 +246,20 @@ class OpenAIUpstreamEngine:
     async def scrape_metrics(self) -> tuple[bytes, str]:
         """The engine's own Prometheus exposition (body, content type)."""
         try:
-            response = await self.client.get("/metrics", timeout=self.connect_timeout_s + 5.0)
-        except httpx.HTTPError as exc:
-            raise engine_unavailable(f"metrics: {type(exc).__name__}") from exc
+            response = await self._fetch("GET", "/metrics", timeout=self.connect_timeout_s + 5.0)
+        except (EngineConnectionError, EngineTimeout) as exc:
+            raise engine_unavailable(f"metrics: {exc}") from exc
         if response.status_code != 200:
             raise engine_error(response.status_code, response.content)
         return response.content, response.headers.get("content-type", "text/plain; version=0.0.4")
+
+    async def refresh_queue_depth(self) -> None:
+        """Read how many requests wait in the engine's queue from its metrics; unchanged when it cannot answer."""
+        try:
+            body, _ = await self.scrape_metrics()
+        except APIError:
+            return
+        self.queue_depth = waiting_requests(body)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         raise NotImplementedError("the engine tokenizes relayed requests itself")

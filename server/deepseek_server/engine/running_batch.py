@@ -54,8 +54,11 @@ class BatchTensors:
         """Append `other`'s rows (both caches must be joinable)."""
         length = max(self.mask.shape[1], other.mask.shape[1])
         mine, theirs = length - self.mask.shape[1], length - other.mask.shape[1]
-        for layer, incoming in zip(self.cache.layers, other.cache.layers, strict=True):
-            layer.join(incoming)
+        # allocate every layer's joined buffers first: running out of memory here leaves the batch untouched
+        joined = [layer.prepare_join(incoming)
+                  for layer, incoming in zip(self.cache.layers, other.cache.layers, strict=True)]
+        for layer, buffers in zip(self.cache.layers, joined, strict=True):
+            layer.commit_join(buffers)
         self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
         self.positions = torch.cat([self.positions, other.positions])
         self.logits = torch.cat([self.logits, other.logits])
@@ -69,6 +72,21 @@ class BatchTensors:
         self.positions = self.positions.index_select(0, index.to(self.positions.device))
         self.logits = self.logits.index_select(0, index.to(self.logits.device))
         self.crop_padding()
+
+    def step_mark(self) -> list[int] | None:
+        """Where each layer's cache ends now (None when the layers cannot be rolled back), for `roll_back`."""
+        layers = self.cache.layers
+        if not all(isinstance(layer, GrowingLayer) for layer in layers):
+            return None
+        return [layer.length for layer in layers]
+
+    def roll_back(self, mark: list[int]) -> None:
+        """Undo a decode step that failed part-way: each layer forgets what it wrote past `mark`; the mask and
+        positions return to before the step."""
+        for layer, length in zip(self.cache.layers, mark, strict=True):
+            layer.truncate(length)
+        self.mask = self.mask[:, :-1]
+        self.positions = self.positions - 1
 
     def crop_padding(self) -> None:
         used = self.mask.any(dim=0).nonzero()

@@ -55,3 +55,28 @@ def sample_rows(
         for r, token in zip(pooled, tokens, strict=True):
             picked[r] = int(token)
     return picked
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: subtract `frequency` per time a token was generated and
+    `presence` once if it was generated at all. `counts`: how often each token id appeared in the output so far."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def bias(logits: torch.Tensor, logit_bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each (token id, bias) pair to the logits; -100 effectively bans a token and 100 all but forces it."""
+    if not logit_bias:
+        return logits
+    ids = torch.tensor([token for token, _ in logit_bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([value for _, value in logit_bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, values)
+
+
+def top_logprobs(logits: torch.Tensor, token: int, alternatives: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under softmax(logits), and the `alternatives` most likely (id, logprob)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = float(logprobs[token].item())
+    if alternatives <= 0:
+        return chosen, []
+    values, ids = torch.topk(logprobs, min(alternatives, int(logprobs.shape[-1])))
+    return chosen, [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

@@ -3,7 +3,8 @@
 Requests: GCRA. Each request pushes the key's theoretical arrival time (TAT) by 1/rps; a request is admitted while
 TAT - now stays within capacity/rps, so an idle key may send `capacity` requests at once, then `rps` per second.
 Tokens: the same idea in "debt" form. A request is admitted while fewer than `tpm` tokens are outstanding in the
-last minute; its actual usage is charged when it ends (so one request may overshoot the budget once).
+last minute, and reserves what it may use (prompt + max_tokens) at once; when it ends, the unused part is refunded.
+So requests running in parallel cannot together overshoot the budget by more than one request's reservation.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def check_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> tupl
 
 
 def charge_tokens(token_tat: float | None, now: float, used: int, limits: KeyLimits) -> float | None:
-    """The token TAT after `used` tokens were spent."""
+    """The token TAT after `used` tokens were spent (negative: refunded, never below `now`)."""
     if limits.tpm is None:
         return token_tat
-    return max(token_tat or now, now) + used * TOKEN_WINDOW_S / limits.tpm
+    return max(max(token_tat or now, now) + used * TOKEN_WINDOW_S / limits.tpm, now)
 
 
 def remaining_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> int | None:

@@ -6,10 +6,16 @@ until Redis answers again, while the service stays up. Each fallback is counted 
 `deepseek_ratelimit_backend_errors_total`, logged (at most every 10 s), and marked on responses with the header
 `x-ratelimit-backend: memory-fallback`. Redis is retried after `retry_redis_after_s` seconds, so an outage costs one
 connect timeout per period, not one per request.
+
+A request reserves prompt + max_tokens of its key's tokens-per-minute budget at admission (`reserve_tokens`) and
+refunds the unused part at release. A Redis `parallel` slot is a short lease that a background task renews while the
+request runs. With limits in memory, release is a plain function call (`release_now`): nothing to await, so nothing
+to shield from cancellation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +36,13 @@ class Lease:
     uid: str
     limits: KeyLimits
     decision: Decision
+    reserved: int = 0
+    renewal: asyncio.Task[None] | None = None
+
+    @property
+    def needs_io(self) -> bool:
+        """Whether releasing it talks to Redis (then the caller must let the release finish when cancelled)."""
+        return self.decision.allowed and self.decision.backend == "redis"
 
 
 class RateLimiter:
@@ -51,24 +64,54 @@ class RateLimiter:
             self._last_log = now
             log.warning("rate limits: Redis unreachable (%s); enforcing per-replica limits in memory", exc)
 
-    async def acquire(self, uid: str, limits: KeyLimits) -> Lease:
+    async def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Lease:
+        """Admit one request of `uid`, reserving `reserve_tokens` (prompt + max_tokens) of its token budget.
+
+        `hold=False` admits a request that is answered at once (from the cache): it counts against the request
+        rate and is refused when the parallel slots are full, but takes no slot, so it has nothing to release."""
+        reserve = reserve_tokens if limits.tpm is not None else 0
         if self.redis is not None and time.monotonic() >= self._redis_down_until:
             try:
-                return Lease(uid, limits, await self.redis.acquire(uid, limits))
+                decision = await self.redis.acquire(uid, limits, reserve, hold)
             except Exception as exc:  # redis.RedisError, OSError, timeouts: all mean "unreachable"
                 self._redis_failed(exc)
-        decision = self.memory.acquire(uid, limits)
+            else:
+                lease = Lease(uid, limits, decision, reserve if decision.allowed else 0)
+                if decision.allowed and hold and limits.parallel is not None:
+                    lease.renewal = asyncio.get_running_loop().create_task(self._renew(lease))
+                return lease
+        decision = self.memory.acquire(uid, limits, reserve, hold)
         if self.redis is not None:
             decision.extra_headers["x-ratelimit-backend"] = "memory-fallback"
-        return Lease(uid, limits, decision)
+        return Lease(uid, limits, decision, reserve if decision.allowed else 0)
 
-    async def release(self, lease: Lease, tokens_used: int) -> None:
-        if not lease.decision.allowed:
-            return
-        if lease.decision.backend == "redis" and self.redis is not None:
+    async def _renew(self, lease: Lease) -> None:
+        """Keep the lease's parallel slot while its request runs; a failed renewal is retried next period."""
+        assert self.redis is not None
+        while True:
+            await asyncio.sleep(self.redis.renew_every_s)
             try:
-                await self.redis.release(lease.uid, lease.limits, lease.decision.lease_id, tokens_used)
+                if not await self.redis.renew(lease.uid, lease.decision.lease_id):
+                    log.warning("rate limits: a parallel-request lease of %s expired before renewal", lease.uid)
+                    return
             except Exception as exc:
                 self._redis_failed(exc)
+
+    def release_now(self, lease: Lease, tokens_used: int) -> None:
+        """Release a lease held in memory (see `Lease.needs_io`)."""
+        if lease.decision.allowed and lease.decision.backend == "memory":
+            self.memory.release(lease.uid, lease.limits, tokens_used, lease.reserved)
+
+    async def release(self, lease: Lease, tokens_used: int) -> None:
+        """End an admitted request: stop renewing its slot, free it, and settle its tokens against the reservation."""
+        if lease.renewal is not None:
+            lease.renewal.cancel()
+            lease.renewal = None
+        if not lease.needs_io:
+            self.release_now(lease, tokens_used)
             return
-        self.memory.release(lease.uid, lease.limits, tokens_used)
+        assert self.redis is not None
+        try:
+            await self.redis.release(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, lease.reserved)
+        except Exception as exc:
+            self._redis_failed(exc)

@@ -21,7 +21,9 @@ class MemoryLimitStore:
         self._token_tat: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
 
-    def acquire(self, uid: str, limits: KeyLimits) -> Decision:
+    def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
+        """Admit one request and reserve `reserve_tokens` of its tokens-per-minute budget (`hold=False`: answered at
+        once, no parallel slot taken)."""
         with self._lock:
             now = self.clock()
             tat, token_tat = self._request_tat.get(uid), self._token_tat.get(uid)
@@ -44,16 +46,23 @@ class MemoryLimitStore:
             else:
                 decision.allowed = True
                 self._request_tat[uid] = request.new_tat
-                self._in_flight[uid] = in_flight + 1
+                if hold:
+                    self._in_flight[uid] = in_flight + 1
+                reserved_tat = gcra.charge_tokens(token_tat, now, reserve_tokens, limits) if reserve_tokens else None
+                if reserved_tat is not None:
+                    self._token_tat[uid] = reserved_tat
+                    decision.remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)
+                    decision.reset_tokens_s = gcra.tokens_outstanding(reserved_tat, now)
             stored = self._request_tat.get(uid)
             decision.remaining_requests = gcra.remaining_requests(stored, now, limits)
             decision.reset_requests_s = max((stored or now) - now, 0.0)
             return decision
 
-    def release(self, uid: str, limits: KeyLimits, tokens_used: int) -> None:
+    def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
+        """End one request: charge what it used beyond its reservation, or refund the unused rest."""
         with self._lock:
             self._in_flight[uid] = max(self._in_flight.get(uid, 0) - 1, 0)
-            if tokens_used > 0:
-                charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used, limits)
+            if tokens_used != reserved:
+                charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used - reserved, limits)
                 if charged is not None:
                     self._token_tat[uid] = charged

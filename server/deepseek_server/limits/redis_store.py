@@ -1,8 +1,9 @@
 """Rate-limit state shared by all replicas in Redis, checked and updated atomically by Lua scripts.
 
 The scripts mirror `deepseek_server.limits.gcra` and use Redis's own clock (TIME), so replicas with skewed clocks
-still agree. Parallel requests are members of a sorted set scored by a lease expiry, so a replica that dies with
-requests in flight does not hold the slots for longer than the lease.
+still agree. Parallel requests are members of a sorted set scored by a lease expiry. Leases are short and renewed
+(`renew`, every third of a lease) while their request runs, so a stream may run for hours, while a replica that dies
+with requests in flight, or a release lost in a Redis blip, holds the slots for one lease at most.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ local per_token = tonumber(ARGV[3])
 local parallel = tonumber(ARGV[4])
 local member = ARGV[5]
 local lease = tonumber(ARGV[6])
+local reserve = tonumber(ARGV[7])
+local hold = tonumber(ARGV[8])
 local tolerance = capacity * interval
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
@@ -40,10 +43,17 @@ if parallel > 0 then
   if redis.call('ZCARD', KEYS[3]) >= parallel then
     return {0, 'parallel', '1', tostring(tat - now), tostring(token_out)}
   end
-  redis.call('ZADD', KEYS[3], now + lease, member)
-  redis.call('PEXPIRE', KEYS[3], math.ceil(lease * 1000) + 1000)
+  if hold == 1 then
+    redis.call('ZADD', KEYS[3], now + lease, member)
+    redis.call('PEXPIRE', KEYS[3], math.ceil(lease * 1000) + 1000)
+  end
 end
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+if per_token > 0 and reserve > 0 then
+  token_tat = token_tat + reserve * per_token
+  token_out = token_tat - now
+  redis.call('SET', KEYS[2], tostring(token_tat), 'PX', math.ceil(token_out * 1000) + 1000)
+end
 return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
 """
 
@@ -51,14 +61,30 @@ RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREM', KEYS[2], ARGV[1])
-local used = tonumber(ARGV[2])
+local delta = tonumber(ARGV[2]) - tonumber(ARGV[4])
 local per_token = tonumber(ARGV[3])
-if used > 0 and per_token > 0 then
+if delta ~= 0 and per_token > 0 then
   local token_tat = tonumber(redis.call('GET', KEYS[1]) or now)
   if token_tat < now then token_tat = now end
-  token_tat = token_tat + used * per_token
-  redis.call('SET', KEYS[1], tostring(token_tat), 'PX', math.ceil((token_tat - now) * 1000) + 1000)
+  token_tat = token_tat + delta * per_token
+  if token_tat > now then
+    redis.call('SET', KEYS[1], tostring(token_tat), 'PX', math.ceil((token_tat - now) * 1000) + 1000)
+  else
+    redis.call('DEL', KEYS[1])
+  end
 end
+return 1
+"""
+
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease = tonumber(ARGV[2])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 1000) + 1000)
 return 1
 """
 
@@ -66,23 +92,31 @@ return 1
 class RedisLimitStore:
     """The same contract as MemoryLimitStore, over a `redis.asyncio.Redis` client."""
 
-    def __init__(self, client: Any, prefix: str = "deepseek:rl", lease_s: float = 600.0) -> None:
+    def __init__(self, client: Any, prefix: str = "deepseek:rl", lease_s: float = 30.0) -> None:
         self.client = client
         self.prefix = prefix
         self.lease_s = lease_s
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
+        self._renew = client.register_script(RENEW)
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.lease_s / 3
 
     def _keys(self, uid: str) -> list[str]:
         # one hash tag per key uid keeps the three keys in one Redis Cluster slot
         return [f"{self.prefix}:{{{uid}}}:req", f"{self.prefix}:{{{uid}}}:tok", f"{self.prefix}:{{{uid}}}:par"]
 
-    async def acquire(self, uid: str, limits: KeyLimits) -> Decision:
+    async def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
+        """Admit one request (one round trip) and reserve `reserve_tokens` of its tokens-per-minute budget; with
+        `hold=False` (an answer given at once, from the cache) no parallel slot is taken, so none is released."""
         lease_id = uuid.uuid4().hex
         per_token = 60.0 / limits.tpm if limits.tpm else 0.0
         reply = await self._acquire(
             keys=self._keys(uid),
-            args=[1.0 / limits.rps, limits.capacity, per_token, limits.parallel or 0, lease_id, self.lease_s],
+            args=[1.0 / limits.rps, limits.capacity, per_token, limits.parallel or 0, lease_id, self.lease_s,
+                  reserve_tokens, 1 if hold else 0],
         )
         allowed, kind, retry, request_out, token_out = (
             int(reply[0]), _text(reply[1]), float(reply[2]), float(reply[3]), float(reply[4])
@@ -103,10 +137,15 @@ class RedisLimitStore:
             lease_id=lease_id if allowed else "",
         )
 
-    async def release(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int) -> None:
+    async def release(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int = 0) -> None:
+        """Free the parallel slot; charge the tokens used beyond the reservation, or refund the unused rest."""
         keys = self._keys(uid)
         per_token = 60.0 / limits.tpm if limits.tpm else 0.0
-        await self._release(keys=[keys[1], keys[2]], args=[lease_id, tokens_used, per_token])
+        await self._release(keys=[keys[1], keys[2]], args=[lease_id, tokens_used, per_token, reserved])
+
+    async def renew(self, uid: str, lease_id: str) -> bool:
+        """Extend a running request's parallel lease by `lease_s`; False when it is gone (expired meanwhile)."""
+        return bool(await self._renew(keys=[self._keys(uid)[2]], args=[lease_id, self.lease_s]))
 
 
 def _text(value: Any) -> str:

@@ -2,26 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from deepseek_server.auth.dependency import require_scope
 from deepseek_server.auth.guard import SCOPE_PREDICT
 from deepseek_server.auth.tokens import Principal
-from deepseek_server.engine.capabilities import capabilities_of, reject_unsupported
+from deepseek_server.engine.capabilities import (
+    capabilities_of,
+    reject_unsupported,
+    reject_unsupported_message_fields,
+)
 from deepseek_server.errors import APIError
 from deepseek_server.generation import plan_call, respond, serving_engine
 from deepseek_server.relay import relay_call
-from deepseek_server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from deepseek_server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
 from deepseek_server.services import Services
 
 router = APIRouter()
 PROMPT_PREVIEW_CHARS = 200
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def _encode(encode: Callable[[Any], list[int]], prompt: Any, characters: int) -> list[int]:
+    """Tokenize (and template) a long prompt off the event loop; a short one inline, where a thread hop would cost
+    more than the work (a few thousand characters take well under a millisecond)."""
+    if characters > INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(encode, prompt)
+    return encode(prompt)
 
 
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+def template_message(message: ChatMessage) -> dict[str, str]:
+    """A message as the chat template takes it: `developer` is OpenAI's newer name for `system` (DeepSeek's
+    templates know only `system`), and a participant's `name` is passed on for templates that use it."""
+    out = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -34,14 +60,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     engine = serving_engine(services, body.model)
     capabilities = capabilities_of(engine)
     reject_unsupported(capabilities, "chat", body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    reject_unsupported_message_fields(capabilities, list(body.messages))
+    messages = [template_message(m) for m in body.messages]
     if services.settings.audit_prompts:
-        request.state.prompt_preview = messages[-1]["content"][:PROMPT_PREVIEW_CHARS]
+        request.state.prompt_text = messages[-1]["content"]  # masked and cut when recorded
     if capabilities.relays_openai:
         return await relay_call(services, request, principal, engine, "chat", body,  # type: ignore[arg-type]
                                 body.requested_max_tokens())
     try:
-        prompt_ids = engine.encode_chat(messages)
+        prompt_ids = await _encode(engine.encode_chat, messages, sum(len(m["content"] or "") for m in messages))
     except Exception as exc:  # template errors are the caller's messages not fitting the model's format
         raise APIError(400, f"The messages could not be formatted with the model's chat template: {exc}",
                        param="messages", code="invalid_value") from exc
@@ -61,11 +88,11 @@ async def completions(body: CompletionRequest, request: Request,
     reject_unsupported(capabilities, "text", body)
     prompt = body.prompt_text()
     if services.settings.audit_prompts:
-        request.state.prompt_preview = prompt[:PROMPT_PREVIEW_CHARS]
+        request.state.prompt_text = prompt  # masked and cut when recorded
     if capabilities.relays_openai:
         return await relay_call(services, request, principal, engine, "text", body,  # type: ignore[arg-type]
                                 body.max_tokens if "max_tokens" in body.model_fields_set else None)
-    prompt_ids = engine.encode_text(prompt)
+    prompt_ids = await _encode(engine.encode_text, prompt, len(prompt))
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
     call = plan_call(services, engine, "text", body, prompt_ids, body.max_tokens, "prompt")

@@ -37,6 +37,8 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     services = request.app.state.services
     if services.engine is not None:
+        if capabilities_of(services.engine).own_metrics:  # an engine in another process: ask it
+            await services.engine.refresh_queue_depth()
         services.metrics.queue_depth.set(services.engine.queue_depth)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,4 +1,5 @@
-"""Test harness for the model server: minting tokens per docs/auth-contract.md, auth dirs, live servers."""
+"""A live model server for tests and benchmarks: tokens minted per docs/auth-contract.md, auth directories, the
+server in a thread (`ServerThread`) or as `deepseek-server serve` subprocesses (`server_process(es)`)."""
 
 from __future__ import annotations
 
@@ -7,40 +8,37 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from deepseek_server.settings import ServerSettings
+
+from devcluster.testing.ports import bound_socket, free_port, lost_bind_race
 
 LIMITED_UID = "uid-limited"  # rps 0.5, burst 3
+BURST_UID = "uid-burst"  # rps 0.5, burst 3: for one test that needs a full bucket at its start
 TOKENS_UID = "uid-tokens"  # tpm 40
 SPECIAL_LIMITS = {
     LIMITED_UID: {"rps": 0.5, "burst": 3, "tpm": None, "parallel": None},
+    BURST_UID: {"rps": 0.5, "burst": 3, "tpm": None, "parallel": None},
     TOKENS_UID: {"rps": 100, "burst": 100, "tpm": 40, "parallel": None},
 }
 
 NAMESPACE, DEPLOYMENT = "team-a", "chat"
 ISSUER = f"deepseek-operator/{NAMESPACE}/{DEPLOYMENT}"
 AUDIENCE = f"{NAMESPACE}/{DEPLOYMENT}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+BIND_ATTEMPTS = 5
 
 
 def b64url(data: bytes) -> str:
@@ -94,14 +92,17 @@ def write_auth_dir(directory: Path, keys: list[SigningKey], *, default_limits: d
 
 
 class ServerThread:
-    """A real uvicorn server on 127.0.0.1:<free port> in a daemon thread."""
+    """A real uvicorn server on a loopback port it holds from the start, in a daemon thread."""
 
     def __init__(self, app: Any) -> None:
+        import uvicorn
+
         self.app = app
-        self.port = free_port()
+        self.socket = bound_socket()
+        self.port = int(self.socket.getsockname()[1])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -115,6 +116,11 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.socket.close()
+
+
+class ServerExited(RuntimeError):
+    """The server process ended before it became ready."""
 
 
 def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -122,9 +128,9 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+            raise ServerExited(f"server exited with {proc.returncode} before becoming ready")
         try:
-            response = httpx.get(f"{url}/ready", timeout=1)
+            response = httpx.get(f"{url}/ready", timeout=5)
             if response.status_code == 200:
                 return
             last = response.text
@@ -142,41 +148,68 @@ def server_process(args: list[str], env: dict[str, str] | None = None, timeout: 
         yield started[0]
 
 
+@dataclass
+class _Started:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+
+def _spawn(args: list[str], env: dict[str, str] | None, log_path: Path) -> _Started:
+    port = free_port()
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepseek_server", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    return _Started(f"http://127.0.0.1:{port}", proc, log_path, log)
+
+
 @contextmanager
 def server_processes(arg_sets: list[list[str]], env: dict[str, str] | None = None, timeout: float = 180,
                      log_dir: Path | None = None) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
-    """Several `deepseek-server serve` processes started together (they load in parallel), stopped with SIGTERM."""
-    started: list[tuple[str, subprocess.Popen[bytes]]] = []
-    logs = []
+    """Several `deepseek-server serve` processes started together (they load in parallel), stopped with SIGTERM.
+
+    Logs go to `log_dir/server-<index>.log` (a temporary folder without `log_dir`). A process that lost its port to
+    another process between the port's choice and its bind is started again on another port.
+    """
+    folder = log_dir or Path(tempfile.mkdtemp(prefix="deepseek-server-logs-"))
+    started: list[_Started] = []
     try:
         for index, args in enumerate(arg_sets):
-            port = free_port()
-            out = open(log_dir / f"server-{index}.log", "wb") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-            logs.append(out)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "deepseek_server", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
-                env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-            )
-            started.append((f"http://127.0.0.1:{port}", proc))
-        for url, proc in started:
-            wait_ready(url, timeout, proc)
-        yield started
+            started.append(_spawn(args, env, folder / f"server-{index}.log"))
+        for index, args in enumerate(arg_sets):
+            for attempt in range(BIND_ATTEMPTS):
+                current = started[index]
+                try:
+                    wait_ready(current.url, timeout, current.proc)
+                    break
+                except ServerExited:
+                    current.log.close()
+                    text = current.log_path.read_text(errors="replace")
+                    if attempt + 1 == BIND_ATTEMPTS or not lost_bind_race(text):
+                        raise ServerExited(f"server {index} exited with {current.proc.returncode} before becoming "
+                                           f"ready; its log ends:\n{text[-3000:]}") from None
+                    started[index] = _spawn(args, env, current.log_path)
+        yield [(s.url, s.proc) for s in started]
     finally:
-        for _, proc in started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in started:
+        for s in started:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in started:
             try:
-                proc.wait(30)
+                s.proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for out in logs:
-            if out is not subprocess.DEVNULL:
-                out.close()  # type: ignore[union-attr]
+                s.proc.kill()
+                s.proc.wait()
+            s.log.close()
 
 
-def tiny_settings(model: Path, **overrides: Any) -> ServerSettings:
+def tiny_settings(model: Path, **overrides: Any) -> Any:
+    """ServerSettings for a tiny model on the CPU (fp32, short context), with fields overridden by keyword."""
+    from deepseek_server.settings import ServerSettings
+
     values: dict[str, Any] = {"model": str(model), "model_name": "deepseek-tiny", "precision": "fp32",
                               "device": "cpu", "max_model_len": 256, "max_new_tokens": 64, "max_batch_size": 16}
     values.update(overrides)

@@ -1,4 +1,4 @@
-"""Helpers of the blue-green e2e tests (fixtures in conftest.py): the operator as a subprocess, a namespace
+"""The blue-green world shared by the e2e tests and bench/rollout.py: the operator as a subprocess, a namespace
 handle, and a client that sends requests through the active Service the whole time.
 
 The servers run as real local processes (devcluster's process runtime maps `*deepseek-server*` images to this
@@ -9,24 +9,29 @@ Service's ready endpoints like kube-proxy would.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import polling
 from kubernetes import client
+
+from devcluster.testing import polling
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "deepseek.ai", "v1alpha1", "deepseekdeployments"
 SERVER_IMAGE = "deepseek-server:e2e"
 MODEL_NAME = "tiny-chat"
+# An annotation the operator ignores, set by `World.reconciled` to learn when a reconcile has run to its end.
+BARRIER_ANNOTATION = "e2e.deepseek.ai/barrier"
 
 # Fast polling so rollouts take seconds; production defaults are seconds to minutes.
 E2E_OPERATOR_ENV = {
@@ -141,6 +146,28 @@ class World:
 
     def condition(self, type_: str, name: str = "chat") -> dict[str, Any]:
         return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), {})
+
+    def reconciled(self, name: str = "chat", timeout: float = 120) -> None:
+        """Return once the operator has finished a reconcile of `name` that began after this call.
+
+        It changes an annotation the operator ignores and waits for kopf's record of the last handled
+        configuration (written only after the handler succeeded) to hold it. Events of one object are handled in
+        order, so whatever was done to the object before this call has been handled too: a check that something
+        did NOT happen is meaningful after it, unlike after a fixed sleep.
+        """
+        marker = uuid.uuid4().hex
+        self.annotate(BARRIER_ANNOTATION, marker, name)
+
+        def handled() -> bool:
+            annotations = self.get(name)["metadata"].get("annotations") or {}
+            for key, value in annotations.items():
+                if key.endswith("last-handled-configuration"):
+                    essence = json.loads(value)
+                    if (essence.get("metadata", {}).get("annotations") or {}).get(BARRIER_ANNOTATION) == marker:
+                        return True
+            return False
+
+        wait_for(f"a reconcile of {name} after barrier {marker}", handled, timeout)
 
     def wait_phase(self, phase: str, *, revision: str | None = None, name: str = "chat",
                    timeout: float = 180) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""Keyed digests of requests: what audit records, history and response-cache keys hold instead of a plain hash.
+
+A plain sha256 of a short prompt can be reversed by hashing guesses; an HMAC under the deployment's record key
+(`--record-key`, which the operator keeps in a Secret per DeepSeekDeployment) cannot be computed without the key.
+The request's plain digest (`cache.request_fingerprint`) stays in the process's memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+
+log = logging.getLogger(__name__)
+
+
+class RequestKeys:
+    """HMAC-SHA256 under one secret: `fingerprint` for audit and history, `cache_key` for the response cache."""
+
+    def __init__(self, secret: bytes, deployment: str = "", revision: str = "") -> None:
+        self._base = hmac.new(secret, digestmod=hashlib.sha256)
+        self.deployment = deployment
+        self.revision = revision
+
+    @classmethod
+    def from_settings(cls, record_key: str | None, deployment: str, revision: str) -> RequestKeys:
+        if record_key is None:
+            log.warning("no --record-key given: request fingerprints and cache keys use a random key of this process, "
+                        "so replicas share no cache entries and their audit fingerprints differ")
+            return cls(secrets.token_bytes(32), deployment, revision)
+        return cls(record_key.encode(), deployment, revision)
+
+    def _mac(self, *parts: str) -> str:
+        mac = self._base.copy()
+        # length-prefixed, so that no two different part lists give the same message
+        mac.update("".join(f"{len(part)}:{part}" for part in parts).encode())
+        return mac.hexdigest()
+
+    def fingerprint(self, digest: str) -> str:
+        """What the audit log and history record for a request with plain digest `digest`."""
+        return self._mac("fingerprint", digest)
+
+    def cache_key(self, digest: str, env: str, scope: str) -> str:
+        """The response-cache key: this deployment and revision, the caller's environment and scope, the request."""
+        return self._mac("cache", self.deployment, self.revision, env, scope, digest)

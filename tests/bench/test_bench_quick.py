@@ -1,0 +1,77 @@
+"""Every script under bench/ in its quick mode, as a user runs it: it starts, measures a little, prints its table and
+exits 0. No timing is judged here (benchmarks print ratios; thresholds belong to a person reading them); what is
+checked is that the script still runs end to end and that what it measured is complete (no failed requests, every
+key Ready)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str, timeout: float = 600) -> str:
+    """`python bench/<script> ARGS` from the repository root; returns its stdout, failing with its output's tail."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"bench/{script} {' '.join(args)} exited {result.returncode}:\n{output[-4000:]}"
+    return result.stdout
+
+
+def test_gpu_check_quick_prints_throughput_and_8bit_tables() -> None:
+    out = run_bench("gpu_check.py", "--quick")
+    assert "concurrency  engine tok/s" in out, out
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.MULTILINE)
+    assert rows == ["1", "4"], out
+    assert re.search(r"^\s+fp32\s+[\d.]+", out, re.MULTILINE) and re.search(r"^\s+int8\s+[\d.]+", out, re.MULTILINE)
+    assert "torch.ao.nn.quantized.dynamic" in out, "the 8-bit model's linear layers are not quantized"
+
+
+def test_serve_load_quick_prints_its_three_parts() -> None:
+    out = run_bench("serve_load.py", "--quick")
+    table = out[out.index("1. Latency table"):out.index("2. Batched engine")]
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s", table, re.MULTILINE)
+    assert [(conc, reqs) for conc, reqs, _ in rows] == [("2", "2"), ("4", "4")], table
+    assert all(float(errors) == 0 for _, _, errors in rows), table
+    assert re.search(r"batched engine: +\d+ tokens", out) and re.search(r"ratio: [\d.]+x", out), out
+    assert "3. Cost of auth + rate limits + metrics + audit" in out
+    assert re.search(r"^\s+after\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+", out, re.MULTILINE), out
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_apikeys_quick_makes_every_key_ready() -> None:
+    out = run_bench("apikeys.py", "--quick")
+    assert "p50 apply->Ready" in out and "operator peak RSS" in out, out
+    assert "MISSED" not in out and "(not judged)" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["keys"] == 20 and result["ready"] == 20, result
+    assert result["auth_limits_entries"] == 2  # one key in ten has its own limits
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_rollout_quick_switches_once_without_failed_requests() -> None:
+    out = run_bench("rollout.py", "--quick")
+    assert re.search(r"^rollout 1: switched after [\d.]+s", out, re.MULTILINE), out
+    assert "1 rollouts, polling interval 1s" in out
+    served = re.search(r"client requests during rollouts : (\d+) ok, (\d+) failed", out)
+    assert served and int(served[1]) > 0 and served[2] == "0", out
+
+
+@pytest.mark.slow
+def test_engines_quick_compares_three_engines_at_two_levels() -> None:
+    out = run_bench("engines.py", "--quick")
+    rows = re.findall(r"^\s+(\d+) (builtin|vllm|gateway)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)", out,
+                      re.MULTILINE)
+    assert [(conc, engine) for conc, engine, _, _ in rows] == [
+        (c, e) for c in ("1", "2") for e in ("builtin", "vllm", "gateway")], out
+    assert all(float(tokens_s) > 0 and errors == "0" for _, _, tokens_s, errors in rows), out
+    assert "targets not judged (--quick)" in out

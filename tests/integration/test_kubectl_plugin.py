@@ -1,0 +1,172 @@
+"""`kubectl deepseek` (the kubectl-deepseek entry point) run as a subprocess against devcluster and the operator."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import GROUP, VERSION, Cluster, wait_for
+
+BIN = Path(sys.executable).parent
+PLUGIN = BIN / "kubectl-deepseek"
+# An image devcluster maps to no process (its pods would be simulated); with more GPUs than a node has, the pods
+# stay Pending, so a rollout waits in Starting for as long as the test needs.
+UNSCHEDULABLE = {"image": "registry.example/unmapped-server:1", "resources": {"gpus": 9},
+                 "rollout": {"progressDeadlineSeconds": 900}}
+
+
+def plugin(kubeconfig: str, *args: str, via_kubectl: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [str(BIN / "kubectl"), "deepseek", *args] if via_kubectl else [str(PLUGIN), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def failed(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "promote", "abort", "retry", "keys", "rotate", "env"])
+def test_every_command_has_help(command: str) -> None:
+    result = subprocess.run([str(PLUGIN), command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and f"kubectl deepseek {command}" in result.stdout
+    assert "--namespace" in result.stdout
+
+
+def annotations(world: Cluster, name: str = "chat") -> dict[str, str]:
+    return world.deployment(name)["metadata"].get("annotations") or {}
+
+
+def rollout_of(world: Cluster, name: str = "chat") -> dict:
+    return (world.deployment(name).get("status") or {}).get("rollout") or {}
+
+
+def wait_rollout(world: Cluster, phase: str, what: str, timeout: float = 90) -> dict:
+    return wait_for(what, lambda: (r := rollout_of(world)).get("phase") == phase and r, timeout)
+
+
+def test_promote_abort_retry_pick_the_revision_and_the_operator_acts_on_them(world: Cluster, kubeconfig: str) -> None:
+    ns = world.namespace
+    missing = failed(plugin(kubeconfig, "status", "nope", "-n", ns))
+    assert f"DeepSeekDeployment 'nope' not found in namespace '{ns}'" in missing
+
+    world.apply_deployment(**UNSCHEDULABLE)
+    starting = wait_rollout(world, "Starting", "the first rollout waiting for GPUs")
+    revision = starting["revision"]
+    status_text = ok(plugin(kubeconfig, "status", "chat", "-n", ns))
+    assert f"revision {revision} on blue is Starting" in status_text
+    assert "Traffic: no revision has been promoted yet" in status_text
+    assert "CapacityAvailable=False" in status_text
+    assert "kubectl deepseek abort chat" in status_text
+
+    assert "is Starting; wait for it to finish or abort it first" in failed(plugin(kubeconfig, "retry", "chat",
+                                                                                   "-n", ns))
+    out = ok(plugin(kubeconfig, "promote", "chat", "-n", ns))
+    assert f"deepseek.ai/promote={revision}" in out
+    assert annotations(world)["deepseek.ai/promote"] == revision
+    assert "already set" in ok(plugin(kubeconfig, "promote", "chat", "-n", ns))
+
+    # abort: the operator rolls the revision back; it becomes the failed revision.
+    assert f"deepseek.ai/abort={revision}" in ok(plugin(kubeconfig, "abort", "chat", "-n", ns))
+    degraded = wait_rollout(world, "Degraded", "the aborted rollout")
+    assert degraded["reason"] == "Aborted"
+    status_text = ok(plugin(kubeconfig, "status", "chat", "-n", ns))
+    assert f"Failed revision: {revision}" in status_text
+    assert f"revision {revision}  Aborted" in status_text
+    assert "`kubectl deepseek retry chat`" in status_text
+    assert "no rollout is in progress" in failed(plugin(kubeconfig, "promote", "chat", "-n", ns))
+    assert "nothing to abort" in failed(plugin(kubeconfig, "abort", "chat", "-n", ns))
+
+    # retry: the same revision rolls out again.
+    assert f"deepseek.ai/retry={revision}" in ok(plugin(kubeconfig, "retry", "chat", "-n", ns))
+    wait_for("the retried rollout", lambda: (world.deployment().get("status") or {}).get("retriedRevision")
+             == revision and rollout_of(world).get("phase") == "Starting", 90)
+    ok(plugin(kubeconfig, "abort", "chat", "-n", ns))
+    wait_rollout(world, "Degraded", "the second abort")
+    # A second retry of the same revision: the plugin clears the used annotation first, then sets it again.
+    ok(plugin(kubeconfig, "retry", "chat", "-n", ns))
+    wait_rollout(world, "Starting", "the second retry")
+    assert annotations(world)["deepseek.ai/retry"] == revision
+    history = world.deployment()["status"]["history"]
+    assert [entry["result"] for entry in history][:2] == ["Aborted", "Aborted"]
+
+    # A spec change is a new revision: retry refuses and says why.
+    ok(plugin(kubeconfig, "abort", "chat", "-n", ns))
+    wait_rollout(world, "Degraded", "the third abort")
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "deepseekdeployments", "chat",
+                                                {"spec": {"server": {"maxNewTokens": 64}}})
+    wait_for("the new revision's rollout", lambda: rollout_of(world).get("revision") not in (None, revision), 90)
+    abort_text = ok(plugin(kubeconfig, "abort", "chat", "-n", ns))
+    assert f"deepseek.ai/abort={rollout_of(world)['revision']}" in abort_text
+
+
+def secret_value(world: Cluster, secret: str, key: str) -> str:
+    found = world.secret(secret)
+    assert found is not None and found.data
+    return base64.b64decode(found.data[key]).decode()
+
+
+def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
+    ns = world.namespace
+    world.apply_deployment()
+    world.create_apikey("alice", scopes=["model:predict", "history:read"], environment="prod")
+    world.create_apikey("bob")
+    first = world.wait_ready("alice")["status"]
+    world.wait_ready("bob")
+
+    table = ok(plugin(kubeconfig, "keys", "-n", ns, via_kubectl=True))  # found by kubectl on PATH, krew-style
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["NAME", "DEPLOYMENT", "SUBJECT", "ENV", "SCOPES"]
+    alice = next(line for line in lines if line.startswith("alice"))
+    assert "chat" in alice and "prod" in alice and "model:predict,history:read" in alice
+    assert first["expiresAt"] in alice and first["issuedAt"] in alice
+    assert "(deployment default)" in next(line for line in lines if line.startswith("bob"))
+    assert "eyJ" not in table
+
+    exports = ok(plugin(kubeconfig, "env", "alice", "-n", ns))
+    token = secret_value(world, "alice-apikey", "api-key")
+    assert exports.splitlines() == [f"export OPENAI_API_KEY={token}",
+                                    f"export OPENAI_BASE_URL=http://chat.{ns}.svc:8000/v1"]
+
+    # rotate: a new token now, the old one in its grace period; one rotation per request.
+    out = ok(plugin(kubeconfig, "rotate", "alice", "-n", ns))
+    rotated = world.apikey("alice")["status"]
+    assert rotated["tokenId"] != first["tokenId"] and rotated["revision"] == first["revision"] + 1
+    assert f"token {rotated['tokenId']}" in out and f"previous token {first['tokenId']} keeps working" in out
+    assert [p["tokenId"] for p in rotated["previousTokens"]] == [first["tokenId"]]
+    new_token = secret_value(world, "alice-apikey", "api-key")
+    assert new_token != token and world.verify(new_token)["jti"] == rotated["tokenId"]
+    assert any("rotation asked for with the deepseek.ai/rotate annotation" in (e.message or "")
+               for e in world.events("alice") if e.reason == "Rotated")
+    assert "eyJ" not in out
+    time.sleep(4)  # several drift checks (1 s apart) of the operator: the same request rotates nothing more
+    assert world.apikey("alice")["status"]["revision"] == rotated["revision"]
+    assert ok(plugin(kubeconfig, "env", "alice", "-n", ns)).startswith(f"export OPENAI_API_KEY={new_token}\n")
+    ok(plugin(kubeconfig, "rotate", "alice", "-n", ns))
+    assert world.apikey("alice")["status"]["revision"] == rotated["revision"] + 1
+
+    assert "ApiKey 'carol' not found" in failed(plugin(kubeconfig, "rotate", "carol", "-n", ns))
+    world.patch_apikey("bob", {"revoked": True})
+    world.wait_condition("bob", "Revoked", "True")
+    assert "is revoked" in failed(plugin(kubeconfig, "rotate", "bob", "-n", ns))
+    assert "is revoked" in failed(plugin(kubeconfig, "env", "bob", "-n", ns))
+
+
+def test_unreachable_api_server_is_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text("apiVersion: v1\nkind: Config\ncurrent-context: gone\nclusters:\n- name: gone\n  cluster:\n"
+                      "    server: https://127.0.0.1:1\ncontexts:\n- name: gone\n  context: {cluster: gone, user: u}\n"
+                      "users:\n- name: u\n  user: {token: abc}\n")
+    result = plugin(str(config), "keys")
+    assert "cannot reach the API server at https://127.0.0.1:1" in failed(result)

@@ -1,0 +1,236 @@
+"""Memory-safe batching on a tiny model: the KV-cache budget, the prefill cap, and out-of-memory errors that fail
+only the request that caused them."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from deepseek_server.app import create_app
+from deepseek_server.engine.base import EngineBusy, GenerationRequest, GenerationStream, TextDelta
+from deepseek_server.engine.batched import BatchedEngine
+from deepseek_server.engine.loading import LoadedModel, load_model
+
+from devcluster.testing.model_server import ServerThread, tiny_settings
+
+PROMPT = "The quick brown fox"
+LONG_PROMPT = "Kubernetes schedules pods onto nodes; an operator reconciles custom resources. " * 3
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models: dict[str, Path]) -> LoadedModel:
+    return load_model(tiny_models["llama"], "fp32", "cpu")
+
+
+class RunsOutOfMemory:
+    """The tiny model behind an allocator that fails: a prefill longer than `prefill_limit` tokens, or a decode
+    step with `decode_rows` rows or more, raises torch.OutOfMemoryError as a GPU would."""
+
+    def __init__(self, model: Any, prefill_limit: int = 10**9, decode_rows: int = 10**9) -> None:
+        self._model = model
+        self.prefill_limit = prefill_limit
+        self.decode_rows = decode_rows
+        self.failures = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        rows, columns = kwargs["input_ids"].shape
+        if columns > self.prefill_limit or (columns == 1 and rows >= self.decode_rows):
+            self.failures += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({rows}x{columns})")
+        return self._model(**kwargs)
+
+
+def engine_over(loaded: LoadedModel, model: Any = None, **options: Any) -> BatchedEngine:
+    wrapped = dataclasses.replace(loaded, model=model) if model is not None else loaded
+    return BatchedEngine(wrapped, model_name="m", max_batch_size=8, **options)
+
+
+async def until_decoding(stream: GenerationStream) -> Any:
+    """The stream's event iterator, once its first token has come (so it is in the running batch)."""
+    events = stream.events()
+    first = await anext(events)
+    assert isinstance(first, TextDelta)
+    return events
+
+
+async def test_prefill_out_of_memory_fails_only_the_request_that_needed_it(loaded: LoadedModel) -> None:
+    model = RunsOutOfMemory(loaded.model)
+    engine = engine_over(loaded, model)
+    await engine.start()
+    try:
+        short, long = engine.encode_text(PROMPT), engine.encode_text(LONG_PROMPT)
+        assert len(long) > len(short) + 10
+        alone = await engine.submit(GenerationRequest(short, 6, temperature=0.0)).collect()
+        model.prefill_limit = len(long) - 1  # only the long prompt's prefill runs out of memory
+        running = engine.submit(GenerationRequest(short, 60, temperature=0.0))
+        events = await until_decoding(running)
+        too_big = engine.submit(GenerationRequest(long, 6, temperature=0.0))
+        joining = engine.submit(GenerationRequest(short, 6, temperature=0.0))  # shares the failing prefill
+        with pytest.raises(EngineBusy):
+            await too_big.wait_admitted()
+        assert await asyncio.wait_for(joining.collect(), 60) == alone
+        async for _ in events:
+            pass
+        assert running.result is not None and running.result.finish_reason == "length"
+        assert running.result.completion_tokens == 60
+        assert model.failures >= 2  # the joint prefill, then the long prompt alone
+    finally:
+        await engine.stop()
+
+
+async def test_decode_out_of_memory_drops_the_newest_row(loaded: LoadedModel) -> None:
+    model = RunsOutOfMemory(loaded.model)
+    engine = engine_over(loaded, model)
+    await engine.start()
+    try:
+        prompt = engine.encode_text(PROMPT)
+        alone = await engine.submit(GenerationRequest(prompt, 40, temperature=0.0)).collect()
+        model.decode_rows = 3  # a third row does not fit
+        first = engine.submit(GenerationRequest(prompt, 40, temperature=0.0))
+        second = engine.submit(GenerationRequest(prompt, 40, temperature=0.0))
+        events = await until_decoding(second)
+        third = engine.submit(GenerationRequest(engine.encode_text("hello"), 40, temperature=0.0))
+        with pytest.raises(EngineBusy):
+            await asyncio.wait_for(third.collect(), 60)
+        assert await asyncio.wait_for(first.collect(), 60) == alone  # the rows that were running are intact
+        async for _ in events:
+            pass
+        assert second.result is not None and second.result.completion_tokens == 40
+    finally:
+        await engine.stop()
+
+
+async def test_kv_budget_makes_a_request_wait_for_room(loaded: LoadedModel) -> None:
+    batches: list[int] = []
+    engine = engine_over(loaded, kv_cache_tokens=300, on_batch=batches.append)
+    await engine.start()
+    try:
+        prompt = engine.encode_text(PROMPT)
+        assert engine.max_model_len == 300  # one request must fit the budget alone
+        batches.clear()
+        big = engine.submit(GenerationRequest(prompt, 200, temperature=0.0))
+        await until_decoding(big)
+        waiting = engine.submit(GenerationRequest(prompt, 100, temperature=0.0))  # 2 x (prompt + 200) > 300
+        _, result = await asyncio.wait_for(waiting.collect(), 120)
+        assert big.result is not None, "the second request ran before the first left room for it"
+        assert result.completion_tokens == 100
+        assert max(batches) == 1
+        small = [engine.submit(GenerationRequest(prompt, 40, temperature=0.0)) for _ in range(3)]
+        await asyncio.gather(*(s.collect() for s in small))  # 3 x (prompt + 40) fits: they run together
+        assert max(batches) == 3
+    finally:
+        await engine.stop()
+
+
+async def test_a_request_that_waits_too_long_for_room_is_refused(loaded: LoadedModel) -> None:
+    engine = engine_over(loaded, kv_cache_tokens=300, admission_wait_s=0.3)
+    await engine.start()
+    try:
+        prompt = engine.encode_text(PROMPT)
+        big = engine.submit(GenerationRequest(prompt, 280, temperature=0.0))
+        events = await until_decoding(big)
+        refused = engine.submit(GenerationRequest(prompt, 100, temperature=0.0))
+        with pytest.raises(EngineBusy) as excinfo:
+            await asyncio.wait_for(refused.wait_admitted(), 60)
+        assert excinfo.value.retry_after_s >= 1
+        assert big.result is None, "the refusal should come while the first request still holds the memory"
+        async for _ in events:
+            pass
+        assert engine.queue_depth == 0
+    finally:
+        await engine.stop()
+
+
+async def test_prefill_cap_chunks_long_prompts_and_spreads_joins(loaded: LoadedModel) -> None:
+    plain = engine_over(loaded)
+    await plain.start()
+    long = plain.encode_text(LONG_PROMPT)
+    try:
+        expected = await plain.submit(GenerationRequest(long, 12, temperature=0.0)).collect()
+    finally:
+        await plain.stop()
+    batches: list[int] = []
+    capped = engine_over(loaded, max_prefill_tokens=16, batch_wait_s=0.05, on_batch=batches.append)
+    await capped.start()
+    try:
+        assert len(long) > 16
+        assert await capped.submit(GenerationRequest(long, 12, temperature=0.0)).collect() == expected
+        batches.clear()
+        twelve = capped.encode_text("The quick brown fox jumps over the lazy dog.")[:12]
+        pair = [capped.submit(GenerationRequest(twelve, 8, temperature=0.0)) for _ in range(2)]
+        await asyncio.gather(*(s.collect() for s in pair))
+        assert batches[0] == 1 and max(batches) == 2  # 2 x 12 prompt tokens > 16: the second joins a step later
+    finally:
+        await capped.stop()
+
+
+async def test_finished_rows_get_their_events_when_a_later_row_fails_in_the_same_step(loaded: LoadedModel
+                                                                                        ) -> None:
+    class FailsOnLogprobs(BatchedEngine):
+        def _logprob(self, logits: torch.Tensor, token: int, alternatives: int) -> Any:
+            raise RuntimeError("broken log-probabilities")
+
+    engine = FailsOnLogprobs(loaded, model_name="m", max_batch_size=8, batch_wait_s=0.05)
+    await engine.start()
+    try:
+        prompt = engine.encode_text(PROMPT)
+        done = engine.submit(GenerationRequest(prompt, 1, temperature=0.0))  # finishes in the first step
+        failing = engine.submit(GenerationRequest(prompt, 5, temperature=0.0, logprobs=1))
+        _, result = await asyncio.wait_for(done.collect(), 30)
+        assert result.finish_reason == "length" and result.completion_tokens == 1
+        with pytest.raises(RuntimeError, match="broken log-probabilities"):
+            await asyncio.wait_for(failing.collect(), 30)
+    finally:
+        await engine.stop()
+
+
+def test_streams_compare_by_identity() -> None:
+    request = GenerationRequest(list(range(100_000)), 4)
+    first = GenerationStream(request, lambda s: None)
+    twin = copy.copy(first)
+    assert first != twin and first == first
+    assert len({first, twin}) == 2  # usable in sets and as dict keys
+
+
+def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: dict[str, Path], auth_dir: Path,
+                                                                  token_factory: Callable[..., str]) -> None:
+    settings = tiny_settings(tiny_models["llama"], auth_dir=auth_dir, kv_cache_tokens=200, admission_wait_s=0.3,
+                             max_new_tokens=180, no_cache=True)
+    server = ServerThread(create_app(settings)).start()
+    try:
+        headers = {"authorization": f"Bearer {token_factory()}"}
+        url = f"{server.url}/v1/completions"
+        with httpx.stream("POST", url, headers=headers, timeout=60,
+                          json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 180, "stream": True,
+                                "temperature": 0}) as long:
+            lines = long.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # decoding
+            refused = httpx.post(url, headers=headers, timeout=60,
+                                 json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100})
+            for _ in lines:
+                pass
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "engine_overloaded"
+        stream_refused = None
+        with httpx.stream("POST", url, headers=headers, timeout=60,
+                          json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 180, "stream": True}):
+            stream_refused = httpx.post(url, headers=headers, timeout=60,
+                                        json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100,
+                                              "stream": True})
+        assert stream_refused.status_code == 503  # a stream is refused before its 200, not inside it
+        after = httpx.post(url, headers=headers, timeout=60,
+                           json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100})
+        assert after.status_code == 200  # the memory is free again
+    finally:
+        server.stop()

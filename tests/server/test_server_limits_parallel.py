@@ -1,0 +1,151 @@
+"""Limits that hold under long and parallel requests, on a real Redis: tokens per minute are reserved at admission
+(prompt + max_tokens) and the unused part refunded at the end; `parallel` slots are short leases renewed while the
+request runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from deepseek_server.app import create_app
+from deepseek_server.engine.base import GenerationRequest, GenerationStream
+from deepseek_server.engine.noop import NoopEngine
+from deepseek_server.limits.limiter import RateLimiter
+from deepseek_server.limits.policy import KeyLimits
+from deepseek_server.limits.redis_store import RedisLimitStore
+from deepseek_server.settings import ServerSettings
+
+from devcluster.testing.model_server import ServerThread, SigningKey, mint, write_auth_dir
+
+MODEL = "deepseek-tiny"
+TPM = 100
+PROMPT = "three word prompt"  # the no-op engine counts words: 3 prompt tokens
+MAX_TOKENS = 5  # the no-op engine answers 5 words at most: each request uses 3 + 5 = 8 tokens
+RESERVATION = 3 + MAX_TOKENS
+
+
+class HeldEngine(NoopEngine):
+    """The no-op engine, answering each request only after `hold_s`, so that requests overlap."""
+
+    def __init__(self, hold_s: float) -> None:
+        super().__init__(model_name=MODEL)
+        self.hold_s = hold_s
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        answered = super().submit(request)
+        held = GenerationStream(request, lambda s: None)
+        events = []
+        while not answered.queue.empty():
+            events.append(answered.queue.get_nowait())
+
+        def release() -> None:
+            for event in events:
+                held.queue.put_nowait(event)
+
+        asyncio.get_running_loop().call_later(self.hold_s, release)
+        return held
+
+
+def server_with(tmp_path: Path, redis_url: str, limits: dict[str, Any], hold_s: float) -> tuple[ServerThread, str]:
+    key = SigningKey(kid="parallel")
+    uid = f"uid-parallel-{time.monotonic_ns()}"
+    auth = write_auth_dir(tmp_path / "auth", [key], limits={uid: limits})
+    settings = ServerSettings(model_name=MODEL, auth_dir=str(auth), redis_url=redis_url, no_cache=True,
+                              audit_log=str(tmp_path / "audit.jsonl"))
+    return ServerThread(create_app(settings, engine=HeldEngine(hold_s))).start(), mint(key, uid=uid)
+
+
+async def fire(url: str, token: str, count: int, max_tokens: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers={"authorization": f"Bearer {token}"},
+                                 limits=httpx.Limits(max_connections=count + 5)) as client:
+        return list(await asyncio.gather(*(
+            client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens})
+            for _ in range(count))))
+
+
+def test_parallel_requests_overshoot_tokens_per_minute_by_one_reservation_at_most(tmp_path: Path,
+                                                                                   redis_url: str) -> None:
+    server, token = server_with(tmp_path, redis_url, {"rps": 1000, "burst": 1000, "tpm": TPM, "parallel": None},
+                                hold_s=1.5)
+    try:
+        responses = asyncio.run(fire(server.url, token, 30, MAX_TOKENS))
+    finally:
+        server.stop()
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(admitted) + len(refused) == 30, {r.status_code for r in responses}
+    used = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+    # Charged only at the end, all 30 (240 tokens) would be admitted while the first ones still run.
+    assert used <= TPM + RESERVATION, (used, len(admitted))
+    assert used >= TPM - RESERVATION  # and the budget is used, not refused early
+    assert {r.json()["error"]["type"] for r in refused} == {"tokens"}
+
+
+def test_the_unused_part_of_a_reservation_is_refunded(tmp_path: Path, redis_url: str) -> None:
+    # Each request reserves 3 + 40 = 43 tokens but uses 8: without refunds the third would be refused.
+    server, token = server_with(tmp_path, redis_url, {"rps": 1000, "burst": 1000, "tpm": TPM, "parallel": None},
+                                hold_s=0.0)
+    try:
+        statuses = [asyncio.run(fire(server.url, token, 1, 40))[0].status_code for _ in range(10)]
+    finally:
+        server.stop()
+    assert statuses == [200] * 10  # 80 tokens used of 100
+
+
+@pytest.fixture
+async def limiter(redis_url: str) -> AsyncIterator[tuple[RateLimiter, RedisLimitStore]]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    store = RedisLimitStore(client, prefix=f"test-lease:{time.monotonic_ns()}", lease_s=0.6)
+    yield RateLimiter(store), store
+    await client.aclose()
+
+
+async def test_a_running_requests_parallel_slot_is_renewed_past_its_lease(
+        limiter: tuple[RateLimiter, RedisLimitStore]) -> None:
+    rate_limiter, _store = limiter
+    limits = KeyLimits(rps=1000, burst=1000, parallel=1)
+    running = await rate_limiter.acquire("u", limits)
+    assert running.decision.allowed
+    await asyncio.sleep(2.0)  # more than three leases: only renewals keep the slot
+    second = await rate_limiter.acquire("u", limits)
+    assert not second.decision.allowed and second.decision.kind == "parallel"
+    await rate_limiter.release(running, 0)
+    assert running.renewal is None
+    after = await rate_limiter.acquire("u", limits)
+    assert after.decision.allowed
+    await rate_limiter.release(after, 0)
+
+
+async def test_a_lost_release_frees_the_slot_after_one_short_lease(
+        limiter: tuple[RateLimiter, RedisLimitStore]) -> None:
+    rate_limiter, store = limiter
+    limits = KeyLimits(rps=1000, burst=1000, parallel=1)
+    orphan = await rate_limiter.acquire("v", limits)
+    assert orphan.decision.allowed and orphan.renewal is not None
+    orphan.renewal.cancel()  # its replica died, or its release was lost in a Redis blip
+    assert not (await rate_limiter.acquire("v", limits)).decision.allowed
+    deadline = time.monotonic() + 10 * store.lease_s
+    while not (lease := await rate_limiter.acquire("v", limits)).decision.allowed:
+        assert time.monotonic() < deadline, "the lost slot was never freed"
+        await asyncio.sleep(0.1)
+    await rate_limiter.release(lease, 0)
+    assert RedisLimitStore(store.client).lease_s <= 60  # the production default is short too
+
+
+async def test_a_cache_hit_admission_holds_no_parallel_slot(limiter: tuple[RateLimiter, RedisLimitStore]) -> None:
+    rate_limiter, _store = limiter
+    limits = KeyLimits(rps=1000, burst=1000, parallel=1)
+    hit = await rate_limiter.acquire("w", limits, hold=False)
+    assert hit.decision.allowed and hit.renewal is None
+    running = await rate_limiter.acquire("w", limits)
+    assert running.decision.allowed  # the hit took no slot
+    refused = await rate_limiter.acquire("w", limits, hold=False)
+    assert not refused.decision.allowed and refused.decision.kind == "parallel"
+    await rate_limiter.release(running, 0)

@@ -1,0 +1,216 @@
+"""Every OpenAI parameter the built-in engine takes does what OpenAI documents; the rest are refused by name.
+Driven through the official `openai` client against a live server on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+from deepseek_server.app import create_app
+from deepseek_server.engine.base import OPENAI_FINISH_REASONS
+from deepseek_server.routes.completions import template_message
+from deepseek_server.schemas import ChatMessage
+from deepseek_server.settings import ServerSettings
+
+from devcluster.testing.model_server import ServerThread
+
+MODEL = "deepseek-tiny"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def client(llama_server: ServerThread, token_factory: Callable[..., str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=token_factory(), max_retries=0)
+
+
+def completion_tokens(client: openai.OpenAI, **params: object) -> list[str]:
+    options: dict[str, object] = {"max_tokens": 8, **params}
+    reply = client.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0, logprobs=0,
+                                      **options)  # type: ignore[call-overload]
+    assert reply.choices[0].logprobs is not None
+    return list(reply.choices[0].logprobs.tokens or [])
+
+
+def test_negative_penalties_repeat_the_first_token(client: openai.OpenAI) -> None:
+    """A negative presence or frequency penalty raises every generated token, so greedy decoding repeats the
+    first one (the tiny model's logits differ by far less than 2)."""
+    plain = completion_tokens(client)
+    assert len(set(plain)) > 1
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        repeated = completion_tokens(client, **{penalty: -2.0})
+        assert repeated[0] == plain[0]
+        assert set(repeated) == {plain[0]}, penalty
+
+
+def test_positive_presence_penalty_changes_a_repeating_answer(client: openai.OpenAI) -> None:
+    plain = completion_tokens(client, max_tokens=24)
+    penalized = completion_tokens(client, max_tokens=24, presence_penalty=2.0)
+    assert len(set(plain)) < len(plain), "greedy decoding of the tiny model was expected to repeat itself"
+    assert len(set(penalized)) > len(set(plain))
+    assert penalized[0] == plain[0]  # nothing generated yet: the first token is unchanged
+
+
+def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI, llama_server: ServerThread) -> None:
+    tokenizer = llama_server.app.state.services.engine.tokenizer
+    fox = tokenizer.encode("fox")[0]
+    forced = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=1.0, logprobs=1,
+                                       logit_bias={str(fox): 100})
+    assert forced.choices[0].text == tokenizer.decode([fox]) * 4
+    # log-probabilities are the model's own, before the bias (the tiny model spreads ~uniformly over 384 tokens)
+    assert forced.choices[0].logprobs is not None
+    assert all(lp < -1.0 for lp in forced.choices[0].logprobs.token_logprobs or [])
+    plain = completion_tokens(client)
+    banned = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0,
+                                       logprobs=0, logit_bias={str(t): -100 for t in range(len(tokenizer))
+                                                               if tokenizer.decode([t]) == plain[0]})
+    assert banned.choices[0].logprobs is not None and banned.choices[0].logprobs.tokens
+    assert plain[0] not in banned.choices[0].logprobs.tokens
+
+
+def test_chat_logprobs_have_openais_shape(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                           logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    entries = choice.logprobs.content
+    assert reply.usage is not None
+    assert len(entries) == reply.usage.completion_tokens or choice.finish_reason == "stop"
+    for entry in entries:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert entry.logprob == pytest.approx(tops[0])  # greedy: the chosen token is the most likely
+    without = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert without.choices[0].logprobs is None
+    assert without.choices[0].message.content == choice.message.content
+
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed.extend(chunk.choices[0].logprobs.content or [])
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+
+
+def test_completion_logprobs_have_openais_shape(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                      logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert lp.text_offset[0] == 0
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens, strict=False))
+    assert all(1 <= len(top) <= 2 and max(top.values()) <= 0 for top in lp.top_logprobs)
+    stream = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                       logprobs=2, stream=True)
+    tokens: list[str] = []
+    offsets: list[int] = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens.extend(chunk.choices[0].logprobs.tokens or [])
+            offsets.extend(chunk.choices[0].logprobs.text_offset or [])
+    assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def test_json_object_output_parses(client: openai.OpenAI) -> None:
+    finished = 0
+    for seed in range(6):
+        reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0.8,  # type: ignore[arg-type]
+                                               seed=seed, response_format={"type": "json_object"})
+        choice = reply.choices[0]
+        content = choice.message.content or ""
+        assert content.startswith("{")
+        if choice.finish_reason == "stop":
+            finished += 1
+            assert isinstance(json.loads(content), dict), content
+    assert finished >= 1, "no answer completed its JSON within 64 tokens"
+
+
+def test_json_schema_output_matches_the_schema(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer"}},
+              "required": ["ok", "count"], "additionalProperties": False}
+    for seed in range(3):
+        reply = client.chat.completions.create(  # type: ignore[call-overload]
+            model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0.8, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        choice = reply.choices[0]
+        if choice.finish_reason == "stop":
+            answer = json.loads(choice.message.content or "")
+            assert set(answer) == {"ok", "count"}
+            assert isinstance(answer["ok"], bool) and isinstance(answer["count"], int)
+
+
+def test_developer_is_system_and_names_are_accepted(client: openai.OpenAI) -> None:
+    assert template_message(ChatMessage(role="developer", content="Be brief."))["role"] == "system"
+    assert template_message(ChatMessage(role="user", content="hi", name="bob")) == {
+        "role": "user", "content": "hi", "name": "bob"}
+    as_system = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    as_developer = client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say hello.",
+                                                                    "name": "bob"}])
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+@pytest.mark.parametrize("params, param", [
+    ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+    ({"extra_body": {"top_k": 5}}, "top_k"),
+    ({"extra_body": {"best_of": 2}}, "best_of"),
+    ({"extra_body": {"no_such_parameter": 1}}, "no_such_parameter"),
+])
+def test_what_the_builtin_engine_cannot_honour_is_refused_by_name(client: openai.OpenAI, params: dict[str, object],
+                                                                  param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **params)  # type: ignore[call-overload]
+    body = excinfo.value.body
+    assert isinstance(body, dict)
+    assert body["code"] == "unsupported_parameter" and body["param"] == param
+    assert param in body["message"]
+
+
+def test_tool_messages_are_refused_by_name(client: openai.OpenAI) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[  # type: ignore[misc, list-item]
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "messages[1].tool_calls"
+
+
+def test_finish_reasons_are_openais() -> None:
+    assert set(OPENAI_FINISH_REASONS.values()) <= {"stop", "length", "content_filter", "tool_calls"}
+    assert OPENAI_FINISH_REASONS["cancelled"] == "length"
+
+
+def test_the_vllm_gateway_relays_tools_and_tool_messages(auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    import test_server_relay as relay_tests
+
+    standin = relay_tests.StandInEngine()
+    engine_server = ServerThread(standin.app)
+    engine_server.thread.start()
+    gateway = None
+    try:
+        settings = ServerSettings(engine="vllm", engine_url=engine_server.url, model_name=relay_tests.MODEL,
+                                  auth_dir=auth_dir)
+        gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token_factory(), max_retries=0)
+        call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+        messages = [{"role": "developer", "content": "Use tools."}, {"role": "user", "content": "hi", "name": "bob"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+        client.chat.completions.create(model=relay_tests.MODEL, messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                       tools=tools, tool_choice="auto")  # type: ignore[arg-type]
+        sent = standin.requests[-1]
+        assert sent["tools"] == tools and sent["tool_choice"] == "auto"
+        assert sent["messages"] == messages  # relayed as sent: roles, names and tool fields unchanged
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        engine_server.stop()

@@ -1,0 +1,114 @@
+"""Pure pieces of what the server records: masking of prompt text, keyed request digests, token reservations."""
+
+from __future__ import annotations
+
+import pytest
+from deepseek_server.limits.memory_store import MemoryLimitStore
+from deepseek_server.limits.policy import KeyLimits
+from deepseek_server.redaction import CATEGORIES, Redactor, luhn_valid, parse_categories
+from deepseek_server.request_keys import RequestKeys
+
+ALL = Redactor.from_setting("all")
+
+
+@pytest.mark.parametrize(("text", "category"), [
+    ("write to bob.smith+tag@mail.example.co.uk today", "email"),
+    ("Authorization: Bearer abc.DEF-123_456~xyz sent", "api_key"),
+    ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nature-1 here", "api_key"),
+    ("key sk-abcdefghijklmnop1234 here", "api_key"),
+    ("aws AKIAIOSFODNN7EXAMPLE here", "api_key"),
+    ("password = hunter2hunter2 set", "api_key"),
+    ("card 4111 1111 1111 1111 please", "card"),
+    ("card 5500-0000-0000-0004 please", "card"),
+    ("ssn 078-05-1120 here", "national_id"),
+    ("NI number AB 12 34 56 C here", "national_id"),
+    ("call +44 20 7946 0958 now", "phone"),
+    ("call (415) 555-0132 now", "phone"),
+    ("call 415-555-0132 now", "phone"),
+    ("call 020 7946 0958 now", "phone"),
+])
+def test_each_category_is_masked(text: str, category: str) -> None:
+    masked = ALL.mask(text)
+    assert f"[redacted:{category}]" in masked, masked
+    assert masked.split()[0] == text.split()[0] and masked.split()[-1] == text.split()[-1]  # the rest stays
+
+
+@pytest.mark.parametrize("text", [
+    "order 4111 1111 1111 1112 shipped",  # fails the Luhn check: not a card
+    "released on 2024-01-15 at 10:30",
+    "version 1.2.3 costs 42 dollars, ticket 12345",
+    "invalid ssn 000-12-3456 and 666-12-3456",
+])
+def test_ordinary_numbers_are_kept(text: str) -> None:
+    assert ALL.mask(text) == text
+
+
+def test_categories_are_configurable() -> None:
+    assert parse_categories("all") == frozenset(CATEGORIES) and parse_categories("none") == frozenset()
+    only_email = Redactor.from_setting("email")
+    assert only_email.mask("a@b.io 4111111111111111") == "[redacted:email] 4111111111111111"
+    assert Redactor.from_setting("none").mask("a@b.io") == "a@b.io"
+    with pytest.raises(ValueError, match="unknown redaction categories"):
+        parse_categories("email,passport")
+
+
+def test_luhn() -> None:
+    assert luhn_valid("4111111111111111") and luhn_valid("79927398713")
+    assert not luhn_valid("4111111111111112")
+
+
+def test_preview_masks_across_the_cut_and_drops_a_cut_word() -> None:
+    text = "x" * 195 + " sk-abcdefghijklmnopqrstuvwx rest"
+    preview = ALL.preview(text, 200)
+    assert preview == "x" * 195  # the key crossed the cut: masked whole, then the cut placeholder dropped
+    assert "sk-" not in preview
+    assert ALL.preview("short a@b.io", 200) == "short [redacted:email]"
+    long_word = "y" * 300
+    assert ALL.preview(long_word, 200) == ""  # one word cut in two: nothing of it
+
+
+def test_request_keys_separate_deployments_revisions_environments_and_callers() -> None:
+    keys = RequestKeys(b"s" * 32, "team/chat", "rev1")
+    base = keys.cache_key("digest", "dev", "key:u1")
+    assert base == RequestKeys(b"s" * 32, "team/chat", "rev1").cache_key("digest", "dev", "key:u1")
+    others = {
+        RequestKeys(b"s" * 32, "team/other", "rev1").cache_key("digest", "dev", "key:u1"),
+        RequestKeys(b"s" * 32, "team/chat", "rev2").cache_key("digest", "dev", "key:u1"),
+        RequestKeys(b"t" * 32, "team/chat", "rev1").cache_key("digest", "dev", "key:u1"),
+        keys.cache_key("digest", "prod", "key:u1"),
+        keys.cache_key("digest", "dev", "key:u2"),
+        keys.cache_key("other", "dev", "key:u1"),
+        keys.fingerprint("digest"),
+    }
+    assert base not in others and len(others) == 7
+    # length-prefixed parts: moving a boundary between parts changes the key
+    assert RequestKeys(b"s" * 32, "a", "bc").cache_key("d", "e", "f") != RequestKeys(
+        b"s" * 32, "ab", "c").cache_key("d", "e", "f")
+
+
+def test_memory_tokens_are_reserved_at_admission_and_refunded_at_release() -> None:
+    now = [100.0]
+    store = MemoryLimitStore(clock=lambda: now[0])
+    limits = KeyLimits(rps=1000, burst=1000, tpm=60)  # one token per second
+    first = store.acquire("u", limits, reserve_tokens=50)
+    assert first.allowed and first.remaining_tokens == 10
+    second = store.acquire("u", limits, reserve_tokens=50)  # 10 tokens free: admitted, overshoots once
+    assert second.allowed
+    third = store.acquire("u", limits, reserve_tokens=1)
+    assert not third.allowed and third.kind == "tokens"
+    store.release("u", limits, tokens_used=5, reserved=50)  # refunds 45
+    store.release("u", limits, tokens_used=5, reserved=50)
+    fourth = store.acquire("u", limits, reserve_tokens=0)
+    assert fourth.allowed and fourth.remaining_tokens == 50
+    store.release("u", limits, tokens_used=70, reserved=0)  # used more than reserved: charged
+    assert not store.acquire("u", limits).allowed
+
+
+def test_an_answer_given_at_once_counts_as_a_request_but_holds_no_parallel_slot() -> None:
+    store = MemoryLimitStore(clock=lambda: 100.0)
+    limits = KeyLimits(rps=1, burst=3, parallel=1)
+    assert store.acquire("u", limits, hold=False).allowed  # a cache hit: nothing to release
+    running = store.acquire("u", limits)
+    assert running.allowed and running.remaining_requests == 1  # the hit used one of the burst of 3
+    refused = store.acquire("u", limits, hold=False)
+    assert not refused.allowed and refused.kind == "parallel"
