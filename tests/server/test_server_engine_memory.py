@@ -223,8 +223,9 @@ def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: di
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "engine_overloaded"
         stream_refused = None
-        with httpx.stream("POST", url, headers=headers, timeout=60,
-                          json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 180, "stream": True}):
+        with httpx.stream("POST", url, headers=headers, timeout=60,  # greedy: no early end of sequence
+                          json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 180, "stream": True,
+                                "temperature": 0}):
             stream_refused = httpx.post(url, headers=headers, timeout=60,
                                         json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100,
                                               "stream": True})

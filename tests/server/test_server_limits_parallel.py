@@ -55,8 +55,10 @@ def server_with(tmp_path: Path, redis_url: str, limits: dict[str, Any], hold_s: 
     key = SigningKey(kid="parallel")
     uid = f"uid-parallel-{time.monotonic_ns()}"
     auth = write_auth_dir(tmp_path / "auth", [key], limits={uid: limits})
+    # a generous Redis timeout: 30 connections opened at once on a loaded machine must not fall back to
+    # per-replica limits in memory, which would count part of the burst apart from the rest
     settings = ServerSettings(model_name=MODEL, auth_dir=str(auth), redis_url=redis_url, no_cache=True,
-                              audit_log=str(tmp_path / "audit.jsonl"))
+                              audit_log=str(tmp_path / "audit.jsonl"), redis_timeout_s=10)
     return ServerThread(create_app(settings, engine=HeldEngine(hold_s))).start(), mint(key, uid=uid)
 
 
