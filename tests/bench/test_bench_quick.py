@@ -75,3 +75,12 @@ def test_engines_quick_compares_three_engines_at_two_levels() -> None:
         (c, e) for c in ("1", "2") for e in ("builtin", "vllm", "gateway")], out
     assert all(float(tokens_s) > 0 and errors == "0" for _, _, tokens_s, errors in rows), out
     assert "targets not judged (--quick)" in out
+
+
+def test_gateway_overhead_quick_measures_every_side() -> None:
+    out = run_bench("gateway_overhead.py", "--quick")
+    rows = re.findall(r"^\s+(\d+)\s+(direct|gateway)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)", out, re.MULTILINE)
+    assert [(conc, side) for conc, side, _ in rows] == [("1", "direct"), ("1", "gateway"), ("16", "direct"),
+                                                       ("16", "gateway")], out
+    assert all(errors == "0" for _, _, errors in rows), out
+    assert re.search(r"^\s+16 gateway .* [\d.]+ +[\d.]+ +[+-][\d.]+ ms$", out, re.MULTILINE), out
