@@ -55,8 +55,8 @@ def create_key(world: World, name: str, **spec: Any) -> str:
 
 
 def chat(api: openai.OpenAI, **extra: Any) -> Any:
-    return api.chat.completions.create(model=MODEL_NAME, max_tokens=8, temperature=0.7,
-                                       messages=[{"role": "user", "content": "Say hello"}], **extra)
+    return api.chat.completions.create(**{"model": MODEL_NAME, "max_tokens": 8, "temperature": 0.7,
+                                          "messages": [{"role": "user", "content": "Say hello"}], **extra})
 
 
 def rate_limited(api: openai.OpenAI) -> openai.RateLimitError:
@@ -141,9 +141,14 @@ def test_builtin_to_vllm_rollout_gateway_answers_and_a_killed_engine(vllm_world:
         open_ended = api.chat.completions.create(model=MODEL_NAME, temperature=0.7,
                                                  messages=[{"role": "user", "content": "Tell a long story"}])
         assert open_ended.usage is not None and 1 <= open_ended.usage.completion_tokens <= 16
-        chunks = list(chat(api, stream=True))
+        # greedy, so the stream must say exactly what the same request answers in one piece (a random tiny model's
+        # sampled tokens may all decode to nothing)
+        whole = chat(api, temperature=0, user="whole").choices[0].message.content
+        chunks = list(chat(api, stream=True, temperature=0, user="streamed"))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert len(chunks) >= 2 and streamed
+        assert len(chunks) >= 2 and streamed == whole
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (
+            ["length"], ["stop"])
         with pytest.raises(openai.AuthenticationError) as unauthenticated:
             chat(openai.OpenAI(base_url=base_url, api_key="not-a-key", max_retries=0, timeout=60))
         assert unauthenticated.value.code == "invalid_api_key"

@@ -122,8 +122,10 @@ def test_lost_or_tampered_secret_is_restored_with_a_new_token_and_the_old_one_re
     fresh = world.wait_ready("erin")["status"]
     assert world.verify(world.token("erin"))["jti"] == fresh["tokenId"]
     assert fresh["revision"] == 2
-    warnings = [e for e in world.events("erin") if e.type == "Warning"]
-    assert warnings and warnings[0].reason == "Rotated"
+    # events are posted in the background: wait for it rather than read the list once
+    warnings = world.wait_for("a Warning event for the restored key",
+                              lambda: [e for e in world.events("erin") if e.type == "Warning"])
+    assert warnings[0].reason == "Rotated"
 
 
 def test_many_keys_revoked_at_once_lose_no_revocation(world):
