@@ -72,11 +72,8 @@ class ResponseCache:
         self._remember(key, body)
         return body
 
-    async def put(self, fingerprint: str, body: dict[str, Any], principal: Principal | None = None) -> None:
-        """Store `body` for `principal`'s key; without a principal nothing is stored (whose answer is it?)."""
-        if principal is None:
-            log.debug("response cache: put without a principal; not stored")
-            return
+    async def put(self, fingerprint: str, body: dict[str, Any], principal: Principal) -> None:
+        """Store `body` for `principal`'s key (an entry belongs to one caller, as `get` reads it)."""
         key = self.key(fingerprint, principal)
         self._remember(key, body)
         if self.redis is not None:
