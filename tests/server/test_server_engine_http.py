@@ -108,6 +108,20 @@ async def test_chunked_and_sized_bodies_arrive_whole_over_one_kept_alive_connect
     http.close()
 
 
+async def test_an_answer_without_a_body_ends_at_its_headers(engine_factory) -> None:
+    async def no_content(body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        return True
+
+    engine = await engine_factory(no_content)
+    http = client(engine, read_timeout=30)
+    for _ in range(2):  # and the connection is reused for the next request
+        response = await http.request("GET", "/health")
+        assert (response.status_code, await asyncio.wait_for(response.aread(), 5)) == (204, b"")
+    assert engine.connections == 1
+
+
 async def test_a_kept_alive_connection_the_engine_closed_is_not_reused(engine_factory) -> None:
     async def answer_then_close(body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         await answer_sized(body, reader, writer)

@@ -65,6 +65,8 @@ class EngineResponse:
         length = headers.get("content-length")
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self._length = int(length) if length is not None and not self._chunked else None
+        if status in (204, 304):  # no body, whatever the headers say
+            self._chunked, self._length = False, 0
         self._keep_alive = headers.get("connection", "").lower() != "close" and (
             self._chunked or self._length is not None)
         self._watchdog = asyncio.get_running_loop().call_later(read_timeout, self._check_silence)
