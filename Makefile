@@ -31,7 +31,7 @@ test-unit: $(STAMP)
 
 test: $(STAMP) binaries vllm-env
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25
 
 clean-cluster:
 	-$(PY) -m devcluster down

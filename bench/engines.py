@@ -237,10 +237,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
+    parser.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="start vLLM with --enforce-eager -O0: no torch.compile, a start in about a third of the "
+                             "time, slower decoding (default: on with --quick only)")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or ("1,2" if args.quick else "1,16,64")
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (8 if args.quick else 64)
+    args.vllm_eager = args.quick if args.vllm_eager is None else args.vllm_eager
     return args
 
 
@@ -278,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                 "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(ports["vllm"]),
                 "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
-                "--disable-log-stats", "--uvicorn-log-level", "warning"],
+                "--disable-log-stats", "--uvicorn-log-level", "warning",
+                *(["--enforce-eager", "-O0"] if args.vllm_eager else [])],
                 ports["vllm"], work, env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
                                           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
             stack.callback(stop, servers["vllm"])
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"engines bench ({'quick' if args.quick else 'full'}): {args.max_tokens} output tokens, temperature 0, "
           f"streamed, {args.rounds} rounds alternating, model hidden {config.get('hidden_size')} x "
-          f"{config.get('num_hidden_layers')} layers")
+          f"{config.get('num_hidden_layers')} layers" + ("; vLLM eager (no torch.compile)" if args.vllm_eager else ""))
     print(report)
     STATUS_FILE.write_text(STATUS_FILE.read_text() + f"finished {time.strftime('%H:%M:%S')}:\n{report}\n")
     if not args.keep_logs:

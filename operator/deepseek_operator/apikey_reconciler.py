@@ -14,7 +14,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,6 +52,23 @@ _JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
 # Issue reasons that bring a key (back) into use, as opposed to rotating one in use: these wait when the auth
 # ConfigMap has no room.
 NEW_KEY_REASONS = frozenset({"Initial", "Unrevoked"})
+# A key whose deployment does not exist is tried again after retry_interval, doubling up to this; the deployment's
+# first reconcile wakes it at once (OperatorRuntime.reconcile_deployment), so the back-off only bounds polling.
+MISSING_DEPLOYMENT_MAX_BACKOFF = 300.0
+OWN_VERSIONS_KEPT = 4
+
+
+class _SecretNameInUse(Exception):
+    """A Secret was created without reading first and its name exists: reconcile again, reading it this time."""
+
+
+def first_issuance(apikey: Mapping[str, Any]) -> bool:
+    """Whether the key (as observed) has never held a token: no token, none pending, not revoked, not deleting.
+
+    Such a key's Secret is created without reading it first (a 409 sends the reconcile back to read it)."""
+    status = apikey.get("status") or {}
+    return not ((apikey.get("metadata") or {}).get("deletionTimestamp") or (apikey.get("spec") or {}).get("revoked")
+                or status.get("tokenId") or status.get("pendingToken"))
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,10 @@ class ApiKeyReconciler:
         self._locks_guard = threading.Lock()
         # In memory on purpose: after a restart one more attempt is cheap, and status needs no extra field.
         self._secret_failures: dict[tuple[str, str], SecretWriteFailure] = {}
+        self._missing_deployment: dict[tuple[str, str], int] = {}
+        # resourceVersions of the last ApiKey writes made by reconciles (finalizer, status): their watch events are
+        # ours and ask for nothing (see `caused_by_own_write`). Several, since events may arrive after later writes.
+        self._own_versions: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -108,21 +129,41 @@ class ApiKeyReconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
             self._secret_failures.pop((namespace, name), None)
+            self._missing_deployment.pop((namespace, name), None)
+            self._own_versions.pop((namespace, name), None)
 
-    def reconcile(self, namespace: str, name: str) -> ReconcileResult:
-        """Bring one ApiKey to its desired state; retried from a fresh read when the object changed meanwhile."""
+    def caused_by_own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether this version of the key is one that a reconcile of this process wrote (its event asks for
+        nothing: the reconcile that wrote it went on from there)."""
+        return resource_version is not None and resource_version in self._own_versions.get((namespace, name), ())
+
+    def reconcile(self, namespace: str, name: str, observed: dict[str, Any] | None = None) -> ReconcileResult:
+        """Bring one ApiKey to its desired state, starting from `observed` (the watch event's object) when given;
+        retried from a fresh read when the object changed meanwhile."""
+        read_secret = observed is None or not first_issuance(observed)
         with self._lock(namespace, name):
             for _ in range(8):
                 try:
-                    return self._reconcile_once(namespace, name)
+                    return self._reconcile_once(namespace, name, observed, read_secret=read_secret)
                 except Conflict:
+                    observed = None
+                    continue
+                except _SecretNameInUse:
+                    observed, read_secret = None, True
                     continue
             raise Conflict(409, "Conflict", f"ApiKey {namespace}/{name} kept changing", "PUT", name)
 
     def _write_status(self, apikey: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"], "metadata": apikey["metadata"],
                 "spec": apikey["spec"], "status": status}
-        return self._kube.replace_status(APIKEYS, apikey["metadata"]["namespace"], body)
+        written = self._kube.replace_status(APIKEYS, apikey["metadata"]["namespace"], body)
+        self._remember_own_write(written)
+        return written
+
+    def _remember_own_write(self, apikey: dict[str, Any]) -> None:
+        meta = apikey["metadata"]
+        key = (meta["namespace"], meta["name"])
+        self._own_versions[key] = (*self._own_versions.get(key, ())[-(OWN_VERSIONS_KEPT - 1):], meta["resourceVersion"])
 
     def _events(self, apikey: dict[str, Any], events: list[ApiKeyEvent]) -> None:
         for event in events:
@@ -130,8 +171,11 @@ class ApiKeyReconciler:
             log.info("%s %s/%s: %s", event.reason, apikey["metadata"]["namespace"], apikey["metadata"]["name"],
                      event.message)
 
-    def _reconcile_once(self, namespace: str, name: str) -> ReconcileResult:
-        apikey = self._kube.get(APIKEYS, namespace, name)
+    def _reconcile_once(self, namespace: str, name: str, observed: dict[str, Any] | None, *,
+                        read_secret: bool) -> ReconcileResult:
+        # The watch event's object is as fresh as a GET would be; if it is not, the first write is refused (409,
+        # resourceVersion) and the retry reads.
+        apikey = observed if observed is not None else self._kube.get(APIKEYS, namespace, name)
         if apikey is None:
             return ReconcileResult(None, None)
         finalizers = list(apikey["metadata"].get("finalizers") or [])
@@ -147,6 +191,7 @@ class ApiKeyReconciler:
             # Before any token exists: a key deleted from now on is finalized (its tokens revoked) first.
             apikey = self._kube.merge(APIKEYS, namespace, name, {"metadata": {
                 "finalizers": [*finalizers, FINALIZER], "resourceVersion": apikey["metadata"]["resourceVersion"]}})
+            self._remember_own_write(apikey)
         meta, spec = apikey["metadata"], apikey["spec"]
         uid, generation = meta["uid"], int(meta.get("generation", 1))
         deployment = spec["deploymentRef"]["name"]
@@ -154,7 +199,9 @@ class ApiKeyReconciler:
         found = self._issuers.view_for(namespace, deployment, uid)
         issuer, dsd = found if found else (None, None)
         secret_name = apikey_secret_name(name, spec)
-        secret = self._kube.get(SECRETS, namespace, secret_name)
+        # A key that never held a token almost never has a Secret yet: it is created without a read, and a 409
+        # (name in use: ours from an interrupted reconcile, or someone else's) sends the reconcile back to read it.
+        secret = self._kube.get(SECRETS, namespace, secret_name) if read_secret or issuer is None else None
         previous_status = dict(apikey.get("status") or {})
 
         if secret is not None and not any(ref.get("uid") == uid for ref in
@@ -194,6 +241,7 @@ class ApiKeyReconciler:
 
         if issuer is not None and not spec.get("revoked"):
             status["secretName"] = secret_name
+            self._missing_deployment.pop((namespace, name), None)
         failure = self._secret_failures.get((namespace, name))
         if not plan.issue_reason:
             self._secret_failures.pop((namespace, name), None)
@@ -202,10 +250,14 @@ class ApiKeyReconciler:
             if failure is None or now >= failure.retry_at:
                 status, apikey, failure = self._issue(apikey, status, issuer, plan.issue_reason,
                                                       plan.previous_revoke_at, secret_name, secret, now, failure,
-                                                      rotation_request=plan.rotation_request)
+                                                      rotation_request=plan.rotation_request,
+                                                      secret_read=read_secret)
                 if failure is None:
-                    events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"],
-                                              secret_name))
+                    if plan.issue_reason != "Initial":
+                        # A first token is recorded in status (Ready, TokenIssued); an Event per new key would be
+                        # one more write each in a burst of thousands. Rotations and revocations get Events.
+                        events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"],
+                                                  secret_name))
                 else:
                     events.append(ApiKeyEvent("Warning", "SecretWriteFailed",
                                               f"{failure.message}; next attempt in "
@@ -238,6 +290,8 @@ class ApiKeyReconciler:
                        retry_interval=self._settings.retry_interval)
         if failure is not None:
             due = failure.retry_at
+        if issuer is None and not spec.get("revoked"):
+            due = now + self._missing_deployment_backoff(namespace, name)
         # Spread the checks: keys created together would otherwise all be checked in the same second.
         drift = now + self._settings.drift_check_interval * random.uniform(0.8, 1.2)
         return ReconcileResult(drift if due is None else min(due, drift), deployment)
@@ -257,7 +311,7 @@ class ApiKeyReconciler:
     def _issue(
         self, apikey: dict[str, Any], status: dict[str, Any], issuer: IssuerView, reason: str,
         previous_revoke_at: int | None, secret_name: str, secret: dict[str, Any] | None, now: int,
-        failure: SecretWriteFailure | None, *, rotation_request: str | None = None,
+        failure: SecretWriteFailure | None, *, rotation_request: str | None = None, secret_read: bool = True,
     ) -> tuple[dict[str, Any], dict[str, Any], SecretWriteFailure | None]:
         """Mint a token, write it to the Secret and make it current. Returns (status, apikey, write failure).
 
@@ -280,12 +334,19 @@ class ApiKeyReconciler:
             apikey = self._write_status(apikey, status)
             failpoints.reached("apikey:after-pending", f"{namespace}/{apikey['metadata']['name']}")
         key = (namespace, apikey["metadata"]["name"])
+        desired = build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=issuer.deployment,
+                                      token=token, base_url=issuer.base_url)
         try:
-            self._kube.write(
-                SECRETS, namespace,
-                build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=issuer.deployment,
-                                    token=token, base_url=issuer.base_url),
-                current=secret, up_to_date=secret_up_to_date)
+            if secret_read:
+                self._kube.write(SECRETS, namespace, desired, current=secret, up_to_date=secret_up_to_date)
+            else:
+                try:
+                    self._kube.create(SECRETS, namespace, desired)
+                except Conflict:
+                    # Not read first, so never written over: the retry reads it (owner, a token to adopt).
+                    raise _SecretNameInUse() from None
+        except _SecretNameInUse:
+            raise
         except Exception as exc:
             failure = secret_write_failed(failure, exc, secret_name=secret_name, now=now,
                                           retry_interval=self._settings.retry_interval)
@@ -298,6 +359,11 @@ class ApiKeyReconciler:
         self._secret_failures.pop(key, None)
         failpoints.reached("apikey:after-secret", f"{namespace}/{apikey['metadata']['name']}")
         return promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey, None
+
+    def _missing_deployment_backoff(self, namespace: str, name: str) -> float:
+        attempts = self._missing_deployment.get((namespace, name), 0) + 1
+        self._missing_deployment[(namespace, name)] = attempts
+        return min(MISSING_DEPLOYMENT_MAX_BACKOFF, self._settings.retry_interval * 2 ** (attempts - 1))
 
     def _secret_taken(self, apikey: dict[str, Any], status: dict[str, Any], secret_name: str,
                       now: int) -> ReconcileResult:

@@ -26,6 +26,9 @@ from .signing_keys import KeyRing, SigningKey, build_jwks, next_key_ring_change,
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_CACHE_SECONDS = 2.0
+# A deployment delivered by the watch (`observe_deployment`) is current until the next event; the bound only covers
+# a watch that stopped delivering.
+WATCHED_DEPLOYMENT_CACHE_SECONDS = 60.0
 LIVE_EXPIRY_RELIST = 5  # issuer checks between listings of the ApiKeys while a retired key waits
 IN_SIGNING_KEY_NAMESPACE = "InSigningKeyNamespace"
 
@@ -63,8 +66,10 @@ class Issuers:
         self._new_key = new_key
         self.signing_keys = SigningKeyStore(kube, settings.key_namespace, auth_store)
         self._rings: dict[tuple[str, str], tuple[str, KeyRing]] = {}  # -> (deployment uid, ring)
-        # Deployments as last read, so that a thousand keys for one deployment do not read it a thousand times.
-        self._deployments: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        # Deployments as last read or watched (None: not found), so that a thousand keys for one deployment do not
+        # read it a thousand times: (monotonic time, object, whether the watch delivered it).
+        self._deployments: dict[tuple[str, str], tuple[float, dict[str, Any] | None, bool]] = {}
+        self._fetch_locks: dict[tuple[str, str], threading.Lock] = {}
         self._live_expiry: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -105,21 +110,39 @@ class Issuers:
         self._live_expiry[(namespace, name)] = (time.monotonic(), expiry)
         return expiry
 
+    def observe_deployment(self, dsd: dict[str, Any]) -> None:
+        """A deployment as the watch delivered it (not deleted): ApiKey reconciles use it without a GET."""
+        meta = dsd["metadata"]
+        self._deployments[(meta["namespace"], meta["name"])] = (time.monotonic(), dsd, True)
+
+    def _cached_deployment(self, key: tuple[str, str]) -> tuple[bool, dict[str, Any] | None]:
+        cached = self._deployments.get(key)
+        if cached is None:
+            return False, None
+        at, dsd, watched = cached
+        fresh = time.monotonic() - at < (WATCHED_DEPLOYMENT_CACHE_SECONDS if watched else DEPLOYMENT_CACHE_SECONDS)
+        return fresh, dsd
+
     def _deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        cached = self._deployments.get((namespace, name))
-        if cached is not None and time.monotonic() - cached[0] < DEPLOYMENT_CACHE_SECONDS:
-            return cached[1]
-        dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, name)
-        if dsd is None:
-            self._deployments.pop((namespace, name), None)
-        else:
-            self._deployments[(namespace, name)] = (time.monotonic(), dsd)
-        return dsd
+        key = (namespace, name)
+        fresh, dsd = self._cached_deployment(key)
+        if fresh:
+            return dsd
+        with self._locks_guard:
+            fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
+        with fetch_lock:  # one GET when the entry expires, not one per waiting key
+            fresh, dsd = self._cached_deployment(key)
+            if fresh:
+                return dsd
+            dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, name)
+            # A missing deployment is remembered briefly too: keys waiting for it do not each ask again.
+            self._deployments[key] = (time.monotonic(), dsd, False)
+            return dsd
 
     def reconcile_issuer(self, dsd: dict[str, Any]) -> IssuerState:
         """Make the signing-key Secret and the issuer's part of the auth ConfigMap match the schedule."""
         namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
-        self._deployments[(namespace, name)] = (time.monotonic(), dsd)
+        self._deployments[(namespace, name)] = (time.monotonic(), dsd, False)
         if namespace == self.signing_keys.namespace:
             # Its pods could mount any Secret there (a Redis or token secretRef names one): every deployment's keys.
             return IssuerState(False, IN_SIGNING_KEY_NAMESPACE,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .autoscaler import effective_replicas
 from .capacity import CapacityShortage, gpu_shortage
 from .conditions import Condition
 from .pod_failures import pod_failure
@@ -167,11 +168,12 @@ class RolloutSettings:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], *, progressing_interval: float,
-                  stable_interval: float) -> RolloutSettings:
+                  stable_interval: float, status: Mapping[str, Any] | None = None) -> RolloutSettings:
+        """With autoscaling, `replicas` is the autoscaler's count from `status` (autoscaler.effective_replicas)."""
         rollout = spec.get("rollout") or {}
         analysis = rollout.get("analysis") or {}
         return cls(
-            replicas=int(spec.get("replicas", 1)),
+            replicas=effective_replicas(spec, status or {}),
             strategy=str(rollout.get("strategy", "BlueGreen")),
             auto_promote=bool(rollout.get("autoPromote", True)),
             preview_replicas=int(rollout.get("previewReplicas", 1)),
@@ -706,8 +708,14 @@ def _conditions(b: _Builder) -> list[Condition]:
     short_color = rollout.get("color") if phase in IN_PROGRESS else active
     shortage = o.colors.get(short_color, ColorObservation()).shortage if short_color else None
     if shortage is not None and short_color is not None:
+        scaling = o.status.get("autoscaling") if isinstance(o.status.get("autoscaling"), Mapping) else None
+        held = ""
+        if short_color == active and scaling is not None and isinstance(scaling.get("desiredReplicas"), int):
+            held = (f"; the autoscaler wants {scaling['desiredReplicas']} replica(s): {serving.ready} ready, "
+                    f"{shortage.pending_pods} pending for GPUs (no node has {shortage.gpus_per_pod} "
+                    f"{shortage.gpu_resource} free); it scales no further up until GPUs free up")
         capacity = Condition("CapacityAvailable", False, "InsufficientGPU", shortage.describe(short_color)
-                             + ("; the active color keeps serving" if short_color != active else ""))
+                             + ("; the active color keeps serving" if short_color != active else "") + held)
     else:
         capacity = Condition("CapacityAvailable", True, "Scheduled", "every pod found a node with its GPUs")
     return [ready, progressing, degraded, capacity]

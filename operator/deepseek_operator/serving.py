@@ -182,7 +182,7 @@ class ServingReconciler:
             now=self._clock(),
             desired_revision=compute_revision(spec),
             settings=RolloutSettings.from_spec(spec, progressing_interval=self._timing.progressing_interval,
-                                               stable_interval=self._timing.stable_interval),
+                                               stable_interval=self._timing.stable_interval, status=status),
             status=status,
             colors=colors,
             annotations=dict(dsd["metadata"].get("annotations") or {}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .auth_config import auth_configmap_names
 from .engines import VLLM, VLLM_URL, uses_vllm, vllm_args, vllm_env, vllm_image
 from .kube import Resource
 from .names import SERVER_PORT, auth_configmap_name, deployment_labels, owner_reference, record_key_secret_name
@@ -433,7 +434,8 @@ def build_preview_service(dsd: dict[str, Any], color: str, revision: str) -> dic
 
 
 def build_server_account(dsd: dict[str, Any]) -> list[dict[str, Any]]:
-    """ServiceAccount, Role (get/watch on the deployment's own auth ConfigMap only) and RoleBinding of the server."""
+    """ServiceAccount, Role (get/watch on the deployment's own auth ConfigMaps only: the index and its shards) and
+    RoleBinding of the server."""
     name = dsd["metadata"]["name"]
     account = server_account_name(name)
     return [
@@ -443,7 +445,7 @@ def build_server_account(dsd: dict[str, Any]) -> list[dict[str, Any]]:
             "kind": "Role",
             "metadata": _metadata(dsd, account, "server"),
             "rules": [{"apiGroups": [""], "resources": ["configmaps"],
-                       "resourceNames": [auth_configmap_name(name)], "verbs": ["get", "watch"]}],
+                       "resourceNames": auth_configmap_names(name), "verbs": ["get", "watch"]}],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",

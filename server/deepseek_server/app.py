@@ -126,7 +126,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, *, record
                 await services.redis.aclose()
             await services.audit.aclose()
 
-    app = FastAPI(title="deepseek-server", version=__version__, lifespan=lifespan)
+    # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would only look up unconfigured providers on
+    # every request.
+    app = FastAPI(title="deepseek-server", version=__version__, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.state.services = services
     install_error_handlers(app)
     app.include_router(completions.router)

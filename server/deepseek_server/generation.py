@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,11 +29,19 @@ from deepseek_server.engine.base import (
 from deepseek_server.errors import APIError
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.logprob_bodies import logprobs_body
-from deepseek_server.response_bodies import Kind, chunk, full_body, sse, usage_body, usage_chunk
+from deepseek_server.response_bodies import Kind, TextChunks, chunk, full_body, sse, usage_body, usage_chunk
 from deepseek_server.schemas import SamplingFields
 from deepseek_server.services import Services
 
 DISCONNECT_POLL_S = 0.25
+# completion ids: a random per-process prefix (unique across replicas) and a counter; 32 hex digits like a uuid4, whose
+# getrandom call per request costs more than everything else in an id
+_CALL_ID_PREFIX = secrets.token_hex(8)
+_CALL_ID_COUNTER = itertools.count(1)
+
+
+def new_call_id(kind: Kind) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{_CALL_ID_PREFIX}{next(_CALL_ID_COUNTER):016x}"
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ async def serve_cached(services: Services, request: Request, principal: Principa
     request.state.cache = "hit"
     usage = cached.get("usage") or {}
     request.state.usage = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-    call_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    call_id = new_call_id(kind)
     return JSONResponse({**cached, "id": call_id, "created": int(time.time())}, headers=_headers(request, "hit"))
 
 
@@ -190,7 +199,7 @@ async def respond(services: Services, request: Request, principal: Principal, en
     request.state.stream = call.stream
     if not hasattr(request.state, "started"):  # set by the recording middleware when it is installed
         request.state.started = time.perf_counter()
-    call_id = f"{'chatcmpl' if call.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    call_id = new_call_id(call.kind)
     created = int(time.time())
     if call.cacheable:
         cached = await serve_cached(services, request, principal, call.kind, call.fingerprint)
@@ -292,6 +301,7 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
     kind, model, with_usage = call.kind, call.model, call.include_usage
     with_logprobs = call.requests[0].logprobs is not None
     text_offsets = [0] * len(streams)  # where each choice's next token starts in its text (completions' shape)
+    text_chunks = TextChunks(kind, call_id, created, model, with_usage)
     try:
         if kind == "chat":
             for index in range(len(streams)):
@@ -302,7 +312,9 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
                 if event.text and first:
                     first = False
                     services.metrics.ttft.labels(kind).observe(time.perf_counter() - started)
-                if event.text or (with_logprobs and event.logprobs):
+                if event.text and not with_logprobs:
+                    yield text_chunks.event(index, event.text)
+                elif event.text or (with_logprobs and event.logprobs):
                     logprobs = None
                     if with_logprobs:
                         logprobs = logprobs_body(kind, event.logprobs, text_offsets[index])

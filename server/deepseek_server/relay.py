@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.cache import is_deterministic, request_fingerprint
@@ -179,11 +180,14 @@ class _StreamRelay:
                 if first:
                     first = False
                     services.metrics.ttft.labels(self.kind).observe(time.perf_counter() - started)
-                pending += data
-                end = pending.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                events, pending = pending[:end + 2], pending[end + 2:]
+                pending = pending + data if pending else data
+                if pending.endswith(b"\n\n"):  # the usual case: whole events, relayed without copying
+                    events, pending = pending, b""
+                else:
+                    end = pending.rfind(b"\n\n")
+                    if end < 0:
+                        continue
+                    events, pending = pending[:end + 2], pending[end + 2:]
                 self.events_sent += events.count(b"data: ")
                 if _USAGE in events:
                     events, found = _take_usage(events, client_usage)
@@ -227,7 +231,10 @@ class _StreamRelay:
 
 
 class _RelayedStreamResponse(StreamingResponse):
-    """Starlette never starts the body of a response whose client has already gone: finish the relay anyway."""
+    """Starlette never starts the body of a response whose client has already gone: finish the relay anyway.
+
+    The relay notices a client that leaves by itself (it then closes the engine's stream, which ends the body), so
+    the response runs without Starlette's task group listening for the disconnect beside each stream."""
 
     def __init__(self, relay: _StreamRelay, headers: dict[str, str]) -> None:
         super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
@@ -235,7 +242,9 @@ class _RelayedStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
         finally:
             await self.relay.finish()
 

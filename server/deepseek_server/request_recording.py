@@ -14,12 +14,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Gauge
+
 from deepseek_server.audit import AuditLog
 from deepseek_server.metrics import ServerMetrics
 from deepseek_server.redaction import Redactor
 from deepseek_server.request_keys import RequestKeys
 
 PROMPT_PREVIEW_CHARS = 200
+# What the operator's autoscaler reads (spec.autoscaling.metric InFlightRequests): API requests begun and not yet
+# answered to their last byte, streams included, on this replica.
+IN_FLIGHT_METRIC = "deepseek_requests_in_flight"
 
 # request ids: a random per-process prefix (unique across replicas) and a counter (cheaper than uuid4 per request)
 _ID_PREFIX = secrets.token_hex(6)
@@ -45,6 +50,8 @@ class RequestRecordingMiddleware:
         self.audit = audit
         self.keys = keys
         self.redactor = redactor
+        self.in_flight = Gauge(IN_FLIGHT_METRIC, "API (/v1) requests being answered, streams until their last byte",
+                               registry=metrics.registry)
         # labelled children, looked up once per (route, status) instead of on every request
         self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
@@ -72,12 +79,17 @@ class RequestRecordingMiddleware:
         request_id = state["request_id"] = new_request_id()
         status = 500
         recorded = False
+        api = scope["path"].startswith("/v1/")
+        if api:
+            self.in_flight.inc()
 
         def record() -> None:
             nonlocal recorded
             if recorded:
                 return
             recorded = True
+            if api:
+                self.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = route_label(scope)
             self._observe(route, status, elapsed)

@@ -67,3 +67,19 @@ def sse(data: dict[str, Any] | str) -> str:
     event for clients that break lines like str.splitlines (httpx's iter_lines does)."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=True)
     return f"data: {payload}\n\n"
+
+
+class TextChunks:
+    """The SSE events of a stream's text chunks, from JSON encoded once per stream: per token only the text is
+    encoded. Each event equals `sse(chunk(kind, ..., index, text=text, with_usage_field=...))`."""
+
+    def __init__(self, kind: Kind, call_id: str, created: int, model: str, with_usage_field: bool) -> None:
+        head = json.dumps({"id": call_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                           "created": created, "model": model}, separators=(",", ":"), ensure_ascii=True)
+        self._head = "data: " + head[:-1] + ',"choices":[{"index":'
+        self._text_key = ',"delta":{"content":' if kind == "chat" else ',"text":'
+        self._tail = ('}' if kind == "chat" else '') + ',"logprobs":null,"finish_reason":null}],' \
+            '"system_fingerprint":null' + (',"usage":null' if with_usage_field else '') + '}\n\n'
+
+    def event(self, index: int, text: str) -> str:
+        return f"{self._head}{index}{self._text_key}{json.dumps(text, ensure_ascii=True)}{self._tail}"

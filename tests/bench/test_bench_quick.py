@@ -66,6 +66,18 @@ def test_rollout_quick_switches_once_without_failed_requests() -> None:
     assert served and int(served[1]) > 0 and served[2] == "0", out
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_autoscale_quick_follows_the_ramp_without_failed_requests() -> None:
+    out = run_bench("autoscale.py", "--quick", timeout=1200)
+    assert re.search(r"^ramp 1 -> 8 streams: decided 2 replicas after [\d.]+s, 2 ready after [\d.]+s", out,
+                     re.MULTILINE), out
+    assert re.search(r"^ramp 8 -> 1 streams: decided 1 replica after [\d.]+s", out, re.MULTILINE), out
+    assert re.search(r"time to scale up   : [\d.]+s", out) and re.search(r"time to scale down : [\d.]+s", out), out
+    served = re.search(r"requests +: (\d+) ok, (\d+) failed", out)
+    assert served and int(served[1]) > 0 and served[2] == "0", out
+
+
 @pytest.mark.slow
 def test_engines_quick_compares_three_engines_at_two_levels() -> None:
     out = run_bench("engines.py", "--quick")
@@ -84,3 +96,14 @@ def test_gateway_overhead_quick_measures_every_side() -> None:
                                                        ("16", "gateway")], out
     assert all(errors == "0" for _, _, errors in rows), out
     assert re.search(r"^\s+16 gateway .* [\d.]+ +[\d.]+ +[+-][\d.]+ ms$", out, re.MULTILINE), out
+
+
+def test_auth_size_quick_loads_every_entry_and_sees_each_revocation() -> None:
+    out = run_bench("auth_size.py", "--quick")
+    for label in ("largest ConfigMap", "load all documents (--auth-dir)", "verify, cache miss, p50",
+                  "revocation reaches the server"):
+        assert re.search(rf"^\s+{re.escape(label)}.*\s(ok|MISSED)$", out, re.MULTILINE), out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert (result["keys"], result["revoked"], result["objects"]) == (10_000, 5_000, 17), result
+    assert result["revocation_objects"] == 1 and result["largest_kib"] < 900, result
+    assert result["before_keys_under_budget"] < result["before_keys_under_cap"], result

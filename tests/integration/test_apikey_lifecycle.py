@@ -34,8 +34,8 @@ def test_issued_token_verifies_against_the_published_jwks_and_status_never_holds
     decoded = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
     assert decoded["OPENAI_API_KEY"] == token
     assert decoded["base-url"] == decoded["OPENAI_BASE_URL"] == f"http://chat.{world.namespace}.svc:8000/v1"
-    events = world.events("alice")
-    assert [e.reason for e in events] == ["Issued"] and all(token not in (e.message or "") for e in events)
+    # A first token is told by status (Ready: TokenIssued), not by an Event: rotations and revocations get those.
+    assert [e.reason for e in world.events("alice")] == []
     # Another deployment's servers refuse it: the audience binds the key to one deployment.
     world.apply_deployment("other")
     world.wait_for("other-auth", lambda: world.auth("other").get("jwks"))
@@ -76,7 +76,7 @@ def test_revoke_by_flag_reaches_the_revoked_list_and_unrevoke_issues_a_fresh_tok
     assert fresh["tokenId"] != first and first in world.auth()["revoked"]
     assert world.verify(world.token("bob"))["jti"] == fresh["tokenId"]
     reasons = [e.reason for e in world.events("bob")]
-    assert reasons.count("Issued") == 2 and "Revoked" in reasons
+    assert reasons.count("Issued") == 1 and "Revoked" in reasons  # the un-revoke's token; the first has none
 
 
 def test_deleting_a_key_revokes_its_tokens_through_the_finalizer(world):

@@ -147,3 +147,23 @@ def test_over_the_new_entry_budget_only_new_entries_are_left_out():
     # Under the budget nothing is left out.
     small = fit_changes(AuthDocuments(), groups, now=NOW)
     assert small.refused == () and "new" in small.documents.limits
+
+
+def test_a_write_that_touches_a_few_keys_spreads_only_their_shards_again_and_equals_a_full_spread():
+    from deepseek_operator.auth_config import build_layout, fit_changes, split_entries
+
+    rng = random.Random(8)
+    base = AuthDocuments(revoked={_jti(rng): NOW + rng.randrange(3600) for _ in range(2_000)},
+                         limits={f"uid-{i}": Limits(1 + i % 3, 5).as_document() for i in range(3_000)})
+    expiring = next(iter(base.revoked))
+    base = AuthDocuments(revoked={**base.revoked, expiring: NOW - 3600}, limits=base.limits)
+    previous = build_layout(base, 8)
+    groups = [[RevokeTokens({"new-jti": NOW + 60}), SetKeyLimits("uid-1", None),
+               SetKeyLimits("uid-9", Limits(9, 9).as_document()), SetKeyLimits("uid-new", Limits(2, 2).as_document())]]
+    fitted = fit_changes(base, groups, now=NOW, shards=8, previous=previous)
+    assert fitted.layout is not None
+    assert fitted.layout == build_layout(fitted.documents, 8), "incremental and full spread differ"
+    assert fitted.layout.entries == split_entries(fitted.documents, 8)
+    assert expiring not in fitted.documents.revoked, "the pruned revocation left its shard too"
+    changed = sum(a != b for a, b in zip(previous.contents, fitted.layout.contents, strict=True))
+    assert changed <= 5  # the shards of new-jti, uid-1, uid-9, uid-new and the pruned id, at most

@@ -363,8 +363,10 @@ def test_services_select_color_and_revision_and_only_ready_pods() -> None:
 def test_server_role_reads_only_its_own_auth_configmap() -> None:
     account, role, binding = build_server_account(dsd())
     assert account["metadata"]["name"] == "chat-server"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["chat-auth"],
-                              "verbs": ["get", "watch"]}]
+    # The index and its shards (docs/auth-contract.md), by name: never the namespace's other ConfigMaps.
+    shards = [f"chat-auth-{i}" for i in range(16)]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["chat-auth", *shards], "verbs": ["get", "watch"]}]
     assert binding["roleRef"]["name"] == "chat-server"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-server", "namespace": "team"}]
 

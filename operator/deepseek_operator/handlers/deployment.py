@@ -36,6 +36,7 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
                                **_: Any) -> None:
         if type != "DELETED" or not uid:
             return
+        runtime.deployments.forget(str(namespace), str(name))
         try:
             await asyncio.to_thread(runtime.issuers.forget_deployment, str(namespace), str(name), uid)
         except KubeError as exc:

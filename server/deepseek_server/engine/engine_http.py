@@ -90,15 +90,35 @@ class EngineResponse:
         reader = self._conn.reader
         try:
             if self._chunked:
-                while True:
-                    line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")  # no trailers from an engine: the empty line
-                        break
-                    data = await reader.readexactly(size + 2)
+                # Whatever has arrived is read at once and split here, one piece per chunk as the engine framed it:
+                # one wait per network read, where a size line and then its data through the stream reader cost two
+                # coroutine calls per chunk (per relayed token).
+                buffer = b""
+                last = False
+                while not last:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise asyncio.IncompleteReadError(buffer, None)
                     self._last_read = time.monotonic()
-                    yield data[:-2]
+                    buffer = buffer + data if buffer else data
+                    start = 0
+                    while (line_end := buffer.find(b"\r\n", start)) >= 0:
+                        size = int(buffer[start:line_end].split(b";", 1)[0], 16)
+                        data_end = line_end + 2 + size
+                        if len(buffer) < data_end + 2:  # the rest of this chunk is still on its way
+                            break
+                        if buffer[data_end:data_end + 2] != b"\r\n":
+                            raise ValueError("a chunk does not end where its size says")
+                        start = data_end + 2
+                        if size == 0:  # the last chunk; an engine sends no trailers, so the empty line follows
+                            last = True
+                            if start < len(buffer):  # bytes beyond the answer: the connection cannot be reused
+                                self._keep_alive = False
+                            break
+                        yield buffer[line_end + 2:data_end]
+                    buffer = buffer[start:]
+                    if len(buffer) > _MAX_HEAD and b"\r\n" not in buffer:
+                        raise ValueError("a chunk size line is too long")
             elif self._length is not None:
                 left = self._length
                 while left:

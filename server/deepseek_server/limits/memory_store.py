@@ -26,17 +26,15 @@ class MemoryLimitStore:
         once, no parallel slot taken)."""
         with self._lock:
             now = self.clock()
-            tat, token_tat = self._request_tat.get(uid), self._token_tat.get(uid)
-            request = gcra.check_request(tat, now, limits)
-            tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits)
+            request = gcra.check_request(self._request_tat.get(uid), now, limits)
             in_flight = self._in_flight.get(uid, 0)
-            decision = Decision(
-                allowed=False,
-                limits=limits,
-                remaining_tokens=gcra.remaining_tokens(token_tat, now, limits),
-                reset_tokens_s=gcra.tokens_outstanding(token_tat, now),
-                backend="memory",
-            )
+            decision = Decision(allowed=False, limits=limits, backend="memory")
+            metered = limits.tpm is not None  # without a token budget there is no token state to check or report
+            token_tat = self._token_tat.get(uid) if metered else None
+            tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits) if metered else (True, 0.0)
+            if metered:
+                decision.remaining_tokens = gcra.remaining_tokens(token_tat, now, limits)
+                decision.reset_tokens_s = gcra.tokens_outstanding(token_tat, now)
             if not request.allowed:
                 decision.kind, decision.retry_after_s = "requests", request.retry_after_s
             elif not tokens_ok:
@@ -48,7 +46,8 @@ class MemoryLimitStore:
                 self._request_tat[uid] = request.new_tat
                 if hold:
                     self._in_flight[uid] = in_flight + 1
-                reserved_tat = gcra.charge_tokens(token_tat, now, reserve_tokens, limits) if reserve_tokens else None
+                reserved_tat = (gcra.charge_tokens(token_tat, now, reserve_tokens, limits)
+                                if metered and reserve_tokens else None)
                 if reserved_tat is not None:
                     self._token_tat[uid] = reserved_tat
                     decision.remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)

@@ -1,0 +1,324 @@
+"""Autoscaling of a DeepSeekDeployment's active color on the load its servers report, with no metrics pipeline.
+
+Like KubeAI: every interval the operator reads `/metrics` of each ready pod of the active color, sums the load
+(`deepseek_requests_in_flight` or `deepseek_queue_depth`), recommends `ceil(total / target)` replicas clamped to
+[minReplicas, maxReplicas], and stabilizes it the way the HorizontalPodAutoscaler does: up only to the lowest
+recommendation of the whole up-window, down only to the highest of the whole down-window.
+
+The decision is pure (`recommend`, `stabilize`, `decide`); `Autoscaler` gathers pods and metrics and writes
+`status.autoscaling`. The count it decides is `status.autoscaling.desiredReplicas`; the rollout scales the active
+color to it (`effective_replicas`), so there is one place that scales, and spec is never written (GitOps owns it).
+Pending pods are never capacity: load is read from ready pods only, and while pods wait for GPUs the count is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .durations import parse_duration
+from .names import SERVER_PORT
+from .settings import ENV_PREFIX
+
+log = logging.getLogger(__name__)
+
+# one sample line of the Prometheus text format: name, optional labels, value
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)')
+METRICS = {"InFlightRequests": "deepseek_requests_in_flight", "QueueDepth": "deepseek_queue_depth"}
+DEFAULT_INTERVAL = 10.0
+IN_PROGRESS_PHASES = ("Provisioning", "Starting", "Verifying", "AwaitingPromotion", "Promoting", "PostVerifying",
+                      "RollingBack")
+
+
+def autoscale_interval(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between two looks at the load, from `DEEPSEEK_OPERATOR_AUTOSCALE_INTERVAL` (`10s` by default)."""
+    environ = os.environ if environ is None else environ
+    key = f"{ENV_PREFIX}AUTOSCALE_INTERVAL"
+    if key not in environ:
+        return DEFAULT_INTERVAL
+    try:
+        return max(1.0, parse_duration(environ[key]))
+    except ValueError as exc:
+        raise ValueError(f"{key}={environ[key]!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class AutoscalingSettings:
+    """`spec.autoscaling` when enabled."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    metric: str = "InFlightRequests"
+    target: float = 4.0
+    scale_up_window: float = 30.0
+    scale_down_window: float = 300.0
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> AutoscalingSettings | None:
+        """The settings, or None when autoscaling is off (absent or `enabled: false`)."""
+        block = spec.get("autoscaling") or {}
+        if not block.get("enabled"):
+            return None
+        minimum = max(1, int(block.get("minReplicas", 1)))
+        return cls(
+            min_replicas=minimum,
+            max_replicas=max(minimum, int(block.get("maxReplicas", minimum))),
+            metric=str(block.get("metric", "InFlightRequests")),
+            target=float(block.get("targetPerReplica", 4)),
+            scale_up_window=float((block.get("scaleUp") or {}).get("stabilizationWindowSeconds", 30)),
+            scale_down_window=float((block.get("scaleDown") or {}).get("stabilizationWindowSeconds", 300)),
+        )
+
+    def clamp(self, replicas: int) -> int:
+        return min(self.max_replicas, max(self.min_replicas, replicas))
+
+
+def effective_replicas(spec: Mapping[str, Any], status: Mapping[str, Any]) -> int:
+    """Replicas the active color runs: `spec.replicas`, or with autoscaling the autoscaler's decision (starting
+    from `spec.replicas`, clamped to the bounds, before its first decision)."""
+    settings = AutoscalingSettings.from_spec(spec)
+    replicas = int(spec.get("replicas", 1))
+    if settings is None:
+        return replicas
+    desired = (status.get("autoscaling") or {}).get("desiredReplicas")
+    return settings.clamp(desired if isinstance(desired, int) else replicas)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The load the ready pods of the active color reported."""
+
+    total: float
+    pods: int  # ready pods that answered
+    ready: int  # ready pods asked
+
+    @property
+    def per_replica(self) -> float:
+        return self.total / self.pods if self.pods else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.pods == self.ready
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One recommendation and when it was made (epoch seconds)."""
+
+    at: float
+    replicas: int
+
+
+def recommend(total_load: float, settings: AutoscalingSettings) -> int:
+    """Replicas for `total_load` at `settings.target` per replica, within the bounds."""
+    return settings.clamp(math.ceil(round(total_load / settings.target, 6)))
+
+
+def window_values(history: Sequence[Sample], now: float, window: float) -> list[int] | None:
+    """The recommendations in force at some time during the last `window` seconds (history oldest first), or None
+    when the history does not reach back over the whole window yet (just started, or just restarted)."""
+    if not history:
+        return None
+    start = now - window
+    before = [sample for sample in history if sample.at <= start]
+    inside = [sample.replicas for sample in history if sample.at > start]
+    if window <= 0:
+        return [history[-1].replicas]
+    if not before:
+        return None
+    return [before[-1].replicas, *inside]
+
+
+def stabilize(history: Sequence[Sample], current: int, now: float, settings: AutoscalingSettings) -> int:
+    """Up only when every recommendation of the up-window is above `current` (to their minimum); down only to the
+    highest recommendation of the down-window; else `current`."""
+    up = window_values(history, now, settings.scale_up_window)
+    if up is not None and min(up) > current:
+        return min(up)
+    down = window_values(history, now, settings.scale_down_window)
+    if down is not None and max(down) < current:
+        return max(down)
+    return current
+
+
+def trim_history(history: Sequence[Sample], now: float, settings: AutoscalingSettings) -> list[Sample]:
+    """What stabilization still needs: the samples of the longest window and the one in force at its start."""
+    start = now - max(settings.scale_up_window, settings.scale_down_window)
+    before = [sample for sample in history if sample.at <= start]
+    return [*before[-1:], *(sample for sample in history if sample.at > start)]
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    """What the autoscaler decided: the replicas the active color should run and why, in words."""
+
+    desired: int
+    recommendation: int | None
+    reason: str
+    direction: str | None = None  # "up" or "down" when `desired` differs from the count before
+    held_for_capacity: bool = False
+
+
+def decide(settings: AutoscalingSettings, *, current: int, load: Load | None, history: Sequence[Sample], now: float,
+           rollout: str | None, pending_for_gpus: int) -> ScaleDecision:
+    """The next count for the active color (pure). `current` is the count decided before (within the bounds),
+    `history` the recommendations so far including this one's (oldest first), `rollout` the phase of a rollout in
+    progress, `pending_for_gpus` the pods of the active color the scheduler cannot place for lack of GPUs."""
+    bounded = settings.clamp(current)
+    if bounded != current:
+        return ScaleDecision(bounded, None, f"{current} replica(s) is outside [{settings.min_replicas}, "
+                                            f"{settings.max_replicas}]: set to {bounded}",
+                             "up" if bounded > current else "down")
+    if rollout is not None:
+        return ScaleDecision(current, None, f"holding at {current} replica(s) while the rollout is {rollout}: the new "
+                                            "color starts at this count and the handover is not disturbed")
+    if load is None:
+        return ScaleDecision(current, None, f"holding at {current} replica(s): no ready pod of the active color "
+                                            "reported its load")
+    recommendation = history[-1].replicas if history else recommend(load.total, settings)
+    seen = (f"{_number(load.total)} {_unit(settings)} on {load.pods} ready pod(s), "
+            f"{_number(load.per_replica)} per replica against a target of {_number(settings.target)}")
+    target = stabilize(history, current, now, settings)
+    if target < current and not load.complete:
+        return ScaleDecision(current, recommendation, f"holding at {current}: only {load.pods} of {load.ready} ready "
+                                                      f"pod(s) reported their load; {seen}")
+    if target > current and pending_for_gpus > 0:
+        return ScaleDecision(current, recommendation, f"holding at {current}: {pending_for_gpus} pod(s) already wait "
+                                                      f"for GPUs, more would only wait too; {seen}",
+                             held_for_capacity=True)
+    if target > current:
+        return ScaleDecision(target, recommendation, f"{seen}: above target for "
+                                                     f"{int(settings.scale_up_window)} s", "up")
+    if target < current:
+        return ScaleDecision(target, recommendation, f"{seen}: at most {target} replica(s) needed over the last "
+                                                     f"{int(settings.scale_down_window)} s", "down")
+    if recommendation != current:
+        window = settings.scale_up_window if recommendation > current else settings.scale_down_window
+        return ScaleDecision(current, recommendation, f"{seen}: recommends {recommendation}, waiting out the "
+                                                      f"{int(window)} s stabilization window")
+    return ScaleDecision(current, recommendation, f"{seen}: {current} replica(s) fit")
+
+
+def _unit(settings: AutoscalingSettings) -> str:
+    return "request(s) in flight" if settings.metric == "InFlightRequests" else "request(s) queued"
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """The sum of the samples of `name` in a Prometheus text exposition, or None when the server has none."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is not None and match.group("name") == name:
+            total += float(match.group("value"))
+            found = True
+    return total if found else None
+
+
+def autoscaling_status(decision: ScaleDecision, *, previous: Mapping[str, Any], current_replicas: int,
+                       load: Load | None, settings: AutoscalingSettings, now: str) -> dict[str, Any]:
+    """`status.autoscaling` after a decision; lastScaleTime and lastScaleReason change only when it scales."""
+    block: dict[str, Any] = {
+        "desiredReplicas": decision.desired,
+        "currentReplicas": current_replicas,
+        "recommendedReplicas": decision.recommendation,
+        "metric": settings.metric,
+        "load": None if load is None else {"total": round(load.total, 3), "perReplica": round(load.per_replica, 3),
+                                           "pods": load.pods},
+        "message": decision.reason[:1024],
+        "lastScaleTime": previous.get("lastScaleTime"),
+        "lastScaleReason": previous.get("lastScaleReason"),
+    }
+    if decision.direction is not None:
+        block["lastScaleTime"] = now
+        block["lastScaleReason"] = decision.reason[:1024]
+    return {key: value for key, value in block.items() if value is not None}
+
+
+class LoadReader:
+    """Reads one metric from the pods' /metrics (short timeouts: a slow pod must not stall the loop)."""
+
+    def __init__(self, timeout: float = 3.0) -> None:
+        self._http = httpx.Client(timeout=timeout, trust_env=False)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def read(self, pod_ips: Iterable[str], metric: str) -> Load | None:
+        ips = list(pod_ips)
+        total, answered = 0.0, 0
+        for ip in ips:
+            try:
+                response = self._http.get(f"http://{ip}:{SERVER_PORT}/metrics")
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.info("metrics of %s unavailable: %s", ip, exc)
+                continue
+            value = metric_value(response.text, metric)
+            if value is None:
+                log.info("%s reports no %s", ip, metric)
+                continue
+            total += value
+            answered += 1
+        return Load(total, answered, len(ips)) if answered else None
+
+
+class Autoscaler:
+    """Per-deployment recommendation histories (in memory: after a restart the windows fill again before any
+    scaling, so a restart never scales on a partial window)."""
+
+    def __init__(self, reader: LoadReader | None = None, *, clock: Callable[[], float] = time.time,
+                 interval: float | None = None) -> None:
+        self._reader = reader or LoadReader()
+        self._clock = clock
+        self.interval = autoscale_interval() if interval is None else interval
+        self._histories: dict[tuple[str, str, str], list[Sample]] = {}
+        self._guard = threading.Lock()
+
+    def step(self, dsd: Mapping[str, Any], *, active_replicas: int | None, ready_pod_ips: Sequence[str],
+             pending_for_gpus: int) -> tuple[dict[str, Any], ScaleDecision] | None:
+        """Decide for one deployment: the new `status.autoscaling` and the decision; None when autoscaling is off
+        or nothing serves yet (the history is dropped then)."""
+        meta = dsd["metadata"]
+        key = (meta["namespace"], meta["name"], meta.get("uid", ""))
+        settings = AutoscalingSettings.from_spec(dsd["spec"])
+        status = dsd.get("status") or {}
+        if settings is None or active_replicas is None:
+            with self._guard:
+                self._histories.pop(key, None)
+            return None
+        previous = status.get("autoscaling") or {}
+        current = previous.get("desiredReplicas")
+        current = current if isinstance(current, int) else active_replicas
+        phase = (status.get("rollout") or {}).get("phase")
+        rollout = phase if phase in IN_PROGRESS_PHASES else None
+        now = self._clock()
+        load = self._reader.read(ready_pod_ips, METRICS[settings.metric]) if ready_pod_ips else None
+        with self._guard:
+            history = self._histories.setdefault(key, [])
+            if load is not None and rollout is None:
+                history.append(Sample(now, recommend(load.total, settings)))
+            history[:] = trim_history(history, now, settings)
+            snapshot = list(history)
+        decision = decide(settings, current=current, load=load, history=snapshot, now=now, rollout=rollout,
+                          pending_for_gpus=pending_for_gpus)
+        block = autoscaling_status(decision, previous=previous, current_replicas=active_replicas, load=load,
+                                   settings=settings, now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+        return block, decision
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            for key in [key for key in self._histories if key[:2] == (namespace, name)]:
+                del self._histories[key]

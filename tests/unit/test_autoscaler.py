@@ -1,0 +1,190 @@
+"""The autoscaler's arithmetic (pure): recommendation, stabilization windows, holds, status, and how the rollout
+takes its replica count from it."""
+
+from __future__ import annotations
+
+from deepseek_operator.autoscaler import (
+    AutoscalingSettings,
+    Load,
+    Sample,
+    autoscaling_status,
+    decide,
+    effective_replicas,
+    metric_value,
+    recommend,
+    stabilize,
+    trim_history,
+    window_values,
+)
+from deepseek_operator.capacity import CapacityShortage
+from deepseek_operator.revision import compute_revision
+from deepseek_operator.rollout import ColorObservation, Observed, RolloutSettings, ScaleColor, next_step
+
+SETTINGS = AutoscalingSettings(min_replicas=1, max_replicas=4, metric="InFlightRequests", target=4.0,
+                               scale_up_window=30.0, scale_down_window=120.0)
+NOW = 1_800_000_000.0
+
+
+def history(*points: tuple[float, int]) -> list[Sample]:
+    """Samples at `NOW - age` seconds, given as (age, replicas), oldest first."""
+    return [Sample(NOW - age, replicas) for age, replicas in points]
+
+
+def test_recommendation_is_total_over_target_rounded_up_within_bounds() -> None:
+    assert recommend(0, SETTINGS) == 1  # no load: minReplicas
+    assert recommend(4, SETTINGS) == 1
+    assert recommend(4.5, SETTINGS) == 2
+    assert recommend(12, SETTINGS) == 3
+    assert recommend(16, SETTINGS) == 4
+    assert recommend(100, SETTINGS) == 4  # maxReplicas
+    assert recommend(12.000000001, SETTINGS) == 3  # float noise in a summed gauge is not a replica
+
+
+def test_scale_up_needs_the_whole_up_window_above_current() -> None:
+    # above for 20 s only: the window (30 s) is not covered by higher recommendations
+    assert stabilize(history((60, 1), (20, 3), (10, 3), (0, 3)), 1, NOW, SETTINGS) == 1
+    # above for the whole 30 s: up to the lowest recommendation of the window
+    assert stabilize(history((40, 2), (25, 4), (0, 3)), 1, NOW, SETTINGS) == 2
+    assert stabilize(history((40, 4), (25, 4), (0, 3)), 1, NOW, SETTINGS) == 3
+
+
+def test_scale_down_goes_only_to_the_highest_recommendation_of_the_down_window() -> None:
+    assert stabilize(history((200, 4), (100, 1), (0, 1)), 4, NOW, SETTINGS) == 4  # the 4 was in force 120 s ago
+    assert stabilize(history((130, 1), (60, 2), (0, 1)), 4, NOW, SETTINGS) == 2
+    assert stabilize(history((130, 1), (0, 1)), 4, NOW, SETTINGS) == 1
+
+
+def test_no_scaling_before_the_history_covers_a_window() -> None:
+    """Just (re)started: a partial window neither scales up nor down."""
+    assert window_values(history((10, 3)), NOW, 30) is None
+    assert stabilize(history((10, 4), (0, 4)), 1, NOW, SETTINGS) == 1
+    assert stabilize(history((100, 1), (0, 1)), 4, NOW, SETTINGS) == 4
+    zero = AutoscalingSettings(min_replicas=1, max_replicas=4, scale_up_window=0, scale_down_window=0)
+    assert stabilize(history((0, 3)), 1, NOW, zero) == 3  # a window of 0 acts on the latest recommendation
+    assert stabilize(history((0, 2)), 4, NOW, zero) == 2
+
+
+def test_trim_keeps_what_the_longest_window_needs() -> None:
+    samples = history((500, 4), (300, 3), (119, 2), (0, 1))
+    assert trim_history(samples, NOW, SETTINGS) == history((300, 3), (119, 2), (0, 1))
+
+
+def test_decide_scales_up_and_down_with_words() -> None:
+    up = decide(SETTINGS, current=1, load=Load(14, 1, 1), history=history((40, 4), (0, 4)), now=NOW, rollout=None,
+                pending_for_gpus=0)
+    assert (up.desired, up.direction, up.recommendation) == (4, "up", 4)
+    assert "14 request(s) in flight on 1 ready pod(s), 14 per replica against a target of 4" in up.reason
+    down = decide(SETTINGS, current=4, load=Load(1, 4, 4), history=history((130, 1), (0, 1)), now=NOW, rollout=None,
+                  pending_for_gpus=0)
+    assert (down.desired, down.direction) == (1, "down")
+    waiting = decide(SETTINGS, current=4, load=Load(1, 4, 4), history=history((60, 1), (0, 1)), now=NOW,
+                     rollout=None, pending_for_gpus=0)
+    assert (waiting.desired, waiting.direction) == (4, None)
+    assert "waiting out the 120 s stabilization window" in waiting.reason
+
+
+def test_decide_holds_during_a_rollout_without_load_and_when_gpus_run_out() -> None:
+    busy = history((40, 4), (0, 4))
+    rollout = decide(SETTINGS, current=2, load=Load(16, 2, 2), history=busy, now=NOW, rollout="Promoting",
+                     pending_for_gpus=0)
+    assert (rollout.desired, rollout.direction) == (2, None) and "rollout is Promoting" in rollout.reason
+    blind = decide(SETTINGS, current=2, load=None, history=busy, now=NOW, rollout=None, pending_for_gpus=0)
+    assert (blind.desired, blind.direction) == (2, None) and "no ready pod" in blind.reason
+    capacity = decide(SETTINGS, current=3, load=Load(16, 2, 2), history=busy, now=NOW, rollout=None,
+                      pending_for_gpus=1)
+    assert (capacity.desired, capacity.direction, capacity.held_for_capacity) == (3, None, True)
+    assert "1 pod(s) already wait for GPUs" in capacity.reason
+    # pending pods never block scaling down, and a pod that did not answer /metrics blocks it (its load is unknown)
+    idle = history((130, 1), (0, 1))
+    assert decide(SETTINGS, current=3, load=Load(0, 2, 2), history=idle, now=NOW, rollout=None,
+                  pending_for_gpus=1).desired == 1
+    assert decide(SETTINGS, current=3, load=Load(0, 1, 2), history=idle, now=NOW, rollout=None,
+                  pending_for_gpus=0).desired == 3
+
+
+def test_decide_brings_a_count_outside_new_bounds_back_at_once() -> None:
+    narrowed = AutoscalingSettings(min_replicas=2, max_replicas=3)
+    assert decide(narrowed, current=5, load=None, history=[], now=NOW, rollout=None,
+                  pending_for_gpus=0).desired == 3
+    assert decide(narrowed, current=1, load=None, history=[], now=NOW, rollout="Starting",
+                  pending_for_gpus=0).desired == 2
+
+
+def test_status_keeps_the_last_scale_until_the_next_one() -> None:
+    load = Load(14, 2, 2)
+    scaled = decide(SETTINGS, current=1, load=load, history=history((40, 4), (0, 4)), now=NOW, rollout=None,
+                    pending_for_gpus=0)
+    block = autoscaling_status(scaled, previous={}, current_replicas=1, load=load, settings=SETTINGS,
+                               now="2027-01-15T08:00:00Z")
+    assert block["desiredReplicas"] == 4 and block["currentReplicas"] == 1
+    assert block["load"] == {"total": 14, "perReplica": 7, "pods": 2}
+    assert block["lastScaleTime"] == "2027-01-15T08:00:00Z" and block["lastScaleReason"] == scaled.reason
+    steady = decide(SETTINGS, current=4, load=load, history=history((40, 4), (0, 4)), now=NOW + 10, rollout=None,
+                    pending_for_gpus=0)
+    later = autoscaling_status(steady, previous=block, current_replicas=4, load=load, settings=SETTINGS,
+                               now="2027-01-15T08:00:10Z")
+    assert later["lastScaleTime"] == "2027-01-15T08:00:00Z" and later["lastScaleReason"] == scaled.reason
+
+
+def test_metric_value_sums_samples_of_one_name() -> None:
+    text = ("# HELP deepseek_requests_in_flight x\n# TYPE deepseek_requests_in_flight gauge\n"
+            "deepseek_requests_in_flight 3.0\ndeepseek_queue_depth 7.0\n"
+            'deepseek_api_requests_total{route="/v1/chat/completions",status="200"} 5.0\n')
+    assert metric_value(text, "deepseek_requests_in_flight") == 3.0
+    assert metric_value(text, "deepseek_queue_depth") == 7.0
+    assert metric_value(text, "deepseek_missing") is None
+
+
+SPEC = {"model": {"name": "tiny"}, "image": "deepseek-server:1", "replicas": 2,
+        "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 5}}
+
+
+def test_effective_replicas_follow_the_autoscaler_and_start_from_spec() -> None:
+    assert effective_replicas({**SPEC, "autoscaling": {"enabled": False}}, {"autoscaling": {"desiredReplicas": 4}}) == 2
+    assert effective_replicas(SPEC, {}) == 2  # before the first decision: spec.replicas
+    assert effective_replicas({**SPEC, "replicas": 0}, {}) == 1  # kept within the bounds
+    assert effective_replicas(SPEC, {"autoscaling": {"desiredReplicas": 4}}) == 4
+    assert effective_replicas(SPEC, {"autoscaling": {"desiredReplicas": 9}}) == 5
+
+
+def test_autoscaling_and_its_decisions_never_change_the_revision() -> None:
+    plain = {key: value for key, value in SPEC.items() if key != "autoscaling"}
+    assert compute_revision(SPEC) == compute_revision(plain) == compute_revision({**SPEC, "replicas": 7})
+
+
+def test_rollout_scales_the_active_color_to_the_autoscalers_count_and_starts_new_colors_at_it() -> None:
+    status = {"activeColor": "blue", "activeRevision": "aaaaaaaaaa", "history": [],
+              "autoscaling": {"desiredReplicas": 3}}
+    settings = RolloutSettings.from_spec(SPEC, progressing_interval=1, stable_interval=30, status=status)
+    assert settings.replicas == 3
+    blue = ColorObservation(exists=True, revision="aaaaaaaaaa", replicas=1, ready_pods=("b-0",), pods=1)
+    steady = next_step(Observed(now=NOW, desired_revision="aaaaaaaaaa", settings=settings, status=status,
+                                colors={"blue": blue, "green": ColorObservation()},
+                                service_target=("blue", "aaaaaaaaaa")))
+    assert steady.scale == [ScaleColor("blue", 3, None)]
+    # a new revision: verified on previewReplicas, then promoted at the autoscaler's count
+    promoting = {**status, "rollout": {"phase": "Promoting", "revision": "bbbbbbbbbb", "color": "green",
+                                       "verifiedPods": ["g-0"], "deadline": "2030-01-01T00:00:00Z"}}
+    green = ColorObservation(exists=True, revision="bbbbbbbbbb", replicas=1, ready_pods=("g-0",), pods=1)
+    decision = next_step(Observed(now=NOW, desired_revision="bbbbbbbbbb", settings=settings, status=promoting,
+                                  colors={"blue": ColorObservation(exists=True, revision="aaaaaaaaaa", replicas=3,
+                                                                   ready_pods=("b-0", "b-1", "b-2"), pods=3),
+                                          "green": green},
+                                  service_target=("blue", "aaaaaaaaaa")))
+    assert ScaleColor("green", 3, None) in decision.scale
+
+
+def test_capacity_condition_gives_the_autoscalers_numbers() -> None:
+    status = {"activeColor": "blue", "activeRevision": "aaaaaaaaaa", "history": [],
+              "autoscaling": {"desiredReplicas": 3}}
+    settings = RolloutSettings.from_spec(SPEC, progressing_interval=1, stable_interval=30, status=status)
+    shortage = CapacityShortage(1, 8, "nvidia.com/gpu", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    blue = ColorObservation(exists=True, revision="aaaaaaaaaa", replicas=3, ready_pods=("b-0", "b-1"), pods=3,
+                            shortage=shortage)
+    decision = next_step(Observed(now=NOW, desired_revision="aaaaaaaaaa", settings=settings, status=status,
+                                  colors={"blue": blue, "green": ColorObservation()},
+                                  service_target=("blue", "aaaaaaaaaa")))
+    capacity = next(c for c in decision.conditions if c.type == "CapacityAvailable")
+    assert capacity.status is False and capacity.reason == "InsufficientGPU"
+    assert "the autoscaler wants 3 replica(s): 2 ready, 1 pending for GPUs" in capacity.message
+    assert "8 more needed" in capacity.message

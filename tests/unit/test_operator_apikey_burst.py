@@ -1,0 +1,31 @@
+"""Pure parts of the ApiKey burst path: which keys take the first-issuance path, and how requests are counted."""
+
+from __future__ import annotations
+
+from deepseek_operator.apikey_reconciler import first_issuance
+from deepseek_operator.kube import request_kind
+
+
+def apikey(*, status: dict | None = None, revoked: bool = False, deleting: bool = False) -> dict:
+    meta = {"name": "k", "namespace": "ns", **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+    return {"metadata": meta, "spec": {"deploymentRef": {"name": "chat"}, "revoked": revoked},
+            "status": status or {}}
+
+
+def test_only_a_key_that_never_held_a_token_takes_the_first_issuance_path() -> None:
+    assert first_issuance(apikey())
+    assert first_issuance(apikey(status={"conditions": [{"type": "Ready", "status": "False"}]}))
+    assert not first_issuance(apikey(status={"tokenId": "t1"}))
+    assert not first_issuance(apikey(status={"pendingToken": {"tokenId": "t2"}}))  # a rotation to settle
+    assert not first_issuance(apikey(revoked=True))
+    assert not first_issuance(apikey(deleting=True))
+
+
+def test_requests_are_counted_by_verb_and_resource_as_the_api_server_counts_them() -> None:
+    assert request_kind("GET", "/api/v1/namespaces/ns/secrets/k-apikey") == "GET secrets"
+    assert request_kind("GET", "/apis/deepseek.ai/v1alpha1/namespaces/ns/apikeys") == "LIST apikeys"
+    assert request_kind("POST", "/api/v1/namespaces/ns/secrets") == "POST secrets"
+    assert request_kind("PUT", "/apis/deepseek.ai/v1alpha1/namespaces/ns/apikeys/k/status") == "PUT apikeys/status"
+    assert request_kind("PATCH", "/apis/deepseek.ai/v1alpha1/namespaces/ns/apikeys/k") == "PATCH apikeys"
+    assert request_kind("GET", "/api/v1/namespaces/ns") == "GET namespaces"
+    assert request_kind("POST", "/api/v1/namespaces") == "POST namespaces"

@@ -1,0 +1,77 @@
+"""The server's token verification (written out for EdDSA) refuses what PyJWT's decoder refused, with the same
+reasons: tampered or malformed tokens, other algorithms, claims of the wrong type, and the audience as a list."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from deepseek_server.auth.documents import parse_auth_state
+from deepseek_server.auth.tokens import TokenRejected, verify_token
+
+ISS, AUD = "deepseek-operator/ns/chat", "ns/chat"
+PRIVATE = Ed25519PrivateKey.generate()
+X = base64.urlsafe_b64encode(PRIVATE.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).rstrip(b"=").decode()
+STATE = parse_auth_state({
+    "config": {"issuer": ISS, "audience": AUD, "defaultLimits": {"rps": 10, "burst": 20}},
+    "jwks": {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": X, "kid": "k1", "use": "sig", "alg": "EdDSA"}]},
+})
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {"iss": ISS, "aud": AUD, "sub": "alice", "scope": ["model:predict"], "env": "prod", "uid": "uid-1",
+            "jti": "j1", "iat": now, "nbf": now, "exp": now + 600, **overrides}
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def token(headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+    return jwt.encode(claims(**overrides), PRIVATE, algorithm="EdDSA", headers={"kid": "k1", **(headers or {})})
+
+
+def segment(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+def signed(payload: dict[str, Any]) -> str:
+    """A correctly signed token around any payload (PyJWT's encoder refuses some of the ones tested here)."""
+    signing_input = segment({"alg": "EdDSA", "typ": "JWT", "kid": "k1"}) + "." + segment(payload)
+    signature = base64.urlsafe_b64encode(PRIVATE.sign(signing_input.encode())).rstrip(b"=").decode()
+    return f"{signing_input}.{signature}"
+
+
+def test_the_principal_carries_the_claims_and_when_the_token_became_valid() -> None:
+    now = int(time.time())
+    principal = verify_token(token(iat=now - 5, nbf=now - 10, aud=[AUD, "other"]), STATE)
+    assert (principal.uid, principal.token_id, principal.expires_at) == ("uid-1", "j1", now + 600)
+    assert principal.not_before == now - 5
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda: "not-a-token", "not a well-formed token"),
+    (lambda: "a.b", "not a well-formed token"),
+    (lambda: "%%%." + token().split(".", 1)[1], "not a well-formed token"),
+    (lambda: segment({"alg": "none", "kid": "k1"}) + "." + segment(claims()) + ".", "only EdDSA"),
+    (lambda: token(headers={"kid": "k2"}), "unknown key"),
+    # The payload of one token with the signature of another.
+    (lambda: token().rsplit(".", 1)[0].rsplit(".", 1)[0] + "." + segment(claims(sub="mallory")) + "."
+     + token().rsplit(".", 1)[1], "signature does not verify"),
+    (lambda: token(exp="soon"), "Expiration Time claim"),
+    (lambda: token(iat=int(time.time()) + 90), "not valid yet"),
+    (lambda: token(aud=["ns/other"]), "another deployment"),
+    (lambda: token(aud=7), "another deployment"),
+    (lambda: signed(claims(iss=["x"])), "issuer"),
+    (lambda: signed(claims(iss="someone-else")), "issuer"),
+    (lambda: token(uid=None), "'uid'"),
+    (lambda: token(scope="model:predict"), "scope claim must be a list"),
+    (lambda: token(env="staging"), "env claim"),
+])
+def test_refused_with_a_reason(make: Any, reason: str) -> None:
+    with pytest.raises(TokenRejected, match=reason):
+        verify_token(make(), STATE)
