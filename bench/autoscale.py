@@ -15,16 +15,12 @@ the times and each part's share of them (from one run, side by side; no pass/fai
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from devcluster.testing.bluegreen import E2E_OPERATOR_ENV, REPO, OperatorProcess, World, wait_for
+from devcluster.testing.bluegreen import World, bench_world, wait_for
 from devcluster.testing.load import StreamLoad
 
 
@@ -76,31 +72,11 @@ def main() -> int:
     if args.quick:
         args.peak, args.max_replicas, args.down_window = 8, 2, 10
 
-    from kubernetes import client
-
-    from devcluster import DevCluster
     from devcluster.proxy import ServiceProxy
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
-    os.chmod(workdir, 0o755)
-    model = workdir / "tiny"
-    subprocess.run([str(Path(sys.executable).with_name("deepseek-server")), "make-tiny-model", "--arch", "llama",
-                    str(model)], check=True, capture_output=True)
     results: dict[str, Any] = {}
-    with DevCluster.from_env() as cluster:
-        kubeconfig = str(cluster.kubeconfig)
-        kubectl = str(Path(sys.executable).with_name("kubectl"))
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
-        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/deepseekdeployments.deepseek.ai", "crd/apikeys.deepseek.ai"], check=True, env=env,
-                       capture_output=True)
-        api = cluster.api_client()
-        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="bench")))
-        operator = OperatorProcess(kubeconfig, {**E2E_OPERATOR_ENV,
-                                                "DEEPSEEK_OPERATOR_AUTOSCALE_INTERVAL": args.interval})
-        operator.start()
-        world = World(api, "bench", model)
+    with bench_world("bench", "bench-autoscale-", {"DEEPSEEK_OPERATOR_AUTOSCALE_INTERVAL": args.interval}) \
+            as (world, operator):
         try:
             world.create(server={"precision": "fp32", "maxNewTokens": 48, "maxBatchSize": 8,
                                  "shutdownGraceSeconds": 30},
@@ -112,7 +88,7 @@ def main() -> int:
             token = world.create_apikey()
             top = min(args.max_replicas, -(-args.peak // args.target))
             watch = Watch(world)
-            with ServiceProxy(api, "bench", "chat") as proxy, \
+            with ServiceProxy(world.api_client, "bench", "chat") as proxy, \
                     StreamLoad(proxy.url + "/v1", token, workers=args.peak) as load:
                 load.set_concurrency(1)
                 wait_for("answers at one stream", lambda: load.answered() >= 3, 120)
@@ -138,8 +114,6 @@ def main() -> int:
         except AssertionError:  # a wait timed out: show where it stood
             print(f"status: {world.status()}\noperator log (last lines):\n{operator.log_tail()}", file=sys.stderr)
             raise
-        finally:
-            operator.stop()
 
     up, down = results["up"], results["down"]
     print(f"\nramp 1 -> {args.peak} -> 1 streams, target {args.target} in flight per replica, max {args.max_replicas} "

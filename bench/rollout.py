@@ -13,23 +13,12 @@ per-rollout timings and the overhead as a share of the switch time (ratios from 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from devcluster.testing.bluegreen import (
-    E2E_OPERATOR_ENV,
-    REPO,
-    ContinuousClient,
-    OperatorProcess,
-    World,
-    wait_for,
-)
+from devcluster.testing.bluegreen import ContinuousClient, World, bench_world, wait_for
 
 
 class Timeline:
@@ -90,38 +79,20 @@ def main() -> int:
         args.rollouts = 1
 
     from deepseek_operator.revision import compute_revision
-    from kubernetes import client
 
-    from devcluster import DevCluster
     from devcluster.proxy import ServiceProxy
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-    os.chmod(workdir, 0o755)
-    model = workdir / "tiny"
-    subprocess.run([str(Path(sys.executable).with_name("deepseek-server")), "make-tiny-model", "--arch", "llama",
-                    str(model)], check=True, capture_output=True)
-    with DevCluster.from_env() as cluster:
-        kubeconfig = str(cluster.kubeconfig)
-        kubectl = str(Path(sys.executable).with_name("kubectl"))
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
-        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/deepseekdeployments.deepseek.ai", "crd/apikeys.deepseek.ai"], check=True, env=env,
-                       capture_output=True)
-        api = cluster.api_client()
-        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="bench")))
-        operator = OperatorProcess(kubeconfig, {**E2E_OPERATOR_ENV,
-                                                "DEEPSEEK_OPERATOR_ROLLOUT_PROGRESSING_INTERVAL": args.interval})
-        operator.start()
+    with bench_world("bench", "bench-rollout-", {"DEEPSEEK_OPERATOR_ROLLOUT_PROGRESSING_INTERVAL": args.interval}) \
+            as (world, operator):
         try:
-            world = World(api, "bench", model)
             world.create(rollout={"progressDeadlineSeconds": 300, "scaleDownDelaySeconds": 0,
                                   "analysis": {"requests": 3, "windowSeconds": 0, "maxLatencyMs": 20000}})
             world.wait_phase("Completed", timeout=300)
             token = world.create_apikey()
             rows: list[dict[str, float]] = []
             timeline = Timeline(world)
-            with ServiceProxy(api, "bench", "chat") as proxy, ContinuousClient(proxy.url + "/v1", token) as traffic:
+            with ServiceProxy(world.api_client, "bench", "chat") as proxy, \
+                    ContinuousClient(proxy.url + "/v1", token) as traffic:
                 time.sleep(2)
                 for index in range(args.rollouts):
                     spec = world.get()["spec"]
@@ -146,8 +117,6 @@ def main() -> int:
             print(f"rollout status: {world.status()}\noperator log (last lines):\n{operator.log_tail()}",
                   file=sys.stderr)
             raise
-        finally:
-            operator.stop()
 
     def median(key: str) -> float:
         return statistics.median(row[key] for row in rows)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ import httpx
 import yaml
 
 from devcluster import build
-from devcluster.testing.bluegreen import E2E_OPERATOR_ENV, MODEL_NAME, REPO, OperatorProcess, World, wait_for
+from devcluster.testing.bluegreen import MODEL_NAME, REPO, bench_world, wait_for
 from devcluster.testing.ports import free_port
 
 CHART = REPO / "charts" / "deepseek-operator"
@@ -180,22 +178,6 @@ class Traffic:
             thread.join(70)
 
 
-def create_key(world: World, name: str, **spec: Any) -> str:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": name},
-            "spec": {"deploymentRef": {"name": "chat"}, "subject": name, "environment": "dev", **spec}}
-    world.custom.create_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", body)
-
-    def token() -> str | None:
-        from kubernetes import client
-        try:
-            data = world.core.read_namespaced_secret(f"{name}-apikey", world.namespace).data or {}
-        except client.ApiException:
-            return None
-        import base64
-        return base64.b64decode(data["api-key"]).decode() if "api-key" in data else None
-    return str(wait_for(f"ApiKey {name}'s Secret", token, 120))
-
-
 def draw(board: dict[str, Any], series: dict[str, list[tuple[str, list[tuple[float, float]]]]], start: float,
          rollout_at: float | None, out: Path) -> None:
     import matplotlib
@@ -254,28 +236,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubernetes import client
 
-    from devcluster import DevCluster
     from devcluster.proxy import ServiceProxy
 
     board = json.loads(next((CHART / "dashboards").glob("*.json")).read_text())
     monitor = rendered_service_monitor()
-    workdir = Path(tempfile.mkdtemp(prefix="dashboard-preview-"))
-    os.chmod(workdir, 0o755)
-    model = workdir / "tiny"
-    subprocess.run([sys.executable, "-m", "deepseek_server", "make-tiny-model", "--arch", "llama", str(model)],
-                   check=True, capture_output=True)
-    with DevCluster.from_env() as cluster:
-        kubeconfig_path = str(cluster.kubeconfig)
-        kubectl = str(Path(sys.executable).with_name("kubectl"))
-        env = {**os.environ, "KUBECONFIG": kubeconfig_path}
-        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/deepseekdeployments.deepseek.ai", "crd/apikeys.deepseek.ai"], check=True, env=env,
-                       capture_output=True)
-        api = cluster.api_client()
-        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
-        operator = OperatorProcess(kubeconfig_path, E2E_OPERATOR_ENV)
-        operator.start()
+    with bench_world(NAMESPACE, "dashboard-preview-") as (world, _operator):
+        api = world.api_client
+        workdir = world.model.parent
         port = free_port()
         discovery = EndpointsDiscovery(client.CoreV1Api(api), NAMESPACE, workdir / "targets.json")
         discovery.start()
@@ -289,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=log, stderr=subprocess.STDOUT)
         prom = f"http://127.0.0.1:{port}"
         try:
-            world = World(api, NAMESPACE, model)
             world.create(replicas=2, rollout={"progressDeadlineSeconds": 300, "scaleDownDelaySeconds": 30,
                                               "analysis": {"requests": 3, "windowSeconds": 3, "maxLatencyMs": 20000}})
             world.wait_phase("Completed", timeout=300)
             token = world.create_apikey()
-            limited = create_key(world, "limited", rateLimit={"requestsPerSecond": 0.2, "burst": 1})
+            limited = world.create_apikey("limited", rateLimit={"requestsPerSecond": 0.2, "burst": 1})
             wait_for("Prometheus up", lambda: prometheus_ready(prom, prometheus, workdir / "prometheus.log"), 60)
             start = time.time()
             rollout_at = None
@@ -337,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             discovery.stopped.set()
             prometheus.terminate()
             prometheus.wait(30)
-            operator.stop()
     return 0
 
 

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +184,11 @@ class World:
         return [e for e in self.core.list_namespaced_event(self.namespace).items
                 if e.involved_object.name == name and e.reason == reason]
 
-    def create_apikey(self, name: str = "alice", deployment: str = "chat") -> str:
+    def create_apikey(self, name: str = "alice", deployment: str = "chat", **spec: Any) -> str:
+        """An ApiKey (scope model:predict unless `spec` says otherwise); its token once the Secret holds it."""
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": name},
                 "spec": {"deploymentRef": {"name": deployment}, "subject": name, "environment": "dev",
-                         "scopes": ["model:predict"]}}
+                         "scopes": ["model:predict"], **spec}}
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "apikeys", body)
 
         def token() -> str | None:
@@ -197,6 +199,36 @@ class World:
             data = secret.data or {}
             return base64.b64decode(data["api-key"]).decode() if "api-key" in data else None
         return str(wait_for(f"ApiKey {name}'s Secret", token, 60))
+
+
+@contextmanager
+def bench_world(namespace: str, prefix: str, operator_env: dict[str, str] | None = None
+                ) -> Iterator[tuple[World, OperatorProcess]]:
+    """What a script on devcluster starts from: a devcluster of its own with the CRDs, `namespace`, a tiny Llama and
+    the operator running (E2E_OPERATOR_ENV plus `operator_env`); everything is stopped on leaving."""
+    from devcluster import DevCluster
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(workdir, 0o755)  # the servers run as another user and read the model through it
+    model = workdir / "tiny"
+    subprocess.run([sys.executable, "-m", "deepseek_server", "make-tiny-model", "--arch", "llama", str(model)],
+                   check=True, capture_output=True)
+    with DevCluster.from_env() as cluster:
+        kubeconfig = str(cluster.kubeconfig)
+        kubectl = str(Path(sys.executable).with_name("kubectl"))
+        env = {**os.environ, "KUBECONFIG": kubeconfig}
+        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
+        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
+                        "crd/deepseekdeployments.deepseek.ai", "crd/apikeys.deepseek.ai"], check=True, env=env,
+                       capture_output=True)
+        api = cluster.api_client()
+        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        operator = OperatorProcess(kubeconfig, {**E2E_OPERATOR_ENV, **(operator_env or {})})
+        operator.start()
+        try:
+            yield World(api, namespace, model), operator
+        finally:
+            operator.stop()
 
 
 class ContinuousClient:
