@@ -42,6 +42,8 @@ from typing import Any
 import psutil
 from kubernetes import client, config, watch
 
+from devcluster.testing.polling import exit_on_sigterm
+
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "deepseek.ai", "v1alpha1"
 TARGETS = {"p50_s": 1.0, "p99_s": 3.0, "all_ready_s_per_1000": 15.0, "rss_mib": 200.0, "requests_per_key": 3.0,
@@ -437,6 +439,7 @@ def main() -> int:
     parser.add_argument("--operator-src", metavar="DIR",
                         help="run the operator from this source tree (holding deepseek_operator/ or operator/)")
     args = parser.parse_args()
+    exit_on_sigterm()  # a terminated run still stops its devcluster and operator
     if args.quick:
         args.keys, args.workers = 20, 4
     with ExitStack() as stack:

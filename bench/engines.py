@@ -37,6 +37,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from devcluster.testing.polling import exit_on_sigterm
 from devcluster.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -250,6 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()  # a terminated run still stops the servers it started
     engines = [e for e in ENGINES if e in args.only.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     STATUS_FILE.write_text(f"running since {time.strftime('%H:%M:%S')}: cd {REPO} && {sys.executable} "

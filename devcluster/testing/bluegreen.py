@@ -208,6 +208,7 @@ def bench_world(namespace: str, prefix: str, operator_env: dict[str, str] | None
     the operator running (E2E_OPERATOR_ENV plus `operator_env`); everything is stopped on leaving."""
     from devcluster import DevCluster
 
+    polling.exit_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(workdir, 0o755)  # the servers run as another user and read the model through it
     model = workdir / "tiny"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,3 +25,12 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval:
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM leave the script like Ctrl-C does, through its `with` blocks and `finally`s, so the devclusters,
+    operators and servers it started are stopped (their processes run in sessions of their own, and Python's default
+    SIGTERM ends the script without stopping them). Call from a script's main thread."""
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, leave)

@@ -17,12 +17,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, *args: str, timeout: float = 600) -> str:
-    """`python bench/<script> ARGS` from the repository root; returns its stdout, failing with its output's tail."""
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"bench/{script} {' '.join(args)} exited {result.returncode}:\n{output[-4000:]}"
-    return result.stdout
+    """`python bench/<script> ARGS` from the repository root; returns its stdout, failing with its output's tail.
+
+    Past `timeout` the script gets SIGTERM, on which it stops the devcluster, operator and servers it started (they
+    run in sessions of their own: a SIGKILL would leave them running), and the failure shows what it printed."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"bench/{script} {' '.join(args)} did not finish in {timeout:.0f} s:\n"
+                    f"{(stdout + stderr)[-4000:]}")
+    output = stdout + stderr
+    assert proc.returncode == 0, f"bench/{script} {' '.join(args)} exited {proc.returncode}:\n{output[-4000:]}"
+    return stdout
 
 
 def test_gpu_check_quick_prints_throughput_and_8bit_tables() -> None:
