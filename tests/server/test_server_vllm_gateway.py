@@ -25,7 +25,7 @@ import pytest
 from deepseek_server.app import create_app
 from deepseek_server.settings import ServerSettings
 
-from devcluster.testing.model_server import LIMITED_UID, TOKENS_UID, ServerThread
+from devcluster.testing.model_server import SLOW_REFILL_UID, TOKENS_UID, ServerThread
 from devcluster.testing.ports import free_port
 
 MODEL = "tiny-vllm"
@@ -174,7 +174,7 @@ def test_gateway_refuses_401_403_429(gateway: ServerThread, token_factory: Calla
     no_scope = httpx.post(url, json=body, timeout=10,
                           headers={"authorization": f"Bearer {token_factory(scope=['history:read'])}"})
     assert no_scope.status_code == 403
-    limited = {"authorization": f"Bearer {token_factory(uid=LIMITED_UID)}"}  # burst 3
+    limited = {"authorization": f"Bearer {token_factory(uid=SLOW_REFILL_UID)}"}  # burst 3, then 1 per 100 s
     statuses = [httpx.post(url, json=body, timeout=60, headers=limited).status_code for _ in range(5)]
     assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:]
 

@@ -31,7 +31,7 @@ NEW = signing_key_from_seed(b"\x04" * 32, created_at=NOW - 10, sign_from=NOW + 5
 def grant(token_id: str, uid: str = "uid-1") -> TokenGrant:
     return TokenGrant(issuer="deepseek-operator/team/chat", audience="team/chat", subject="alice",
                       scopes=("model:predict",), environment="prod", apikey_uid=uid, token_id=token_id,
-                      issued_at=NOW, expires_at=NOW + 3600)
+                      issued_at=NOW, expires_at=NOW + 24 * 3600)  # NOW is taken at import: a long suite
 
 
 def server_state(docs: AuthDocuments):
