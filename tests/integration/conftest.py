@@ -119,8 +119,14 @@ def operator_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def operator(crds, kubeconfig, operator_env) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig, operator_env)
+def operator_class() -> type[OperatorProcess]:
+    """What runs the operator; a module overrides it to run a subclass (e.g. one that reads its probes)."""
+    return OperatorProcess
+
+
+@pytest.fixture(scope="module")
+def operator(crds, kubeconfig, operator_env, operator_class) -> Iterator[OperatorProcess]:
+    process = operator_class(kubeconfig, operator_env)
     process.start()
     yield process
     crashed = not process.running

@@ -9,7 +9,6 @@ import gzip
 import json
 import queue
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from deepseek_operator.signing_keys import KeyRing, build_jwks, signing_key_from
 from deepseek_server.auth.configmap_source import ConfigMapAuthSource
 from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
+from fake_watch import FakeResponse
 from kubernetes.client import V1ConfigMap, V1ObjectMeta
 
 NOW = int(time.time())
@@ -81,20 +81,6 @@ def test_directory_with_shards_loads_all_and_rereads_only_the_changed_shard(tmp_
     assert not source.load_once() and len(states) == count
 
 
-class FakeResponse:
-    def __init__(self, lines: queue.Queue[bytes | None]) -> None:
-        self.lines = lines
-
-    def stream(self, amt: Any = None, decode_content: bool = False) -> Iterator[bytes]:
-        while True:
-            line = self.lines.get()
-            if line is None:
-                return
-            yield line
-
-    def close(self) -> None: ...
-
-    def release_conn(self) -> None: ...
 
 
 class FakeCoreV1:

@@ -6,13 +6,13 @@ import base64
 import json
 import queue
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from deepseek_server.auth.configmap_source import ConfigMapAuthSource
 from deepseek_server.auth.documents import AuthState
+from fake_watch import FakeResponse
 from kubernetes.client import V1ConfigMap, V1ObjectMeta
 
 RAW = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -29,20 +29,6 @@ def configmap_data(generation: int, revoked: dict[str, int]) -> dict[str, str]:
     }
 
 
-class FakeResponse:
-    def __init__(self, lines: queue.Queue[bytes | None]) -> None:
-        self.lines = lines
-
-    def stream(self, amt: Any = None, decode_content: bool = False) -> Iterator[bytes]:
-        while True:
-            line = self.lines.get()
-            if line is None:
-                return
-            yield line
-
-    def close(self) -> None: ...
-
-    def release_conn(self) -> None: ...
 
 
 class FakeCoreV1:
