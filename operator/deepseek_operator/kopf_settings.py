@@ -29,4 +29,8 @@ def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.connect_timeout = 10
     kopf_settings.networking.request_timeout = 60
+    # After patching its annotations kopf waits this long for the patched version to come back through the watch;
+    # past it, kopf handles the older version it has and runs the create or update handler a second time (which
+    # wakes every ApiKey of a deployment). A busy API server takes longer than kopf's 5 s default.
+    kopf_settings.persistence.consistency_timeout = 30
     return kopf_settings

@@ -38,9 +38,10 @@ def test_create_update_fast_rollback_and_broken_revision_with_zero_failed_reques
     assert status["endpoint"] == f"http://chat.{world.namespace}.svc:8000/v1"
     assert world.condition("Ready")["status"] == "True"
     assert world.condition("CapacityAvailable")["status"] == "True"
-    # the server's account may read only its own auth ConfigMap
+    # the server's account may read only its own auth ConfigMaps: the index and the 16 shards it may grow into
     role = client.RbacAuthorizationV1Api(world.api_client).read_namespaced_role("chat-server", world.namespace)
-    assert role.rules[0].resource_names == ["chat-auth"] and sorted(role.rules[0].verbs) == ["get", "watch"]
+    assert role.rules[0].resource_names == ["chat-auth", *(f"chat-auth-{shard}" for shard in range(16))]
+    assert sorted(role.rules[0].verbs) == ["get", "watch"] and len(role.rules) == 1
     pods = world.core.list_namespaced_pod(world.namespace, label_selector="deepseek.ai/color=blue").items
     assert pods and all(p.spec.node_name for p in pods)
     assert pods[0].spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"

@@ -88,7 +88,8 @@ def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, 
     reconciles, requests = reconciles_after - reconciles_before, requests_after - requests_before
 
     apikey_reconciles = {kind: n for kind, n in reconciles.items() if kind.startswith("ApiKey")}
-    assert apikey_reconciles == {"ApiKey first issuance": KEYS}, reconciles
+    wakes = [line for line in operator.log_text().splitlines() if "re-checking" in line or "Handler" in line]
+    assert apikey_reconciles == {"ApiKey first issuance": KEYS}, (reconciles, wakes)
     assert requests["GET apikeys"] == 0, requests  # reconciled from the watch event's object
     assert requests["PATCH apikeys"] == KEYS, requests  # the finalizer, before any token exists
     assert requests["POST secrets"] == KEYS, requests
