@@ -68,7 +68,7 @@ class DeploymentReconciler:
                 state = IssuerState(ready=False, reason="Conflict",
                                     message=f"{exc.description}; see condition Conflict", signing_key_id=None,
                                     auth_configmap=auth_configmap_name(name),
-                                    next_check=self._clock() + self._conflict_recheck, jwks_changed=False)
+                                    next_check=self._clock() + self._conflict_recheck, keys_affected=False)
             previous = dsd.get("status") or {}
             status = issuer_status(
                 previous, ready=state.ready, reason=state.reason, message=state.message,
@@ -92,7 +92,7 @@ class DeploymentReconciler:
                     conflicts.append(exc)
                     next_due = min(next_due, self._clock() + self._conflict_recheck)
             self._report_conflicts(dsd, conflicts)
-            return DeploymentResult(next_due, state.jwks_changed)
+            return DeploymentResult(next_due, state.keys_affected)
 
     def forget(self, namespace: str, name: str) -> None:
         """The deployment is gone: drop what the autoscaler remembers of it."""

@@ -43,7 +43,8 @@ class IssuerState:
     signing_key_id: str | None
     auth_configmap: str
     next_check: float
-    jwks_changed: bool
+    # The published keys or the default limits changed (or were first written): the ApiKeys must look again.
+    keys_affected: bool
     # The auth ConfigMap's size in bytes as last written (None when unknown).
     auth_config_size: int | None = None
 
@@ -175,7 +176,9 @@ class Issuers:
             )
             jwks = build_jwks(planned)
             documents = self._auth.commit(namespace, name, [PublishIssuer(config, jwks)], owner=dsd)
-            jwks_changed = before is None or before.jwks != jwks or before.config != config
+            # Not the config's generation: any spec edit moves it, and only the keys and limits matter to ApiKeys.
+            keys_affected = (before is None or before.jwks != jwks
+                             or before.config.get("defaultLimits") != config["defaultLimits"])
             active = planned.active(now, documents.published_kids())
             upcoming = next_key_ring_change(planned, now=now, policy=policy, live_token_expiry=live)
             next_check = now + self._settings.issuer_check_interval
@@ -184,11 +187,11 @@ class Issuers:
             size = self._auth.usage(namespace, name)
             if active is None:
                 return IssuerState(False, "SigningKeyNotPublished", "no published signing key can sign yet",
-                                   None, auth_configmap_name(name), now + 1.0, jwks_changed, size)
+                                   None, auth_configmap_name(name), now + 1.0, keys_affected, size)
             return IssuerState(True, "SigningKeyPublished",
                                f"signing key {active.kid} signs; {len(planned.keys)} key(s) published in "
                                f"ConfigMap {auth_configmap_name(name)}",
-                               active.kid, auth_configmap_name(name), next_check, jwks_changed, size)
+                               active.kid, auth_configmap_name(name), next_check, keys_affected, size)
 
     def view_for(
         self, namespace: str, deployment: str, apikey_uid: str

@@ -14,7 +14,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from conftest import FAST_OPERATOR_ENV, REPO, OperatorProcess, wait_for
+from conftest import FAST_OPERATOR_ENV, GROUP, REPO, VERSION, OperatorProcess, wait_for
 
 KEYS = 5
 # kopf runs the probes again only when their last answer is this old.
@@ -59,6 +59,20 @@ class ProbedOperator(OperatorProcess):
         self.read_at = time.time()
         return Counter(probes["reconciles"]), Counter(probes["api_requests"])
 
+    def settled_counters(self, timeout: float = 180) -> tuple[Counter[str], Counter[str]]:
+        """The counters once no ApiKey has been reconciled between two reads: the keys of an earlier test's
+        namespace (deleted at its teardown, or left by an earlier module's operator) are finalized by then."""
+        deadline = time.monotonic() + timeout
+        last = self.counters()
+        while True:
+            now = self.counters()
+            changed = {kind for kind in set(now[0]) | set(last[0])
+                       if kind.startswith("ApiKey") and now[0][kind] != last[0][kind]}
+            if not changed:
+                return now
+            assert time.monotonic() < deadline, f"ApiKeys still reconciled after {timeout:.0f} s: {now[0] - last[0]}"
+            last = now
+
 
 @pytest.fixture(scope="module")
 def operator_class() -> type[OperatorProcess]:
@@ -77,7 +91,7 @@ def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, 
     world.wait_condition("warm-up", "Ready", "False", "DeploymentNotFound", timeout=60)
     world.apply_deployment()
     world.wait_ready("warm-up", 60)
-    reconciles_before, requests_before = operator.counters()
+    reconciles_before, requests_before = operator.settled_counters()
 
     for index in range(KEYS):
         world.create_apikey(f"key-{index}")
@@ -116,3 +130,35 @@ def test_a_secret_name_in_use_is_read_after_the_create_fails_and_never_overwritt
     world.wait_condition("taken", "Ready", "False", "SecretNameTaken", timeout=60)
     secret = world.core.read_namespaced_secret("taken-apikey", world.namespace)
     assert not secret.metadata.owner_references and secret.data == {"api-key": "eA=="}
+
+
+def test_a_deployment_edit_wakes_its_keys_only_when_it_changes_what_they_hold(world, operator):
+    # Keys hold the deployment's signing key, default limits and default scopes. An edit of anything else (a
+    # rollout, a scale) must not reconcile a thousand keys; a new default scope must reach the keys without their own.
+    # Made before the deployment, the keys are issued by the wake-up of its creation: once they are Ready, that
+    # wake-up (the one expected) is over.
+    for name in ("plain-0", "plain-1"):
+        world.create_apikey(name, deployment="edited")
+        world.wait_condition(name, "Ready", "False", "DeploymentNotFound", timeout=60)
+    world.apply_deployment("edited")
+    for name in ("plain-0", "plain-1"):
+        world.wait_ready(name, 60)
+    before, _ = operator.settled_counters()
+
+    def edit(patch: dict) -> None:
+        updated = world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments",
+                                                              "edited", {"spec": patch})
+        generation = updated["metadata"]["generation"]
+        wait_for("the operator to see the edit", lambda: any(
+            c.get("observedGeneration") == generation
+            for c in (world.deployment("edited").get("status") or {}).get("conditions") or []), 60)
+
+    edit({"replicas": 2})
+    edit({"rollout": {"revisionHistoryLimit": 5}})
+    after, _ = operator.counters()
+    assert {kind: n for kind, n in (after - before).items() if kind.startswith("ApiKey")} == {}, after - before
+
+    edit({"auth": {"defaultScopes": ["model:predict", "history:read"]}})
+    for name in ("plain-0", "plain-1"):
+        wait_for(f"{name}'s token to carry the new default scope", lambda name=name: "history:read" in str(
+            world.verify(world.token(name), deployment="edited").get("scope", "")), 60)

@@ -1,4 +1,5 @@
 from deepseek_operator.handlers.apikey import needs_reconcile
+from deepseek_operator.handlers.deployment import auth_spec_changed
 from deepseek_operator.names import FINALIZER
 
 
@@ -46,3 +47,17 @@ def test_a_new_rotate_annotation_value_is_reconciled_a_done_one_is_not():
     assert needs_reconcile("MODIFIED", asked)
     asked["status"]["rotationRequest"] = "2026-11-30T07:00:00Z"
     assert not needs_reconcile("MODIFIED", asked)
+
+
+def test_only_an_edit_of_spec_auth_wakes_the_keys_of_a_deployment():
+    # kopf's update diff: (op, field path, old, new)
+    assert not auth_spec_changed([("change", ("spec", "image"), "server:1", "server:2")])
+    assert not auth_spec_changed([("change", ("spec", "replicas"), 1, 3),
+                                  ("add", ("metadata", "labels", "a"), None, "b")])
+    assert auth_spec_changed([("change", ("spec", "auth", "defaultScopes"), ["model:predict"],
+                               ["model:predict", "history:read"])])
+    assert auth_spec_changed([("add", ("spec", "auth"), None, {"defaultScopes": ["history:read"]})])
+    assert auth_spec_changed([("change", ("spec",), {"image": "a"}, {"image": "a", "auth": {}})])
+    assert not auth_spec_changed([("change", ("spec",), {"image": "a", "auth": {}}, {"image": "b", "auth": {}})])
+    assert auth_spec_changed([("change", (), {"spec": {"auth": {"x": 1}}}, {"spec": {}})])
+    assert not auth_spec_changed([])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -24,12 +25,36 @@ log = logging.getLogger(__name__)
 PLURAL = "deepseekdeployments"
 
 
+def auth_spec_changed(diff: Iterable[Any]) -> bool:
+    """Whether an update's diff (kopf's `(op, field, old, new)` entries) touches `spec.auth` (pure).
+
+    The keys' default scopes live there; the signing keys and default limits reach the ApiKeys through the issuer
+    reconcile, which wakes them itself when those change. Any other edit (image, replicas, rollout) leaves every
+    ApiKey of the deployment as it is, so it wakes none of them."""
+    for _op, field, old, new in diff:
+        path = tuple(field)
+        if path[:2] == ("spec", "auth"):
+            return True
+        if path in ((), ("spec",)):  # the whole body or spec added, removed or replaced: look inside
+            def auth(value: Any, path: tuple[str, ...] = path) -> Any:
+                spec = ((value or {}).get("spec") if path == () else value) or {}
+                return spec.get("auth")
+            if auth(old) != auth(new):
+                return True
+    return False
+
+
 def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    async def deployment_appeared(namespace: str | None, name: str, **_: Any) -> None:
+        # Keys made before their deployment wait for it: wake them (only them: after a restart, thousands of Ready
+        # keys were just verified from the start-up listing, and a changed issuer wakes its keys anyway).
+        await runtime.reconcile_deployment(str(namespace), name, wake_waiting_keys=True)
+
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
-    async def deployment_changed(namespace: str | None, name: str, **_: Any) -> None:
-        await runtime.reconcile_deployment(str(namespace), name, wake_keys=True)
+    async def deployment_changed(namespace: str | None, name: str, diff: kopf.Diff, **_: Any) -> None:
+        await runtime.reconcile_deployment(str(namespace), name, wake_keys=auth_spec_changed(diff))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def deployment_event(type: str | None, namespace: str | None, name: str | None, uid: str | None,
