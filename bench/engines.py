@@ -6,6 +6,9 @@ servers run at once and the order alternates between rounds, so drift on a share
 Prints tokens/s, p50/p95 latency and time to first token, with ratios next to the targets:
 - gateway vs vLLM direct: <= 3 % fewer tokens/s and <= 2 ms more p50 latency, at every concurrency;
 - builtin vs vLLM direct: >= 0.8x tokens/s at concurrency 16.
+Also the CPU each server's process tree used per output token (the gateway row adds vLLM's) and the share of a core
+it got while its round ran. On a shared machine the scheduler gives the servers different shares of the cores, which
+moves tokens/s from run to run; CPU per token is what an engine change moves.
 
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
     .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
@@ -125,10 +128,39 @@ class Level:
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
+    cpu_s: float | None = 0.0  # CPU seconds of the serving process trees (None: a server not started here)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_token(self) -> float | None:
+        return self.cpu_s * 1000 / self.tokens if self.cpu_s is not None and self.tokens else None
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants, from /proc (all threads included)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        todo += children.get(current, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -189,8 +221,8 @@ async def run_level(server: Server, concurrency: int, requests: int, max_tokens:
 
 def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool = True) -> str:
     """Rows per concurrency and engine, with ratios to vLLM direct; `judge=False` (a quick run) leaves out verdicts."""
-    lines = [f"{'conc':>4} {'engine':<8} {'tok/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'TTFT p50':>9} {'err':>4}  "
-             "vs vLLM direct (target)"]
+    lines = [f"{'conc':>4} {'engine':<8} {'tok/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'TTFT p50':>9} {'err':>4} "
+             f"{'CPU ms/tok':>10} {'core':>5}  vs vLLM direct (target)"]
     verdicts: list[bool] = []
 
     def mark(ok: bool) -> str:
@@ -218,9 +250,14 @@ def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool 
                         ok = ratio >= TARGETS["builtin_ratio_c16"]
                         verdicts.append(ok)
                         note += f" (>= {TARGETS['builtin_ratio_c16']}) {mark(ok)}"
+            cpu = level.cpu_ms_per_token
+            if cpu is not None and direct is not None and direct.cpu_ms_per_token and name == "builtin":
+                note += f"; vLLM's CPU per token / ours {direct.cpu_ms_per_token / cpu:.3f}x"
+            cpu_cells = (f"{cpu:>10.2f} {level.cpu_s / level.seconds:>5.2f}" if cpu is not None and level.seconds
+                         else f"{'-':>10} {'-':>5}")
             lines.append(f"{concurrency:>4} {name:<8} {level.tokens_per_s:>8.1f} {p50:>9.1f} "
                          f"{pct(level.latencies, 0.95) * 1000:>9.1f} {pct(level.ttfts, 0.5) * 1000:>9.1f} "
-                         f"{level.errors:>4}  {note}")
+                         f"{level.errors:>4} {cpu_cells}  {note}")
     lines.append(f"targets met: {sum(verdicts)}/{len(verdicts)}" if judge else "targets not judged (--quick)")
     return "\n".join(lines)
 
@@ -313,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
             for round_no in range(args.rounds):
                 order = engines if round_no % 2 == 0 else engines[::-1]
                 for name in order:
-                    asyncio.run(run_level(servers[name], concurrency, requests, args.max_tokens,
-                                          results[concurrency][name], round_no))
                     level = results[concurrency][name]
+                    # the gateway's work includes the vLLM behind it
+                    trees = [servers[n].proc for n in ({name, "vllm"} if name == "gateway" else {name})]
+                    measured = all(proc is not None for proc in trees)
+                    cpu_before = sum(tree_cpu_seconds(proc.pid) for proc in trees if proc is not None)
+                    asyncio.run(run_level(servers[name], concurrency, requests, args.max_tokens, level, round_no))
+                    cpu_used = sum(tree_cpu_seconds(proc.pid) for proc in trees if proc is not None) - cpu_before
+                    level.cpu_s = level.cpu_s + cpu_used if measured and level.cpu_s is not None else None
                     print(f"  c={concurrency} round {round_no} {name}: {level.tokens_per_s:.1f} tok/s so far, "
                           f"p50 {pct(level.latencies, 0.5) * 1000:.1f} ms", flush=True)
     report = table(results, engines, judge=not args.quick)

@@ -1,13 +1,18 @@
 """Benchmark: what the gateway itself costs in front of an OpenAI engine, with the engine's own cost taken out.
 
 A stand-in engine (a raw asyncio HTTP server in its own process, speaking vLLM's streaming dialect) sends N tokens
-per request at a fixed pace, so the engine's speed and this machine's noise are the same on both sides. The client
+per request at a fixed pace, so the engine's speed and this machine's noise are the same on both sides. Token i is
+due at i+1 intervals after the request, on the engine's own clock, as a GPU engine's step loop produces them whatever
+its HTTP front does: a send that was held up (the CPU busy with the gateway, the client or anything else on the
+machine) delays that token, not every token after it. `--pacing after-send` sleeps the interval after each send
+instead; then every moment the engine process waits for a CPU is added to the rest of the stream, and a gateway on
+the same CPUs is charged its whole CPU time per stream as latency. The client
 streams completions from it directly and through the gateway (`deepseek-server serve --engine vllm`), alternating,
 and the gateway's CPU time is read from /proc. Prints, per concurrency: p50 latency and time to first token direct
 and through the gateway (the gateway's added p50, next to its 2 ms target), tokens/s, and the gateway's CPU per
-request and per relayed token.
+request and per relayed token; then the tokens/s each gateway loses against direct, next to its 3 % target.
 
-    .venv/bin/python bench/gateway_overhead.py                    # 64 tokens, 3 ms apart, concurrency 1 and 16
+    .venv/bin/python bench/gateway_overhead.py                    # 64 tokens, 3 ms apart, concurrency 1, 16, 64
     .venv/bin/python bench/gateway_overhead.py --quick            # a few requests: checks that it runs
     .venv/bin/python bench/gateway_overhead.py --baseline-src DIR # also a gateway from DIR/server (another version,
                                                                   # e.g. `git archive REV server | tar -x -C DIR`)
@@ -34,6 +39,7 @@ from devcluster.testing.ports import free_port
 
 MODEL = "bench-model"
 TARGET_P50_MS = 2.0
+TARGET_TOKENS_LOSS_PCT = 3.0
 
 
 # ------------------------------------------------------------------------------------------------ stand-in engine
@@ -46,7 +52,7 @@ def _event(document: dict[str, object]) -> bytes:
 
 
 async def _serve_engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tokens: int,
-                        interval: float) -> None:
+                        interval: float, on_clock: bool) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -73,8 +79,12 @@ async def _serve_engine(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
                 usage = (body.get("stream_options") or {}).get("include_usage")
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
                              b"\r\n\r\n")
+                started = time.perf_counter()
                 for i in range(count):
-                    await asyncio.sleep(interval)
+                    if on_clock:
+                        await asyncio.sleep(max(0.0, started + (i + 1) * interval - time.perf_counter()))
+                    else:
+                        await asyncio.sleep(interval)
                     choice = {"index": 0, "text": " tok", "logprobs": None,
                               "finish_reason": "length" if i == count - 1 else None, "stop_reason": None}
                     writer.write(_event({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL,
@@ -92,8 +102,9 @@ async def _serve_engine(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
-async def _run_engine(port: int, tokens: int, interval: float) -> None:
-    server = await asyncio.start_server(lambda r, w: _serve_engine(r, w, tokens, interval), "127.0.0.1", port)
+async def _run_engine(port: int, tokens: int, interval: float, on_clock: bool) -> None:
+    server = await asyncio.start_server(lambda r, w: _serve_engine(r, w, tokens, interval, on_clock), "127.0.0.1",
+                                        port)
     async with server:
         await server.serve_forever()
 
@@ -163,16 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few requests per level: checks that it runs")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per streamed answer")
     parser.add_argument("--interval-ms", type=float, default=3.0, help="the stand-in engine's time per token")
-    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--pacing", choices=["clock", "after-send"], default="clock",
+                        help="the stand-in engine's tokens due on its own clock (a GPU engine), or an interval after "
+                             "each send")
+    parser.add_argument("--concurrency", help="levels, comma-separated (default 1,16,64; 1,16 with --quick)")
     parser.add_argument("--requests", type=int, help="requests per side, level and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline-src", type=Path, help="also measure the gateway of DIR/server")
-    parser.add_argument("--engine", nargs=3, metavar=("PORT", "TOKENS", "INTERVAL_S"), help=argparse.SUPPRESS)
+    parser.add_argument("--engine", nargs=4, metavar=("PORT", "TOKENS", "INTERVAL_S", "PACING"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine:  # the stand-in engine process
-        asyncio.run(_run_engine(int(args.engine[0]), int(args.engine[1]), float(args.engine[2])))
+        asyncio.run(_run_engine(int(args.engine[0]), int(args.engine[1]), float(args.engine[2]),
+                                args.engine[3] == "clock"))
         return 0
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in (args.concurrency or ("1,16" if args.quick else "1,16,64")).split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     key = SigningKey("bench")
     auth = write_auth_dir(work / "auth", [key], default_limits={"rps": 1_000_000, "burst": 1_000_000, "tpm": None,
@@ -188,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             return proc
 
         spawn("engine", [sys.executable, __file__, "--engine", str(engine_port), str(args.tokens),
-                         str(args.interval_ms / 1000)])
+                         str(args.interval_ms / 1000), args.pacing])
         gateways: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
         sources = {"gateway": None, **({"baseline": args.baseline_src} if args.baseline_src else {})}
         for name, source in sources.items():
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(_level(url, tok, concurrency, requests, args.tokens, side))
                     side.cpu_seconds += (cpu_seconds(proc.pid) - before) if proc else 0.0
     print(f"gateway overhead bench ({'quick' if args.quick else 'full'}): stand-in engine, {args.tokens} tokens "
-          f"{args.interval_ms:g} ms apart, streamed; {1 if args.quick else args.rounds} rounds alternating")
+          f"{args.interval_ms:g} ms apart (pacing: {args.pacing}), streamed; {1 if args.quick else args.rounds} "
+          "rounds alternating")
     print(f"{'conc':>4} {'side':<9} {'p50 ms':>8} {'TTFT ms':>8} {'tok/s':>8} {'err':>4} {'CPU ms/req':>10} "
           f"{'CPU us/token':>12}  added p50 (target <= {TARGET_P50_MS:g} ms)")
     for concurrency, by_side in results.items():
@@ -237,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = f"{'':>10} {'':>12}"
             print(f"{concurrency:>4} {name:<9} {p50(side.latencies):>8.1f} {p50(side.ttfts):>8.1f} "
                   f"{tokens_per_s:>8.1f} {side.errors:>4} {cpu}{note}")
+    print(f"tokens/s lost against direct (target <= {TARGET_TOKENS_LOSS_PCT:g} %):")
+    for concurrency, by_side in results.items():
+        direct = by_side["direct"]
+        direct_rate = direct.tokens / direct.seconds if direct.seconds else 0.0
+        for name, side in by_side.items():
+            if name == "direct" or not direct_rate or not side.seconds:
+                continue
+            lost = (1 - side.tokens / side.seconds / direct_rate) * 100
+            verdict = "" if args.quick else " ok" if lost <= TARGET_TOKENS_LOSS_PCT else " MISS"
+            print(f"{concurrency:>4} {name}: {lost:+.1f} %{verdict}")
     return 0
 
 

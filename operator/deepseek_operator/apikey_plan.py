@@ -252,12 +252,14 @@ def with_pending(
 def plan_apikey(
     apikey: Mapping[str, Any], *, secret_exists: bool, secret_token: str | None, secret_current: bool,
     issuer: IssuerView | None, now: int, secret_claims: Mapping[str, Any] | None = None,
+    secret_sha: str | None = None,
 ) -> ApiKeyPlan:
     """Decide one reconcile of a live (not deleting) ApiKey.
 
     `secret_token` is the token found in the Secret (None: no Secret or no token), `secret_current` whether the
     Secret's other fields, labels and owner are as they should be, `secret_claims` the claims of that token when
-    this operator signed it for this key (see `tokens.verified_claims`) and it is not revoked.
+    this operator signed it for this key (see `tokens.verified_claims`) and it is not revoked. `secret_sha` stands
+    for the token's hash when the token was not read, the Secret being at the version last seen holding it.
     """
     spec = apikey["spec"]
     status = dict(apikey.get("status") or {})
@@ -270,7 +272,7 @@ def plan_apikey(
         return ApiKeyPlan(status=status)
     renew_before = parse_duration(spec.get("renewBefore", "24h"))
     grace = parse_duration(spec.get("gracePeriod", "1h"))
-    secret_sha = token_sha256(secret_token) if secret_token else None
+    secret_sha = token_sha256(secret_token) if secret_token else secret_sha
 
     status, revoke = resolve_pending(status, secret_sha, renew_before)
     if not status.get("tokenId") and secret_claims and secret_token:
@@ -318,7 +320,7 @@ def plan_apikey(
         reason = "Unrevoked" if condition_status(status.get("conditions"), "Revoked") == "True" else "Initial"
     elif expires <= now:
         reason = "Expired"
-    elif secret_token is None:
+    elif secret_sha is None:
         reason = "SecretMissing"
     elif secret_sha != status.get("tokenSHA256"):
         reason = "SecretAltered"

@@ -34,6 +34,7 @@ from .apikey_plan import (
     with_pending,
 )
 from .apikey_secret import build_apikey_secret, secret_token, secret_up_to_date
+from .apikey_secret_watch import ApiKeySecretWatch, SecretVersion
 from .auth_config import AuthChange, RevokeTokens, SetKeyLimits
 from .auth_store import AuthConfigFull, AuthConfigStore
 from .conditions import Condition, merge_conditions
@@ -43,7 +44,7 @@ from .key_material import new_token_id
 from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi, KubeError
 from .names import FINALIZER, apikey_secret_name
 from .settings import OperatorSettings
-from .tokens import sign_token, verified_claims
+from .tokens import sign_token, token_sha256, verified_claims
 
 log = logging.getLogger(__name__)
 # A Secret the API server refuses to take is tried again after retry_interval, doubling up to this.
@@ -89,6 +90,26 @@ def secret_write_failed(previous: SecretWriteFailure | None, error: Exception, *
     return SecretWriteFailure(attempts, now + delay, f"could not write Secret {secret_name}: {detail}")
 
 
+def secret_known_unchanged(status: Mapping[str, Any], secret_name: str, apikey_uid: str,
+                           seen: SecretVersion | None) -> bool:
+    """Whether the key's Secret, as the Secret watch last saw it (`seen`), is at the resourceVersion status recorded
+    when the operator last wrote it or read it holding the current token (pure): then it still holds that token,
+    and a reconcile need not read it."""
+    return (seen is not None and bool(status.get("tokenId")) and not status.get("pendingToken")
+            and status.get("secretName") == secret_name and bool(status.get("secretResourceVersion"))
+            and status.get("secretResourceVersion") == seen.resource_version and seen.owner_uid == apikey_uid)
+
+
+def drift_check_interval(*, watched: bool, keys: int, resync_interval: float, check_interval: float,
+                         checks_per_second: float) -> float:
+    """How long until a key's Secret is read again on a timer (pure). With the Secret watch in sync a change wakes
+    its key, so the timer is only a rare safety resync; without it, the timer is the drift check, stretched so that
+    all `keys` together stay within `checks_per_second`."""
+    if watched:
+        return max(resync_interval, keys / checks_per_second)
+    return max(check_interval, keys / checks_per_second)
+
+
 def write_landed_nowhere(error: Exception) -> bool:
     """Whether a failed write certainly changed nothing: the API server answered it with a 4xx."""
     return isinstance(error, KubeError) and 400 <= error.status < 500
@@ -120,6 +141,13 @@ class ApiKeyReconciler:
         # resourceVersions of the last ApiKey writes made by reconciles (finalizer, status): their watch events are
         # ours and ask for nothing (see `caused_by_own_write`). Several, since events may arrive after later writes.
         self._own_versions: dict[tuple[str, str], tuple[str, ...]] = {}
+        # Per key: (Secret name, resourceVersion) of its Secret as last written or verified by this process (None:
+        # deleted by it). A Secret watch event at that version is the operator's own write and asks for nothing.
+        self._known_secrets: dict[tuple[str, str], tuple[str, str | None]] = {}
+        # Keys whose last reconcile left them not Ready, with their deployment: its appearance wakes them.
+        self._waiting: dict[tuple[str, str], str] = {}
+        # Set by the runtime: metadata of the ApiKey Secrets (resourceVersion, owner), kept by a watch.
+        self.secret_watch: ApiKeySecretWatch | None = None
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -131,6 +159,28 @@ class ApiKeyReconciler:
             self._secret_failures.pop((namespace, name), None)
             self._missing_deployment.pop((namespace, name), None)
             self._own_versions.pop((namespace, name), None)
+            self._known_secrets.pop((namespace, name), None)
+            self._waiting.pop((namespace, name), None)
+
+    def waiting_keys(self, namespace: str, deployment: str) -> list[str]:
+        """Names of the keys of `deployment` whose last reconcile left them not Ready."""
+        with self._locks_guard:
+            return [name for (ns, name), dep in self._waiting.items() if ns == namespace and dep == deployment]
+
+    def _note_ready(self, namespace: str, name: str, deployment: str, ready: bool) -> None:
+        with self._locks_guard:
+            if ready:
+                self._waiting.pop((namespace, name), None)
+            else:
+                self._waiting[(namespace, name)] = deployment
+
+    def secret_version_known(self, namespace: str, name: str, secret_name: str, resource_version: str | None) -> bool:
+        """Whether the key's Secret at `resource_version` (None: deleted) is as this process last wrote or verified
+        it: a watch event of that version is the operator's own doing."""
+        return self._known_secrets.get((namespace, name)) == (secret_name, resource_version)
+
+    def _remember_secret(self, namespace: str, name: str, secret_name: str, resource_version: str | None) -> None:
+        self._known_secrets[(namespace, name)] = (secret_name, resource_version)
 
     def caused_by_own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
         """Whether this version of the key is one that a reconcile of this process wrote (its event asks for
@@ -199,24 +249,44 @@ class ApiKeyReconciler:
         found = self._issuers.view_for(namespace, deployment, uid)
         issuer, dsd = found if found else (None, None)
         secret_name = apikey_secret_name(name, spec)
+        previous_status = dict(apikey.get("status") or {})
         # A key that never held a token almost never has a Secret yet: it is created without a read, and a 409
         # (name in use: ours from an interrupted reconcile, or someone else's) sends the reconcile back to read it.
-        secret = self._kube.get(SECRETS, namespace, secret_name) if read_secret or issuer is None else None
-        previous_status = dict(apikey.get("status") or {})
+        # A key judged from a watch event whose Secret is at the version status recorded is not read either (after
+        # a restart: 10,000 keys, no GET); the timer's and the Secret watch's reconciles (no event object) read.
+        secret: dict[str, Any] | None = None
+        unchanged = False
+        if read_secret or issuer is None:
+            unchanged = observed is not None and self.secret_watch is not None and secret_known_unchanged(
+                previous_status, secret_name, uid, self.secret_watch.lookup(namespace, secret_name))
+            if not unchanged:
+                secret = self._kube.get(SECRETS, namespace, secret_name)
 
-        if secret is not None and not any(ref.get("uid") == uid for ref in
-                                          secret["metadata"].get("ownerReferences") or []):
-            return self._secret_taken(apikey, previous_status, secret_name, now)
-
-        token = secret_token(secret)
-        secret_current = False
-        if secret is not None and token and issuer is not None:
-            desired = build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=deployment, token=token,
-                                          base_url=issuer.base_url)
-            secret_current = secret_up_to_date(secret, desired)
-        claims = self._own_token_claims(token, issuer, uid, now)
-        plan = plan_apikey(apikey, secret_exists=secret is not None, secret_token=token,
-                           secret_current=secret_current, issuer=issuer, now=now, secret_claims=claims)
+        while True:
+            if secret is not None and not any(ref.get("uid") == uid for ref in
+                                              secret["metadata"].get("ownerReferences") or []):
+                return self._secret_taken(apikey, previous_status, secret_name, now)
+            token = secret_token(secret)
+            secret_current = unchanged
+            if secret is not None and token and issuer is not None:
+                desired = build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=deployment,
+                                              token=token, base_url=issuer.base_url)
+                secret_current = secret_up_to_date(secret, desired)
+            claims = self._own_token_claims(token, issuer, uid, now)
+            plan = plan_apikey(apikey, secret_exists=secret is not None or unchanged, secret_token=token,
+                               secret_current=secret_current, issuer=issuer, now=now, secret_claims=claims,
+                               secret_sha=previous_status["tokenSHA256"] if unchanged else None)
+            if not (unchanged and (plan.issue_reason or plan.repair_secret or plan.delete_secret)):
+                break
+            # The Secret is to be written or deleted: read what it holds first, and decide from that.
+            secret, unchanged = self._kube.get(SECRETS, namespace, secret_name), False
+        # The Secret's version once this reconcile is done, when it then holds the current token as it should.
+        verified_version: str | None = None
+        if unchanged:
+            verified_version = previous_status["secretResourceVersion"]
+        elif (secret is not None and token and secret_current and plan.issue_reason is None
+              and token_sha256(token) == plan.status.get("tokenSHA256")):
+            verified_version = secret["metadata"]["resourceVersion"]
         status = dict(plan.status)
         events = list(plan.events)
 
@@ -248,10 +318,9 @@ class ApiKeyReconciler:
             failure = None
         if plan.issue_reason and issuer is not None and issuer.signing_key is not None:
             if failure is None or now >= failure.retry_at:
-                status, apikey, failure = self._issue(apikey, status, issuer, plan.issue_reason,
-                                                      plan.previous_revoke_at, secret_name, secret, now, failure,
-                                                      rotation_request=plan.rotation_request,
-                                                      secret_read=read_secret)
+                status, apikey, failure, verified_version = self._issue(
+                    apikey, status, issuer, plan.issue_reason, plan.previous_revoke_at, secret_name, secret, now,
+                    failure, rotation_request=plan.rotation_request, secret_read=read_secret)
                 if failure is None:
                     if plan.issue_reason != "Initial":
                         # A first token is recorded in status (Ready, TokenIssued); an Event per new key would be
@@ -267,14 +336,22 @@ class ApiKeyReconciler:
                 for field_name in TOKEN_FIELDS:
                     status.pop(field_name, None)
         elif plan.repair_secret and token and issuer is not None:
-            self._kube.create_or_replace(
+            repaired = self._kube.create_or_replace(
                 SECRETS, namespace,
                 build_apikey_secret(apikey=apikey, secret_name=secret_name, deployment=deployment, token=token,
                                     base_url=issuer.base_url),
                 up_to_date=secret_up_to_date)
+            verified_version = repaired["metadata"]["resourceVersion"]
+            self._remember_secret(namespace, name, secret_name, verified_version)
         if plan.delete_secret and secret is not None:
             self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
+            self._remember_secret(namespace, name, secret_name, None)
             status.pop("secretName", None)
+        if verified_version and status.get("tokenId") and not status.get("pendingToken") and not spec.get("revoked"):
+            status["secretResourceVersion"] = verified_version
+            self._remember_secret(namespace, name, secret_name, verified_version)
+        else:
+            status.pop("secretResourceVersion", None)
 
         conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment,
                                        secret_write_error=failure.message if failure else None,
@@ -286,6 +363,7 @@ class ApiKeyReconciler:
             apikey = self._write_status(apikey, status)
         self._events(apikey, events)
         ready = conditions[0].status is True
+        self._note_ready(namespace, name, deployment, ready or bool(spec.get("revoked")))
         due = next_due(status, ready=ready, revoked=bool(spec.get("revoked")), now=now,
                        retry_interval=self._settings.retry_interval)
         if failure is not None:
@@ -293,7 +371,12 @@ class ApiKeyReconciler:
         if issuer is None and not spec.get("revoked"):
             due = now + self._missing_deployment_backoff(namespace, name)
         # Spread the checks: keys created together would otherwise all be checked in the same second.
-        drift = now + self._settings.drift_check_interval * random.uniform(0.8, 1.2)
+        watch = self.secret_watch
+        interval = drift_check_interval(
+            watched=watch is not None and watch.synced, keys=len(self._locks),
+            resync_interval=self._settings.secret_resync_interval, check_interval=self._settings.drift_check_interval,
+            checks_per_second=self._settings.drift_checks_per_second)
+        drift = now + interval * random.uniform(0.8, 1.2)
         return ReconcileResult(drift if due is None else min(due, drift), deployment)
 
     @staticmethod
@@ -312,8 +395,9 @@ class ApiKeyReconciler:
         self, apikey: dict[str, Any], status: dict[str, Any], issuer: IssuerView, reason: str,
         previous_revoke_at: int | None, secret_name: str, secret: dict[str, Any] | None, now: int,
         failure: SecretWriteFailure | None, *, rotation_request: str | None = None, secret_read: bool = True,
-    ) -> tuple[dict[str, Any], dict[str, Any], SecretWriteFailure | None]:
-        """Mint a token, write it to the Secret and make it current. Returns (status, apikey, write failure).
+    ) -> tuple[dict[str, Any], dict[str, Any], SecretWriteFailure | None, str | None]:
+        """Mint a token, write it to the Secret and make it current. Returns (status, apikey, write failure, the
+        written Secret's resourceVersion).
 
         A token that replaces another is first recorded as `pendingToken`, so that a restart can tell whether the
         replacement reached the Secret. A first token needs no such record: found in the Secret, it verifies as
@@ -338,10 +422,10 @@ class ApiKeyReconciler:
                                       token=token, base_url=issuer.base_url)
         try:
             if secret_read:
-                self._kube.write(SECRETS, namespace, desired, current=secret, up_to_date=secret_up_to_date)
+                written = self._kube.write(SECRETS, namespace, desired, current=secret, up_to_date=secret_up_to_date)
             else:
                 try:
-                    self._kube.create(SECRETS, namespace, desired)
+                    written = self._kube.create(SECRETS, namespace, desired)
                 except Conflict:
                     # Not read first, so never written over: the retry reads it (owner, a token to adopt).
                     raise _SecretNameInUse() from None
@@ -355,10 +439,14 @@ class ApiKeyReconciler:
                 raise
             log.warning("ApiKey %s/%s: %s", namespace, key[1], failure.message)
             status.pop("pendingToken", None)
-            return status, apikey, failure
+            return status, apikey, failure, None
+        # Remembered at once, so that the Secret watch's event of this write is known as the operator's own.
+        version = str(written["metadata"]["resourceVersion"])
+        self._remember_secret(namespace, key[1], secret_name, version)
         self._secret_failures.pop(key, None)
         failpoints.reached("apikey:after-secret", f"{namespace}/{apikey['metadata']['name']}")
-        return promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey, None
+        return (promote_pending(status, parse_duration(apikey["spec"].get("renewBefore", "24h"))), apikey, None,
+                version)
 
     def _missing_deployment_backoff(self, namespace: str, name: str) -> float:
         attempts = self._missing_deployment.get((namespace, name), 0) + 1
@@ -377,6 +465,8 @@ class ApiKeyReconciler:
         status["observedGeneration"] = generation
         if status != (apikey.get("status") or {}):
             self._write_status(apikey, status)
+        self._note_ready(apikey["metadata"]["namespace"], apikey["metadata"]["name"],
+                         apikey["spec"]["deploymentRef"]["name"], False)
         return ReconcileResult(now + self._settings.retry_interval, apikey["spec"]["deploymentRef"]["name"])
 
     def _finalize(self, apikey: dict[str, Any]) -> None:

@@ -138,6 +138,10 @@ class AuthConfigStore:
                 return None, slot.problem
             return slot.documents, ""
 
+    def problem(self, namespace: str, deployment: str) -> str | None:
+        """Why the ConfigMap's content was unknown when last read or written (None: it was known); no API call."""
+        return self._slot(namespace, deployment).problem
+
     def usage(self, namespace: str, deployment: str) -> int | None:
         """The ConfigMap's size as last read or written (None before either); no API call."""
         return self._slot(namespace, deployment).size

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,9 @@ from .names import FIELD_MANAGER, GROUP, VERSION, controlled_by
 
 log = logging.getLogger(__name__)
 LIST_PAGE_SIZE = 500
+# Metadata only (no `data` of a Secret ever reaches the operator): the API server's PartialObjectMetadata views.
+METADATA_LIST_ACCEPT = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_ACCEPT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class Resource:
         if subresource is not None:
             path += f"/{subresource}"
         return path
+
+    def collection_path(self, namespace: str | None) -> str:
+        """The objects of one namespace, or of every namespace (None)."""
+        if namespace is not None:
+            return self.path(namespace)
+        root = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        return f"{root}/{self.plural}"
 
     @property
     def api_version(self) -> str:
@@ -69,6 +79,10 @@ class Conflict(KubeError):
 
 class NotFound(KubeError):
     """404."""
+
+
+class Gone(KubeError):
+    """410: a watch's resourceVersion is too old; list again."""
 
 
 class NotOwned(KubeError):
@@ -143,6 +157,12 @@ def request_kind(method: str, path: str) -> str:
     return f"{verb} {resource}"
 
 
+def request_pool(thread_name: str) -> str:
+    """The worker pool a request was sent from, by its thread's name (`apikey_3` -> `apikey`) (pure)."""
+    base = thread_name.rsplit("_", 1)[0] if "_" in thread_name else thread_name
+    return "secret-watch" if base.startswith("secret-watch") else base
+
+
 class KubeApi:
     """Thread-safe JSON client for the few calls the operator makes."""
 
@@ -151,6 +171,9 @@ class KubeApi:
         # liveness endpoint, for benchmarks.
         self.request_counts: Counter[str] = Counter()
         self.request_seconds: Counter[str] = Counter()
+        # Requests by the pool that sent them (see request_pool) and `VERB resource`, e.g. `apikey GET secrets`:
+        # ApiKey work (pools `apikey`, `issue`, `secret-watch`) apart from DeepSeekDeployments' (`reconcile`).
+        self.request_counts_by_pool: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._connection = connection
         self._http = httpx.Client(
@@ -163,12 +186,34 @@ class KubeApi:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
-                 content_type: str = "application/json") -> dict[str, Any]:
-        headers = {"Accept": "application/json"}
+    def _headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
         token = self._connection.token()
         if token:
             headers["Authorization"] = token
+        return headers
+
+    def _count(self, kind: str, started: float) -> None:
+        with self._counts_lock:
+            self.request_counts[kind] += 1
+            self.request_seconds[kind] += time.monotonic() - started
+            self.request_counts_by_pool[f"{request_pool(threading.current_thread().name)} {kind}"] += 1
+
+    @staticmethod
+    def _raise_for(response: httpx.Response, method: str, path: str) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            detail = response.json()
+            reason, message = str(detail.get("reason", "")), str(detail.get("message", ""))
+        except ValueError:
+            reason, message = "", response.text[:200]
+        error = {404: NotFound, 409: Conflict, 410: Gone}.get(response.status_code, KubeError)
+        raise error(response.status_code, reason, message, method, path)
+
+    def _request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, str] | None = None,
+                 content_type: str = "application/json", accept: str = "application/json") -> dict[str, Any]:
+        headers = self._headers(accept)
         content = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -177,18 +222,8 @@ class KubeApi:
         try:
             response = self._http.request(method, path, content=content, params=params, headers=headers)
         finally:
-            kind = request_kind(method, path)
-            with self._counts_lock:
-                self.request_counts[kind] += 1
-                self.request_seconds[kind] += time.monotonic() - started
-        if response.status_code >= 400:
-            try:
-                detail = response.json()
-                reason, message = str(detail.get("reason", "")), str(detail.get("message", ""))
-            except ValueError:
-                reason, message = "", response.text[:200]
-            error = {404: NotFound, 409: Conflict}.get(response.status_code, KubeError)
-            raise error(response.status_code, reason, message, method, path)
+            self._count(request_kind(method, path), started)
+        self._raise_for(response, method, path)
         return response.json() if response.content else {}
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
@@ -213,6 +248,48 @@ class KubeApi:
             if not token:
                 return items
             params["continue"] = token
+
+    def list_metadata(self, resource: Resource, namespace: str | None, *,
+                      label_selector: str) -> tuple[list[dict[str, Any]], str]:
+        """The metadata (PartialObjectMetadata: never a Secret's data) of every matching object in `namespace`
+        (None: every namespace), read in pages; and the resourceVersion to watch from."""
+        params = {"labelSelector": label_selector, "limit": str(LIST_PAGE_SIZE)}
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self._request("GET", resource.collection_path(namespace), params=params,
+                                 accept=METADATA_LIST_ACCEPT)
+            items.extend(page.get("items") or [])  # an empty PartialObjectMetadataList has `"items": null`
+            meta = page.get("metadata") or {}
+            if not meta.get("continue"):
+                return items, str(meta.get("resourceVersion", ""))
+            params["continue"] = meta["continue"]
+
+    def watch_metadata(self, resource: Resource, namespace: str | None, *, label_selector: str,
+                       resource_version: str, timeout_seconds: int = 300) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event type, object metadata) from `resource_version` on, until the server ends the watch (after about
+        `timeout_seconds`); BOOKMARK events carry only a newer resourceVersion. Raises Gone when that version is
+        too old (list again)."""
+        path = resource.collection_path(namespace)
+        params = {"labelSelector": label_selector, "watch": "true", "resourceVersion": resource_version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        started = time.monotonic()
+        self._count(f"WATCH {resource.plural}", started)
+        timeout = httpx.Timeout(30.0, read=timeout_seconds + 30.0)
+        with self._http.stream("GET", path, params=params, headers=self._headers(METADATA_ACCEPT),
+                               timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._raise_for(response, "GET", path)
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    code = int(obj.get("code") or 500)
+                    error = Gone if code == 410 else KubeError
+                    raise error(code, str(obj.get("reason", "")), str(obj.get("message", "")), "WATCH", path)
+                yield str(event.get("type")), obj.get("metadata") or {}
 
     def create(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create; raises Conflict when the name is taken."""

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .apikey_reconciler import ApiKeyReconciler, first_issuance
+from .apikey_secret_watch import ApiKeySecretWatch
 from .auth_store import AuthConfigStore
 from .deployment_reconciler import DeploymentReconciler
 from .issuer import Issuers
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 APIKEY = "ApiKey"
 DEPLOYMENT = "DeepSeekDeployment"
 MAX_BACKOFF = 30.0
+# A Secret watch event not known as the operator's own is looked at again this much later before its key is
+# reconciled: the event of a write can arrive just before the writing reconcile has recorded its resourceVersion.
+SECRET_EVENT_SETTLE = 1.0
+# A deleted Secret waits longer: when its key or namespace is being deleted, the key's own deletion event (which
+# makes the Secret's deletion expected) arrives meanwhile.
+SECRET_DELETION_SETTLE = 3.0
+# How long reconciles from the start-up listing wait for the Secret watch's first listing (which spares them the
+# read of each Secret) before reading Secrets one by one.
+SECRET_WATCH_START_WAIT = 60.0
 
 
 class OperatorRuntime:
@@ -55,13 +65,63 @@ class OperatorRuntime:
         self._apikeys_reconciled: set[tuple[str, str]] = set()
         # Reconciles run, by kind ("ApiKey", "ApiKey first issuance", ...): on the liveness endpoint's probes.
         self.reconciles: Counter[str] = Counter()
+        self.secret_watch = ApiKeySecretWatch(kube, None if settings.all_namespaces else settings.namespaces,
+                                              self._secret_event)
+        self.apikeys.secret_watch = self.secret_watch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._secret_checks: set[tuple[str, str]] = set()
+        self._secret_check_tasks: set[asyncio.Task[None]] = set()
+        # Keys being deleted: their Secrets go with them (finalizer, namespace deletion), which wakes nothing.
+        self._apikeys_deleting: set[tuple[str, str]] = set()
 
     @classmethod
     def connect(cls, settings: OperatorSettings) -> OperatorRuntime:
         # Enough connections for every pool's workers, so that maintenance never waits for an issuance's socket.
         return cls(settings, KubeApi(load_connection(settings.kubeconfig), max_connections=3 * settings.workers + 8))
 
+    def start_secret_watch(self) -> None:
+        """Start the ApiKey Secret watch; its events reach this (running) event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.secret_watch.start()
+
+    def _secret_event(self, namespace: str, name: str, secret_name: str, resource_version: str | None) -> None:
+        # In the watch's thread.
+        if self._loop is None or self.apikeys.secret_version_known(namespace, name, secret_name, resource_version):
+            return
+        self._loop.call_soon_threadsafe(self._secret_changed, namespace, name, secret_name, resource_version is None)
+
+    def _secret_changed(self, namespace: str, name: str, secret_name: str, deleted: bool) -> None:
+        if (namespace, name) in self._secret_checks:
+            return
+        self._secret_checks.add((namespace, name))
+        asyncio.get_running_loop().call_later(SECRET_DELETION_SETTLE if deleted else SECRET_EVENT_SETTLE,
+                                              self._start_secret_check, namespace, name, secret_name)
+
+    def _start_secret_check(self, namespace: str, name: str, secret_name: str) -> None:
+        task = asyncio.ensure_future(self._check_secret(namespace, name, secret_name))
+        self._secret_check_tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._secret_check_tasks.discard)
+
+    async def _check_secret(self, namespace: str, name: str, secret_name: str) -> None:
+        """A key's Secret changed without this operator writing it (edited, deleted): reconcile the key now."""
+        self._secret_checks.discard((namespace, name))
+        if not self.apikey_known(namespace, name) or (namespace, name) in self._apikeys_deleting:
+            # Gone, going, or not reconciled yet by this process (its start-up reconcile reads the Secret anyway).
+            return
+        seen = self.secret_watch.lookup(namespace, secret_name)
+        if self.apikeys.secret_version_known(namespace, name, secret_name, seen.resource_version if seen else None):
+            return
+        log.info("Secret %s/%s of ApiKey %s changed or was deleted by someone else: reconciling the key", namespace,
+                 secret_name, name)
+        await self.reconcile_apikey(namespace, name)
+
+    async def _secret_watch_settled(self) -> None:
+        deadline = time.monotonic() + SECRET_WATCH_START_WAIT
+        while not self.secret_watch.settled and self._loop is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
     def close(self) -> None:
+        self.secret_watch.stop()
         for executor in (self.executor, self.issuance_executor, self.apikey_executor):
             executor.shutdown(wait=False, cancel_futures=True)
         self.kube.close()
@@ -103,6 +163,8 @@ class OperatorRuntime:
                     result = await self._blocking(self.apikeys.reconcile, namespace, name, observed,
                                                   executor=self.issuance_executor)
             else:
+                if observed is not None and not self.secret_watch.settled:
+                    await self._secret_watch_settled()
                 self.reconciles[APIKEY] += 1
                 result = await self._blocking(self.apikeys.reconcile, namespace, name, observed,
                                               executor=self.apikey_executor)
@@ -117,20 +179,31 @@ class OperatorRuntime:
         else:
             self.schedule.set(key, result.next_due, group=(APIKEY, namespace, result.deployment))
 
+    def apikey_deleting(self, namespace: str, name: str) -> None:
+        """The key has a deletionTimestamp: a change of its Secret from now on wakes nothing."""
+        self._apikeys_deleting.add((namespace, name))
+
     def forget_apikey(self, namespace: str, name: str) -> None:
         """The key is gone: drop its schedule entry and lock."""
+        self._apikeys_deleting.discard((namespace, name))
         self.schedule.forget(ObjectKey(APIKEY, namespace, name))
         self.apikeys.forget(namespace, name)
         self._apikeys_reconciled.discard((namespace, name))
 
-    async def reconcile_deployment(self, namespace: str, name: str, *, wake_keys: bool = False) -> None:
+    async def reconcile_deployment(self, namespace: str, name: str, *, wake_keys: bool = False,
+                                   wake_waiting_keys: bool = False) -> None:
+        """Reconcile a deployment; then wake all its keys (`wake_keys`, or when its issuer changed), or only those
+        whose last reconcile left them not Ready (`wake_waiting_keys`: e.g. waiting for the deployment to exist)."""
         key = ObjectKey(DEPLOYMENT, namespace, name)
         self.reconciles[DEPLOYMENT] += 1
+        auth_unknown = self.auth_store.problem(namespace, name) is not None
         try:
             result = await self._blocking(self.deployments.reconcile, namespace, name)
         except Exception as exc:
             self._failed(key, exc)
+            self._wake_keys_if_auth_flipped(namespace, name, auth_unknown)
             return
+        self._wake_keys_if_auth_flipped(namespace, name, auth_unknown)
         self._failures.pop(key, None)
         if result.next_due is None:
             self.schedule.forget(key)
@@ -140,6 +213,19 @@ class OperatorRuntime:
             woken = self.schedule.wake_group((APIKEY, namespace, name), time.time())
             if woken:
                 log.info("deployment %s/%s changed its issuer: re-checking %d key(s)", namespace, name, woken)
+        elif wake_waiting_keys:
+            now = time.time()
+            for key_name in self.apikeys.waiting_keys(namespace, name):
+                self.schedule.set(ObjectKey(APIKEY, namespace, key_name), now, group=(APIKEY, namespace, name))
+
+    def _wake_keys_if_auth_flipped(self, namespace: str, name: str, unknown_before: bool) -> None:
+        # Keys are no longer looked at on a short timer: when the auth ConfigMap became unreadable (or readable
+        # again), they say so in their status (AuthConfigUnknown) only if woken.
+        if (self.auth_store.problem(namespace, name) is not None) != unknown_before:
+            woken = self.schedule.wake_group((APIKEY, namespace, name), time.time())
+            if woken:
+                log.info("auth ConfigMap of deployment %s/%s became %s: re-checking %d key(s)", namespace, name,
+                         "unknown" if not unknown_before else "known", woken)
 
     async def dispatch(self, key: ObjectKey) -> None:
         """Run the reconcile a schedule entry asks for."""

@@ -15,6 +15,7 @@ ENV_PREFIX = "DEEPSEEK_OPERATOR_"
 OUT_OF_CLUSTER_SIGNING_KEY_NAMESPACE = "deepseek-operator"
 DURATION_SETTINGS = {
     "signing_key_rotation", "signing_key_propagation", "signing_key_retire_margin", "drift_check_interval",
+    "secret_resync_interval",
     "retry_interval", "issuer_check_interval",
     "leader_election_lease_duration", "leader_election_renew_deadline", "leader_election_retry_period",
 }
@@ -36,8 +37,13 @@ class OperatorSettings:
     signing_key_rotation: float = 30 * 24 * 3600.0
     signing_key_propagation: float = 60.0
     signing_key_retire_margin: float = 900.0
-    # How often a key's Secret is checked for deletion or tampering, and a deployment's issuer objects.
+    # How often a key's Secret is read to check it for deletion or tampering when the Secret watch cannot run (no
+    # list/watch permission), stretched so that all keys together take at most `drift_checks_per_second` reads.
     drift_check_interval: float = 300.0
+    drift_checks_per_second: float = 2.0
+    # With the Secret watch running, a change wakes its key at once: a key's Secret is then read on a timer only
+    # this rarely (a safety resync), within the same per-second budget.
+    secret_resync_interval: float = 24 * 3600.0
     issuer_check_interval: float = 60.0
     # How soon a key waiting for its deployment (or anything that failed) is tried again.
     retry_interval: float = 5.0
@@ -79,6 +85,8 @@ class OperatorSettings:
             raise ValueError(f"log format {self.log_format!r} is not json or plain")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, not {self.workers}")
+        if self.drift_checks_per_second <= 0:
+            raise ValueError(f"drift_checks_per_second must be above 0, not {self.drift_checks_per_second}")
         if self.leader_election:
             self.leader_election_config("validation").validate()
 
@@ -110,6 +118,8 @@ def _parse(name: str, text: str, current: Any) -> Any:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a boolean (true/false)")
     if isinstance(current, int):
         return int(text)
+    if isinstance(current, float):
+        return float(text)
     return text or None
 
 

@@ -5,7 +5,8 @@ it went (status, error code, latency, cache). It never holds the token, and hold
 `--audit-prompts` asks for a short preview, masked (`deepseek_server.redaction`) before it is recorded.
 
 Records are queued by the request (no I/O on its path) and written by one background task in batches: the JSON
-lines go to the file in a worker thread, and a batch's history entries go to Redis in one pipeline.
+lines are encoded (orjson: a tenth of the standard library's cost per record) and written to the file in a worker
+thread, and a batch's history entries go to Redis in one pipeline.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 512
@@ -27,6 +30,15 @@ BATCH_MAX = 512
 # pipeline) carries the records of many requests: at 10 ms a server answering a few hundred requests a second paid a
 # thread hop for every few requests. A record after a quiet spell is written at once; readers of the history flush.
 BATCH_GATHER_S = 0.05
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One record as compact UTF-8 JSON (what `json.dumps(record, separators=(",", ":"), ensure_ascii=False)`
+    writes); a value orjson refuses (an integer beyond 64 bits) falls back to the standard library."""
+    try:
+        return orjson.dumps(record)
+    except TypeError:
+        return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class MemoryHistory:
@@ -56,9 +68,9 @@ class RedisHistory:
         self.ttl_s = ttl_s
 
     async def add(self, uid: str, record: dict[str, Any]) -> None:
-        await self.add_many([(uid, json.dumps(record))])
+        await self.add_many([(uid, encode_record(record))])
 
-    async def add_many(self, entries: list[tuple[str, str]]) -> None:
+    async def add_many(self, entries: list[tuple[str, bytes]]) -> None:
         """Append (uid, record JSON) pairs in one round trip."""
         if not entries:
             return
@@ -76,7 +88,7 @@ class RedisHistory:
 
     async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
         raw = await self.client.lrange(f"{self.prefix}:{uid}", 0, limit - 1)
-        return [json.loads(item) for item in raw]
+        return [orjson.loads(item) for item in raw]
 
 
 class AuditLog:
@@ -130,7 +142,8 @@ class AuditLog:
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         try:
-            lines = await asyncio.to_thread(self._write_lines, batch)
+            # the loop's executor without asyncio.to_thread's context copy: the writer needs no context variables
+            lines = await asyncio.get_running_loop().run_in_executor(None, self._write_lines, batch)
         except Exception as exc:  # a full disk must not stop the server; the next batch tries again
             log.error("audit: writing %d record(s) failed: %s", len(batch), exc)
             return
@@ -138,10 +151,10 @@ class AuditLog:
             await self.history.add_many([(str(record["key_uid"]), line)
                                          for record, line in zip(batch, lines, strict=True) if record.get("key_uid")])
 
-    def _write_lines(self, batch: list[dict[str, Any]]) -> list[str]:
-        lines = [json.dumps(record, separators=(",", ":"), ensure_ascii=False) for record in batch]
+    def _write_lines(self, batch: list[dict[str, Any]]) -> list[bytes]:
+        lines = [encode_record(record) for record in batch]
         out = self._stream()
-        out.write("".join(line + "\n" for line in lines))
+        out.write(b"".join(line + b"\n" for line in lines).decode())
         out.flush()
         return lines
 

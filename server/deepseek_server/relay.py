@@ -176,7 +176,7 @@ class _StreamRelay:
         # closing the upstream response drops the engine connection, and the engine aborts the request.
         watcher = asyncio.ensure_future(_close_on_disconnect(request, self.upstream))
         try:
-            async for data in self.upstream.aiter_raw():
+            async for data in self.upstream.aiter_arrived():  # chunks that came together go out together
                 if first:
                     first = False
                     services.metrics.ttft.labels(self.kind).observe(time.perf_counter() - started)

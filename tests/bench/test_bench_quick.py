@@ -72,6 +72,18 @@ def test_apikeys_quick_makes_every_key_ready() -> None:
 
 @pytest.mark.cluster
 @pytest.mark.slow
+def test_apikeys_at_rest_quick_reverifies_every_key_after_a_restart() -> None:
+    out = run_bench("apikeys_at_rest.py", "--quick")
+    assert "API requests/s at rest (all)" in out and "restart: all keys re-verified (s)" in out, out
+    assert "MISSED" not in out and "(not judged)" in out
+    [result] = json.loads(out.strip().splitlines()[-1])
+    assert result["keys"] == 20 and result["ready"] == 20, result
+    assert result["restart_apikey_reconciles"] >= 20 and result["restart_verified_s"] is not None, result
+    assert result["restart_secret_configmap_writes"] == 0 and result["restart_status_writes"] == 0, result
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_rollout_quick_switches_once_without_failed_requests() -> None:
     out = run_bench("rollout.py", "--quick")
     assert re.search(r"^rollout 1: switched after [\d.]+s", out, re.MULTILINE), out

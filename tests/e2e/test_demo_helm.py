@@ -107,20 +107,20 @@ SA = f"system:serviceaccount:{demo.OPERATOR_NAMESPACE}:deepseek-operator"
 # The operator's ClusterRole (watchNamespaces: []) holds the verbs its code calls and nothing else; each "no" below is
 # a verb it does not use (tests/chart/test_chart.py holds the full list, for both modes).
 @pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), [
-    # Secrets in tenant namespaces: by name only (ApiKey Secrets); never listed, watched or patched.
+    # ApiKey Secrets: read, written and deleted by name; listed and watched (metadata only, by label) for the ApiKey
+    # Secret watch, which with watchNamespaces: [] covers every namespace; never patched.
     ("create", "secrets", "demo", True),
     ("get", "secrets", "demo", True),
     ("update", "secrets", "demo", True),
     ("delete", "secrets", "demo", True),
-    ("list", "secrets", "demo", False),
-    ("watch", "secrets", "kube-system", False),
-    ("list", "secrets", "", False),
+    ("list", "secrets", "demo", True),
+    ("watch", "secrets", "kube-system", True),
+    ("list", "secrets", "", True),
     ("patch", "secrets", "demo", False),
-    # Private signing keys: in the operator's own namespace, listed (by label) there only, for the orphan sweep.
+    # Private signing keys: in the operator's own namespace, listed (by label) there for the orphan sweep.
     ("list", "secrets", demo.OPERATOR_NAMESPACE, True),
     ("create", "secrets", demo.OPERATOR_NAMESPACE, True),
     ("delete", "secrets", demo.OPERATOR_NAMESPACE, True),
-    ("watch", "secrets", demo.OPERATOR_NAMESPACE, False),
     ("patch", "secrets", demo.OPERATOR_NAMESPACE, False),
     # Its own kinds.
     ("watch", "deepseekdeployments.deepseek.ai", "", True),

@@ -84,6 +84,14 @@ def operator_env() -> dict[str, str]:
     return dict(QUIET_ENV)
 
 
+def settled(world, operator: ProbedOperator) -> tuple[Counter[str], Counter[str]]:
+    """The counters once earlier tests' namespaces are gone (their keys finalized) and no key is reconciled."""
+    wait_for("earlier tests' namespaces to be deleted", lambda: not [
+        ns for ns in world.core.list_namespace().items
+        if ns.status.phase == "Terminating" and ns.metadata.name != world.namespace], 180)
+    return operator.settled_counters()
+
+
 def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, operator):
     # A key made before its deployment is issued when the deployment's first reconcile wakes it: once it is Ready,
     # that reconcile (which wakes every key of the deployment) is over and the counted keys find the issuer ready.
@@ -91,7 +99,7 @@ def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, 
     world.wait_condition("warm-up", "Ready", "False", "DeploymentNotFound", timeout=60)
     world.apply_deployment()
     world.wait_ready("warm-up", 60)
-    reconciles_before, requests_before = operator.settled_counters()
+    reconciles_before, requests_before = settled(world, operator)
 
     for index in range(KEYS):
         world.create_apikey(f"key-{index}")
@@ -143,7 +151,7 @@ def test_a_deployment_edit_wakes_its_keys_only_when_it_changes_what_they_hold(wo
     world.apply_deployment("edited")
     for name in ("plain-0", "plain-1"):
         world.wait_ready(name, 60)
-    before, _ = operator.settled_counters()
+    before, _ = settled(world, operator)
 
     def edit(patch: dict) -> None:
         updated = world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments",

@@ -49,11 +49,13 @@ Every verb here is one the operator's code calls (operator/deepseek_operator/kub
 - apiGroups: [deepseek.ai]
   resources: [deepseekdeployments/finalizers, apikeys/finalizers]
   verbs: [update]
-# ApiKey Secrets: read, written and deleted by name only; never listed, watched or patched. (Signing keys are in
-# the operator's own namespace; an old-layout `<deployment>-signing-key` here is read once, moved, deleted.)
+# ApiKey Secrets: read, written and deleted by name, never patched; listed and watched by label, metadata only
+# (PartialObjectMetadata: no Secret data is requested), so that a changed Secret wakes its key instead of every
+# Secret being read on a timer. (Signing keys are in the operator's own namespace; an old-layout
+# `<deployment>-signing-key` here is read once, moved, deleted.)
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create, update, delete]
+  verbs: [get, list, watch, create, update, delete]
 # The auth ConfigMap: written whole under a resourceVersion guard. `watch` is not used by the operator itself: the
 # server's Role grants get/watch on its own auth ConfigMap, and Kubernetes only lets the operator grant what it holds.
 - apiGroups: [""]

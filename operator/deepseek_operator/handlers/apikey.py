@@ -9,6 +9,9 @@ The reconcile starts from the event's object (no GET), and the events of the rec
 patch: no observedGeneration yet) are recognised by resourceVersion and skipped, so a new key is reconciled once.
 A re-listing after a watch restart resumes only the keys this process has not reconciled yet; the others are
 judged like any change.
+
+Their Secrets are watched too, metadata only (apikey_secret_watch.py): a Secret someone else edits or deletes
+wakes its key, and a key of the start-up listing whose Secret is at the version its status recorded is not read.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
         if type == "DELETED":
             runtime.forget_apikey(namespace, name)
             return
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            runtime.apikey_deleting(namespace, name)
         if type is None and runtime.apikey_known(namespace, name):
             type = "MODIFIED"
         if not needs_reconcile(type, body):
@@ -57,6 +62,10 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
         if runtime.apikeys.caused_by_own_write(namespace, name, body.get("metadata", {}).get("resourceVersion")):
             return
         await runtime.reconcile_apikey(namespace, name, copy.deepcopy(dict(body)))
+
+    @kopf.on.startup(registry=registry)
+    async def start_secret_watch(**_: Any) -> None:
+        runtime.start_secret_watch()
 
     @kopf.on.event(GROUP, VERSION, "deepseekdeployments", registry=registry)
     async def deployment_seen(type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -73,6 +82,15 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
     @kopf.on.probe(id="api_requests", registry=registry)
     def api_requests(**_: Any) -> dict[str, int]:
         return dict(runtime.kube.request_counts)
+
+    @kopf.on.probe(id="api_requests_by_pool", registry=registry)
+    def api_requests_by_pool(**_: Any) -> dict[str, int]:
+        return dict(runtime.kube.request_counts_by_pool)
+
+    @kopf.on.probe(id="apikey_secret_watch", registry=registry)
+    def apikey_secret_watch(**_: Any) -> dict[str, Any]:
+        watch = runtime.secret_watch
+        return {"synced": watch.synced, "secrets": len(watch), "unavailable": watch.unavailable}
 
     @kopf.on.probe(id="api_request_seconds", registry=registry)
     def api_request_seconds(**_: Any) -> dict[str, float]:

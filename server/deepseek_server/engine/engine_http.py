@@ -85,14 +85,25 @@ class EngineResponse:
             return EngineTimeout(f"the engine sent nothing for {self._read_timeout:g} s")
         return EngineConnectionError(f"the engine closed the connection mid-answer ({type(exc).__name__})")
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (chunked framing removed)."""
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (chunked framing removed), one piece per chunk as the engine framed it."""
+        return self._body(joined=False)
+
+    def aiter_arrived(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive, each piece everything that one network read completed: whole chunks,
+        framing removed, several of them joined when they came together.
+
+        A relay sends each piece on in one write. When the gateway falls behind (many streams, a busy CPU), the
+        chunks that queued meanwhile go out together, so its cost per token falls as the load rises instead of
+        being paid once per chunk; when it keeps up, each chunk still goes out the moment it arrives."""
+        return self._body(joined=True)
+
+    async def _body(self, *, joined: bool) -> AsyncIterator[bytes]:
         reader = self._conn.reader
         try:
             if self._chunked:
-                # Whatever has arrived is read at once and split here, one piece per chunk as the engine framed it:
-                # one wait per network read, where a size line and then its data through the stream reader cost two
-                # coroutine calls per chunk (per relayed token).
+                # Whatever has arrived is read at once and split here: one wait per network read, where a size line
+                # and then its data through the stream reader cost two coroutine calls per chunk (per relayed token).
                 buffer = b""
                 last = False
                 while not last:
@@ -102,6 +113,7 @@ class EngineResponse:
                     self._last_read = time.monotonic()
                     buffer = buffer + data if buffer else data
                     start = 0
+                    complete: list[bytes] = []
                     while (line_end := buffer.find(b"\r\n", start)) >= 0:
                         size = int(buffer[start:line_end].split(b";", 1)[0], 16)
                         data_end = line_end + 2 + size
@@ -115,7 +127,12 @@ class EngineResponse:
                             if start < len(buffer):  # bytes beyond the answer: the connection cannot be reused
                                 self._keep_alive = False
                             break
-                        yield buffer[line_end + 2:data_end]
+                        if joined:
+                            complete.append(buffer[line_end + 2:data_end])
+                        else:
+                            yield buffer[line_end + 2:data_end]
+                    if complete:
+                        yield complete[0] if len(complete) == 1 else b"".join(complete)
                     buffer = buffer[start:]
                     if len(buffer) > _MAX_HEAD and b"\r\n" not in buffer:
                         raise ValueError("a chunk size line is too long")

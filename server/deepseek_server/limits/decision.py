@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from deepseek_server.limits.policy import KeyLimits
@@ -35,7 +35,7 @@ class Decision:
     reset_tokens_s: float = 0.0
     backend: Literal["memory", "redis"] = "memory"
     lease_id: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
+    extra_headers: dict[str, str] | None = None
 
     def headers(self) -> dict[str, str]:
         out = {
@@ -50,5 +50,6 @@ class Decision:
         if not self.allowed:
             out["retry-after"] = str(max(math.ceil(self.retry_after_s), 1))
             out["retry-after-ms"] = str(max(math.ceil(self.retry_after_s * 1000), 1))
-        out.update(self.extra_headers)
+        if self.extra_headers:
+            out.update(self.extra_headers)
         return out

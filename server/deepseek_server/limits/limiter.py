@@ -82,7 +82,7 @@ class RateLimiter:
                 return lease
         decision = self.memory.acquire(uid, limits, reserve, hold)
         if self.redis is not None:
-            decision.extra_headers["x-ratelimit-backend"] = "memory-fallback"
+            decision.extra_headers = {"x-ratelimit-backend": "memory-fallback"}
         return Lease(uid, limits, decision, reserve if decision.allowed else 0)
 
     async def _renew(self, lease: Lease) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 
@@ -30,7 +31,7 @@ class KeyLimits:
                 raise ValueError(f"{where}: {name} must be a positive integer or null, got {value!r}")
         return cls(rps=float(rps), burst=burst, tpm=tpm, parallel=parallel)
 
-    @property
+    @cached_property  # read three times per admission; the limits of a key change only with a new auth state
     def capacity(self) -> int:
         """How many requests an idle key may send at once."""
         return max(self.burst, 1)
