@@ -41,7 +41,7 @@ from .conditions import Condition, merge_conditions
 from .durations import format_timestamp, parse_duration
 from .issuer import Issuers
 from .key_material import new_token_id
-from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi, KubeError
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, SECRETS, Conflict, KubeApi, KubeError, namespace_terminating
 from .names import FINALIZER, apikey_secret_name
 from .settings import OperatorSettings
 from .tokens import sign_token, token_sha256, verified_claims
@@ -491,7 +491,15 @@ class ApiKeyReconciler:
             changes: list[AuthChange] = [SetKeyLimits(uid, None)]
             if live:
                 changes.append(RevokeTokens(live))
-            self._auth.commit(namespace, deployment, changes, owner=dsd)
+            try:
+                self._auth.commit(namespace, deployment, changes, owner=dsd)
+            except KubeError as exc:
+                if not namespace_terminating(exc):
+                    raise
+                # The namespace is being deleted and its auth ConfigMap already is: it cannot be made again, and the
+                # servers that read it go with the namespace. Retrying would only hold the namespace in Terminating.
+                log.info("ApiKey %s/%s: namespace is being deleted with its auth ConfigMap; no revocation to write",
+                         namespace, name)
         failpoints.reached("apikey:finalize-after-auth-commit", f"{namespace}/{name}")
         if owned and secret is not None:
             self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])

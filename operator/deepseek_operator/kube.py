@@ -73,6 +73,11 @@ class KubeError(Exception):
         self.reason = reason
 
 
+def namespace_terminating(error: BaseException) -> bool:
+    """Whether the API server refused to create an object because its namespace is being deleted."""
+    return isinstance(error, KubeError) and error.status == 403 and "because it is being terminated" in str(error)
+
+
 class Conflict(KubeError):
     """409: the object changed since it was read (or already exists)."""
 

@@ -8,6 +8,7 @@ import time
 
 import jwt
 import pytest
+from conftest import GROUP, VERSION
 
 pytestmark = pytest.mark.cluster
 
@@ -199,3 +200,30 @@ def test_deleted_auth_configmap_comes_back_with_its_revocations(world):
     world.core.delete_namespaced_config_map("chat-auth", world.namespace)
     documents = world.wait_for("X-auth recreated", lambda: world.auth(), timeout=15)
     assert token_id in documents["revoked"] and documents["jwks"]["keys"]
+
+
+def test_a_key_in_a_namespace_being_deleted_is_finalized_after_its_auth_configmap_is_gone(world, operator):
+    # The namespace controller deletes the auth ConfigMap while the key's finalizer holds the key (here: while the
+    # operator is down); the revocation cannot be written anywhere then (nothing may be created in the namespace),
+    # and the servers that would read it go with the namespace. The key must still be finalized, not retried until
+    # its deployment happens to be gone.
+    world.apply_deployment()
+    world.create_apikey("doomed")
+    world.wait_ready("doomed")
+    hold = "example.com/hold"  # keeps the deployment while the namespace terminates
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat",
+                                                {"metadata": {"finalizers": [hold]}})
+    operator.stop()
+    try:
+        world.core.delete_namespace(world.namespace)
+        world.wait_for("the auth ConfigMap deleted and the ApiKey marked for deletion with the namespace",
+                       lambda: not world.core.list_namespaced_config_map(
+                           world.namespace, field_selector="metadata.name=chat-auth").items
+                       and world.apikey("doomed")["metadata"].get("deletionTimestamp"))
+    finally:
+        operator.start()
+    try:
+        world.wait_for("the ApiKey finalized", lambda: world.apikey("doomed") is None, 60)
+    finally:
+        world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat",
+                                                    {"metadata": {"finalizers": []}})
