@@ -227,3 +227,12 @@ def test_a_key_in_a_namespace_being_deleted_is_finalized_after_its_auth_configma
     finally:
         world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat",
                                                     {"metadata": {"finalizers": []}})
+
+
+def test_a_key_reports_its_deployment_gone_as_soon_as_the_deployment_is_deleted(world):
+    # Keys at rest are not looked at on a short timer: the deployment's deletion itself must wake them.
+    world.apply_deployment()
+    world.create_apikey("orphan")
+    world.wait_ready("orphan")
+    world.custom.delete_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat")
+    world.wait_condition("orphan", "Ready", "False", "DeploymentNotFound", timeout=30)

@@ -67,6 +67,8 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
         except KubeError as exc:
             # The sweep deletes it later; the keys are in the operator's namespace, out of tenants' reach meanwhile.
             log.warning("signing keys of deleted deployment %s/%s not deleted yet (%s)", namespace, name, exc)
+        finally:
+            runtime.deployment_deleted(str(namespace), str(name))  # once its cached object is dropped
 
     sweeps: list[asyncio.Task[None]] = []
 
