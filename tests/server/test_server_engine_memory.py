@@ -204,7 +204,9 @@ def test_streams_compare_by_identity() -> None:
 
 def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: dict[str, Path], auth_dir: Path,
                                                                   token_factory: Callable[..., str]) -> None:
-    settings = tiny_settings(tiny_models["llama"], auth_dir=auth_dir, kv_cache_tokens=200, admission_wait_s=0.3,
+    # A refused request waits 50 ms for room: far less than the 180 tokens a holder generates (0.35 s loaded), so
+    # the holder is still decoding when the wait ends.
+    settings = tiny_settings(tiny_models["llama"], auth_dir=auth_dir, kv_cache_tokens=200, admission_wait_s=0.05,
                              max_new_tokens=180, no_cache=True)
     server = ServerThread(create_app(settings)).start()
     try:
