@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apikeys import RssSampler, free_port, operator_probes, operator_pythonpath
 
 from devcluster.testing.polling import exit_on_sigterm
+from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "deepseek.ai", "v1alpha1"
@@ -75,13 +75,7 @@ class Operator:
     def stop(self) -> None:
         if self.sampler is not None:
             self.sampler.stopped.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace=30)
 
     def rss_mib(self) -> float:
         assert self.proc is not None

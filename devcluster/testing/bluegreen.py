@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import httpx
 from kubernetes import client
 
 from devcluster.testing import polling
+from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "deepseek.ai", "v1alpha1", "deepseekdeployments"
@@ -76,13 +76,7 @@ class OperatorProcess:
                  "--log-format", "plain"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

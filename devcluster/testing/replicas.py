@@ -7,13 +7,14 @@ holderIdentity says which replica leads: `<name>_<random>`), its own log file an
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from kubernetes import client
+
+from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_NAME = "deepseek-operator"
@@ -52,14 +53,7 @@ class OperatorReplica:
 
     def stop(self) -> None:
         """SIGTERM, as Kubernetes stops a pod (a leader then releases its Lease)."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace=30)
 
     @property
     def running(self) -> bool:

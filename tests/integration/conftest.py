@@ -10,7 +10,6 @@ import base64
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import yaml
 from kubernetes import client
 
 from devcluster.testing import polling
+from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -87,13 +87,7 @@ class OperatorProcess:
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, exactly like an OOM kill or a node loss."""
