@@ -5,6 +5,10 @@ worker pools and decides when each object comes back. Three pools, so that no ki
 first issuance of new ApiKeys (a burst of thousands), every other ApiKey reconcile (revocation, rotation, deletion,
 drift), and DeepSeekDeployments (rollouts, which block on verification). Within first issuance one deployment's
 keys never hold every worker, so a new key of another deployment starts at once.
+
+New keys waiting for an issuance worker wait as one entry each in a per-deployment queue (the key's object, nothing
+else), not as a suspended watch-event handler: a burst of ten thousand keys would otherwise hold ten thousand handlers
+with their events, wrappers and copies at once, a high-water mark Python's allocator keeps long after the burst.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,7 +64,11 @@ class OperatorRuntime:
                                                   thread_name_prefix="apikey")
         # Issuances of one deployment running at once: the rest of the issuance pool stays free for others.
         self.issuance_per_deployment = max(1, settings.workers - max(1, settings.workers // 4))
-        self._issuance_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self.pending_issuances = PendingIssuances()
+        self._issuance_drainers: Counter[tuple[str, str]] = Counter()  # (namespace, deployment) -> running drainers
+        self._issuance_tasks: set[asyncio.Task[None]] = set()
+        # First issuances running now, each with what its key's later events wait for (see `issuance_finished`).
+        self._issuing: dict[tuple[str, str], asyncio.Event] = {}
         self._failures: dict[ObjectKey, int] = {}
         self._apikeys_reconciled: set[tuple[str, str]] = set()
         # Reconciles run, by kind ("ApiKey", "ApiKey first issuance", ...): on the liveness endpoint's probes.
@@ -122,6 +130,8 @@ class OperatorRuntime:
 
     def close(self) -> None:
         self.secret_watch.stop()
+        for task in list(self._issuance_tasks):  # queued first issuances resume from the next start's listing
+            task.cancel()
         for executor in (self.executor, self.issuance_executor, self.apikey_executor):
             executor.shutdown(wait=False, cancel_futures=True)
         self.kube.close()
@@ -148,26 +158,55 @@ class OperatorRuntime:
 
     async def reconcile_apikey(self, namespace: str, name: str, observed: dict[str, Any] | None = None) -> None:
         """Reconcile one ApiKey, from `observed` (the watch event's object) when given, in the pool its work
-        belongs to: first issuance, or everything else."""
+        belongs to. A first issuance is queued for its deployment's issuance workers and this returns at once;
+        anything else runs now (and supersedes a queued first issuance of the key)."""
+        if observed is not None and first_issuance(observed):
+            deployment = str(((observed.get("spec") or {}).get("deploymentRef") or {}).get("name"))
+            self.pending_issuances.put(namespace, deployment, name, observed)
+            group = (namespace, deployment)
+            if self._issuance_drainers[group] < self.issuance_per_deployment:
+                self._issuance_drainers[group] += 1
+                task = asyncio.ensure_future(self._drain_issuances(namespace, deployment))
+                self._issuance_tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+                task.add_done_callback(self._issuance_tasks.discard)
+            return
+        self.pending_issuances.discard(namespace, name)
+        if observed is not None and not self.secret_watch.settled:
+            await self._secret_watch_settled()
+        self.reconciles[APIKEY] += 1
+        await self._run_apikey(namespace, name, observed, self.apikey_executor)
+
+    async def _drain_issuances(self, namespace: str, deployment: str) -> None:
+        """One issuance worker of a deployment: first issuances from its queue, oldest first, until it is empty."""
+        try:
+            while (item := self.pending_issuances.pop(namespace, deployment)) is not None:
+                name, observed = item
+                self.reconciles[f"{APIKEY} first issuance"] += 1
+                finished = self._issuing[(namespace, name)] = asyncio.Event()
+                try:
+                    await self._run_apikey(namespace, name, observed, self.issuance_executor)
+                finally:
+                    del self._issuing[(namespace, name)]
+                    finished.set()
+        finally:
+            self._issuance_drainers[(namespace, deployment)] -= 1
+            if self._issuance_drainers[(namespace, deployment)] <= 0:
+                del self._issuance_drainers[(namespace, deployment)]
+
+    async def issuance_finished(self, namespace: str, name: str) -> None:
+        """Return once no first issuance of the key is running. A watch event of the key waits for it: the events
+        of the issuance's own writes are recognised (by resourceVersion) only once it has recorded them, and any
+        other change is then judged against what the issuance did."""
+        finished = self._issuing.get((namespace, name))
+        if finished is not None:
+            await finished.wait()
+
+    async def _run_apikey(self, namespace: str, name: str, observed: dict[str, Any] | None,
+                          executor: ThreadPoolExecutor) -> None:
         key = ObjectKey(APIKEY, namespace, name)
         started = time.monotonic()
         try:
-            if observed is not None and first_issuance(observed):
-                deployment = str(((observed.get("spec") or {}).get("deploymentRef") or {}).get("name"))
-                slots = self._issuance_slots.get((namespace, deployment))
-                if slots is None:
-                    slots = self._issuance_slots[(namespace, deployment)] = asyncio.Semaphore(
-                        self.issuance_per_deployment)
-                async with slots:
-                    self.reconciles[f"{APIKEY} first issuance"] += 1
-                    result = await self._blocking(self.apikeys.reconcile, namespace, name, observed,
-                                                  executor=self.issuance_executor)
-            else:
-                if observed is not None and not self.secret_watch.settled:
-                    await self._secret_watch_settled()
-                self.reconciles[APIKEY] += 1
-                result = await self._blocking(self.apikeys.reconcile, namespace, name, observed,
-                                              executor=self.apikey_executor)
+            result = await self._blocking(self.apikeys.reconcile, namespace, name, observed, executor=executor)
         except Exception as exc:
             self._failed(key, exc)
             return
@@ -186,6 +225,7 @@ class OperatorRuntime:
     def forget_apikey(self, namespace: str, name: str) -> None:
         """The key is gone: drop its schedule entry and lock."""
         self._apikeys_deleting.discard((namespace, name))
+        self.pending_issuances.discard(namespace, name)
         self.schedule.forget(ObjectKey(APIKEY, namespace, name))
         self.apikeys.forget(namespace, name)
         self._apikeys_reconciled.discard((namespace, name))
@@ -239,3 +279,41 @@ class OperatorRuntime:
             await self.reconcile_apikey(key.namespace, key.name)
         elif key.kind == DEPLOYMENT:
             await self.reconcile_deployment(key.namespace, key.name)
+
+
+class PendingIssuances:
+    """New keys waiting for a first issuance, per (namespace, deployment), oldest first: one entry per key, holding
+    the newest observed object (a later event of a queued key replaces its object and keeps its place)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[tuple[str, str], OrderedDict[str, dict[str, Any]]] = {}
+        self._deployment_of: dict[tuple[str, str], str] = {}
+
+    def __len__(self) -> int:
+        return len(self._deployment_of)
+
+    def put(self, namespace: str, deployment: str, name: str, observed: dict[str, Any]) -> None:
+        previous = self._deployment_of.get((namespace, name))
+        if previous is not None and previous != deployment:  # the key now names another deployment
+            self.discard(namespace, name)
+        self._queues.setdefault((namespace, deployment), OrderedDict())[name] = observed
+        self._deployment_of[(namespace, name)] = deployment
+
+    def pop(self, namespace: str, deployment: str) -> tuple[str, dict[str, Any]] | None:
+        queue = self._queues.get((namespace, deployment))
+        if not queue:
+            return None
+        name, observed = queue.popitem(last=False)
+        if not queue:
+            del self._queues[(namespace, deployment)]
+        del self._deployment_of[(namespace, name)]
+        return name, observed
+
+    def discard(self, namespace: str, name: str) -> None:
+        deployment = self._deployment_of.pop((namespace, name), None)
+        if deployment is None:
+            return
+        queue = self._queues[(namespace, deployment)]
+        queue.pop(name, None)
+        if not queue:
+            del self._queues[(namespace, deployment)]

@@ -29,3 +29,22 @@ def test_requests_are_counted_by_verb_and_resource_as_the_api_server_counts_them
     assert request_kind("PATCH", "/apis/deepseek.ai/v1alpha1/namespaces/ns/apikeys/k") == "PATCH apikeys"
     assert request_kind("GET", "/api/v1/namespaces/ns") == "GET namespaces"
     assert request_kind("POST", "/api/v1/namespaces") == "POST namespaces"
+
+
+def test_new_keys_wait_once_each_in_their_deployments_queue_oldest_first() -> None:
+    from deepseek_operator.runtime import PendingIssuances
+
+    pending = PendingIssuances()
+    for name in ("a", "b", "c"):
+        pending.put("ns", "chat", name, {"metadata": {"name": name, "generation": 1}})
+    pending.put("ns", "other", "x", {"metadata": {"name": "x"}})
+    pending.put("ns", "chat", "a", {"metadata": {"name": "a", "generation": 2}})  # a later event of a queued key
+    assert len(pending) == 4
+    assert pending.pop("ns", "chat") == ("a", {"metadata": {"name": "a", "generation": 2}})  # newest object, same place
+    pending.discard("ns", "b")  # superseded (deleted, or its next event runs a full reconcile)
+    pending.put("ns", "other", "c", {"metadata": {"name": "c"}})  # c now names another deployment: moves there
+    assert pending.pop("ns", "chat") is None
+    assert [pending.pop("ns", "other"), pending.pop("ns", "other"), pending.pop("ns", "other")] == [
+        ("x", {"metadata": {"name": "x"}}), ("c", {"metadata": {"name": "c"}}), None]
+    assert len(pending) == 0
+    pending.discard("ns", "never-queued")

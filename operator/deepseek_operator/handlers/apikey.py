@@ -7,6 +7,8 @@ own finalizer (`deepseek.ai/finalizer`), so deletion still waits until every tok
 
 The reconcile starts from the event's object (no GET), and the events of the reconcile's own writes (its finalizer
 patch: no observedGeneration yet) are recognised by resourceVersion and skipped, so a new key is reconciled once.
+A new key's first issuance is queued per deployment and the handler returns (runtime.py); an event of a key whose
+issuance is running waits for it, as kopf would make it wait for a handler still running.
 A re-listing after a watch restart resumes only the keys this process has not reconciled yet; the others are
 judged like any change.
 
@@ -53,6 +55,7 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
         if type == "DELETED":
             runtime.forget_apikey(namespace, name)
             return
+        await runtime.issuance_finished(namespace, name)
         if body.get("metadata", {}).get("deletionTimestamp"):
             runtime.apikey_deleting(namespace, name)
         if type is None and runtime.apikey_known(namespace, name):
