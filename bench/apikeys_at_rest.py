@@ -7,6 +7,11 @@ memory; then restarts the operator and times until every key has been re-verifie
 ApiKey reconciles), counting what the new process wrote to Secrets and ConfigMaps. Each figure is printed next to its
 target: <= 5 requests/s at rest, RSS <= 300 MiB, restart <= 60 s with 0 Secret/ConfigMap writes.
 
+Then a signing-key rotation over the N keys: the restarted operator is given a rotation interval that falls due a
+while after its restart, and while the new key is published a stream of new keys (10/s) is applied. It reports what
+the rotation made the operator do (ApiKey reconciles, requests, writes) and the new keys' apply -> token latency,
+which should stay at the burst target (p50 <= 1 s) however many keys the deployment holds.
+
 kopf re-runs the probes at most every 10 s, so the restart time is known to within about 10 s.
 
     .venv/bin/python bench/apikeys_at_rest.py                          # 10,000 keys, own devcluster
@@ -19,11 +24,15 @@ kopf re-runs the probes at most every 10 s, so the restart time is known to with
 from __future__ import annotations
 
 import argparse
+import base64
+import gzip
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -33,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apikeys import RssSampler, free_port, operator_probes, operator_pythonpath
@@ -43,7 +52,7 @@ from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "deepseek.ai", "v1alpha1"
-TARGETS = {"requests_per_s": 5.0, "rss_mib": 300.0, "restart_s": 60.0, "restart_writes": 0}
+TARGETS = {"requests_per_s": 5.0, "rss_mib": 300.0, "restart_s": 60.0, "restart_writes": 0, "rotation_p50_s": 1.0}
 PROBE_MAX_AGE = 10.5  # kopf re-runs the liveness probes at most every 10 s
 APIKEY_POOLS = ("apikey", "issue", "secret-watch")
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
@@ -112,8 +121,113 @@ def count_ready(custom: client.CustomObjectsApi, namespace: str) -> int:
             return ready
 
 
+def published_kids(core: client.CoreV1Api, namespace: str, deployment: str = "chat") -> list[str]:
+    """The kids in the deployment's JWKS (auth ConfigMap index, plain or gzip form)."""
+    configmap = core.read_namespaced_config_map(f"{deployment}-auth", namespace)
+    if configmap.data and "jwks.json" in configmap.data:
+        jwks = json.loads(configmap.data["jwks.json"])
+    elif configmap.binary_data and "jwks.json.gz" in configmap.binary_data:
+        jwks = json.loads(gzip.decompress(base64.b64decode(configmap.binary_data["jwks.json.gz"])))
+    else:
+        return []
+    return [str(key.get("kid")) for key in jwks.get("keys", [])]
+
+
+class TokenWatch(threading.Thread):
+    """When each Secret named `<prefix>...` first held a token (a watch from now on, names filtered here)."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.core, self.namespace, self.prefix = core, namespace, prefix
+        self.token_at: dict[str, float] = {}
+        self.stopped = threading.Event()
+        listing = core.list_namespaced_secret(namespace, limit=1)
+        self.resource_version = listing.metadata.resource_version
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(self.core.list_namespaced_secret, self.namespace, timeout_seconds=30,
+                                           resource_version=self.resource_version, allow_watch_bookmarks=True):
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: go on from a fresh listing
+                        raise RuntimeError(str(event["object"]))
+                    secret = event["object"]
+                    self.resource_version = secret.metadata.resource_version
+                    name = secret.metadata.name or ""
+                    if (name.startswith(self.prefix) and event["type"] != "DELETED" and secret.data
+                            and "api-key" in secret.data):
+                        self.token_at.setdefault(name.removesuffix("-apikey"), time.time())
+                    if self.stopped.is_set():
+                        return
+            except Exception as exc:
+                if self.stopped.is_set():
+                    return
+                print(f"[rotation] Secret watch restarted: {exc}", file=sys.stderr, flush=True)
+                try:
+                    self.resource_version = self.core.list_namespaced_secret(self.namespace, limit=1) \
+                        .metadata.resource_version
+                except Exception:
+                    time.sleep(1)
+
+
+def rotation_phase(custom: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, operator: Operator,
+                   rotate_at: float, new_keys: int) -> dict[str, Any]:
+    """While the restarted operator publishes a new signing key (due at `rotate_at`), apply `new_keys` keys at
+    10/s; what the rotation cost and how long the new keys waited."""
+    kids_before = published_kids(core, namespace)
+    time.sleep(max(0.0, rotate_at - 15 - time.time()))
+    probes_before = operator.probes()
+    time.sleep(max(0.0, rotate_at - 3 - time.time()))
+    tokens = TokenWatch(core, namespace, "rot-")
+    tokens.start()
+    applied_at: dict[str, float] = {}
+    published_at: list[float] = []
+
+    def watch_jwks() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not published_at:
+            if len(published_kids(core, namespace)) > len(kids_before):
+                published_at.append(time.time())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_jwks, daemon=True)
+    watcher.start()
+    started = time.time()
+    for i in range(new_keys):  # 10/s from 3 s before the rotation is due
+        time.sleep(max(0.0, started + i / 10 - time.time()))
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "apikeys", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": f"rot-{i:05d}"},
+            "spec": {"deploymentRef": {"name": "chat"}, "subject": f"rotation-{i}", "environment": "dev"}})
+        applied_at[f"rot-{i:05d}"] = time.time()
+    deadline = time.time() + 120
+    while len(tokens.token_at) < new_keys and time.time() < deadline:
+        time.sleep(0.2)
+    watcher.join(timeout=max(0.0, deadline - time.time()))
+    time.sleep(20)  # the rotation's wake-ups, if any, run on
+    probes_after = operator.probes()
+    tokens.stopped.set()
+    reconciles = Counter(probes_after.get("reconciles") or {}) - Counter(probes_before.get("reconciles") or {})
+    requests = Counter(probes_after.get("api_requests") or {}) - Counter(probes_before.get("api_requests") or {})
+    waited = [tokens.token_at[name] - at for name, at in applied_at.items() if name in tokens.token_at]
+    writes = {kind: n for kind, n in requests.items() if kind.split()[0] in WRITE_VERBS}
+    return {
+        "rotation_published": bool(published_at),
+        "rotation_published_after_restart_s": None,
+        "rotation_new_keys": new_keys, "rotation_new_keys_with_token": len(waited),
+        "rotation_p50_s": round(statistics.median(waited), 3) if waited else None,
+        "rotation_p99_s": round(sorted(waited)[min(len(waited) - 1, round(0.99 * (len(waited) - 1)))], 3)
+        if waited else None,
+        "rotation_reconciles": dict(reconciles.most_common()),
+        "rotation_requests": sum(requests.values()),
+        "rotation_writes": dict(sorted(writes.items())),
+        "rotation_window_s": round(time.time() - started, 1),
+        "_published_at": published_at[0] if published_at else None,
+    }
+
+
 def run_phase(label: str, kubeconfig: str, count: int, idle: float, workers: int,
-              source: str | None) -> dict[str, Any]:
+              source: str | None, rotate_after: float = 120.0, rotation_keys: int = 300) -> dict[str, Any]:
     api = config.new_client_from_config(config_file=kubeconfig)
     api.configuration.connection_pool_maxsize = workers + 4
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
@@ -122,6 +236,7 @@ def run_phase(label: str, kubeconfig: str, count: int, idle: float, workers: int
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "deepseekdeployments", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "DeepSeekDeployment", "metadata": {"name": "chat"},
         "spec": {"model": {"name": "deepseek-ai/deepseek-llm-7b-chat"}, "image": "deepseek-server:bench"}})
+    deployment_created = time.time()  # its first signing key signs from its first reconcile, a moment later
     operator = Operator(kubeconfig, namespace, source)
     operator.start()
     result: dict[str, Any] = {"phase": label, "keys": count, "operator_source": source or "this checkout"}
@@ -167,6 +282,9 @@ def run_phase(label: str, kubeconfig: str, count: int, idle: float, workers: int
 
         operator.stop()
         restarted = time.time()
+        # The restarted operator rotates the signing key `rotate_after` seconds from now (its first key is older).
+        rotate_at = restarted + rotate_after
+        operator.env["DEEPSEEK_OPERATOR_SIGNING_KEY_ROTATION"] = f"{int(rotate_at - deployment_created) + 1}s"
         operator.start()
         verified_at = None
         answer: dict[str, Any] = {}
@@ -189,6 +307,12 @@ def run_phase(label: str, kubeconfig: str, count: int, idle: float, workers: int
         result["restart_get_secrets"] = requests["GET secrets"]
         result["restart_requests"] = sum(requests.values())
         result["rss_after_restart_mib"] = round(operator.rss_mib(), 1)
+        if rotation_keys:
+            rotation = rotation_phase(custom, core, namespace, operator, rotate_at, rotation_keys)
+            published_at = rotation.pop("_published_at")
+            rotation["rotation_published_after_restart_s"] = (round(published_at - restarted, 1) if published_at
+                                                              else None)
+            result.update(rotation)
     finally:
         operator.stop()
         print(f"[{label}] operator log: {operator.log_path}", file=sys.stderr, flush=True)
@@ -220,6 +344,15 @@ def report(results: list[dict[str, Any]], judge: bool) -> None:
         print(f"  restart: GET secrets               {r['restart_get_secrets']:>9}")
         print(f"  restart: all API requests          {r['restart_requests']:>9}")
         print(f"  idle window ({r['idle_window_s']} s) requests: {r['idle_requests']}")
+        if "rotation_p50_s" in r:
+            print(f"  signing-key rotation: new key published {r['rotation_published_after_restart_s']} s after the "
+                  f"restart ({'yes' if r['rotation_published'] else 'NOT SEEN'}); {r['rotation_new_keys']} new keys "
+                  f"at 10/s over {r['rotation_window_s']} s")
+            print(f"    new keys apply->token p50 (s)    {r['rotation_p50_s']!s:>9}   target <= "
+                  f"{TARGETS['rotation_p50_s']:g}  {mark(r['rotation_p50_s'], TARGETS['rotation_p50_s'])}  "
+                  f"(p99 {r['rotation_p99_s']} s; {r['rotation_new_keys_with_token']} with a token)")
+            print(f"    reconciles in the window         {r['rotation_reconciles']}")
+            print(f"    requests in the window           {r['rotation_requests']:>9}   writes {r['rotation_writes']}")
     print(json.dumps(results))
 
 
@@ -232,11 +365,17 @@ def main() -> int:
     parser.add_argument("--before-src", metavar="DIR",
                         help="first run the same measurement with the operator from DIR (holding deepseek_operator/ "
                              "or operator/), e.g. `git archive HEAD operator | tar -x -C DIR`")
+    parser.add_argument("--rotate-after", type=float, default=120.0,
+                        help="seconds from the restart to the signing-key rotation (after the keys are re-verified)")
+    parser.add_argument("--rotation-keys", type=int, default=300,
+                        help="new keys applied at 10/s around the rotation (0: no rotation phase)")
     parser.add_argument("--quick", action="store_true", help="20 keys, 20 s idle: checks the script runs")
     args = parser.parse_args()
     exit_on_sigterm()  # a terminated run still stops its devcluster and operator
+    rotate_after, rotation_keys = args.rotate_after, args.rotation_keys
     if args.quick:
         args.keys, args.idle, args.workers = 20, 20.0, 4
+        rotate_after, rotation_keys = 40.0, 50
     with ExitStack() as stack:
         kubeconfig = args.kubeconfig
         if kubeconfig is None:
@@ -253,10 +392,11 @@ def main() -> int:
         # This checkout first: if the run is cut short, its figures are the ones printed. (The first phase's keys
         # stay in the API server, unwatched, while the second runs.)
         results = [run_phase("after" if args.before_src else "this checkout", kubeconfig, args.keys, args.idle,
-                             args.workers, None)]
+                             args.workers, None, rotate_after, rotation_keys)]
         if args.before_src:
             report(results, judge=not args.quick)
-            results.append(run_phase("before", kubeconfig, args.keys, args.idle, args.workers, args.before_src))
+            results.append(run_phase("before", kubeconfig, args.keys, args.idle, args.workers, args.before_src,
+                                     rotate_after, rotation_keys))
         report(results, judge=not args.quick)
     return 0
 

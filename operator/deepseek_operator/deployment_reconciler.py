@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class DeploymentResult:
     next_due: float | None
     wake_keys: bool
+    wake_waiting_keys: bool = False
 
 
 class DeploymentReconciler:
@@ -92,7 +93,7 @@ class DeploymentReconciler:
                     conflicts.append(exc)
                     next_due = min(next_due, self._clock() + self._conflict_recheck)
             self._report_conflicts(dsd, conflicts)
-            return DeploymentResult(next_due, state.keys_affected)
+            return DeploymentResult(next_due, state.keys_affected, state.waiting_keys_affected)
 
     def forget(self, namespace: str, name: str) -> None:
         """The deployment is gone: drop what the autoscaler remembers of it."""

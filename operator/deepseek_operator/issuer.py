@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .apikey_plan import IssuerView, live_token_expiry_by_kid
-from .auth_config import Limits, PublishIssuer, build_issuer_config, limits_from_spec
+from .auth_config import AuthDocuments, Limits, PublishIssuer, build_issuer_config, limits_from_spec
 from .auth_store import AuthConfigStore
 from .key_material import new_signing_key
 from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi
@@ -43,10 +43,31 @@ class IssuerState:
     signing_key_id: str | None
     auth_configmap: str
     next_check: float
-    # The published keys or the default limits changed (or were first written): the ApiKeys must look again.
+    # Every ApiKey must look again: the keys and limits were first written, the default limits changed, or a key
+    # was withdrawn from the JWKS (see `keys_to_wake`).
     keys_affected: bool
     # The auth ConfigMap's size in bytes as last written (None when unknown).
     auth_config_size: int | None = None
+    # A key was added to the JWKS (a rotation): only keys not Ready (waiting for a signer) must look again.
+    waiting_keys_affected: bool = False
+
+
+def keys_to_wake(before: AuthDocuments | None, jwks: dict[str, Any], limits_before: Any, limits: Any) -> str | None:
+    """Which ApiKeys of a deployment an issuer reconcile must wake (pure): "all", "waiting" or None.
+
+    A signing-key rotation adds a key to the JWKS: every token issued so far still verifies, so keys that hold one
+    have nothing to do (ten thousand of them woken at each rotation would be ten thousand reads for nothing); keys
+    still waiting for a signer may go on. A key leaves the JWKS only once no live token it signed remains, yet all
+    keys look again then, as they do when the default limits change or the documents are first written."""
+    if before is None or limits_before != limits:
+        return "all"
+    kids_before = {str(key.get("kid")) for key in before.jwks.get("keys", [])}
+    kids = {str(key.get("kid")) for key in jwks.get("keys", [])}
+    if kids_before - kids:
+        return "all"
+    if before.jwks != jwks:
+        return "waiting"
+    return None
 
 
 def default_limits(dsd: dict[str, Any]) -> Limits:
@@ -177,8 +198,9 @@ class Issuers:
             jwks = build_jwks(planned)
             documents = self._auth.commit(namespace, name, [PublishIssuer(config, jwks)], owner=dsd)
             # Not the config's generation: any spec edit moves it, and only the keys and limits matter to ApiKeys.
-            keys_affected = (before is None or before.jwks != jwks
-                             or before.config.get("defaultLimits") != config["defaultLimits"])
+            wake = keys_to_wake(before, jwks, before.config.get("defaultLimits") if before is not None else None,
+                                config["defaultLimits"])
+            keys_affected, waiting_keys_affected = wake == "all", wake == "waiting"
             active = planned.active(now, documents.published_kids())
             upcoming = next_key_ring_change(planned, now=now, policy=policy, live_token_expiry=live)
             next_check = now + self._settings.issuer_check_interval
@@ -187,11 +209,13 @@ class Issuers:
             size = self._auth.usage(namespace, name)
             if active is None:
                 return IssuerState(False, "SigningKeyNotPublished", "no published signing key can sign yet",
-                                   None, auth_configmap_name(name), now + 1.0, keys_affected, size)
+                                   None, auth_configmap_name(name), now + 1.0, keys_affected, size,
+                                   waiting_keys_affected)
             return IssuerState(True, "SigningKeyPublished",
                                f"signing key {active.kid} signs; {len(planned.keys)} key(s) published in "
                                f"ConfigMap {auth_configmap_name(name)}",
-                               active.kid, auth_configmap_name(name), next_check, keys_affected, size)
+                               active.kid, auth_configmap_name(name), next_check, keys_affected, size,
+                               waiting_keys_affected)
 
     def view_for(
         self, namespace: str, deployment: str, apikey_uid: str

@@ -253,7 +253,7 @@ class OperatorRuntime:
             woken = self.schedule.wake_group((APIKEY, namespace, name), time.time())
             if woken:
                 log.info("deployment %s/%s changed its issuer: re-checking %d key(s)", namespace, name, woken)
-        elif wake_waiting_keys:
+        elif wake_waiting_keys or result.wake_waiting_keys:
             now = time.time()
             for key_name in self.apikeys.waiting_keys(namespace, name):
                 self.schedule.set(ObjectKey(APIKEY, namespace, key_name), now, group=(APIKEY, namespace, name))

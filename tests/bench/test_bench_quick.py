@@ -80,6 +80,10 @@ def test_apikeys_at_rest_quick_reverifies_every_key_after_a_restart() -> None:
     assert result["keys"] == 20 and result["ready"] == 20, result
     assert result["restart_apikey_reconciles"] >= 20 and result["restart_verified_s"] is not None, result
     assert result["restart_secret_configmap_writes"] == 0 and result["restart_status_writes"] == 0, result
+    # A signing-key rotation published while new keys arrive: each new key gets a token, the 20 keys that hold one
+    # are not reconciled for it.
+    assert result["rotation_published"] and result["rotation_new_keys_with_token"] == 50, result
+    assert result["rotation_reconciles"].get("ApiKey", 0) < 20, result
 
 
 @pytest.mark.cluster

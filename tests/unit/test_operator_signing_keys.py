@@ -94,3 +94,20 @@ def test_the_first_key_signs_at_once_even_before_its_publication_is_confirmed():
     again = plan_key_ring(ring, now=1001, policy=POLICY, live_token_expiry={}, fresh_key=key(2),
                           published=frozenset())
     assert again == ring
+
+
+def test_a_rotation_wakes_only_keys_waiting_for_a_signer() -> None:
+    from deepseek_operator.auth_config import AuthDocuments
+    from deepseek_operator.issuer import keys_to_wake
+
+    def jwks(*kids: str) -> dict:
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": f"x-{kid}", "kid": kid} for kid in kids]}
+
+    limits = {"requestsPerSecond": 5}
+    published = AuthDocuments(jwks=jwks("k1"))
+    assert keys_to_wake(None, jwks("k1"), None, limits) == "all"  # first written
+    assert keys_to_wake(published, jwks("k1"), limits, limits) is None  # nothing that keys hold changed
+    assert keys_to_wake(published, jwks("k1", "k2"), limits, limits) == "waiting"  # a new key: old tokens verify
+    assert keys_to_wake(AuthDocuments(jwks=jwks("k1", "k2")), jwks("k2"), limits, limits) == "all"  # withdrawn
+    assert keys_to_wake(published, jwks("k1"), limits, {"requestsPerSecond": 6}) == "all"  # new default limits
+    assert keys_to_wake(published, jwks("k1", "k2"), limits, {"requestsPerSecond": 6}) == "all"
