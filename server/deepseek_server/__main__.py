@@ -47,13 +47,15 @@ def serve(options: dict[str, Any]) -> int:
     import uvicorn
 
     from deepseek_server.app import create_app
+    from deepseek_server.draining import ConnectionCloseWhenDraining, Draining, DrainingServer
 
-    app = create_app(settings)
+    draining = Draining()
+    app = ConnectionCloseWhenDraining(create_app(settings), draining)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on",
                             timeout_keep_alive=settings.keep_alive_s,
                             access_log=False)
-    uvicorn.Server(config).run()
+    DrainingServer(config, draining, settings.drain_idle_s).run()
     return 0
 
 

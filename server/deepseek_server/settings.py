@@ -69,6 +69,9 @@ class ServerSettings(BaseSettings):
     history_size: int = Field(100, ge=1, le=10_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    drain_idle_s: float = Field(2.0, gt=0, le=60, description="on SIGTERM, a keep-alive connection already open is "
+                                "closed once it has had no request for this long; a request on it meanwhile is "
+                                "answered with 'Connection: close'")
     keep_alive_s: int = Field(75, ge=1, description="idle keep-alive; longer than clients' (httpx: 5 s) so that a "
                               "client never reuses a connection the server is closing")
     log_level: str = "info"

@@ -85,3 +85,28 @@ def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models:
     log = (tmp_path / "server-0.log").read_text()
     assert "AUTHENTICATION IS DISABLED" in log
     assert "Finished server process" in log
+
+
+def test_sigterm_answers_a_request_on_an_open_keep_alive_connection_then_closes_it(tiny_models: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    # Behind a Service the pod has left the endpoints by now: a client whose next request on its open connection is
+    # answered with "Connection: close" connects again elsewhere; one whose connection is cut off gets an error.
+    env = {"DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu"}
+    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "30",
+                         "--drain-idle-s", "10"], env=env, log_dir=tmp_path) as (url, proc), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        first = client.get("/v1/models")
+        assert first.status_code == 200 and first.headers.get("connection") != "close"
+        proc.send_signal(signal.SIGTERM)
+        wait_for("the server to refuse new connections", lambda: _refused(url), timeout=60, interval=0.05)
+        second = client.get("/v1/models")  # on the connection opened before the signal, idle since
+        assert second.status_code == 200 and second.headers.get("connection") == "close"
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.HTTPError:
+        return True
+    return False

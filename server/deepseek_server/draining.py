@@ -1,0 +1,92 @@
+"""A graceful stop that does not race clients' keep-alive connections.
+
+On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish, and closes every idle keep-alive
+connection at once. A client that sends its next request on such a connection at that moment (a busy client sends
+one every few milliseconds) has it cut off: the close reaches it only after it has written the request. Behind a
+Service the pod has already left the endpoints (the preStop wait), so the client would have been served elsewhere had
+it opened a new connection.
+
+`DrainingServer` instead keeps open connections: a request that arrives on one is still answered, with
+`Connection: close` (`ConnectionCloseWhenDraining`), so the client closes it and connects again (to another pod); a
+connection is closed by the server only once it has been idle for `idle_close_s` (`--drain-idle-s`, 2 s). Then
+uvicorn's own shutdown runs (in-flight requests and streams finish within the rest of the shutdown grace, the
+lifespan ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+
+
+class Draining:
+    """Whether the process is stopping (set by `DrainingServer`, read by `ConnectionCloseWhenDraining`)."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+class ConnectionCloseWhenDraining:
+    """Pure ASGI middleware: while draining, every response carries `Connection: close`."""
+
+    def __init__(self, app: Any, draining: Draining) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and self.draining.active:
+                message.setdefault("headers", []).append((b"connection", b"close"))
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
+def _busy(connection: Any) -> bool:
+    """Whether a connection (uvicorn's protocol object) is answering a request."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, draining: Draining, idle_close_s: float = 2.0) -> None:
+        super().__init__(config)
+        self.draining = draining
+        self.idle_close_s = idle_close_s  # a connection open at the stop is closed once it had no request this long
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.draining.active = True
+        for server in self.servers:  # no new connections
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        grace = self.config.timeout_graceful_shutdown
+        started = time.monotonic()
+        deadline = started + grace if grace is not None else None
+        idle_since: dict[Any, float] = {}
+        while (self.server_state.connections and not self.force_exit
+               and (deadline is None or time.monotonic() < deadline)):
+            now = time.monotonic()
+            for connection in list(self.server_state.connections):
+                if _busy(connection):
+                    idle_since.pop(connection, None)  # answered with Connection: close, then closed by uvicorn
+                elif now - idle_since.setdefault(connection, now) >= self.idle_close_s:
+                    connection.shutdown()  # idle: uvicorn closes it
+            await asyncio.sleep(POLL_S)
+        log.info("open connections drained in %.1f s", time.monotonic() - started)
+        if grace is not None:
+            self.config.timeout_graceful_shutdown = max(1, round(grace - (time.monotonic() - started)))
+        await super().shutdown(sockets=None)
