@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 
 class RequestKeys:
-    """HMAC-SHA256 under one secret: `fingerprint` for audit and history, `cache_key` for the response cache."""
+    """HMAC-SHA256 under one secret: `fingerprint` for audit and history, `cache_key` for the response cache. Safe to
+    call from several threads (the audit writer's and the event loop's): each digest is computed in one call."""
 
     def __init__(self, secret: bytes, deployment: str = "", revision: str = "") -> None:
-        self._base = hmac.new(secret, digestmod=hashlib.sha256)
+        self._secret = secret
         self.deployment = deployment
         self.revision = revision
 
@@ -32,10 +33,9 @@ class RequestKeys:
         return cls(record_key.encode(), deployment, revision)
 
     def _mac(self, *parts: str) -> str:
-        mac = self._base.copy()
         # length-prefixed, so that no two different part lists give the same message
-        mac.update("".join(f"{len(part)}:{part}" for part in parts).encode())
-        return mac.hexdigest()
+        message = "".join(f"{len(part)}:{part}" for part in parts).encode()
+        return hmac.digest(self._secret, message, hashlib.sha256).hex()
 
     def fingerprint(self, digest: str) -> str:
         """What the audit log and history record for a request with plain digest `digest`."""

@@ -2,8 +2,8 @@
 
 Pure ASGI middleware, so it sees the final status of every response (including ones refused by auth, limits or the
 body size check) and, for streams, waits for the last byte before queueing the record. Queueing is synchronous and
-does no I/O (`AuditLog` writes in the background), so the record is taken even when the request is being cancelled,
-without a shielded cancel scope.
+does no I/O (`AuditLog` builds and writes records in the background), so the record is taken even when the request is
+being cancelled, without a shielded cancel scope.
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ class RequestRecordingMiddleware:
             elapsed = time.perf_counter() - started
             route = route_label(scope)
             self._observe(route, status, elapsed)
-            if self.audit is not None and api:
-                self.audit.record(audit_record(scope, state, request_id, route, status, elapsed, self.keys,
-                                               self.redactor))
+            if self.audit is not None and api:  # built by the audit writer, with the others of its batch
+                self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed, self.keys,
+                                         self.redactor, time.time()))
 
         async def recording_send(message: dict[str, Any]) -> None:
             nonlocal status
@@ -120,14 +120,15 @@ class RequestRecordingMiddleware:
 
 
 def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
-                 elapsed: float, keys: RequestKeys, redactor: Redactor) -> dict[str, Any]:
-    """The audit record of one request; fields a handler did not reach stay null. The request's digest is recorded
-    as its keyed HMAC, prompt text (with `--audit-prompts`) only masked."""
+                 elapsed: float, keys: RequestKeys, redactor: Redactor, at: float | None = None) -> dict[str, Any]:
+    """The audit record of one request answered at `at` (seconds since the epoch; default now); fields a handler did
+    not reach stay null. The request's digest is recorded as its keyed HMAC, prompt text (with `--audit-prompts`)
+    only masked."""
     digest = state.get("fingerprint")
     principal = state.get("principal")
     usage = state.get("usage") or (None, None)
     record: dict[str, Any] = {
-        "time": utc_timestamp(time.time()),
+        "time": utc_timestamp(time.time() if at is None else at),
         "request_id": request_id,
         "key_uid": getattr(principal, "uid", None),
         "subject": getattr(principal, "subject", None),
