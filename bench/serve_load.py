@@ -45,8 +45,21 @@ def percentile(values: list[float], q: float) -> float:
 # -- servers in their own processes (so the load generator does not share their GIL) --------------------------
 
 
-def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, source: str | None = None) -> None:
+# Part 3 pins the servers to one CPU and this process (the clients) to another, where there are two or more, so that
+# a server's CPU per request is not moved by sharing its core with the load it is measured under.
+SERVER_CPU, CLIENT_CPU = 1, 0
+
+
+def _pinning() -> bool:
+    return hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
+
+
+def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, source: str | None = None,
+                pin: bool = False) -> None:
     import logging
+
+    if pin:  # before any thread starts: they all inherit it
+        os.sched_setaffinity(0, {SERVER_CPU})
 
     if source is not None:  # another copy of the server package (e.g. a checkout of an earlier commit)
         sys.path.insert(0, source)
@@ -66,11 +79,11 @@ def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, s
 
 class ServerProcess:
     def __init__(self, settings: dict[str, Any], engine_kind: str = "model", record: bool = True,
-                 source: str | None = None) -> None:
+                 source: str | None = None, pin: bool = False) -> None:
         self.port = free_port()
         ctx = multiprocessing.get_context("spawn")
         self.proc = ctx.Process(target=_run_server, args=(json.dumps(settings, default=str), engine_kind, record,
-                                                          self.port, source), daemon=True)
+                                                          self.port, source, pin), daemon=True)
 
     @property
     def url(self) -> str:
@@ -265,46 +278,66 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def overhead(root: Path, quick: bool, before: str | None = None) -> None:
-    """The API layer's cost on the no-op engine: all on vs all off, interleaved in one run. With `before` (the
-    `server/` directory of another checkout), that code's pair runs in the same rounds, for a before/after table."""
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return pick(0.25), pick(0.5), pick(0.75)
+
+
+def overhead(root: Path, quick: bool, before: str | None = None, concurrency: int = 10) -> None:
+    """The API layer's cost on the no-op engine: all on vs all off. Short rounds alternate between the two (and
+    `before`'s pair, the `server/` directory of another checkout, for a before/after table), and each "on" round is
+    compared with the "off" round next to it: on a shared virtual machine the speed of the cores drifts by tens of
+    percent within a minute, which a comparison of whole-run medians takes for a difference between the servers."""
     auth_dir, token = auth_setup(root)
     base = {"model_name": MODEL, "device": "cpu", "no_cache": True}
     full = {**base, "auth_dir": str(auth_dir), "audit_log": str(root / "overhead-audit.jsonl")}
     bare = {**base, "auth": "disabled"}
-    requests, rounds, warm_up = (100, 1, 20) if quick else (1000, 7, 200)
+    requests, rounds, warm_up = (50, 2, 20) if quick else (150, 60, 300)
     sides = ["after", "before"] if before else ["after"]
     sources = {"after": None, "before": before}
+    pin = _pinning()
     servers: dict[tuple[str, str], ServerProcess] = {}
+    affinity = os.sched_getaffinity(0) if pin else None
     try:
+        if pin:
+            os.sched_setaffinity(0, {CLIENT_CPU})
         for side in sides:
-            servers[side, "on"] = ServerProcess(full, "noop", record=True, source=sources[side]).__enter__()
-            servers[side, "off"] = ServerProcess(bare, "noop", record=False, source=sources[side]).__enter__()
+            servers[side, "on"] = ServerProcess(full, "noop", record=True, source=sources[side], pin=pin).__enter__()
+            servers[side, "off"] = ServerProcess(bare, "noop", record=False, source=sources[side],
+                                                 pin=pin).__enter__()
         for (_side, mode), server in servers.items():
-            asyncio.run(hammer(server.url, token if mode == "on" else None, warm_up, 10))
+            asyncio.run(hammer(server.url, token if mode == "on" else None, warm_up, concurrency))
         wall: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
         cpu: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
         order = list(servers)
-        for index in range(rounds):  # interleaved (each round in reverse of the last), so drift and neighbours'
-            for side, mode in order if index % 2 == 0 else order[::-1]:  # load hit all alike
+        for index in range(rounds):  # each round in reverse of the last
+            for side, mode in order if index % 2 == 0 else order[::-1]:
                 server = servers[side, mode]
                 started = cpu_seconds(server.proc.pid)
                 wall[side, mode].append(asyncio.run(hammer(server.url, token if mode == "on" else None, requests,
-                                                           10)))
+                                                           concurrency)))
                 cpu[side, mode].append((cpu_seconds(server.proc.pid) - started) / requests)
     finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
         for server in servers.values():
             server.__exit__(None, None, None)
-    print("\n3. Cost of auth + rate limits + metrics + audit, no-op engine, 10 concurrent clients, "
-          f"{rounds} interleaved rounds of {requests} requests (medians; limits in memory, audit to a file)")
+    print(f"\n3. Cost of auth + rate limits + metrics + audit, no-op engine, {concurrency} concurrent client(s), "
+          f"{rounds} alternating rounds of {requests} requests"
+          f"{', servers on CPU 1 and clients on CPU 0' if pin else ''} (limits in memory, audit to a file). "
+          "+% columns: median (quartiles) of each on round against the off round beside it")
     print(f"   {'code':<7} {'on ms/req':>10} {'off ms/req':>11} {'on CPU ms':>10} {'off CPU ms':>11} "
-          f"{'wall +%':>8} {'CPU +%':>7} {'CPU ms/req':>11}")
+          f"{'wall +%':>8} {'CPU +%':>7} {'CPU ms/req':>11}  {'CPU +% quartiles':>17}")
     for side in sides:
         t_on, t_off = statistics.median(wall[side, "on"]), statistics.median(wall[side, "off"])
         c_on, c_off = statistics.median(cpu[side, "on"]), statistics.median(cpu[side, "off"])
-        cpu_share = f"{100 * (c_on - c_off) / c_off:+7.1f}" if c_off > 0 else f"{'n/a':>7}"
+        wall_q = quartiles([a / b - 1 for a, b in zip(wall[side, "on"], wall[side, "off"], strict=True)])
+        cpu_q = quartiles([a / b - 1 for a, b in zip(cpu[side, "on"], cpu[side, "off"], strict=True) if b > 0]
+                          or [float("nan")])
         print(f"   {side:<7} {1000 * t_on:>10.3f} {1000 * t_off:>11.3f} {1000 * c_on:>10.3f} {1000 * c_off:>11.3f} "
-              f"{100 * (t_on - t_off) / t_off:>+8.1f} {cpu_share} {1000 * (c_on - c_off):>+11.3f}")
+              f"{100 * wall_q[1]:>+8.1f} {100 * cpu_q[1]:>+7.1f} {1000 * (c_on - c_off):>+11.3f}  "
+              f"{100 * cpu_q[0]:+6.1f} .. {100 * cpu_q[2]:+6.1f}")
     print("   targets: <= 3 % wall and <= 10 % server CPU per request")
 
 
@@ -315,6 +348,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: table,batching,overhead")
     parser.add_argument("--before", default=None, metavar="DIR",
                         help="the server/ directory of another checkout: part 3 measures it side by side")
+    parser.add_argument("--overhead-concurrency", default="10", type=lambda text: [int(c) for c in text.split(",")],
+                        help="part 3's concurrent clients, comma-separated (e.g. 1,10)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from deepseek_server.tiny_model import make_tiny_model
@@ -332,7 +367,8 @@ def main() -> None:
             else:
                 batched_vs_sequential(model_dir, concurrent=16, new_tokens=32)
         if "overhead" not in skip:
-            overhead(root, args.quick, args.before)
+            for concurrency in args.overhead_concurrency:
+                overhead(root, args.quick, args.before, concurrency)
 
 
 if __name__ == "__main__":
