@@ -152,6 +152,9 @@ class TokenWatch(threading.Thread):
                                            resource_version=self.resource_version, allow_watch_bookmarks=True):
                     if event["type"] == "ERROR":  # e.g. 410 Gone: go on from a fresh listing
                         raise RuntimeError(str(event["object"]))
+                    if event["type"] == "BOOKMARK":  # the client hands these over as plain dicts
+                        self.resource_version = event["raw_object"]["metadata"]["resourceVersion"]
+                        continue
                     secret = event["object"]
                     self.resource_version = secret.metadata.resource_version
                     name = secret.metadata.name or ""
