@@ -52,10 +52,10 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
     async def apikey_event(type: str | None, body: kopf.Body, namespace: str | None, name: str | None,
                            **_: Any) -> None:
         namespace, name = str(namespace), str(name)
+        await runtime.issuance_finished(namespace, name)
         if type == "DELETED":
             runtime.forget_apikey(namespace, name)
             return
-        await runtime.issuance_finished(namespace, name)
         if body.get("metadata", {}).get("deletionTimestamp"):
             runtime.apikey_deleting(namespace, name)
         if type is None and runtime.apikey_known(namespace, name):
