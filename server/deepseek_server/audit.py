@@ -8,7 +8,7 @@ Records are queued by the request (no I/O on its path) and written by one backgr
 lines are encoded (orjson: a tenth of the standard library's cost per record) and written to the file in a worker
 thread, and a batch's history entries go to Redis in one pipeline. A request queues only the parts of its record
 (`record_later`); the worker thread builds the records of a batch together (their timestamps, keyed fingerprints and
-masked previews), which costs the request path nothing and a batch less than building them one request at a time.
+masked previews), off the event loop that answers requests.
 """
 
 from __future__ import annotations
