@@ -126,14 +126,24 @@ class RssSampler(threading.Thread):
 
 
 class Watcher(threading.Thread):
-    """Records (client clock) when each object first meets each condition `check(obj) -> list of labels`."""
+    """Records (client clock) when each object first meets each condition `check(obj) -> list of labels`.
 
-    def __init__(self, list_fn: Any, args: tuple[Any, ...], check: Any) -> None:
+    `from_now`: only changes from the moment it is made (a watch from the current resourceVersion, resumed from the
+    last one seen), instead of a listing of every object first and again at each reconnect (10,000 Secrets each time
+    in the at-rest bench)."""
+
+    def __init__(self, list_fn: Any, args: tuple[Any, ...], check: Any, from_now: bool = False) -> None:
         super().__init__(daemon=True)
         self.list_fn, self.args, self.check = list_fn, args, check
         self.seen: dict[tuple[str, str], float] = {}
         self.stopped = threading.Event()
         self.started = threading.Event()
+        self.resource_version = self._current_version() if from_now else None
+
+    def _current_version(self) -> str:
+        listing = self.list_fn(*self.args, limit=1)
+        meta = listing["metadata"] if isinstance(listing, dict) else listing.metadata
+        return str(meta["resourceVersion"] if isinstance(meta, dict) else meta.resource_version)
 
     def first(self, label: str, name: str) -> float | None:
         return self.seen.get((label, name))
@@ -145,8 +155,16 @@ class Watcher(threading.Thread):
         while not self.stopped.is_set():
             stream = watch.Watch()
             self.started.set()
+            resume = ({"resource_version": self.resource_version, "allow_watch_bookmarks": True}
+                      if self.resource_version else {})
             try:
-                for event in stream.stream(self.list_fn, *self.args, timeout_seconds=120):
+                for event in stream.stream(self.list_fn, *self.args, timeout_seconds=120, **resume):
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: resume from now
+                        raise RuntimeError(str(event["raw_object"]))
+                    if self.resource_version:
+                        self.resource_version = stream.resource_version or self.resource_version
+                    if event["type"] == "BOOKMARK":
+                        continue
                     obj = event["object"]
                     if not isinstance(obj, dict):
                         obj = obj.to_dict()
@@ -156,7 +174,14 @@ class Watcher(threading.Thread):
                     if self.stopped.is_set():
                         return
             except Exception:  # a dropped watch is re-established; setdefault keeps the first time
+                if self.stopped.is_set():
+                    return
                 time.sleep(0.1)
+                if self.resource_version:
+                    try:
+                        self.resource_version = self._current_version()
+                    except Exception:
+                        time.sleep(1)
 
 
 def apikey_states(event_type: str, obj: dict[str, Any]) -> list[str]:

@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from kubernetes import client, config, watch
+from kubernetes import client, config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from apikeys import RssSampler, free_port, operator_probes, operator_pythonpath
+from apikeys import RssSampler, Watcher, free_port, operator_probes, operator_pythonpath, secret_states
 
 from devcluster.testing.polling import exit_on_sigterm
 from devcluster.testing.processes import stop_process
@@ -133,47 +133,6 @@ def published_kids(core: client.CoreV1Api, namespace: str, deployment: str = "ch
     return [str(key.get("kid")) for key in jwks.get("keys", [])]
 
 
-class TokenWatch(threading.Thread):
-    """When each Secret named `<prefix>...` first held a token (a watch from now on, names filtered here)."""
-
-    def __init__(self, core: client.CoreV1Api, namespace: str, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.core, self.namespace, self.prefix = core, namespace, prefix
-        self.token_at: dict[str, float] = {}
-        self.stopped = threading.Event()
-        listing = core.list_namespaced_secret(namespace, limit=1)
-        self.resource_version = listing.metadata.resource_version
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            stream = watch.Watch()
-            try:
-                for event in stream.stream(self.core.list_namespaced_secret, self.namespace, timeout_seconds=30,
-                                           resource_version=self.resource_version, allow_watch_bookmarks=True):
-                    if event["type"] == "ERROR":  # e.g. 410 Gone: go on from a fresh listing
-                        raise RuntimeError(str(event["object"]))
-                    if event["type"] == "BOOKMARK":  # the client hands these over as plain dicts
-                        self.resource_version = event["raw_object"]["metadata"]["resourceVersion"]
-                        continue
-                    secret = event["object"]
-                    self.resource_version = secret.metadata.resource_version
-                    name = secret.metadata.name or ""
-                    if (name.startswith(self.prefix) and event["type"] != "DELETED" and secret.data
-                            and "api-key" in secret.data):
-                        self.token_at.setdefault(name.removesuffix("-apikey"), time.time())
-                    if self.stopped.is_set():
-                        return
-            except Exception as exc:
-                if self.stopped.is_set():
-                    return
-                print(f"[rotation] Secret watch restarted: {exc}", file=sys.stderr, flush=True)
-                try:
-                    self.resource_version = self.core.list_namespaced_secret(self.namespace, limit=1) \
-                        .metadata.resource_version
-                except Exception:
-                    time.sleep(1)
-
-
 def rotation_phase(custom: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, operator: Operator,
                    rotate_at: float, new_keys: int) -> dict[str, Any]:
     """While the restarted operator publishes a new signing key (due at `rotate_at`), apply `new_keys` keys at
@@ -182,7 +141,7 @@ def rotation_phase(custom: client.CustomObjectsApi, core: client.CoreV1Api, name
     time.sleep(max(0.0, rotate_at - 15 - time.time()))
     probes_before = operator.probes()
     time.sleep(max(0.0, rotate_at - 3 - time.time()))
-    tokens = TokenWatch(core, namespace, "rot-")
+    tokens = Watcher(core.list_namespaced_secret, (namespace,), secret_states, from_now=True)
     tokens.start()
     applied_at: dict[str, float] = {}
     published_at: list[float] = []
@@ -204,7 +163,10 @@ def rotation_phase(custom: client.CustomObjectsApi, core: client.CoreV1Api, name
             "spec": {"deploymentRef": {"name": "chat"}, "subject": f"rotation-{i}", "environment": "dev"}})
         applied_at[f"rot-{i:05d}"] = time.time()
     deadline = time.time() + 120
-    while len(tokens.token_at) < new_keys and time.time() < deadline:
+    def token_at(name: str) -> float | None:
+        return tokens.first("token", f"{name}-apikey")
+
+    while sum(1 for name in applied_at if token_at(name)) < new_keys and time.time() < deadline:
         time.sleep(0.2)
     watcher.join(timeout=max(0.0, deadline - time.time()))
     time.sleep(20)  # the rotation's wake-ups, if any, run on
@@ -212,7 +174,7 @@ def rotation_phase(custom: client.CustomObjectsApi, core: client.CoreV1Api, name
     tokens.stopped.set()
     reconciles = Counter(probes_after.get("reconciles") or {}) - Counter(probes_before.get("reconciles") or {})
     requests = Counter(probes_after.get("api_requests") or {}) - Counter(probes_before.get("api_requests") or {})
-    waited = [tokens.token_at[name] - at for name, at in applied_at.items() if name in tokens.token_at]
+    waited = [seen - at for name, at in applied_at.items() if (seen := token_at(name)) is not None]
     writes = {kind: n for kind, n in requests.items() if kind.split()[0] in WRITE_VERBS}
     return {
         "rotation_published": bool(published_at),
