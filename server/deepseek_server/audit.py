@@ -159,11 +159,15 @@ class AuditLog:
             log.error("audit: writing %d record(s) failed: %s", len(batch), failure)
         await self._add_history(records, lines)
 
-    async def _add_history(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+    def _add_memory_history(self, records: list[dict[str, Any]]) -> None:
         if isinstance(self.history, MemoryHistory):
             for record in records:
                 if record.get("key_uid"):
                     self.history.add_now(str(record["key_uid"]), record)
+
+    async def _add_history(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        if isinstance(self.history, MemoryHistory):
+            self._add_memory_history(records)
         else:
             await self.history.add_many([(str(record["key_uid"]), line)
                                          for record, line in zip(records, lines, strict=True) if record.get("key_uid")])
@@ -212,10 +216,7 @@ class AuditLog:
             records, _, failure = self._write_lines(batch)
             if failure is not None:
                 log.error("audit: writing %d record(s) failed: %s", len(batch), failure)
-            if isinstance(self.history, MemoryHistory):
-                for record in records:
-                    if record.get("key_uid"):
-                        self.history.add_now(str(record["key_uid"]), record)
+            self._add_memory_history(records)
             self._written += len(batch)
         if self.path is not None and self._out is not None:
             self._out.close()
