@@ -262,7 +262,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
     reader = threading.Thread(target=read_then_leave, daemon=True)
     reader.start()
     wait_for_gauge(gateway, lambda running: running >= 1,
-                   f"the engine never showed the request running; the client saw {outcome}")
+                   f"the engine never showed the request running; the client saw {outcome}", 30)
     leave.set()
     reader.join(10)
     wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
@@ -272,9 +272,20 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
         async with httpx.AsyncClient(timeout=60) as http:
             call = asyncio.create_task(http.post(f"{gateway.url}/v1/completions", json={**body, "stream": False},
                                                  headers=headers))
-            deadline = time.monotonic() + 10
-            while engine_gauge(gateway, "vllm:num_requests_running") < 1:
-                assert time.monotonic() < deadline and not call.done(), "the engine never ran the request"
+
+            async def gauges() -> dict[str, float]:  # read without blocking the loop that sends the call
+                text = (await http.get(f"{gateway.url}/metrics/engine")).text
+                return {name: sum(float(m.group(1)) for m in re.finditer(
+                    rf"^vllm:num_requests_{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+                    for name in ("running", "waiting")}
+
+            deadline = time.monotonic() + 30
+            while (seen := await gauges())["running"] < 1:
+                if call.done():
+                    answer = call.result()
+                    pytest.fail(f"the call ended before the engine showed it running: HTTP {answer.status_code} "
+                                f"{answer.text[:300]}")
+                assert time.monotonic() < deadline, f"the engine did not show the request running within 30 s: {seen}"
                 await asyncio.sleep(0.1)
             call.cancel()  # closes the client's connection to the gateway
             with contextlib.suppress(asyncio.CancelledError):
