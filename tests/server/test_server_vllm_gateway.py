@@ -103,11 +103,15 @@ def client(gateway: ServerThread, token_factory: Callable[..., str]) -> openai.O
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token_factory(), max_retries=0)
 
 
-def engine_gauge(gateway: ServerThread, name: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics/engine", timeout=10).text
+def gauge_value(text: str, name: str) -> float:
+    """The sum of a gauge's samples in Prometheus text."""
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
     assert values, f"{name} not in the engine's metrics"
     return sum(values)
+
+
+def engine_gauge(gateway: ServerThread, name: str) -> float:
+    return gauge_value(httpx.get(f"{gateway.url}/metrics/engine", timeout=10).text, name)
 
 
 def test_chat_and_completion_through_the_gateway(client: openai.OpenAI) -> None:
@@ -275,9 +279,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
 
             async def gauges() -> dict[str, float]:  # read without blocking the loop that sends the call
                 text = (await http.get(f"{gateway.url}/metrics/engine")).text
-                return {name: sum(float(m.group(1)) for m in re.finditer(
-                    rf"^vllm:num_requests_{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-                    for name in ("running", "waiting")}
+                return {name: gauge_value(text, f"vllm:num_requests_{name}") for name in ("running", "waiting")}
 
             deadline = time.monotonic() + 30
             while (seen := await gauges())["running"] < 1:
