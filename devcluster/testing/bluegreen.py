@@ -178,6 +178,11 @@ class World:
         return [e for e in self.core.list_namespaced_event(self.namespace).items
                 if e.involved_object.name == name and e.reason == reason]
 
+    def wait_event(self, reason: str, name: str = "chat", timeout: float = 30) -> list[client.CoreV1Event]:
+        """The Events with `reason` once there is one: the operator records some of them after the status write
+        they explain, so a test that has just seen that status waits for them."""
+        return wait_for(f"a {reason} Event on {name}", lambda: self.events(reason, name), timeout)
+
     def create_apikey(self, name: str = "alice", deployment: str = "chat", **spec: Any) -> str:
         """An ApiKey (scope model:predict unless `spec` says otherwise); its token once the Secret holds it."""
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": name},

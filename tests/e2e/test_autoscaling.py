@@ -77,7 +77,7 @@ def test_replicas_follow_a_load_ramp_without_failed_requests(world: World) -> No
         assert up_seconds >= UP_WINDOW, "scaled up before the up-window was over"
         status = scaling(world)
         assert status["lastScaleReason"] and "in flight" in status["lastScaleReason"]
-        assert world.events("ScaledUp"), "no ScaledUp Event"
+        world.wait_event("ScaledUp")
         served_at_peak = load.answered()
         wait_for("traffic on three replicas", lambda: load.answered() >= served_at_peak + 20, 180)
 
@@ -90,7 +90,7 @@ def test_replicas_follow_a_load_ramp_without_failed_requests(world: World) -> No
         served_after = load.answered()
         wait_for("traffic on the remaining replica", lambda: load.answered() >= served_after + 5, 120)
     assert load.failures == [], f"{len(load.failures)} failed request(s): {load.failures[:5]}"
-    assert world.events("ScaledDown"), "no ScaledDown Event"
+    world.wait_event("ScaledDown")
     assert world.status()["rollout"]["phase"] == "Completed"  # scaling never started a rollout
     assert len(world.status().get("history") or []) == 1
 

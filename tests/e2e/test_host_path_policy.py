@@ -19,7 +19,7 @@ def test_a_host_path_outside_the_allowed_prefixes_creates_no_pods(world: World) 
         "status") == "False" and c, 60)
     assert refused["reason"] == "HostPathNotAllowed" and outside in refused["message"]
     assert world.condition("Ready")["reason"] == "HostPathNotAllowed"
-    assert world.events("HostPathNotAllowed")
+    world.wait_event("HostPathNotAllowed")
     time.sleep(5)  # a few reconciles later still nothing runs
     assert not world.apps.list_namespaced_deployment(world.namespace).items
     assert not world.core.list_namespaced_pod(world.namespace).items

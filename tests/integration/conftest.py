@@ -219,6 +219,15 @@ class Cluster:
         items = self.core.list_namespaced_event(self.namespace).items
         return [e for e in items if e.involved_object.name == involved]
 
+    def wait_events(self, involved: str, what: str, check: Callable[[list[str]], bool],
+                    timeout: float = 30) -> list[str]:
+        """The Event reasons on `involved` once `check` holds for them. The operator records Events after the
+        status write they describe, so a test that has just seen the status waits for the Event too."""
+        def reasons() -> list[str] | None:
+            found = [e.reason for e in self.events(involved)]
+            return found if check(found) else None
+        return wait_for(f"Events on {self.namespace}/{involved}: {what}", reasons, timeout)
+
     # -- waiting
     def wait_ready(self, name: str, timeout: float = 120) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:

@@ -46,5 +46,5 @@ def test_rotation_with_grace_then_revocation_survives_an_operator_restart(world,
     final = world.wait_for("grace bookkeeping cleared",
                            lambda: "previousTokens" not in (s := world.apikey("rot")["status"]) and s)
     assert final["tokenId"] == second["tokenId"] and final["revision"] == 2, "restart must not issue twice"
-    reasons = [e.reason for e in world.events("rot")]
+    reasons = world.wait_events("rot", "Revoked", lambda found: "Revoked" in found)
     assert reasons.count("Issued") == 0 and reasons.count("Rotated") == 1 and reasons.count("Revoked") == 1

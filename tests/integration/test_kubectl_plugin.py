@@ -147,8 +147,9 @@ def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
     assert [p["tokenId"] for p in rotated["previousTokens"]] == [first["tokenId"]]
     new_token = secret_value(world, "alice-apikey", "api-key")
     assert new_token != token and world.verify(new_token)["jti"] == rotated["tokenId"]
-    assert any("rotation asked for with the deepseek.ai/rotate annotation" in (e.message or "")
-               for e in world.events("alice") if e.reason == "Rotated")
+    world.wait_for("the Rotated Event", lambda: any(
+        "rotation asked for with the deepseek.ai/rotate annotation" in (e.message or "")
+        for e in world.events("alice") if e.reason == "Rotated"), timeout=30)
     assert "eyJ" not in out
     time.sleep(4)  # several drift checks (1 s apart) of the operator: the same request rotates nothing more
     assert world.apikey("alice")["status"]["revision"] == rotated["revision"]
