@@ -1,6 +1,6 @@
 """Load benchmark of the model server, printed as ratios measured side by side in one run (not a test).
 
-1. The seed's latency table on the tiny model: concurrency 10/50/100 -> avg and p95 latency, error rate,
+1. The latency table on the tiny model: concurrency 10/50/100 -> avg and p95 latency, error rate,
    requests/s, tokens/s, time to first token (a real server process, full auth + limits + metrics + audit).
 2. The batched engine vs plain sequential `model.generate` at 16 concurrent requests (target >= 5x tokens/s).
 3. The cost of auth + limits + metrics + audit vs the same app with them off, on a no-op engine (targets:

@@ -15,6 +15,9 @@ CHART = REPO / "charts" / "deepseek-operator"
 PRODUCT_TEXT = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted(CHART.rglob("*.yaml")),
                 *sorted(CHART.rglob("*.tpl")), *sorted(CHART.rglob("*.txt")), *sorted((REPO / "crds").glob("*.yaml")),
                 *sorted((REPO / "examples").rglob("*.yaml"))]
+# Code and its docstrings too, where "the seed" alone is a sampling seed: only the possessive and named documents.
+PRODUCT_CODE = [path for folder in ("operator", "server", "devcluster", "bench") for path in
+                sorted((REPO / folder).rglob("*.py"))]
 
 
 def test_helm_template_renders_without_a_cluster_or_an_explicit_kube_version():
@@ -31,4 +34,8 @@ def test_product_text_names_things_for_what_they_are_not_where_they_came_from():
     found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
              for path in PRODUCT_TEXT for number, line in enumerate(path.read_text().splitlines(), 1)
              if origin.search(line)]
+    code_origin = re.compile(r"\bseed's\b|\bseed (article|guide|table|material|document)s?\b", re.IGNORECASE)
+    found += [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+              for path in PRODUCT_CODE for number, line in enumerate(path.read_text().splitlines(), 1)
+              if code_origin.search(line)]
     assert not found, "\n".join(found)
