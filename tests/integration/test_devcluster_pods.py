@@ -196,13 +196,13 @@ def test_readiness_failure_takes_the_pod_out_of_its_endpoints_and_recovery_puts_
     wait_for("the pod among ready endpoints", lambda: ip in kube.ready_ips("web"), timeout=10)
 
     post(ip, "/control/ready?value=0")
-    wait_for("the pod NotReady", lambda: not is_ready(kube.pod(pod.metadata.name)), timeout=10)
-    wait_for("the pod gone from the ready endpoints", lambda: ip not in kube.ready_ips("web"), timeout=5)
+    wait_for("the pod NotReady", lambda: not is_ready(kube.pod(pod.metadata.name)), timeout=30)
+    wait_for("the pod gone from the ready endpoints", lambda: ip not in kube.ready_ips("web"), timeout=30)
     assert get(ip)["name"] == pod.metadata.name  # still running: readiness never restarts a container
 
     post(ip, "/control/ready?value=1")
-    wait_for("the pod Ready again", lambda: is_ready(kube.pod(pod.metadata.name)), timeout=10)
-    wait_for("the pod back among ready endpoints", lambda: ip in kube.ready_ips("web"), timeout=5)
+    wait_for("the pod Ready again", lambda: is_ready(kube.pod(pod.metadata.name)), timeout=30)
+    wait_for("the pod back among ready endpoints", lambda: ip in kube.ready_ips("web"), timeout=30)
     assert kube.pod(pod.metadata.name).status.container_statuses[0].restart_count == 0
 
 

@@ -239,11 +239,11 @@ def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: C
                 time.sleep(0.05)
         assert ready.status_code == 503
         assert "unreachable" in ready.json()["error"]
-        assert httpx.get(f"{server.url}/health", timeout=1).status_code == 200
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         started = time.monotonic()
-        response = httpx.post(f"{server.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+        response = httpx.post(f"{server.url}/v1/completions", headers=_auth(token_factory), timeout=30,
                               json={"model": MODEL, "prompt": "hi"})
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 5  # not the engine's 600 s read timeout
         assert response.status_code == 503
         assert response.headers["retry-after"]
         assert response.json()["error"]["code"] == "model_not_ready"

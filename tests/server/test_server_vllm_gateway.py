@@ -239,7 +239,8 @@ def wait_for_gauge(gateway: ServerThread, check: Callable[[float], bool], what: 
 
 def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
                                                      token_factory: Callable[..., str]) -> None:
-    """The engine needs ~45 s for this request; after the client leaves it must stop within seconds."""
+    """The engine needs ~45 s for this request; after the client leaves it must stop within seconds (15 s allowed on
+    a loaded machine)."""
     body = {"model": MODEL, "prompt": "Go on and on", "max_tokens": MAX_MODEL_LEN - 20, "stream": True,
             "ignore_eos": True}
     headers = {"authorization": f"Bearer {token_factory()}"}
@@ -269,7 +270,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
                    f"the engine never showed the request running; the client saw {outcome}", 30)
     leave.set()
     reader.join(10)
-    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
+    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 15)
 
     # a non-streamed call whose client gives up while the engine is generating
     async def give_up() -> None:
@@ -294,7 +295,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: ServerThread,
                 await call
 
     asyncio.run(give_up())
-    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 5)
+    wait_for_gauge(gateway, lambda running: running == 0, "the engine kept generating after the client left", 15)
 
 
 def test_zz_dead_engine_makes_the_gateway_unready_and_answer_503_quickly(
@@ -311,16 +312,16 @@ def test_zz_dead_engine_makes_the_gateway_unready_and_answer_503_quickly(
     killed = time.monotonic()
     with pytest.raises(openai.APIStatusError) as excinfo:  # the first call finds the engine gone
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-    assert time.monotonic() - killed < 3
+    assert time.monotonic() - killed < 10  # not the 600 s read timeout
     assert excinfo.value.status_code == 503
     assert excinfo.value.response.headers["retry-after"]
     while httpx.get(f"{gateway.url}/ready", timeout=5).status_code != 503:
-        assert time.monotonic() - killed < 5, "/ready still 200 five seconds after the engine died"
+        assert time.monotonic() - killed < 15, "/ready still 200 fifteen seconds after the engine died"
         time.sleep(0.1)
     assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
     started = time.monotonic()
     response = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
                           json={"model": MODEL, "messages": MESSAGES},
                           headers={"authorization": f"Bearer {client.api_key}"})
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # answered without trying the engine's connect and read timeouts
     assert response.status_code == 503 and response.headers["retry-after"]
