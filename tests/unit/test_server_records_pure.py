@@ -112,3 +112,16 @@ def test_an_answer_given_at_once_counts_as_a_request_but_holds_no_parallel_slot(
     assert running.allowed and running.remaining_requests == 1  # the hit used one of the burst of 3
     refused = store.acquire("u", limits, hold=False)
     assert not refused.allowed and refused.kind == "parallel"
+
+
+@pytest.mark.parametrize("secret", [b"", b"k", b"r" * 32, b"s" * 64, b"long-record-key-" * 8])
+def test_request_digests_are_hmac_sha256_of_the_length_prefixed_parts(secret: bytes) -> None:
+    import hashlib
+    import hmac
+
+    keys = RequestKeys(secret, deployment="chat", revision="rev-1")
+    fingerprint = hmac.new(secret, b"11:fingerprint64:" + b"ab" * 32, hashlib.sha256).hexdigest()
+    assert keys.fingerprint("ab" * 32) == fingerprint
+    message = b"5:cache4:chat5:rev-13:dev13:model:predict3:xyz"
+    assert keys.cache_key("xyz", "dev", "model:predict") == hmac.new(secret, message, hashlib.sha256).hexdigest()
+    assert keys.fingerprint("ab" * 32) == keys.fingerprint("ab" * 32)  # the key's states are not consumed
