@@ -6,8 +6,12 @@
 3. The cost of auth + limits + metrics + audit vs the same app with them off, on a no-op engine (targets:
    <= 3 % wall and <= 10 % server CPU per request). `--before DIR` runs another checkout's pair in the same
    rounds.
+4. With `--instructions` (needs valgrind): the same pair's instructions per request, counted by callgrind. CPU time on
+   a shared 2-core machine moves by tens of percent between rounds; instruction counts repeat to about 0.1 %, so a
+   change of a few percent shows, at any load. They stand in for CPU time: cache misses and the kernel are not in them.
 
     python bench/serve_load.py [--quick] [--arch llama]
+    python bench/serve_load.py --skip table,batching,overhead --instructions [--before DIR]
 
 `--quick` runs each part small (a few requests, low concurrency): it shows the script still runs
 (tests/bench/test_bench_quick.py); its numbers say little.
@@ -22,7 +26,9 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -341,6 +347,91 @@ def overhead(root: Path, quick: bool, before: str | None = None, concurrency: in
     print("   targets: <= 3 % wall and <= 10 % server CPU per request")
 
 
+# -- 4. the same cost in instructions -------------------------------------------------------------------------
+
+
+# callgrind runs the server about 50 times slower, so its timers are stretched as much: the audit writer's gathering
+# of records into one write, and the auth directory's poll, do the same work per request as at full speed.
+STRETCH = 50.0
+
+
+def _run_server_stretched(settings_json: str, record: bool, port: int, source: str | None) -> None:
+    if source is not None:
+        sys.path.insert(0, source)
+    import deepseek_server.audit as audit
+    import deepseek_server.auth.directory_source as directory_source
+
+    audit.BATCH_GATHER_S = getattr(audit, "BATCH_GATHER_S", 0.0) * STRETCH
+    init = directory_source.DirectoryAuthSource.__init__
+    if init.__defaults__:
+        init.__defaults__ = tuple(value * STRETCH if isinstance(value, float) else value
+                                  for value in init.__defaults__)
+    _run_server(settings_json, "noop", record, port, source)
+
+
+def count_instructions(settings: dict[str, Any], record: bool, source: str | None, token: str | None,
+                       requests: int, out: Path) -> int:
+    """Instructions the server process (all its threads) ran while answering `requests` requests one at a time,
+    after a warm-up: callgrind starts counting when told to, after the warm-up, and stops before shutdown."""
+    port = free_port()
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "from serve_load import _run_server_stretched; "
+            f"_run_server_stretched({json.dumps(settings, default=str)!r}, {record}, {port}, {source!r})")
+    with open(out.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                 f"--callgrind-out-file={out}", sys.executable, "-c", code],
+                                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONHASHSEED": "0"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server under valgrind exited with {proc.returncode}; see {out}.log")
+            try:
+                if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server under valgrind did not become ready in 15 minutes")
+            time.sleep(1)
+        asyncio.run(hammer(url, token, 200, 1))
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        asyncio.run(hammer(url, token, requests, 1))
+        time.sleep(0.05 * STRETCH + 1)  # the audit writer gathers its last batch (50 ms, stretched) and writes it
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.terminate()
+        proc.wait(600)
+    totals = [line.split()[1] for line in out.read_text().splitlines() if line.startswith("totals:")]
+    if not totals:
+        raise RuntimeError(f"callgrind wrote no totals to {out}")
+    return int(totals[0])
+
+
+def instructions(root: Path, before: str | None, requests: int) -> None:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("\n4. Instructions per request: skipped, valgrind is not installed (apt-get install valgrind)")
+        return
+    auth_dir, token = auth_setup(root)
+    base = {"model_name": MODEL, "device": "cpu", "no_cache": True}
+    full = {**base, "auth_dir": str(auth_dir), "audit_log": str(root / "instructions-audit.jsonl")}
+    bare = {**base, "auth": "disabled"}
+    sides = {"after": None, **({"before": before} if before else {})}
+    counts = {(side, mode): count_instructions(full if mode == "on" else bare, mode == "on", source,
+                                               token if mode == "on" else None, requests,
+                                               root / f"callgrind.{side}.{mode}") / requests
+              for side, source in sides.items() for mode in ("on", "off")}
+    print(f"\n4. Instructions per request of the server process (callgrind, user space, all threads), no-op engine, "
+          f"{requests} requests one at a time after 200 warm-up, timers stretched {STRETCH:.0f}x as the server is "
+          "slowed")
+    print(f"   {'code':<7} {'on':>12} {'off':>12} {'on +%':>7} {'on - off':>10}")
+    for side in sides:
+        on, off = counts[side, "on"], counts[side, "off"]
+        print(f"   {side:<7} {on:>12,.0f} {off:>12,.0f} {100 * (on / off - 1):>+7.1f} {on - off:>+10,.0f}")
+    print("   target: <= 10 % server CPU per request (instructions stand in for CPU time)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="each part small: checks the script runs")
@@ -350,6 +441,9 @@ def main() -> None:
                         help="the server/ directory of another checkout: part 3 measures it side by side")
     parser.add_argument("--overhead-concurrency", default="10", type=lambda text: [int(c) for c in text.split(",")],
                         help="part 3's concurrent clients, comma-separated (e.g. 1,10)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="part 4: instructions per request under valgrind's callgrind (~5 min per server)")
+    parser.add_argument("--instruction-requests", type=int, default=1000, help="part 4's requests per server")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from deepseek_server.tiny_model import make_tiny_model
@@ -369,6 +463,8 @@ def main() -> None:
         if "overhead" not in skip:
             for concurrency in args.overhead_concurrency:
                 overhead(root, args.quick, args.before, concurrency)
+        if args.instructions:
+            instructions(root, args.before, args.instruction_requests)
 
 
 if __name__ == "__main__":
