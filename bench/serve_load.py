@@ -7,8 +7,9 @@
    <= 3 % wall and <= 10 % server CPU per request). `--before DIR` runs another checkout's pair in the same
    rounds.
 4. With `--instructions` (needs valgrind): the same pair's instructions per request, counted by callgrind. CPU time on
-   a shared 2-core machine moves by tens of percent between rounds; instruction counts repeat to about 0.1 %, so a
-   change of a few percent shows, at any load. They stand in for CPU time: cache misses and the kernel are not in them.
+   a shared 2-core machine moves by tens of percent between rounds; these counts repeated within 0.3 % for the server
+   with everything off and within 2 % with everything on (how many audit records share one write depends on timing),
+   at any load. They stand in for CPU time: cache misses and the kernel are not in them.
 
     python bench/serve_load.py [--quick] [--arch llama]
     python bench/serve_load.py --skip table,batching,overhead --instructions [--before DIR]
