@@ -64,6 +64,10 @@ def test_promote_abort_retry_pick_the_revision_and_the_operator_acts_on_them(wor
     world.apply_deployment(**UNSCHEDULABLE)
     starting = wait_rollout(world, "Starting", "the first rollout waiting for GPUs")
     revision = starting["revision"]
+    # The shortage is reported once the scheduler has left the new pods pending, after the rollout started.
+    wait_for("CapacityAvailable=False", lambda: any(
+        c["type"] == "CapacityAvailable" and c["status"] == "False"
+        for c in (world.deployment().get("status") or {}).get("conditions") or []), 90)
     status_text = ok(plugin(kubeconfig, "status", "chat", "-n", ns))
     assert f"revision {revision} on blue is Starting" in status_text
     assert "Traffic: no revision has been promoted yet" in status_text
