@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 from deepseek_server.limits.memory_store import MemoryLimitStore
 from deepseek_server.limits.policy import KeyLimits
@@ -116,9 +119,6 @@ def test_an_answer_given_at_once_counts_as_a_request_but_holds_no_parallel_slot(
 
 @pytest.mark.parametrize("secret", [b"", b"k", b"r" * 32, b"s" * 64, b"long-record-key-" * 8])
 def test_request_digests_are_hmac_sha256_of_the_length_prefixed_parts(secret: bytes) -> None:
-    import hashlib
-    import hmac
-
     keys = RequestKeys(secret, deployment="chat", revision="rev-1")
     fingerprint = hmac.new(secret, b"11:fingerprint64:" + b"ab" * 32, hashlib.sha256).hexdigest()
     assert keys.fingerprint("ab" * 32) == fingerprint
