@@ -6,7 +6,9 @@ it went (status, error code, latency, cache). It never holds the token, and hold
 
 Records are queued by the request (no I/O on its path) and written by one background task in batches: the JSON
 lines are encoded (orjson: a tenth of the standard library's cost per record) and written to the file in a worker
-thread, and a batch's history entries go to Redis in one pipeline. A request queues only the parts of its record
+thread, and a batch's history entries go to Redis in one pipeline. Writes start at least `BATCH_GATHER_S` apart
+(unless a full batch waits or a reader flushes), so records that arrive while a batch is being written wait for the
+next batch instead of following it one or two at a time. A request queues only the parts of its record
 (`record_later`); the worker thread builds the records of a batch together (their timestamps, keyed fingerprints and
 masked previews), off the event loop that answers requests.
 """
@@ -15,23 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import sys
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 512
-# Under load the writer waits this long after waking, so that one write (one hop to the worker thread, one Redis
-# pipeline) carries the records of many requests: at 10 ms a server answering a few hundred requests a second paid a
-# thread hop for every few requests. A record after a quiet spell is written at once; readers of the history flush.
+# Under load the writer starts one write at most every this long, so that one write (one hop to the worker thread,
+# one Redis pipeline) carries the records of many requests: at 10 ms a server answering a few hundred requests a second
+# paid a thread hop for every few requests. A record after a quiet spell is written at once; readers of the history
+# flush, which ends the wait.
 BATCH_GATHER_S = 0.05
+
+
+def _end_wait(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -99,17 +108,21 @@ class AuditLog:
     def __init__(self, history: MemoryHistory | RedisHistory, path: Path | None = None) -> None:
         self.history = history
         self.path = path
-        self._out: TextIO | None = None
+        self._out: BinaryIO | TextIO | None = None
         self._pending: list[dict[str, Any] | tuple[Any, ...]] = []
         self._queued = 0  # records queued so far
         self._written = 0  # records written so far
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._gathering: asyncio.Future[None] | None = None  # the writer's wait for more records, ended by flush
+        self._flushing = 0  # callers waiting in flush: the writer does not wait for more records meanwhile
 
-    def _stream(self) -> TextIO:
+    def _stream(self) -> BinaryIO | TextIO:
+        """The file (opened for appending bytes), or stdout's bytes underneath its text layer where it has one."""
         if self._out is None:
-            self._out = open(self.path, "a", encoding="utf-8") if self.path else sys.stdout  # noqa: SIM115
+            self._out = (open(self.path, "ab") if self.path  # noqa: SIM115
+                         else getattr(sys.stdout, "buffer", None) or sys.stdout)
         return self._out
 
     def record(self, record: dict[str, Any]) -> None:
@@ -133,19 +146,35 @@ class AuditLog:
 
     async def _run(self) -> None:
         assert self._wake is not None and self._progress is not None
-        last_write = 0.0
+        last_write = -BATCH_GATHER_S
         while True:
             await self._wake.wait()
-            if time.monotonic() - last_write < BATCH_GATHER_S:
-                await asyncio.sleep(BATCH_GATHER_S)
+            # Records that came while the last batch was written wait with the ones still coming for the rest of the
+            # gathering time: written at once, they would follow every batch one or two at a time, and the slower the
+            # writes (a busy machine), the smaller the batches and the more each record would cost.
+            wait = last_write + BATCH_GATHER_S - time.monotonic()
+            if wait > 0 and len(self._pending) < BATCH_MAX and not self._flushing:
+                await self._gather(wait)
             self._wake.clear()
             last_write = time.monotonic()
-            while self._pending:
-                batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
-                await self._write(batch)
-                async with self._progress:
-                    self._written += len(batch)
-                    self._progress.notify_all()
+            batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+            if self._pending:
+                self._wake.set()  # the rest goes in the next batch
+            await self._write(batch)
+            async with self._progress:
+                self._written += len(batch)
+                self._progress.notify_all()
+
+    async def _gather(self, seconds: float) -> None:
+        """Wait `seconds` for more records, or until a reader flushes."""
+        loop = asyncio.get_running_loop()
+        self._gathering = gathering = loop.create_future()
+        timer = loop.call_later(seconds, _end_wait, gathering)
+        try:
+            await gathering
+        finally:
+            timer.cancel()
+            self._gathering = None
 
     async def _write(self, batch: list[dict[str, Any] | tuple[Any, ...]]) -> None:
         try:
@@ -177,9 +206,12 @@ class AuditLog:
         """Build (where queued as parts), encode and write a batch: (records, lines, the write's error if any)."""
         records = [item if isinstance(item, dict) else item[0](*item[1:]) for item in batch]
         lines = [encode_record(record) for record in records]
+        if not lines:
+            return records, lines, None
         try:
             out = self._stream()
-            out.write(b"".join(line + b"\n" for line in lines).decode())
+            data = b"\n".join(lines) + b"\n"
+            out.write(data if isinstance(out, io.BufferedIOBase | io.RawIOBase) else data.decode())
             out.flush()
         except Exception as exc:
             return records, lines, exc
@@ -190,9 +222,15 @@ class AuditLog:
         target = self._queued
         if self._progress is None or self._written >= target:
             return
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._written >= target or self._writer is None
-                                          or self._writer.done())
+        if self._gathering is not None:
+            _end_wait(self._gathering)
+        self._flushing += 1
+        try:
+            async with self._progress:
+                await self._progress.wait_for(lambda: self._written >= target or self._writer is None
+                                              or self._writer.done())
+        finally:
+            self._flushing -= 1
 
     async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
         """The key's history, newest first, including records still queued by this process."""
