@@ -144,10 +144,12 @@ async def admit(services: Services, request: Request, principal: Principal, rese
     (and nothing to release)."""
     if services.authenticator.disabled:
         return None
-    lease = await services.limiter.acquire(principal.uid, services.authenticator.limits_for(principal),
-                                           reserve_tokens, hold)
+    limiter = services.limiter
+    limits = services.authenticator.limits_for(principal)
+    lease = (limiter.acquire_now(principal.uid, limits, reserve_tokens, hold) if limiter.redis is None
+             else await limiter.acquire(principal.uid, limits, reserve_tokens, hold))
     decision = lease.decision
-    request.state.ratelimit_headers = decision.headers()
+    request.scope.setdefault("state", {})["ratelimit_headers"] = decision.headers()  # what request.state holds
     if not decision.allowed:
         services.metrics.ratelimit_rejections.labels(decision.kind or "requests").inc()
         what = {"requests": "requests per second", "tokens": "tokens per minute",
@@ -169,7 +171,8 @@ async def release(services: Services, lease: Lease | None, tokens_used: int) -> 
 
 
 def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
-    headers = dict(getattr(request.state, "ratelimit_headers", {}) or {})
+    """The response's headers: the rate-limit headers `admit` made for this request (its own dict), and `x-cache`."""
+    headers: dict[str, str] = request.scope.get("state", {}).get("ratelimit_headers") or {}
     if cache is not None:
         headers["x-cache"] = cache
     return headers

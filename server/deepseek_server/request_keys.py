@@ -16,6 +16,11 @@ log = logging.getLogger(__name__)
 SHA256_BLOCK = 64
 
 
+def _part(text: str) -> bytes:
+    """One part of a digest's message: its length in characters, a colon, the text."""
+    return f"{len(text)}:{text}".encode()
+
+
 class RequestKeys:
     """HMAC-SHA256 under one secret: `fingerprint` for audit and history, `cache_key` for the response cache. Safe to
     call from several threads (the audit writer's and the event loop's): each digest works on copies of the key's hash
@@ -28,6 +33,9 @@ class RequestKeys:
         key = key.ljust(SHA256_BLOCK, b"\0")
         self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
         self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+        # every audit record takes a fingerprint: its message's first part is fed once, here
+        self._fingerprint_inner = self._inner.copy()
+        self._fingerprint_inner.update(_part("fingerprint"))
         self.deployment = deployment
         self.revision = revision
 
@@ -49,8 +57,13 @@ class RequestKeys:
         return outer.hexdigest()
 
     def fingerprint(self, digest: str) -> str:
-        """What the audit log and history record for a request with plain digest `digest`."""
-        return self._mac("fingerprint", digest)
+        """What the audit log and history record for a request with plain digest `digest`: `_mac("fingerprint",
+        digest)`, from the state that has read the first part."""
+        inner = self._fingerprint_inner.copy()
+        inner.update(_part(digest))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
     def cache_key(self, digest: str, env: str, scope: str) -> str:
         """The response-cache key: this deployment and revision, the caller's environment and scope, the request."""

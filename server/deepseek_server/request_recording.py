@@ -9,7 +9,6 @@ being cancelled, without a shielded cancel scope.
 from __future__ import annotations
 
 import itertools
-import math
 import secrets
 import time
 from datetime import UTC, datetime
@@ -36,18 +35,24 @@ def new_request_id() -> str:
     return f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
+_NO_USAGE = (None, None)
 _second_text: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+_MILLIS = [f".{millis:03d}+00:00" for millis in range(1000)]  # what follows the second, for each millisecond
 
 
 def utc_timestamp(now: float) -> str:
     """`now` (seconds since the epoch) as `datetime.isoformat(timespec="milliseconds")` writes it in UTC; the
     date and time of day are formatted once per second."""
     global _second_text
-    fraction, whole = math.modf(now)
-    second, micros = divmod(int(whole) * 1_000_000 + round(fraction * 1_000_000), 1_000_000)  # as datetime rounds
+    second = int(now)
+    micros = round((now - second) * 1_000_000)  # as datetime rounds: the fraction to whole microseconds, half to even
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
     if _second_text[0] != second:
         _second_text = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second_text[1]}.{micros // 1000:03d}+00:00"
+    return _second_text[1] + _MILLIS[micros // 1000]
 
 
 def route_label(scope: dict[str, Any]) -> str:
@@ -124,29 +129,35 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
     """The audit record of one request answered at `at` (seconds since the epoch; default now); fields a handler did
     not reach stay null. The request's digest is recorded as its keyed HMAC, prompt text (with `--audit-prompts`)
     only masked."""
-    digest = state.get("fingerprint")
-    principal = state.get("principal")
-    usage = state.get("usage") or (None, None)
+    get = state.get
+    digest = get("fingerprint")
+    principal = get("principal")
+    usage = get("usage") or _NO_USAGE
+    client = scope.get("client")
+    if principal is None:
+        uid = subject = token_id = env = None
+    else:
+        uid, subject, token_id, env = principal.uid, principal.subject, principal.token_id, principal.env
     record: dict[str, Any] = {
         "time": utc_timestamp(time.time() if at is None else at),
         "request_id": request_id,
-        "key_uid": getattr(principal, "uid", None),
-        "subject": getattr(principal, "subject", None),
-        "token_id": getattr(principal, "token_id", None),
-        "env": getattr(principal, "env", None),
+        "key_uid": uid,
+        "subject": subject,
+        "token_id": token_id,
+        "env": env,
         "method": scope["method"],
         "route": route,
         "path": scope["path"],
-        "model": state.get("model"),
+        "model": get("model"),
         "prompt_tokens": usage[0],
         "completion_tokens": usage[1],
         "status": status,
-        "error_code": state.get("error_code"),
+        "error_code": get("error_code"),
         "latency_ms": round(elapsed * 1000, 2),
         "fingerprint": keys.fingerprint(digest) if digest else None,
-        "cache": state.get("cache"),
-        "stream": state.get("stream"),
-        "client": (scope.get("client") or [None])[0],
+        "cache": get("cache"),
+        "stream": get("stream"),
+        "client": client[0] if client else None,
     }
     if "prompt_text" in state:
         record["prompt_preview"] = redactor.preview(state["prompt_text"], PROMPT_PREVIEW_CHARS)

@@ -24,7 +24,8 @@ from devcluster.testing.model_server import SigningKey, write_auth_dir
 def test_timestamp_is_what_datetime_isoformat_writes() -> None:
     rng = random.Random(7)
     # millisecond and microsecond boundaries, where rounding and truncation differ, and random instants
-    instants = [0.0, 1.0, 1_700_000_000.0, 1_700_000_000.9995, 1_700_000_000.0009995, 1_700_000_059.9999996,
+    instants = [0.0, 1.0, -1.5, -0.0004, -86_400.0009995,  # before the epoch too
+                1_700_000_000.0, 1_700_000_000.9995, 1_700_000_000.0009995, 1_700_000_059.9999996,
                 2_157_813_716.292, 3_298_349_361.6919994]
     instants += [round(rng.uniform(0, 4e9), rng.choice([3, 4, 6, 7])) for _ in range(20_000)]
     for now in instants:

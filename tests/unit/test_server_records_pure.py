@@ -125,3 +125,7 @@ def test_request_digests_are_hmac_sha256_of_the_length_prefixed_parts(secret: by
     message = b"5:cache4:chat5:rev-13:dev13:model:predict3:xyz"
     assert keys.cache_key("xyz", "dev", "model:predict") == hmac.new(secret, message, hashlib.sha256).hexdigest()
     assert keys.fingerprint("ab" * 32) == keys.fingerprint("ab" * 32)  # the key's states are not consumed
+    for digest in ("", "é", "1:x", "ab" * 40):  # the fingerprint's shortcut says what the general form says
+        assert keys.fingerprint(digest) == keys._mac("fingerprint", digest)
+        assert keys.fingerprint(digest) == hmac.new(secret, f"11:fingerprint{len(digest)}:{digest}".encode(),
+                                                    hashlib.sha256).hexdigest()

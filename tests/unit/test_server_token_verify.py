@@ -4,6 +4,7 @@ reasons: tampered or malformed tokens, other algorithms, claims of the wrong typ
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -13,7 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from deepseek_server.auth.documents import parse_auth_state
+from deepseek_server.auth.guard import Authenticator
 from deepseek_server.auth.tokens import TokenRejected, verify_token
+from deepseek_server.errors import APIError
 
 ISS, AUD = "deepseek-operator/ns/chat", "ns/chat"
 PRIVATE = Ed25519PrivateKey.generate()
@@ -75,3 +78,31 @@ def test_the_principal_carries_the_claims_and_when_the_token_became_valid() -> N
 def test_refused_with_a_reason(make: Any, reason: str) -> None:
     with pytest.raises(TokenRejected, match=reason):
         verify_token(make(), STATE)
+
+
+def test_remembered_headers_are_rechecked_for_scope_expiry_and_form() -> None:
+    """The verified-token cache is keyed by the Authorization header as sent: a hit skips parsing and verification,
+    but not the scope and expiry checks; a header that is not 'Bearer <key>' is never accepted, and a new auth state
+    (a revocation) forgets what was remembered."""
+    now = [time.time()]
+    authenticator = Authenticator(clock=lambda: now[0])
+    authenticator.set_state(STATE)
+    key = token(exp=int(now[0]) + 100)
+    assert authenticator.authenticate(f"Bearer {key}", "model:predict").uid == "uid-1"
+    assert authenticator.authenticate(f"bearer  {key}", "model:predict").uid == "uid-1"  # another spelling
+    assert authenticator.authenticate(f"Bearer {key}", "model:predict").uid == "uid-1"  # a hit
+    with pytest.raises(APIError) as scope:
+        authenticator.authenticate(f"Bearer {key}", "history:read")  # a hit still checks the scope
+    assert scope.value.status == 403
+    for header in (f"Basic {key}", "Bearer ", "Bearer", f"{key}"):
+        with pytest.raises(APIError) as malformed:
+            authenticator.authenticate(header, "model:predict")
+        assert malformed.value.status == 401 and "'Bearer <key>'" in malformed.value.message, header
+    authenticator.set_state(dataclasses.replace(STATE, revoked={"j1": int(now[0]) + 600}))
+    with pytest.raises(APIError, match="revoked"):
+        authenticator.authenticate(f"Bearer {key}", "model:predict")
+    authenticator.set_state(STATE)
+    assert authenticator.authenticate(f"Bearer {key}", "model:predict").uid == "uid-1"
+    now[0] += 200  # past exp and the leeway: the remembered principal is not returned
+    with pytest.raises(APIError, match="expired"):
+        authenticator.authenticate(f"Bearer {key}", "model:predict")

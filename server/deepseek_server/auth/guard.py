@@ -44,8 +44,10 @@ class Authenticator:
         self.state = state
         self._verified = {}
 
-    def _verify(self, token: str, state: AuthState) -> Principal:
-        cached = self._verified.get(token)
+    def _verify(self, authorization: str, state: AuthState) -> Principal:
+        """The principal of a non-empty Authorization header; remembered by the header as sent, so a hit neither
+        parses nor verifies it again."""
+        cached = self._verified.get(authorization)
         now = self.clock()
         if cached is not None and cached[0] is state:
             _, principal, not_before = cached
@@ -53,11 +55,14 @@ class Authenticator:
                 if principal.token_id in state.revoked:
                     raise TokenRejected("The API key has been revoked.", principal)
                 return principal
-            del self._verified[token]
-        principal = verify_token(token, state)
+            del self._verified[authorization]
+        kind, _, token = authorization.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise APIError(401, "The Authorization header must be 'Bearer <key>'.", code="invalid_api_key")
+        principal = verify_token(token.strip(), state, self.clock)
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             self._verified.pop(next(iter(self._verified)))
-        self._verified[token] = (state, principal, principal.not_before)
+        self._verified[authorization] = (state, principal, principal.not_before)
         return principal
 
     def limits_for(self, principal: Principal) -> KeyLimits:
@@ -76,11 +81,8 @@ class Authenticator:
         if not authorization:
             raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                            code="missing_api_key")
-        kind, _, token = authorization.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
-            raise APIError(401, "The Authorization header must be 'Bearer <key>'.", code="invalid_api_key")
         try:
-            principal = self._verify(token.strip(), state)
+            principal = self._verify(authorization, state)
         except TokenRejected as exc:
             raise RejectedKey(exc) from None
         if scope is not None and scope not in principal.scopes:

@@ -21,9 +21,9 @@ def format_duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}s" if minutes else f"{rest_text}s"
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
-    """The outcome of one admission check."""
+    """The outcome of one admission check (fields in this order: the memory store passes them by position)."""
 
     allowed: bool
     limits: KeyLimits
@@ -39,7 +39,7 @@ class Decision:
 
     def headers(self) -> dict[str, str]:
         out = {
-            "x-ratelimit-limit-requests": str(self.limits.capacity),
+            "x-ratelimit-limit-requests": self.limits.capacity_header,
             "x-ratelimit-remaining-requests": str(self.remaining_requests),
             "x-ratelimit-reset-requests": format_duration(self.reset_requests_s),
         }

@@ -23,21 +23,23 @@ class RequestCheck(NamedTuple):  # a tuple: built on every admission, where a fr
     retry_after_s: float
 
 
+_new_tuple = tuple.__new__  # builds a RequestCheck without the Python-level __new__ NamedTuple generates
+
+
 def check_request(tat: float | None, now: float, limits: KeyLimits) -> RequestCheck:
     """Admit one request against the GCRA state `tat`; returns the TAT to store if admitted."""
-    interval = 1.0 / limits.rps
-    tolerance = limits.capacity * interval
-    start = max(tat if tat is not None else now, now)
-    new_tat = start + interval
-    if new_tat - now > tolerance + 1e-9:
-        return RequestCheck(False, start, new_tat - tolerance - now)
-    return RequestCheck(True, new_tat, 0.0)
+    start = tat if tat is not None and tat > now else now
+    new_tat = start + limits.interval
+    if new_tat - now > limits.tolerance + 1e-9:
+        return _new_tuple(RequestCheck, (False, start, new_tat - limits.tolerance - now))
+    return _new_tuple(RequestCheck, (True, new_tat, 0.0))
 
 
 def remaining_requests(tat: float | None, now: float, limits: KeyLimits) -> int:
-    interval = 1.0 / limits.rps
-    outstanding = max((tat or now) - now, 0.0)
-    return max(math.floor((limits.capacity * interval - outstanding) / interval + 1e-9), 0)
+    ahead = (tat or now) - now
+    outstanding = ahead if ahead > 0.0 else 0.0
+    remaining = math.floor((limits.tolerance - outstanding) / limits.interval + 1e-9)
+    return remaining if remaining > 0 else 0
 
 
 def tokens_outstanding(token_tat: float | None, now: float) -> float:

@@ -29,7 +29,7 @@ from deepseek_server.limits.redis_store import RedisLimitStore
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
     """An admitted request; hand it back to `release` with the tokens it used."""
 
@@ -83,6 +83,13 @@ class RateLimiter:
         decision = self.memory.acquire(uid, limits, reserve, hold)
         if self.redis is not None:
             decision.extra_headers = {"x-ratelimit-backend": "memory-fallback"}
+        return Lease(uid, limits, decision, reserve if decision.allowed else 0)
+
+    def acquire_now(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Lease:
+        """`acquire` for a limiter without Redis (`redis is None`): limits in memory, nothing to await."""
+        assert self.redis is None
+        reserve = reserve_tokens if limits.tpm is not None else 0
+        decision = self.memory.acquire(uid, limits, reserve, hold)
         return Lease(uid, limits, decision, reserve if decision.allowed else 0)
 
     async def _renew(self, lease: Lease) -> None:

@@ -27,39 +27,42 @@ class MemoryLimitStore:
         once, no parallel slot taken)."""
         now = self.clock()
         tat = self._request_tat.get(uid)
-        request = gcra.check_request(tat, now, limits)
-        decision = Decision(allowed=False, limits=limits, backend="memory")
+        request_allowed, new_tat, request_retry = gcra.check_request(tat, now, limits)
+        allowed, kind, retry_after_s = False, None, 0.0
         metered = limits.tpm is not None  # without a token budget there is no token state to check or report
-        token_tat = self._token_tat.get(uid) if metered else None
-        tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits) if metered else (True, 0.0)
+        remaining_tokens, reset_tokens_s = None, 0.0
+        token_tat = tokens_ok = tokens_retry = None
         if metered:
-            decision.remaining_tokens = gcra.remaining_tokens(token_tat, now, limits)
-            decision.reset_tokens_s = gcra.tokens_outstanding(token_tat, now)
-        if not request.allowed:
-            decision.kind, decision.retry_after_s = "requests", request.retry_after_s
-        elif not tokens_ok:
-            decision.kind, decision.retry_after_s = "tokens", tokens_retry
+            token_tat = self._token_tat.get(uid)
+            tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits)
+            remaining_tokens = gcra.remaining_tokens(token_tat, now, limits)
+            reset_tokens_s = gcra.tokens_outstanding(token_tat, now)
+        if not request_allowed:
+            kind, retry_after_s = "requests", request_retry
+        elif metered and not tokens_ok:
+            kind, retry_after_s = "tokens", tokens_retry
         elif limits.parallel is not None and self._in_flight.get(uid, 0) >= limits.parallel:
-            decision.kind, decision.retry_after_s = "parallel", 1.0
+            kind, retry_after_s = "parallel", 1.0
         else:
-            decision.allowed = True
-            self._request_tat[uid] = tat = request.new_tat
+            allowed = True
+            self._request_tat[uid] = tat = new_tat
             if hold:
                 self._in_flight[uid] = self._in_flight.get(uid, 0) + 1
-            reserved_tat = (gcra.charge_tokens(token_tat, now, reserve_tokens, limits)
-                            if metered and reserve_tokens else None)
-            if reserved_tat is not None:
-                self._token_tat[uid] = reserved_tat
-                decision.remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)
-                decision.reset_tokens_s = gcra.tokens_outstanding(reserved_tat, now)
-        decision.remaining_requests = gcra.remaining_requests(tat, now, limits)
-        decision.reset_requests_s = max((tat or now) - now, 0.0)
-        return decision
+            if metered and reserve_tokens:
+                reserved_tat = gcra.charge_tokens(token_tat, now, reserve_tokens, limits)
+                if reserved_tat is not None:
+                    self._token_tat[uid] = reserved_tat
+                    remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)
+                    reset_tokens_s = gcra.tokens_outstanding(reserved_tat, now)
+        ahead = (tat or now) - now
+        return Decision(allowed, limits, kind, retry_after_s, gcra.remaining_requests(tat, now, limits),
+                        ahead if ahead > 0.0 else 0.0, remaining_tokens, reset_tokens_s, "memory")
 
     def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
         """End one request: charge what it used beyond its reservation, or refund the unused rest."""
-        self._in_flight[uid] = max(self._in_flight.get(uid, 0) - 1, 0)
-        if tokens_used != reserved:
+        in_flight = self._in_flight.get(uid, 0)
+        self._in_flight[uid] = in_flight - 1 if in_flight > 0 else 0
+        if tokens_used != reserved and limits.tpm is not None:
             charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used - reserved, limits)
             if charged is not None:
                 self._token_tat[uid] = charged

@@ -31,10 +31,26 @@ class KeyLimits:
                 raise ValueError(f"{where}: {name} must be a positive integer or null, got {value!r}")
         return cls(rps=float(rps), burst=burst, tpm=tpm, parallel=parallel)
 
-    @cached_property  # read three times per admission; the limits of a key change only with a new auth state
+    # Derived values are cached: they are read on every admission, and a key's limits change only with a new auth state.
+    @cached_property
     def capacity(self) -> int:
         """How many requests an idle key may send at once."""
         return max(self.burst, 1)
+
+    @cached_property
+    def interval(self) -> float:
+        """Seconds each request pushes the key's theoretical arrival time (1 / rps)."""
+        return 1.0 / self.rps
+
+    @cached_property
+    def tolerance(self) -> float:
+        """How far ahead of now the theoretical arrival time may run: `capacity` requests' worth."""
+        return self.capacity * self.interval
+
+    @cached_property
+    def capacity_header(self) -> str:
+        """`capacity` as the `x-ratelimit-limit-requests` header says it."""
+        return str(self.capacity)
 
 
 UNLIMITED = KeyLimits(rps=1e9, burst=1_000_000_000)
