@@ -8,10 +8,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.cache import is_deterministic, request_fingerprint
@@ -27,6 +28,7 @@ from deepseek_server.engine.base import (
     merged_events,
 )
 from deepseek_server.errors import APIError
+from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.logprob_bodies import logprobs_body
 from deepseek_server.response_bodies import Kind, TextChunks, chunk, full_body, sse, usage_body, usage_chunk
@@ -34,6 +36,7 @@ from deepseek_server.schemas import SamplingFields
 from deepseek_server.services import Services
 
 DISCONNECT_POLL_S = 0.25
+R = TypeVar("R", bound=Response)
 # completion ids: a random per-process prefix (unique across replicas) and a counter; 32 hex digits like a uuid4, whose
 # getrandom call per request costs more than everything else in an id
 _CALL_ID_PREFIX = secrets.token_hex(8)
@@ -142,40 +145,63 @@ async def admit(services: Services, request: Request, principal: Principal, rese
     """Take a rate-limit slot for the caller, reserving `reserve_tokens` (prompt + max_tokens) of its tokens per
     minute, or raise 429 with OpenAI's headers; None when auth is off. `hold=False`: answered at once, no slot kept
     (and nothing to release)."""
-    if services.authenticator.disabled:
-        return None
-    limiter = services.limiter
+    if services.authenticator.disabled or services.limiter.redis is None:
+        return admit_now(services, request, principal, reserve_tokens, hold)
     limits = services.authenticator.limits_for(principal)
-    lease = (limiter.acquire_now(principal.uid, limits, reserve_tokens, hold) if limiter.redis is None
-             else await limiter.acquire(principal.uid, limits, reserve_tokens, hold))
-    decision = lease.decision
-    request.scope.setdefault("state", {})["ratelimit_headers"] = decision.headers()  # what request.state holds
-    if not decision.allowed:
-        services.metrics.ratelimit_rejections.labels(decision.kind or "requests").inc()
-        what = {"requests": "requests per second", "tokens": "tokens per minute",
-                "parallel": "parallel requests"}[decision.kind or "requests"]
-        raise APIError(429, f"Rate limit reached for {what} on this API key. Retry after "
-                       f"{decision.headers()['retry-after']} s.", type="tokens" if decision.kind == "tokens"
-                       else "requests", code="rate_limit_exceeded", headers=decision.headers())
+    lease = await services.limiter.acquire(principal.uid, limits, reserve_tokens, hold)
+    request.scope.setdefault("state", {})["ratelimit_headers"] = lease.decision.raw_headers()  # request.state's
+    if not lease.decision.allowed:
+        raise _refused(services, lease.decision)
     return lease
 
 
+def admit_now(services: Services, request: Request, principal: Principal, reserve_tokens: int = 0,
+              hold: bool = True) -> Lease | None:
+    """`admit` where nothing needs awaiting: auth is off, or limits are in memory (`services.limiter.redis` is
+    None)."""
+    if services.authenticator.disabled:
+        return None
+    limits = services.authenticator.limits_for(principal)
+    lease = services.limiter.acquire_now(principal.uid, limits, reserve_tokens, hold)
+    request.scope.setdefault("state", {})["ratelimit_headers"] = lease.decision.raw_headers()  # request.state's
+    if not lease.decision.allowed:
+        raise _refused(services, lease.decision)
+    return lease
+
+
+def _refused(services: Services, decision: Decision) -> APIError:
+    """The 429 for a refused admission, counted."""
+    services.metrics.ratelimit_rejections.labels(decision.kind or "requests").inc()
+    what = {"requests": "requests per second", "tokens": "tokens per minute",
+            "parallel": "parallel requests"}[decision.kind or "requests"]
+    headers = decision.headers()
+    return APIError(429, f"Rate limit reached for {what} on this API key. Retry after {headers['retry-after']} s.",
+                    type="tokens" if decision.kind == "tokens" else "requests", code="rate_limit_exceeded",
+                    headers=headers)
+
+
+def release_now(services: Services, lease: Lease | None, tokens_used: int) -> bool:
+    """Release `lease` at once where that needs no I/O (none was taken, or limits are in memory): True when done,
+    False when the caller must `await release(...)`."""
+    return lease is None or services.limiter.release_now(lease, tokens_used)  # in memory: nothing to await
+
+
 async def release(services: Services, lease: Lease | None, tokens_used: int) -> None:
-    if lease is None:
+    if release_now(services, lease, tokens_used):
         return
-    if not lease.needs_io:
-        services.limiter.release_now(lease, tokens_used)  # in memory: nothing to await, nothing to shield
-        return
+    assert lease is not None
     with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still free its slot in Redis
         await services.limiter.release(lease, tokens_used)
 
 
-def _headers(request: Request, cache: str | None = None) -> dict[str, str]:
-    """The response's headers: the rate-limit headers `admit` made for this request (its own dict), and `x-cache`."""
-    headers: dict[str, str] = request.scope.get("state", {}).get("ratelimit_headers") or {}
+def with_headers(response: R, request: Request, cache: bytes | None = None) -> R:
+    """`response` with the rate-limit headers `admit` made for this request, and `x-cache`."""
+    ratelimit_headers = request.scope.get("state", {}).get("ratelimit_headers")
+    if ratelimit_headers:
+        response.raw_headers += ratelimit_headers
     if cache is not None:
-        headers["x-cache"] = cache
-    return headers
+        response.raw_headers.append((b"x-cache", cache))
+    return response
 
 
 async def serve_cached(services: Services, request: Request, principal: Principal, kind: Kind,
@@ -193,7 +219,7 @@ async def serve_cached(services: Services, request: Request, principal: Principa
     usage = cached.get("usage") or {}
     request.state.usage = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
     call_id = new_call_id(kind)
-    return JSONResponse({**cached, "id": call_id, "created": int(time.time())}, headers=_headers(request, "hit"))
+    return with_headers(JSONResponse({**cached, "id": call_id, "created": int(time.time())}), request, b"hit")
 
 
 async def respond(services: Services, request: Request, principal: Principal, engine: Engine,
@@ -209,8 +235,9 @@ async def respond(services: Services, request: Request, principal: Principal, en
         if cached is not None:
             return cached
     request.state.cache = "miss"
-    lease = await admit(services, request, principal,
-                        call.prompt_tokens + sum(r.max_new_tokens for r in call.requests))
+    reserve = call.prompt_tokens + sum(r.max_new_tokens for r in call.requests)
+    lease = (admit_now(services, request, principal, reserve) if services.limiter.redis is None
+             else await admit(services, request, principal, reserve))
     try:
         streams = [engine.submit(r) for r in call.requests]
     except BaseException:  # the slot must not stay taken by a request the engine refused
@@ -219,8 +246,8 @@ async def respond(services: Services, request: Request, principal: Principal, en
     await _wait_admitted(services, streams, lease)
     services.metrics.prompt_tokens.inc(call.prompt_tokens)
     if call.stream:
-        return StreamingResponse(_stream(services, request, engine, call, streams, lease, call_id, created),
-                                 media_type="text/event-stream", headers=_headers(request))
+        return with_headers(StreamingResponse(_stream(services, request, engine, call, streams, lease, call_id,
+                                                      created), media_type="text/event-stream"), request)
     texts, reasons, completion_tokens, logprobs = await _collect(services, request, call, streams, lease)
     body = full_body(call.kind, call_id, created, call.model, texts,
                      [OPENAI_FINISH_REASONS.get(r, r) for r in reasons],
@@ -229,7 +256,7 @@ async def respond(services: Services, request: Request, principal: Principal, en
                      [logprobs_body(call.kind, entries) for entries in logprobs])
     if call.cacheable and services.cache is not None and "cancelled" not in reasons:
         await services.cache.put(call.fingerprint, body, principal)
-    return JSONResponse(body, headers=_headers(request, "miss"))
+    return with_headers(JSONResponse(body), request, b"miss")
 
 
 def busy_error(exc: EngineBusy) -> APIError:
@@ -291,7 +318,8 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
             stream.cancel()
         request.state.usage = (call.prompt_tokens, produced)
         services.metrics.generated_tokens.inc(produced)
-        await release(services, lease, call.prompt_tokens + produced)
+        if not release_now(services, lease, call.prompt_tokens + produced):
+            await release(services, lease, call.prompt_tokens + produced)
     return texts, reasons, produced, logprobs
 
 
@@ -340,4 +368,5 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
             stream.cancel()  # no-op for finished streams; frees the batch slot when the client left
         request.state.usage = (call.prompt_tokens, produced)
         services.metrics.generated_tokens.inc(produced)
-        await release(services, lease, call.prompt_tokens + produced)
+        if not release_now(services, lease, call.prompt_tokens + produced):
+            await release(services, lease, call.prompt_tokens + produced)

@@ -25,7 +25,7 @@ from deepseek_server.cache import is_deterministic, request_fingerprint
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineResponse, EngineTimeout
 from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
-from deepseek_server.generation import admit, release, serve_cached
+from deepseek_server.generation import admit, release, serve_cached, with_headers
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.response_bodies import Kind
 from deepseek_server.schemas import SamplingFields
@@ -60,7 +60,6 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     # the engine counts the prompt; the completion part is known now (what the prompt used is charged at release)
     reserve = (requested_max or ceiling) * (body.n or 1)
     lease = await admit(services, request, principal, reserve)
-    headers = dict(getattr(request.state, "ratelimit_headers", {}) or {})
     if body.stream:
         client_usage = bool(body.stream_options and body.stream_options.include_usage)
         document = json.loads(raw)
@@ -71,8 +70,8 @@ async def relay_call(services: Services, request: Request, principal: Principal,
         except BaseException:
             await release(services, lease, 0)
             raise
-        return _RelayedStreamResponse(_StreamRelay(services, request, engine, kind, upstream, lease, client_usage),
-                                      headers)
+        return with_headers(_RelayedStreamResponse(_StreamRelay(services, request, engine, kind, upstream, lease,
+                                                                client_usage)), request)
     try:
         response = await _racing_disconnect(request, engine.post(PATHS[kind], raw))
     except BaseException:
@@ -87,8 +86,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     await release(services, lease, prompt_tokens + completion_tokens)
     if cacheable and services.cache is not None:
         await services.cache.put(fingerprint, answer, principal)
-    headers["x-cache"] = "miss"
-    return Response(response.content, media_type="application/json", headers=headers)
+    return with_headers(Response(response.content, media_type="application/json"), request, b"miss")
 
 
 async def _racing_disconnect(request: Request, call: Any) -> Any:
@@ -236,8 +234,8 @@ class _RelayedStreamResponse(StreamingResponse):
     The relay notices a client that leaves by itself (it then closes the engine's stream, which ends the body), so
     the response runs without Starlette's task group listening for the disconnect beside each stream."""
 
-    def __init__(self, relay: _StreamRelay, headers: dict[str, str]) -> None:
-        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
+    def __init__(self, relay: _StreamRelay) -> None:
+        super().__init__(relay.events(), media_type="text/event-stream")
         self.relay = relay
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

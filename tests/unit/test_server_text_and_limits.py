@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from deepseek_server.cache import is_deterministic, request_fingerprint
@@ -106,6 +107,59 @@ def test_memory_store_parallel_limit_and_release() -> None:
     assert store.acquire("other", limits).allowed  # keys are independent
     store.release("k", limits, 0)
     assert store.acquire("k", limits).allowed
+
+
+def test_memory_store_fast_path_answers_what_the_gcra_functions_say() -> None:
+    """Keys with only a request rate are admitted inline; the answer is what gcra.check_request and
+    gcra.remaining_requests give for the same state, through the burst and into refusals."""
+    clock = [50.0]
+    store = MemoryLimitStore(clock=lambda: clock[0])
+    limits = KeyLimits(rps=4, burst=3)
+    tat: float | None = None
+    for step in range(12):
+        clock[0] += 0.1 if step % 3 else 0.0
+        decision = store.acquire("k", limits)
+        allowed, new_tat, retry = gcra.check_request(tat, clock[0], limits)
+        assert decision.allowed == allowed and decision.retry_after_s == pytest.approx(retry)
+        if allowed:
+            tat = new_tat
+        assert decision.remaining_requests == gcra.remaining_requests(tat, clock[0], limits)
+        assert decision.reset_requests_s == pytest.approx(max((tat or clock[0]) - clock[0], 0.0))
+        assert decision.kind == (None if allowed else "requests")
+
+
+def test_only_keys_with_a_parallel_limit_are_counted_in_flight() -> None:
+    """As in Redis: a request admitted while its key had no `parallel` limit holds no slot, so a limit added while
+    it runs counts only the requests admitted after it."""
+    store = MemoryLimitStore(clock=lambda: 0.0)
+    unlimited, one = KeyLimits(rps=100, burst=100), KeyLimits(rps=100, burst=100, parallel=1)
+    assert store.acquire("k", unlimited).allowed
+    assert store.acquire("k", one).allowed
+    assert not store.acquire("k", one).allowed
+    store.release("k", unlimited, 0)  # the first request ends: it held no slot, so none is freed
+    assert not store.acquire("k", one).allowed
+    store.release("k", one, 0)
+    assert store.acquire("k", one).allowed
+
+
+def test_reset_under_a_second_is_whole_milliseconds_rounded_up() -> None:
+    for millis in range(1000):
+        for seconds in (millis / 1000, (millis + 0.001) / 1000, (millis + 0.999) / 1000):
+            if seconds < 1:
+                assert format_duration(seconds) == f"{max(math.ceil(seconds * 1000), 0)}ms", seconds
+    assert format_duration(-0.5) == "0ms"
+
+
+def test_raw_headers_are_the_headers_as_bytes() -> None:
+    limits = KeyLimits(rps=10, burst=20, tpm=1000)
+    for decision in (Decision(True, limits, remaining_requests=19, reset_requests_s=0.0101, remaining_tokens=900,
+                              reset_tokens_s=61.5),
+                     Decision(False, KeyLimits(rps=0.01, burst=1), kind="requests", retry_after_s=99.5,
+                              reset_requests_s=100.0, extra_headers={"x-ratelimit-backend": "memory-fallback"})):
+        raw = decision.raw_headers()
+        assert all(isinstance(name, bytes) and isinstance(value, bytes) for name, value in raw)
+        assert {name.decode(): value.decode() for name, value in raw} == decision.headers()
+    assert dict(raw)[b"x-ratelimit-reset-requests"] == b"1m40s"
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.25, "250ms"), (0.0, "0ms"), (1.0, "1s"), (1.5, "1.5s"),

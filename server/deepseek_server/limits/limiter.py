@@ -82,7 +82,7 @@ class RateLimiter:
                 return lease
         decision = self.memory.acquire(uid, limits, reserve, hold)
         if self.redis is not None:
-            decision.extra_headers = {"x-ratelimit-backend": "memory-fallback"}
+            decision = decision._replace(extra_headers={"x-ratelimit-backend": "memory-fallback"})
         return Lease(uid, limits, decision, reserve if decision.allowed else 0)
 
     def acquire_now(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Lease:
@@ -104,10 +104,16 @@ class RateLimiter:
             except Exception as exc:
                 self._redis_failed(exc)
 
-    def release_now(self, lease: Lease, tokens_used: int) -> None:
-        """Release a lease held in memory (see `Lease.needs_io`)."""
-        if lease.decision.allowed and lease.decision.backend == "memory":
+    def release_now(self, lease: Lease, tokens_used: int) -> bool:
+        """Release a lease that needs no I/O (see `Lease.needs_io`): True when done, False for one that `release`
+        must free in Redis."""
+        decision = lease.decision
+        if not decision.allowed:
+            return True
+        if decision.backend == "memory":
             self.memory.release(lease.uid, lease.limits, tokens_used, lease.reserved)
+            return True
+        return False
 
     async def release(self, lease: Lease, tokens_used: int) -> None:
         """End an admitted request: stop renewing its slot, free it, and settle its tokens against the reservation."""

@@ -9,6 +9,8 @@ from deepseek_server.limits import gcra
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.policy import KeyLimits
 
+_new_tuple = tuple.__new__  # builds a Decision without the Python-level __new__ NamedTuple generates
+
 
 class MemoryLimitStore:
     """GCRA request and token state plus parallel counters per key uid.
@@ -24,9 +26,19 @@ class MemoryLimitStore:
 
     def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
         """Admit one request and reserve `reserve_tokens` of its tokens-per-minute budget (`hold=False`: answered at
-        once, no parallel slot taken)."""
+        once, no parallel slot taken). As in Redis, requests are counted in flight only for keys with a `parallel`
+        limit."""
         now = self.clock()
         tat = self._request_tat.get(uid)
+        if limits.tpm is None and limits.parallel is None:  # the common case, inline: a request rate and nothing else
+            interval, tolerance = limits.interval, limits.tolerance
+            new_tat = (tat if tat is not None and tat > now else now) + interval
+            ahead = new_tat - now
+            if ahead <= tolerance + 1e-9:  # gcra.check_request admits it; what gcra.remaining_requests says after it
+                self._request_tat[uid] = new_tat
+                remaining = int((tolerance - ahead) / interval + 1e-9)
+                return _new_tuple(Decision, (True, limits, None, 0.0, remaining if remaining > 0 else 0, ahead,
+                                             None, 0.0, "memory", "", None))
         request_allowed, new_tat, request_retry = gcra.check_request(tat, now, limits)
         allowed, kind, retry_after_s = False, None, 0.0
         metered = limits.tpm is not None  # without a token budget there is no token state to check or report
@@ -46,7 +58,7 @@ class MemoryLimitStore:
         else:
             allowed = True
             self._request_tat[uid] = tat = new_tat
-            if hold:
+            if hold and limits.parallel is not None:
                 self._in_flight[uid] = self._in_flight.get(uid, 0) + 1
             if metered and reserve_tokens:
                 reserved_tat = gcra.charge_tokens(token_tat, now, reserve_tokens, limits)
@@ -55,13 +67,15 @@ class MemoryLimitStore:
                     remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)
                     reset_tokens_s = gcra.tokens_outstanding(reserved_tat, now)
         ahead = (tat or now) - now
-        return Decision(allowed, limits, kind, retry_after_s, gcra.remaining_requests(tat, now, limits),
-                        ahead if ahead > 0.0 else 0.0, remaining_tokens, reset_tokens_s, "memory")
+        return _new_tuple(Decision, (allowed, limits, kind, retry_after_s, gcra.remaining_requests(tat, now, limits),
+                                     ahead if ahead > 0.0 else 0.0, remaining_tokens, reset_tokens_s, "memory", "",
+                                     None))
 
     def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
         """End one request: charge what it used beyond its reservation, or refund the unused rest."""
-        in_flight = self._in_flight.get(uid, 0)
-        self._in_flight[uid] = in_flight - 1 if in_flight > 0 else 0
+        if limits.parallel is not None:  # counted when admitted
+            in_flight = self._in_flight.get(uid, 0)
+            self._in_flight[uid] = in_flight - 1 if in_flight > 0 else 0
         if tokens_used != reserved and limits.tpm is not None:
             charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used - reserved, limits)
             if charged is not None:

@@ -48,9 +48,9 @@ class KeyLimits:
         return self.capacity * self.interval
 
     @cached_property
-    def capacity_header(self) -> str:
+    def capacity_header(self) -> bytes:
         """`capacity` as the `x-ratelimit-limit-requests` header says it."""
-        return str(self.capacity)
+        return b"%d" % self.capacity
 
 
 UNLIMITED = KeyLimits(rps=1e9, burst=1_000_000_000)
