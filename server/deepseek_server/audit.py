@@ -113,6 +113,7 @@ class AuditLog:
         self._queued = 0  # records queued so far
         self._written = 0  # records written so far
         self._wake: asyncio.Event | None = None
+        self._woken = False  # whether `_wake` is set
         self._progress: asyncio.Condition | None = None
         self._writer: asyncio.Task[None] | None = None
         self._gathering: asyncio.Future[None] | None = None  # the writer's wait for more records, ended by flush
@@ -127,22 +128,22 @@ class AuditLog:
 
     def record(self, record: dict[str, Any]) -> None:
         """Queue one record (call on the event loop; returns at once)."""
-        self._queue(record)
+        self.record_later(record)
 
-    def record_later(self, parts: tuple[Any, ...]) -> None:
-        """Queue the record that `parts[0](*parts[1:])` builds; the writer builds it, off the event loop. What the
-        parts refer to must not change once queued."""
-        self._queue(parts)
-
-    def _queue(self, item: dict[str, Any] | tuple[Any, ...]) -> None:
-        self._pending.append(item)
+    def record_later(self, parts: dict[str, Any] | tuple[Any, ...]) -> None:
+        """Queue the record that `parts[0](*parts[1:])` builds (or a record as it is); the writer builds it, off the
+        event loop. What the parts refer to must not change once queued."""
+        self._pending.append(parts)
         self._queued += 1
         if self._writer is None or self._writer.done():
             self._wake = asyncio.Event()
+            self._woken = False
             self._progress = asyncio.Condition()
             self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
-        assert self._wake is not None
-        self._wake.set()
+        if not self._woken:  # `_wake.is_set()`, without a call per record
+            self._woken = True
+            assert self._wake is not None
+            self._wake.set()
 
     async def _run(self) -> None:
         assert self._wake is not None and self._progress is not None
@@ -156,14 +157,17 @@ class AuditLog:
             if wait > 0 and len(self._pending) < BATCH_MAX and not self._flushing:
                 await self._gather(wait)
             self._wake.clear()
+            self._woken = False
             last_write = time.monotonic()
             batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
             if self._pending:
+                self._woken = True
                 self._wake.set()  # the rest goes in the next batch
             await self._write(batch)
-            async with self._progress:
-                self._written += len(batch)
-                self._progress.notify_all()
+            self._written += len(batch)
+            if self._flushing:  # readers wait for it (nothing else does)
+                async with self._progress:
+                    self._progress.notify_all()
 
     async def _gather(self, seconds: float) -> None:
         """Wait `seconds` for more records, or until a reader flushes."""
@@ -205,7 +209,10 @@ class AuditLog:
                      ) -> tuple[list[dict[str, Any]], list[bytes], Exception | None]:
         """Build (where queued as parts), encode and write a batch: (records, lines, the write's error if any)."""
         records = [item if isinstance(item, dict) else item[0](*item[1:]) for item in batch]
-        lines = [encode_record(record) for record in records]
+        try:
+            lines = [orjson.dumps(record) for record in records]
+        except TypeError:  # a value orjson refuses: the batch again, record by record, with the fallback
+            lines = [encode_record(record) for record in records]
         if not lines:
             return records, lines, None
         try:

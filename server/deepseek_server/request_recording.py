@@ -31,19 +31,17 @@ _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(1)
 
 
-def new_request_id() -> str:
-    return f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
-
-
 _NO_USAGE = (None, None)
 _second_text: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+_day_text: tuple[int, str] = (-1, "")  # the last day (days since the epoch) formatted, and its text
+_TWO_DIGITS = [f"{number:02d}" for number in range(60)]
 _MILLIS = [f".{millis:03d}+00:00" for millis in range(1000)]  # what follows the second, for each millisecond
 
 
 def utc_timestamp(now: float) -> str:
     """`now` (seconds since the epoch) as `datetime.isoformat(timespec="milliseconds")` writes it in UTC; the
-    date and time of day are formatted once per second."""
-    global _second_text
+    date is formatted once per day, the time of day once per second."""
+    global _second_text, _day_text
     second = int(now)
     micros = round((now - second) * 1_000_000)  # as datetime rounds: the fraction to whole microseconds, half to even
     if micros >= 1_000_000:
@@ -51,15 +49,13 @@ def utc_timestamp(now: float) -> str:
     elif micros < 0:
         second, micros = second - 1, micros + 1_000_000
     if _second_text[0] != second:
-        _second_text = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        day, in_day = divmod(second, 86_400)
+        if _day_text[0] != day:
+            _day_text = (day, datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%dT"))
+        hours, in_hour = divmod(in_day, 3600)
+        minutes, seconds = divmod(in_hour, 60)
+        _second_text = (second, f"{_day_text[1]}{_TWO_DIGITS[hours]}:{_TWO_DIGITS[minutes]}:{_TWO_DIGITS[seconds]}")
     return _second_text[1] + _MILLIS[micros // 1000]
-
-
-def route_label(scope: dict[str, Any]) -> str:
-    """The matched route's template (bounded cardinality), or 'unmatched'."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return str(path) if path else "unmatched"
 
 
 class RequestRecordingMiddleware:
@@ -85,7 +81,7 @@ class RequestRecordingMiddleware:
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         state["started"] = started
-        request_id = state["request_id"] = new_request_id()
+        request_id = state["request_id"] = f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
         status = 500
         recorded = False
         api = scope["path"].startswith("/v1/")
@@ -97,22 +93,25 @@ class RequestRecordingMiddleware:
             if recorded:
                 return
             recorded = True
+            elapsed = time.perf_counter() - started
+            # the matched route's template (bounded cardinality), or 'unmatched'
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self._observe(route, status, elapsed)
             if api:
                 self.in_flight_count -= 1
-            elapsed = time.perf_counter() - started
-            route = route_label(scope)
-            self._observe(route, status, elapsed)
-            if self.audit is not None and api:  # built by the audit writer, with the others of its batch
-                self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed, self.keys,
-                                         self.redactor, time.time()))
+                if self.audit is not None:  # built by the audit writer, with the others of its batch
+                    self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed,
+                                             self.keys, self.redactor, time.time()))
 
         async def recording_send(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                await send(message)
+                return
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if not message.get("more_body", False) and message["type"] == "http.response.body":
                 record()
 
         try:
@@ -121,7 +120,8 @@ class RequestRecordingMiddleware:
             state.setdefault("error_code", "internal_error")
             raise
         finally:  # also when the client went away mid-stream, or the app raised
-            record()
+            if not recorded:
+                record()
 
 
 def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
@@ -153,7 +153,8 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
         "completion_tokens": usage[1],
         "status": status,
         "error_code": get("error_code"),
-        "latency_ms": round(elapsed * 1000, 2),
+        # two decimals, halves up (round(ms, 2) formats and parses a decimal string: dearer than the other fields)
+        "latency_ms": int(elapsed * 100_000 + 0.5) / 100,
         "fingerprint": keys.fingerprint(digest) if digest else None,
         "cache": get("cache"),
         "stream": get("stream"),

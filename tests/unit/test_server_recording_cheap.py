@@ -15,7 +15,9 @@ from deepseek_server.audit import encode_record
 from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
 from deepseek_server.metrics import LATENCY_BUCKETS, RequestStats
-from deepseek_server.request_recording import utc_timestamp
+from deepseek_server.redaction import Redactor
+from deepseek_server.request_keys import RequestKeys
+from deepseek_server.request_recording import audit_record, utc_timestamp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from devcluster.testing.model_server import SigningKey, write_auth_dir
@@ -30,6 +32,18 @@ def test_timestamp_is_what_datetime_isoformat_writes() -> None:
     instants += [round(rng.uniform(0, 4e9), rng.choice([3, 4, 6, 7])) for _ in range(20_000)]
     for now in instants:
         assert utc_timestamp(now) == datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), now
+
+
+def test_audit_latency_is_milliseconds_to_two_decimals() -> None:
+    """What `round(elapsed * 1000, 2)` gives, without its decimal string round trip."""
+    rng = random.Random(11)
+    scope = {"method": "POST", "path": "/v1/completions", "client": ("10.0.0.1", 4000)}
+    keys, redactor = RequestKeys(b"k" * 32), Redactor.from_setting("email")
+    latencies = [0.0, 0.000004, 0.000005, 0.0012345, 0.1, 1.0, 59.999999, 120.0]
+    latencies += [rng.uniform(0, 1) * rng.choice([1e-4, 1e-2, 1.0, 300.0]) for _ in range(20_000)]
+    for elapsed in latencies:
+        record = audit_record(scope, {}, "req-1", "/v1/completions", 200, elapsed, keys, redactor, 1_700_000_000.0)
+        assert record["latency_ms"] == round(elapsed * 1000, 2), elapsed
 
 
 def test_audit_line_is_the_standard_librarys_compact_json() -> None:
