@@ -27,7 +27,7 @@ def format_duration(seconds: float) -> str:
 
 class Decision(NamedTuple):
     """The outcome of one admission check. A tuple: one is built on every admission, and the memory store builds it
-    with `tuple.__new__` (fields in this order), a third of a dataclass's cost."""
+    with `tuple.__new__` (fields in this order)."""
 
     allowed: bool
     limits: KeyLimits
@@ -49,7 +49,7 @@ class Decision(NamedTuple):
         out = [(b"x-ratelimit-limit-requests", limits.capacity_header),
                (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
                (b"x-ratelimit-reset-requests", _RAW_MILLISECONDS[math.ceil(reset * 1000)] if 0 < reset < 1
-                else b"0ms" if reset <= 0 else format_duration(reset).encode())]
+                else format_duration(reset).encode())]
         if limits.tpm is not None and self.remaining_tokens is not None:
             out += [(b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
                     (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
