@@ -60,7 +60,7 @@ class RequestKeys:
         """What the audit log and history record for a request with plain digest `digest`: `_mac("fingerprint",
         digest)`, from the state that has read the first part."""
         inner = self._fingerprint_inner.copy()
-        inner.update(f"{len(digest)}:{digest}".encode())  # _part(digest)
+        inner.update(_part(digest))
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()
