@@ -116,11 +116,22 @@ def write_landed_nowhere(error: Exception) -> bool:
 
 
 @dataclass(frozen=True)
+class StatusWrite:
+    """A first issuance's status, left to write after its token is in the Secret (see `ApiKeyReconciler.reconcile`,
+    `defer_status`): the key as observed, and the status to put on it."""
+
+    apikey: dict[str, Any]
+    status: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ReconcileResult:
-    """What the scheduler needs: when to come back, and which deployment the key belongs to."""
+    """What the scheduler needs: when to come back, and which deployment the key belongs to; and a status left for
+    the caller to write (`write_status`) when the reconcile was asked to defer a first issuance's."""
 
     next_due: float | None
     deployment: str | None
+    status_write: StatusWrite | None = None
 
 
 class ApiKeyReconciler:
@@ -187,14 +198,22 @@ class ApiKeyReconciler:
         nothing: the reconcile that wrote it went on from there)."""
         return resource_version is not None and resource_version in self._own_versions.get((namespace, name), ())
 
-    def reconcile(self, namespace: str, name: str, observed: dict[str, Any] | None = None) -> ReconcileResult:
+    def reconcile(self, namespace: str, name: str, observed: dict[str, Any] | None = None, *,
+                  defer_status: bool = False) -> ReconcileResult:
         """Bring one ApiKey to its desired state, starting from `observed` (the watch event's object) when given;
-        retried from a fresh read when the object changed meanwhile."""
+        retried from a fresh read when the object changed meanwhile.
+
+        `defer_status`: a first token that reached the Secret is usable at once; its status (Ready, token id) is
+        returned as `status_write` for the caller to write later with `write_status`, instead of being written now.
+        In a burst of new keys the Secrets then come first, one write per key, and the statuses after them. Safe at
+        any point: a key whose status was never written holds a token of ours in its Secret, which the next
+        reconcile adopts (as after a crash between the two writes)."""
         read_secret = observed is None or not first_issuance(observed)
         with self._lock(namespace, name):
             for _ in range(8):
                 try:
-                    return self._reconcile_once(namespace, name, observed, read_secret=read_secret)
+                    return self._reconcile_once(namespace, name, observed, read_secret=read_secret,
+                                                defer_status=defer_status)
                 except Conflict:
                     observed = None
                     continue
@@ -202,6 +221,18 @@ class ApiKeyReconciler:
                     observed, read_secret = None, True
                     continue
             raise Conflict(409, "Conflict", f"ApiKey {namespace}/{name} kept changing", "PUT", name)
+
+    def write_status(self, namespace: str, name: str, write: StatusWrite) -> ReconcileResult | None:
+        """Write a status a reconcile deferred (`defer_status`). The key changed since it was observed (a 409): it is
+        reconciled afresh instead, from a read of it and its Secret, and that reconcile's result is returned."""
+        with self._lock(namespace, name):
+            failpoints.reached("apikey:before-deferred-status", f"{namespace}/{name}")
+            try:
+                self._write_status(write.apikey, write.status)
+                return None
+            except Conflict:
+                pass
+        return self.reconcile(namespace, name)
 
     def _write_status(self, apikey: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"], "metadata": apikey["metadata"],
@@ -222,7 +253,7 @@ class ApiKeyReconciler:
                      event.message)
 
     def _reconcile_once(self, namespace: str, name: str, observed: dict[str, Any] | None, *,
-                        read_secret: bool) -> ReconcileResult:
+                        read_secret: bool, defer_status: bool = False) -> ReconcileResult:
         # The watch event's object is as fresh as a GET would be; if it is not, the first write is refused (409,
         # resourceVersion) and the retry reads.
         apikey = observed if observed is not None else self._kube.get(APIKEYS, namespace, name)
@@ -359,9 +390,16 @@ class ApiKeyReconciler:
         status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
                                                 now=format_timestamp(now), generation=generation)
         status["observedGeneration"] = generation
-        if status != (apikey.get("status") or {}):
-            apikey = self._write_status(apikey, status)
-        self._events(apikey, events)
+        # A first token now in the Secret, nothing else to say: its status may wait (see `reconcile`).
+        deferred = (defer_status and plan.issue_reason == "Initial" and failure is None and not events
+                    and bool(status.get("tokenId")) and not status.get("pendingToken"))
+        if deferred:
+            status_write: StatusWrite | None = StatusWrite(apikey, status)
+        else:
+            status_write = None
+            if status != (apikey.get("status") or {}):
+                apikey = self._write_status(apikey, status)
+            self._events(apikey, events)
         ready = conditions[0].status is True
         self._note_ready(namespace, name, deployment, ready or bool(spec.get("revoked")))
         due = next_due(status, ready=ready, revoked=bool(spec.get("revoked")), now=now,
@@ -377,7 +415,7 @@ class ApiKeyReconciler:
             resync_interval=self._settings.secret_resync_interval, check_interval=self._settings.drift_check_interval,
             checks_per_second=self._settings.drift_checks_per_second)
         drift = now + interval * random.uniform(0.8, 1.2)
-        return ReconcileResult(drift if due is None else min(due, drift), deployment)
+        return ReconcileResult(drift if due is None else min(due, drift), deployment, status_write)
 
     @staticmethod
     def _own_token_claims(token: str | None, issuer: IssuerView | None, uid: str,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 import kopf
 
@@ -10,6 +12,27 @@ from .names import FIELD_MANAGER
 from .settings import OperatorSettings
 
 KOPF_FINALIZER = "deepseek.ai/kopf-finalizer"
+# Kinds with watch-event handlers only (handlers/apikey.py): kopf's create/update/delete detection, which the diff base
+# serves, never runs for them.
+WATCH_ONLY_KINDS = frozenset({"ApiKey"})
+
+
+class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation diff base, skipped for kinds whose handlers are all watch-event handlers.
+
+    kopf builds an object's essence (a deep copy less system fields) and reads the stored one for every watch event of
+    every resource, and diffs the two; only create/update handlers and daemons use the result. Without this, each
+    event of an ApiKey (a burst of a thousand new keys is two thousand events) paid for a diff nothing reads."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> Any:
+        if body.get("kind") in WATCH_ONLY_KINDS:
+            return None
+        return super().build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        if body.get("kind") in WATCH_ONLY_KINDS:
+            return None
+        return super().fetch(body=body)
 
 
 def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
@@ -18,8 +41,7 @@ def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     # must differ, or kopf would strip ours from objects it has no deletion handlers for.
     kopf_settings.persistence.finalizer = KOPF_FINALIZER
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="deepseek.ai")
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="deepseek.ai", key="last-handled-configuration")
+    kopf_settings.persistence.diffbase_storage = DiffBaseStorage(prefix="deepseek.ai", key="last-handled-configuration")
     # Our own Events (Issued, Rotated, Revoked) say what happened; kopf only reports its own trouble.
     kopf_settings.posting.level = logging.WARNING
     kopf_settings.posting.reporting_component = FIELD_MANAGER

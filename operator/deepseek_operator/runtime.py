@@ -9,6 +9,11 @@ keys never hold every worker, so a new key of another deployment starts at once.
 New keys waiting for an issuance worker wait as one entry each in a per-deployment queue (the key's object, nothing
 else), not as a suspended watch-event handler: a burst of ten thousand keys would otherwise hold ten thousand handlers
 with their events, wrappers and copies at once, a high-water mark Python's allocator keeps long after the burst.
+
+A first issuance writes the key's Secret and returns; the key's status (Ready, token id) is written by a few status
+workers of their own (`STATUS_WRITERS`) from a queue. In a burst the issuance workers then spend one write per key
+on what a workload waits for (the token in the Secret), and the statuses follow; until its status is written, a
+key's later watch events wait, as they wait for a running issuance.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from .apikey_reconciler import ApiKeyReconciler, first_issuance
+from .apikey_reconciler import ApiKeyReconciler, ReconcileResult, StatusWrite, first_issuance
 from .apikey_secret_watch import ApiKeySecretWatch
 from .auth_store import AuthConfigStore
 from .deployment_reconciler import DeploymentReconciler
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 APIKEY = "ApiKey"
 DEPLOYMENT = "DeepSeekDeployment"
 MAX_BACKOFF = 30.0
+# Workers that write first issuances' deferred statuses (see the module docstring): few, so that in a burst the
+# issuance workers' Secret writes come first; enough that a thousand statuses follow within seconds.
+STATUS_WRITERS = 2
 # A Secret watch event not known as the operator's own is looked at again this much later before its key is
 # reconciled: the event of a write can arrive just before the writing reconcile has recorded its resourceVersion.
 SECRET_EVENT_SETTLE = 1.0
@@ -65,6 +74,10 @@ class OperatorRuntime:
         # Issuances of one deployment running at once: the rest of the issuance pool stays free for others.
         self.issuance_per_deployment = max(1, settings.workers - max(1, settings.workers // 4))
         self.pending_issuances = PendingIssuances()
+        self.status_executor = ThreadPoolExecutor(max_workers=STATUS_WRITERS, thread_name_prefix="status")
+        # First issuances whose statuses are still to be written, oldest first, with their keys' `_issuing` events.
+        self._status_writes: deque[tuple[str, str, StatusWrite, asyncio.Event]] = deque()
+        self._status_writers = 0
         self._issuance_drainers: Counter[tuple[str, str]] = Counter()  # (namespace, deployment) -> running drainers
         self._issuance_tasks: set[asyncio.Task[None]] = set()
         # First issuances running now, each with what its key's later events wait for (see `issuance_finished`).
@@ -130,9 +143,11 @@ class OperatorRuntime:
 
     def close(self) -> None:
         self.secret_watch.stop()
-        for task in list(self._issuance_tasks):  # queued first issuances resume from the next start's listing
+        # Queued first issuances resume from the next start's listing; a key whose status was not written yet is
+        # reconciled then too (its observedGeneration is missing), and adopts the token in its Secret.
+        for task in list(self._issuance_tasks):
             task.cancel()
-        for executor in (self.executor, self.issuance_executor, self.apikey_executor):
+        for executor in (self.executor, self.issuance_executor, self.apikey_executor, self.status_executor):
             executor.shutdown(wait=False, cancel_futures=True)
         self.kube.close()
 
@@ -183,15 +198,51 @@ class OperatorRuntime:
                 name, observed = item
                 self.reconciles[f"{APIKEY} first issuance"] += 1
                 finished = self._issuing[(namespace, name)] = asyncio.Event()
+                status_write = None
                 try:
-                    await self._run_apikey(namespace, name, observed, self.issuance_executor)
+                    result = await self._run_apikey(namespace, name, observed, self.issuance_executor,
+                                                    defer_status=True)
+                    status_write = result.status_write if result is not None else None
                 finally:
-                    del self._issuing[(namespace, name)]
-                    finished.set()
+                    if status_write is None:
+                        del self._issuing[(namespace, name)]
+                        finished.set()
+                if status_write is not None:
+                    self._queue_status_write(namespace, name, status_write, finished)
         finally:
             self._issuance_drainers[(namespace, deployment)] -= 1
             if self._issuance_drainers[(namespace, deployment)] <= 0:
                 del self._issuance_drainers[(namespace, deployment)]
+
+    def _queue_status_write(self, namespace: str, name: str, write: StatusWrite, finished: asyncio.Event) -> None:
+        self._status_writes.append((namespace, name, write, finished))
+        if self._status_writers < STATUS_WRITERS:
+            self._status_writers += 1
+            task = asyncio.ensure_future(self._drain_status_writes())
+            self._issuance_tasks.add(task)
+            task.add_done_callback(self._issuance_tasks.discard)
+
+    async def _drain_status_writes(self) -> None:
+        """One status worker: deferred statuses of first issuances, oldest first, until none is left. A write that
+        fails is retried as a whole reconcile (which reads the key and its Secret and adopts the token)."""
+        try:
+            while self._status_writes:
+                namespace, name, write, finished = self._status_writes.popleft()
+                key = ObjectKey(APIKEY, namespace, name)
+                try:
+                    result = await self._blocking(self.apikeys.write_status, namespace, name, write,
+                                                  executor=self.status_executor)
+                except Exception as exc:
+                    self._failed(key, exc)
+                else:
+                    if result is not None:  # the key had changed: it was reconciled afresh
+                        self.reconciles[APIKEY] += 1
+                        self._reconciled(key, result)
+                finally:
+                    del self._issuing[(namespace, name)]
+                    finished.set()
+        finally:
+            self._status_writers -= 1
 
     async def issuance_finished(self, namespace: str, name: str) -> None:
         """Return once no first issuance of the key is running. A watch event of the key waits for it: the events
@@ -202,21 +253,28 @@ class OperatorRuntime:
             await finished.wait()
 
     async def _run_apikey(self, namespace: str, name: str, observed: dict[str, Any] | None,
-                          executor: ThreadPoolExecutor) -> None:
+                          executor: ThreadPoolExecutor, *, defer_status: bool = False) -> ReconcileResult | None:
+        """Reconcile the key in `executor` and schedule its next look; None when the reconcile failed (retried)."""
         key = ObjectKey(APIKEY, namespace, name)
         started = time.monotonic()
         try:
-            result = await self._blocking(self.apikeys.reconcile, namespace, name, observed, executor=executor)
+            result: ReconcileResult = await self._blocking(
+                partial(self.apikeys.reconcile, namespace, name, observed, defer_status=defer_status),
+                executor=executor)
         except Exception as exc:
             self._failed(key, exc)
-            return
+            return None
         log.debug("reconciled ApiKey %s/%s in %.0f ms", namespace, name, (time.monotonic() - started) * 1000)
-        self._apikeys_reconciled.add((namespace, name))
+        self._reconciled(key, result)
+        return result
+
+    def _reconciled(self, key: ObjectKey, result: ReconcileResult) -> None:
+        self._apikeys_reconciled.add((key.namespace, key.name))
         self._failures.pop(key, None)
         if result.next_due is None:
             self.schedule.forget(key)
         else:
-            self.schedule.set(key, result.next_due, group=(APIKEY, namespace, result.deployment))
+            self.schedule.set(key, result.next_due, group=(APIKEY, key.namespace, result.deployment))
 
     def apikey_deleting(self, namespace: str, name: str) -> None:
         """The key has a deletionTimestamp: a change of its Secret from now on wakes nothing."""

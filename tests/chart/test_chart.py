@@ -27,8 +27,10 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(binary), *args], capture_output=True, text=True, check=check, timeout=120)
 
 
-def render(*sets: str) -> list[dict]:
+def render(*sets: str, api_versions: tuple[str, ...] = ()) -> list[dict]:
     args = ["template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION]
+    for api in api_versions:
+        args += ["--api-versions", api]
     for item in sets:
         args += ["--set", item]
     return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
@@ -315,3 +317,40 @@ def test_dockerfile_lints_and_its_inputs_exist(dockerfile):
     script = Path(sys.executable).parent / entry.group(1)
     assert script.exists(), f"entry point {entry.group(1)} is not installed by the distribution"
     assert subprocess.run([str(script), "--help"], capture_output=True, timeout=120).returncode == 0
+
+
+ADMISSION_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
+
+
+def admission_objects(*sets: str, api_versions: tuple[str, ...] = (ADMISSION_API,)) -> list[dict]:
+    return [d for d in render(*sets, api_versions=api_versions)
+            if d["kind"] in ("MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")]
+
+
+def test_apikey_admission_policy_adds_the_operators_finalizer_on_create_only():
+    from deepseek_operator.names import FINALIZER
+
+    policy, binding = sorted(admission_objects(), key=lambda d: d["kind"])
+    assert policy["kind"] == "MutatingAdmissionPolicy" and binding["spec"] == {"policyName": policy["metadata"]["name"]}
+    assert policy["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Ignore"  # a key the policy cannot mutate is still created; the operator adds it
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": ["deepseek.ai"], "apiVersions": ["*"], "operations": ["CREATE"], "resources": ["apikeys"]}]
+    assert "namespaceSelector" not in spec["matchConstraints"]  # the operator watches every namespace
+    [mutation] = spec["mutations"]
+    assert mutation["patchType"] == "JSONPatch"
+    assert set(re.findall(r'"([a-z.]+/[a-z-]+)"', mutation["jsonPatch"]["expression"])) == {FINALIZER}
+
+
+def test_apikey_admission_policy_is_limited_to_the_watched_namespaces():
+    policy = next(d for d in admission_objects("watchNamespaces={team-a,team-b}")
+                  if d["kind"] == "MutatingAdmissionPolicy")
+    assert policy["spec"]["matchConstraints"]["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]}
+
+
+def test_apikey_admission_policy_only_where_served_and_wanted():
+    assert admission_objects(api_versions=()) == []  # an API server without MutatingAdmissionPolicy v1
+    assert admission_objects("apikeyAdmissionPolicy.enabled=false") == []
+

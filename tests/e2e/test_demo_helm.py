@@ -74,6 +74,13 @@ def test_chart_installed_crds_and_operator_from_chart_settings(running_demo):
                                        "-o", "json").stdout)
     leader = lease["spec"]["holderIdentity"].rpartition("_")[0]
     assert leader in [p["metadata"]["name"] for p in pods]
+    # This Kubernetes serves MutatingAdmissionPolicy: the chart installed the one that puts the ApiKey finalizer on
+    # new keys (what it does: tests/integration/test_apikey_burst.py).
+    policies = cluster.kubectl("get", "mutatingadmissionpolicies,mutatingadmissionpolicybindings", "-o",
+                               "name").stdout.split()
+    assert sorted(policies) == [
+        "mutatingadmissionpolicy.admissionregistration.k8s.io/deepseek-operator-apikey-finalizer",
+        "mutatingadmissionpolicybinding.admissionregistration.k8s.io/deepseek-operator-apikey-finalizer"]
 
     def completed() -> dict | None:
         dsd = json.loads(cluster.kubectl("get", "dsd", "tiny", "-n", running_demo.namespace, "-o", "json").stdout)
@@ -200,6 +207,8 @@ def test_helm_uninstall_removes_what_the_chart_installed(running_demo):
     assert left in ([], ["serviceaccount/default"]), left
     roles = cluster.kubectl("get", "clusterrole,clusterrolebinding", "-o", "name").stdout
     assert "deepseek-operator" not in roles
+    policies = cluster.kubectl("get", "mutatingadmissionpolicies,mutatingadmissionpolicybindings", "-o", "name").stdout
+    assert "deepseek-operator" not in policies
     # CRDs stay (the chart marks them helm.sh/resource-policy: keep): the users' DeepSeekDeployments and keys are not
     # lost by an uninstall.
     assert "deepseekdeployments.deepseek.ai" in cluster.kubectl("get", "crd", "-o", "name").stdout

@@ -1,6 +1,8 @@
 """What keeps a burst of new ApiKeys cheap, counted by the operator itself (its liveness endpoint's probes): a new
 key is reconciled once, from the watch event (no GET of the key), and its Secret is created by one POST (no GET
-first), with no Event; a key whose deployment appears later is woken by it instead of waiting out its back-off."""
+first), with no Event; with the chart's admission policy the API server puts the finalizer on a new key, and the
+operator's finalizer PATCH goes too; a key whose deployment appears later is woken by it instead of waiting out its
+back-off."""
 
 from __future__ import annotations
 
@@ -12,11 +14,16 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import FAST_OPERATOR_ENV, GROUP, REPO, VERSION, OperatorProcess, wait_for
 
+from devcluster import build
+
 KEYS = 5
+FINALIZER = "deepseek.ai/finalizer"
+CHART = REPO / "charts" / "deepseek-operator"
 # kopf runs the probes again only when their last answer is this old.
 PROBE_MAX_AGE = 10.5
 # Long enough that nothing here is reconciled by the schedule (drift checks, retries, issuer checks) during a test:
@@ -117,6 +124,71 @@ def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, 
     assert requests["POST secrets"] == KEYS, requests
     assert requests["PUT apikeys/status"] == KEYS, requests
     assert [e.reason for name in (f"key-{i}" for i in range(KEYS)) for e in world.events(name)] == []
+
+
+def chart_admission_policy(namespace: str) -> str:
+    """The chart's ApiKey admission policy, as `helm install` renders it on an API server that serves
+    MutatingAdmissionPolicy, for an operator watching only `namespace`."""
+    return subprocess.run(
+        [str(build.binary("helm")), "template", "rel", str(CHART), "--namespace", "ops",
+         "--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
+         "--set", f"watchNamespaces={{{namespace}}}", "--show-only", "templates/apikey-admission-policy.yaml"],
+        check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.fixture
+def admission_policy(world, kubeconfig):
+    """The chart's policy in the API server for this test's namespace only, until the test ends."""
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    policy = chart_admission_policy(world.namespace)
+    subprocess.run([kubectl, "apply", "-f", "-"], input=policy, text=True, check=True, env=env, capture_output=True)
+    def in_effect() -> bool:  # the API server picks a new policy up within seconds; a dry run shows when
+        probe = world.custom.create_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": "probe"},
+            "spec": {"deploymentRef": {"name": "chat"}, "subject": "probe", "environment": "dev"}}, dry_run="All")
+        return FINALIZER in (probe["metadata"].get("finalizers") or [])
+
+    wait_for("the admission policy to take effect", in_effect, 60)
+    yield
+    subprocess.run([kubectl, "delete", "--ignore-not-found", "-f", "-"], input=policy, text=True, check=True,
+                   env=env, capture_output=True)
+
+
+def test_with_the_charts_admission_policy_a_new_key_costs_two_writes(world, operator, admission_policy):
+    world.create_apikey("warm-up")
+    world.apply_deployment()
+    world.wait_ready("warm-up", 60)
+    reconciles_before, requests_before = settled(world, operator)
+
+    created = [world.create_apikey(f"key-{index}") for index in range(KEYS)]
+    # The API server stored each key with the finalizer, before the operator saw it; finalizers of others stay.
+    assert all(key["metadata"]["finalizers"] == [FINALIZER] for key in created), created
+    with_other = world.custom.create_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey",
+        "metadata": {"name": "other-finalizer", "finalizers": ["example.com/keep"]},
+        "spec": {"deploymentRef": {"name": "chat"}, "subject": "other", "environment": "dev"}})
+    assert with_other["metadata"]["finalizers"] == ["example.com/keep", FINALIZER]
+    for index in range(KEYS):
+        world.wait_ready(f"key-{index}", 60)
+        assert world.verify(world.token(f"key-{index}"))["jti"] == world.apikey(f"key-{index}")["status"]["tokenId"]
+    world.wait_ready("other-finalizer", 60)
+    reconciles_after, requests_after = operator.counters()
+    reconciles, requests = reconciles_after - reconciles_before, requests_after - requests_before
+
+    assert {kind: n for kind, n in reconciles.items() if kind.startswith("ApiKey")} == {
+        "ApiKey first issuance": KEYS + 1}, reconciles
+    assert requests["PATCH apikeys"] == 0, requests  # no finalizer to add
+    assert requests["POST secrets"] == KEYS + 1 and requests["PUT apikeys/status"] == KEYS + 1, requests
+    assert requests["GET apikeys"] == 0 and requests["GET secrets"] == 0, requests
+
+    # The finalizer put there by the API server works as the operator's own: deletion revokes, then releases.
+    jti = world.apikey("key-0")["status"]["tokenId"]
+    world.delete_apikey("key-0")
+    wait_for("key-0 to be released", lambda: world.apikey("key-0") is None, 60)
+    assert jti in world.auth()["revoked"]
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", "other-finalizer",
+                                                {"metadata": {"finalizers": [FINALIZER]}})
 
 
 def test_a_key_created_before_its_deployment_is_issued_when_the_deployment_appears(world, operator):

@@ -113,6 +113,22 @@ def test_killed_after_writing_a_first_token_adopts_it_instead_of_issuing_again(w
     assert world.verify(world.token("b"))["jti"] == written
 
 
+def test_killed_before_a_first_tokens_deferred_status_adopts_the_token_in_the_secret(world, operator, secrets):
+    # A first issuance writes the Secret and leaves the status to the status workers: killed in between, the token
+    # is in use already, and the restarted operator adopts it instead of replacing it.
+    world.apply_deployment()
+    crash_at(operator, "apikey:before-deferred-status", world, "d")
+    world.create_apikey("d")
+    wait_killed(operator)
+    written = jwt.decode(world.token("d"), options={"verify_signature": False})["jti"]
+    assert "tokenId" not in (world.apikey("d").get("status") or {})
+    operator.start()
+    status = world.wait_ready("d")["status"]
+    assert status["tokenId"] == written and status["revision"] == 1
+    assert world.auth()["revoked"] == {}
+    assert secrets.jtis("d-apikey") == {written}
+
+
 def test_killed_after_writing_a_first_token_then_revoked_still_revokes_it(world, operator):
     world.apply_deployment()
     crash_at(operator, "apikey:after-secret", world, "b2")

@@ -1,0 +1,41 @@
+"""kopf's diff base is built only for kinds whose handlers use it (pure: no API server involved)."""
+
+from __future__ import annotations
+
+import json
+
+import kopf
+from deepseek_operator.kopf_settings import DiffBaseStorage, build_kopf_settings
+from deepseek_operator.settings import OperatorSettings
+
+
+def body(kind: str, stored: dict | None = None) -> kopf.Body:
+    annotations = {"deepseek.ai/last-handled-configuration": json.dumps(stored)} if stored is not None else {}
+    return kopf.Body({"apiVersion": "deepseek.ai/v1alpha1", "kind": kind,
+                      "metadata": {"name": "a", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                                   "annotations": annotations},
+                      "spec": {"replicas": 2}, "status": {"phase": "Ready"}})
+
+
+def test_the_operator_uses_the_storage_under_its_own_annotation():
+    storage = build_kopf_settings(OperatorSettings()).persistence.diffbase_storage
+    assert isinstance(storage, DiffBaseStorage)
+    assert storage.fetch(body=body("DeepSeekDeployment", {"spec": {"replicas": 1}})) == {"spec": {"replicas": 1}}
+
+
+def test_apikey_events_build_and_read_no_diff_base():
+    storage = DiffBaseStorage(prefix="deepseek.ai", key="last-handled-configuration")
+    assert storage.build(body=body("ApiKey")) is None
+    assert storage.fetch(body=body("ApiKey", {"spec": {"replicas": 1}})) is None
+
+
+def test_deployments_keep_kopfs_diff_base():
+    storage = DiffBaseStorage(prefix="deepseek.ai", key="last-handled-configuration")
+    reference = kopf.AnnotationsDiffBaseStorage(prefix="deepseek.ai", key="last-handled-configuration")
+    deployment = body("DeepSeekDeployment", {"spec": {"replicas": 1}})
+    assert storage.build(body=deployment) == reference.build(body=deployment)
+    assert storage.build(body=deployment)["spec"] == {"replicas": 2}
+    assert storage.fetch(body=deployment) == reference.fetch(body=deployment) == {"spec": {"replicas": 1}}
+    # A listed object without a kind (kopf fills it in; if not) is treated as kopf would.
+    unnamed = kopf.Body({k: v for k, v in dict(deployment).items() if k != "kind"})
+    assert storage.build(body=unnamed) == reference.build(body=unnamed)
