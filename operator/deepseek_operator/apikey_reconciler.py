@@ -235,8 +235,13 @@ class ApiKeyReconciler:
         return self.reconcile(namespace, name)
 
     def _write_status(self, apikey: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
-        body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"], "metadata": apikey["metadata"],
-                "spec": apikey["spec"], "status": status}
+        # The status subresource takes nothing but status from the body: the rest of the key (spec, labels, managed
+        # fields) would only be sent, decoded and dropped. The uid and resourceVersion guard the write.
+        meta = apikey["metadata"]
+        body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"],
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                             "resourceVersion": meta["resourceVersion"]},
+                "status": status}
         written = self._kube.replace_status(APIKEYS, apikey["metadata"]["namespace"], body)
         self._remember_own_write(written)
         return written

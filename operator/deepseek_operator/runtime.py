@@ -11,9 +11,10 @@ else), not as a suspended watch-event handler: a burst of ten thousand keys woul
 with their events, wrappers and copies at once, a high-water mark Python's allocator keeps long after the burst.
 
 A first issuance writes the key's Secret and returns; the key's status (Ready, token id) is written by a few status
-workers of their own (`STATUS_WRITERS`) from a queue. In a burst the issuance workers then spend one write per key
-on what a workload waits for (the token in the Secret), and the statuses follow; until its status is written, a
-key's later watch events wait, as they wait for a running issuance.
+workers of their own (`STATUS_WRITERS`) from a queue, once no new key waits for issuance or at most `STATUS_MAX_WAIT`
+after its Secret (`status_write_delay`). In a burst the API server's and this process's time then goes to what a
+workload waits for (the token in the Secret), one write per key, and the statuses follow; until its status is
+written, a key's later watch events wait, as they wait for a running issuance.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ MAX_BACKOFF = 30.0
 # Workers that write first issuances' deferred statuses (see the module docstring): few, so that in a burst the
 # issuance workers' Secret writes come first; enough that a thousand statuses follow within seconds.
 STATUS_WRITERS = 2
+# While new keys wait for issuance, a deferred status waits too, but never longer than this after its Secret.
+STATUS_MAX_WAIT = 5.0
 # A Secret watch event not known as the operator's own is looked at again this much later before its key is
 # reconciled: the event of a write can arrive just before the writing reconcile has recorded its resourceVersion.
 SECRET_EVENT_SETTLE = 1.0
@@ -76,7 +79,7 @@ class OperatorRuntime:
         self.pending_issuances = PendingIssuances()
         self.status_executor = ThreadPoolExecutor(max_workers=STATUS_WRITERS, thread_name_prefix="status")
         # First issuances whose statuses are still to be written, oldest first, with their keys' `_issuing` events.
-        self._status_writes: deque[tuple[str, str, StatusWrite, asyncio.Event]] = deque()
+        self._status_writes: deque[tuple[float, str, str, StatusWrite, asyncio.Event]] = deque()
         self._status_writers = 0
         self._issuance_drainers: Counter[tuple[str, str]] = Counter()  # (namespace, deployment) -> running drainers
         self._issuance_tasks: set[asyncio.Task[None]] = set()
@@ -215,7 +218,7 @@ class OperatorRuntime:
                 del self._issuance_drainers[(namespace, deployment)]
 
     def _queue_status_write(self, namespace: str, name: str, write: StatusWrite, finished: asyncio.Event) -> None:
-        self._status_writes.append((namespace, name, write, finished))
+        self._status_writes.append((time.monotonic(), namespace, name, write, finished))
         if self._status_writers < STATUS_WRITERS:
             self._status_writers += 1
             task = asyncio.ensure_future(self._drain_status_writes())
@@ -227,7 +230,11 @@ class OperatorRuntime:
         fails is retried as a whole reconcile (which reads the key and its Secret and adopts the token)."""
         try:
             while self._status_writes:
-                namespace, name, write, finished = self._status_writes.popleft()
+                delay = status_write_delay(self._status_writes[0][0], time.monotonic(), len(self.pending_issuances))
+                if delay > 0:  # looked at again soon: the issuance queue may empty before
+                    await asyncio.sleep(min(0.05, delay))
+                    continue
+                _, namespace, name, write, finished = self._status_writes.popleft()
                 key = ObjectKey(APIKEY, namespace, name)
                 try:
                     result = await self._blocking(self.apikeys.write_status, namespace, name, write,
@@ -337,6 +344,16 @@ class OperatorRuntime:
             await self.reconcile_apikey(key.namespace, key.name)
         elif key.kind == DEPLOYMENT:
             await self.reconcile_deployment(key.namespace, key.name)
+
+
+def status_write_delay(queued_at: float, now: float, issuances_waiting: int,
+                       max_wait: float = STATUS_MAX_WAIT) -> float:
+    """Seconds until a deferred status queued at `queued_at` may be written (pure): none while no new key waits for
+    issuance; otherwise what is left of `max_wait`, so that a stream of new keys delays statuses but never stops
+    them."""
+    if not issuances_waiting:
+        return 0.0
+    return max(0.0, max_wait - (now - queued_at))
 
 
 class PendingIssuances:

@@ -48,3 +48,13 @@ def test_new_keys_wait_once_each_in_their_deployments_queue_oldest_first() -> No
         ("x", {"metadata": {"name": "x"}}), ("c", {"metadata": {"name": "c"}}), None]
     assert len(pending) == 0
     pending.discard("ns", "never-queued")
+
+
+def test_a_deferred_status_waits_for_new_keys_but_never_longer_than_its_bound() -> None:
+    from deepseek_operator.runtime import STATUS_MAX_WAIT, status_write_delay
+
+    assert status_write_delay(100.0, 100.0, issuances_waiting=0) == 0.0  # nothing waits: write it now
+    assert status_write_delay(100.0, 101.0, issuances_waiting=300) == STATUS_MAX_WAIT - 1.0
+    assert status_write_delay(100.0, 100.0 + STATUS_MAX_WAIT, issuances_waiting=300) == 0.0
+    assert status_write_delay(100.0, 200.0, issuances_waiting=1) == 0.0  # a stream of new keys never stops it
+    assert status_write_delay(100.0, 100.5, issuances_waiting=1, max_wait=2.0) == 1.5
