@@ -118,10 +118,21 @@ def write_landed_nowhere(error: Exception) -> bool:
 @dataclass(frozen=True)
 class StatusWrite:
     """A first issuance's status, left to write after its token is in the Secret (see `ApiKeyReconciler.reconcile`,
-    `defer_status`): the key as observed, and the status to put on it."""
+    `defer_status`): what the status write needs of the key as observed (`status_target`), and the status. Only
+    that is kept: thousands of these may wait at once."""
 
     apikey: dict[str, Any]
     status: dict[str, Any]
+
+
+def status_target(apikey: Mapping[str, Any]) -> dict[str, Any]:
+    """The key as the status subresource needs it (pure): identity, and the uid and resourceVersion that guard the
+    write. The status subresource takes nothing but status from a body; spec, labels and managed fields would only
+    be sent, decoded and dropped."""
+    meta = apikey["metadata"]
+    return {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "resourceVersion": meta["resourceVersion"]}}
 
 
 @dataclass(frozen=True)
@@ -235,13 +246,7 @@ class ApiKeyReconciler:
         return self.reconcile(namespace, name)
 
     def _write_status(self, apikey: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
-        # The status subresource takes nothing but status from the body: the rest of the key (spec, labels, managed
-        # fields) would only be sent, decoded and dropped. The uid and resourceVersion guard the write.
-        meta = apikey["metadata"]
-        body = {"apiVersion": apikey["apiVersion"], "kind": apikey["kind"],
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-                             "resourceVersion": meta["resourceVersion"]},
-                "status": status}
+        body = {**status_target(apikey), "status": status}
         written = self._kube.replace_status(APIKEYS, apikey["metadata"]["namespace"], body)
         self._remember_own_write(written)
         return written
@@ -399,7 +404,7 @@ class ApiKeyReconciler:
         deferred = (defer_status and plan.issue_reason == "Initial" and failure is None and not events
                     and bool(status.get("tokenId")) and not status.get("pendingToken"))
         if deferred:
-            status_write: StatusWrite | None = StatusWrite(apikey, status)
+            status_write: StatusWrite | None = StatusWrite(status_target(apikey), status)
         else:
             status_write = None
             if status != (apikey.get("status") or {}):

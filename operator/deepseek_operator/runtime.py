@@ -10,11 +10,13 @@ New keys waiting for an issuance worker wait as one entry each in a per-deployme
 else), not as a suspended watch-event handler: a burst of ten thousand keys would otherwise hold ten thousand handlers
 with their events, wrappers and copies at once, a high-water mark Python's allocator keeps long after the burst.
 
-A first issuance writes the key's Secret and returns; the key's status (Ready, token id) is written by a few status
-workers of their own (`STATUS_WRITERS`) from a queue, once no new key waits for issuance or at most `STATUS_MAX_WAIT`
-after its Secret (`status_write_delay`). In a burst the API server's and this process's time then goes to what a
-workload waits for (the token in the Secret), one write per key, and the statuses follow; until its status is
-written, a key's later watch events wait, as they wait for a running issuance.
+A first issuance writes the key's Secret and returns; the key's status (Ready, token id) is written from a queue by
+a few status workers of their own (`STATUS_WRITERS`), once no new key waits for issuance or at most `STATUS_MAX_WAIT`
+after its Secret (`status_write_delay`). Past that, issuance workers write overdue statuses before their next key, so
+that in a long stream the statuses keep pace; and issuance workers with no new key left help with the rest. In a
+burst the API server's and this process's time then goes first to what a workload waits for (the token in the
+Secret), one write per key. Until its status is written, a key's later watch events wait, as they wait for a running
+issuance.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MAX_BACKOFF = 30.0
 # issuance workers' Secret writes come first; enough that a thousand statuses follow within seconds.
 STATUS_WRITERS = 2
 # While new keys wait for issuance, a deferred status waits too, but never longer than this after its Secret.
-STATUS_MAX_WAIT = 5.0
+STATUS_MAX_WAIT = 10.0
 # A Secret watch event not known as the operator's own is looked at again this much later before its key is
 # reconciled: the event of a write can arrive just before the writing reconcile has recorded its resourceVersion.
 SECRET_EVENT_SETTLE = 1.0
@@ -197,7 +199,18 @@ class OperatorRuntime:
     async def _drain_issuances(self, namespace: str, deployment: str) -> None:
         """One issuance worker of a deployment: first issuances from its queue, oldest first, until it is empty."""
         try:
-            while (item := self.pending_issuances.pop(namespace, deployment)) is not None:
+            while True:
+                overdue = self._overdue_status_write()
+                if overdue is not None:  # statuses fall no further behind than STATUS_MAX_WAIT
+                    await self._write_deferred_status(*overdue, self.issuance_executor)
+                    continue
+                item = self.pending_issuances.pop(namespace, deployment)
+                if item is None:
+                    if not len(self.pending_issuances) and self._status_writes:  # idle: help with the statuses
+                        _, *queued = self._status_writes.popleft()
+                        await self._write_deferred_status(*queued, self.issuance_executor)
+                        continue
+                    break
                 name, observed = item
                 self.reconciles[f"{APIKEY} first issuance"] += 1
                 finished = self._issuing[(namespace, name)] = asyncio.Event()
@@ -225,9 +238,17 @@ class OperatorRuntime:
             self._issuance_tasks.add(task)
             task.add_done_callback(self._issuance_tasks.discard)
 
+    def _overdue_status_write(self) -> tuple[str, str, StatusWrite, asyncio.Event] | None:
+        """The oldest deferred status when it has waited STATUS_MAX_WAIT (taken off the queue), else None. Issuance
+        workers write it before their next new key: in a stream of new keys longer than a burst, the statuses then
+        keep pace with the Secrets instead of piling up behind the status workers."""
+        if not self._status_writes or time.monotonic() - self._status_writes[0][0] < STATUS_MAX_WAIT:
+            return None
+        _, namespace, name, write, finished = self._status_writes.popleft()
+        return namespace, name, write, finished
+
     async def _drain_status_writes(self) -> None:
-        """One status worker: deferred statuses of first issuances, oldest first, until none is left. A write that
-        fails is retried as a whole reconcile (which reads the key and its Secret and adopts the token)."""
+        """One status worker: deferred statuses of first issuances, oldest first, until none is left."""
         try:
             while self._status_writes:
                 delay = status_write_delay(self._status_writes[0][0], time.monotonic(), len(self.pending_issuances))
@@ -235,21 +256,26 @@ class OperatorRuntime:
                     await asyncio.sleep(min(0.05, delay))
                     continue
                 _, namespace, name, write, finished = self._status_writes.popleft()
-                key = ObjectKey(APIKEY, namespace, name)
-                try:
-                    result = await self._blocking(self.apikeys.write_status, namespace, name, write,
-                                                  executor=self.status_executor)
-                except Exception as exc:
-                    self._failed(key, exc)
-                else:
-                    if result is not None:  # the key had changed: it was reconciled afresh
-                        self.reconciles[APIKEY] += 1
-                        self._reconciled(key, result)
-                finally:
-                    del self._issuing[(namespace, name)]
-                    finished.set()
+                await self._write_deferred_status(namespace, name, write, finished, self.status_executor)
         finally:
             self._status_writers -= 1
+
+    async def _write_deferred_status(self, namespace: str, name: str, write: StatusWrite, finished: asyncio.Event,
+                                     executor: ThreadPoolExecutor) -> None:
+        """Write one deferred status; a write that fails is retried as a whole reconcile (which reads the key and its
+        Secret and adopts the token). Then the key's waiting events go on."""
+        key = ObjectKey(APIKEY, namespace, name)
+        try:
+            result = await self._blocking(self.apikeys.write_status, namespace, name, write, executor=executor)
+        except Exception as exc:
+            self._failed(key, exc)
+        else:
+            if result is not None:  # the key had changed: it was reconciled afresh
+                self.reconciles[APIKEY] += 1
+                self._reconciled(key, result)
+        finally:
+            del self._issuing[(namespace, name)]
+            finished.set()
 
     async def issuance_finished(self, namespace: str, name: str) -> None:
         """Return once no first issuance of the key is running. A watch event of the key waits for it: the events

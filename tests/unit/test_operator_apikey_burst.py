@@ -58,3 +58,16 @@ def test_a_deferred_status_waits_for_new_keys_but_never_longer_than_its_bound() 
     assert status_write_delay(100.0, 100.0 + STATUS_MAX_WAIT, issuances_waiting=300) == 0.0
     assert status_write_delay(100.0, 200.0, issuances_waiting=1) == 0.0  # a stream of new keys never stops it
     assert status_write_delay(100.0, 100.5, issuances_waiting=1, max_wait=2.0) == 1.5
+
+
+def test_a_deferred_status_keeps_only_what_its_write_needs() -> None:
+    from deepseek_operator.apikey_reconciler import status_target
+
+    key = {"apiVersion": "deepseek.ai/v1alpha1", "kind": "ApiKey",
+           "metadata": {"name": "k", "namespace": "ns", "uid": "u-1", "resourceVersion": "42", "generation": 1,
+                        "labels": {"team": "a"}, "managedFields": [{"manager": "kubectl"}] * 3},
+           "spec": {"deploymentRef": {"name": "chat"}, "subject": "alice"}}
+    target = status_target(key)
+    assert target == {"apiVersion": "deepseek.ai/v1alpha1", "kind": "ApiKey",
+                      "metadata": {"name": "k", "namespace": "ns", "uid": "u-1", "resourceVersion": "42"}}
+    assert status_target(target) == target
