@@ -98,35 +98,23 @@ def test_killed_after_recording_a_replacement_issues_exactly_one_replacement(wor
     assert secrets.jtis("a-apikey") == {first, status["tokenId"]}
 
 
-def test_killed_after_writing_a_first_token_adopts_it_instead_of_issuing_again(world, operator, secrets):
+# After the Secret write, and (a first issuance defers its status) before the status write: either way the token is in
+# use already, and the restarted operator adopts it instead of replacing it.
+@pytest.mark.parametrize(("failpoint", "name"), [("apikey:after-secret", "b"), ("apikey:before-deferred-status", "d")])
+def test_killed_after_writing_a_first_token_adopts_it_instead_of_issuing_again(world, operator, secrets, failpoint,
+                                                                                name):
     world.apply_deployment()
-    crash_at(operator, "apikey:after-secret", world, "b")
-    world.create_apikey("b")
+    crash_at(operator, failpoint, world, name)
+    world.create_apikey(name)
     wait_killed(operator)
-    written = jwt.decode(world.token("b"), options={"verify_signature": False})["jti"]
-    assert "tokenId" not in (world.apikey("b").get("status") or {})
+    written = jwt.decode(world.token(name), options={"verify_signature": False})["jti"]
+    assert "tokenId" not in (world.apikey(name).get("status") or {})
     operator.start()
-    status = world.wait_ready("b")["status"]
+    status = world.wait_ready(name)["status"]
     assert status["tokenId"] == written and status["revision"] == 1
     assert world.auth()["revoked"] == {}
-    assert secrets.jtis("b-apikey") == {written}
-    assert world.verify(world.token("b"))["jti"] == written
-
-
-def test_killed_before_a_first_tokens_deferred_status_adopts_the_token_in_the_secret(world, operator, secrets):
-    # A first issuance writes the Secret and leaves the status to the status workers: killed in between, the token
-    # is in use already, and the restarted operator adopts it instead of replacing it.
-    world.apply_deployment()
-    crash_at(operator, "apikey:before-deferred-status", world, "d")
-    world.create_apikey("d")
-    wait_killed(operator)
-    written = jwt.decode(world.token("d"), options={"verify_signature": False})["jti"]
-    assert "tokenId" not in (world.apikey("d").get("status") or {})
-    operator.start()
-    status = world.wait_ready("d")["status"]
-    assert status["tokenId"] == written and status["revision"] == 1
-    assert world.auth()["revoked"] == {}
-    assert secrets.jtis("d-apikey") == {written}
+    assert secrets.jtis(f"{name}-apikey") == {written}
+    assert world.verify(world.token(name))["jti"] == written
 
 
 def test_killed_after_writing_a_first_token_then_revoked_still_revokes_it(world, operator):
