@@ -242,7 +242,8 @@ class OperatorRuntime:
         """The oldest deferred status when it has waited STATUS_MAX_WAIT (taken off the queue), else None. Issuance
         workers write it before their next new key: in a stream of new keys longer than a burst, the statuses then
         keep pace with the Secrets instead of piling up behind the status workers."""
-        if not self._status_writes or time.monotonic() - self._status_writes[0][0] < STATUS_MAX_WAIT:
+        # As if new keys waited: due only once its STATUS_MAX_WAIT is up.
+        if not self._status_writes or status_write_delay(self._status_writes[0][0], time.monotonic(), 1) > 0:
             return None
         _, namespace, name, write, finished = self._status_writes.popleft()
         return namespace, name, write, finished
