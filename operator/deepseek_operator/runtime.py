@@ -9,6 +9,8 @@ keys never hold every worker, so a new key of another deployment starts at once.
 New keys waiting for an issuance worker wait as one entry each in a per-deployment queue (the key's object, nothing
 else), not as a suspended watch-event handler: a burst of ten thousand keys would otherwise hold ten thousand handlers
 with their events, wrappers and copies at once, a high-water mark Python's allocator keeps long after the burst.
+Likewise the keys of the start-up listing, all of them at once after a restart, wait for their re-verification in one
+queue of their own, worked by the ApiKey pool's threads.
 
 A first issuance writes the key's Secret and returns; the key's status (Ready, token id) is written from a queue by
 a few status workers of their own (`STATUS_WRITERS`), once no new key waits for issuance or at most `STATUS_MAX_WAIT`
@@ -74,8 +76,8 @@ class OperatorRuntime:
         self.schedule = DueSchedule()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self.issuance_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="issue")
-        self.apikey_executor = ThreadPoolExecutor(max_workers=max(2, settings.workers // 2),
-                                                  thread_name_prefix="apikey")
+        self.apikey_workers = max(2, settings.workers // 2)
+        self.apikey_executor = ThreadPoolExecutor(max_workers=self.apikey_workers, thread_name_prefix="apikey")
         # Issuances of one deployment running at once: the rest of the issuance pool stays free for others.
         self.issuance_per_deployment = max(1, settings.workers - max(1, settings.workers // 4))
         self.pending_issuances = PendingIssuances()
@@ -85,6 +87,10 @@ class OperatorRuntime:
         self._status_writers = 0
         self._issuance_drainers: Counter[tuple[str, str]] = Counter()  # (namespace, deployment) -> running drainers
         self._issuance_tasks: set[asyncio.Task[None]] = set()
+        # Keys of the start-up listing waiting for their re-verification, oldest first (the key's object, nothing
+        # else), and the workers taking them; a later event of a queued key takes it off the queue.
+        self._pending_resumes: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._resume_drainers = 0
         # First issuances running now, each with what its key's later events wait for (see `issuance_finished`).
         self._issuing: dict[tuple[str, str], asyncio.Event] = {}
         self._failures: dict[ObjectKey, int] = {}
@@ -176,10 +182,12 @@ class OperatorRuntime:
         """Whether this process has reconciled the key since it started (a re-listing need not resume it)."""
         return (namespace, name) in self._apikeys_reconciled
 
-    async def reconcile_apikey(self, namespace: str, name: str, observed: dict[str, Any] | None = None) -> None:
+    async def reconcile_apikey(self, namespace: str, name: str, observed: dict[str, Any] | None = None, *,
+                               resume: bool = False) -> None:
         """Reconcile one ApiKey, from `observed` (the watch event's object) when given, in the pool its work
-        belongs to. A first issuance is queued for its deployment's issuance workers and this returns at once;
-        anything else runs now (and supersedes a queued first issuance of the key)."""
+        belongs to. A first issuance is queued for its deployment's issuance workers, and a key of the start-up
+        listing (`resume`) for the ApiKey pool's, and this returns at once; anything else runs now (and supersedes
+        the key's queued reconcile)."""
         if observed is not None and first_issuance(observed):
             deployment = str(((observed.get("spec") or {}).get("deploymentRef") or {}).get("name"))
             self.pending_issuances.put(namespace, deployment, name, observed)
@@ -191,6 +199,17 @@ class OperatorRuntime:
                 task.add_done_callback(self._issuance_tasks.discard)
             return
         self.pending_issuances.discard(namespace, name)
+        if resume and observed is not None:
+            # Thousands of keys arrive at once in the listing: each waits here as its object alone, not as a
+            # suspended watch handler holding kopf's per-event state, whose high-water mark would stay.
+            self._pending_resumes[(namespace, name)] = observed
+            if self._resume_drainers < self.apikey_workers:
+                self._resume_drainers += 1
+                task = asyncio.ensure_future(self._drain_resumes())
+                self._issuance_tasks.add(task)
+                task.add_done_callback(self._issuance_tasks.discard)
+            return
+        self._pending_resumes.pop((namespace, name), None)
         if observed is not None and not self.secret_watch.settled:
             await self._secret_watch_settled()
         self.reconciles[APIKEY] += 1
@@ -229,6 +248,25 @@ class OperatorRuntime:
             self._issuance_drainers[(namespace, deployment)] -= 1
             if self._issuance_drainers[(namespace, deployment)] <= 0:
                 del self._issuance_drainers[(namespace, deployment)]
+
+    async def _drain_resumes(self) -> None:
+        """One worker of the start-up listing's keys: each reconciled from its listed object, oldest first, once the
+        Secret watch has listed their Secrets (a key whose Secret is at the version its status recorded is not
+        read). The key's later events wait for its reconcile, as for a first issuance."""
+        try:
+            if not self.secret_watch.settled:
+                await self._secret_watch_settled()
+            while self._pending_resumes:
+                (namespace, name), observed = self._pending_resumes.popitem(last=False)
+                self.reconciles[APIKEY] += 1
+                finished = self._issuing[(namespace, name)] = asyncio.Event()
+                try:
+                    await self._run_apikey(namespace, name, observed, self.apikey_executor)
+                finally:
+                    del self._issuing[(namespace, name)]
+                    finished.set()
+        finally:
+            self._resume_drainers -= 1
 
     def _queue_status_write(self, namespace: str, name: str, write: StatusWrite, finished: asyncio.Event) -> None:
         self._status_writes.append((time.monotonic(), namespace, name, write, finished))
@@ -279,9 +317,9 @@ class OperatorRuntime:
             finished.set()
 
     async def issuance_finished(self, namespace: str, name: str) -> None:
-        """Return once no first issuance of the key is running. A watch event of the key waits for it: the events
-        of the issuance's own writes are recognised (by resourceVersion) only once it has recorded them, and any
-        other change is then judged against what the issuance did."""
+        """Return once no queued reconcile of the key (a first issuance, or one of the start-up listing) is running.
+        A watch event of the key waits for it: the events of that reconcile's own writes are recognised (by
+        resourceVersion) only once it has recorded them, and any other change is then judged against what it did."""
         finished = self._issuing.get((namespace, name))
         if finished is not None:
             await finished.wait()
@@ -318,6 +356,7 @@ class OperatorRuntime:
         """The key is gone: drop its schedule entry and lock."""
         self._apikeys_deleting.discard((namespace, name))
         self.pending_issuances.discard(namespace, name)
+        self._pending_resumes.pop((namespace, name), None)
         self.schedule.forget(ObjectKey(APIKEY, namespace, name))
         self.apikeys.forget(namespace, name)
         self._apikeys_reconciled.discard((namespace, name))

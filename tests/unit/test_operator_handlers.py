@@ -1,4 +1,5 @@
-from deepseek_operator.handlers.apikey import needs_reconcile
+import kopf
+from deepseek_operator.handlers.apikey import needs_reconcile, observed_copy
 from deepseek_operator.handlers.deployment import auth_spec_changed
 from deepseek_operator.names import FINALIZER
 
@@ -61,3 +62,21 @@ def test_only_an_edit_of_spec_auth_wakes_the_keys_of_a_deployment():
     assert not auth_spec_changed([("change", ("spec",), {"image": "a", "auth": {}}, {"image": "b", "auth": {}})])
     assert auth_spec_changed([("change", (), {"spec": {"auth": {"x": 1}}}, {"spec": {}})])
     assert not auth_spec_changed([])
+
+
+def test_a_reconcile_gets_its_own_copy_of_the_event_object_without_managed_fields():
+    raw = {"apiVersion": "deepseek.ai/v1alpha1", "kind": "ApiKey",
+           "metadata": {"name": "k", "namespace": "ns", "uid": "u", "resourceVersion": "9", "generation": 2,
+                        "finalizers": [FINALIZER], "annotations": {"a": "b"}, "labels": {"team": "x"},
+                        "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]},
+           "spec": {"deploymentRef": {"name": "chat"}, "scopes": ["chat"]},
+           "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]}}
+    copied = observed_copy(kopf.Body(raw))
+    assert "managedFields" not in copied["metadata"]
+    assert copied == {**raw, "metadata": {k: v for k, v in raw["metadata"].items() if k != "managedFields"}}
+    copied["spec"]["scopes"].append("admin")
+    copied["metadata"]["finalizers"].clear()
+    copied["status"]["conditions"][0]["status"] = "False"
+    assert raw["spec"]["scopes"] == ["chat"] and raw["metadata"]["finalizers"] == [FINALIZER]
+    assert raw["status"]["conditions"][0]["status"] == "True"
+    assert observed_copy({"spec": {}}) == {"spec": {}, "metadata": {}}

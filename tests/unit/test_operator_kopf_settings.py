@@ -1,11 +1,13 @@
-"""kopf's diff base is built only for kinds whose handlers use it (pure: no API server involved)."""
+"""kopf's diff base is built only for kinds whose handlers use it; the start-up listing is paged and per-object event
+workers end soon (pure: no API server involved)."""
 
 from __future__ import annotations
 
 import json
 
 import kopf
-from deepseek_operator.kopf_settings import DiffBaseStorage, build_kopf_settings
+from deepseek_operator.kopf_settings import EVENT_WORKER_IDLE_TIMEOUT, DiffBaseStorage, build_kopf_settings
+from deepseek_operator.kube import LIST_PAGE_SIZE
 from deepseek_operator.settings import OperatorSettings
 
 
@@ -39,3 +41,11 @@ def test_deployments_keep_kopfs_diff_base():
     # A listed object without a kind (kopf fills it in; if not) is treated as kopf would.
     unnamed = kopf.Body({k: v for k, v in dict(deployment).items() if k != "kind"})
     assert storage.build(body=unnamed) == reference.build(body=unnamed)
+
+
+def test_the_start_up_listing_is_paged_and_idle_event_workers_end_within_a_second():
+    # kopf's defaults (one LIST response for every object; a worker per object alive 5 s after its last event) held
+    # ten thousand listed ApiKeys and their workers at once after a restart.
+    settings = build_kopf_settings(OperatorSettings())
+    assert settings.watching.chunk_size == LIST_PAGE_SIZE == 500
+    assert settings.queueing.idle_timeout == EVENT_WORKER_IDLE_TIMEOUT <= 1.0

@@ -47,6 +47,15 @@ def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
             or "pendingToken" in status or rotation_request(body) is not None)
 
 
+def observed_copy(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a watch event's object for a reconcile (pure): everything but `metadata.managedFields`, which no
+    reconcile reads and which is often most of the object (a queued key keeps only what it needs)."""
+    copied = {key: copy.deepcopy(value) for key, value in body.items() if key != "metadata"}
+    copied["metadata"] = {key: copy.deepcopy(value) for key, value in (body.get("metadata") or {}).items()
+                          if key != "managedFields"}
+    return copied
+
+
 def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def apikey_event(type: str | None, body: kopf.Body, namespace: str | None, name: str | None,
@@ -64,7 +73,7 @@ def register(registry: kopf.OperatorRegistry, runtime: OperatorRuntime) -> None:
             return
         if runtime.apikeys.caused_by_own_write(namespace, name, body.get("metadata", {}).get("resourceVersion")):
             return
-        await runtime.reconcile_apikey(namespace, name, copy.deepcopy(dict(body)))
+        await runtime.reconcile_apikey(namespace, name, observed_copy(body), resume=type is None)
 
     @kopf.on.startup(registry=registry)
     async def start_secret_watch(**_: Any) -> None:
