@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,48 +53,62 @@ class DeploymentReconciler:
         self._autoscaler = autoscaler or (Autoscaler(clock=clock) if serving is not None else None)
         self._capacity_warned: set[tuple[str, str]] = set()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        # Reconciles waiting for a deployment's lock: the one holding it then leaves its serving pass early.
+        self._waiting: Counter[tuple[str, str]] = Counter()
         self._guard = threading.Lock()
 
     def reconcile(self, namespace: str, name: str) -> DeploymentResult:
+        key = (namespace, name)
         with self._guard:
-            lock = self._locks.setdefault((namespace, name), threading.Lock())
-        with lock:
-            dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, name)
-            if dsd is None or dsd["metadata"].get("deletionTimestamp"):
-                return DeploymentResult(None, False)
-            conflicts: list[NotOwned] = []
+            lock = self._locks.setdefault(key, threading.Lock())
+            self._waiting[key] += 1
+        lock.acquire()
+        try:
+            with self._guard:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+            return self._reconcile(namespace, name, superseded=lambda: self._waiting.get(key, 0) > 0)
+        finally:
+            lock.release()
+
+    def _reconcile(self, namespace: str, name: str, superseded: Callable[[], bool]) -> DeploymentResult:
+        dsd = self._kube.get(DEEPSEEKDEPLOYMENTS, namespace, name)
+        if dsd is None or dsd["metadata"].get("deletionTimestamp"):
+            return DeploymentResult(None, False)
+        conflicts: list[NotOwned] = []
+        try:
+            state = self._issuers.reconcile_issuer(dsd)
+        except NotOwned as exc:
+            conflicts.append(exc)
+            state = IssuerState(ready=False, reason="Conflict",
+                                message=f"{exc.description}; see condition Conflict", signing_key_id=None,
+                                auth_configmap=auth_configmap_name(name),
+                                next_check=self._clock() + self._conflict_recheck, keys_affected=False)
+        previous = dsd.get("status") or {}
+        status = issuer_status(
+            previous, ready=state.ready, reason=state.reason, message=state.message,
+            signing_key_id=state.signing_key_id, auth_configmap=state.auth_configmap,
+            auth_config_size=state.auth_config_size,
+            generation=int(dsd["metadata"].get("generation", 1)), now=format_timestamp(self._clock()),
+        )
+        if status != previous:
+            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, status)
+        next_due = state.next_check
+        # Serving children and the blue-green rollout (serving.py).
+        # Not while the issuer's own objects are someone else's: the servers would trust that auth ConfigMap.
+        # Nor in the namespace of the private signing keys, where its pods could read them.
+        if self._serving is not None and not conflicts and state.reason != IN_SIGNING_KEY_NAMESPACE:
             try:
-                state = self._issuers.reconcile_issuer(dsd)
+                status, autoscale_due = self._autoscale({**dsd, "status": status})
+                if autoscale_due is not None:
+                    next_due = min(next_due, autoscale_due)
+                next_due = min(next_due, self._serving.reconcile({**dsd, "status": status}, superseded))
             except NotOwned as exc:
                 conflicts.append(exc)
-                state = IssuerState(ready=False, reason="Conflict",
-                                    message=f"{exc.description}; see condition Conflict", signing_key_id=None,
-                                    auth_configmap=auth_configmap_name(name),
-                                    next_check=self._clock() + self._conflict_recheck, keys_affected=False)
-            previous = dsd.get("status") or {}
-            status = issuer_status(
-                previous, ready=state.ready, reason=state.reason, message=state.message,
-                signing_key_id=state.signing_key_id, auth_configmap=state.auth_configmap,
-                auth_config_size=state.auth_config_size,
-                generation=int(dsd["metadata"].get("generation", 1)), now=format_timestamp(self._clock()),
-            )
-            if status != previous:
-                self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, status)
-            next_due = state.next_check
-            # Serving children and the blue-green rollout (serving.py).
-            # Not while the issuer's own objects are someone else's: the servers would trust that auth ConfigMap.
-            # Nor in the namespace of the private signing keys, where its pods could read them.
-            if self._serving is not None and not conflicts and state.reason != IN_SIGNING_KEY_NAMESPACE:
-                try:
-                    status, autoscale_due = self._autoscale({**dsd, "status": status})
-                    if autoscale_due is not None:
-                        next_due = min(next_due, autoscale_due)
-                    next_due = min(next_due, self._serving.reconcile({**dsd, "status": status}))
-                except NotOwned as exc:
-                    conflicts.append(exc)
-                    next_due = min(next_due, self._clock() + self._conflict_recheck)
-            self._report_conflicts(dsd, conflicts)
-            return DeploymentResult(next_due, state.keys_affected, state.waiting_keys_affected)
+                next_due = min(next_due, self._clock() + self._conflict_recheck)
+        self._report_conflicts(dsd, conflicts)
+        return DeploymentResult(next_due, state.keys_affected, state.waiting_keys_affected)
 
     def forget(self, namespace: str, name: str) -> None:
         """The deployment is gone: drop what the autoscaler remembers of it."""

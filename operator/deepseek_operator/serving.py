@@ -3,7 +3,8 @@
 Called from `DeploymentReconciler.reconcile` after the issuer, under the same per-deployment lock. It keeps the
 server's ServiceAccount/Role/RoleBinding, the blue/green Deployments and both Services in line with the rollout's
 decisions, runs verification requests, and writes the rollout fields and conditions of status. It returns when it
-wants to run again (fast while a rollout progresses, slowly when stable).
+wants to run again (fast while a rollout progresses, slowly when stable), or earlier, before acting, when another
+reconcile of the deployment waits for the lock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from . import failpoints
@@ -72,6 +75,8 @@ def model_source_condition(refusal: str | None) -> Condition:
     return Condition("ModelSourceAllowed", True, "Allowed", "the model source may be mounted")
 
 MAX_STEPS_PER_RECONCILE = 8
+# Requests of deployment reconciles in flight at once (see ServingReconciler._together).
+SERVING_REQUESTS = 8
 _RESOURCES = {"ServiceAccount": SERVICE_ACCOUNTS, "Role": ROLES, "RoleBinding": ROLE_BINDINGS}
 
 
@@ -136,6 +141,17 @@ class ServingReconciler:
         self._timing = timing or RolloutTiming.from_env()
         self._verifier = verifier or Verifier()
         self._clock = clock
+        # A pass's independent reads and writes go out together: on a busy API server each round trip is what a
+        # rollout step waits for (tens of milliseconds each under an ApiKey burst, where a pass read one by one
+        # took seconds). Only requests run here; nothing here submits more work to it.
+        self._requests = ThreadPoolExecutor(max_workers=SERVING_REQUESTS, thread_name_prefix="serving")
+
+    def _together(self, *calls: Callable[[], Any]) -> list[Any]:
+        """Run `calls` at once; their results in order, or the first one's exception in that order (as if run one
+        after another, except that the later ones ran too)."""
+        futures = [self._requests.submit(call) for call in calls]
+        wait(futures)
+        return [future.result() for future in futures]
 
     # ------------------------------------------------------------------------------------------------ gather
     def _observe(self, dsd: dict[str, Any]) -> tuple[Observed, dict[str, list[dict[str, Any]]]]:
@@ -145,14 +161,17 @@ class ServingReconciler:
         gpu_resource = str(resources.get("gpuResourceName", "nvidia.com/gpu"))
         gpus = int(resources.get("gpus", 1))
         selector = label_selector_text({DEPLOYMENT_LABEL: name})
-        deployments = {item["metadata"]["name"]: item
-                       for item in self._kube.list(DEPLOYMENTS, namespace, label_selector=selector)}
+        listed_deployments, pods, service = self._together(
+            partial(self._kube.list, DEPLOYMENTS, namespace, label_selector=selector),
+            partial(self._kube.list, PODS, namespace, label_selector=selector),
+            partial(self._kube.get, SERVICES, namespace, active_service_name(name)))
+        deployments = {item["metadata"]["name"]: item for item in listed_deployments}
         uid = dsd["metadata"]["uid"]
         for color in COLORS:
             if color_deployment_name(name, color) in deployments:
                 ensure_controlled(DEPLOYMENTS, deployments[color_deployment_name(name, color)], uid)
         pods_by_color: dict[str, list[dict[str, Any]]] = {color: [] for color in COLORS}
-        for pod in self._kube.list(PODS, namespace, label_selector=selector):
+        for pod in pods:
             color = (pod["metadata"].get("labels") or {}).get(COLOR_LABEL)
             if color in pods_by_color:
                 pods_by_color[color].append(pod)
@@ -160,7 +179,6 @@ class ServingReconciler:
         colors = {color: observe_color(deployments.get(color_deployment_name(name, color)), pods_by_color[color],
                                        gpu_resource=gpu_resource, gpus_per_pod=gpus, events=events)
                   for color in COLORS}
-        service = self._kube.get(SERVICES, namespace, active_service_name(name))
         target = None
         if service is not None:
             # Someone else's Service of this name is neither read as the traffic target nor (later) repointed.
@@ -211,13 +229,20 @@ class ServingReconciler:
 
     # ------------------------------------------------------------------------------------------------ act
     def _ensure_server_account(self, dsd: dict[str, Any]) -> None:
-        namespace = dsd["metadata"]["namespace"]
-        for item in build_server_account(dsd):
-            self._kube.create_or_apply(_RESOURCES[item["kind"]], namespace, item, owner_uid=dsd["metadata"]["uid"],
-                                       up_to_date=_same_grants)
-        # Made once and never rewritten: a new key would only empty the response cache and change fingerprints.
-        self._kube.create_or_apply(SECRETS, namespace, build_record_key_secret(dsd, secrets.token_urlsafe(32)),
-                                   owner_uid=dsd["metadata"]["uid"], up_to_date=lambda actual, _desired: True)
+        namespace, uid = dsd["metadata"]["namespace"], dsd["metadata"]["uid"]
+        *account, binding = build_server_account(dsd)
+
+        def ensure(item: dict[str, Any]) -> Callable[[], Any]:
+            return partial(self._kube.create_or_apply, _RESOURCES[item["kind"]], namespace, item, owner_uid=uid,
+                           up_to_date=_same_grants)
+
+        self._together(
+            *(ensure(item) for item in account),
+            # Made once and never rewritten: a new key would only empty the response cache and change fingerprints.
+            partial(self._kube.create_or_apply, SECRETS, namespace,
+                    build_record_key_secret(dsd, secrets.token_urlsafe(32)), owner_uid=uid,
+                    up_to_date=lambda actual, _desired: True))
+        ensure(binding)()  # after its Role: binding a Role the API server cannot read yet would be refused
 
     def _replace_field(self, resource: Resource, namespace: str, name: str, owner_uid: str,
                        change: Callable[[dict[str, Any]], bool]) -> bool:
@@ -342,18 +367,30 @@ class ServingReconciler:
         return self._clock() + self._timing.stable_interval
 
     # ------------------------------------------------------------------------------------------------ entry point
-    def reconcile(self, dsd: dict[str, Any]) -> float:
-        """Move the deployment's rollout as far as it can go now; returns when to look again (epoch seconds)."""
+    def reconcile(self, dsd: dict[str, Any], superseded: Callable[[], bool] = lambda: False) -> float:
+        """Move the deployment's rollout as far as it can go now; returns when to look again (epoch seconds).
+
+        `superseded()` says that another reconcile of the deployment waits to run (an edit, say): the pass then
+        stops at the next point where nothing is half done (before a step's reads, or between its reads and its
+        writes) and leaves the rest to that reconcile, which reads the deployment afresh."""
         refusal = host_path_refusal(dsd["spec"], self._allowed_host_paths)
         if refusal is not None:
             return self._refuse_model_source(dsd, refusal)
+        again = self._clock() + self._timing.progressing_interval
+        if superseded():
+            return again
         self._ensure_server_account(dsd)
         decision: Decision | None = None
         for _ in range(MAX_STEPS_PER_RECONCILE):
+            if superseded():
+                return again
             observed, _pods = self._observe(dsd)
             phase_before = ((dsd.get("status") or {}).get("rollout") or {}).get("phase")
             decision = next_step(observed)
-            failpoints.reached(f"rollout-{phase_before or 'none'}")
+            failpoints.reached(f"rollout-{phase_before or 'none'}",
+                               f"{dsd['metadata']['namespace']}/{dsd['metadata']['name']}")
+            if superseded():  # the waiting reconcile decides afresh: act on nothing of this decision
+                return again
             self._apply(dsd, decision)
             verified = False
             if decision.verify is not None:

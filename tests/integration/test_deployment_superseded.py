@@ -1,0 +1,143 @@
+"""A reconcile waiting for a DeepSeekDeployment (after an edit, say) makes the serving pass that holds it stop before
+acting on what it decided from the older spec: the waiting reconcile then decides afresh.
+
+The reconciles run in this process against the real API server (no operator process: nothing else reconciles the
+namespace meanwhile); a failpoint holds the first pass between its decision and its action while the test edits the
+deployment and starts the second reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from conftest import KEY_NAMESPACE, Cluster, wait_for
+from deepseek_operator import failpoints
+from deepseek_operator.kube import KubeApi, load_connection
+from deepseek_operator.revision import compute_revision
+from deepseek_operator.runtime import OperatorRuntime
+from deepseek_operator.settings import OperatorSettings
+from kubernetes import client, watch
+
+pytestmark = pytest.mark.cluster
+
+HOLD_S = 3.0
+
+
+class Held(logging.Handler):
+    """Sets `reached` when a failpoint starts holding a reconcile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "holding it" in record.getMessage():
+            self.reached.set()
+
+
+def revisions_of_color_deployments(api_client: client.ApiClient, namespace: str, name: str) -> list[str]:
+    apps = client.AppsV1Api(api_client)
+    found = apps.list_namespaced_deployment(namespace, label_selector=f"deepseek.ai/deployment={name}").items
+    return sorted((d.spec.template.metadata.labels or {}).get("deepseek.ai/revision", "") for d in found)
+
+
+class RevisionsSeen(threading.Thread):
+    """Every revision any version of the deployment's color Deployments ever carried (from a watch)."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.seen: set[str] = set()
+        self.stopped = threading.Event()
+        self.started_watching = threading.Event()
+        self._args = (client.AppsV1Api(api_client).list_namespaced_deployment, namespace)
+        self._selector = f"deepseek.ai/deployment={name}"
+
+    def run(self) -> None:
+        stream = watch.Watch()
+        list_deployments, namespace = self._args
+        self.started_watching.set()
+        try:
+            for event in stream.stream(list_deployments, namespace, label_selector=self._selector,
+                                       timeout_seconds=60):
+                labels = event["object"].spec.template.metadata.labels or {}
+                self.seen.add(labels.get("deepseek.ai/revision", ""))
+                if self.stopped.is_set():
+                    stream.stop()
+        except Exception:  # the namespace going away at the end ends the stream
+            if not self.stopped.is_set():
+                raise
+
+
+def test_a_pass_overtaken_by_an_edit_applies_nothing_of_the_older_spec(crds, kubeconfig, api_client, namespace,
+                                                                       monkeypatch) -> None:
+    world = Cluster(api_client, namespace)
+    name = "overtaken"
+    settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
+    runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
+    runtime.issuers.signing_keys.prepare(create_namespace=True)
+    held = Held()
+    logging.getLogger(failpoints.__name__).addHandler(held)
+    revisions = RevisionsSeen(api_client, namespace, name)
+    revisions.start()
+    revisions.started_watching.wait(10)
+    try:
+        first = world.apply_deployment(name)
+        older = compute_revision(first["spec"])
+        # The first pass decides to start the older spec's revision, and is held right there.
+        monkeypatch.setenv(failpoints.ENV, f"rollout-none={namespace}/{name}")
+        monkeypatch.setenv(failpoints.SLEEP_ENV, str(HOLD_S))
+        results: dict[str, Any] = {}
+        first_pass = threading.Thread(target=lambda: results.update(
+            first=runtime.deployments.reconcile(namespace, name)))
+        first_pass.start()
+        assert held.reached.wait(60), "the first pass never reached its decision"
+
+        edited = world.custom.patch_namespaced_custom_object(
+            "deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", name,
+            {"spec": {"server": {"maxNewTokens": 77}}})
+        newer = compute_revision(edited["spec"])
+        assert newer != older
+        second_pass = threading.Thread(target=lambda: results.update(
+            second=runtime.deployments.reconcile(namespace, name)))
+        second_pass.start()
+        first_pass.join(60)
+        second_pass.join(60)
+        assert not first_pass.is_alive() and not second_pass.is_alive()
+        assert results["first"].next_due is not None and results["second"].next_due is not None
+
+        # Only the edited spec was acted on: no Deployment ever carried the older revision.
+        assert revisions_of_color_deployments(api_client, namespace, name) == [newer]
+        wait_for("the watch to see the newer revision", lambda: newer in revisions.seen, timeout=10)
+        assert revisions.seen == {newer}
+        status = world.deployment(name)["status"]
+        assert status["observedGeneration"] == edited["metadata"]["generation"] == 2
+        assert (status.get("rollout") or {}).get("revision") == newer
+    finally:
+        revisions.stopped.set()  # joined only after the namespace is gone: no further event may come to end it
+        logging.getLogger(failpoints.__name__).removeHandler(held)
+        runtime.close()
+
+
+def test_a_pass_nobody_waits_for_goes_on_after_the_failpoint(crds, kubeconfig, api_client, namespace,
+                                                             monkeypatch) -> None:
+    """The same hold with no edit and no second reconcile: the pass acts on its decision as before."""
+    world = Cluster(api_client, namespace)
+    name = "alone"
+    settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
+    runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
+    runtime.issuers.signing_keys.prepare(create_namespace=True)
+    try:
+        created = world.apply_deployment(name)
+        monkeypatch.setenv(failpoints.ENV, f"rollout-none={namespace}/{name}")
+        monkeypatch.setenv(failpoints.SLEEP_ENV, "0.5")
+        runtime.deployments.reconcile(namespace, name)
+        revision = compute_revision(created["spec"])
+        assert wait_for("the first revision's Deployment",
+                        lambda: revisions_of_color_deployments(api_client, namespace, name) == [revision],
+                        timeout=10)
+        assert world.deployment(name)["status"]["observedGeneration"] == 1
+    finally:
+        runtime.close()
