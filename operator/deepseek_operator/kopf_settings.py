@@ -54,8 +54,8 @@ def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     kopf_settings.watching.connect_timeout = 10
     # The start-up listing in pages (ten thousand ApiKeys are not one response decoded at once), and an object's
     # event worker ends 1 s after its last event instead of kopf's 5 s: after a restart every listed key has one,
-    # and ten thousand of them alive at once left a high-water mark in the heap that stayed (RSS at rest 347 MiB
-    # after re-verifying 10,000 keys, 182 MiB with these and the listed keys queued in runtime.py).
+    # and ten thousand of them alive at once left a high-water mark in the heap that stayed (bench/apikeys_at_rest.py:
+    # RSS at rest 343 MiB after re-verifying 10,000 keys, 212 MiB with these and the listed keys queued in runtime.py).
     kopf_settings.watching.chunk_size = LIST_PAGE_SIZE
     kopf_settings.queueing.idle_timeout = EVENT_WORKER_IDLE_TIMEOUT
     kopf_settings.networking.request_timeout = 60
