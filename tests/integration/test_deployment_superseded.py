@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -71,13 +72,20 @@ class RevisionsSeen(threading.Thread):
                 raise
 
 
-def test_a_pass_overtaken_by_an_edit_applies_nothing_of_the_older_spec(crds, kubeconfig, api_client, namespace,
-                                                                       monkeypatch) -> None:
-    world = Cluster(api_client, namespace)
-    name = "overtaken"
+@pytest.fixture
+def runtime(crds, kubeconfig) -> Iterator[OperatorRuntime]:
+    """The operator's reconcilers in this process (no kopf, no schedule: each reconcile is the test's call)."""
     settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
     runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
     runtime.issuers.signing_keys.prepare(create_namespace=True)
+    yield runtime
+    runtime.close()
+
+
+def test_a_pass_overtaken_by_an_edit_applies_nothing_of_the_older_spec(runtime, api_client, namespace,
+                                                                       monkeypatch) -> None:
+    world = Cluster(api_client, namespace)
+    name = "overtaken"
     held = Held()
     logging.getLogger(failpoints.__name__).addHandler(held)
     revisions = RevisionsSeen(api_client, namespace, name)
@@ -118,26 +126,17 @@ def test_a_pass_overtaken_by_an_edit_applies_nothing_of_the_older_spec(crds, kub
     finally:
         revisions.stopped.set()  # joined only after the namespace is gone: no further event may come to end it
         logging.getLogger(failpoints.__name__).removeHandler(held)
-        runtime.close()
 
 
-def test_a_pass_nobody_waits_for_goes_on_after_the_failpoint(crds, kubeconfig, api_client, namespace,
-                                                             monkeypatch) -> None:
+def test_a_pass_nobody_waits_for_goes_on_after_the_failpoint(runtime, api_client, namespace, monkeypatch) -> None:
     """The same hold with no edit and no second reconcile: the pass acts on its decision as before."""
     world = Cluster(api_client, namespace)
     name = "alone"
-    settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
-    runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
-    runtime.issuers.signing_keys.prepare(create_namespace=True)
-    try:
-        created = world.apply_deployment(name)
-        monkeypatch.setenv(failpoints.ENV, f"rollout-none={namespace}/{name}")
-        monkeypatch.setenv(failpoints.SLEEP_ENV, "0.5")
-        runtime.deployments.reconcile(namespace, name)
-        revision = compute_revision(created["spec"])
-        assert wait_for("the first revision's Deployment",
-                        lambda: revisions_of_color_deployments(api_client, namespace, name) == [revision],
-                        timeout=10)
-        assert world.deployment(name)["status"]["observedGeneration"] == 1
-    finally:
-        runtime.close()
+    created = world.apply_deployment(name)
+    monkeypatch.setenv(failpoints.ENV, f"rollout-none={namespace}/{name}")
+    monkeypatch.setenv(failpoints.SLEEP_ENV, "0.5")
+    runtime.deployments.reconcile(namespace, name)
+    revision = compute_revision(created["spec"])
+    assert wait_for("the first revision's Deployment",
+                    lambda: revisions_of_color_deployments(api_client, namespace, name) == [revision], timeout=10)
+    assert world.deployment(name)["status"]["observedGeneration"] == 1
