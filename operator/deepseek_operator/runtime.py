@@ -190,6 +190,7 @@ class OperatorRuntime:
         the key's queued reconcile)."""
         if observed is not None and first_issuance(observed):
             deployment = str(((observed.get("spec") or {}).get("deploymentRef") or {}).get("name"))
+            self._pending_resumes.pop((namespace, name), None)  # one queue at a time holds a key
             self.pending_issuances.put(namespace, deployment, name, observed)
             group = (namespace, deployment)
             if self._issuance_drainers[group] < self.issuance_per_deployment:
