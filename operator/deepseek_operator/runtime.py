@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -195,9 +196,7 @@ class OperatorRuntime:
             group = (namespace, deployment)
             if self._issuance_drainers[group] < self.issuance_per_deployment:
                 self._issuance_drainers[group] += 1
-                task = asyncio.ensure_future(self._drain_issuances(namespace, deployment))
-                self._issuance_tasks.add(task)  # held until done: the loop keeps only weak references to tasks
-                task.add_done_callback(self._issuance_tasks.discard)
+                self._start_worker(self._drain_issuances(namespace, deployment))
             return
         self.pending_issuances.discard(namespace, name)
         if resume and observed is not None:
@@ -206,15 +205,20 @@ class OperatorRuntime:
             self._pending_resumes[(namespace, name)] = observed
             if self._resume_drainers < self.apikey_workers:
                 self._resume_drainers += 1
-                task = asyncio.ensure_future(self._drain_resumes())
-                self._issuance_tasks.add(task)
-                task.add_done_callback(self._issuance_tasks.discard)
+                self._start_worker(self._drain_resumes())
             return
         self._pending_resumes.pop((namespace, name), None)
         if observed is not None and not self.secret_watch.settled:
             await self._secret_watch_settled()
         self.reconciles[APIKEY] += 1
         await self._run_apikey(namespace, name, observed, self.apikey_executor)
+
+    def _start_worker(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run one queue worker (issuance, start-up listing, statuses), held until done (the loop keeps only weak
+        references to tasks) and cancelled by `close`."""
+        task = asyncio.ensure_future(work)
+        self._issuance_tasks.add(task)
+        task.add_done_callback(self._issuance_tasks.discard)
 
     async def _drain_issuances(self, namespace: str, deployment: str) -> None:
         """One issuance worker of a deployment: first issuances from its queue, oldest first, until it is empty."""
@@ -273,9 +277,7 @@ class OperatorRuntime:
         self._status_writes.append((time.monotonic(), namespace, name, write, finished))
         if self._status_writers < STATUS_WRITERS:
             self._status_writers += 1
-            task = asyncio.ensure_future(self._drain_status_writes())
-            self._issuance_tasks.add(task)
-            task.add_done_callback(self._issuance_tasks.discard)
+            self._start_worker(self._drain_status_writes())
 
     def _overdue_status_write(self) -> tuple[str, str, StatusWrite, asyncio.Event] | None:
         """The oldest deferred status when it has waited STATUS_MAX_WAIT (taken off the queue), else None. Issuance
