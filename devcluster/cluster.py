@@ -38,6 +38,27 @@ class ClusterError(RuntimeError):
     """The control plane could not start or answer; the message names the component and its log."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A kubectl command that failed; its message ends with what kubectl printed on stderr."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or "").strip()
+        return f"{super().__str__()}: {said[-2000:]}" if said else super().__str__()
+
+
+# What the API server answers for a CustomResourceDefinition that is Established but whose kind it does not serve
+# yet (its API group is still being registered with the aggregator and discovery): worth another try, unlike a
+# rejection by the schema.
+NOT_SERVED_YET = ("no matches for kind", "ensure CRDs are installed first",
+                  "the server is currently unable to handle the request",
+                  "the server could not find the requested resource")
+
+
+def not_served_yet(stderr: str) -> bool:
+    """Whether a failed kubectl apply failed only because a newly created kind is not served yet."""
+    return any(marker in stderr for marker in NOT_SERVED_YET)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -406,8 +427,24 @@ class DevCluster:
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster."""
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
-        return subprocess.run([str(build.binary("kubectl")), *args], input=input, capture_output=True, text=True,
-                              env=env, check=check, timeout=timeout)
+        done = subprocess.run([str(build.binary("kubectl")), *args], input=input, capture_output=True, text=True,
+                              env=env, timeout=timeout)
+        if check and done.returncode:
+            raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
+        return done
+
+    def apply(self, manifest: str, namespace: str | None = None, timeout: float = 60) -> None:
+        """``kubectl apply`` a manifest, trying again while its kinds are not served yet (a chart or CRD just
+        installed); any other failure, and this one past ``timeout``, raises KubectlError."""
+        args = ["apply", *(["-n", namespace] if namespace else []), "-f", "-"]
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.kubectl(*args, input=manifest, check=False)
+            if not done.returncode:
+                return
+            if not not_served_yet(done.stderr) or time.monotonic() > deadline:
+                raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
+            time.sleep(1)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run helm against this cluster (its state kept in the cluster's state directory)."""

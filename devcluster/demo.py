@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from devcluster.cluster import ClusterConfig, DevCluster, _alive, named_state_dir
+from devcluster.cluster import ClusterConfig, DevCluster, KubectlError, _alive, named_state_dir
 from devcluster.paths import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,10 +78,12 @@ def install_chart(cluster: DevCluster, log: Callable[[str], None]) -> None:
 
 
 def apply_resources(cluster: DevCluster, namespace: str, model_path: Path, log: Callable[[str], None]) -> None:
-    cluster.kubectl("create", "namespace", namespace, check=False)
+    created = cluster.kubectl("create", "namespace", namespace, check=False)
+    if created.returncode and "AlreadyExists" not in created.stderr:
+        raise KubectlError(created.returncode, created.args, created.stdout, created.stderr)
     manifest = EXAMPLE.read_text().replace("/var/lib/deepseek/models/tiny-deepseek-llm", str(model_path))
     log(f"[demo] kubectl apply -n {namespace} -f {EXAMPLE.relative_to(REPO)}")
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    cluster.apply(manifest, namespace=namespace)
 
 
 def wait_ready(cluster: DevCluster, namespace: str, kind: str, name: str, timeout: float,

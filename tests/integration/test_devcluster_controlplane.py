@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 
 from devcluster.build import KUBERNETES_VERSION
+from devcluster.cluster import KubectlError
 from devcluster.testing.polling import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -146,12 +147,13 @@ def test_crd_is_served_and_schema_enforced(cluster, namespace):
     cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.test.devcluster.io", "--timeout=30s")
     good = "apiVersion: test.devcluster.io/v1\nkind: Widget\nmetadata: {name: ok}\nspec: {size: 3}\n"
     bad = "apiVersion: test.devcluster.io/v1\nkind: Widget\nmetadata: {name: bad}\nspec: {size: 99}\n"
-    wait_for("the Widget kind to be served",
-             lambda: cluster.kubectl("apply", "-n", namespace, "-f", "-", input=good, check=False).returncode == 0,
-             timeout=30)
-    rejected = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad, check=False)
-    assert rejected.returncode != 0
-    assert "spec.size" in rejected.stderr and "less than or equal to 10" in rejected.stderr
+    # applied the moment the CRD is Established: apply waits while the kind is not served yet
+    cluster.apply(good, namespace=namespace, timeout=30)
+    started = time.monotonic()
+    with pytest.raises(KubectlError) as rejected:  # a schema rejection is final: no waiting, and it says why
+        cluster.apply(bad, namespace=namespace, timeout=30)
+    assert time.monotonic() - started < 10
+    assert "spec.size" in str(rejected.value) and "less than or equal to 10" in str(rejected.value)
     names = cluster.kubectl("get", "widgets", "-n", namespace, "-o", "name").stdout.split()
     assert names == ["widget.test.devcluster.io/ok"]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import subprocess
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from devcluster import agent, build, network, pki
+from devcluster import agent, build, cluster, network, pki
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -77,3 +78,22 @@ def test_kubernetes_binaries_are_stamped_with_their_version():
     assert "k8s.io/client-go/pkg/version.gitVersion" in flags
     names = {b.name for b in build.BINARIES}
     assert names == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm"}
+
+
+def test_apply_waits_only_while_a_new_kind_is_not_served_yet():
+    assert cluster.not_served_yet('error: resource mapping not found for name: "tiny" namespace: "demo" from "STDIN": '
+                                  'no matches for kind "DeepSeekDeployment" in version "deepseek.ai/v1alpha1"\n'
+                                  'ensure CRDs are installed first')
+    assert cluster.not_served_yet("Error from server (ServiceUnavailable): error when retrieving current configuration"
+                                  " of: ...: the server is currently unable to handle the request")
+    assert not cluster.not_served_yet('The DeepSeekDeployment "tiny" is invalid: spec.replicas: Invalid value: -1: '
+                                      'spec.replicas in body should be greater than or equal to 0')
+    assert not cluster.not_served_yet('Error from server (Forbidden): namespaces "demo" is forbidden')
+
+
+def test_a_failed_kubectl_says_what_kubectl_printed():
+    failed = cluster.KubectlError(1, ["kubectl", "apply", "-f", "-"], "", 'Error from server (NotFound): '
+                                  'namespaces "demo" not found\n')
+    assert str(failed).endswith('exit status 1.: Error from server (NotFound): namespaces "demo" not found')
+    assert isinstance(failed, subprocess.CalledProcessError)
+    assert str(cluster.KubectlError(1, ["kubectl"], "", "")) == str(subprocess.CalledProcessError(1, ["kubectl"]))
