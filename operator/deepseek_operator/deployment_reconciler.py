@@ -19,7 +19,7 @@ from .durations import format_timestamp
 from .issuer import IN_SIGNING_KEY_NAMESPACE, Issuers, IssuerState
 from .kube import DEEPSEEKDEPLOYMENTS, KubeApi, NotOwned
 from .names import auth_configmap_name
-from .serving import ServingReconciler
+from .serving import ServingReconciler, status_patch
 from .workloads import (
     COLOR_LABEL,
     DEPLOYMENT_LABEL,
@@ -92,21 +92,27 @@ class DeploymentReconciler:
             auth_config_size=state.auth_config_size,
             generation=int(dsd["metadata"].get("generation", 1)), now=format_timestamp(self._clock()),
         )
-        if status != previous:
-            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, status)
+        # The issuer's status fields go out with the serving pass's first status write (one PATCH instead of two,
+        # e.g. for an edit), or on their own at the end of this reconcile when nothing wrote them.
+        unwritten = status_patch(previous, status)
         next_due = state.next_check
-        # Serving children and the blue-green rollout (serving.py).
-        # Not while the issuer's own objects are someone else's: the servers would trust that auth ConfigMap.
-        # Nor in the namespace of the private signing keys, where its pods could read them.
-        if self._serving is not None and not conflicts and state.reason != IN_SIGNING_KEY_NAMESPACE:
-            try:
-                status, autoscale_due = self._autoscale({**dsd, "status": status})
-                if autoscale_due is not None:
-                    next_due = min(next_due, autoscale_due)
-                next_due = min(next_due, self._serving.reconcile({**dsd, "status": status}, superseded))
-            except NotOwned as exc:
-                conflicts.append(exc)
-                next_due = min(next_due, self._clock() + self._conflict_recheck)
+        try:
+            # Serving children and the blue-green rollout (serving.py).
+            # Not while the issuer's own objects are someone else's: the servers would trust that auth ConfigMap.
+            # Nor in the namespace of the private signing keys, where its pods could read them.
+            if self._serving is not None and not conflicts and state.reason != IN_SIGNING_KEY_NAMESPACE:
+                try:
+                    status, autoscale_due = self._autoscale({**dsd, "status": status})
+                    if autoscale_due is not None:
+                        next_due = min(next_due, autoscale_due)
+                    next_due = min(next_due, self._serving.reconcile({**dsd, "status": status}, superseded,
+                                                                     unwritten))
+                except NotOwned as exc:
+                    conflicts.append(exc)
+                    next_due = min(next_due, self._clock() + self._conflict_recheck)
+        finally:
+            if unwritten:
+                self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, unwritten)
         self._report_conflicts(dsd, conflicts)
         return DeploymentResult(next_due, state.keys_affected, state.waiting_keys_affected)
 

@@ -129,6 +129,23 @@ def status_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[st
     return patch
 
 
+def then_patch(first: Mapping[str, Any], then: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One JSON merge patch doing what `first` and then `then` do, or None where no single patch can: `then` patches
+    a map that `first` deletes or sets to something else (the keys to delete are those stored) (pure)."""
+    patch = dict(first)
+    for key, value in then.items():
+        if isinstance(value, dict) and key in patch:
+            if not isinstance(patch[key], dict):
+                return None
+            inner = then_patch(patch[key], value)
+            if inner is None:
+                return None
+            patch[key] = inner
+        else:
+            patch[key] = value
+    return patch
+
+
 class ServingReconciler:
     """Serving children and the rollout of every DeepSeekDeployment (thread-safe per deployment via the caller)."""
 
@@ -154,7 +171,9 @@ class ServingReconciler:
         return [future.result() for future in futures]
 
     # ------------------------------------------------------------------------------------------------ gather
-    def _observe(self, dsd: dict[str, Any]) -> tuple[Observed, dict[str, list[dict[str, Any]]]]:
+    def _observe(self, dsd: dict[str, Any], *alongside: Callable[[], Any]
+                 ) -> tuple[Observed, dict[str, list[dict[str, Any]]]]:
+        """What the step decides from; `alongside`: requests sent together with its reads."""
         namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
         spec = dsd["spec"]
         resources = spec.get("resources") or {}
@@ -164,7 +183,7 @@ class ServingReconciler:
         listed_deployments, pods, service = self._together(
             partial(self._kube.list, DEPLOYMENTS, namespace, label_selector=selector),
             partial(self._kube.list, PODS, namespace, label_selector=selector),
-            partial(self._kube.get, SERVICES, namespace, active_service_name(name)))
+            partial(self._kube.get, SERVICES, namespace, active_service_name(name)), *alongside)[:3]
         deployments = {item["metadata"]["name"]: item for item in listed_deployments}
         uid = dsd["metadata"]["uid"]
         for color in COLORS:
@@ -228,7 +247,9 @@ class ServingReconciler:
             return []
 
     # ------------------------------------------------------------------------------------------------ act
-    def _ensure_server_account(self, dsd: dict[str, Any]) -> None:
+    def _ensure_server_account(self, dsd: dict[str, Any]) -> Callable[[], Any]:
+        """The server's ServiceAccount, Role and record-key Secret; returns the call that ensures its RoleBinding,
+        to be made after them (binding a Role the API server cannot read yet would be refused)."""
         namespace, uid = dsd["metadata"]["namespace"], dsd["metadata"]["uid"]
         *account, binding = build_server_account(dsd)
 
@@ -242,7 +263,7 @@ class ServingReconciler:
             partial(self._kube.create_or_apply, SECRETS, namespace,
                     build_record_key_secret(dsd, secrets.token_urlsafe(32)), owner_uid=uid,
                     up_to_date=lambda actual, _desired: True))
-        ensure(binding)()  # after its Role: binding a Role the API server cannot read yet would be refused
+        return ensure(binding)
 
     def _replace_field(self, resource: Resource, namespace: str, name: str, owner_uid: str,
                        change: Callable[[dict[str, Any]], bool]) -> bool:
@@ -329,7 +350,20 @@ class ServingReconciler:
         for note in decision.events:
             self._kube.post_event(dsd, type_=note.type, reason=note.reason, message=note.message)
 
-    def _write_status(self, dsd: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    def _write_unwritten(self, dsd: dict[str, Any], unwritten: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Write `patch` after what the caller left unwritten (`unwritten`, emptied once it is sent): as one PATCH
+        where one can do both."""
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        both = then_patch(unwritten, patch)
+        if both is None:
+            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, unwritten)
+            unwritten.clear()
+            both = patch
+        if both:
+            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, both)
+        unwritten.clear()
+
+    def _write_status(self, dsd: dict[str, Any], decision: Decision, unwritten: dict[str, Any]) -> dict[str, Any]:
         namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
         previous = dsd.get("status") or {}
         new = dict(decision.status)
@@ -339,18 +373,15 @@ class ServingReconciler:
                                              [*decision.conditions, model_source_condition(None)],
                                              now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())),
                                              generation=new["observedGeneration"], keep_others=True)
-        patch = status_patch(previous, new)
-        if patch:
-            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, patch)
+        self._write_unwritten(dsd, unwritten, status_patch(previous, new))
         merged = {**previous, **{key: value for key, value in new.items() if value is not None}}
         for key, value in new.items():
             if value is None:
                 merged.pop(key, None)
         return merged
 
-    def _refuse_model_source(self, dsd: dict[str, Any], refusal: str) -> float:
+    def _refuse_model_source(self, dsd: dict[str, Any], refusal: str, unwritten: dict[str, Any]) -> float:
         """No pods for a model source the operator may not mount: say so, leave any running color as it is."""
-        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
         previous = dsd.get("status") or {}
         conditions = [model_source_condition(refusal)]
         if not previous.get("activeColor"):
@@ -360,31 +391,38 @@ class ServingReconciler:
             previous.get("conditions"), conditions, generation=generation, keep_others=True,
             now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())))}
         patch = status_patch(previous, new)
-        if patch:
-            self._kube.merge_status(DEEPSEEKDEPLOYMENTS, namespace, name, patch)
-            if condition_reason(previous.get("conditions"), "ModelSourceAllowed") != HOST_PATH_NOT_ALLOWED:
-                self._kube.post_event(dsd, type_="Warning", reason=HOST_PATH_NOT_ALLOWED, message=refusal)
+        self._write_unwritten(dsd, unwritten, patch)
+        if patch and condition_reason(previous.get("conditions"), "ModelSourceAllowed") != HOST_PATH_NOT_ALLOWED:
+            self._kube.post_event(dsd, type_="Warning", reason=HOST_PATH_NOT_ALLOWED, message=refusal)
         return self._clock() + self._timing.stable_interval
 
     # ------------------------------------------------------------------------------------------------ entry point
-    def reconcile(self, dsd: dict[str, Any], superseded: Callable[[], bool] = lambda: False) -> float:
+    def reconcile(self, dsd: dict[str, Any], superseded: Callable[[], bool] = lambda: False,
+                  unwritten: dict[str, Any] | None = None) -> float:
         """Move the deployment's rollout as far as it can go now; returns when to look again (epoch seconds).
 
         `superseded()` says that another reconcile of the deployment waits to run (an edit, say): the pass then
         stops at the next point where nothing is half done (before a step's reads, or between its reads and its
-        writes) and leaves the rest to that reconcile, which reads the deployment afresh."""
+        writes) and leaves the rest to that reconcile, which reads the deployment afresh.
+
+        `unwritten`: a status merge patch that `dsd["status"]` holds and the API server does not yet (the issuer's
+        fields). It goes out with the pass's first status write, or before a verification (which can take
+        seconds), and is emptied then; what is left in it at the end is the caller's to write."""
+        unwritten = {} if unwritten is None else unwritten
         refusal = host_path_refusal(dsd["spec"], self._allowed_host_paths)
         if refusal is not None:
-            return self._refuse_model_source(dsd, refusal)
+            return self._refuse_model_source(dsd, refusal, unwritten)
         again = self._clock() + self._timing.progressing_interval
         if superseded():
             return again
-        self._ensure_server_account(dsd)
+        # the RoleBinding goes out with the first step's reads
+        alongside: tuple[Callable[[], Any], ...] = (self._ensure_server_account(dsd),)
         decision: Decision | None = None
         for _ in range(MAX_STEPS_PER_RECONCILE):
             if superseded():
                 return again
-            observed, _pods = self._observe(dsd)
+            observed, _pods = self._observe(dsd, *alongside)
+            alongside = ()
             phase_before = ((dsd.get("status") or {}).get("rollout") or {}).get("phase")
             decision = next_step(observed)
             failpoints.reached(f"rollout-{phase_before or 'none'}",
@@ -394,6 +432,7 @@ class ServingReconciler:
             self._apply(dsd, decision)
             verified = False
             if decision.verify is not None:
+                self._write_unwritten(dsd, unwritten, {})
                 result = self._run_verification(dsd, decision)
                 if result is not None:
                     rollout = dict(decision.status.get("rollout") or {})
@@ -403,7 +442,7 @@ class ServingReconciler:
                     rollout["analysis"] = result
                     decision.status["rollout"] = rollout
                     verified = True
-            dsd = {**dsd, "status": self._write_status(dsd, decision)}
+            dsd = {**dsd, "status": self._write_status(dsd, decision, unwritten)}
             if not (decision.again or verified):
                 break
         assert decision is not None

@@ -140,3 +140,26 @@ def test_a_pass_nobody_waits_for_goes_on_after_the_failpoint(runtime, api_client
     assert wait_for("the first revision's Deployment",
                     lambda: revisions_of_color_deployments(api_client, namespace, name) == [revision], timeout=10)
     assert world.deployment(name)["status"]["observedGeneration"] == 1
+
+
+def test_an_edit_is_reconciled_with_one_status_write(runtime, api_client, namespace) -> None:
+    """The issuer's status fields (its conditions' generation, after an edit) go out with the serving pass's status:
+    one PATCH of the status, not one each."""
+    world = Cluster(api_client, namespace)
+    name = "edited"
+    world.apply_deployment(name)
+    runtime.deployments.reconcile(namespace, name)
+    status_writes = runtime.kube.request_counts
+    settled = status_writes["PATCH deepseekdeployments/status"]
+    runtime.deployments.reconcile(namespace, name)
+    assert status_writes["PATCH deepseekdeployments/status"] == settled, "a pass with nothing new wrote status"
+
+    world.custom.patch_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", name,
+                                                {"spec": {"rateLimit": {"requestsPerSecond": 7}}})
+    runtime.deployments.reconcile(namespace, name)
+    assert status_writes["PATCH deepseekdeployments/status"] == settled + 1
+    status = world.deployment(name)["status"]
+    assert status["observedGeneration"] == 2
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["IssuerReady"]["status"] == "True" and conditions["IssuerReady"]["observedGeneration"] == 2
+    assert status["signingKeyId"] and status["authConfigMap"] == f"{name}-auth"

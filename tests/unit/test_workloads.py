@@ -454,6 +454,41 @@ def test_status_patch_deletes_dropped_rollout_fields_and_keeps_untouched_ones() 
     assert status_patch(previous, new) == {"rollout": {"phase": "Verifying", "deadline": None}}
 
 
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
+def test_then_patch_does_what_both_patches_do_one_after_the_other() -> None:
+    from deepseek_operator.serving import then_patch
+
+    stored = {"signingKeyId": "k1", "authConfigMap": "chat-auth", "observedGeneration": 1,
+              "conditions": [{"type": "IssuerReady", "observedGeneration": 1}],
+              "rollout": {"phase": "Starting", "deadline": "t1", "revision": "r"}, "endpoint": "http://x"}
+    issuer = {"signingKeyId": "k2", "conditions": [{"type": "IssuerReady", "observedGeneration": 2}]}
+    serving = {"observedGeneration": 2, "endpoint": None, "rollout": {"phase": "Verifying", "deadline": None},
+               "conditions": [{"type": "IssuerReady", "observedGeneration": 2}, {"type": "Ready"}]}
+    for first, then in ((issuer, serving), (serving, issuer), ({"rollout": {"phase": "P"}}, {"rollout": None}),
+                        ({"rollout": {"phase": "P", "x": None}}, {"rollout": {"x": 1, "deadline": None}}),
+                        ({}, serving), (issuer, {}), ({}, {})):
+        both = then_patch(first, then)
+        assert both is not None and _merge(stored, both) == _merge(_merge(stored, first), then)
+    # a map deleted or replaced, then patched: which keys to delete depends on what is stored, so no single patch
+    assert then_patch({"rollout": None}, {"rollout": {"phase": "P"}}) is None
+    assert then_patch({"rollout": "gone"}, {"rollout": {"phase": "P"}}) is None
+    assert then_patch({"a": {"rollout": None}}, {"a": {"rollout": {"phase": "P"}}}) is None
+    assert then_patch(issuer, serving) == {**serving, "signingKeyId": "k2"}
+    assert issuer == {"signingKeyId": "k2", "conditions": [{"type": "IssuerReady", "observedGeneration": 2}]}
+
+
 def test_rollout_timing_from_env() -> None:
     from deepseek_operator.serving import RolloutTiming
 
