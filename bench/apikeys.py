@@ -46,6 +46,7 @@ from typing import Any
 import psutil
 from kubernetes import client, config, watch
 
+from devcluster.testing.crds import install_crds
 from devcluster.testing.polling import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,9 +237,7 @@ def run_benchmark(kubeconfig: str, count: int, workers: int, rate: float = 0.0,
                   operator_src: str | None = None, admission: bool = True) -> dict[str, Any]:
     env = {**os.environ, "KUBECONFIG": kubeconfig, **operator_pythonpath(operator_src)}
     kubectl = str(Path(sys.executable).with_name("kubectl"))
-    subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-    subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd/apikeys.deepseek.ai",
-                    "crd/deepseekdeployments.deepseek.ai"], check=True, env=env, capture_output=True)
+    install_crds(kubeconfig)
     api = config.new_client_from_config(config_file=kubeconfig)
     api.configuration.connection_pool_maxsize = workers + 4
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)

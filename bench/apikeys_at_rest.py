@@ -48,6 +48,7 @@ from kubernetes import client, config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apikeys import RssSampler, Watcher, free_port, operator_probes, operator_pythonpath, secret_states
 
+from devcluster.testing.crds import install_crds
 from devcluster.testing.polling import exit_on_sigterm
 from devcluster.testing.processes import stop_process
 
@@ -353,11 +354,7 @@ def main() -> int:
 
             cluster = stack.enter_context(DevCluster(ClusterConfig(name=f"rest-{os.getpid()}", nodes=1)))
             kubeconfig = str(cluster.kubeconfig)
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
-        kubectl = str(Path(sys.executable).with_name("kubectl"))
-        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd/apikeys.deepseek.ai",
-                        "crd/deepseekdeployments.deepseek.ai"], check=True, env=env, capture_output=True)
+        install_crds(kubeconfig)
         # This checkout first: if the run is cut short, its figures are the ones printed. (The first phase's keys
         # stay in the API server, unwatched, while the second runs.)
         results = [run_phase("after" if args.before_src else "this checkout", kubeconfig, args.keys, args.idle,

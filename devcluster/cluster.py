@@ -50,6 +50,7 @@ class KubectlError(subprocess.CalledProcessError):
 # yet (its API group is still being registered with the aggregator and discovery): worth another try, unlike a
 # rejection by the schema.
 NOT_SERVED_YET = ("no matches for kind", "ensure CRDs are installed first",
+                  "There can be a delay between when CustomResourceDefinitions are created and when they are available",
                   "the server is currently unable to handle the request",
                   "the server could not find the requested resource")
 

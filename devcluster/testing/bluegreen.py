@@ -25,6 +25,7 @@ import httpx
 from kubernetes import client
 
 from devcluster.testing import polling
+from devcluster.testing.crds import install_crds
 from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,12 +216,7 @@ def bench_world(namespace: str, prefix: str, operator_env: dict[str, str] | None
                    check=True, capture_output=True)
     with DevCluster.from_env() as cluster:
         kubeconfig = str(cluster.kubeconfig)
-        kubectl = str(Path(sys.executable).with_name("kubectl"))
-        env = {**os.environ, "KUBECONFIG": kubeconfig}
-        subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-        subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/deepseekdeployments.deepseek.ai", "crd/apikeys.deepseek.ai"], check=True, env=env,
-                       capture_output=True)
+        install_crds(kubeconfig)
         api = cluster.api_client()
         client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
         operator = OperatorProcess(kubeconfig, {**E2E_OPERATOR_ENV, **(operator_env or {})})

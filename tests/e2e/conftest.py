@@ -13,17 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.testing.bluegreen import E2E_OPERATOR_ENV, REPO, OperatorProcess, World
+from devcluster.testing.bluegreen import E2E_OPERATOR_ENV, OperatorProcess, World
+from devcluster.testing.crds import install_crds
 
 
 @pytest.fixture(scope="session")
 def e2e_crds(cluster, kubeconfig) -> None:
-    kubectl = str(Path(sys.executable).with_name("kubectl"))
-    env = {**os.environ, "KUBECONFIG": kubeconfig}
-    subprocess.run([kubectl, "apply", "-f", str(REPO / "crds")], check=True, env=env, capture_output=True)
-    subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/apikeys.deepseek.ai", "crd/deepseekdeployments.deepseek.ai"],
-                   check=True, env=env, capture_output=True)
+    install_crds(kubeconfig)
 
 
 POISON_SCRIPT = """

@@ -23,6 +23,7 @@ import yaml
 from kubernetes import client
 
 from devcluster.testing import polling
+from devcluster.testing.crds import install_crds
 from devcluster.testing.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,13 +49,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120,
 
 @pytest.fixture(scope="session")
 def crds(cluster, kubeconfig) -> None:
-    """Both CRDs applied with kubectl (as the chart and a user would) and Established."""
-    kubectl = str(Path(sys.executable).with_name("kubectl"))
-    env = {**os.environ, "KUBECONFIG": kubeconfig}
-    subprocess.run([kubectl, "apply", "-f", str(CRDS)], check=True, env=env, capture_output=True)
-    subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/apikeys.deepseek.ai", "crd/deepseekdeployments.deepseek.ai"],
-                   check=True, env=env, capture_output=True)
+    """Both CRDs applied with kubectl (as the chart and a user would), their kinds served."""
+    install_crds(kubeconfig)
 
 
 class OperatorProcess:

@@ -86,6 +86,10 @@ def test_apply_waits_only_while_a_new_kind_is_not_served_yet():
                                   'ensure CRDs are installed first')
     assert cluster.not_served_yet("Error from server (ServiceUnavailable): error when retrieving current configuration"
                                   " of: ...: the server is currently unable to handle the request")
+    # the API server's own answer in the first moments after the CRD is Established
+    assert cluster.not_served_yet('Error from server (ServiceUnavailable): error when creating "STDIN": Resource kind '
+                                  'deepseek.ai/v1alpha1, Kind=ApiKey not found. There can be a delay between when '
+                                  'CustomResourceDefinitions are created and when they are available.')
     assert not cluster.not_served_yet('The DeepSeekDeployment "tiny" is invalid: spec.replicas: Invalid value: -1: '
                                       'spec.replicas in body should be greater than or equal to 0')
     assert not cluster.not_served_yet('Error from server (Forbidden): namespaces "demo" is forbidden')
