@@ -142,6 +142,10 @@ def server_args(dsd: dict[str, Any], revision: str | None = None) -> list[str]:
         ]
         if server.get("maxModelLen"):
             args += ["--max-model-len", str(server["maxModelLen"])]
+        cpu = (spec.get("resources") or {}).get("cpu")
+        if cpu is not None:
+            # torch's threads: the replica's CPUs, not the node's (a pod sees every core of its node)
+            args += ["--torch-threads", str(cpu_threads(cpu))]
     cache = server.get("cache") or {}
     if cache.get("enabled", True):
         args += ["--cache-ttl", str(cache.get("ttlSeconds", 300))]
@@ -156,6 +160,27 @@ def server_args(dsd: dict[str, Any], revision: str | None = None) -> list[str]:
     if server.get("shutdownGraceSeconds") is not None:  # left out: the server's own default, the same 30 s
         args += ["--shutdown-grace-s", str(int(server["shutdownGraceSeconds"]))]
     return args
+
+
+_DECIMAL_SUFFIXES = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_BINARY_SUFFIXES = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+
+
+def quantity_value(quantity: int | float | str) -> float:
+    """A Kubernetes quantity as a number: `500m` -> 0.5, `2` -> 2, `1.5` -> 1.5, `1Ki` -> 1024, `2e3` -> 2000."""
+    text = str(quantity).strip()
+    for suffix, power in _BINARY_SUFFIXES.items():
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * 2 ** power
+    if text[-1:] in _DECIMAL_SUFFIXES:
+        return float(text[:-1]) * 10 ** _DECIMAL_SUFFIXES[text[-1]]
+    return float(text)  # plain, or with an exponent (`2e3`)
+
+
+def cpu_threads(cpu: int | float | str) -> int:
+    """The builtin engine's torch threads for a replica that requests `cpu`: that many CPUs, rounded up, at least 1
+    (a CPU quantity of `1500m` keeps two threads busy part of the time rather than one all of it)."""
+    return max(1, math.ceil(quantity_value(cpu) - 1e-9))
 
 
 def shutdown_grace(spec: dict[str, Any]) -> int:

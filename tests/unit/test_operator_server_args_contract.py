@@ -60,3 +60,8 @@ def test_cache_identity_args_parse_into_the_settings_that_key_the_cache(engine: 
 def test_shutdown_grace_parses_into_the_servers_graceful_shutdown_time() -> None:
     assert parsed(server_args(dsd(server={"precision": "bf16", "shutdownGraceSeconds": 90}))).shutdown_grace_s == 90
     assert parsed(server_args(dsd(server={"precision": "bf16", "shutdownGraceSeconds": 0}))).shutdown_grace_s == 0
+
+
+def test_the_replicas_cpu_request_parses_into_torch_threads() -> None:
+    assert parsed(server_args(dsd(resources={"gpus": 0, "cpu": "1500m"}))).torch_threads == 2
+    assert parsed(server_args(dsd())).torch_threads is None  # no request: the server counts its own CPUs

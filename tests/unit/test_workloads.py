@@ -114,6 +114,20 @@ def test_server_args_follow_the_contract() -> None:
     assert "--max-model-len 2048" in joined and "--no-cache" in args
 
 
+@pytest.mark.parametrize(("cpu", "threads"), [("8", "8"), (4, "4"), ("500m", "1"), ("1500m", "2"), ("2.5", "3"),
+                                             ("1k", "1000"), ("2e1", "20")])
+def test_the_builtin_engine_gets_a_torch_thread_per_requested_cpu(cpu: str | int, threads: str) -> None:
+    """A pod sees every core of its node: torch's threads come from the replica's CPU request, rounded up."""
+    args = server_args(dsd(resources={"gpus": 0, "cpu": cpu}))
+    assert args[args.index("--torch-threads") + 1] == threads
+
+
+def test_no_cpu_request_leaves_the_thread_count_to_the_server() -> None:
+    assert "--torch-threads" not in server_args(dsd(resources={"gpus": 0}))
+    # the gateway in front of vLLM runs no torch; vLLM sizes its own threads
+    assert "--torch-threads" not in server_args(dsd(engine={"name": "vllm"}, resources={"gpus": 1, "cpu": "8"}))
+
+
 def test_model_sources() -> None:
     host = build_deployment(dsd(), "blue", "r", 1)["spec"]["template"]["spec"]
     assert host["volumes"][0]["hostPath"] == {"path": "/srv/models/7b", "type": "Directory"}
