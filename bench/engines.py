@@ -10,9 +10,15 @@ Also the CPU each server's process tree used per output token (the gateway row a
 it got while its round ran. On a shared machine the scheduler gives the servers different shares of the cores, which
 moves tokens/s from run to run; CPU per token is what an engine change moves.
 
+vLLM on this CPU-only machine keeps nearly two cores busy, so the gateway's own CPU (parsing, auth, relaying each
+token) is taken from the engine and shows as engine time. In a pod the gateway container has CPU of its own and vLLM
+computes on GPUs. `--pin` measures that arrangement: vLLM (and the builtin engine) on the last CPU, the gateway and
+this client on the others; vLLM direct and through the gateway still share one vLLM.
+
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
     .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
     .venv/bin/python bench/engines.py --only vllm,gateway --concurrency 1,16
+    .venv/bin/python bench/engines.py --only vllm,gateway --pin   # engines on one CPU, gateway + client on the rest
 
 vLLM comes from `make vllm-env` (.venv-vllm). Both our servers check real API keys (an auth directory made here).
 """
@@ -87,12 +93,24 @@ class Server:
 
 
 def start(name: str, args: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None,
-          token: str | None = None) -> Server:
+          token: str | None = None, cpus: set[int] | None = None) -> Server:
+    """Start a server in its own session; with `cpus`, it and every process and thread it starts run only there."""
     log = log_dir / f"{name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     return Server(name, f"http://127.0.0.1:{port}", proc, log, token)
+
+
+def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(engines' CPUs, gateway's and client's CPUs) with `--pin`: the last CPU for the engines, the rest for the
+    gateway and the client, as in a pod where the engine container and the gateway container each have their own
+    CPU; (None, None) without it, or on a single CPU."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(allowed) < 2:
+        return None, None
+    return {allowed[-1]}, set(allowed[:-1])
 
 
 def wait_ready(server: Server, path: str, timeout: float) -> None:
@@ -275,6 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
+    parser.add_argument("--pin", action="store_true",
+                        help="run vLLM and the builtin engine on the last CPU, the gateway and this client on the "
+                             "others: the gateway's cost without the CPU it would take from the engine")
     parser.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=None,
                         help="start vLLM with --enforce-eager -O0: no torch.compile, a start in about a third of the "
                              "time, slower decoding (default: on with --quick only)")
@@ -309,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     server_cmd = [sys.executable, "-m", "deepseek_server", "serve", "--model-name", MODEL_NAME, "--auth-dir",
                   str(work / "auth"), "--no-cache", "--host", "127.0.0.1", "--audit-log", str(work / "audit.jsonl"),
                   "--max-new-tokens", str(args.max_tokens), "--log-level", "warning"]
+    engine_cpus, front_cpus = split_cpus(args.pin)
+    if front_cpus:
+        os.sched_setaffinity(0, front_cpus)  # the client
     ports = {name: free_port() for name in ENGINES}
     servers: dict[str, Server] = {}
     print(f"model {model} ({config.get('hidden_size')} hidden, {config.get('num_hidden_layers')} layers); "
@@ -324,18 +348,18 @@ def main(argv: list[str] | None = None) -> int:
                 "--disable-log-stats", "--uvicorn-log-level", "warning",
                 *(["--enforce-eager", "-O0"] if args.vllm_eager else [])],
                 ports["vllm"], work, env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-                                          "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
+                                          "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}, cpus=engine_cpus)
             stack.callback(stop, servers["vllm"])
         if "gateway" in engines:
             servers["gateway"] = start("gateway", [*server_cmd, "--engine", "vllm", "--engine-url",
                                                    servers["vllm"].url, "--port", str(ports["gateway"])],
-                                       ports["gateway"], work, token=token)
+                                       ports["gateway"], work, token=token, cpus=front_cpus)
             stack.callback(stop, servers["gateway"])
         if "builtin" in engines:
             servers["builtin"] = start("builtin", [*server_cmd, "--engine", "builtin", "--model", str(model),
                                                    "--precision", "fp32", "--device", "cpu", "--max-batch-size",
                                                    str(max(levels)), "--port", str(ports["builtin"])],
-                                       ports["builtin"], work, token=token)
+                                       ports["builtin"], work, token=token, cpus=engine_cpus)
             stack.callback(stop, servers["builtin"])
         for name in servers:
             wait_ready(servers[name], "/health" if name == "vllm" else "/ready", 900)
@@ -364,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"engines bench ({'quick' if args.quick else 'full'}): {args.max_tokens} output tokens, temperature 0, "
           f"streamed, {args.rounds} rounds alternating, model hidden {config.get('hidden_size')} x "
-          f"{config.get('num_hidden_layers')} layers" + ("; vLLM eager (no torch.compile)" if args.vllm_eager else ""))
+          f"{config.get('num_hidden_layers')} layers" + ("; vLLM eager (no torch.compile)" if args.vllm_eager else "")
+          + (f"; engines pinned to CPU {sorted(engine_cpus)}, gateway and client to {sorted(front_cpus)}"
+             if engine_cpus and front_cpus else ""))
     print(report)
     STATUS_FILE.write_text(STATUS_FILE.read_text() + f"finished {time.strftime('%H:%M:%S')}:\n{report}\n")
     if not args.keep_logs:

@@ -6,6 +6,7 @@ key Ready)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def test_autoscale_quick_follows_the_ramp_without_failed_requests() -> None:
 
 @pytest.mark.slow
 def test_engines_quick_compares_three_engines_at_two_levels() -> None:
-    out = run_bench("engines.py", "--quick")
+    out = run_bench("engines.py", "--quick", "--pin")
+    if len(os.sched_getaffinity(0)) >= 2:  # engines on one CPU, the gateway and the client on the others
+        assert re.search(r"; engines pinned to CPU \[\d+\], gateway and client to \[[\d, ]+\]$", out, re.MULTILINE), out
     rows = re.findall(r"^\s+(\d+) (builtin|vllm|gateway)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)", out,
                       re.MULTILINE)
     assert [(conc, engine) for conc, engine, _, _ in rows] == [
