@@ -60,6 +60,26 @@ def not_served_yet(stderr: str) -> bool:
     return any(marker in stderr for marker in NOT_SERVED_YET)
 
 
+# `kubectl wait --for=condition=X` on an object whose status has no conditions yet (a CRD the API server has only
+# just stored) fails at once with this instead of waiting.
+CONDITIONS_NOT_SET = ".status.conditions accessor error"
+
+
+def wait_established(kubectl: Callable[..., subprocess.CompletedProcess[str]], crds: list[str],
+                     timeout: float) -> None:
+    """Wait until the CustomResourceDefinitions `crds` (full names) are Established, by `kubectl(*args)` without
+    check; raises KubectlError when kubectl fails otherwise than on conditions not set yet, or past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = max(1, round(deadline - time.monotonic()))
+        done = kubectl("wait", "--for=condition=Established", f"--timeout={remaining}s", *(f"crd/{c}" for c in crds))
+        if not done.returncode:
+            return
+        if CONDITIONS_NOT_SET not in done.stderr or time.monotonic() > deadline:
+            raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -446,6 +466,10 @@ class DevCluster:
             if not not_served_yet(done.stderr) or time.monotonic() > deadline:
                 raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
             time.sleep(1)
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until these CustomResourceDefinitions (full names) are Established (see `wait_established`)."""
+        wait_established(lambda *args: self.kubectl(*args, check=False), list(crds), timeout)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run helm against this cluster (its state kept in the cluster's state directory)."""

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from devcluster.cluster import KubectlError, not_served_yet
+from devcluster.cluster import KubectlError, not_served_yet, wait_established
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 GROUP_VERSION = "deepseek.ai/v1alpha1"
@@ -24,12 +24,11 @@ def _kubectl(kubeconfig: str, *args: str, input: str | None = None) -> subproces
 
 def install_crds(kubeconfig: str, timeout: float = 60) -> None:
     """Apply the CRDs and return once both kinds take objects; KubectlError or TimeoutError otherwise."""
-    for args in (("apply", "-f", str(CRDS)),
-                 ("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s",
-                  *(f"crd/{plural}.deepseek.ai" for plural in KINDS))):
-        done = _kubectl(kubeconfig, *args)
-        if done.returncode:
-            raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
+    done = _kubectl(kubeconfig, "apply", "-f", str(CRDS))
+    if done.returncode:
+        raise KubectlError(done.returncode, done.args, done.stdout, done.stderr)
+    wait_established(lambda *args: _kubectl(kubeconfig, *args), [f"{plural}.deepseek.ai" for plural in KINDS],
+                     timeout)
     deadline = time.monotonic() + timeout
     for kind in KINDS.values():
         # a server-side dry run of an empty object: the schema refuses it once the kind is served, nothing is stored

@@ -144,7 +144,7 @@ spec:
 
 def test_crd_is_served_and_schema_enforced(cluster, namespace):
     cluster.kubectl("apply", "-f", "-", input=CRD)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.test.devcluster.io", "--timeout=30s")
+    cluster.wait_established("widgets.test.devcluster.io", timeout=30)
     good = "apiVersion: test.devcluster.io/v1\nkind: Widget\nmetadata: {name: ok}\nspec: {size: 3}\n"
     bad = "apiVersion: test.devcluster.io/v1\nkind: Widget\nmetadata: {name: bad}\nspec: {size: 99}\n"
     # applied the moment the CRD is Established: apply waits while the kind is not served yet

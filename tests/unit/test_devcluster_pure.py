@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import subprocess
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -101,3 +102,37 @@ def test_a_failed_kubectl_says_what_kubectl_printed():
     assert str(failed).endswith('exit status 1.: Error from server (NotFound): namespaces "demo" not found')
     assert isinstance(failed, subprocess.CalledProcessError)
     assert str(cluster.KubectlError(1, ["kubectl"], "", "")) == str(subprocess.CalledProcessError(1, ["kubectl"]))
+
+
+class ScriptedKubectl:
+    """A kubectl stand-in that answers each call with the next (returncode, stderr) and records the arguments."""
+
+    def __init__(self, *answers: tuple[int, str]) -> None:
+        self.answers, self.calls = list(answers), []
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.calls.append(args)
+        code, stderr = self.answers.pop(0)
+        return subprocess.CompletedProcess(["kubectl", *args], code, "", stderr)
+
+
+NO_CONDITIONS = "error: .status.conditions accessor error: <nil> is of the type <nil>, expected []interface{}\n"
+
+
+def test_waiting_for_a_crd_tries_again_while_it_has_no_conditions_yet():
+    """`kubectl wait` fails at once on a CRD just stored, before it has conditions: that is worth another wait."""
+    kubectl = ScriptedKubectl((1, NO_CONDITIONS), (1, NO_CONDITIONS), (0, ""))
+    cluster.wait_established(kubectl, ["apikeys.deepseek.ai", "deepseekdeployments.deepseek.ai"], timeout=30)
+    assert len(kubectl.calls) == 3
+    assert kubectl.calls[0][:2] == ("wait", "--for=condition=Established")
+    assert kubectl.calls[0][-2:] == ("crd/apikeys.deepseek.ai", "crd/deepseekdeployments.deepseek.ai")
+
+
+def test_waiting_for_a_crd_fails_at_once_on_anything_else():
+    kubectl = ScriptedKubectl((1, "error: timed out waiting for the condition on customresourcedefinitions/x\n"))
+    with pytest.raises(cluster.KubectlError, match="timed out waiting"):
+        cluster.wait_established(kubectl, ["x.example.com"], timeout=30)
+    assert len(kubectl.calls) == 1
+    kubectl = ScriptedKubectl(*[(1, NO_CONDITIONS)] * 100)
+    with pytest.raises(cluster.KubectlError, match="accessor error"):  # and on conditions that never come, at last
+        cluster.wait_established(kubectl, ["x.example.com"], timeout=0.5)

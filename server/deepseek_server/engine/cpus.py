@@ -1,7 +1,7 @@
 """How many CPUs the builtin engine may use: the ones the kernel lets this process run on, within its CPU limit.
 
 `os.cpu_count()` is the node's count: in a pod on a 64-core node it says 64 whatever the pod was given, and torch
-with 64 threads on a 4-CPU allotment spends its time waiting at barriers for threads the scheduler has parked. The
+with 64 threads on a 4-CPU allotment has many more threads than CPUs to run them. The
 affinity mask is what a cpuset (the kubelet's static CPU manager, `taskset`) allows; a CPU limit is a CFS quota in
 the pod's cgroup. The operator also passes the replica's CPU request as `--torch-threads` (see `workloads.py`),
 which covers a pod with a request and no limit.

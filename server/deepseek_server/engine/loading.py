@@ -41,7 +41,7 @@ def cpu_threads(requested: int | None) -> int:
 
     All of them, the HTTP event loop included: measured on 2 cores (113M-parameter Llama, 16 streams of 64 tokens),
     2 threads gave 190-197 tokens/s against 144 with 1, and with another process busy on one of the cores 129 against
-    132; short requests on the tiny model (10-100 at once) ran at the same rate either way."""
+    132; short requests on the tiny model (10-100 at once) moved within the runs' spread."""
     return requested or available_cpus()
 
 
