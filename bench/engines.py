@@ -356,9 +356,13 @@ def main(argv: list[str] | None = None) -> int:
                                        ports["gateway"], work, token=token, cpus=front_cpus)
             stack.callback(stop, servers["gateway"])
         if "builtin" in engines:
+            # a thread on each CPU it may use, as the operator configures a replica whose resources.cpu is that
+            # many (vLLM uses them all too)
+            threads = len(engine_cpus) if engine_cpus else len(os.sched_getaffinity(0))
             servers["builtin"] = start("builtin", [*server_cmd, "--engine", "builtin", "--model", str(model),
                                                    "--precision", "fp32", "--device", "cpu", "--max-batch-size",
-                                                   str(max(levels)), "--port", str(ports["builtin"])],
+                                                   str(max(levels)), "--torch-threads", str(threads),
+                                                   "--port", str(ports["builtin"])],
                                        ports["builtin"], work, token=token, cpus=engine_cpus)
             stack.callback(stop, servers["builtin"])
         for name in servers:

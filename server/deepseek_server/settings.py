@@ -40,8 +40,8 @@ class ServerSettings(BaseSettings):
                                            "requests beyond it wait a step, a longer prompt is prefilled in chunks")
     admission_wait_s: float = Field(30.0, gt=0, description="longest wait for KV-cache room before a request "
                                     "is answered 503 with Retry-After")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: the CPUs this process "
-                                      "may use, within its CPU limit)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one fewer than the CPUs "
+                                      "this process may use, within its CPU limit)")
 
     auth: Literal["required", "disabled"] = "required"
     auth_dir: Path | None = None

@@ -50,10 +50,19 @@ def test_usable_cpus_is_the_affinity_within_the_quota(affinity: int, limit: floa
     assert usable_cpus(affinity, limit) == expected
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
-def test_a_process_pinned_to_one_cpu_gets_one_torch_thread() -> None:
-    """A cpuset of one CPU (what the kubelet's static CPU manager or taskset gives): one thread, whatever the node."""
-    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+def threads_when_pinned(cpus: int) -> list[str]:
+    """cpu_threads(None) and cpu_threads(3) in a process allowed on its first `cpus` CPUs."""
+    code = (f"import os; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:{cpus}]); "
             "from deepseek_server.engine.loading import cpu_threads; print(cpu_threads(None), cpu_threads(3))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["1", "3"]  # an explicit --torch-threads is taken as given
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_without_a_declared_count_torch_leaves_one_of_the_processes_cpus_free() -> None:
+    """A cpuset (what the kubelet's static CPU manager or taskset gives) counts, not the node: one thread on one CPU,
+    one on two; an explicit --torch-threads is taken as given."""
+    assert threads_when_pinned(1) == ["1", "3"]
+    if len(os.sched_getaffinity(0)) >= 3:
+        assert threads_when_pinned(3) == ["2", "3"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert threads_when_pinned(2) == ["1", "3"]

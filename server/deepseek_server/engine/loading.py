@@ -36,13 +36,14 @@ class LoadedModel:
 
 
 def cpu_threads(requested: int | None) -> int:
-    """Torch's CPU threads: as many as asked (the operator passes the replica's CPU request), else every CPU this
-    process may use (`cpus.available_cpus`: its affinity, within a cgroup CPU limit).
+    """Torch's CPU threads: as many as asked (the operator passes the replica's CPU request), else one fewer than
+    the CPUs this process may use (`cpus.available_cpus`: its affinity, within a cgroup CPU limit), at least one.
 
-    All of them, the HTTP event loop included: measured on 2 cores (113M-parameter Llama, 16 streams of 64 tokens),
-    2 threads gave 190-197 tokens/s against 144 with 1, and with another process busy on one of the cores 129 against
-    132; short requests on the tiny model (10-100 at once) moved within the runs' spread."""
-    return requested or available_cpus()
+    A replica that declares its CPUs gets a thread on each, the HTTP event loop sharing them: measured on 2 cores
+    (113M-parameter Llama, 16 streams of 64 tokens), 2 threads gave 190-197 tokens/s against 144 with 1. Without a
+    declared count the server does not know what else runs beside it (other replicas on the node, or a test
+    cluster's control plane on the same two cores), so it leaves one CPU free."""
+    return requested or max(available_cpus() - 1, 1)
 
 
 def observe_placement(path: str | Path, precision: Precision, device: str) -> Placement:
