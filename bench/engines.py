@@ -4,8 +4,15 @@ One model (made by `deepseek-server make-tiny-model` with size flags: >= 100M pa
 one client, streamed completions with temperature 0 and 64 output tokens, at concurrency 1, 16 and 64. All three
 servers run at once and the order alternates between rounds, so drift on a shared machine hits all of them alike.
 Prints tokens/s, p50/p95 latency and time to first token, with ratios next to the targets:
-- gateway vs vLLM direct: <= 3 % fewer tokens/s and <= 2 ms more p50 latency, at every concurrency;
-- builtin vs vLLM direct: >= 0.8x tokens/s at concurrency 16.
+- builtin vs vLLM direct: >= 0.8x tokens/s at concurrency 16 (the rounds table);
+- gateway vs vLLM direct: <= 3 % fewer tokens/s and <= 2 ms more p50 latency, at every concurrency (the paired
+  table). A request on a CPU engine takes seconds and differs from the next by a few percent, far more than the
+  gateway adds, so rounds minutes apart cannot resolve 2 ms. The paired part sends each request to vLLM direct and
+  through the gateway at the same moment (N / 2 pairs in flight at concurrency N): the two share the engine's
+  batches, and the difference between their latencies is what the gateway added. At concurrency 1 the two go one
+  after the other (the engine has one request at a time), so there the pairs differ by the engine's drift too.
+  Sent together, the gateway's request reaches the engine a little later and can miss the batch step its twin
+  joined: a cost of the gateway that a CPU engine, with steps of tens to hundreds of milliseconds, magnifies.
 Also the CPU each server's process tree used per output token (the gateway row adds vLLM's) and the share of a core
 it got while its round ran. On a shared machine the scheduler gives the servers different shares of the cores, which
 moves tokens/s from run to run; CPU per token is what an engine change moves.
@@ -13,12 +20,16 @@ moves tokens/s from run to run; CPU per token is what an engine change moves.
 vLLM on this CPU-only machine keeps nearly two cores busy, so the gateway's own CPU (parsing, auth, relaying each
 token) is taken from the engine and shows as engine time. In a pod the gateway container has CPU of its own and vLLM
 computes on GPUs. `--pin` measures that arrangement: vLLM (and the builtin engine) on the last CPU, the gateway and
-this client on the others; vLLM direct and through the gateway still share one vLLM.
+this client on the others; vLLM direct and through the gateway still share one vLLM. For the paired part the client
+moves to the engines' CPU and leaves the gateway alone on the others: the client's work per streamed chunk is about
+the gateway's, and on the gateway's CPU it would be queued in front of it (measured at concurrency 16 / 64: added p50
++4.2 / +24.6 ms with the client beside the gateway, +2.5 / +10.3 ms beside the engine).
 
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
     .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
     .venv/bin/python bench/engines.py --only vllm,gateway --concurrency 1,16
     .venv/bin/python bench/engines.py --only vllm,gateway --pin   # engines on one CPU, gateway + client on the rest
+    .venv/bin/python bench/engines.py --only vllm,gateway --pin --parts paired   # the gateway's cost alone
 
 vLLM comes from `make vllm-env` (.venv-vllm). Both our servers check real API keys (an auth directory made here).
 """
@@ -189,7 +200,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int,
-                      level: Level) -> None:
+                      level: Level) -> tuple[float, int, float] | None:
+    """Stream one completion into `level`; returns (latency s, completion tokens, time to first token s), or None if
+    it failed."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     headers = {"authorization": f"Bearer {server.token}"} if server.token else {}
@@ -213,11 +226,13 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
         level.errors += 1
         if level.errors <= 3:
             print(f"  error: {exc}", file=sys.stderr)
-        return
+        return None
     done = time.perf_counter()
+    tokens = int((usage or {}).get("completion_tokens") or 0)
     level.latencies.append(done - started)
     level.ttfts.append((first or done) - started)
-    level.tokens += int((usage or {}).get("completion_tokens") or 0)
+    level.tokens += tokens
+    return done - started, tokens, (first or done) - started
 
 
 async def run_level(server: Server, concurrency: int, requests: int, max_tokens: int, level: Level,
@@ -235,6 +250,91 @@ async def run_level(server: Server, concurrency: int, requests: int, max_tokens:
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         level.seconds += time.perf_counter() - started
+
+
+@dataclass
+class Paired:
+    """vLLM direct and through the gateway at one concurrency, the same request sent to both (a pair)."""
+
+    direct: Level = field(default_factory=Level)
+    gateway: Level = field(default_factory=Level)
+    pairs: list[tuple[tuple[float, int, float], tuple[float, int, float]]] = field(default_factory=list)
+
+    def stream_tokens_per_s(self, side: int) -> float:
+        """Tokens per second of one stream, over the pairs where both requests completed."""
+        seconds = sum(pair[side][0] for pair in self.pairs)
+        return sum(pair[side][1] for pair in self.pairs) / seconds if seconds else 0.0
+
+    def added_ms(self, what: int = 0) -> list[float]:
+        """Gateway minus direct per pair, in ms: latency (0) or time to first token (2)."""
+        return [(gateway[what] - direct[what]) * 1000 for direct, gateway in self.pairs]
+
+
+async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: int, max_tokens: int,
+                     result: Paired, round_no: int) -> None:
+    """At concurrency 1, pairs one after the other, the two requests of a pair in turn (which side goes first
+    alternates), so the engine serves one request at a time. At N >= 2, N / 2 pairs in flight, the two requests of a
+    pair sent together: the engine has N requests in flight and a pair's two share its batches, so what differs
+    between them is the gateway, not the engine's pace, which drifts by a few percent from one request to the next."""
+    limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        queue = list(range(pairs))
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                prompt = f"Pair {round_no}-{i}: tell me a story about"
+                if concurrency == 1:
+                    sides = [(direct, result.direct), (gateway, result.gateway)]
+                    samples = {}
+                    for server, level in (sides[::-1] if i % 2 else sides):
+                        samples[server.name] = await one_request(client, server, prompt, max_tokens, level)
+                    first, second = samples[direct.name], samples[gateway.name]
+                else:
+                    first, second = await asyncio.gather(
+                        one_request(client, direct, prompt, max_tokens, result.direct),
+                        one_request(client, gateway, prompt, max_tokens, result.gateway))
+                if first is not None and second is not None:
+                    result.pairs.append((first, second))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 2))))
+        elapsed = time.perf_counter() - started
+        result.direct.seconds += elapsed
+        result.gateway.seconds += elapsed
+
+
+def paired_table(results: dict[int, Paired], judge: bool = True) -> str:
+    """Per concurrency: each side's tokens/s per stream and p50 latency, and what the gateway added per pair."""
+    lines = [f"{'conc':>4} {'pairs':>5} {'err':>4} {'tok/s/stream direct':>19} {'gateway':>8} {'ratio':>6} "
+             f"{'p50 direct':>10} {'gateway':>9} {'added p50':>9} {'mean':>7} {'95% CI':>8} {'TTFT':>6}  (target)"]
+    verdicts: list[bool] = []
+    for concurrency, paired in results.items():
+        direct, gateway = paired.stream_tokens_per_s(0), paired.stream_tokens_per_s(1)
+        ratio = gateway / direct if direct else 0.0
+        added = paired.added_ms()
+        mean = sum(added) / len(added) if added else float("nan")
+        spread = (sum((a - mean) ** 2 for a in added) / (len(added) - 1)) ** 0.5 if len(added) > 1 else float("nan")
+        interval = 1.96 * spread / len(added) ** 0.5 if added else float("nan")
+        ok_tokens = ratio >= 1 - TARGETS["gateway_tokens_loss"]
+        # met only when the pairs resolve it: the median within the target and the mean's interval too
+        target = TARGETS["gateway_p50_ms"]
+        if pct(added, 0.5) <= target and mean + interval <= target:
+            p50_verdict = "ok"
+        elif pct(added, 0.5) > target and mean - interval > target:
+            p50_verdict = "MISS"
+        else:
+            p50_verdict = f"UNRESOLVED (+-{interval:.0f} ms)"
+        verdicts += [ok_tokens, p50_verdict == "ok"]
+        note = (f"tok/s >= {1 - TARGETS['gateway_tokens_loss']:.2f}x {('ok' if ok_tokens else 'MISS')}; added p50 <= "
+                f"{target:.0f} ms {p50_verdict}") if judge else "(not judged)"
+        lines.append(f"{concurrency:>4} {len(paired.pairs):>5} {paired.direct.errors + paired.gateway.errors:>4} "
+                     f"{direct:>19.2f} {gateway:>8.2f} {ratio:>6.3f} {pct(paired.direct.latencies, 0.5) * 1000:>10.1f} "
+                     f"{pct(paired.gateway.latencies, 0.5) * 1000:>9.1f} "
+                     f"{pct(added, 0.5):>+9.2f} {mean:>+7.1f} {interval:>8.1f} {pct(paired.added_ms(2), 0.5):>+6.1f}  "
+                     f"{note}")
+    lines.append(f"gateway targets met: {sum(verdicts)}/{len(verdicts)}" if judge else "targets not judged (--quick)")
+    return "\n".join(lines)
 
 
 def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool = True) -> str:
@@ -255,13 +355,9 @@ def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool 
             if direct is not None and name != "vllm" and direct.tokens_per_s:
                 ratio = level.tokens_per_s / direct.tokens_per_s
                 if name == "gateway":
+                    # judged on the paired table: rounds minutes apart differ by more than the gateway costs
                     overhead = p50 - pct(direct.latencies, 0.5) * 1000
-                    ok_tokens = ratio >= 1 - TARGETS["gateway_tokens_loss"]
-                    ok_p50 = overhead <= TARGETS["gateway_p50_ms"]
-                    verdicts += [ok_tokens, ok_p50]
-                    note = (f"tok/s {ratio:.3f}x (>= {1 - TARGETS['gateway_tokens_loss']:.2f}) "
-                            f"{mark(ok_tokens)}; p50 {overhead:+.1f} ms (<= "
-                            f"{TARGETS['gateway_p50_ms']:.0f}) {mark(ok_p50)}")
+                    note = f"tok/s {ratio:.3f}x; p50 {overhead:+.1f} ms (judged paired, below)"
                 else:
                     note = f"tok/s {ratio:.3f}x"
                     if concurrency == 16:
@@ -276,7 +372,12 @@ def table(results: dict[int, dict[str, Level]], engines: list[str], judge: bool 
             lines.append(f"{concurrency:>4} {name:<8} {level.tokens_per_s:>8.1f} {p50:>9.1f} "
                          f"{pct(level.latencies, 0.95) * 1000:>9.1f} {pct(level.ttfts, 0.5) * 1000:>9.1f} "
                          f"{level.errors:>4} {cpu_cells}  {note}")
-    lines.append(f"targets met: {sum(verdicts)}/{len(verdicts)}" if judge else "targets not judged (--quick)")
+    if not judge:
+        lines.append("targets not judged (--quick)")
+    elif verdicts:
+        lines.append(f"builtin target met: {sum(verdicts)}/{len(verdicts)}")
+    else:
+        lines.append("no target judged here (the builtin engine's is at concurrency 16; the gateway's, paired)")
     return "\n".join(lines)
 
 
@@ -290,6 +391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per level; the order alternates (default 2; 1 quick)")
     parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 64; 8 with --quick)")
     parser.add_argument("--only", default=",".join(ENGINES), help="engines to run: builtin,vllm,gateway")
+    parser.add_argument("--parts", default="rounds,paired",
+                        help="rounds: each engine in turn, alternating; paired: vLLM direct and through the gateway "
+                             "sent the same requests at once (needs the gateway)")
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
@@ -372,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_level(servers[name], 1 if args.quick else 2, 1 if args.quick else 4, args.max_tokens,
                                   Level(), -1))
         results: dict[int, dict[str, Level]] = {}
-        for concurrency in levels:
+        for concurrency in levels if "rounds" in args.parts else []:
             requests = args.requests or (2 * concurrency if args.quick else max(16, 2 * concurrency))
             results[concurrency] = {name: Level() for name in engines}
             for round_no in range(args.rounds):
@@ -388,7 +492,31 @@ def main(argv: list[str] | None = None) -> int:
                     level.cpu_s = level.cpu_s + cpu_used if measured and level.cpu_s is not None else None
                     print(f"  c={concurrency} round {round_no} {name}: {level.tokens_per_s:.1f} tok/s so far, "
                           f"p50 {pct(level.latencies, 0.5) * 1000:.1f} ms", flush=True)
-    report = table(results, engines, judge=not args.quick)
+        paired: dict[int, Paired] = {}
+        if "gateway" in engines and "paired" in args.parts:
+            print("vLLM direct and through the gateway, paired", flush=True)
+            if engine_cpus:
+                # The gateway keeps its CPU to itself, as its container does in a pod. The client moves to the
+                # engine's CPU: its own work per streamed chunk, about the gateway's here, would otherwise queue in
+                # front of the gateway's; beside the engine, it slows both requests of a pair alike.
+                os.sched_setaffinity(0, engine_cpus)
+            for concurrency in levels:
+                pairs = args.requests or (concurrency if args.quick else max(16, concurrency))
+                paired[concurrency] = Paired()
+                for round_no in range(args.rounds):
+                    asyncio.run(run_paired(servers["vllm"], servers["gateway"], concurrency, pairs,
+                                           args.max_tokens, paired[concurrency], round_no))
+                    print(f"  c={concurrency} round {round_no}: {len(paired[concurrency].pairs)} pairs, added p50 "
+                          f"{pct(paired[concurrency].added_ms(), 0.5):+.2f} ms", flush=True)
+    report = table(results, engines, judge=not args.quick) if results else ""
+    if paired:
+        report += ("\n\n" if report else "") + (
+            "vLLM direct and through the gateway, paired: the same request to both, in turns at concurrency 1, "
+            "sent together at N (N / 2 pairs in flight)"
+            + (f"; the client on the engines' CPU {sorted(engine_cpus)}, the gateway alone on {sorted(front_cpus)}"
+               if engine_cpus and front_cpus else "") + ";\nadded = gateway latency - direct latency per pair: its "
+            "median is judged, its mean shown with a 95 % interval; TTFT: the median added time to first token\n"
+            + paired_table(paired, judge=not args.quick))
     print()
     print(f"engines bench ({'quick' if args.quick else 'full'}): {args.max_tokens} output tokens, temperature 0, "
           f"streamed, {args.rounds} rounds alternating, model hidden {config.get('hidden_size')} x "

@@ -120,6 +120,12 @@ def test_engines_quick_compares_three_engines_at_two_levels() -> None:
         (c, e) for c in ("1", "2") for e in ("builtin", "vllm", "gateway")], out
     assert all(float(tokens_s) > 0 and errors == "0" for _, _, tokens_s, errors in rows), out
     assert "targets not judged (--quick)" in out
+    # the paired part: at each level, pairs where both requests completed, and what the gateway added per pair
+    paired = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+"
+                        r"([+-][\d.]+)\s+([+-][\d.]+)\s+\S+\s+[+-][\d.]+\s+\(not judged\)$", out, re.MULTILINE)
+    assert [row[0] for row in paired] == ["1", "2"], out
+    assert all(int(pairs) > 0 and errors == "0" and float(direct) > 0 and float(gateway) > 0
+               for _, pairs, errors, direct, gateway, *_ in paired), out
 
 
 def test_gateway_overhead_quick_measures_every_side() -> None:
