@@ -409,6 +409,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.max_tokens = args.max_tokens or (8 if args.quick else 64)
     args.vllm_eager = args.quick if args.vllm_eager is None else args.vllm_eager
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"rounds", "paired"}:
+        parser.error(f"--parts takes rounds, paired or both, not {args.parts!r}")
+    if parts == {"paired"} and "gateway" not in args.only.split(","):
+        parser.error("--parts paired compares vLLM direct with the gateway: add gateway to --only")
+    args.parts = parts
     return args
 
 
