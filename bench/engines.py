@@ -298,11 +298,7 @@ async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: i
                 if first is not None and second is not None:
                     result.pairs.append((first, second))
 
-        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 2))))
-        elapsed = time.perf_counter() - started
-        result.direct.seconds += elapsed
-        result.gateway.seconds += elapsed
 
 
 def paired_table(results: dict[int, Paired], judge: bool = True) -> str:
