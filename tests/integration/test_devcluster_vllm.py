@@ -156,11 +156,14 @@ def test_without_the_vllm_virtualenv_the_container_fails_saying_what_to_run(clus
     pod = vllm_pod(tmp_path)
     pod["metadata"]["name"] = "novllm"
     pod["spec"]["containers"][0]["command"] = [sys.executable, str(entry), "--vllm-venv", str(missing), "--"]
+    # Never restarted, so the log read below is the run that failed, not an empty log of the next run (with
+    # restartPolicy Always a restart can begin between seeing the exit and reading the log)
+    pod["spec"]["restartPolicy"] = "Never"
     core.create_namespaced_pod(namespace, pod)
 
     def terminated() -> Any:
         status = (core.read_namespaced_pod("novllm", namespace).status.container_statuses or [None])[0]
-        return status and (status.last_state.terminated or status.state.terminated)
+        return status and status.state.terminated
 
     assert wait_for("the container to exit", terminated, timeout=60).exit_code == 1
     assert f"vLLM is not installed: no {missing}/bin/python. Run `make vllm-env`" in pod_logs(
