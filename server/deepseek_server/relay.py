@@ -36,6 +36,9 @@ _USAGE = b'"usage":{'
 _USAGE_NULL = b',"usage":null'
 _FINISHED = b'"finish_reason":"'
 _FINGERPRINT = b'"system_fingerprint"'
+_DONE = b"data: [DONE]\n\n"
+# engine responses whose end is still being read after their stream was answered (see `_StreamRelay.finish`)
+_draining: set[asyncio.Task[None]] = set()
 
 
 async def relay_call(services: Services, request: Request, principal: Principal, engine: OpenAIUpstreamEngine,
@@ -163,6 +166,8 @@ class _StreamRelay:
         self.usage: dict[str, Any] | None = None
         self.events_sent = 0
         self.finished = False
+        self.answered = False  # `[DONE]` relayed: the client's stream is complete, whatever the engine sends after
+        self.body = upstream.aiter_arrived()
 
     async def events(self) -> AsyncIterator[bytes]:
         services, request, client_usage = self.services, self.request, self.client_usage
@@ -174,7 +179,7 @@ class _StreamRelay:
         # closing the upstream response drops the engine connection, and the engine aborts the request.
         watcher = asyncio.ensure_future(_close_on_disconnect(request, self.upstream))
         try:
-            async for data in self.upstream.aiter_arrived():  # chunks that came together go out together
+            async for data in self.body:  # chunks that came together go out together
                 if first:
                     first = False
                     services.metrics.ttft.labels(self.kind).observe(time.perf_counter() - started)
@@ -197,6 +202,12 @@ class _StreamRelay:
                         events = _with_fingerprint(events, fingerprint)
                 if events:
                     yield events
+                if events.endswith(_DONE):
+                    # The stream is complete. The engine sends the end of its chunked body after `[DONE]`, in a
+                    # write of its own (later still when it is busy with many streams): the client's response ends
+                    # now, and `finish` has the engine's end read in the background.
+                    self.answered = True
+                    return
             if pending:
                 yield pending
         except (EngineConnectionError, EngineTimeout) as exc:
@@ -219,13 +230,31 @@ class _StreamRelay:
             return
         self.finished = True
         with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still close and account
-            await self.upstream.aclose()
+            if self.answered:
+                # read the engine's end in the background: the connection then goes back to the pool for reuse
+                task = asyncio.ensure_future(_read_to_end(self.upstream, self.body))
+                _draining.add(task)
+                task.add_done_callback(_draining.discard)
+            else:
+                await self.upstream.aclose()
             if self.usage is not None:
                 prompt_tokens, completion_tokens = _usage_counts(self.usage)
             else:  # cut short: count one token per event relayed, so limits still see the work done
                 prompt_tokens, completion_tokens = 0, self.events_sent
             _account(self.services, self.request, prompt_tokens, completion_tokens)
             await release(self.services, self.lease, prompt_tokens + completion_tokens)
+
+
+async def _read_to_end(upstream: EngineResponse, body: AsyncIterator[bytes]) -> None:
+    """Read what is left of an engine's answer whose stream was already answered (its chunked body's end), then close
+    it: cleanly ended, its connection is reused; anything else, or a read timeout, drops the connection."""
+    try:
+        async for _ in body:
+            pass
+    except (EngineConnectionError, EngineTimeout):
+        pass
+    finally:
+        await upstream.aclose()
 
 
 class _RelayedStreamResponse(StreamingResponse):

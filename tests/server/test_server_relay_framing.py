@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from deepseek_server.app import create_app
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineHTTPClient
@@ -204,3 +206,70 @@ async def test_events_that_arrive_together_reach_the_client_in_one_write(
         assert _dechunk(framed) == [b"".join([*_token_events(usage_null=False), b"data: [DONE]\n\n"])]
     finally:
         await asyncio.to_thread(gateway.stop)
+
+
+async def test_the_clients_response_ends_at_done_without_waiting_for_the_engines_end(
+        auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    """An engine sends the end of its chunked body after `[DONE]`, in a write of its own (vLLM does), here seconds
+    later. The stream is complete at `[DONE]`: the client's response ends there, the tokens are accounted, and the
+    engine's end is still read, so its connection is reused."""
+    hold = 3.0
+    connections: list[int] = []
+    streamed_on: list[int] = []  # the connection each streamed request came on
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        connection = len(connections)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                if not body.get("stream"):  # /health, /v1/models, the readiness check's completion
+                    answer = json.dumps({"data": [{"id": MODEL, "max_model_len": 128}]} if b"/v1/models" in head else
+                                        {"choices": [{"index": 0, "text": " w", "finish_reason": "length"}],
+                                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+                    continue
+                streamed_on.append(connection)
+                usage = _event({"id": "c", "object": "text_completion", "created": 1, "model": MODEL,
+                                "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": TOKENS,
+                                                         "total_tokens": TOKENS + 1}})
+                events = [*_token_events(usage_null=True), usage, b"data: [DONE]\n\n"]
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
+                             b"\r\n\r\n" + chunked(tuple(events)).removesuffix(b"0\r\n\r\n"))
+                await writer.drain()
+                await asyncio.sleep(hold)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)  # served by this test's event loop
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    settings = ServerSettings(engine="vllm", engine_url=url, model_name=MODEL, auth_dir=auth_dir, max_new_tokens=100)
+    gateway = await asyncio.to_thread(ServerThread(create_app(settings)).start, 60)
+    try:
+        token = token_factory(sub="slow-end")
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(2):
+                started = time.monotonic()
+                response = await client.post(f"{gateway.url}/v1/completions",
+                                             headers={"authorization": f"Bearer {token}"},
+                                             json={"model": MODEL, "prompt": "hi", "max_tokens": TOKENS,
+                                                   "stream": True, "stream_options": {"include_usage": True}})
+                took = time.monotonic() - started
+                assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+                assert '"completion_tokens":8' in response.text
+                assert took < hold / 2, f"the response ended {took:.2f} s after the request, with the engine's end"
+                await asyncio.sleep(hold + 0.5)  # the engine's end has come: the connection is back in the pool
+            metrics = (await client.get(f"{gateway.url}/metrics")).text
+        generated = [line for line in metrics.splitlines() if line.startswith("deepseek_generated_tokens_total")]
+        assert generated and float(generated[0].split()[-1]) == 2 * TOKENS  # both streams accounted
+        assert streamed_on[0] == streamed_on[1]  # the second stream reused the first one's connection
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        server.close()
