@@ -23,8 +23,10 @@ computes on GPUs. `--pin` measures that arrangement: vLLM (and the builtin engin
 this client on the others; vLLM direct and through the gateway still share one vLLM. For the paired part the client
 moves to the engines' CPU, at a higher priority than theirs where it may raise it, and leaves the gateway alone on the
 others: the client's work per streamed chunk is about the gateway's, and on the gateway's CPU it would be queued in
-front of it. Measured at concurrency 16 / 64, added p50: client beside the gateway +4.2 / +24.6 ms; beside the engine
-+2.5 to +4.2 / +10.3 to +13.1 ms; beside the engine at nice -10 +0.65 / +17.7 ms.
+front of it. Measured at concurrency 16 / 64, added p50 (httpx client): client beside the gateway +4.2 / +24.6 ms;
+beside the engine +2.5 to +4.2 / +10.3 to +13.1 ms; beside the engine at nice -10 +0.65 / +17.7 ms. The paired part
+reads with a small raw HTTP client (`--client raw`, the default): httpx's own work per chunk, at 64 streams read one
+after another, made whichever request of a pair it read later look slower (`--client httpx` keeps it).
 
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
     .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
@@ -52,6 +54,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -224,16 +227,90 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
                 if chunk.get("usage"):
                     usage = chunk["usage"]
     except (httpx.HTTPError, RuntimeError) as exc:
-        level.errors += 1
-        if level.errors <= 3:
-            print(f"  error: {exc}", file=sys.stderr)
-        return None
+        return _failed(level, exc)
+    return _completed(level, started, first, usage)
+
+
+def _failed(level: Level, exc: BaseException) -> None:
+    level.errors += 1
+    if level.errors <= 3:
+        print(f"  error: {exc}", file=sys.stderr)
+
+
+def _completed(level: Level, started: float, first: float | None, usage: dict | None) -> tuple[float, int, float]:
+    """Record a request that ended now into `level`: (latency s, completion tokens, time to first token s)."""
     done = time.perf_counter()
     tokens = int((usage or {}).get("completion_tokens") or 0)
     level.latencies.append(done - started)
     level.ttfts.append((first or done) - started)
     level.tokens += tokens
     return done - started, tokens, (first or done) - started
+
+
+class RawClient:
+    """A streaming HTTP/1.1 client on asyncio streams with keep-alive connections per server: the paired part's.
+
+    httpx parses each streamed chunk through several layers in the client's own CPU time. At 64 streams an engine
+    step ends them all at once and the client reads them one after another, so a request it happens to read late
+    looks slower than its twin: in paired runs at 64 with httpx, a response ended 8.6 to 16 ms after its `[DONE]`
+    line (the client's work in between). This client reads what arrived in one call and looks only for the first
+    token, the usage and the end of the chunked body."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def stream(self, server: Server, body: bytes) -> tuple[float | None, dict | None]:
+        """POST a streamed completion; (time the first token arrived, the usage) once the response has ended."""
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        pool = self.idle.setdefault(server.url, [])
+        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, int(port), limit=1 << 20)
+        auth = b"authorization: Bearer %s\r\n" % server.token.encode() if server.token else b""
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n%s"
+                     b"content-length: %d\r\n\r\n%s" % (host.encode(), auth, len(body), body))
+        first: float | None = None
+        usage = None
+        buffer = b""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            if status != 200 or b"chunked" not in head.lower():
+                raise RuntimeError(f"{server.name}: HTTP {status}: {head[:300]!r}")
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise RuntimeError(f"{server.name}: the connection closed mid-answer")
+                if first is None and b'"text":"' in data:
+                    first = time.perf_counter()
+                buffer += data
+                if buffer.endswith(b"\r\n0\r\n\r\n") or buffer == b"0\r\n\r\n":
+                    break
+        except BaseException:
+            writer.close()
+            raise
+        for event in buffer.split(b"\n\n"):
+            at = event.find(b"data: {")
+            if at >= 0 and b'"usage":{' in event:
+                usage = json.loads(event[at + 6:]).get("usage")
+        pool.append((reader, writer))
+        return first, usage
+
+    def close(self) -> None:
+        for pool in self.idle.values():
+            for _, writer in pool:
+                writer.close()
+
+
+async def one_request_raw(raw: RawClient, server: Server, prompt: str, max_tokens: int,
+                          level: Level) -> tuple[float, int, float] | None:
+    """`one_request` through `RawClient`."""
+    body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    started = time.perf_counter()
+    try:
+        first, usage = await raw.stream(server, body)
+    except (OSError, asyncio.IncompleteReadError, RuntimeError, ValueError) as exc:
+        return _failed(level, exc)
+    return _completed(level, started, first, usage)
 
 
 async def run_level(server: Server, concurrency: int, requests: int, max_tokens: int, level: Level,
@@ -272,14 +349,20 @@ class Paired:
 
 
 async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: int, max_tokens: int,
-                     result: Paired, round_no: int) -> None:
+                     result: Paired, round_no: int, client_kind: str = "raw") -> None:
     """At concurrency 1, pairs one after the other, the two requests of a pair in turn (which side goes first
     alternates), so the engine serves one request at a time. At N >= 2, N / 2 pairs in flight, the two requests of a
     pair sent together: the engine has N requests in flight and a pair's two share its batches, so what differs
     between them is the gateway, not the engine's pace, which drifts by a few percent from one request to the next."""
     limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
+    raw = RawClient()
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         queue = list(range(pairs))
+
+        def request(server: Server, prompt: str, level: Level) -> Any:
+            if client_kind == "raw":
+                return one_request_raw(raw, server, prompt, max_tokens, level)
+            return one_request(client, server, prompt, max_tokens, level)
 
         async def worker() -> None:
             while queue:
@@ -289,16 +372,18 @@ async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: i
                     sides = [(direct, result.direct), (gateway, result.gateway)]
                     samples = {}
                     for server, level in (sides[::-1] if i % 2 else sides):
-                        samples[server.name] = await one_request(client, server, prompt, max_tokens, level)
+                        samples[server.name] = await request(server, prompt, level)
                     first, second = samples[direct.name], samples[gateway.name]
                 else:
-                    first, second = await asyncio.gather(
-                        one_request(client, direct, prompt, max_tokens, result.direct),
-                        one_request(client, gateway, prompt, max_tokens, result.gateway))
+                    first, second = await asyncio.gather(request(direct, prompt, result.direct),
+                                                         request(gateway, prompt, result.gateway))
                 if first is not None and second is not None:
                     result.pairs.append((first, second))
 
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 2))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 2))))
+        finally:
+            raw.close()
 
 
 def paired_table(results: dict[int, Paired], judge: bool = True) -> str:
@@ -392,6 +477,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rounds: each engine in turn, alternating; paired: vLLM direct and through the gateway "
                              "sent the same requests at once (needs the gateway)")
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="the paired part's client: raw (a few microseconds per streamed chunk; default) or "
+                             "httpx (what the rounds use; at 64 streams its own reading adds milliseconds to "
+                             "whichever request of a pair it reads second)")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
     parser.add_argument("--pin", action="store_true",
@@ -516,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 paired[concurrency] = Paired()
                 for round_no in range(args.rounds):
                     asyncio.run(run_paired(servers["vllm"], servers["gateway"], concurrency, pairs,
-                                           args.max_tokens, paired[concurrency], round_no))
+                                           args.max_tokens, paired[concurrency], round_no, args.client))
                     print(f"  c={concurrency} round {round_no}: {len(paired[concurrency].pairs)} pairs, added p50 "
                           f"{pct(paired[concurrency].added_ms(), 0.5):+.2f} ms", flush=True)
     report = table(results, engines, judge=not args.quick) if results else ""
