@@ -25,8 +25,8 @@ moves to the engines' CPU, at a higher priority than theirs where it may raise i
 others: the client's work per streamed chunk is about the gateway's, and on the gateway's CPU it would be queued in
 front of it. Measured at concurrency 16 / 64, added p50 (httpx client): client beside the gateway +4.2 / +24.6 ms;
 beside the engine +2.5 to +4.2 / +10.3 to +13.1 ms; beside the engine at nice -10 +0.65 / +17.7 ms. The paired part
-reads with a small raw HTTP client (`--client raw`, the default): httpx's own work per chunk, at 64 streams read one
-after another, made whichever request of a pair it read later look slower (`--client httpx` keeps it).
+reads with the gateway's own engine client (`--client raw`, the default): httpx's own work per chunk, at 64 streams
+read one after another, made whichever request of a pair it read later look slower (`--client httpx` keeps it).
 
     .venv/bin/python bench/engines.py            # full: ~110M-parameter model
     .venv/bin/python bench/engines.py --quick    # tiny model, concurrency 1 and 2, 8 tokens: checks the script runs
@@ -60,6 +60,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from deepseek_server.engine.engine_http import EngineConnectionError, EngineHTTPClient, EngineTimeout
 
 from devcluster.testing.polling import exit_on_sigterm
 from devcluster.testing.ports import free_port
@@ -247,68 +248,40 @@ def _completed(level: Level, started: float, first: float | None, usage: dict | 
     return done - started, tokens, (first or done) - started
 
 
-class RawClient:
-    """A streaming HTTP/1.1 client on asyncio streams with keep-alive connections per server: the paired part's.
+async def one_request_raw(clients: dict[str, EngineHTTPClient], server: Server, prompt: str, max_tokens: int,
+                          level: Level) -> tuple[float, int, float] | None:
+    """`one_request` through the gateway's own engine client (`clients`: one per server URL), for the paired part.
 
     httpx parses each streamed chunk through several layers in the client's own CPU time. At 64 streams an engine
     step ends them all at once and the client reads them one after another, so a request it happens to read late
     looks slower than its twin: in paired runs at 64 with httpx, a response ended 8.6 to 16 ms after its `[DONE]`
-    line (the client's work in between). This client reads what arrived in one call and looks only for the first
-    token, the usage and the end of the chunked body."""
-
-    def __init__(self) -> None:
-        self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
-
-    async def stream(self, server: Server, body: bytes) -> tuple[float | None, dict | None]:
-        """POST a streamed completion; (time the first token arrived, the usage) once the response has ended."""
+    line (the client's work in between). This client hands over what arrived in one read, and only the first token,
+    the usage and the end of the body are looked for."""
+    if server.url not in clients:
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
-        pool = self.idle.setdefault(server.url, [])
-        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, int(port), limit=1 << 20)
-        auth = b"authorization: Bearer %s\r\n" % server.token.encode() if server.token else b""
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n%s"
-                     b"content-length: %d\r\n\r\n%s" % (host.encode(), auth, len(body), body))
-        first: float | None = None
-        usage = None
-        buffer = b""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            if status != 200 or b"chunked" not in head.lower():
-                raise RuntimeError(f"{server.name}: HTTP {status}: {head[:300]!r}")
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise RuntimeError(f"{server.name}: the connection closed mid-answer")
-                if first is None and b'"text":"' in data:
-                    first = time.perf_counter()
-                buffer += data
-                if buffer.endswith(b"\r\n0\r\n\r\n") or buffer == b"0\r\n\r\n":
-                    break
-        except BaseException:
-            writer.close()
-            raise
-        for event in buffer.split(b"\n\n"):
-            at = event.find(b"data: {")
-            if at >= 0 and b'"usage":{' in event:
-                usage = json.loads(event[at + 6:]).get("usage")
-        pool.append((reader, writer))
-        return first, usage
-
-    def close(self) -> None:
-        for pool in self.idle.values():
-            for _, writer in pool:
-                writer.close()
-
-
-async def one_request_raw(raw: RawClient, server: Server, prompt: str, max_tokens: int,
-                          level: Level) -> tuple[float, int, float] | None:
-    """`one_request` through `RawClient`."""
+        clients[server.url] = EngineHTTPClient(host, int(port), connect_timeout=30, read_timeout=600,
+                                               keepalive_expiry=600)
     body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
+    auth = b"authorization: Bearer %s\r\n" % server.token.encode() if server.token else b""
     started = time.perf_counter()
+    first: float | None = None
+    usage = None
     try:
-        first, usage = await raw.stream(server, body)
-    except (OSError, asyncio.IncompleteReadError, RuntimeError, ValueError) as exc:
+        response = await clients[server.url].request("POST", "/v1/completions", body, headers=auth)
+        try:
+            if response.status_code != 200:
+                raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+            async for data in response.aiter_arrived():
+                if first is None and b'"text":"' in data:
+                    first = time.perf_counter()
+                if b'"usage":{' in data:
+                    for event in data.split(b"\n\n"):
+                        if event.startswith(b"data: {") and b'"usage":{' in event:
+                            usage = json.loads(event[6:])["usage"]
+        finally:
+            await response.aclose()
+    except (EngineConnectionError, EngineTimeout, RuntimeError) as exc:
         return _failed(level, exc)
     return _completed(level, started, first, usage)
 
@@ -355,7 +328,7 @@ async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: i
     pair sent together: the engine has N requests in flight and a pair's two share its batches, so what differs
     between them is the gateway, not the engine's pace, which drifts by a few percent from one request to the next."""
     limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
-    raw = RawClient()
+    raw: dict[str, EngineHTTPClient] = {}
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         queue = list(range(pairs))
 
@@ -383,7 +356,8 @@ async def run_paired(direct: Server, gateway: Server, concurrency: int, pairs: i
         try:
             await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 2))))
         finally:
-            raw.close()
+            for engine_client in raw.values():
+                engine_client.close()
 
 
 def paired_table(results: dict[int, Paired], judge: bool = True) -> str:
@@ -478,9 +452,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "sent the same requests at once (needs the gateway)")
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")))
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
-                        help="the paired part's client: raw (a few microseconds per streamed chunk; default) or "
-                             "httpx (what the rounds use; at 64 streams its own reading adds milliseconds to "
-                             "whichever request of a pair it reads second)")
+                        help="the paired part's client: raw (the gateway's own engine client: what arrived in "
+                             "one read, little parsing; default) or httpx (what the rounds use; at 64 streams its "
+                             "own reading adds milliseconds to whichever request of a pair it reads second)")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--vllm-url", help="use a running vLLM serving the model as bench-model (with --model)")
     parser.add_argument("--pin", action="store_true",

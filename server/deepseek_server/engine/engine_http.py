@@ -215,11 +215,12 @@ class EngineHTTPClient:
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
-    async def request(self, method: str, path: str, body: bytes = b"", *,
-                      timeout: float | None = None) -> EngineResponse:
-        """Send one request and return once the status line and headers are in."""
+    async def request(self, method: str, path: str, body: bytes = b"", *, timeout: float | None = None,
+                      headers: bytes = b"") -> EngineResponse:
+        """Send one request and return once the status line and headers are in; `headers`: more header lines, each
+        ending with CRLF."""
         head = (b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"accept: */*\r\n\r\n" % (method.encode(), path.encode(), self._host_header, len(body)))
+                b"accept: */*\r\n%s\r\n" % (method.encode(), path.encode(), self._host_header, len(body), headers))
         conn = self._take_idle()
         reused = conn is not None
         while True:
