@@ -167,6 +167,7 @@ class _StreamRelay:
         self.events_sent = 0
         self.finished = False
         self.answered = False  # `[DONE]` relayed: the client's stream is complete, whatever the engine sends after
+        self.accounted: int | None = None  # the tokens counted by `_account`
         self.body = upstream.aiter_arrived()
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -200,14 +201,16 @@ class _StreamRelay:
                         events = events.replace(_USAGE_NULL, b"")
                     if fingerprint and _FINISHED in events:
                         events = _with_fingerprint(events, fingerprint)
-                if events:
-                    yield events
                 if events.endswith(_DONE):
                     # The stream is complete. The engine sends the end of its chunked body after `[DONE]`, in a
                     # write of its own (later still when it is busy with many streams): the client's response ends
-                    # now, and `finish` has the engine's end read in the background.
+                    # with these events, in the same write, and `finish` has the engine's end read in the background.
                     self.answered = True
+                    self._account()  # before the response ends: its record is taken then
+                    yield events
                     return
+                if events:
+                    yield events
             if pending:
                 yield pending
         except (EngineConnectionError, EngineTimeout) as exc:
@@ -237,12 +240,18 @@ class _StreamRelay:
                 task.add_done_callback(_draining.discard)
             else:
                 await self.upstream.aclose()
-            if self.usage is not None:
-                prompt_tokens, completion_tokens = _usage_counts(self.usage)
-            else:  # cut short: count one token per event relayed, so limits still see the work done
-                prompt_tokens, completion_tokens = 0, self.events_sent
-            _account(self.services, self.request, prompt_tokens, completion_tokens)
-            await release(self.services, self.lease, prompt_tokens + completion_tokens)
+            await release(self.services, self.lease, self.accounted if self.accounted is not None else self._account())
+
+    def _account(self) -> int:
+        """Count the stream's tokens, once; the total. Cut short, one token per event relayed, so limits still see
+        the work done."""
+        if self.usage is not None:
+            prompt_tokens, completion_tokens = _usage_counts(self.usage)
+        else:
+            prompt_tokens, completion_tokens = 0, self.events_sent
+        _account(self.services, self.request, prompt_tokens, completion_tokens)
+        self.accounted = prompt_tokens + completion_tokens
+        return self.accounted
 
 
 async def _read_to_end(upstream: EngineResponse, body: AsyncIterator[bytes]) -> None:
@@ -266,6 +275,17 @@ class _RelayedStreamResponse(StreamingResponse):
     def __init__(self, relay: _StreamRelay) -> None:
         super().__init__(relay.events(), media_type="text/event-stream")
         self.relay = relay
+
+    async def stream_response(self, send: Any) -> None:
+        """Starlette's, except that the events ending in `[DONE]` end the response in the same message, so the
+        client gets them and the end of the body in one write, before the stream's accounting runs."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for events in self.body_iterator:
+            ended = self.relay.answered
+            await send({"type": "http.response.body", "body": events, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:

@@ -273,3 +273,42 @@ async def test_the_clients_response_ends_at_done_without_waiting_for_the_engines
     finally:
         await asyncio.to_thread(gateway.stop)
         server.close()
+
+
+async def test_the_last_events_and_the_end_of_the_response_go_out_in_one_message(
+        burst_engine_url: str, auth_dir: Path, token_factory: Callable[..., str], tmp_path: Path) -> None:
+    """The events ending in `[DONE]` end the response in the same ASGI message (one write to the client, instead of
+    a second one for the end of the body after the stream's accounting), and that stream is already accounted in the
+    audit record and the metrics."""
+    audit_log = tmp_path / "audit.jsonl"
+    settings = ServerSettings(engine="vllm", engine_url=burst_engine_url, model_name=MODEL, auth_dir=auth_dir,
+                              max_new_tokens=100, audit_log=audit_log)
+    app = create_app(settings)
+    sent: list[dict[str, Any]] = []
+
+    async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def record(message: dict[str, Any]) -> None:
+            if scope["type"] == "http" and scope["path"] == "/v1/completions":
+                sent.append(message)
+            await send(message)
+
+        await app(scope, receive, record)
+
+    gateway = await asyncio.to_thread(ServerThread(recorded).start, 60)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(f"{gateway.url}/v1/completions",
+                                         headers={"authorization": f"Bearer {token_factory(sub='one-write')}"},
+                                         json={"model": MODEL, "prompt": "hi", "max_tokens": TOKENS, "stream": True})
+            assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+            metrics = (await client.get(f"{gateway.url}/metrics")).text
+    finally:
+        await asyncio.to_thread(gateway.stop)
+    bodies = [message for message in sent if message["type"] == "http.response.body"]
+    assert [message.get("more_body", False) for message in bodies] == [False], bodies
+    assert bodies[0]["body"].endswith(b"data: [DONE]\n\n")
+    generated = [line for line in metrics.splitlines() if line.startswith("deepseek_generated_tokens_total")]
+    assert generated and float(generated[0].split()[-1]) == TOKENS
+    records = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    streamed = [record for record in records if record.get("path") == "/v1/completions"]
+    assert len(streamed) == 1 and streamed[0]["completion_tokens"] == TOKENS, records
