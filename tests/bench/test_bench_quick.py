@@ -120,9 +120,11 @@ def test_engines_quick_compares_three_engines_at_two_levels() -> None:
         (c, e) for c in ("1", "2") for e in ("builtin", "vllm", "gateway")], out
     assert all(float(tokens_s) > 0 and errors == "0" for _, _, tokens_s, errors in rows), out
     assert "targets not judged (--quick)" in out
-    # the paired part: at each level, pairs where both requests completed, and what the gateway added per pair
+    # the paired part: at each level, pairs where both requests completed, what the gateway added per pair, and the
+    # time spent in the gateway (every pair timed at the engine by the tap in front of it: a number, not nan)
     paired = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+"
-                        r"([+-][\d.]+)\s+([+-][\d.]+)\s+\S+\s+[+-][\d.]+\s+\(not judged\)$", out, re.MULTILINE)
+                        r"([+-][\d.]+)\s+([+-][\d.]+)\s+\S+\s+[+-][\d.]+\s+([+-][\d.]+)\s+([+-][\d.]+)\s+\S+\s+"
+                        r"\(not judged\)$", out, re.MULTILINE)
     assert [row[0] for row in paired] == ["1", "2"], out
     assert all(int(pairs) > 0 and errors == "0" and float(direct) > 0 and float(gateway) > 0
                for _, pairs, errors, direct, gateway, *_ in paired), out
