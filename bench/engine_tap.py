@@ -53,7 +53,10 @@ async def _pipe_requests(side: str, reader: asyncio.StreamReader, writer: asynci
             exchange.prompt, exchange.done = found.group(1).decode(), False
             _log("req", side, exchange.prompt, at)
         writer.write(data)
-    writer.write_eof() if writer.can_write_eof() else writer.close()
+    if writer.can_write_eof():
+        writer.write_eof()
+    else:
+        writer.close()
 
 
 async def _pipe_answers(side: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

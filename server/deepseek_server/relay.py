@@ -278,7 +278,7 @@ class _RelayedStreamResponse(StreamingResponse):
 
     async def stream_response(self, send: Any) -> None:
         """Starlette's, except that the events ending in `[DONE]` end the response in the same message, so the
-        client gets them and the end of the body in one write, before the stream's accounting runs."""
+        client gets them and the end of the body in one write; the limiter's slot is released after it."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         ended = False
         async for events in self.body_iterator:
