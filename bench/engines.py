@@ -615,14 +615,19 @@ def main(argv: list[str] | None = None) -> int:
                                           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}, cpus=engine_cpus)
             stack.callback(stop, servers["vllm"])
         tap_log: Path | None = None
+        paired_vllm = servers.get("vllm")
         if "gateway" in engines:
-            # Both sides reach vLLM through the tap, so each request's time in the engine is known on both sides
-            # and the path outside it costs them the same; see bench/engine_tap.py.
-            tap_log = work / "tap.log"
-            tap_ports = {"direct": free_port(), "gateway": free_port()}
-            stack.callback(stop, start_tap(servers["vllm"].url, tap_ports, tap_log, engine_cpus))
-            servers["vllm"] = dataclasses.replace(servers["vllm"], url=f"http://127.0.0.1:{tap_ports['direct']}")
-            engine_url = f"http://127.0.0.1:{tap_ports['gateway']}"
+            engine_url = servers["vllm"].url
+            if "paired" in args.parts:
+                # In the paired part both sides reach vLLM through the tap, so each request's time in the engine is
+                # known on both sides and the path outside it costs them the same (see bench/engine_tap.py). The
+                # rounds keep vLLM direct (the builtin engine's target is judged against it); the gateway's rounds,
+                # not judged, then pass the tap too.
+                tap_log = work / "tap.log"
+                tap_ports = {"direct": free_port(), "gateway": free_port()}
+                stack.callback(stop, start_tap(engine_url, tap_ports, tap_log, engine_cpus))
+                paired_vllm = dataclasses.replace(servers["vllm"], url=f"http://127.0.0.1:{tap_ports['direct']}")
+                engine_url = f"http://127.0.0.1:{tap_ports['gateway']}"
             servers["gateway"] = start("gateway", [*server_cmd, "--engine", "vllm", "--engine-url",
                                                    engine_url, "--port", str(ports["gateway"])],
                                        ports["gateway"], work, token=token, cpus=front_cpus)
@@ -680,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                 pairs = args.requests or (concurrency if args.quick else max(16, concurrency))
                 paired[concurrency] = Paired()
                 for round_no in range(args.rounds):
-                    asyncio.run(run_paired(servers["vllm"], servers["gateway"], concurrency, pairs,
+                    asyncio.run(run_paired(paired_vllm, servers["gateway"], concurrency, pairs,
                                            args.max_tokens, paired[concurrency], round_no, args.client, tap_log))
                     print(f"  c={concurrency} round {round_no}: {len(paired[concurrency].pairs)} pairs, added p50 "
                           f"{pct(paired[concurrency].added_ms(), 0.5):+.2f} ms, in the gateway p50 "
