@@ -46,13 +46,11 @@ from typing import Any
 import psutil
 from kubernetes import client, config, watch
 
+from devcluster.testing.admission import chart_admission_policy, wait_for_apikey_admission_policy
 from devcluster.testing.crds import install_crds
 from devcluster.testing.polling import exit_on_sigterm
 
 REPO = Path(__file__).resolve().parent.parent
-ADMISSION_POLICY_TEMPLATE = "templates/apikey-admission-policy.yaml"
-ADMISSION_POLICY_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
-FINALIZER = "deepseek.ai/finalizer"
 GROUP, VERSION = "deepseek.ai", "v1alpha1"
 TARGETS = {"p50_s": 1.0, "p99_s": 3.0, "all_ready_s_per_1000": 15.0, "rss_mib": 200.0, "requests_per_key": 3.0,
            "reconciles_per_key": 1.0, "mid_burst_s": 1.0}
@@ -98,14 +96,7 @@ def source_chart(source: str | None) -> Path | None:
 def admission_policy(chart: Path | None, namespace: str) -> str:
     """The chart's ApiKey admission policy rendered for one watched namespace, as `helm install` renders it on an API
     server that serves MutatingAdmissionPolicy; "" when the chart has none."""
-    if chart is None or not (chart / ADMISSION_POLICY_TEMPLATE).is_file():
-        return ""
-    from devcluster import build
-
-    return subprocess.run(
-        [str(build.binary("helm")), "template", "bench", str(chart), "--api-versions", ADMISSION_POLICY_API,
-         "--set", f"watchNamespaces={{{namespace}}}", "--show-only", ADMISSION_POLICY_TEMPLATE],
-        check=True, capture_output=True, text=True).stdout
+    return chart_admission_policy(namespace, chart) if chart is not None else ""
 
 
 def apiserver_requests(api: client.ApiClient) -> Counter[str]:
@@ -251,18 +242,10 @@ def run_benchmark(kubeconfig: str, count: int, workers: int, rate: float = 0.0,
     if policy:
         subprocess.run([kubectl, "apply", "-f", "-"], input=policy, text=True, check=True, env=env,
                        capture_output=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:  # the API server applies a new policy within a few seconds
-            probe = custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, "apikeys", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey",
-                                                       "metadata": {"name": "admission-probe"},
-                                                       "spec": {"deploymentRef": {"name": "chat"}, "subject": "probe",
-                                                                "environment": "dev"}}, dry_run="All")
-            if FINALIZER in (probe["metadata"].get("finalizers") or []):
-                break
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the chart's ApiKey admission policy did not take effect within 60 s")
+        try:
+            wait_for_apikey_admission_policy(custom, namespace)
+        except TimeoutError as exc:
+            raise SystemExit(str(exc)) from None
 
     def apikey_body(name: str, deployment: str, subject: str, environment: str,
                     rate_limit: dict[str, int] | None = None) -> dict[str, Any]:

@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import FAST_OPERATOR_ENV, GROUP, REPO, VERSION, OperatorProcess, wait_for
 
-from devcluster import build
+from devcluster.testing.admission import FINALIZER, chart_admission_policy, wait_for_apikey_admission_policy
 
 KEYS = 5
-FINALIZER = "deepseek.ai/finalizer"
-CHART = REPO / "charts" / "deepseek-operator"
 # kopf runs the probes again only when their last answer is this old.
 PROBE_MAX_AGE = 10.5
 # Long enough that nothing here is reconciled by the schedule (drift checks, retries, issuer checks) during a test:
@@ -126,16 +124,6 @@ def test_a_new_key_is_reconciled_once_and_its_secret_created_by_one_post(world, 
     assert [e.reason for name in (f"key-{i}" for i in range(KEYS)) for e in world.events(name)] == []
 
 
-def chart_admission_policy(namespace: str) -> str:
-    """The chart's ApiKey admission policy, as `helm install` renders it on an API server that serves
-    MutatingAdmissionPolicy, for an operator watching only `namespace`."""
-    return subprocess.run(
-        [str(build.binary("helm")), "template", "rel", str(CHART), "--namespace", "ops",
-         "--api-versions", "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
-         "--set", f"watchNamespaces={{{namespace}}}", "--show-only", "templates/apikey-admission-policy.yaml"],
-        check=True, capture_output=True, text=True, timeout=120).stdout
-
-
 @pytest.fixture
 def admission_policy(world, kubeconfig):
     """The chart's policy in the API server for this test's namespace only, until the test ends."""
@@ -143,13 +131,7 @@ def admission_policy(world, kubeconfig):
     env = {**os.environ, "KUBECONFIG": kubeconfig}
     policy = chart_admission_policy(world.namespace)
     subprocess.run([kubectl, "apply", "-f", "-"], input=policy, text=True, check=True, env=env, capture_output=True)
-    def in_effect() -> bool:  # the API server picks a new policy up within seconds; a dry run shows when
-        probe = world.custom.create_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": "probe"},
-            "spec": {"deploymentRef": {"name": "chat"}, "subject": "probe", "environment": "dev"}}, dry_run="All")
-        return FINALIZER in (probe["metadata"].get("finalizers") or [])
-
-    wait_for("the admission policy to take effect", in_effect, 60)
+    wait_for_apikey_admission_policy(world.custom, world.namespace)
     yield
     subprocess.run([kubectl, "delete", "--ignore-not-found", "-f", "-"], input=policy, text=True, check=True,
                    env=env, capture_output=True)
