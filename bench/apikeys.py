@@ -93,12 +93,6 @@ def source_chart(source: str | None) -> Path | None:
     return None
 
 
-def admission_policy(chart: Path | None, namespace: str) -> str:
-    """The chart's ApiKey admission policy rendered for one watched namespace, as `helm install` renders it on an API
-    server that serves MutatingAdmissionPolicy; "" when the chart has none."""
-    return chart_admission_policy(namespace, chart) if chart is not None else ""
-
-
 def apiserver_requests(api: client.ApiClient) -> Counter[str]:
     """`VERB resource[/subresource]` -> requests served so far, from the API server's own metrics (no watches)."""
     response = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False,
@@ -238,7 +232,8 @@ def run_benchmark(kubeconfig: str, count: int, workers: int, rate: float = 0.0,
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "deepseekdeployments", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "DeepSeekDeployment", "metadata": {"name": deployment},
             "spec": {"model": {"name": "deepseek-ai/deepseek-llm-7b-chat"}, "image": "deepseek-server:bench"}})
-    policy = admission_policy(source_chart(operator_src), namespace) if admission else ""
+    chart = source_chart(operator_src) if admission else None
+    policy = chart_admission_policy(namespace, chart) if chart is not None else ""
     if policy:
         subprocess.run([kubectl, "apply", "-f", "-"], input=policy, text=True, check=True, env=env,
                        capture_output=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kubernetes import client
 
@@ -37,7 +37,7 @@ def chart_admission_policy(namespace: str, chart: Path = CHART) -> str:
 
 
 def wait_for_apikey_admission_policy(custom: client.CustomObjectsApi, namespace: str, timeout: float = 60,
-                                     on_unavailable: Any = None) -> None:
+                                     on_unavailable: Callable[[client.ApiException], object] | None = None) -> None:
     """Return once an ApiKey created in `namespace` gets the operator's finalizer from the policy (a server-side dry
     run shows it; nothing is stored). A 503 -- the API server has not read the ApiKey schema for its admission
     policies yet -- is waited out like the policy itself (`on_unavailable(exc)` is called for each); other API errors
