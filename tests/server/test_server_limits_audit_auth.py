@@ -14,7 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.testing import polling
-from devcluster.testing.model_server import BURST_UID, LIMITED_UID, TOKENS_UID, ServerThread, write_json_atomically
+from devcluster.testing.model_server import (
+    BURST_UID,
+    SLOW_REFILL_UID,
+    TOKENS_UID,
+    ServerThread,
+    write_json_atomically,
+)
 
 MODEL = "deepseek-tiny"
 
@@ -25,7 +31,7 @@ def post_completion(server: ServerThread, token: str, **body: object) -> httpx.R
                       timeout=30)
 
 
-RATE = 0.5  # requests per second of LIMITED_UID and BURST_UID (burst 3)
+RATE = 0.5  # requests per second of BURST_UID (burst 3)
 
 
 def send_until_refused(send: Callable[[], httpx.Response | int], most: int = 12) -> tuple[list[int], float]:
@@ -191,8 +197,10 @@ def test_a_broken_auth_update_keeps_the_last_good_state(llama_server: ServerThre
                                                         caplog: pytest.LogCaptureFixture) -> None:
     limits_file = auth_dir / "limits.json"
     good = json.loads(limits_file.read_text())
-    assert good[LIMITED_UID]["burst"] == 3
-    limited = token_factory(uid=LIMITED_UID)
+    # a key that refills one request per 100 s: the broken file's rejection can take seconds to be noticed on a busy
+    # machine, and the check below must still find the key refused by its own limits
+    assert good[SLOW_REFILL_UID]["burst"] == 3
+    limited = token_factory(uid=SLOW_REFILL_UID)
     statuses, _ = send_until_refused(lambda: post_completion(llama_server, limited))
     assert statuses[-1] == 429, statuses
     reloads = auth_reloads(llama_server)
@@ -203,7 +211,7 @@ def test_a_broken_auth_update_keeps_the_last_good_state(llama_server: ServerThre
             r for r in caplog.records if "keeping the previous auth state" in r.getMessage()
             and str(auth_dir) in r.getMessage()], timeout=60, interval=0.05)
         assert auth_reloads(llama_server) == reloads, "a broken auth directory was applied"
-        # the limited key's own limits (burst 3) still hold; the defaults (1000/s) would let it through
+        # the key's own limits (burst 3) still hold; the defaults (1000/s) would let it through
         assert post_completion(llama_server, limited).status_code == 429
         assert httpx.get(f"{llama_server.url}/v1/models",
                          headers={"authorization": f"Bearer {token_factory()}"}).status_code == 200
