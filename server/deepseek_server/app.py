@@ -163,6 +163,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, *, record
     app.include_router(completions.router)
     app.include_router(history.router)
     app.include_router(operations.router)
+    completions.install_direct_routes(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if record_requests:
         app.add_middleware(RequestRecordingMiddleware, metrics=services.metrics, audit=services.audit,
