@@ -9,13 +9,13 @@ the client did not ask for it, so the client gets exactly what the engine would 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import inspect
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
-import anyio
+import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
@@ -25,7 +25,7 @@ from deepseek_server.cache import is_deterministic, request_fingerprint
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineResponse, EngineTimeout
 from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
-from deepseek_server.generation import admit, release, serve_cached, with_headers
+from deepseek_server.generation import admit, release, release_now, serve_cached, with_headers
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.response_bodies import Kind
 from deepseek_server.schemas import SamplingFields
@@ -39,6 +39,7 @@ _FINGERPRINT = b'"system_fingerprint"'
 _DONE = b"data: [DONE]\n\n"
 # engine responses whose end is still being read after their stream was answered (see `_StreamRelay.finish`)
 _draining: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
 
 
 async def relay_call(services: Services, request: Request, principal: Principal, engine: OpenAIUpstreamEngine,
@@ -48,38 +49,45 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     if requested_max is not None and requested_max > ceiling:
         raise APIError(400, f"max_tokens is too large: {requested_max}. This server supports at most {ceiling} "
                        "completion tokens.", param="max_tokens", code="invalid_value")
-    fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
-    request.state.fingerprint = fingerprint
     request.state.stream = body.stream
     if not hasattr(request.state, "started"):  # set by the recording middleware when it is installed
         request.state.started = time.perf_counter()
     cacheable = services.cache is not None and not body.stream and is_deterministic(body.temperature, body.seed)
+    fingerprint = None
     if cacheable:
+        fingerprint = request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
         cached = await serve_cached(services, request, principal, kind, fingerprint)
         if cached is not None:
             return cached
     request.state.cache = "miss"
-    raw = await request.body()  # already read and validated by FastAPI; relayed as sent
+    raw = await request.body()  # already read and validated; relayed as sent
     # the engine counts the prompt; the completion part is known now (what the prompt used is charged at release)
     reserve = (requested_max or ceiling) * (body.n or 1)
     lease = await admit(services, request, principal, reserve)
+    client_left = asyncio.ensure_future(_wait_for_disconnect(request))
     if body.stream:
         client_usage = bool(body.stream_options and body.stream_options.include_usage)
-        document = json.loads(raw)
-        document["stream_options"] = {**(document.get("stream_options") or {}), "include_usage": True}
         try:
-            upstream = await _racing_disconnect(request, engine.open_stream(PATHS[kind],
-                                                                            json.dumps(document).encode()))
+            upstream = await _unless_client_leaves(request, client_left,
+                                                   engine.open_stream(PATHS[kind], _asking_for_usage(raw, body)))
         except BaseException:
+            client_left.cancel()
             await release(services, lease, 0)
             raise
+        finally:
+            # the request's digest (for the audit) once the engine has the request: not on the way to it
+            request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
         return with_headers(_RelayedStreamResponse(_StreamRelay(services, request, engine, kind, upstream, lease,
-                                                                client_usage)), request)
+                                                                client_usage, client_left)), request)
     try:
-        response = await _racing_disconnect(request, engine.post(PATHS[kind], raw))
+        response = await _unless_client_leaves(request, client_left, engine.post(PATHS[kind], raw))
     except BaseException:
         await release(services, lease, 0)
         raise
+    finally:
+        client_left.cancel()
+        if fingerprint is None:
+            request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
     if response.status_code != 200:
         await release(services, lease, 0)
         raise engine_error(response.status_code, response.content)
@@ -88,32 +96,62 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     _account(services, request, prompt_tokens, completion_tokens)
     await release(services, lease, prompt_tokens + completion_tokens)
     if cacheable and services.cache is not None:
-        await services.cache.put(fingerprint, answer, principal)
+        await services.cache.put(request.state.fingerprint, answer, principal)
     return with_headers(Response(response.content, media_type="application/json"), request, b"miss")
 
 
-async def _racing_disconnect(request: Request, call: Any) -> Any:
-    """Await `call` unless the client disconnects first; then the call is cancelled, which closes its connection
-    to the engine, and the engine aborts the request."""
-    task = asyncio.ensure_future(call)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+async def _unless_client_leaves(request: Request, client_left: asyncio.Task[None], call: Awaitable[T]) -> T:
+    """Await `call` in this task unless the client disconnects first (`client_left` ends): then this task is
+    cancelled where `call` waits, which closes its connection to the engine, and the engine aborts the request; the
+    client gets (and the audit records) a 499. One task watches the client for the whole request, stream included,
+    instead of a task per call and another for the stream."""
+    if client_left.done() and not client_left.cancelled():
+        if inspect.iscoroutine(call):
+            call.close()  # never started: nothing went to the engine
+        raise _client_gone(request)
+    current = asyncio.current_task()
+    assert current is not None
+    left = False
+
+    def on_client_left(watch: asyncio.Task[None]) -> None:
+        nonlocal left
+        if not watch.cancelled():
+            left = True
+            current.cancel()
+
+    client_left.add_done_callback(on_client_left)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await call
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        current.uncancel()
+        raise _client_gone(request) from None
     finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        request.state.error_code = "client_disconnected"
-        raise APIError(499, "The client closed the connection before the answer was ready.",
-                       code="client_disconnected")
-    return task.result()
+        client_left.remove_done_callback(on_client_left)
+
+
+def _client_gone(request: Request) -> APIError:
+    request.state.error_code = "client_disconnected"
+    return APIError(499, "The client closed the connection before the answer was ready.", code="client_disconnected")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _asking_for_usage(raw: bytes, body: SamplingFields) -> bytes:
+    """The request's JSON with `stream_options.include_usage` set. Without `stream_options` in it (the usual case)
+    the member is added before the closing brace, the client's bytes otherwise kept as sent; else the JSON is parsed
+    and written again."""
+    if "stream_options" not in body.model_fields_set:
+        end = len(raw.rstrip(b" \t\r\n"))
+        if raw.lstrip(b" \t\r\n")[:1] == b"{" and raw[end - 1:end] == b"}":  # an object in UTF-8, not empty
+            return raw[:end - 1] + b',"stream_options":{"include_usage":true}}'
+    document = json.loads(raw)
+    document["stream_options"] = {**(document.get("stream_options") or {}), "include_usage": True}
+    return json.dumps(document).encode()
 
 
 def _usage_counts(usage: Any) -> tuple[int, int]:
@@ -134,7 +172,7 @@ def _take_usage(events: bytes, client_usage: bool) -> tuple[bytes, dict[str, Any
     kept: list[bytes] = []
     for event in events.split(b"\n\n"):
         if _USAGE in event and event.startswith(b"data: "):
-            document = json.loads(event[6:])
+            document = orjson.loads(event[6:])
             usage = document.get("usage")
             if not client_usage and not document.get("choices"):
                 continue
@@ -160,9 +198,11 @@ class _StreamRelay:
     """One relayed stream: the engine's events to the client, then the accounting, exactly once, however it ends."""
 
     def __init__(self, services: Services, request: Request, engine: OpenAIUpstreamEngine, kind: Kind,
-                 upstream: EngineResponse, lease: Lease | None, client_usage: bool) -> None:
+                 upstream: EngineResponse, lease: Lease | None, client_usage: bool,
+                 client_left: asyncio.Task[None]) -> None:
         self.services, self.request, self.engine, self.kind = services, request, engine, kind
         self.upstream, self.lease, self.client_usage = upstream, lease, client_usage
+        self.client_left = client_left  # ends when the client disconnects; cancelled by `finish`
         self.usage: dict[str, Any] | None = None
         self.events_sent = 0
         self.finished = False
@@ -176,9 +216,9 @@ class _StreamRelay:
         fingerprint = self.engine.system_fingerprint
         pending = b""
         first = True
-        # A client that leaves is noticed here even while the engine is silent (queued, or in a long prefill):
-        # closing the upstream response drops the engine connection, and the engine aborts the request.
-        watcher = asyncio.ensure_future(_close_on_disconnect(request, self.upstream))
+        # A client that leaves is noticed even while the engine is silent (queued, or in a long prefill): closing
+        # the upstream response drops the engine connection, and the engine aborts the request.
+        self.client_left.add_done_callback(self._close_upstream)
         try:
             async for data in self.body:  # chunks that came together go out together
                 if first:
@@ -224,23 +264,31 @@ class _StreamRelay:
                 error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
         finally:
-            watcher.cancel()
+            self.client_left.remove_done_callback(self._close_upstream)
             await self.finish()
+
+    def _close_upstream(self, client_left: asyncio.Task[None]) -> None:
+        if not client_left.cancelled():
+            self.upstream.close_now()
 
     async def finish(self) -> None:
         """Close the engine's stream and account the tokens; also when the stream never started (client gone)."""
         if self.finished:
             return
         self.finished = True
-        with anyio.CancelScope(shield=True):  # a client leaving mid-stream must still close and account
-            if self.answered:
-                # read the engine's end in the background: the connection then goes back to the pool for reuse
-                task = asyncio.ensure_future(_read_to_end(self.upstream, self.body))
-                _draining.add(task)
-                task.add_done_callback(_draining.discard)
-            else:
-                await self.upstream.aclose()
-            await release(self.services, self.lease, self.accounted if self.accounted is not None else self._account())
+        self.client_left.cancel()
+        # Nothing here waits before the release, so a client leaving mid-stream (the task cancelled) cannot cut the
+        # close or the accounting short; a release that waits for Redis shields itself.
+        if self.answered:
+            # read the engine's end in the background: the connection then goes back to the pool for reuse
+            task = asyncio.ensure_future(_read_to_end(self.upstream, self.body))
+            _draining.add(task)
+            task.add_done_callback(_draining.discard)
+        else:
+            self.upstream.close_now()
+        tokens = self.accounted if self.accounted is not None else self._account()
+        if not release_now(self.services, self.lease, tokens):
+            await release(self.services, self.lease, tokens)
 
     def _account(self) -> int:
         """Count the stream's tokens, once; the total. Cut short, one token per event relayed, so limits still see
@@ -294,10 +342,3 @@ class _RelayedStreamResponse(StreamingResponse):
             raise ClientDisconnect() from None
         finally:
             await self.relay.finish()
-
-
-async def _close_on_disconnect(request: Request, upstream: EngineResponse) -> None:
-    await _wait_for_disconnect(request)
-    # shielded: the stream's own clean-up cancels this task, and a close cut short would leave the engine running
-    await asyncio.shield(upstream.aclose())
-

@@ -4,6 +4,7 @@ behaviour against a real vLLM is in test_server_vllm_gateway.py), and the lean i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,9 +16,12 @@ from typing import Any
 import httpx
 import pytest
 from deepseek_server.app import create_app
+from deepseek_server.relay import _asking_for_usage
+from deepseek_server.schemas import CompletionRequest
 from deepseek_server.settings import ServerSettings
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.testing.model_server import TOKENS_UID, ServerThread
 from devcluster.testing.ports import free_port
@@ -33,6 +37,7 @@ class StandInEngine:
         self.running = 0
         self.waiting = 0
         self.aborted = 0
+        self.holding = 0  # requests held before their answer starts ("hold the headers")
         self.app = FastAPI()
         app = self.app
 
@@ -60,6 +65,15 @@ class StandInEngine:
     async def answer(self, request: Request, obj: str) -> Any:
         body = await request.json()
         self.requests.append(body)
+        if body.get("prompt") == "hold the headers":  # an engine that has the request but has not answered yet
+            self.holding += 1
+            try:
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.02)
+                self.aborted += 1
+            finally:
+                self.holding -= 1
+            return PlainTextResponse("", status_code=500)
         max_tokens = body.get("max_tokens", 16)
         if max_tokens > 100:
             return JSONResponse({"error": {"message": f"max_tokens {max_tokens} is too large", "type":
@@ -206,6 +220,43 @@ def test_client_disconnect_aborts_the_engine_request(standin: tuple[StandInEngin
     assert engine.aborted == aborted + 1
 
 
+def test_a_client_leaving_before_the_engine_answers_drops_the_engine_request(
+        standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
+        token_factory: Callable[..., str]) -> None:
+    """The engine has the request but has sent nothing yet (queued, or a long prefill): the client leaving closes the
+    gateway's connection to it, and the request is recorded as the client's 499."""
+    engine = standin[0]
+    aborted, closed_before = engine.aborted, _requests_with_status(gateway, "499")
+
+    async def leave_early() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            call = asyncio.create_task(client.post(
+                f"{gateway.url}/v1/completions", headers=_auth(token_factory),
+                json={"model": MODEL, "prompt": "hold the headers", "max_tokens": 5, "stream": True}))
+            deadline = time.monotonic() + 10
+            while not engine.holding:
+                assert not call.done(), f"answered before the engine held it: {call.result().status_code}"
+                assert time.monotonic() < deadline, "the engine never got the request"
+                await asyncio.sleep(0.02)
+            call.cancel()  # closes the connection to the gateway
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 10
+    while (engine.holding or _requests_with_status(gateway, "499") == closed_before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.holding == 0 and engine.aborted == aborted + 1, "the engine's request outlived its client"
+    assert _requests_with_status(gateway, "499") == closed_before + 1
+
+
+def _requests_with_status(server: ServerThread, status: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "deepseek_api_requests_total" and sample.labels.get("status") == status
+               and sample.labels.get("route") == "/v1/completions")
+
+
 def test_engine_metrics_through_the_gateway(gateway: ServerThread) -> None:
     response = httpx.get(f"{gateway.url}/metrics/engine", timeout=10)
     assert response.status_code == 200
@@ -300,3 +351,20 @@ def test_usage_chunk_is_removed_and_its_fingerprint_moves_to_the_last_chunks() -
     assert _with_fingerprint(kept, b'"fp"') == (b'data: {"choices":[{"index":0,"text":"a","finish_reason":"length"}]'
                                                 b',"system_fingerprint":"fp"}\n\ndata: [DONE]\n\n')
     assert _take_usage(events, client_usage=True) == (events, usage)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "prompt": "hi", "stream": true}',
+    b'{"model":"m","prompt":"hi","stream":true}\n',
+    b'  {"model": "m", "prompt": "}", "stream": true} \r\n',
+    b'{"model": "m", "prompt": "hi", "stream": true, "stream_options": {"include_usage": false}}',
+    b'{"model": "m", "prompt": "hi", "stream": true, "stream_options": null}',
+    b'{"model": "m", "prompt": "hi", "stream": true, "stream_options": {"include_usage": true, "x": 1}}',
+    '{"model": "m", "prompt": "h\u00e9", "stream": true}'.encode("utf-16"),
+])
+def test_the_engine_is_always_asked_for_usage(raw: bytes) -> None:
+    """The relayed request is the client's, with `stream_options.include_usage` true (other stream options kept)."""
+    sent = json.loads(raw)
+    body = CompletionRequest.model_validate(sent)
+    relayed = json.loads(_asking_for_usage(raw, body))
+    assert relayed == {**sent, "stream_options": {**(sent.get("stream_options") or {}), "include_usage": True}}

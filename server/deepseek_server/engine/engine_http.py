@@ -167,6 +167,10 @@ class EngineResponse:
         return self.content.decode(errors="replace")
 
     async def aclose(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """`aclose` without awaiting: it never waits."""
         if self._closed:
             return
         self._closed = True
