@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,10 +64,35 @@ def _param_of(location: tuple[Any, ...]) -> str | None:
     return out
 
 
+def _wrong_kind(error: Mapping[str, Any]) -> bool:
+    """A value of the wrong kind (`string_type`, `list_type`, `int_parsing`...), as opposed to a value of the right kind
+    that breaks a rule (too long, not one of the allowed values, a field missing)."""
+    kind = str(error.get("type", ""))
+    return kind.endswith(("_type", "_parsing"))
+
+
+def most_telling(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The error to report of those pydantic found. For a field that takes one of several forms (`stop`: a string or
+    a list of strings), pydantic reports why the value fits none of them, the first form first: a list of five stop
+    sequences fails as "Input should be a valid string" before "List should have at most 4 items". What tells the
+    caller what to change is the failure of the form whose kind the value has, so a rule broken inside the same field
+    wins over the first form's mismatch of kind."""
+    first = errors[0]
+    if not _wrong_kind(first):
+        return first
+    location = tuple(first.get("loc", ()))
+    if location and isinstance(location[-1], str) and _UNION_TAGS.search(location[-1]):
+        field = location[:-1]  # the field itself, without the tag of the form that failed
+        for other in errors[1:]:
+            if tuple(other.get("loc", ()))[:len(field)] == field and not _wrong_kind(other):
+                return other
+    return first
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """Map a pydantic validation failure to OpenAI's 400 invalid_request_error, naming the parameter."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first = most_telling(errors) if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return APIError(
             400,

@@ -149,6 +149,14 @@ class CompletionRequest(SamplingFields):
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and not (len(value) == 1 and isinstance(value[0], str)):
+            raise ValueError("send one prompt per request, as a string: several prompts in one request, and prompts "
+                             "of token ids, are not supported")
+        return value
+
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
