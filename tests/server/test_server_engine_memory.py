@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ class RunsOutOfMemory:
         if columns > self.prefill_limit or (columns == 1 and rows >= self.decode_rows):
             self.failures += 1
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({rows}x{columns})")
+        return self._model(**kwargs)
+
+
+class SlowSteps:
+    """The tiny model, `seconds` slower per forward pass: a long request then holds its memory for a known time
+    however fast the machine is."""
+
+    def __init__(self, model: Any, seconds: float) -> None:
+        self._model, self.seconds = model, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        time.sleep(self.seconds)
         return self._model(**kwargs)
 
 
@@ -133,7 +149,8 @@ async def test_kv_budget_makes_a_request_wait_for_room(loaded: LoadedModel) -> N
 
 
 async def test_a_request_that_waits_too_long_for_room_is_refused(loaded: LoadedModel) -> None:
-    engine = engine_over(loaded, kv_cache_tokens=300, admission_wait_s=0.3)
+    # 280 steps of at least 10 ms: the first request holds the memory for 2.8 s or more, well past the 0.3 s wait
+    engine = engine_over(loaded, SlowSteps(loaded.model, 0.01), kv_cache_tokens=300, admission_wait_s=0.3)
     await engine.start()
     try:
         prompt = engine.encode_text(PROMPT)
