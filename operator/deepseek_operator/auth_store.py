@@ -94,6 +94,13 @@ class _Slot:
     layout: Layout | None = None
     versions: dict[str, str] = field(default_factory=dict)
     contents: dict[str, Encoded] = field(default_factory=dict)
+    # The documents as last read or written while the ConfigMap was known (read as this operator writes it), else
+    # None: set at the end of every locked section, so that readers take them without waiting for a write.
+    known: AuthDocuments | None = None
+
+    def settle(self) -> None:
+        """Publish the state for lock-free readers (call holding `write_lock`)."""
+        self.known = self.documents if self.resource_version is not None and self.problem is None else None
 
 
 class AuthConfigStore:
@@ -115,10 +122,16 @@ class AuthConfigStore:
     def documents(self, namespace: str, deployment: str, *, refresh: bool = False) -> AuthDocuments | None:
         """The documents as last read or written (read from the API on first use); None while no ConfigMap."""
         slot = self._slot(namespace, deployment)
+        known = slot.known
+        if known is not None and not refresh:
+            return known
         with slot.write_lock:
-            if refresh or slot.resource_version is None:
-                self._load(slot, namespace, deployment)
-            return slot.documents if slot.resource_version is not None else None
+            try:
+                if refresh or slot.resource_version is None:
+                    self._load(slot, namespace, deployment)
+                return slot.documents if slot.resource_version is not None else None
+            finally:
+                slot.settle()
 
     def read(self, namespace: str, deployment: str, *, refresh: bool = False) -> tuple[AuthDocuments | None, str]:
         """(documents, "") when the ConfigMap was read as this operator writes it, else (None, why it is unknown).
@@ -127,6 +140,10 @@ class AuthConfigStore:
         "nothing published".
         """
         slot = self._slot(namespace, deployment)
+        # Without waiting for a write in progress: what it stores was not stored yet when this was called.
+        known = slot.known
+        if known is not None and not refresh:
+            return known, ""
         with slot.write_lock:
             try:
                 if refresh or slot.resource_version is None or slot.problem is not None:
@@ -134,6 +151,8 @@ class AuthConfigStore:
             except KubeError as exc:
                 return None, (f"ConfigMap {namespace}/{auth_configmap_name(deployment)} cannot be read "
                               f"({exc.status} {exc.reason})")
+            finally:
+                slot.settle()
             if slot.problem is not None:
                 return None, slot.problem
             return slot.documents, ""
@@ -225,10 +244,12 @@ class AuthConfigStore:
                     documents, refused = self._write(slot, namespace, deployment,
                                                      [r.changes for r in batch], owner)
                 except BaseException as exc:
+                    slot.settle()
                     for item in batch:
                         item.error = exc
                         item.done.set()
                 else:
+                    slot.settle()
                     for index, item in enumerate(batch):
                         item.result = documents
                         if index in refused:

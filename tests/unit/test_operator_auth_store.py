@@ -325,3 +325,56 @@ def test_an_entry_in_the_wrong_shard_is_honoured_and_moved_by_the_next_write():
     in_shard = [decode_shard(i, api.objects[f"chat-auth-{i}"].get("data"), api.objects[f"chat-auth-{i}"].get(
         "binaryData")).revoked for i in range(2)]
     assert stray in in_shard[0] and stray not in in_shard[1]
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress():
+    """Issuing a key reads what is published; a ConfigMap write of another key's limits must not hold it up."""
+    api = ConfigMapStore()
+    store = AuthConfigStore(api, clock=lambda: 1000)  # type: ignore[arg-type]
+    store.commit("ns", "chat", [RevokeTokens({"a": 5000})], owner=OWNER)
+    writing, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        writing.set()
+        release.wait(10)
+    api.before_write = held
+    with ThreadPoolExecutor(3) as pool:
+        commit = pool.submit(store.commit, "ns", "chat", [RevokeTokens({"b": 5000})], owner=OWNER)
+        assert writing.wait(5)
+        read = pool.submit(store.read, "ns", "chat")
+        documents = pool.submit(store.documents, "ns", "chat")
+        try:
+            (read_documents, unknown), cached = read.result(timeout=2), documents.result(timeout=2)
+        finally:
+            release.set()
+        # what was stored when they were called: the write had not landed yet
+        assert unknown == "" and set(read_documents.revoked) == {"a"}
+        assert cached is read_documents
+        commit.result(timeout=5)
+    api.before_write = lambda: None
+    read_documents, unknown = store.read("ns", "chat")  # a write that landed is seen without reading again
+    assert unknown == "" and set(read_documents.revoked) == {"a", "b"}
+    assert store.documents("ns", "chat") is read_documents
+
+
+def test_a_read_of_a_configmap_not_known_yet_waits_for_the_write_that_creates_it():
+    """No documents known (none read or written yet): a read must not answer "nothing published" while the first
+    write is on its way; it waits for it."""
+    api = ConfigMapStore()
+    store = AuthConfigStore(api, clock=lambda: 1000)  # type: ignore[arg-type]
+    writing, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        writing.set()
+        release.wait(10)
+    api.before_write = held
+    with ThreadPoolExecutor(2) as pool:
+        commit = pool.submit(store.commit, "ns", "chat", [RevokeTokens({"a": 5000})], owner=OWNER)
+        assert writing.wait(5)
+        read = pool.submit(store.read, "ns", "chat")
+        time.sleep(0.2)
+        assert not read.done()
+        release.set()
+        read_documents, unknown = read.result(timeout=5)
+        commit.result(timeout=5)
+    assert unknown == "" and set(read_documents.revoked) == {"a"}
