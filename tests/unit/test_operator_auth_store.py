@@ -327,17 +327,23 @@ def test_an_entry_in_the_wrong_shard_is_honoured_and_moved_by_the_next_write():
     assert stray in in_shard[0] and stray not in in_shard[1]
 
 
-def test_a_read_does_not_wait_for_a_write_in_progress():
-    """Issuing a key reads what is published; a ConfigMap write of another key's limits must not hold it up."""
-    api = ConfigMapStore()
-    store = AuthConfigStore(api, clock=lambda: 1000)  # type: ignore[arg-type]
-    store.commit("ns", "chat", [RevokeTokens({"a": 5000})], owner=OWNER)
+def hold_writes(api: ConfigMapStore) -> tuple[threading.Event, threading.Event]:
+    """Make the store's next writes wait (10 s at most): (set once a write waits, set to let them go on)."""
     writing, release = threading.Event(), threading.Event()
 
     def held() -> None:
         writing.set()
         release.wait(10)
     api.before_write = held
+    return writing, release
+
+
+def test_a_read_does_not_wait_for_a_write_in_progress():
+    """Issuing a key reads what is published; a ConfigMap write of another key's limits must not hold it up."""
+    api = ConfigMapStore()
+    store = AuthConfigStore(api, clock=lambda: 1000)  # type: ignore[arg-type]
+    store.commit("ns", "chat", [RevokeTokens({"a": 5000})], owner=OWNER)
+    writing, release = hold_writes(api)
     with ThreadPoolExecutor(3) as pool:
         commit = pool.submit(store.commit, "ns", "chat", [RevokeTokens({"b": 5000})], owner=OWNER)
         assert writing.wait(5)
@@ -362,12 +368,7 @@ def test_a_read_of_a_configmap_not_known_yet_waits_for_the_write_that_creates_it
     write is on its way; it waits for it."""
     api = ConfigMapStore()
     store = AuthConfigStore(api, clock=lambda: 1000)  # type: ignore[arg-type]
-    writing, release = threading.Event(), threading.Event()
-
-    def held() -> None:
-        writing.set()
-        release.wait(10)
-    api.before_write = held
+    writing, release = hold_writes(api)
     with ThreadPoolExecutor(2) as pool:
         commit = pool.submit(store.commit, "ns", "chat", [RevokeTokens({"a": 5000})], owner=OWNER)
         assert writing.wait(5)
