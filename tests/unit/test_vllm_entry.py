@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,3 +83,51 @@ def test_missing_python312_is_reported_with_where_it_was_looked_for(tmp_path: Pa
     with pytest.raises(vllm_env.VllmEnvError, match=r"needs Python 3\.12") as err:
         vllm_env.find_python312()
     assert str(tmp_path / ".pyenv") in str(err.value) and "make vllm-env" in str(err.value)
+
+
+def _free(**by_place: float) -> Callable[[Path], SimpleNamespace]:
+    """A disk_usage stand-in: GiB free at each place (by its path as text), `default` elsewhere."""
+    return lambda place: SimpleNamespace(free=int(by_place.get(str(place), by_place.get("default", 0))
+                                                  * vllm_env.GIB))
+
+
+def test_too_little_space_is_reported_with_what_is_needed_and_free(tmp_path: Path) -> None:
+    venv = tmp_path / "a" / "venv"  # not made yet: its nearest existing folder's filesystem counts
+    problem = vllm_env.space_shortfall(venv, tmp_path, usage=_free(default=5))
+    assert problem is not None
+    assert "11.0 GiB free for the environment and pip's downloads" in problem
+    assert f"filesystem of {tmp_path}, which has 5.0 GiB free" in problem
+    assert "VLLM_VENV" in problem and "make vllm-env" in problem
+    assert vllm_env.space_shortfall(venv, tmp_path, usage=_free(default=11)) is None
+
+
+def test_a_half_made_environment_counts_what_it_already_holds(tmp_path: Path) -> None:
+    assert vllm_env.space_shortfall(tmp_path / "venv", tmp_path, usage=_free(default=6)) is not None
+    assert vllm_env.space_shortfall(tmp_path / "venv", tmp_path, usage=_free(default=6),
+                                    already=6 * vllm_env.GIB) is None
+
+
+def test_temporary_directory_on_another_filesystem_is_checked_for_the_downloads_alone(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    assert vllm_env.space_shortfall(tmp_path / "venv", other, usage=_free(**{str(tmp_path): 7, "/dev/shm": 4})) is None
+    problem = vllm_env.space_shortfall(tmp_path / "venv", other, usage=_free(**{str(tmp_path): 7, "/dev/shm": 3}))
+    assert problem is not None and "4.0 GiB free for pip's downloads (the temporary directory)" in problem
+    problem = vllm_env.space_shortfall(tmp_path / "venv", other, usage=_free(**{str(tmp_path): 6, "/dev/shm": 9}))
+    assert problem is not None and "7.0 GiB free for the environment on" in problem
+
+
+def test_install_stops_before_making_anything_when_space_is_short(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vllm_env, "find_python312", lambda: sys.executable)
+    monkeypatch.setattr(vllm_env.shutil, "disk_usage", _free(default=1))
+
+    def no_install(cmd: list[str], log: object) -> None:
+        raise AssertionError(f"ran {cmd} although the space is short")
+
+    monkeypatch.setattr(vllm_env, "_run", no_install)
+    venv = tmp_path / "venv"
+    with pytest.raises(vllm_env.VllmEnvError, match=r"needs about 11\.0 GiB free"):
+        vllm_env.install(venv)
+    assert not venv.exists()
