@@ -143,8 +143,8 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
 async def admit(services: Services, request: Request, principal: Principal, reserve_tokens: int = 0,
                 hold: bool = True) -> Lease | None:
     """Take a rate-limit slot for the caller, reserving `reserve_tokens` (prompt + max_tokens) of its tokens per
-    minute, or raise 429 with OpenAI's headers; None when auth is off. `hold=False`: answered at once, no slot kept
-    (and nothing to release)."""
+    minute, or raise 429 with OpenAI's headers; None when there is nothing to release (auth is off, or a key limited
+    only by its request rate in memory). `hold=False`: answered at once, no slot kept (and nothing to release)."""
     if services.authenticator.disabled or services.limiter.redis is None:
         return admit_now(services, request, principal, reserve_tokens, hold)
     limits = services.authenticator.limits_for(principal)
@@ -162,6 +162,11 @@ def admit_now(services: Services, request: Request, principal: Principal, reserv
     if services.authenticator.disabled:
         return None
     limits = services.authenticator.limits_for(principal)
+    if limits.tpm is None and limits.parallel is None:  # a request rate alone: admitted with nothing to release
+        headers = services.limiter.memory.admit_request(principal.uid, limits)
+        if headers is not None:
+            request.scope.setdefault("state", {})["ratelimit_headers"] = headers  # request.state's
+            return None
     lease = services.limiter.acquire_now(principal.uid, limits, reserve_tokens, hold)
     request.scope.setdefault("state", {})["ratelimit_headers"] = lease.decision.raw_headers()  # request.state's
     if not lease.decision.allowed:

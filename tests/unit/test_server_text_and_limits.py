@@ -109,9 +109,9 @@ def test_memory_store_parallel_limit_and_release() -> None:
     assert store.acquire("k", limits).allowed
 
 
-def test_memory_store_fast_path_answers_what_the_gcra_functions_say() -> None:
-    """Keys with only a request rate are admitted inline; the answer is what gcra.check_request and
-    gcra.remaining_requests give for the same state, through the burst and into refusals."""
+def test_memory_store_answers_what_the_gcra_functions_say() -> None:
+    """For a key with only a request rate, the answer is what gcra.check_request and gcra.remaining_requests give for
+    the same state, through the burst and into refusals."""
     clock = [50.0]
     store = MemoryLimitStore(clock=lambda: clock[0])
     limits = KeyLimits(rps=4, burst=3)
@@ -126,6 +126,25 @@ def test_memory_store_fast_path_answers_what_the_gcra_functions_say() -> None:
         assert decision.remaining_requests == gcra.remaining_requests(tat, clock[0], limits)
         assert decision.reset_requests_s == pytest.approx(max((tat or clock[0]) - clock[0], 0.0))
         assert decision.kind == (None if allowed else "requests")
+
+
+@pytest.mark.parametrize("rps, burst", [(4, 3), (0.5, 1), (1000, 5)])
+def test_request_rate_fast_path_gives_the_headers_of_a_full_admission(rps: float, burst: int) -> None:
+    """`admit_request` (keys with only a request rate, the common case) admits and refuses exactly as `acquire`
+    does on the same state, and its headers are the admitted decision's, byte for byte."""
+    clock = [50.0]
+    fast, full = MemoryLimitStore(clock=lambda: clock[0]), MemoryLimitStore(clock=lambda: clock[0])
+    limits = KeyLimits(rps=rps, burst=burst)
+    answers = []
+    for step in range(40):
+        clock[0] += (0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.3, 1.7)[step % 8]  # bursts of six at one instant
+        headers = fast.admit_request("k", limits)
+        decision = full.acquire("k", limits)
+        assert (headers is not None) == decision.allowed
+        if headers is not None:
+            assert headers == decision.raw_headers()
+        answers.append(decision.allowed)
+    assert True in answers and False in answers  # through the burst and into refusals, for every rate here
 
 
 def test_only_keys_with_a_parallel_limit_are_counted_in_flight() -> None:

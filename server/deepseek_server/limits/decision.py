@@ -25,6 +25,14 @@ def format_duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}s" if minutes else f"{rest_text}s"
 
 
+def request_rate_headers(capacity_header: bytes, remaining: int, reset_s: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's three `x-ratelimit-*-requests` headers, as ASGI sends them."""
+    return [(b"x-ratelimit-limit-requests", capacity_header),
+            (b"x-ratelimit-remaining-requests", b"%d" % remaining),
+            (b"x-ratelimit-reset-requests", _RAW_MILLISECONDS[math.ceil(reset_s * 1000)] if 0 < reset_s < 1
+             else format_duration(reset_s).encode())]
+
+
 class Decision(NamedTuple):
     """The outcome of one admission check. A tuple: one is built on every admission, and the memory store builds it
     with `tuple.__new__` (fields in this order)."""
@@ -42,14 +50,10 @@ class Decision(NamedTuple):
     extra_headers: dict[str, str] | None = None
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        """The response headers as ASGI sends them: one is built on every admission, and bytes go to the server as
-        they are (a dict of text would be lowered and encoded again, header by header)."""
+        """The response headers as ASGI sends them (bytes go to the server as they are: a dict of text would be
+        lowered and encoded again, header by header)."""
         limits = self.limits
-        reset = self.reset_requests_s
-        out = [(b"x-ratelimit-limit-requests", limits.capacity_header),
-               (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
-               (b"x-ratelimit-reset-requests", _RAW_MILLISECONDS[math.ceil(reset * 1000)] if 0 < reset < 1
-                else format_duration(reset).encode())]
+        out = request_rate_headers(limits.capacity_header, self.remaining_requests, self.reset_requests_s)
         if limits.tpm is not None and self.remaining_tokens is not None:
             out += [(b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
                     (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from deepseek_server.limits import gcra
-from deepseek_server.limits.decision import Decision
+from deepseek_server.limits.decision import Decision, request_rate_headers
 from deepseek_server.limits.policy import KeyLimits
 
 _new_tuple = tuple.__new__  # builds a Decision without the Python-level __new__ NamedTuple generates
@@ -30,15 +30,6 @@ class MemoryLimitStore:
         limit."""
         now = self.clock()
         tat = self._request_tat.get(uid)
-        if limits.tpm is None and limits.parallel is None:  # the common case, inline: a request rate and nothing else
-            interval, tolerance = limits.interval, limits.tolerance
-            new_tat = (tat if tat is not None and tat > now else now) + interval
-            ahead = new_tat - now
-            if ahead <= tolerance + 1e-9:  # gcra.check_request admits it; what gcra.remaining_requests says after it
-                self._request_tat[uid] = new_tat
-                remaining = int((tolerance - ahead) / interval + 1e-9)
-                return _new_tuple(Decision, (True, limits, None, 0.0, remaining if remaining > 0 else 0, ahead,
-                                             None, 0.0, "memory", "", None))
         request_allowed, new_tat, request_retry = gcra.check_request(tat, now, limits)
         allowed, kind, retry_after_s = False, None, 0.0
         metered = limits.tpm is not None  # without a token budget there is no token state to check or report
@@ -70,6 +61,21 @@ class MemoryLimitStore:
         return _new_tuple(Decision, (allowed, limits, kind, retry_after_s, gcra.remaining_requests(tat, now, limits),
                                      ahead if ahead > 0.0 else 0.0, remaining_tokens, reset_tokens_s, "memory", "",
                                      None))
+
+    def admit_request(self, uid: str, limits: KeyLimits) -> list[tuple[bytes, bytes]] | None:
+        """`acquire` for a key whose only limit is its request rate (no `tpm`, no `parallel`: nothing is held, so
+        nothing is released): the admitted request's rate-limit headers, or None when the rate refuses it (`acquire`
+        then says for how long). The common case, so it builds no Decision."""
+        now = self.clock()
+        tat = self._request_tat.get(uid)
+        interval, tolerance = limits.interval, limits.tolerance
+        new_tat = (tat if tat is not None and tat > now else now) + interval
+        ahead = new_tat - now
+        if ahead > tolerance + 1e-9:  # as gcra.check_request decides
+            return None
+        self._request_tat[uid] = new_tat
+        remaining = int((tolerance - ahead) / interval + 1e-9)  # what gcra.remaining_requests says after it
+        return request_rate_headers(limits.capacity_header, remaining if remaining > 0 else 0, ahead)
 
     def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
         """End one request: charge what it used beyond its reservation, or refund the unused rest."""
