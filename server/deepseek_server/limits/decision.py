@@ -34,8 +34,9 @@ def request_rate_headers(capacity_header: bytes, remaining: int, reset_s: float)
 
 
 class Decision(NamedTuple):
-    """The outcome of one admission check. A tuple: one is built on every admission, and the memory store builds it
-    with `tuple.__new__` (fields in this order)."""
+    """The outcome of one admission check (keys limited only by a request rate skip it when admitted in memory: see
+    `MemoryLimitStore.admit_request`). A tuple, which the memory store builds with `tuple.__new__` (fields in this
+    order)."""
 
     allowed: bool
     limits: KeyLimits
