@@ -101,6 +101,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
             code="invalid_json",
         )
     param = _param_of(tuple(first.get("loc", ())))
+    if param is None and first.get("type") == "missing":  # the body itself: nothing was sent
+        return APIError(400, "We could not parse the JSON body of your request: the request has no body. Send a "
+                        "JSON object with 'Content-Type: application/json'.", code="invalid_json")
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
         return APIError(400, "We could not parse the JSON body of your request: it must be a JSON object, sent "
                         "with 'Content-Type: application/json'.", code="invalid_json")
@@ -111,6 +114,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
                     else "missing_required_parameter")
 
 
+# FastAPI's detail when reading the body fails for a reason other than bad JSON syntax (invalid UTF-8)
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 _STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -131,8 +136,13 @@ def install_error_handlers(app: FastAPI) -> None:
         request.state.error_code = err.code
         return error_response(err)
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:  # e.g. a body that is not UTF-8
+            err = APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON, "
+                           "encoded as UTF-8.", code="invalid_json")
+            request.state.error_code = err.code
+            return error_response(err)
         message = str(exc.detail)
         if exc.status_code == 404:
             message = "Unknown request URL. Check the path and method; see /v1/models for what this server serves."
