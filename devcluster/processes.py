@@ -66,6 +66,9 @@ BACKOFF_INITIAL = 10.0
 BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0
 SHUTDOWN_GRACE_MAX = 5.0
+# what the kubelet keeps of a failed container's log as its termination message (FallbackToLogsOnError)
+TERMINATION_LOG_BYTES = 2048
+TERMINATION_LOG_LINES = 80
 NODE_ALLOCATABLE = {"cpu": "64", "memory": "512Gi", "ephemeral-storage": "1Ti"}
 
 
@@ -118,6 +121,18 @@ def image_command(image: str, image_commands: dict[str, list[str]]) -> list[str]
 
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
+
+
+def log_tail(path: Path, max_bytes: int = TERMINATION_LOG_BYTES, max_lines: int = TERMINATION_LOG_LINES) -> str:
+    """The end of a container's log as the kubelet puts it in the status of a container that failed under
+    `terminationMessagePolicy: FallbackToLogsOnError`: the last `max_lines` lines, at most `max_bytes` bytes."""
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(max(log_file.seek(0, os.SEEK_END) - max_bytes, 0))
+            data = log_file.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").split("\n")[-max_lines - 1:]).strip("\n")
 
 
 def _state(waiting: dict[str, Any] | None = None, running: dict[str, Any] | None = None,
@@ -282,8 +297,11 @@ class ContainerRunner(threading.Thread):
         self.ready = False
         self.started = False
         reason = "Completed" if code == 0 else "Error"
+        message = self.kill_reason
+        if message is None and code != 0 and self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = log_tail(log_path) or None  # no termination-log file here: the kubelet's fallback
         self.state = _state(terminated=_terminated(code, reason, started_at, now_rfc3339(), self.container_id,
-                                                   self.kill_reason))
+                                                   message))
         return code, reason
 
     def _liveness_grace(self) -> float:

@@ -250,6 +250,7 @@ def _model_volumes(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
                         "--revision", str(spec["model"].get("revision", "main")), "--local-dir", MODEL_DIR],
             "env": env,
             "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+            **LOG_AS_TERMINATION_MESSAGE,
         }
         return ([{"name": "model", "emptyDir": {}}], [{"name": "model", "mountPath": MODEL_MOUNT}], [init])
     raise ValueError(f"model.source {sorted(source)} is not one of pvc, hostPath, huggingFace")
@@ -275,6 +276,12 @@ def _resources(spec: dict[str, Any]) -> dict[str, Any]:
     if limits:
         built["limits"] = limits
     return built
+
+
+# A container that exits with an error and wrote no termination message gets the end of its log as the message
+# (the kubelet keeps 80 lines, 2 KiB): a server whose model cannot be loaded says why in the pod's status, which
+# the rollout's reason for rolling back repeats.
+LOG_AS_TERMINATION_MESSAGE = {"terminationMessagePolicy": "FallbackToLogsOnError"}
 
 
 def _pre_stop() -> dict[str, Any]:
@@ -322,6 +329,7 @@ def build_engine_container(spec: dict[str, Any], mounts: list[dict[str, Any]]) -
         **_engine_probes(spec),
         # not stopped before the gateway in front of it has left the endpoints
         "lifecycle": _pre_stop(),
+        **LOG_AS_TERMINATION_MESSAGE,
     }
 
 
@@ -382,6 +390,7 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
         "volumeMounts": [] if vllm else mounts,
         **_probes(spec),
         "lifecycle": _pre_stop(),  # keeps serving until the Services' endpoints no longer lead here
+        **LOG_AS_TERMINATION_MESSAGE,
     }
     containers = [container]
     if vllm:

@@ -50,12 +50,23 @@ def serve(options: dict[str, Any]) -> int:
     from deepseek_server.draining import ConnectionCloseWhenDraining, Draining, DrainingServer
 
     draining = Draining()
-    app = ConnectionCloseWhenDraining(create_app(settings), draining)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on",
-                            timeout_keep_alive=settings.keep_alive_s,
-                            access_log=False)
-    DrainingServer(config, draining, settings.drain_idle_s).run()
+    api = create_app(settings)
+    config = uvicorn.Config(ConnectionCloseWhenDraining(api, draining), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                            lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False)
+    server = DrainingServer(config, draining, settings.drain_idle_s)
+    services = api.state.services
+
+    def stop() -> None:  # a model that cannot be loaded will not be served by waiting: exit, and let a restart retry
+        server.should_exit = True
+
+    services.on_load_failure = stop
+    server.run()
+    if services.load_error is not None:
+        # the last line of the log: what Kubernetes shows as the reason (terminationMessagePolicy FallbackToLogsOnError)
+        reason = " ".join(services.load_error.split())  # one line, whatever the exception's message holds
+        print(f"deepseek-server: the model could not be loaded: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -106,6 +106,8 @@ async def _load_engine(services: Services) -> None:
     except Exception as exc:
         services.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("loading the model failed")
+        if services.on_load_failure is not None:
+            services.on_load_failure()
 
 
 def upstream_engine(settings: ServerSettings) -> OpenAIUpstreamEngine:

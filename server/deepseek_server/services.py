@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ class Services:
     redis: Any = None
     shutting_down: bool = False
     load_error: str | None = None
+    # called once loading the model failed for good (`serve` stops the process then, so that it exits non-zero)
+    on_load_failure: Callable[[], None] | None = None
     background: list[Any] = field(default_factory=list)
     started_at: int = field(default_factory=lambda: int(time.time()))
 

@@ -1,10 +1,12 @@
 """Rollouts that cannot succeed end early, with the reason Kubernetes shows, instead of at the progress deadline:
-a server process crash-looping on devcluster, and a hostPath that is not on the node."""
+a server process crash-looping on devcluster, a model directory the server cannot load, and a hostPath that is not
+on the node."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,22 @@ def test_a_crash_looping_server_is_rolled_back_long_before_the_deadline(world: W
     degraded = world.condition("Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "CrashLoopBackOff"
     assert world.events("RolledBack")
+
+
+def test_a_model_the_server_cannot_load_is_rolled_back_with_the_servers_reason(world: World) -> None:
+    # the directory is there (so the mount works) but holds no model: the server exits and says why, last
+    empty = Path(tempfile.gettempdir()) / f"deepseek-empty-model-{world.namespace}"  # under the allowed prefix
+    empty.mkdir(exist_ok=True)
+    started = time.monotonic()
+    world.create(model={"name": "tiny-chat", "revision": "v1", "source": {"hostPath": {"path": str(empty)}}},
+                 rollout={"progressDeadlineSeconds": DEADLINE})
+    status = _wait_degraded(world, 240)
+    assert time.monotonic() - started < DEADLINE / 2
+    assert status["rollout"]["reason"] == "CrashLoopBackOff"
+    assert "exit code 1: " in status["rollout"]["message"]
+    assert "is not a directory holding config.json and weights" in status["rollout"]["message"]
+    assert world.condition("Degraded")["reason"] == "CrashLoopBackOff"
+    empty.rmdir()
 
 
 def test_a_missing_host_path_is_rolled_back_with_failed_mount(world: World) -> None:

@@ -245,12 +245,36 @@ def test_crashing_command_ends_in_crash_loop_back_off_with_its_exit_code_and_log
     assert status.restart_count >= 1
     assert status.last_state.terminated.exit_code == 3
     assert status.last_state.terminated.reason == "Error"
+    assert status.last_state.terminated.message is None  # the default policy reads a file this process never wrote
     assert "back-off 10s" in status.state.waiting.message
     assert kube.pod("crasher").status.phase == "Running"  # restartPolicy Always: the pod keeps trying
 
     args = argparse.Namespace(pod="crasher", namespace=kube.ns, container=None, follow=False, previous=False)
     assert cli_pods.cmd_logs(args, cluster) == 0
     assert capsys.readouterr().out == "crashing as crasher\n"
+
+
+def test_a_failed_container_under_fallback_to_logs_on_error_shows_the_end_of_its_log(kube: Cluster) -> None:
+    # as the kubelet does: the last 80 lines (at most 2 KiB) of the log become the termination message
+    script = "for i in $(seq 1 100); do echo line $i; done; echo the reason is last; exit 4"
+    crasher = container("crasher", args=[], command=["sh", "-c", script],
+                        terminationMessagePolicy="FallbackToLogsOnError")
+    succeeder = container("succeeder", args=[], command=["sh", "-c", "echo fine; exit 0"],
+                          terminationMessagePolicy="FallbackToLogsOnError")
+    kube.core.create_namespaced_pod(kube.ns, bare_pod("crasher-logs", crasher))
+    kube.core.create_namespaced_pod(kube.ns, bare_pod("succeeder-logs", succeeder, restartPolicy="Never"))
+
+    def terminated(pod: str) -> client.V1ContainerStateTerminated | None:
+        status = (kube.pod(pod).status.container_statuses or [None])[0]
+        return status and (status.last_state.terminated or status.state.terminated)
+
+    failed = wait_for("the crasher to have terminated", lambda: terminated("crasher-logs"), timeout=20)
+    assert failed.exit_code == 4
+    lines = failed.message.split("\n")
+    assert len(lines) == 80 and lines[0] == "line 22" and lines[-1] == "the reason is last", failed.message
+    # an exit without an error leaves the message empty under this policy
+    done = wait_for("the succeeder to have terminated", lambda: terminated("succeeder-logs"), timeout=20)
+    assert done.exit_code == 0 and done.message is None
 
 
 def test_secret_volume_follows_the_secret(kube: Cluster) -> None:

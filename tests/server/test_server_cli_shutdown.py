@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from deepseek_server.settings import ServerSettings
 
 from devcluster.testing.model_server import server_process
 from devcluster.testing.polling import wait_for
+from devcluster.testing.ports import free_port
 
 
 def test_serve_refuses_to_start_without_an_auth_source(tiny_models: dict[str, Path]) -> None:
@@ -22,6 +24,25 @@ def test_serve_refuses_to_start_without_an_auth_source(tiny_models: dict[str, Pa
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--auth-dir" in result.stderr and "--auth disabled" in result.stderr
+
+
+@pytest.mark.parametrize("model", ["missing", "empty", "no-weights"])
+def test_a_model_that_cannot_be_loaded_ends_the_process_with_the_reason_last(model: str, tmp_path: Path,
+                                                                            tiny_models: dict[str, Path]) -> None:
+    # Serving nothing while looking alive would hold a rollout until its deadline; exiting lets Kubernetes restart
+    # the container and show the reason (the end of the log, terminationMessagePolicy FallbackToLogsOnError).
+    path = tmp_path / model
+    if model == "empty":
+        path.mkdir()
+    elif model == "no-weights":  # config and tokenizer, but no weights
+        shutil.copytree(tiny_models["llama"], path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    result = subprocess.run([sys.executable, "-m", "deepseek_server", "serve", "--auth", "disabled", "--device", "cpu",
+                             "--model", str(path), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("deepseek-server: the model could not be loaded: "), result.stderr[-2000:]
+    assert str(path) in last or model == "no-weights", last
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

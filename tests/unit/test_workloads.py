@@ -299,6 +299,18 @@ def test_vllm_pod_with_hub_weights_fetches_them_for_the_engine() -> None:
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
 
 
+@pytest.mark.parametrize(("spec", "names"), [
+    (dsd(), {"server"}),
+    (vllm_dsd(model={"name": "deepseek-ai/x", "source": {"huggingFace": {}}}), {"fetch-model", "server", "engine"}),
+], ids=["builtin", "vllm-with-hub-weights"])
+def test_every_container_reports_the_end_of_its_log_when_it_fails(spec: dict[str, Any], names: set[str]) -> None:
+    # a server whose model cannot be loaded exits; the end of its log is then the reason the pod status shows
+    pod = build_deployment(spec, "blue", "r", 1)["spec"]["template"]["spec"]
+    policies = {c["name"]: c.get("terminationMessagePolicy") for c in [*pod.get("initContainers", []),
+                                                                        *pod["containers"]]}
+    assert policies == dict.fromkeys(names, "FallbackToLogsOnError")
+
+
 def test_builtin_pod_is_unchanged_by_an_explicit_builtin_engine() -> None:
     explicit = dsd(engine={"name": "builtin", "image": DEFAULT_VLLM_IMAGE})
     assert build_deployment(explicit, "blue", "r", 1) == build_deployment(dsd(), "blue", "r", 1)

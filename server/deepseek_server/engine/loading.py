@@ -64,7 +64,7 @@ def load_model(path: str | Path, precision: Precision, device: str = "auto",
     """Load weights, tokenizer and chat template as `plan_placement` decides (see there for the rules)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).is_dir():
+    if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model path {path} is not a directory holding config.json and weights")
     placement = observe_placement(path, precision, device)
     if placement.input_device.type == "cpu":
