@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPSEEK_", extra="ignore")
@@ -82,6 +84,15 @@ class ServerSettings(BaseSettings):
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("the record key must be at least 32 characters (e.g. `openssl rand -base64 32`)")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        # The URL may hold a password: the message names the schemes, never the value.
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (the value given is not shown: it may "
+                             "hold a password)")
         return value
 
     @field_validator("redact")

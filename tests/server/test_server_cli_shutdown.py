@@ -26,6 +26,18 @@ def test_serve_refuses_to_start_without_an_auth_source(tiny_models: dict[str, Pa
     assert "--auth-dir" in result.stderr and "--auth disabled" in result.stderr
 
 
+@pytest.mark.parametrize("url", ["notaurl", "http://:s3cret-pass@127.0.0.1:6379/0"])
+def test_a_redis_url_that_is_not_one_is_refused_in_one_line_without_echoing_it(url: str,
+                                                                               tiny_models: dict[str, Path]) -> None:
+    result = subprocess.run([sys.executable, "-m", "deepseek_server", "serve", "--model", str(tiny_models["llama"]),
+                             "--auth", "disabled", "--redis-url", url], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "deepseek-server: redis_url: Value error, must be a redis://, rediss:// or unix:// URL (the value given is "
+        "not shown: it may hold a password)"]
+    assert url not in result.stderr and "s3cret" not in result.stderr
+
+
 @pytest.mark.parametrize("model", ["missing", "empty", "no-weights"])
 def test_a_model_that_cannot_be_loaded_ends_the_process_with_the_reason_last(model: str, tmp_path: Path,
                                                                             tiny_models: dict[str, Path]) -> None:
