@@ -94,8 +94,9 @@ def check_token_shaping(engine: Engine, body: SamplingFields, json_schema: str |
 
 
 def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFields, prompt_ids: list[int],
-              requested_max: int | None, prompt_param: str) -> PlannedCall:
-    """Check lengths against the context and the server's ceiling, and expand `n` into engine requests."""
+              requested_max: int | None, prompt_param: str, max_param: str = "max_tokens") -> PlannedCall:
+    """Check lengths against the context and the server's ceiling, and expand `n` into engine requests.
+    `max_param`: the parameter `requested_max` came from (chat's `max_completion_tokens` or `max_tokens`)."""
     settings = services.settings
     room = engine.max_model_len - len(prompt_ids)
     if room <= 0:
@@ -104,8 +105,8 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
                        f"{prompt_param}.", param=prompt_param, code="context_length_exceeded")
     ceiling = min(settings.max_new_tokens, engine.max_new_tokens)
     if requested_max is not None and requested_max > ceiling:
-        raise APIError(400, f"max_tokens is too large: {requested_max}. This server supports at most {ceiling} "
-                       "completion tokens.", param="max_tokens", code="invalid_value")
+        raise APIError(400, f"{max_param} is too large: {requested_max}. This server supports at most {ceiling} "
+                       "completion tokens.", param=max_param, code="invalid_value")
     if requested_max is not None and requested_max > room:
         raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
                        f"requested {len(prompt_ids) + requested_max} tokens ({len(prompt_ids)} in the "

@@ -28,8 +28,10 @@ def text_logprobs(entries: Sequence[TokenLogprob], text_offset: int = 0) -> dict
     for entry in entries:
         offsets.append(text_offset)
         text_offset += len(entry.token)
+    # OpenAI: "The API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements" (vLLM does the same): the sampled token is in each `top_logprobs` entry, even with `logprobs: 0`
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [{**dict(e.top), e.token: e.logprob} for e in entries], "text_offset": offsets}
 
 
 def logprobs_body(kind: str, entries: Sequence[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 8
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's legacy API
 MAX_STOP_SEQUENCES = 4
 
 
@@ -34,11 +35,22 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins text parts
+
+
+def _null_is_false(value: Any) -> Any:
+    """`null` for a flag means "not sent", as for every other parameter: the flag's default, false."""
+    return False if value is None else value
 
 
 class StreamOptions(BaseModel):
+    # other stream options (vLLM's `continuous_usage_stats`, ...) are kept in `model_extra`: the engine's capabilities
+    # decide whether they are relayed or refused by name
+    model_config = ConfigDict(extra="allow")
+
     include_usage: bool = False
+
+    _include_usage_null = field_validator("include_usage", mode="before")(_null_is_false)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -93,6 +105,8 @@ class SamplingFields(BaseModel):
     response_format: ResponseFormat | None = None
     user: str | None = None
 
+    _stream_null = field_validator("stream", mode="before")(_null_is_false)
+
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -125,11 +139,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # a field validator (not a model validator), so the error names `top_logprobs`; `logprobs` is declared
+        # first, so it is validated by now (absent from `info.data` when it failed itself)
+        if value is not None and not info.data.get("logprobs"):
             raise ValueError("when using `top_logprobs`, `logprobs` must be set to true")
-        return self
+        return value
 
     def logprob_alternatives(self) -> int | None:
         """None when no log-probabilities are asked for, else how many alternatives per token."""
@@ -141,13 +158,21 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_COMPLETION_MAX_TOKENS
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+    _echo_null = field_validator("echo", mode="before")(_null_is_false)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens_null_is_default(cls, value: Any) -> Any:
+        """`null` is "not sent": the default of 16, as OpenAI and vLLM have it (not "as many as the context holds")."""
+        return DEFAULT_COMPLETION_MAX_TOKENS if value is None else value
 
     @field_validator("prompt", mode="before")
     @classmethod

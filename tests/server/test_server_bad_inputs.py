@@ -114,7 +114,7 @@ CASES = [
     Case("tool call id on a message unsupported", 400,
          json=chat(messages=[{"role": "tool", "content": "42", "tool_call_id": "call_1"}]),
          param="messages[0].tool_call_id", code="unsupported_parameter"),
-    Case("top_logprobs without logprobs", 400, json=chat(top_logprobs=2)),
+    Case("top_logprobs without logprobs", 400, json=chat(top_logprobs=2), param="top_logprobs"),
     Case("top_logprobs too many", 400, json=chat(logprobs=True, top_logprobs=21), param="top_logprobs"),
     Case("logit_bias token outside the vocabulary", 400, json=chat(logit_bias={"999999": 5}), param="logit_bias",
          code="invalid_value"),

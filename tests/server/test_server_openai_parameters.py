@@ -164,6 +164,9 @@ def test_developer_is_system_and_names_are_accepted(client: openai.OpenAI) -> No
     ({"extra_body": {"top_k": 5}}, "top_k"),
     ({"extra_body": {"best_of": 2}}, "best_of"),
     ({"extra_body": {"no_such_parameter": 1}}, "no_such_parameter"),
+    # a field inside a parameter is refused by name too (vLLM's extension), not dropped
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
 ])
 def test_what_the_builtin_engine_cannot_honour_is_refused_by_name(client: openai.OpenAI, params: dict[str, object],
                                                                   param: str) -> None:
@@ -173,6 +176,55 @@ def test_what_the_builtin_engine_cannot_honour_is_refused_by_name(client: openai
     assert isinstance(body, dict)
     assert body["code"] == "unsupported_parameter" and body["param"] == param
     assert param in body["message"]
+
+
+def test_null_is_not_sent(client: openai.OpenAI, llama_server: ServerThread) -> None:
+    """`null` means "not sent" for every parameter: the default, never a 400 or another meaning."""
+    eos = llama_server.app.state.services.engine.tokenizer.eos_token_id
+    plain = client.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0, stream=None,
+                                      echo=None, max_tokens=None, logit_bias={str(eos): -100})
+    assert plain.usage is not None and plain.usage.completion_tokens == 16  # completions' default, as OpenAI's
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stream=None)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stream=True,  # type: ignore[arg-type]
+                                                 stream_options={"include_usage": None}))  # type: ignore[typeddict-item]
+    assert chunks and all(chunk.usage is None for chunk in chunks)
+
+
+def test_errors_name_the_parameter_the_client_sent(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, top_logprobs=2)  # type: ignore[arg-type]
+    assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=100_000)  # type: ignore[arg-type]
+    assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "max_completion_tokens"
+    assert "max_completion_tokens" in excinfo.value.body["message"]
+
+
+def test_completion_top_logprobs_include_the_sampled_token(client: openai.OpenAI) -> None:
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; so with `logprobs: 0` too, and for a sampled token outside the most likely ones."""
+    for logprobs in (0, 1):
+        for stream in (False, True):
+            reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8,
+                                              temperature=2.0, seed=7, logprobs=logprobs, stream=stream)
+            choices = [chunk.choices[0] for chunk in reply] if stream else [reply.choices[0]]  # type: ignore[union-attr]
+            tokens, token_logprobs, tops = [], [], []
+            for choice in choices:
+                if choice.logprobs is not None:
+                    tokens += choice.logprobs.tokens or []
+                    token_logprobs += choice.logprobs.token_logprobs or []
+                    tops += choice.logprobs.top_logprobs or []
+            assert tokens and len(tops) == len(tokens)
+            for token, logprob, top in zip(tokens, token_logprobs, tops, strict=True):
+                assert top[token] == logprob and 1 <= len(top) <= logprobs + 1
+
+
+def test_text_parts_are_joined_as_lines() -> None:
+    """Several text parts make one message, joined with newlines as vLLM joins them."""
+    parts = ChatMessage.model_validate({"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                     {"type": "text", "text": "b"}]})
+    assert template_message(parts)["content"] == "a\nb"
 
 
 def test_tool_messages_are_refused_by_name(client: openai.OpenAI) -> None:

@@ -33,6 +33,8 @@ class EngineCapabilities:
     own_metrics: bool = False
     # fields a chat message may carry besides role and content; None: any, relayed as sent
     message_fields: frozenset[str] | None = frozenset({"name"})
+    # fields `stream_options` may carry besides `include_usage`; None: any, relayed as sent
+    stream_option_fields: frozenset[str] | None = frozenset()
 
     def parameters(self, kind: str) -> frozenset[str]:
         return self.chat if kind == "chat" else self.text
@@ -75,6 +77,7 @@ VLLM = EngineCapabilities(
     relays_openai=True,
     own_metrics=True,
     message_fields=None,
+    stream_option_fields=None,
 )
 
 
@@ -99,9 +102,17 @@ def reject_unsupported(capabilities: EngineCapabilities, kind: str, body: BaseMo
     supported = capabilities.parameters(kind)
     for name, value in sent_parameters(body).items():
         if name not in supported and value is not None and value is not False:
-            raise APIError(400, f"The parameter '{name}' is not supported by this server's engine "
-                           f"({capabilities.name}). Remove it from the request.", param=name,
-                           code="unsupported_parameter")
+            raise _unsupported(capabilities, name)
+    stream_options = getattr(body, "stream_options", None)
+    if capabilities.stream_option_fields is not None and isinstance(stream_options, BaseModel):
+        for name, value in (stream_options.model_extra or {}).items():
+            if name not in capabilities.stream_option_fields and value is not None and value is not False:
+                raise _unsupported(capabilities, f"stream_options.{name}")
+
+
+def _unsupported(capabilities: EngineCapabilities, param: str) -> APIError:
+    return APIError(400, f"The parameter '{param}' is not supported by this server's engine ({capabilities.name}). "
+                    "Remove it from the request.", param=param, code="unsupported_parameter")
 
 
 def reject_unsupported_message_fields(capabilities: EngineCapabilities, messages: list[BaseModel]) -> None:
@@ -112,7 +123,4 @@ def reject_unsupported_message_fields(capabilities: EngineCapabilities, messages
     for index, message in enumerate(messages):
         for name, value in (message.model_extra or {}).items():
             if name not in capabilities.message_fields and value is not None:
-                param = f"messages[{index}].{name}"
-                raise APIError(400, f"The parameter '{param}' is not supported by this server's engine "
-                               f"({capabilities.name}). Remove it from the request.", param=param,
-                               code="unsupported_parameter")
+                raise _unsupported(capabilities, f"messages[{index}].{name}")

@@ -77,7 +77,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     except Exception as exc:  # template errors are the caller's messages not fitting the model's format
         raise APIError(400, f"The messages could not be formatted with the model's chat template: {exc}",
                        param="messages", code="invalid_value") from exc
-    call = plan_call(services, engine, "chat", body, prompt_ids, body.requested_max_tokens(), "messages")
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    call = plan_call(services, engine, "chat", body, prompt_ids, body.requested_max_tokens(), "messages", max_param)
     return await respond(services, request, principal, engine, call)
 
 
