@@ -13,6 +13,10 @@ MAX_STOP_SEQUENCES = 4
 
 
 class TextContentPart(BaseModel):
+    # unknown fields here, in `response_format` and in `stream_options` are kept (in `model_extra`): the engine's
+    # capabilities decide whether they are relayed or refused by name
+    model_config = ConfigDict(extra="allow")
+
     type: Literal["text"]
     text: str
 
@@ -44,8 +48,6 @@ def _null_is_false(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
-    # other stream options (vLLM's `continuous_usage_stats`, ...) are kept in `model_extra`: the engine's capabilities
-    # decide whether they are relayed or refused by name
     model_config = ConfigDict(extra="allow")
 
     include_usage: bool = False
@@ -60,11 +62,13 @@ class JsonSchemaFormat(BaseModel):
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
 
 
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="allow")
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None

@@ -164,9 +164,13 @@ def test_developer_is_system_and_names_are_accepted(client: openai.OpenAI) -> No
     ({"extra_body": {"top_k": 5}}, "top_k"),
     ({"extra_body": {"best_of": 2}}, "best_of"),
     ({"extra_body": {"no_such_parameter": 1}}, "no_such_parameter"),
-    # a field inside a parameter is refused by name too (vLLM's extension), not dropped
+    # a field inside a parameter is refused by name too, not dropped
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
+    ({"response_format": {"type": "json_object", "schema": {"type": "array"}}}, "response_format.schema"),
+    ({"extra_body": {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]}},
+     "messages[0].content[0].cache_control"),
 ])
 def test_what_the_builtin_engine_cannot_honour_is_refused_by_name(client: openai.OpenAI, params: dict[str, object],
                                                                   param: str) -> None:

@@ -6,6 +6,7 @@ answered as asked or refused, never answered with a parameter silently dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,9 @@ class EngineCapabilities:
     own_metrics: bool = False
     # fields a chat message may carry besides role and content; None: any, relayed as sent
     message_fields: frozenset[str] | None = frozenset({"name"})
-    # fields `stream_options` may carry besides `include_usage`; None: any, relayed as sent
-    stream_option_fields: frozenset[str] | None = frozenset()
+    # unknown fields inside a parameter's object (`stream_options.continuous_usage_stats`,
+    # `response_format.schema`, a content part's `cache_control`): refused by name, or (False) relayed as sent
+    refuses_nested_fields: bool = True
 
     def parameters(self, kind: str) -> frozenset[str]:
         return self.chat if kind == "chat" else self.text
@@ -77,7 +79,7 @@ VLLM = EngineCapabilities(
     relays_openai=True,
     own_metrics=True,
     message_fields=None,
-    stream_option_fields=None,
+    refuses_nested_fields=False,
 )
 
 
@@ -103,11 +105,25 @@ def reject_unsupported(capabilities: EngineCapabilities, kind: str, body: BaseMo
     for name, value in sent_parameters(body).items():
         if name not in supported and value is not None and value is not False:
             raise _unsupported(capabilities, name)
-    stream_options = getattr(body, "stream_options", None)
-    if capabilities.stream_option_fields is not None and isinstance(stream_options, BaseModel):
-        for name, value in (stream_options.model_extra or {}).items():
-            if name not in capabilities.stream_option_fields and value is not None and value is not False:
-                raise _unsupported(capabilities, f"stream_options.{name}")
+    if capabilities.refuses_nested_fields:
+        for name in body.model_fields_set:
+            for param in _nested_extras(getattr(body, name), name):
+                if not (name == "messages" and param.count(".") == 1):  # a message's own: see below, by its rules
+                    raise _unsupported(capabilities, param)
+
+
+def _nested_extras(value: Any, path: str) -> Iterator[str]:
+    """The paths (`stream_options.x`, `messages[0].content[1].y`) of unknown fields set (not null or false) inside
+    `value`, a validated parameter."""
+    if isinstance(value, BaseModel):
+        for name, extra in (value.model_extra or {}).items():
+            if extra is not None and extra is not False:
+                yield f"{path}.{name}"
+        for name in value.model_fields_set:
+            yield from _nested_extras(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nested_extras(item, f"{path}[{index}]")
 
 
 def _unsupported(capabilities: EngineCapabilities, param: str) -> APIError:
