@@ -171,6 +171,9 @@ def test_developer_is_system_and_names_are_accepted(client: openai.OpenAI) -> No
     ({"extra_body": {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]}},
      "messages[0].content[0].cache_control"),
+    # false where the default is true asks for something: not "not sent"
+    ({"extra_body": {"add_generation_prompt": False}}, "add_generation_prompt"),
+    ({"extra_body": {"skip_special_tokens": False}}, "skip_special_tokens"),
 ])
 def test_what_the_builtin_engine_cannot_honour_is_refused_by_name(client: openai.OpenAI, params: dict[str, object],
                                                                   param: str) -> None:
@@ -193,6 +196,14 @@ def test_null_is_not_sent(client: openai.OpenAI, llama_server: ServerThread) -> 
     chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stream=True,  # type: ignore[arg-type]
                                                  stream_options={"include_usage": None}))  # type: ignore[typeddict-item]
     assert chunks and all(chunk.usage is None for chunk in chunks)
+
+
+def test_false_that_is_not_the_default_is_refused_on_completions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"add_special_tokens": False})
+    assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "add_special_tokens"
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                     extra_body={"ignore_eos": False}).choices  # false is ignore_eos's default
 
 
 def test_errors_name_the_parameter_the_client_sent(client: openai.OpenAI) -> None:

@@ -83,6 +83,15 @@ VLLM = EngineCapabilities(
 )
 
 
+# vLLM's parameters whose default is true: `false` asks for something (no generation prompt, no BOS, special tokens
+# kept in the text), so it counts as sent.
+TRUE_BY_DEFAULT = {
+    "chat": frozenset({"add_generation_prompt", "include_reasoning", "skip_special_tokens",
+                       "spaces_between_special_tokens"}),
+    "text": frozenset({"add_special_tokens", "skip_special_tokens", "spaces_between_special_tokens"}),
+}
+
+
 def capabilities_of(engine: Any) -> EngineCapabilities:
     """The engine's declared capabilities; engines that take token ids in this process declare none: BUILTIN."""
     declared = getattr(engine, "capabilities", None)
@@ -99,11 +108,12 @@ def sent_parameters(body: BaseModel) -> dict[str, Any]:
 def reject_unsupported(capabilities: EngineCapabilities, kind: str, body: BaseModel) -> None:
     """400 `unsupported_parameter` naming the first parameter the engine does not honour.
 
-    `null` and `false` mean "not asked for" in OpenAI's API (e.g. `"logprobs": false`), so they pass.
+    `null` and `false` mean "not asked for" in OpenAI's API (e.g. `"logprobs": false`), so they pass; except `false`
+    for a parameter that is true by default.
     """
     supported = capabilities.parameters(kind)
     for name, value in sent_parameters(body).items():
-        if name not in supported and value is not None and value is not False:
+        if name not in supported and value is not None and (value is not False or name in TRUE_BY_DEFAULT[kind]):
             raise _unsupported(capabilities, name)
     if capabilities.refuses_nested_fields:
         for name in body.model_fields_set:
