@@ -43,12 +43,14 @@ T = TypeVar("T")
 
 
 async def relay_call(services: Services, request: Request, principal: Principal, engine: OpenAIUpstreamEngine,
-                     kind: Kind, body: SamplingFields, requested_max: int | None) -> Response:
-    """Answer one chat or text completion through the engine, streamed or not."""
+                     kind: Kind, body: SamplingFields, requested_max: int | None,
+                     max_param: str = "max_tokens") -> Response:
+    """Answer one chat or text completion through the engine, streamed or not. `max_param`: the parameter
+    `requested_max` came from (chat's `max_completion_tokens` or `max_tokens`)."""
     ceiling = services.settings.max_new_tokens
     if requested_max is not None and requested_max > ceiling:
-        raise APIError(400, f"max_tokens is too large: {requested_max}. This server supports at most {ceiling} "
-                       "completion tokens.", param="max_tokens", code="invalid_value")
+        raise APIError(400, f"{max_param} is too large: {requested_max}. This server supports at most {ceiling} "
+                       "completion tokens.", param=max_param, code="invalid_value")
     request.state.stream = body.stream
     if not hasattr(request.state, "started"):  # set by the recording middleware when it is installed
         request.state.started = time.perf_counter()

@@ -111,6 +111,14 @@ class SamplingFields(BaseModel):
 
     _stream_null = field_validator("stream", mode="before")(_null_is_false)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # `stream` is declared first, so it is validated by now (absent from `info.data` when it failed itself)
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options can only be set when stream is true")
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -162,7 +170,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_COMPLETION_MAX_TOKENS
+    # None (not sent, or null): OpenAI's default of 16, cut to what the context still holds (`max_tokens_for`)
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
@@ -172,11 +181,12 @@ class CompletionRequest(SamplingFields):
 
     _echo_null = field_validator("echo", mode="before")(_null_is_false)
 
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _max_tokens_null_is_default(cls, value: Any) -> Any:
-        """`null` is "not sent": the default of 16, as OpenAI and vLLM have it (not "as many as the context holds")."""
-        return DEFAULT_COMPLETION_MAX_TOKENS if value is None else value
+    def max_tokens_for(self, room: int) -> int:
+        """The completion's length limit when `room` tokens of the context are left after the prompt: as sent, else
+        16 or what fits (a prompt near the end of the context still gets the tokens that fit, as with vLLM)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, room))
 
     @field_validator("prompt", mode="before")
     @classmethod

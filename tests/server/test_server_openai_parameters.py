@@ -198,6 +198,36 @@ def test_null_is_not_sent(client: openai.OpenAI, llama_server: ServerThread) -> 
     assert chunks and all(chunk.usage is None for chunk in chunks)
 
 
+def test_a_completion_without_max_tokens_gets_what_the_context_still_holds(client: openai.OpenAI,
+                                                                          llama_server: ServerThread) -> None:
+    """Not sent, `max_tokens` is 16 or what fits after the prompt; sent, it must fit (as OpenAI and vLLM)."""
+    engine = llama_server.app.state.services.engine
+    words = 1
+    while len(engine.encode_text("fox " * (words + 1))) <= engine.max_model_len - 5:
+        words += 1
+    prompt = "fox " * words
+    room = engine.max_model_len - len(engine.encode_text(prompt))
+    assert 1 <= room <= 8
+    eos = str(engine.tokenizer.eos_token_id)
+    for max_tokens in (None, openai.NOT_GIVEN):
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,  # type: ignore[arg-type]
+                                          logit_bias={eos: -100})
+        assert reply.usage is not None and reply.usage.completion_tokens == room
+        assert reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=16)
+    assert isinstance(excinfo.value.body, dict) and excinfo.value.body["code"] == "context_length_exceeded"
+
+
+def test_stream_options_need_stream(client: openai.OpenAI) -> None:
+    for stream in (openai.NOT_GIVEN, False):
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, stream=stream,  # type: ignore[call-overload]
+                                           stream_options={"include_usage": True})
+        assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "stream_options"
+        assert "stream" in excinfo.value.body["message"]
+
+
 def test_false_that_is_not_the_default_is_refused_on_completions(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"add_special_tokens": False})

@@ -178,6 +178,16 @@ def test_engine_4xx_keeps_its_status_in_openai_shape(gateway: ServerThread,
                                             "type": "invalid_request_error", "param": "max_tokens", "code": None}
 
 
+def test_a_length_over_the_ceiling_is_refused_under_the_name_sent(gateway: ServerThread,
+                                                                   token_factory: Callable[..., str]) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=_auth(token_factory), timeout=10,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], name: 1001})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == name and error["message"].startswith(f"{name} is too large: 1001."), error
+
+
 def test_unsupported_parameters_are_refused_by_name(gateway: ServerThread,
                                                     token_factory: Callable[..., str]) -> None:
     ok = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,

@@ -69,15 +69,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     messages = [template_message(m) for m in body.messages]
     if services.settings.audit_prompts:
         request.state.prompt_text = messages[-1]["content"]  # masked and cut when recorded
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if capabilities.relays_openai:
         return await relay_call(services, request, principal, engine, "chat", body,  # type: ignore[arg-type]
-                                body.requested_max_tokens())
+                                body.requested_max_tokens(), max_param)
     try:
         prompt_ids = await _encode(engine.encode_chat, messages, sum(len(m["content"] or "") for m in messages))
     except Exception as exc:  # template errors are the caller's messages not fitting the model's format
         raise APIError(400, f"The messages could not be formatted with the model's chat template: {exc}",
                        param="messages", code="invalid_value") from exc
-    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     call = plan_call(services, engine, "chat", body, prompt_ids, body.requested_max_tokens(), "messages", max_param)
     return await respond(services, request, principal, engine, call)
 
@@ -97,11 +97,12 @@ async def completions(body: CompletionRequest, request: Request,
         request.state.prompt_text = prompt  # masked and cut when recorded
     if capabilities.relays_openai:
         return await relay_call(services, request, principal, engine, "text", body,  # type: ignore[arg-type]
-                                body.max_tokens if "max_tokens" in body.model_fields_set else None)
+                                body.max_tokens)
     prompt_ids = await _encode(engine.encode_text, prompt, len(prompt))
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-    call = plan_call(services, engine, "text", body, prompt_ids, body.max_tokens, "prompt")
+    call = plan_call(services, engine, "text", body, prompt_ids,
+                     body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt")
     return await respond(services, request, principal, engine, call)
 
 
