@@ -306,7 +306,11 @@ class ApiKeyReconciler:
         while True:
             if secret is not None and not any(ref.get("uid") == uid for ref in
                                               secret["metadata"].get("ownerReferences") or []):
-                return self._secret_taken(apikey, previous_status, secret_name, now)
+                if not spec.get("revoked"):
+                    return self._secret_taken(apikey, previous_status, secret_name, now)
+                # A Secret this key does not own (its owner reference removed, or another's) is neither written nor
+                # deleted, but a revocation by spec still revokes every token the key has issued.
+                secret = None
             token = secret_token(secret)
             secret_current = unchanged
             if secret is not None and token and issuer is not None:

@@ -172,11 +172,12 @@ class ApiKeySecretWatch:
         self._notify(key[0], key[1], old or new, None if event_type == "DELETED" else new)
 
     def _notify(self, namespace: str, name: str, known: SecretVersion, new: SecretVersion | None) -> None:
-        owner = (new or known).owner_name
-        if owner is None:
-            return
-        try:
-            self._on_change(namespace, owner, name, new.resource_version if new else None)
-        except Exception:
-            log.exception("ApiKey Secret watch: handling a change of %s/%s failed", namespace, name)
+        # The key that owned it as well as the one that owns it now: a Secret whose owner reference was removed (or
+        # pointed elsewhere) is no longer its key's, which that key must hear of.
+        owners = dict.fromkeys(owner for owner in (new.owner_name if new else None, known.owner_name) if owner)
+        for owner in owners:
+            try:
+                self._on_change(namespace, owner, name, new.resource_version if new else None)
+            except Exception:
+                log.exception("ApiKey Secret watch: handling a change of %s/%s failed", namespace, name)
 

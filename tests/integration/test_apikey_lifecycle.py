@@ -150,6 +150,22 @@ def test_secret_name_taken_by_someone_else_is_reported_not_overwritten(world):
     assert base64.b64decode(world.secret("frank-apikey").data["api-key"]) == b"mine"
 
 
+def test_revoking_a_key_whose_secret_lost_its_owner_reference_still_revokes_its_token(world):
+    world.apply_deployment()
+    world.create_apikey("gina")
+    first = world.wait_ready("gina")["status"]["tokenId"]
+    # Whoever can edit the Secret removes its owner reference: the key hears of it and says so.
+    world.core.patch_namespaced_secret("gina-apikey", world.namespace,
+                                       [{"op": "remove", "path": "/metadata/ownerReferences"}])
+    world.wait_condition("gina", "Ready", "False", "SecretNameTaken", timeout=30)
+    # Revoking the key still revokes the token it issued; the Secret, no longer its own, is left alone.
+    world.patch_apikey("gina", {"revoked": True})
+    revoked = world.wait_condition("gina", "Revoked", "True", timeout=30)
+    world.wait_for("revocation in X-auth", lambda: first in world.auth()["revoked"])
+    assert "tokenId" not in revoked["status"]
+    assert world.secret("gina-apikey") is not None
+
+
 def test_operator_serves_liveness_and_logs_json(kubeconfig, namespace, crds):
     import json as json_module
     import os

@@ -89,3 +89,21 @@ def test_a_secret_known_unchanged_plans_as_if_its_token_had_been_read():
     # Without the token or its hash, the Secret counts as holding none.
     assert plan_apikey(key, secret_exists=True, secret_token=None, secret_current=True, issuer=issuer(),
                        now=NOW + 5).issue_reason == "SecretMissing"
+
+
+def test_a_secret_that_loses_its_owner_reference_wakes_the_key_that_owned_it():
+    from deepseek_operator.apikey_secret_watch import ApiKeySecretWatch
+
+    calls = []
+    watch = ApiKeySecretWatch(None, ["ns"], lambda *args: calls.append(args))
+    owned = {"namespace": "ns", "name": "alice-apikey", "resourceVersion": "1",
+             "ownerReferences": [{"kind": "ApiKey", "name": "alice", "uid": "u1"}]}
+    watch._apply("ADDED", owned)
+    watch._apply("MODIFIED", {"namespace": "ns", "name": "alice-apikey", "resourceVersion": "2"})
+    # Pointed at another key: both hear of it.
+    watch._apply("MODIFIED", {**owned, "resourceVersion": "3"})
+    watch._apply("MODIFIED", {**owned, "resourceVersion": "4",
+                              "ownerReferences": [{"kind": "ApiKey", "name": "bob", "uid": "u2"}]})
+    assert calls == [("ns", "alice", "alice-apikey", "1"), ("ns", "alice", "alice-apikey", "2"),
+                     ("ns", "alice", "alice-apikey", "3"), ("ns", "bob", "alice-apikey", "4"),
+                     ("ns", "alice", "alice-apikey", "4")]
