@@ -313,6 +313,10 @@ def plan_apikey(
 
     current_id = status.get("tokenId")
     expires = _ts(status.get("expiresAt"))
+    # A token issued under a longer spec.duration is rotated as if it had been issued under the current one: a
+    # shortened duration bounds the live token too, not only the next.
+    issued = _ts(status.get("issuedAt"))
+    lifetime_end = min(expires, issued + int(parse_duration(spec.get("duration", "72h")))) if issued else expires
     requested = rotation_request({"metadata": apikey.get("metadata") or {}, "status": status})
     reason: str | None = None
     previous_revoke_at: int | None = None
@@ -328,9 +332,9 @@ def plan_apikey(
         reason = "BindingChanged"
     elif status.get("signingKeyId") not in issuer.published_kids:
         reason = "SigningKeyRetired"
-    elif now >= expires - renew_before or requested:
+    elif now >= lifetime_end - renew_before or requested:
         # A requested rotation is an early renewal: the old token keeps its grace period.
-        reason = "Renewal" if now >= expires - renew_before else "Requested"
+        reason = "Renewal" if now >= lifetime_end - renew_before else "Requested"
         if grace > 0:
             previous_revoke_at = min(int(now + grace), expires)
     if reason and current_id and expires > now and previous_revoke_at is None:
@@ -345,8 +349,8 @@ def plan_apikey(
             for name in TOKEN_FIELDS:
                 status.pop(name, None)
         return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events))
-    if reason is None and status.get("renewalTime") != format_timestamp(expires - renew_before):
-        status["renewalTime"] = format_timestamp(expires - renew_before)
+    if reason is None and status.get("renewalTime") != format_timestamp(lifetime_end - renew_before):
+        status["renewalTime"] = format_timestamp(lifetime_end - renew_before)
     return ApiKeyPlan(
         status=status, revoke=revoke, limits=limits, issue_reason=reason, previous_revoke_at=previous_revoke_at,
         repair_secret=reason is None and not secret_current, events=tuple(events),

@@ -97,6 +97,19 @@ def test_zero_grace_revokes_the_old_token_at_once():
     assert result.previous_revoke_at is None
 
 
+def test_a_shortened_duration_bounds_the_token_already_issued():
+    key, token = issued(apikey())  # 30s, renewed 15s before it expires
+    shorter = {**key, "spec": {**key["spec"], "duration": "20s", "renewBefore": "5s", "gracePeriod": "5s"}}
+    settled = plan(shorter, token, now=NOW + 10)
+    assert settled.issue_reason is None and settled.status["renewalTime"] == ts(NOW + 15)
+    assert next_due(settled.status, ready=True, revoked=False, now=NOW + 10, retry_interval=5) == NOW + 15
+    renewed = plan(shorter, token, now=NOW + 15)
+    assert renewed.issue_reason == "Renewal" and renewed.previous_revoke_at == NOW + 20
+    # A longer duration changes nothing for the token already issued (it keeps its own expiry).
+    longer = {**key, "spec": {**key["spec"], "duration": "300s", "renewBefore": "15s"}}
+    assert plan(longer, token, now=NOW + 10).status["renewalTime"] == ts(NOW + 15)
+
+
 @pytest.mark.parametrize(("secret_token", "reason"), [(None, "SecretMissing"), ("x.y.z", "SecretAltered")])
 def test_lost_or_altered_token_is_revoked_and_replaced(secret_token, reason):
     key, _ = issued(apikey())
