@@ -168,6 +168,19 @@ def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
     assert "is revoked" in failed(plugin(kubeconfig, "env", "bob", "-n", ns))
 
 
+def test_rotating_a_key_without_a_token_says_why_at_once(crds, kubeconfig: str, namespace: str,
+                                                         api_client) -> None:
+    from kubernetes import client
+
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(GROUP, VERSION, namespace, "apikeys", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": "early"},
+        "spec": {"deploymentRef": {"name": "missing"}, "subject": "early", "environment": "dev"}})
+    started = time.monotonic()
+    message = failed(plugin(kubeconfig, "rotate", "early", "-n", namespace, "--timeout", "20"))
+    assert time.monotonic() - started < 10
+    assert "has no token to rotate yet" in message and "timed out" not in message
+
+
 def test_unreachable_api_server_is_one_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "kubeconfig"
     config.write_text("apiVersion: v1\nkind: Config\ncurrent-context: gone\nclusters:\n- name: gone\n  cluster:\n"

@@ -228,8 +228,16 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
     if (apikey.get("spec") or {}).get("revoked"):
         raise PluginError(f"ApiKey {kube.namespace}/{args.name} is revoked; set spec.revoked to false to issue a new "
                           "token instead")
+    status = apikey.get("status") or {}
+    if not status.get("tokenId"):
+        # Nothing to rotate: waiting for the operator would only time out. Say why the key has no token.
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        why = (f"Ready={ready.get('status')}, {ready.get('reason')}: {ready.get('message')}" if ready
+               else "the operator has not reported on it yet")
+        raise PluginError(f"ApiKey {kube.namespace}/{args.name} has no token to rotate yet ({why}); it gets its first "
+                          "token as soon as it can")
     request = _rfc3339_now()
-    previous = (apikey.get("status") or {}).get("tokenId")
+    previous = status.get("tokenId")
 
     def ask() -> int:
         kube.annotate(APIKEYS, kube.apikey(args.name), {ROTATE_ANNOTATION: request})
