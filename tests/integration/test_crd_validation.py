@@ -53,6 +53,8 @@ INVALID = [
     ("renewBefore not shorter than duration",
      edited(edited(APIKEY, "spec.duration", "30s"), "spec.renewBefore", "30s"),
      "renewBefore must be shorter than duration"),
+    ("name too long for its default Secret name", edited(APIKEY, "metadata.name", "k" * 247),
+     "needs spec.secretName"),
     ("duration under the default renewBefore",
      edited(APIKEY, "spec.duration", "1h"), "renewBefore is 24h (24h when left out), duration is 1h"),
     ("renewBefore under the default gracePeriod",
@@ -134,6 +136,10 @@ def test_valid_objects_are_accepted_with_schema_defaults(crds, kubeconfig, names
     assert apply(kubeconfig, namespace, APIKEY | {"metadata": {"name": "d"}}).returncode == 0
     key = custom.get_namespaced_custom_object("deepseek.ai", "v1alpha1", namespace, "apikeys", "d")
     assert (key["spec"]["duration"], key["spec"]["renewBefore"], key["spec"]["gracePeriod"]) == ("72h", "24h", "1h")
+    # A long name is fine with a Secret name of its own, and up to 246 characters without.
+    long_named = edited(edited(APIKEY, "metadata.name", "k" * 253), "spec.secretName", "long-apikey")
+    assert apply(kubeconfig, namespace, long_named).returncode == 0
+    assert apply(kubeconfig, namespace, edited(APIKEY, "metadata.name", "k" * 246)).returncode == 0
 
 
 def test_engine_choices_are_accepted_with_defaults(crds, kubeconfig, namespace, api_client):
