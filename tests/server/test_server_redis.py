@@ -151,6 +151,19 @@ async def test_redis_store_parallel_and_tokens(redis_store: RedisLimitStore) -> 
     assert json.dumps(refused.headers())  # headers render
 
 
+async def test_redis_store_a_changed_tokens_per_minute_limit_applies_from_the_next_request(
+        redis_store: RedisLimitStore) -> None:
+    low, high = KeyLimits(rps=1000, burst=1000, tpm=20), KeyLimits(rps=1000, burst=1000, tpm=10_000)
+    assert (await redis_store.acquire("t", low, reserve_tokens=13, hold=False)).allowed
+    assert (await redis_store.acquire("t", low, reserve_tokens=13, hold=False)).allowed
+    assert not (await redis_store.acquire("t", low, hold=False)).allowed
+    raised = await redis_store.acquire("t", high, reserve_tokens=13, hold=False)
+    assert raised.allowed and 10_000 - 40 <= raised.remaining_tokens <= 10_000 - 39
+    await redis_store.release("t", high, raised.lease_id, tokens_used=3, reserved=13)
+    assert 10_000 - 30 <= (await redis_store.acquire("t", high, hold=False)).remaining_tokens <= 10_000 - 29
+    assert not (await redis_store.acquire("t", low, hold=False)).allowed
+
+
 async def test_redis_store_gcra_burst(redis_store: RedisLimitStore) -> None:
     limits = KeyLimits(rps=1, burst=3)
     results = [await redis_store.acquire("g", limits) for _ in range(5)]

@@ -97,6 +97,22 @@ def test_tokens_per_minute_debt() -> None:
     assert gcra.check_tokens(None, 0.0, KeyLimits(rps=1, burst=1)) == (True, 0.0)
 
 
+def test_a_changed_tokens_per_minute_limit_applies_from_the_next_request() -> None:
+    clock = [0.0]
+    store = MemoryLimitStore(clock=lambda: clock[0])
+    low, high = KeyLimits(rps=100, burst=100, tpm=20), KeyLimits(rps=100, burst=100, tpm=10_000)
+    assert store.acquire("k", low, reserve_tokens=13).allowed
+    assert store.acquire("k", low, reserve_tokens=13).allowed  # 26 of 20: over budget
+    assert not store.acquire("k", low).allowed
+    # Raised: the 26 tokens outstanding are 26 of 10,000, not 78 s of a minute's budget.
+    raised = store.acquire("k", high, reserve_tokens=13)
+    assert raised.allowed and raised.remaining_tokens == 10_000 - 39
+    store.release("k", high, tokens_used=3, reserved=13)
+    assert store.acquire("k", high).remaining_tokens == 10_000 - 29
+    # Lowered again: 29 tokens outstanding of 20 is over budget at once.
+    assert not store.acquire("k", low).allowed
+
+
 def test_memory_store_parallel_limit_and_release() -> None:
     clock = [0.0]
     store = MemoryLimitStore(clock=lambda: clock[0])

@@ -58,6 +58,17 @@ def check_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> tupl
     return True, 0.0
 
 
+def rescale_token_tat(token_tat: float | None, stored_tpm: float | None, now: float, limits: KeyLimits
+                      ) -> float | None:
+    """A token TAT written under a budget of `stored_tpm`, read under `limits.tpm`: the tokens outstanding stay the
+    same and drain at the new rate, so a raised (or lowered) limit applies from the next request on, instead of the
+    old budget's seconds being read as tokens of the new one."""
+    if (token_tat is None or not stored_tpm or limits.tpm is None or stored_tpm == limits.tpm
+            or token_tat <= now):
+        return token_tat
+    return now + (token_tat - now) * stored_tpm / limits.tpm
+
+
 def charge_tokens(token_tat: float | None, now: float, used: int, limits: KeyLimits) -> float | None:
     """The token TAT after `used` tokens were spent (negative: refunded, never below `now`)."""
     if limits.tpm is None:

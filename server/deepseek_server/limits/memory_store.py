@@ -21,7 +21,8 @@ class MemoryLimitStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._request_tat: dict[str, float] = {}
-        self._token_tat: dict[str, float] = {}
+        # uid -> (token TAT, the tpm it was written under: see gcra.rescale_token_tat)
+        self._token_tat: dict[str, tuple[float, int]] = {}
         self._in_flight: dict[str, int] = {}
 
     def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
@@ -36,7 +37,8 @@ class MemoryLimitStore:
         remaining_tokens, reset_tokens_s = None, 0.0
         token_tat = tokens_ok = tokens_retry = None
         if metered:
-            token_tat = self._token_tat.get(uid)
+            stored = self._token_tat.get(uid)
+            token_tat = gcra.rescale_token_tat(stored[0], stored[1], now, limits) if stored is not None else None
             tokens_ok, tokens_retry = gcra.check_tokens(token_tat, now, limits)
             remaining_tokens = gcra.remaining_tokens(token_tat, now, limits)
             reset_tokens_s = gcra.tokens_outstanding(token_tat, now)
@@ -54,7 +56,7 @@ class MemoryLimitStore:
             if metered and reserve_tokens:
                 reserved_tat = gcra.charge_tokens(token_tat, now, reserve_tokens, limits)
                 if reserved_tat is not None:
-                    self._token_tat[uid] = reserved_tat
+                    self._token_tat[uid] = (reserved_tat, limits.tpm)  # type: ignore[assignment]
                     remaining_tokens = gcra.remaining_tokens(reserved_tat, now, limits)
                     reset_tokens_s = gcra.tokens_outstanding(reserved_tat, now)
         ahead = (tat or now) - now
@@ -83,6 +85,9 @@ class MemoryLimitStore:
             in_flight = self._in_flight.get(uid, 0)
             self._in_flight[uid] = in_flight - 1 if in_flight > 0 else 0
         if tokens_used != reserved and limits.tpm is not None:
-            charged = gcra.charge_tokens(self._token_tat.get(uid), self.clock(), tokens_used - reserved, limits)
+            now = self.clock()
+            stored = self._token_tat.get(uid)
+            token_tat = gcra.rescale_token_tat(stored[0], stored[1], now, limits) if stored is not None else None
+            charged = gcra.charge_tokens(token_tat, now, tokens_used - reserved, limits)
             if charged is not None:
-                self._token_tat[uid] = charged
+                self._token_tat[uid] = (charged, limits.tpm)

@@ -14,7 +14,24 @@ from typing import Any
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.policy import KeyLimits
 
-ACQUIRE = """
+# The token state is "<TAT>:<seconds per token it was written under>" (a bare TAT from an older server is read as
+# written under the current rate): tokens outstanding under another budget are carried over as tokens, as
+# gcra.rescale_token_tat does, so a changed tokens-per-minute limit applies from the next request on.
+READ_TOKEN_TAT = """
+local function read_token_tat(stored, now, per_token)
+  if not stored then return now end
+  local tat_text, per_text = string.match(stored, '^([^:]+):?(.*)$')
+  local tat = tonumber(tat_text) or now
+  local stored_per = tonumber(per_text)
+  if tat <= now then return now end
+  if stored_per and stored_per > 0 and per_token > 0 and stored_per ~= per_token then
+    tat = now + (tat - now) * per_token / stored_per
+  end
+  return tat
+end
+"""
+
+ACQUIRE = READ_TOKEN_TAT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local interval = tonumber(ARGV[1])
@@ -28,8 +45,7 @@ local hold = tonumber(ARGV[8])
 local tolerance = capacity * interval
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local token_tat = tonumber(redis.call('GET', KEYS[2]) or now)
-if token_tat < now then token_tat = now end
+local token_tat = read_token_tat(redis.call('GET', KEYS[2]), now, per_token)
 local token_out = token_tat - now
 local new_tat = tat + interval
 if new_tat - now > tolerance + 1e-9 then
@@ -52,23 +68,23 @@ redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 
 if per_token > 0 and reserve > 0 then
   token_tat = token_tat + reserve * per_token
   token_out = token_tat - now
-  redis.call('SET', KEYS[2], tostring(token_tat), 'PX', math.ceil(token_out * 1000) + 1000)
+  redis.call('SET', KEYS[2], tostring(token_tat) .. ':' .. ARGV[3], 'PX', math.ceil(token_out * 1000) + 1000)
 end
 return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
 """
 
-RELEASE = """
+RELEASE = READ_TOKEN_TAT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZREM', KEYS[2], ARGV[1])
 local delta = tonumber(ARGV[2]) - tonumber(ARGV[4])
 local per_token = tonumber(ARGV[3])
 if delta ~= 0 and per_token > 0 then
-  local token_tat = tonumber(redis.call('GET', KEYS[1]) or now)
-  if token_tat < now then token_tat = now end
+  local token_tat = read_token_tat(redis.call('GET', KEYS[1]), now, per_token)
   token_tat = token_tat + delta * per_token
   if token_tat > now then
-    redis.call('SET', KEYS[1], tostring(token_tat), 'PX', math.ceil((token_tat - now) * 1000) + 1000)
+    redis.call('SET', KEYS[1], tostring(token_tat) .. ':' .. ARGV[3], 'PX',
+               math.ceil((token_tat - now) * 1000) + 1000)
   else
     redis.call('DEL', KEYS[1])
   end
