@@ -164,6 +164,22 @@ async def test_redis_store_a_changed_tokens_per_minute_limit_applies_from_the_ne
     assert not (await redis_store.acquire("t", low, hold=False)).allowed
 
 
+async def test_redis_store_carries_over_the_token_debt_the_version_before_wrote(
+        redis_store: RedisLimitStore) -> None:
+    """The version before kept a bare TAT under `:tok`; its scripts cannot read the form `:tokens` holds, so it is
+    left unchanged for them, and its debt is read once here, then the old key is gone."""
+    limits = KeyLimits(rps=1000, burst=1000, tpm=60)  # one token a second
+    client, (_, tokens_key, _, legacy_key) = redis_store.client, redis_store._keys("v")
+    now = await client.time()
+    await client.set(legacy_key, str(now[0] + now[1] / 1e6 + 50), px=60_000)  # 50 tokens outstanding
+    first = await redis_store.acquire("v", limits, reserve_tokens=5, hold=False)
+    assert first.allowed and first.remaining_tokens in (4, 5)  # 60 - 50 - 5, give or take a second
+    assert await client.get(legacy_key) is None and (await client.get(tokens_key)).count(b":") == 1
+    await client.set(legacy_key, str(now[0] + now[1] / 1e6 + 500), px=60_000)  # written by an old server meanwhile
+    second = await redis_store.acquire("v", limits, hold=False)
+    assert second.remaining_tokens in (4, 5)  # `:tokens` exists: the old key is not read again
+
+
 async def test_redis_store_gcra_burst(redis_store: RedisLimitStore) -> None:
     limits = KeyLimits(rps=1, burst=3)
     results = [await redis_store.acquire("g", limits) for _ in range(5)]

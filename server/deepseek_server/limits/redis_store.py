@@ -14,9 +14,11 @@ from typing import Any
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.policy import KeyLimits
 
-# The token state is "<TAT>:<seconds per token it was written under>" (a bare TAT from an older server is read as
-# written under the current rate): tokens outstanding under another budget are carried over as tokens, as
-# gcra.rescale_token_tat does, so a changed tokens-per-minute limit applies from the next request on.
+# The token state is "<TAT>:<seconds per token it was written under>", under its own key (`:tokens`): tokens
+# outstanding under another budget are carried over as tokens, as gcra.rescale_token_tat does, so a changed
+# tokens-per-minute limit applies from the next request on. Servers of the version before kept a bare TAT under `:tok`
+# (their scripts cannot read the new form, hence the new key): it is read, as written under the current rate, while
+# `:tokens` does not exist yet, and deleted when `:tokens` is written, so its debt is carried over once.
 READ_TOKEN_TAT = """
 local function read_token_tat(stored, now, per_token)
   if not stored then return now end
@@ -45,7 +47,7 @@ local hold = tonumber(ARGV[8])
 local tolerance = capacity * interval
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local token_tat = read_token_tat(redis.call('GET', KEYS[2]), now, per_token)
+local token_tat = read_token_tat(redis.call('GET', KEYS[2]) or redis.call('GET', KEYS[4]), now, per_token)
 local token_out = token_tat - now
 local new_tat = tat + interval
 if new_tat - now > tolerance + 1e-9 then
@@ -69,6 +71,7 @@ if per_token > 0 and reserve > 0 then
   token_tat = token_tat + reserve * per_token
   token_out = token_tat - now
   redis.call('SET', KEYS[2], tostring(token_tat) .. ':' .. ARGV[3], 'PX', math.ceil(token_out * 1000) + 1000)
+  redis.call('DEL', KEYS[4])
 end
 return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
 """
@@ -80,7 +83,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local delta = tonumber(ARGV[2]) - tonumber(ARGV[4])
 local per_token = tonumber(ARGV[3])
 if delta ~= 0 and per_token > 0 then
-  local token_tat = read_token_tat(redis.call('GET', KEYS[1]), now, per_token)
+  local token_tat = read_token_tat(redis.call('GET', KEYS[1]) or redis.call('GET', KEYS[3]), now, per_token)
   token_tat = token_tat + delta * per_token
   if token_tat > now then
     redis.call('SET', KEYS[1], tostring(token_tat) .. ':' .. ARGV[3], 'PX',
@@ -88,6 +91,7 @@ if delta ~= 0 and per_token > 0 then
   else
     redis.call('DEL', KEYS[1])
   end
+  redis.call('DEL', KEYS[3])
 end
 return 1
 """
@@ -121,8 +125,10 @@ class RedisLimitStore:
         return self.lease_s / 3
 
     def _keys(self, uid: str) -> list[str]:
-        # one hash tag per key uid keeps the three keys in one Redis Cluster slot
-        return [f"{self.prefix}:{{{uid}}}:req", f"{self.prefix}:{{{uid}}}:tok", f"{self.prefix}:{{{uid}}}:par"]
+        # one hash tag per key uid keeps its keys in one Redis Cluster slot: requests, tokens, parallel leases, and
+        # the token state as the version before wrote it (read while `:tokens` is missing; see READ_TOKEN_TAT)
+        tag = f"{self.prefix}:{{{uid}}}"
+        return [f"{tag}:req", f"{tag}:tokens", f"{tag}:par", f"{tag}:tok"]
 
     async def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
         """Admit one request (one round trip) and reserve `reserve_tokens` of its tokens-per-minute budget; with
@@ -157,7 +163,7 @@ class RedisLimitStore:
         """Free the parallel slot; charge the tokens used beyond the reservation, or refund the unused rest."""
         keys = self._keys(uid)
         per_token = 60.0 / limits.tpm if limits.tpm else 0.0
-        await self._release(keys=[keys[1], keys[2]], args=[lease_id, tokens_used, per_token, reserved])
+        await self._release(keys=[keys[1], keys[2], keys[3]], args=[lease_id, tokens_used, per_token, reserved])
 
     async def renew(self, uid: str, lease_id: str) -> bool:
         """Extend a running request's parallel lease by `lease_s`; False when it is gone (expired meanwhile)."""
