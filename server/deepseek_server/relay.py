@@ -63,8 +63,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             return cached
     request.state.cache = "miss"
     raw = await request.body()  # already read and validated; relayed as sent
-    # the engine counts the prompt; the completion part is known now (what the prompt used is charged at release)
-    reserve = (requested_max or ceiling) * (body.n or 1)
+    reserve = prompt_bound(raw, engine.max_model_len) + (requested_max or ceiling) * (body.n or 1)
     lease = await admit(services, request, principal, reserve)
     client_left = asyncio.ensure_future(_wait_for_disconnect(request))
     if body.stream:
@@ -100,6 +99,15 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     if cacheable and services.cache is not None:
         await services.cache.put(request.state.fingerprint, answer, principal)
     return with_headers(Response(response.content, media_type="application/json"), request, b"miss")
+
+
+def prompt_bound(raw: bytes, max_model_len: int) -> int:
+    """An upper bound of a relayed request's prompt tokens, reserved at admission: the engine tokenizes the prompt,
+    this process does not. The prompt's text (messages, tools) is inside the request's body, and a byte-level BPE
+    (DeepSeek's tokenizers) makes at most one token of each byte of text, so the body's size bounds it; a prompt
+    longer than the context is refused by the engine. The difference to the engine's `usage` (the chat template's
+    own tokens included) is settled at release."""
+    return min(len(raw), max_model_len) if max_model_len > 0 else len(raw)
 
 
 async def _unless_client_leaves(request: Request, client_left: asyncio.Task[None], call: Awaitable[T]) -> T:

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
-from devcluster.testing.model_server import TOKENS_UID, ServerThread
+from devcluster.testing.model_server import TOKENS_UID, ServerThread, SigningKey, mint, write_auth_dir
 from devcluster.testing.ports import free_port
 
 MODEL = "standin"
@@ -79,14 +79,16 @@ class StandInEngine:
             return JSONResponse({"error": {"message": f"max_tokens {max_tokens} is too large", "type":
                                            "BadRequestError", "param": "max_tokens", "code": 400}}, status_code=400)
         words = ["w"] * max_tokens
-        usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+        prompt_tokens = max(3, len(str(body.get("prompt", "")).split()))  # a word a token; "hi" and chats: 3
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
         if not body.get("stream"):
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
                                        "finish_reason": "length"} if obj == "chat.completion"
                                       else {"index": 0, "text": " ".join(words), "finish_reason": "length"})
             return {"id": "x", "object": obj, "created": 1, "model": MODEL, "choices": [choice], "usage": usage}
         include_usage = (body.get("stream_options") or {}).get("include_usage")
-        delay = 0.05 if body.get("prompt") == "slowly" else 0.0
+        delay = 0.05 if str(body.get("prompt", "")).startswith("slowly") else 0.0
 
         async def events() -> AsyncIterator[bytes]:
             self.running += 1
@@ -209,6 +211,35 @@ def test_token_limit_counts_engine_usage(gateway: ServerThread, token_factory: C
                         json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
     assert second.status_code == 429
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_parallel_requests_cannot_spend_the_token_budget_on_prompts(
+        standin: tuple[StandInEngine, ServerThread], tmp_path: Path, signing_key: SigningKey) -> None:
+    """The engine counts the prompt, but the budget is checked at admission: requests that reserved only their
+    max_tokens all got in at once, and together spent many times the key's tokens per minute on their prompts."""
+    uid, tpm = "uid-prompt-burst", 40
+    auth = write_auth_dir(tmp_path / "auth", [signing_key],
+                          limits={uid: {"rps": 100, "burst": 100, "tpm": tpm, "parallel": None}})
+    settings = ServerSettings(engine="vllm", engine_url=standin[1].url, model_name=MODEL, auth_dir=auth,
+                              max_new_tokens=1000, no_cache=True)
+    server = ServerThread(create_app(settings)).start(ready_timeout=30)
+    headers = {"authorization": f"Bearer {mint(signing_key, uid=uid)}"}
+    body = {"model": MODEL, "prompt": "slowly " + "w " * 59, "max_tokens": 2, "stream": True}  # 60 prompt tokens
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await asyncio.gather(*[http.post(f"{server.url}/v1/completions", json=body, headers=headers)
+                                          for _ in range(6)])
+
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        server.stop()
+    admitted = [a for a in answers if a.status_code == 200]
+    assert admitted and all(a.status_code == 429 for a in answers if a.status_code != 200), answers
+    spent = len(admitted) * (60 + 2)
+    # at most one request's reservation (its body's size and max_tokens) beyond the budget, as for the builtin engine
+    assert spent <= tpm + len(json.dumps(body)) + 2, f"{len(admitted)} of 6 admitted: {spent} tokens of {tpm}"
 
 
 def test_client_disconnect_aborts_the_engine_request(standin: tuple[StandInEngine, ServerThread],
