@@ -409,3 +409,20 @@ def test_the_engine_is_always_asked_for_usage(raw: bytes) -> None:
     body = CompletionRequest.model_validate(sent)
     relayed = json.loads(_asking_for_usage(raw, body))
     assert relayed == {**sent, "stream_options": {**(sent.get("stream_options") or {}), "include_usage": True}}
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded() -> None:
+    """vLLM's 400 for a prompt longer than the context carries no code; OpenAI's (and the builtin engine's) is
+    `context_length_exceeded`, which clients check to shorten the conversation. Its message and param stay vLLM's."""
+    from deepseek_server.engine.openai_upstream import engine_error
+
+    message = ("This model's maximum context length is 1024 tokens. However, your prompt contains at least 1025 input "
+               "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the "
+               "input prompt. (parameter=input_tokens, value=1025)")
+    error = engine_error(400, json.dumps({"error": {"message": message, "type": "BadRequestError",
+                                                    "param": "input_tokens", "code": 400}}).encode())
+    assert (error.status, error.code, error.param, error.message) == (400, "context_length_exceeded",
+                                                                           "input_tokens", message)
+    other = engine_error(400, json.dumps({"error": {"message": "top_k must be 0 (disable), or at least 1, got -5.",
+                                                    "type": "BadRequestError", "param": None, "code": 400}}).encode())
+    assert other.code is None

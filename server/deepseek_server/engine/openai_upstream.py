@@ -21,6 +21,8 @@ from deepseek_server.errors import APIError
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
+# how vLLM's 400 for a prompt longer than the context begins ("This model's maximum context length is N tokens...")
+CONTEXT_EXCEEDED = "maximum context length is"
 WAITING_METRIC = b"vllm:num_requests_waiting"
 WARM_PROMPT = "Hello"
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
@@ -54,6 +56,8 @@ def engine_error(status: int, content: bytes) -> APIError:
         param = error.get("param") if isinstance(error.get("param"), str) else None
         code = error.get("code") if isinstance(error.get("code"), str) else None
     if 400 <= status < 500:
+        if code is None and status == 400 and CONTEXT_EXCEEDED in message:
+            code = "context_length_exceeded"  # OpenAI's code for it (and the builtin engine's); vLLM sends none
         return APIError(status, message, param=param, code=code)
     if status == 503:
         return APIError(503, f"The inference engine is overloaded or starting: {message}", type="server_error",
