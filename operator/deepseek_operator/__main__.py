@@ -7,18 +7,25 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import httpx
 import kopf
 
 from .durations import parse_duration
 from .handlers import build_registry
 from .kopf_settings import build_kopf_settings
+from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi, KubeError, load_connection
 from .leader_election import LeaderElector, StandbyLiveness, default_identity
 from .runtime import OperatorRuntime
 from .settings import OperatorSettings, settings_from_env
+
+log = logging.getLogger("deepseek_operator")
+CRD_CHECK_EVERY = 2.0  # seconds between looks for the CRDs while they are not served
+CRD_LOG_EVERY = 60.0  # seconds between the log lines that say the operator still waits for them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +85,49 @@ def configure_logging(settings: OperatorSettings) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
+def wait_for_crds(settings: OperatorSettings) -> bool:
+    """Wait (serving liveness, reconciling nothing) until the API server serves both CRDs; False on SIGTERM/SIGINT.
+
+    kopf resolves the resources it watches once, when it starts (it does not watch CRDs): started before the CRDs
+    exist, as when a GitOps tool applies the operator before them or the chart installs it with `crds.enabled=false`,
+    it would never serve them."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    kube = KubeApi(load_connection(settings.kubeconfig), max_connections=1)
+    liveness = (StandbyLiveness(settings.liveness_endpoint, lambda: True, (b'{"waitingFor": "crds"}', b""))
+                if settings.liveness_endpoint is not None else None)
+    last_log = -CRD_LOG_EVERY
+    try:
+        if liveness is not None:
+            liveness.__enter__()
+        while True:
+            try:
+                missing = kube.unserved([DEEPSEEKDEPLOYMENTS, APIKEYS])
+                problem = ""
+            except (KubeError, OSError, httpx.HTTPError) as exc:
+                missing, problem = [], f"the API server could not be asked: {exc}"
+            if not missing and not problem:
+                if last_log > -CRD_LOG_EVERY:
+                    log.info("the CustomResourceDefinitions are served: starting")
+                return True
+            now = time.monotonic()
+            if now - last_log >= CRD_LOG_EVERY:
+                last_log = now
+                names = ", ".join(f"{r.plural}.{r.group}" for r in missing)
+                log.warning("waiting for the CustomResourceDefinitions %s to be served (install them with the "
+                            "chart's crds.enabled=true, or kubectl apply -f crds/); nothing is reconciled until "
+                            "then%s", names or "deepseekdeployments.deepseek.ai, apikeys.deepseek.ai",
+                            f" ({problem})" if problem else "")
+            if stop.wait(CRD_CHECK_EVERY):
+                return False
+    finally:
+        if liveness is not None:
+            liveness.__exit__()
+        kube.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -> bool:
     """Stand by (serving liveness, reconciling nothing) until this process holds the Lease; False on SIGTERM/SIGINT."""
     stop = threading.Event()
@@ -94,6 +144,8 @@ def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -
 
 def run(settings: OperatorSettings) -> None:
     """Run until SIGTERM/SIGINT; with leader election, reconcile only while holding the Lease."""
+    if not wait_for_crds(settings):
+        return
     elector: LeaderElector | None = None
     if settings.leader_election:
         elector = LeaderElector.connect(settings.leader_election_config(default_identity()), settings.kubeconfig)

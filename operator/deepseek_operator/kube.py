@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,22 @@ class KubeApi:
             self._count(request_kind(method, path), started)
         self._raise_for(response, method, path)
         return response.json() if response.content else {}
+
+    def unserved(self, resources: Sequence[Resource]) -> list[Resource]:
+        """Those of `resources` the API server does not serve (a CRD not installed, or not established yet)."""
+        served: dict[str, set[str]] = {}
+        missing = []
+        for resource in resources:
+            if resource.api_version not in served:
+                root = f"/api/{resource.version}" if not resource.group else f"/apis/{resource.api_version}"
+                try:
+                    listed = self._request("GET", root).get("resources") or []
+                except NotFound:  # the group or version itself is not served
+                    listed = []
+                served[resource.api_version] = {entry.get("name") for entry in listed}
+            if resource.plural not in served[resource.api_version]:
+                missing.append(resource)
+        return missing
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

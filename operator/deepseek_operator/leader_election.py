@@ -307,7 +307,10 @@ def exit_process(why: str) -> None:
 class StandbyLiveness:
     """The liveness endpoint while this process waits for the Lease (kopf serves it once it leads)."""
 
-    def __init__(self, endpoint: str, healthy: Callable[[], bool]) -> None:
+    def __init__(self, endpoint: str, healthy: Callable[[], bool],
+                 bodies: tuple[bytes, bytes] = (b'{"leaderElection": "standby"}', b'{"leaderElection": "stuck"}')
+                 ) -> None:
+        """`bodies`: what a probe is answered when healthy, and when not."""
         parts = urlsplit(endpoint)
         if parts.scheme != "http" or parts.port is None:
             raise ValueError(f"liveness endpoint {endpoint!r}: expected http://HOST:PORT/PATH")
@@ -319,7 +322,7 @@ class StandbyLiveness:
                     self.send_error(404)
                     return
                 ok = healthy()
-                body = b'{"leaderElection": "standby"}' if ok else b'{"leaderElection": "stuck"}'
+                body = bodies[0] if ok else bodies[1]
                 self.send_response(200 if ok else 500)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
