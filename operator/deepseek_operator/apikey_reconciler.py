@@ -307,7 +307,7 @@ class ApiKeyReconciler:
             if secret is not None and not any(ref.get("uid") == uid for ref in
                                               secret["metadata"].get("ownerReferences") or []):
                 if not spec.get("revoked"):
-                    return self._secret_taken(apikey, previous_status, secret_name, now)
+                    return self._secret_taken(apikey, previous_status, secret, now)
                 # A Secret this key does not own (its owner reference removed, or another's) is neither written nor
                 # deleted, but a revocation by spec still revokes every token the key has issued.
                 secret = None
@@ -505,12 +505,14 @@ class ApiKeyReconciler:
         self._missing_deployment[(namespace, name)] = attempts
         return min(MISSING_DEPLOYMENT_MAX_BACKOFF, self._settings.retry_interval * 2 ** (attempts - 1))
 
-    def _secret_taken(self, apikey: dict[str, Any], status: dict[str, Any], secret_name: str,
+    def _secret_taken(self, apikey: dict[str, Any], status: dict[str, Any], secret: dict[str, Any],
                       now: int) -> ReconcileResult:
         generation = int(apikey["metadata"].get("generation", 1))
+        owners = [f"{ref.get('kind')} {ref.get('name')}" for ref in secret["metadata"].get("ownerReferences") or []]
         conditions = [Condition("Ready", False, "SecretNameTaken",
-                                f"Secret {secret_name} exists and is not owned by this ApiKey; delete it or set "
-                                "another spec.secretName on a new ApiKey")]
+                                f"Secret {secret['metadata']['name']} exists and is not owned by this ApiKey (its "
+                                f"owner: {', '.join(owners) or 'none'}); delete it or set another spec.secretName "
+                                "on a new ApiKey")]
         status = dict(status)
         status["conditions"] = merge_conditions(status.get("conditions"), conditions, now=format_timestamp(now),
                                                 generation=generation, keep_others=True)

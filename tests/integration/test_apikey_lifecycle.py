@@ -146,7 +146,8 @@ def test_secret_name_taken_by_someone_else_is_reported_not_overwritten(world):
                                                           "stringData": {"api-key": "mine"}})
     world.create_apikey("frank")
     key = world.wait_condition("frank", "Ready", "False", "SecretNameTaken")
-    assert "frank-apikey" in next(c["message"] for c in key["status"]["conditions"] if c["type"] == "Ready")
+    message = next(c["message"] for c in key["status"]["conditions"] if c["type"] == "Ready")
+    assert "frank-apikey" in message and "(its owner: none)" in message
     assert base64.b64decode(world.secret("frank-apikey").data["api-key"]) == b"mine"
 
 
@@ -157,7 +158,8 @@ def test_revoking_a_key_whose_secret_lost_its_owner_reference_still_revokes_its_
     # Whoever can edit the Secret removes its owner reference: the key hears of it and says so.
     world.core.patch_namespaced_secret("gina-apikey", world.namespace,
                                        [{"op": "remove", "path": "/metadata/ownerReferences"}])
-    world.wait_condition("gina", "Ready", "False", "SecretNameTaken", timeout=30)
+    taken = world.wait_condition("gina", "Ready", "False", "SecretNameTaken", timeout=30)
+    assert "(its owner: none)" in next(c["message"] for c in taken["status"]["conditions"] if c["type"] == "Ready")
     # Revoking the key still revokes the token it issued; the Secret, no longer its own, is left alone.
     world.patch_apikey("gina", {"revoked": True})
     revoked = world.wait_condition("gina", "Revoked", "True", timeout=30)
@@ -252,3 +254,18 @@ def test_a_key_reports_its_deployment_gone_as_soon_as_the_deployment_is_deleted(
     world.wait_ready("orphan")
     world.custom.delete_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat")
     world.wait_condition("orphan", "Ready", "False", "DeploymentNotFound", timeout=30)
+
+
+def test_kubectl_get_shows_why_a_key_is_not_ready(world, kubeconfig):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    world.create_apikey("orphan", deployment="nowhere")
+    world.wait_condition("orphan", "Ready", "False", "DeploymentNotFound", timeout=60)
+    table = subprocess.run([str(Path(sys.executable).with_name("kubectl")), "--kubeconfig", kubeconfig, "get",
+                            "apikeys", "orphan", "-n", world.namespace], capture_output=True, text=True, check=True,
+                           timeout=60).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert header[:7] == ["NAME", "DEPLOYMENT", "SUBJECT", "ENV", "READY", "REASON", "EXPIRES"], header
+    assert row[4:6] == ["False", "DeploymentNotFound"], row
