@@ -10,6 +10,7 @@ import kopf
 
 from .kube import LIST_PAGE_SIZE
 from .names import FIELD_MANAGER
+from .rollout import ABORT_ANNOTATION, PROMOTE_ANNOTATION, RETRY_ANNOTATION
 from .settings import OperatorSettings
 
 KOPF_FINALIZER = "deepseek.ai/kopf-finalizer"
@@ -17,6 +18,20 @@ EVENT_WORKER_IDLE_TIMEOUT = 1.0
 # Kinds with watch-event handlers only (handlers/apikey.py): kopf's create/update/delete detection, which the diff base
 # serves, never runs for them.
 WATCH_ONLY_KINDS = frozenset({"ApiKey"})
+# Annotations under deepseek.ai that users set to steer a rollout. kopf leaves every annotation under its storage
+# prefix out of an object's essence (the diff base drops a prefix that carries a kopf marker, ours
+# `deepseek.ai/kopf-managed`; the progress storage clears the whole prefix), so without putting these back a promote,
+# abort or retry fired no update handler and waited for the next periodic look (up to 30 s).
+ROLLOUT_ANNOTATIONS = (PROMOTE_ANNOTATION, ABORT_ANNOTATION, RETRY_ANNOTATION)
+
+
+def _with_rollout_annotations(essence: Any, source: Any) -> Any:
+    """`essence` with the rollout annotations `source` (a body or an essence) carries put back."""
+    annotations = ((source.get("metadata") or {}).get("annotations") or {}) if source is not None else {}
+    steering = {name: annotations[name] for name in ROLLOUT_ANNOTATIONS if name in annotations}
+    if steering and essence is not None:
+        essence.setdefault("metadata", {}).setdefault("annotations", {}).update(steering)
+    return essence
 
 
 class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -29,7 +44,7 @@ class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> Any:
         if body.get("kind") in WATCH_ONLY_KINDS:
             return None
-        return super().build(body=body, extra_fields=extra_fields)
+        return _with_rollout_annotations(super().build(body=body, extra_fields=extra_fields), body)
 
     def fetch(self, *, body: kopf.Body) -> Any:
         if body.get("kind") in WATCH_ONLY_KINDS:
@@ -37,12 +52,19 @@ class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return super().fetch(body=body)
 
 
+class ProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's annotation progress storage, whose clearing of the essence keeps the rollout annotations."""
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        return _with_rollout_annotations(super().clear(essence=essence), essence)
+
+
 def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     kopf_settings = kopf.OperatorSettings()
     # The ApiKey finalizer (names.FINALIZER) is managed by the ApiKey reconcile itself; kopf's own finalizer name
     # must differ, or kopf would strip ours from objects it has no deletion handlers for.
     kopf_settings.persistence.finalizer = KOPF_FINALIZER
-    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="deepseek.ai")
+    kopf_settings.persistence.progress_storage = ProgressStorage(prefix="deepseek.ai")
     kopf_settings.persistence.diffbase_storage = DiffBaseStorage(prefix="deepseek.ai", key="last-handled-configuration")
     # Our own Events (Issued, Rotated, Revoked) say what happened; kopf only reports its own trouble.
     kopf_settings.posting.level = logging.WARNING

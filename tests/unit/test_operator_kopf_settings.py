@@ -49,3 +49,27 @@ def test_the_start_up_listing_is_paged_and_idle_event_workers_end_within_a_secon
     settings = build_kopf_settings(OperatorSettings())
     assert settings.watching.chunk_size == LIST_PAGE_SIZE == 500
     assert settings.queueing.idle_timeout == EVENT_WORKER_IDLE_TIMEOUT <= 1.0
+
+
+def test_rollout_annotations_are_part_of_a_deployments_essence():
+    # kopf leaves every annotation under its storage prefix out of the essence it diffs: the diff base drops a prefix
+    # with a kopf marker (`deepseek.ai/kopf-managed`), the progress storage clears the whole prefix. Without keeping
+    # them, setting deepseek.ai/promote, abort or retry fired no update handler ("the essence is the same") and
+    # waited for the next periodic look (up to the 30 s stable interval).
+    persistence = build_kopf_settings(OperatorSettings()).persistence
+
+    def essence(obj: kopf.Body) -> dict:
+        # as kopf's processing does it: build, then clear the progress storage's fields
+        return persistence.progress_storage.clear(essence=persistence.diffbase_storage.build(body=obj))
+
+    deployment = body("DeepSeekDeployment", {"spec": {"replicas": 2}})
+    deployment["metadata"]["annotations"].update({"deepseek.ai/kopf-managed": "yes", "deepseek.ai/other": "x"})
+    before = essence(deployment)
+    # The rest of kopf's and other operators' storage under the prefix stays out, as before.
+    assert "annotations" not in (before.get("metadata") or {})
+    for name in ("deepseek.ai/promote", "deepseek.ai/abort", "deepseek.ai/retry"):
+        annotated = kopf.Body({**dict(deployment), "metadata": {
+            **deployment["metadata"], "annotations": {**deployment["metadata"]["annotations"], name: "abc123"}}})
+        after = essence(annotated)
+        assert after != before, name
+        assert after["metadata"]["annotations"] == {name: "abc123"}
