@@ -79,6 +79,10 @@ INVALID = [
      "rollout.previewReplicas must not exceed replicas"),
     ("memory not a quantity", edited(DSD, "spec.resources", {"memory": "40 GB"}),
      "spec.resources.memory in body should match"),
+    # The API server refuses a pod that requests less than nothing: the rollout would wait in Provisioning forever.
+    ("negative cpu", edited(DSD, "spec.resources", {"cpu": "-2"}), "resources.cpu must not be negative"),
+    ("negative cpu as a number", edited(DSD, "spec.resources", {"cpu": -1}), "resources.cpu must not be negative"),
+    ("negative memory", edited(DSD, "spec.resources", {"memory": "-1Gi"}), "resources.memory must not be negative"),
     ("redis url and secret", edited(DSD, "spec.redis", {"url": "redis://r:6379", "secretRef": {"name": "s"}}),
      "redis must set exactly one of url or secretRef"),
     ("error rate above one", edited(DSD, "spec.rollout", {"analysis": {"maxErrorRate": 1.5}}),
