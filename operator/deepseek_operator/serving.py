@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ from .issuer import Issuers
 from .kube import DEEPSEEKDEPLOYMENTS, EVENTS, SECRETS, Conflict, KubeApi, KubeError, Resource, ensure_controlled
 from .revision import compute_revision
 from .rollout import (
+    BEFORE_SWITCH,
     POST_VERIFYING,
     PROVISIONING,
     STARTING,
@@ -104,6 +105,17 @@ class RolloutTiming:
         return cls(**values)
 
 
+TEMPLATE_REFUSED = "InvalidPodTemplate"
+
+
+def _refusal(exc: KubeError) -> str:
+    """The API server's sentence from a refused write (`Deployment.apps "x" is invalid: ...`), without the method
+    and path."""
+    text = str(exc)
+    marker = f": {exc.status} {exc.reason}: "
+    return (text.split(marker, 1)[1] if marker in text else text)[:500]
+
+
 def _same_grants(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
     """RBAC objects: up to date when rules, roleRef and subjects agree (ownership is checked before)."""
     return all(actual.get(key) == desired.get(key) for key in ("rules", "roleRef", "subjects"))
@@ -162,6 +174,11 @@ class ServingReconciler:
         # rollout step waits for (tens of milliseconds each under an ApiKey burst, where a pass read one by one
         # took seconds). Only requests run here; nothing here submits more work to it.
         self._requests = ThreadPoolExecutor(max_workers=SERVING_REQUESTS, thread_name_prefix="serving")
+        # (namespace, name) -> (color, revision, the API server's message): a color Deployment the API server
+        # refused to create or replace for a revision (422 Invalid: e.g. an affinity block a pod cannot have). Such
+        # a revision never gets pods, so the next step rolls it back at once with that message instead of waiting
+        # in Provisioning, with nothing in status, past its deadline.
+        self._refused: dict[tuple[str, str], tuple[str, str, str]] = {}
 
     def _together(self, *calls: Callable[[], Any]) -> list[Any]:
         """Run `calls` at once; their results in order, or the first one's exception in that order (as if run one
@@ -198,6 +215,15 @@ class ServingReconciler:
         colors = {color: observe_color(deployments.get(color_deployment_name(name, color)), pods_by_color[color],
                                        gpu_resource=gpu_resource, gpus_per_pod=gpus, events=events)
                   for color in COLORS}
+        status = dsd.get("status") or {}
+        rollout = status.get("rollout") or {}
+        refused = self._refused.pop((namespace, name), None)
+        if refused is not None and (rollout.get("color"), rollout.get("revision")) == refused[:2] \
+                and rollout.get("phase") in BEFORE_SWITCH:
+            color, revision, message = refused
+            colors[color] = replace(colors[color], failure=f"the API server refused the pods of revision {revision} "
+                                                           f"in {color}: {message}",
+                                    failure_reason=TEMPLATE_REFUSED)
         target = None
         if service is not None:
             # Someone else's Service of this name is neither read as the traffic target nor (later) repointed.
@@ -205,8 +231,6 @@ class ServingReconciler:
             chosen = service["spec"].get("selector") or {}
             if chosen.get(COLOR_LABEL) and chosen.get(REVISION_LABEL):
                 target = (chosen[COLOR_LABEL], chosen[REVISION_LABEL])
-        status = dsd.get("status") or {}
-        rollout = status.get("rollout") or {}
         live = None
         if rollout.get("phase") == POST_VERIFYING and rollout.get("color") in colors:
             state = colors[rollout["color"]]
@@ -340,7 +364,15 @@ class ServingReconciler:
 
     def _apply(self, dsd: dict[str, Any], decision: Decision) -> None:
         for step in decision.scale:
-            self._scale(dsd, step.color, step.replicas, step.revision)
+            try:
+                self._scale(dsd, step.color, step.replicas, step.revision)
+            except KubeError as exc:
+                if exc.status != 422 or step.revision is None:
+                    raise
+                namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+                log.warning("%s/%s: the API server refused %s for revision %s: %s", namespace, name,
+                            color_deployment_name(name, step.color), step.revision, exc)
+                self._refused[(namespace, name)] = (step.color, step.revision, _refusal(exc))
         if decision.preview is not None:
             self._point_service(dsd, build_preview_service(dsd, decision.preview.color, decision.preview.revision))
         if decision.switch is not None:
