@@ -254,6 +254,29 @@ def test_two_replicas_without_leader_election_are_refused():
     assert out.returncode != 0 and "leaderElection.enabled" in out.stderr
 
 
+@pytest.mark.parametrize(("sets", "message"), [
+    (("leaderElection.leaseDuration=5s",), "leaderElection.leaseDuration (5s) must be longer than"),
+    (("leaderElection.leaseDuration=10s",), "leaderElection.leaseDuration (10s) must be longer than"),
+    (("leaderElection.renewDeadline=2s",), "leaderElection.renewDeadline (2s) must be longer than 1.2 x"),
+])
+def test_leader_election_timings_the_operator_refuses_are_refused_at_install(sets, message):
+    # Installed, they left every operator pod in CrashLoopBackOff (Recreate had already stopped the old ones) while
+    # `helm upgrade` said it succeeded.
+    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_leader_election_timings_in_other_units_render():
+    for sets in (("leaderElection.leaseDuration=10001ms",),
+                 ("leaderElection.leaseDuration=1h", "leaderElection.renewDeadline=1m30s",
+                  "leaderElection.retryPeriod=500ms"),
+                 ("replicaCount=1", "leaderElection.enabled=false", "leaderElection.leaseDuration=1s")):
+        assert any(d["kind"] == "Deployment" for d in render(*sets)), sets
+
+
 def test_monitoring_objects_carry_the_seed_alert():
     docs = render("monitoring.prometheusRule.enabled=true", "monitoring.serviceMonitor.enabled=true",
                   "networkPolicy.enabled=true", "networkPolicy.namespaces={team-a}")

@@ -83,3 +83,16 @@ Every verb here is one the operator's code calls (operator/deepseek_operator/kub
   resources: [events]
   verbs: [create, list]
 {{- end -}}
+
+{{/*
+A duration value (`15s`, `1m30s`, `500ms`; values.schema.json holds the form) in milliseconds, as a float.
+*/}}
+{{- define "deepseek-operator.milliseconds" -}}
+{{- $total := 0.0 -}}
+{{- $scale := dict "ms" 1.0 "s" 1000.0 "m" 60000.0 "h" 3600000.0 -}}
+{{- range $part := regexFindAll "[0-9]+(\\.[0-9]+)?(ms|s|m|h)" (toString .) -1 -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $part -}}
+{{- $total = addf $total (mulf (float64 $number) (get $scale (trimPrefix $number $part))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
