@@ -30,6 +30,16 @@ class PodFailure:
     message: str
 
 
+def last_line(message: str, limit: int = 300) -> str:
+    """The last non-empty line of a termination message (under FallbackToLogsOnError, the end of the container's log:
+    a failing program says why last, e.g. a traceback's exception), cut to `limit` characters."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _container_failure(pod_name: str, status: Mapping[str, Any]) -> PodFailure | None:
     container = status.get("name", "?")
     waiting = (status.get("state") or {}).get("waiting") or {}
@@ -41,8 +51,9 @@ def _container_failure(pod_name: str, status: Mapping[str, Any]) -> PodFailure |
     if reason == "CrashLoopBackOff" and restarts >= CRASH_LOOP_RESTARTS:
         last = (status.get("lastState") or {}).get("terminated") or {}
         detail = f"exit code {last.get('exitCode')}" if last else "crashing"
-        if last.get("message"):
-            detail += f": {str(last['message'])[-300:]}"
+        reason_line = last_line(str(last.get("message") or ""))
+        if reason_line:
+            detail += f": {reason_line}"
         return PodFailure("CrashLoopBackOff",
                           f"pod {pod_name} container {container} restarted {restarts} times ({detail})")
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,9 +91,16 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         # The URL may hold a password: the message names the schemes, never the value.
-        if value is not None and not value.startswith(REDIS_SCHEMES):
+        if value is None:
+            return value
+        if not value.startswith(REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (the value given is not shown: it may "
                              "hold a password)")
+        try:
+            _ = urlsplit(value).port  # raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535 (the value given is not shown: it may "
+                             "hold a password)") from None
         return value
 
     @field_validator("redact")

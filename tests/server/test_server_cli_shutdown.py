@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from deepseek_server.settings import ServerSettings
+from pydantic import ValidationError
 
 from devcluster.testing.model_server import server_process
 from devcluster.testing.polling import wait_for
@@ -36,6 +37,14 @@ def test_a_redis_url_that_is_not_one_is_refused_in_one_line_without_echoing_it(u
         "deepseek-server: redis_url: Value error, must be a redis://, rediss:// or unix:// URL (the value given is "
         "not shown: it may hold a password)"]
     assert url not in result.stderr and "s3cret" not in result.stderr
+
+
+def test_a_redis_url_with_a_port_that_is_not_a_number_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        ServerSettings(auth="disabled", redis_url="redis://:s3cret-pass@redis-host:63x79/0")
+    [error] = excinfo.value.errors()
+    assert error["loc"] == ("redis_url",) and "has a port that is not a number" in error["msg"]
+    assert "s3cret" not in error["msg"] and "63x79" not in error["msg"]  # serve prints `msg` only
 
 
 @pytest.mark.parametrize("model", ["missing", "empty", "no-weights"])

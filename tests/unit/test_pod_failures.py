@@ -79,3 +79,14 @@ def test_a_mount_still_being_set_up_keeps_the_deadline() -> None:
     event = {"reason": "FailedMount", "type": "Warning", "involvedObject": {"kind": "Pod", "uid": "pod-uid"},
              "message": 'MountVolume.SetUp failed for volume "auth" : configmap "chat-auth" not found'}
     assert _starting([pod], [event]).status["rollout"]["phase"] == "Starting"
+
+
+def test_a_crash_loop_is_explained_by_the_last_line_of_the_containers_log() -> None:
+    tail = ("p demo/tiny-auth watch failed: Response ended prematurely\nINFO:     Finished server process [7]\n"
+            "deepseek-server: the model could not be loaded: FileNotFoundError: no config.json in /models/x\n\n")
+    pod = _pod(waiting={"reason": "CrashLoopBackOff"}, restarts=2)
+    pod["status"]["containerStatuses"][0]["lastState"]["terminated"] = {"exitCode": 1, "message": tail}
+    message = _starting([pod]).status["rollout"]["message"]
+    assert message.endswith("(exit code 1: deepseek-server: the model could not be loaded: FileNotFoundError: "
+                            "no config.json in /models/x)"), message
+    assert "\n" not in message and "Finished server process" not in message
