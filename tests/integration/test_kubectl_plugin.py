@@ -188,3 +188,16 @@ def test_unreachable_api_server_is_one_clear_error(tmp_path: Path) -> None:
                       "users:\n- name: u\n  user: {token: abc}\n")
     result = plugin(str(config), "keys")
     assert "cannot reach the API server at https://127.0.0.1:1" in failed(result)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(crds, kubeconfig: str, namespace: str) -> None:
+    """`kubectl deepseek keys | head -1`: the reader is gone before the plugin writes; it stops quietly."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    try:
+        result = subprocess.run([str(PLUGIN), "keys", "-n", namespace], env=env, stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=180)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr

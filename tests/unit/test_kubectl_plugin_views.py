@@ -93,3 +93,19 @@ def test_keys_table_and_env_exports_quote_for_the_shell() -> None:
     assert env_exports({"OPENAI_API_KEY": "a'b", "OPENAI_BASE_URL": "http://x/v1"}) == (
         "export OPENAI_API_KEY='a'\"'\"'b'\nexport OPENAI_BASE_URL=http://x/v1")
     assert relative(None, NOW) == "-" and relative("2027-01-15T08:00:30Z", NOW) == "in 30s"
+
+
+def test_a_404_for_a_kind_is_told_apart_from_a_404_for_an_object() -> None:
+    import json
+    from types import SimpleNamespace
+
+    from deepseek_operator.kubectl_plugin.cli import _kind_not_served
+
+    status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+    kind_missing = json.dumps({**status, "message": "the server could not find the requested resource",
+                               "details": {}})
+    object_missing = json.dumps({**status, "message": 'deepseekdeployments.deepseek.ai "tiny" not found',
+                                 "details": {"name": "tiny", "group": "deepseek.ai", "kind": "deepseekdeployments"}})
+    assert _kind_not_served(SimpleNamespace(body=kind_missing))
+    assert not _kind_not_served(SimpleNamespace(body=object_missing))
+    assert not _kind_not_served(SimpleNamespace(body=None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +73,10 @@ class Kube:
         try:
             return function(*args, **kwargs)
         except ApiException as exc:
+            if exc.status == 404 and _kind_not_served(exc):
+                raise PluginError(f"{what}: the API server does not serve this kind of object: are the "
+                                  "deepseek-operator CRDs installed? (kubectl get crd deepseekdeployments.deepseek.ai "
+                                  "apikeys.deepseek.ai)") from None
             if exc.status == 404:
                 return None
             if exc.status == 409:
@@ -104,6 +109,18 @@ class Kube:
         return dict(self.call(f"annotating {meta['namespace']}/{meta['name']}",
                               self.custom.patch_namespaced_custom_object, GROUP, VERSION, meta["namespace"], plural,
                               meta["name"], body, _content_type=MERGE_PATCH))
+
+
+def _kind_not_served(exc: Any) -> bool:
+    """A 404 for the kind itself (its CRD not installed), not for one object of it: the API server then names no
+    object in the Status it answers."""
+    import json
+
+    try:
+        status = json.loads(exc.body)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(status, dict) and not (status.get("details") or {}).get("name")
 
 
 def _api_message(exc: Any) -> str:
@@ -347,3 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`| head`): nothing more to say, and nothing to flush at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
