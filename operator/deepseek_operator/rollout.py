@@ -574,10 +574,13 @@ def _post_verifying(b: _Builder) -> None:
     if o.now < switched + o.settings.window:
         b.decision.requeue_after = max(0.5, min(o.settings.progressing_interval, switched + o.settings.window - o.now))
         return
-    scale_down_at = o.now + o.settings.scale_down_delay
-    b.set_rollout(phase=COMPLETED, scaleDownAt=format_time(scale_down_at), reason=None,
-                  message=f"revision {revision} serves on {color}; the old color is kept warm until "
-                          f"{format_time(scale_down_at)}")
+    if o.colors.get(other_color(color), ColorObservation()).replicas > 0:
+        scale_down_at = o.now + o.settings.scale_down_delay
+        b.set_rollout(phase=COMPLETED, scaleDownAt=format_time(scale_down_at), reason=None,
+                      message=f"revision {revision} serves on {color}; the old color is kept warm until "
+                              f"{format_time(scale_down_at)}")
+    else:  # a first rollout, or one after a scale to zero: there is no old color to keep warm
+        b.set_rollout(phase=COMPLETED, scaleDownAt=None, reason=None, message=f"revision {revision} serves on {color}")
     if b.status["failedRevision"] == revision:
         b.status["failedRevision"] = None
     b.record_history(revision, "Completed")

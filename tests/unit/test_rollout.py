@@ -344,6 +344,16 @@ def test_post_verifying_completes_after_window() -> None:
     assert decision.status["history"][0]["model"] == "tiny"
 
 
+def test_a_first_rollout_completes_without_an_old_color_to_keep_warm() -> None:
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 61)),
+              "activeColor": "green", "activeRevision": NEW}
+    decision = next_step(observed(status, green=ready("green", NEW, 2), blue=ColorObservation(),
+                                  service=("green", NEW), live=LiveTraffic(100, 0)))
+    rollout = decision.status["rollout"]
+    assert rollout["phase"] == "Completed" and rollout.get("scaleDownAt") is None
+    assert rollout["message"] == f"revision {NEW} serves on green"
+
+
 def test_post_verifying_error_rate_rolls_back() -> None:
     status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
               "activeColor": "green", "activeRevision": NEW}
