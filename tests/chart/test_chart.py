@@ -300,6 +300,33 @@ def test_monitoring_objects_carry_the_seed_alert():
     assert policy["metadata"]["namespace"] == "team-a"
 
 
+def prometheus_rule_alerts(*json_sets: str) -> dict[str, dict]:
+    args = ["template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION,
+            "--set", "monitoring.prometheusRule.enabled=true"]
+    for item in json_sets:
+        args += ["--set-json", item]
+    rule = next(d for d in yaml.safe_load_all(helm(*args).stdout) if d and d["kind"] == "PrometheusRule")
+    return {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+
+
+@pytest.mark.parametrize(("json_sets", "percent"), [
+    ((), "5%"),
+    (("monitoring.prometheusRule.errorRateThreshold=0.025",), "2.5%"),
+    (("monitoring.prometheusRule.errorRateThreshold=0.5",), "50%"),
+])
+def test_error_rate_alert_names_its_threshold_in_percent(json_sets, percent):
+    error = prometheus_rule_alerts(*json_sets)["DeepSeekApiErrorRateHigh"]
+    assert f"error rate above {percent} on" in error["annotations"]["summary"]
+    assert error["annotations"]["description"].startswith(f"More than {percent} of API requests failed")
+
+
+def test_latency_alert_counts_api_requests_only():
+    # probes (/health, /ready) and scrapes (/metrics, also the autoscaler's every 10 s) answer in milliseconds and
+    # share the histogram: counted, they hold the p95 down on a quietly used deployment
+    latency = prometheus_rule_alerts()["DeepSeekApiLatencyHigh"]
+    assert 'deepseek_api_request_duration_seconds_bucket{route=~"/v1/.*"}[5m]' in latency["expr"]
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("operator.workers=0", "minimum"),
     ("operator.logFormat=xml", "value must be one of"),
