@@ -54,8 +54,16 @@ def serve(options: dict[str, Any]) -> int:
     config = uvicorn.Config(ConnectionCloseWhenDraining(api, draining), host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False)
-    server = DrainingServer(config, draining, settings.drain_idle_s)
     services = api.state.services
+
+    async def end_running_requests() -> None:
+        """The grace is nearly over: the builtin engine stops its rows, so streams end with `finish_reason: length`
+        and `[DONE]` (a relayed stream is vLLM's, left to uvicorn's timeout)."""
+        services.shutting_down = True
+        if services.engine is not None and settings.engine == "builtin":
+            await services.engine.stop()
+
+    server = DrainingServer(config, draining, settings.drain_idle_s, on_grace_over=end_running_requests)
 
     def stop() -> None:  # a model that cannot be loaded will not be served by waiting: exit, and let a restart retry
         server.should_exit = True

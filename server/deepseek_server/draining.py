@@ -11,6 +11,11 @@ it opened a new connection.
 connection is closed by the server only once it has been idle for `idle_close_s` (`--drain-idle-s`, 2 s). Then
 uvicorn's own shutdown runs (in-flight requests and streams finish within the rest of the shutdown grace, the
 lifespan ends).
+
+Requests still running shortly before the grace ends are cut by `on_grace_over` (the engine stops their rows, so a
+stream ends with `finish_reason: length` and `data: [DONE]`, a non-streamed request is answered with what it has),
+with `CUT_FLUSH_S` left to write those last events. Otherwise uvicorn cancels them when its own timeout passes:
+the client then gets a stream cut mid-body, or a bare 500.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -26,6 +32,8 @@ import uvicorn
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+# before the grace ends, requests still running are cut this long ahead (at most half the grace), to write their ends
+CUT_FLUSH_S = 1.0
 
 
 class Draining:
@@ -62,10 +70,12 @@ def _busy(connection: Any) -> bool:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, draining: Draining, idle_close_s: float = 2.0) -> None:
+    def __init__(self, config: uvicorn.Config, draining: Draining, idle_close_s: float = 2.0,
+                 on_grace_over: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(config)
         self.draining = draining
         self.idle_close_s = idle_close_s  # a connection open at the stop is closed once it had no request this long
+        self.on_grace_over = on_grace_over  # ends the requests still running when the grace is nearly over
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.draining.active = True
@@ -76,10 +86,17 @@ class DrainingServer(uvicorn.Server):
         grace = self.config.timeout_graceful_shutdown
         started = time.monotonic()
         deadline = started + grace if grace is not None else None
+        cut_at = None if deadline is None or self.on_grace_over is None else deadline - min(CUT_FLUSH_S, grace / 2)
         idle_since: dict[Any, float] = {}
         while (self.server_state.connections and not self.force_exit
                and (deadline is None or time.monotonic() < deadline)):
             now = time.monotonic()
+            if cut_at is not None and now >= cut_at:
+                cut_at = None
+                if any(_busy(connection) for connection in self.server_state.connections):
+                    log.warning("shutdown grace nearly over: ending the requests still running")
+                    assert self.on_grace_over is not None
+                    await self.on_grace_over()
             for connection in list(self.server_state.connections):
                 if _busy(connection):
                     idle_since.pop(connection, None)  # answered with Connection: close, then closed by uvicorn

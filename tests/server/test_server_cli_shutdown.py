@@ -129,6 +129,64 @@ def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models:
     assert "Finished server process" in log
 
 
+def test_sigterm_ends_requests_still_running_when_the_grace_is_over(tmp_path: Path) -> None:
+    # A stream longer than --shutdown-grace-s is cut by the server: it must still end as OpenAI's streams end
+    # (finish_reason "length", then [DONE]), and a non-streamed request still running gets its 200, not a bare 500.
+    from deepseek_server.tiny_model import make_tiny_model
+    from transformers import AutoTokenizer
+
+    model = make_tiny_model("llama", tmp_path / "model", max_len=4096)  # room for a stream far longer than the grace
+    eos = AutoTokenizer.from_pretrained(model).eos_token_id
+    env = {"DEEPSEEK_MODEL": str(model), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu",
+           "DEEPSEEK_MAX_NEW_TOKENS": "4000"}
+    audit = tmp_path / "audit.jsonl"
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 4000, "temperature": 1.0, "seed": 5,
+            "logit_bias": {str(eos): -100}}
+    lines: list[str] = []
+    answers: list[httpx.Response] = []
+    errors: list[BaseException] = []
+    first_chunk = threading.Event()
+    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "2",
+                         "--audit-log", str(audit)], env=env, log_dir=tmp_path) as (url, proc):
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                                  json={**body, "stream": True}) as response:
+                    for line in response.iter_lines():
+                        if line:
+                            lines.append(line)
+                            first_chunk.set()
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        def whole() -> None:
+            try:
+                answers.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120))
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        readers = [threading.Thread(target=whole), threading.Thread(target=stream)]
+        for reader in readers:
+            reader.start()
+        assert first_chunk.wait(120)
+        proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(60)
+            assert not reader.is_alive()
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    assert not errors, f"a request was cut off: {errors}"
+    assert lines[-1] == "data: [DONE]", f"the stream ended without [DONE]: {lines[-1][:200]}"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
+    assert len(chunks) < 4000  # cut, not run to its end
+    assert answers[0].status_code == 200, answers[0].text[:300]
+    assert answers[0].json()["choices"][0]["finish_reason"] == "length"
+    assert answers[0].json()["usage"]["completion_tokens"] < 4000
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sorted(r["status"] for r in records if r["path"] == "/v1/completions") == [200, 200]
+
+
 def test_sigterm_answers_a_request_on_an_open_keep_alive_connection_then_closes_it(tiny_models: dict[str, Path],
                                                                                   tmp_path: Path) -> None:
     # Behind a Service the pod has left the endpoints by now: a client whose next request on its open connection is
