@@ -249,7 +249,7 @@ async def respond(services: Services, request: Request, principal: Principal, en
     except BaseException:  # the slot must not stay taken by a request the engine refused
         await release(services, lease, 0)
         raise
-    await _wait_admitted(services, streams, lease)
+    await _wait_admitted(services, request, streams, lease)
     services.metrics.prompt_tokens.inc(call.prompt_tokens)
     if call.stream:
         return with_headers(StreamingResponse(_stream(services, request, engine, call, streams, lease, call_id,
@@ -270,17 +270,39 @@ def busy_error(exc: EngineBusy) -> APIError:
                     code="engine_overloaded", headers={"retry-after": str(exc.retry_after_s)})
 
 
-async def _wait_admitted(services: Services, streams: list[GenerationStream], lease: Lease | None) -> None:
-    """Wait until the engine runs every stream (it may queue them for memory); 503 when it will not."""
+class ClientGone(Exception):
+    """The client closed its connection while its request waited for the engine."""
+
+
+async def _until_admitted(request: Request, streams: list[GenerationStream]) -> None:
+    """Wait until the engine runs every stream. While some wait in the engine's queue (for memory), the client is
+    checked every DISCONNECT_POLL_S: one that left gives up its place at once (ClientGone), instead of holding it,
+    ahead of the requests behind it, until it is admitted only to be cancelled."""
+    waiting = [s.admission for s in streams if s.admission is not None and not s.admission.done()]
+    while waiting:
+        await asyncio.wait(waiting, timeout=DISCONNECT_POLL_S)
+        waiting = [admission for admission in waiting if not admission.done()]
+        if waiting and await request.is_disconnected():
+            raise ClientGone
+    for stream in streams:
+        await stream.wait_admitted()  # raises what kept it from running
+
+
+async def _wait_admitted(services: Services, request: Request, streams: list[GenerationStream],
+                         lease: Lease | None) -> None:
+    """Wait until the engine runs every stream (it may queue them for memory); 503 when it will not, 499 (recorded
+    only: nobody reads it) when the client left meanwhile."""
     try:
-        for stream in streams:
-            await stream.wait_admitted()
+        await _until_admitted(request, streams)
     except BaseException as exc:
         for stream in streams:
             stream.cancel()
         await release(services, lease, 0)
         if isinstance(exc, EngineBusy):
             raise busy_error(exc) from exc
+        if isinstance(exc, ClientGone):
+            raise APIError(499, "The client closed the connection while the request waited for the model.",
+                           type="invalid_request_error", code="client_disconnected") from exc
         if isinstance(exc, Exception):
             raise APIError(500, f"The model failed while generating: {exc}", type="server_error") from exc
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from deepseek_server.engine.batched import BatchedEngine
 from deepseek_server.engine.loading import LoadedModel, load_model
 
 from devcluster.testing.model_server import ServerThread, tiny_settings
+from devcluster.testing.polling import wait_for
 
 PROMPT = "The quick brown fox"
 LONG_PROMPT = "Kubernetes schedules pods onto nodes; an operator reconciles custom resources. " * 3
@@ -252,5 +254,50 @@ def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: di
         after = httpx.post(url, headers=headers, timeout=60,
                            json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100})
         assert after.status_code == 200  # the memory is free again
+    finally:
+        server.stop()
+
+
+def test_a_client_that_leaves_while_waiting_for_memory_gives_up_its_place(auth_dir: Path, tmp_path: Path,
+                                                                          token_factory: Callable[..., str]) -> None:
+    # Two holders of 2000 tokens fill the KV budget for seconds; a third request waits for room. Its client gives up
+    # after 0.3 s: the request leaves the queue then (recorded 499), not once the holders are done, when it would be
+    # admitted and prefilled only to be cancelled (and recorded as a 200 nobody received).
+    from deepseek_server.tiny_model import make_tiny_model
+    from transformers import AutoTokenizer
+
+    model = make_tiny_model("llama", tmp_path / "model", max_len=4096)
+    eos = AutoTokenizer.from_pretrained(model).eos_token_id
+    audit = tmp_path / "audit.jsonl"
+    settings = tiny_settings(model, auth_dir=auth_dir, kv_cache_tokens=4100, admission_wait_s=60,
+                             max_model_len=4096, max_new_tokens=2000, no_cache=True, audit_log=audit)
+    server = ServerThread(create_app(settings)).start()
+    try:
+        headers = {"authorization": f"Bearer {token_factory()}"}
+        url = f"{server.url}/v1/completions"
+        holder = {"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 2000, "stream": True,
+                  "logit_bias": {str(eos): -100}}
+        with httpx.stream("POST", url, headers=headers, timeout=60, json=holder) as first, \
+                httpx.stream("POST", url, headers=headers, timeout=60, json=holder) as second:
+            readers = [held.iter_lines() for held in (first, second)]  # kept: a reader dropped closes its stream
+            for reader in readers:
+                assert next(line for line in reader if line.startswith("data:"))  # decoding
+            for stream in (False, True):
+                with pytest.raises(httpx.ReadTimeout):  # no room: it waits, and its client leaves
+                    httpx.post(url, headers=headers, timeout=httpx.Timeout(60, read=0.3),
+                               json={"model": "deepseek-tiny", "prompt": "gone", "max_tokens": 100,
+                                     "stream": stream})
+
+            def gone() -> list[dict[str, Any]]:
+                records = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+                return [r for r in records if r["status"] != 200]
+
+            left = wait_for("the records of the requests whose clients left", lambda: len(gone()) == 2 and gone())
+            metrics = httpx.get(f"{server.url}/metrics").text
+            assert "deepseek_requests_in_flight 2.0" in metrics  # the two holders only
+            assert not first.is_closed and not second.is_closed  # the holders were still running meanwhile
+        assert [(r["status"], r["error_code"], r["stream"]) for r in left] == [
+            (499, "client_disconnected", False), (499, "client_disconnected", True)]
+        assert all(r["completion_tokens"] is None for r in left)
     finally:
         server.stop()
