@@ -121,7 +121,8 @@ def test_every_expression_parses_and_the_error_panel_is_the_alerts_expression(mo
     assert isinstance(alert, promql_parser.BinaryExpr) and isinstance(alert.rhs, promql_parser.NumberLiteral)
     board = dashboard(CHART / "dashboards" / "deepseek-servers.json")
     panel = next(p for p in board["panels"] if p["title"].startswith("Error rate"))
-    without_filters = (panel["targets"][0]["expr"].replace('namespace=~"$namespace", service=~"$deployment"', "")
+    without_filters = (panel["targets"][0]["expr"]
+                       .replace('namespace=~"$namespace", deepseek_ai_deployment=~"$deployment"', "")
                        .replace("{, ", "{").replace(", }", "}").replace("{}", ""))
     assert str(promql_parser.parse(without_filters)) == str(alert.lhs)
 
@@ -130,14 +131,24 @@ def test_panels_count_each_pod_once_across_a_color_switch() -> None:
     """A pod is scraped once per Service that selects it (active and preview), and the `service` label of its series
     changes when traffic switches colors. Summed by Service, a rollout showed as a dip in every rate panel (seen by
     drawing the panels with `python -m devcluster.dashboard_preview`). Panels other than the alert's own expression
-    select by the pod's deployment label and keep one series per pod before summing."""
+    select by the pod's deployment label and keep one series per pod before summing; so do the alerts, which
+    grouped by Service fired twice for every incident (once for `<name>-preview`)."""
     board = dashboard(CHART / "dashboards" / "deepseek-servers.json")
     for where, expr in panel_queries(board).items():
-        if where.startswith("Error rate"):
-            continue
         assert "service=" not in expr, f"{where} selects by Service: {expr}"
         assert expr.count("rate(") == expr.count("max without (service, job) (rate("), \
             f"{where} sums a rate without first taking one series per pod: {expr}"
+
+
+def test_alerts_count_each_pod_once_and_name_the_deployment(monitoring_docs) -> None:
+    rule = next(d for d in monitoring_docs if d["kind"] == "PrometheusRule")
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            expr = alert["expr"]
+            assert "service" not in expr.replace("max without (service, job)", ""), f"{alert['alert']}: {expr}"
+            assert expr.count("rate(") == expr.count("max without (service, job) (rate("), alert["alert"]
+            assert "by (namespace, deepseek_ai_deployment" in expr, alert["alert"]
+            assert "$labels.deepseek_ai_deployment" in alert["annotations"]["summary"], alert["alert"]
 
 
 def test_color_and_deployment_labels_come_from_the_service_monitor(monitoring_docs) -> None:
