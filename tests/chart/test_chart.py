@@ -350,6 +350,17 @@ def test_network_policy_without_namespaces_fails_clearly():
     assert out.returncode != 0 and "networkPolicy.namespaces" in out.stderr
 
 
+def test_network_policy_pod_selector_needs_its_namespaces():
+    base = ("--set", "networkPolicy.enabled=true", "--set", "networkPolicy.namespaces={team-a}",
+            "--set", "networkPolicy.allowedPodSelector.matchLabels.app=gateway")
+    alone = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, *base, check=False)
+    assert alone.returncode != 0 and "allowedNamespaceSelector" in alone.stderr  # was rendered without it, silently
+    docs = render(*base[1::2], "networkPolicy.allowedNamespaceSelector.matchLabels.team=edge")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"][-1] == {"namespaceSelector": {"matchLabels": {"team": "edge"}},
+                                                       "podSelector": {"matchLabels": {"app": "gateway"}}}
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.server"])
 def test_dockerfile_lints_and_its_inputs_exist(dockerfile):
     path = REPO / dockerfile
