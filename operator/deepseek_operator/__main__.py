@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -85,21 +86,29 @@ def configure_logging(settings: OperatorSettings) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM/SIGINT while the block runs (the previous handlers come back after it)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def wait_for_crds(settings: OperatorSettings) -> bool:
     """Wait (serving liveness, reconciling nothing) until the API server serves both CRDs; False on SIGTERM/SIGINT.
 
     kopf resolves the resources it watches once, when it starts (it does not watch CRDs): started before the CRDs
     exist, as when a GitOps tool applies the operator before them or the chart installs it with `crds.enabled=false`,
     it would never serve them."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    kube = KubeApi(load_connection(settings.kubeconfig), max_connections=1)
     liveness = (StandbyLiveness(settings.liveness_endpoint, lambda: True, (b'{"waitingFor": "crds"}', b""))
-                if settings.liveness_endpoint is not None else None)
+                if settings.liveness_endpoint is not None else contextlib.nullcontext())
+    kube = KubeApi(load_connection(settings.kubeconfig), max_connections=1)
     last_log = -CRD_LOG_EVERY
-    try:
-        if liveness is not None:
-            liveness.__enter__()
+    with stop_on_signals() as stop, liveness, contextlib.closing(kube):
         while True:
             try:
                 missing = kube.unserved([DEEPSEEKDEPLOYMENTS, APIKEYS])
@@ -120,26 +129,14 @@ def wait_for_crds(settings: OperatorSettings) -> bool:
                             f" ({problem})" if problem else "")
             if stop.wait(CRD_CHECK_EVERY):
                 return False
-    finally:
-        if liveness is not None:
-            liveness.__exit__()
-        kube.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -> bool:
     """Stand by (serving liveness, reconciling nothing) until this process holds the Lease; False on SIGTERM/SIGINT."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        if liveness_endpoint is None:
-            return elector.acquire(stop)
-        with StandbyLiveness(liveness_endpoint, elector.standby_healthy):
-            return elector.acquire(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    liveness = (StandbyLiveness(liveness_endpoint, elector.standby_healthy) if liveness_endpoint is not None
+                else contextlib.nullcontext())
+    with stop_on_signals() as stop, liveness:
+        return elector.acquire(stop)
 
 
 def run(settings: OperatorSettings) -> None:

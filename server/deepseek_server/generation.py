@@ -93,6 +93,14 @@ def check_token_shaping(engine: Engine, body: SamplingFields, json_schema: str |
                            code="invalid_value") from exc
 
 
+def check_ceiling(requested_max: int | None, ceiling: int, max_param: str) -> None:
+    """400 naming `max_param` (chat's `max_completion_tokens` or `max_tokens`, as sent) when it asks for more
+    completion tokens than the server gives."""
+    if requested_max is not None and requested_max > ceiling:
+        raise APIError(400, f"{max_param} is too large: {requested_max}. This server supports at most {ceiling} "
+                       "completion tokens.", param=max_param, code="invalid_value")
+
+
 def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFields, prompt_ids: list[int],
               requested_max: int | None, prompt_param: str, max_param: str = "max_tokens") -> PlannedCall:
     """Check lengths against the context and the server's ceiling, and expand `n` into engine requests.
@@ -104,9 +112,7 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
                        f"{prompt_param} resulted in {len(prompt_ids)} tokens. Please reduce the length of the "
                        f"{prompt_param}.", param=prompt_param, code="context_length_exceeded")
     ceiling = min(settings.max_new_tokens, engine.max_new_tokens)
-    if requested_max is not None and requested_max > ceiling:
-        raise APIError(400, f"{max_param} is too large: {requested_max}. This server supports at most {ceiling} "
-                       "completion tokens.", param=max_param, code="invalid_value")
+    check_ceiling(requested_max, ceiling, max_param)
     if requested_max is not None and requested_max > room:
         raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
                        f"requested {len(prompt_ids) + requested_max} tokens ({len(prompt_ids)} in the "

@@ -25,7 +25,7 @@ from deepseek_server.cache import is_deterministic, request_fingerprint
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineResponse, EngineTimeout
 from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
-from deepseek_server.generation import admit, release, release_now, serve_cached, with_headers
+from deepseek_server.generation import admit, check_ceiling, release, release_now, serve_cached, with_headers
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.response_bodies import Kind
 from deepseek_server.schemas import SamplingFields
@@ -48,9 +48,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     """Answer one chat or text completion through the engine, streamed or not. `max_param`: the parameter
     `requested_max` came from (chat's `max_completion_tokens` or `max_tokens`)."""
     ceiling = services.settings.max_new_tokens
-    if requested_max is not None and requested_max > ceiling:
-        raise APIError(400, f"{max_param} is too large: {requested_max}. This server supports at most {ceiling} "
-                       "completion tokens.", param=max_param, code="invalid_value")
+    check_ceiling(requested_max, ceiling, max_param)
     request.state.stream = body.stream
     if not hasattr(request.state, "started"):  # set by the recording middleware when it is installed
         request.state.started = time.perf_counter()

@@ -47,6 +47,17 @@ def _null_is_false(value: Any) -> Any:
     return False if value is None else value
 
 
+def _needs(flag: str, message: str) -> Any:
+    """A field validator refusing the field, when set, unless `flag` is true. A field validator, not a model one, so
+    the error names the field; `flag` must be declared before it (validated by then; absent from `info.data` when it
+    failed itself)."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get(flag):
+            raise ValueError(message)
+        return value
+    return check
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -111,13 +122,8 @@ class SamplingFields(BaseModel):
 
     _stream_null = field_validator("stream", mode="before")(_null_is_false)
 
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        # `stream` is declared first, so it is validated by now (absent from `info.data` when it failed itself)
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options can only be set when stream is true")
-        return value
+    _only_when_streaming = field_validator("stream_options")(
+        _needs("stream", "stream_options can only be set when stream is true"))
 
     @field_validator("logit_bias")
     @classmethod
@@ -151,14 +157,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        # a field validator (not a model validator), so the error names `top_logprobs`; `logprobs` is declared
-        # first, so it is validated by now (absent from `info.data` when it failed itself)
-        if value is not None and not info.data.get("logprobs"):
-            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true")
-        return value
+    _top_logprobs_need_logprobs = field_validator("top_logprobs")(
+        _needs("logprobs", "when using `top_logprobs`, `logprobs` must be set to true"))
 
     def logprob_alternatives(self) -> int | None:
         """None when no log-probabilities are asked for, else how many alternatives per token."""
