@@ -339,6 +339,14 @@ def plan_apikey(
             previous_revoke_at = min(int(now + grace), expires)
     if reason and current_id and expires > now and previous_revoke_at is None:
         revoke[current_id] = expires
+    if reason == "BindingChanged" and status.get("previousTokens"):
+        # Tokens still in their grace period carry the old binding too: what the change took away must stop working
+        # with every token of the key, not only with the current one.
+        early = {item["tokenId"]: _ts(item.get("expiresAt")) for item in status.pop("previousTokens")}
+        revoke.update(early)
+        events.append(ApiKeyEvent("Normal", "Revoked",
+                                  f"Revoked {len(early)} token(s) ({', '.join(sorted(early))}) before the end of "
+                                  "their grace period: subject, scopes or environment changed"))
     if reason == "SecretAltered" and secret_claims and secret_claims.get("jti") != current_id:
         # The Secret holds a token this operator signed for this key but never recorded: it is replaced, so revoke
         # it too rather than leave it valid and unknown.

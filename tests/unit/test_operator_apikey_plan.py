@@ -124,6 +124,19 @@ def test_changed_subject_or_scopes_reissue_and_revoke_at_once():
     assert result.issue_reason == "BindingChanged" and result.revoke == {"tok-1": NOW + 30}
 
 
+def test_a_binding_change_revokes_the_tokens_in_their_grace_period_too():
+    key, token = issued(apikey())
+    renewal = plan(key, token, now=NOW + 15)
+    renewed, new_token = _issue_as_planned(key, renewal, token_id="tok-2", at=NOW + 15)
+    assert [p["tokenId"] for p in renewed["status"]["previousTokens"]] == ["tok-1"]  # in grace until NOW + 25
+    other = {**renewed, "spec": {**renewed["spec"], "subject": "mallory"}}
+    result = plan(other, new_token, now=NOW + 16)
+    assert result.issue_reason == "BindingChanged"
+    assert result.revoke == {"tok-2": NOW + 45, "tok-1": NOW + 30}, "a token of the old subject still works"
+    assert "previousTokens" not in result.status
+    assert [e.reason for e in result.events] == ["Revoked"] and "tok-1" in result.events[0].message
+
+
 def test_token_of_an_unpublished_signing_key_is_replaced():
     key, token = issued(apikey())
     result = plan(key, token, now=NOW + 1, view=issuer(signing_key=OTHER, published_kids=frozenset({OTHER.kid})))
