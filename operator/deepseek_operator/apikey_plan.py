@@ -20,7 +20,8 @@ from .tokens import TokenGrant, binding_hash, token_sha256
 # A new value of this annotation asks for one rotation now (any value: the plugin writes a timestamp); the value
 # is kept in status as `rotationRequest` once a token issued after it is in the Secret, so each value rotates once.
 ROTATE_ANNOTATION = "deepseek.ai/rotate"
-TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash")
+TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash",
+                "tokenScopes")
 ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
 WARNING_REASONS = {"SecretMissing", "SecretAltered"}
 REASON_TEXT = {
@@ -31,6 +32,7 @@ REASON_TEXT = {
     "SecretMissing": "the Secret or its token was missing; the lost token is revoked",
     "SecretAltered": "the token in the Secret was altered; the replaced token is revoked",
     "BindingChanged": "subject, scopes or environment changed; the old token is revoked",
+    "ScopesWidened": "scopes were added; the old token keeps its grace period",
     "SigningKeyRetired": "its signing key is no longer published",
     "Requested": f"rotation asked for with the {ROTATE_ANNOTATION} annotation",
 }
@@ -78,6 +80,8 @@ class ApiKeyPlan:
     events: tuple[ApiKeyEvent, ...] = ()
     # The rotate annotation's value that the token issued now answers (recorded with it; see `with_pending`).
     rotation_request: str | None = None
+    # Why the token is issued, in words for its Event, when there is more to say than REASON_TEXT.
+    issue_detail: str | None = None
 
 
 def _ts(value: Any) -> int:
@@ -100,6 +104,34 @@ def current_binding(apikey: Mapping[str, Any], issuer: IssuerView) -> str:
     spec = apikey["spec"]
     return binding_hash(subject=spec["subject"], scopes=effective_scopes(spec, issuer),
                         environment=spec["environment"], audience=issuer.audience)
+
+
+def token_scopes(apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: IssuerView) -> tuple[str, ...] | None:
+    """The current token's scopes when status records them (`tokenScopes`) and that token binds the key's subject,
+    environment and audience as they are now (its `bindingHash` says so); None otherwise, e.g. in a status written
+    by an operator that did not record them."""
+    scopes = status.get("tokenScopes")
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        return None
+    spec = apikey["spec"]
+    held = binding_hash(subject=spec["subject"], scopes=scopes, environment=spec["environment"],
+                        audience=issuer.audience)
+    return tuple(sorted(scopes)) if held == status.get("bindingHash") else None
+
+
+def scope_change_text(held: tuple[str, ...] | None, wanted: tuple[str, ...],
+                      previous_revoke_at: int | None) -> str | None:
+    """What a scope change did, in words for the Event (None: only the reason's own text can be said, the scopes
+    of the current token being unknown or its subject, environment or audience having changed)."""
+    if held is None:
+        return None
+    change = f"from {', '.join(held)} to {', '.join(wanted)}"
+    if set(held) < set(wanted):
+        fate = (f"the old token keeps working until {format_timestamp(previous_revoke_at)}" if previous_revoke_at
+                else "the old token is revoked, gracePeriod being 0")
+        return f"scopes widened {change}; {fate}"
+    removed = sorted(set(held) - set(wanted))
+    return f"scopes changed {change} ({', '.join(removed)} removed); the old token is revoked"
 
 
 def live_tokens(status: Mapping[str, Any], now: float) -> dict[str, int]:
@@ -182,6 +214,10 @@ def promote_pending(status: Mapping[str, Any], renew_before: float) -> dict[str,
         "bindingHash": pending["bindingHash"],
         "revision": int(status.get("revision") or 0) + 1,
     })
+    if "tokenScopes" in pending:
+        status["tokenScopes"] = pending["tokenScopes"]
+    else:  # recorded by an operator that did not record scopes: the old token's would be wrong
+        status.pop("tokenScopes", None)
     if previous:
         status["previousTokens"] = previous
     else:
@@ -204,6 +240,7 @@ def adopt_token(
         "expiresAt": format_timestamp(claims["exp"]),
         "renewalTime": format_timestamp(claims["exp"] - renew_before),
         "bindingHash": binding,
+        "tokenScopes": sorted(claims["scope"]),
         "revision": int(status.get("revision") or 0) + 1,
     })
     return status
@@ -240,6 +277,7 @@ def with_pending(
         "expiresAt": format_timestamp(grant.expires_at),
         "reason": reason,
         "bindingHash": binding,
+        "tokenScopes": list(grant.scopes),
     }
     if previous_revoke_at is not None:
         pending["previousRevokeAt"] = format_timestamp(previous_revoke_at)
@@ -319,7 +357,10 @@ def plan_apikey(
     lifetime_end = min(expires, issued + int(parse_duration(spec.get("duration", "72h")))) if issued else expires
     requested = rotation_request({"metadata": apikey.get("metadata") or {}, "status": status})
     reason: str | None = None
+    detail: str | None = None
     previous_revoke_at: int | None = None
+    # A rotated-out token keeps working this long, never past its own expiry (`gracePeriod` 0: revoked at once).
+    grace_end = min(int(now + grace), expires) if grace > 0 else None
     if not current_id:
         reason = "Unrevoked" if condition_status(status.get("conditions"), "Revoked") == "True" else "Initial"
     elif expires <= now:
@@ -329,19 +370,25 @@ def plan_apikey(
     elif secret_sha != status.get("tokenSHA256"):
         reason = "SecretAltered"
     elif status.get("bindingHash") != current_binding(apikey, issuer):
-        reason = "BindingChanged"
+        # Scopes only added grant nothing the old token lacks: it is rotated out with its grace period, as at a
+        # renewal. Any other change (a scope removed, another subject) must stop the old token at once.
+        held, wanted = token_scopes(apikey, status, issuer), effective_scopes(spec, issuer)
+        if held is not None and set(held) < set(wanted):
+            reason, previous_revoke_at = "ScopesWidened", grace_end
+        else:
+            reason = "BindingChanged"
+        detail = scope_change_text(held, wanted, previous_revoke_at)
     elif status.get("signingKeyId") not in issuer.published_kids:
         reason = "SigningKeyRetired"
     elif now >= lifetime_end - renew_before or requested:
         # A requested rotation is an early renewal: the old token keeps its grace period.
         reason = "Renewal" if now >= lifetime_end - renew_before else "Requested"
-        if grace > 0:
-            previous_revoke_at = min(int(now + grace), expires)
+        previous_revoke_at = grace_end
     if reason and current_id and expires > now and previous_revoke_at is None:
         revoke[current_id] = expires
     if reason == "BindingChanged" and status.get("previousTokens"):
-        # Tokens still in their grace period carry the old binding too: what the change took away must stop working
-        # with every token of the key, not only with the current one.
+        # Tokens still in their grace period carry the old binding too (or a narrower one, from before scopes were
+        # added): what the change took away must stop working with every token of the key, not only the current.
         early = {item["tokenId"]: _ts(item.get("expiresAt")) for item in status.pop("previousTokens")}
         revoke.update(early)
         events.append(ApiKeyEvent("Normal", "Revoked",
@@ -362,17 +409,19 @@ def plan_apikey(
     return ApiKeyPlan(
         status=status, revoke=revoke, limits=limits, issue_reason=reason, previous_revoke_at=previous_revoke_at,
         repair_secret=reason is None and not secret_current, events=tuple(events),
-        rotation_request=requested if reason is not None else None,
+        rotation_request=requested if reason is not None else None, issue_detail=detail,
     )
 
 
-def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str) -> ApiKeyEvent:
-    """The Event for a token issued for `reason` (never the token itself)."""
+def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str,
+                detail: str | None = None) -> ApiKeyEvent:
+    """The Event for a token issued for `reason` (never the token itself); `detail` says more than the reason."""
     kind = ISSUE_EVENT.get(reason, "Rotated")
     return ApiKeyEvent(
         "Warning" if reason in WARNING_REASONS else "Normal",
         kind,
-        f"{kind} token {token_id} into Secret {secret_name}, expires {expires_at} ({REASON_TEXT.get(reason, reason)})",
+        f"{kind} token {token_id} into Secret {secret_name}, expires {expires_at} "
+        f"({reason}: {detail or REASON_TEXT.get(reason, reason)})",
     )
 
 

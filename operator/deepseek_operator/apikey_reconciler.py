@@ -371,7 +371,7 @@ class ApiKeyReconciler:
                         # A first token is recorded in status (Ready, TokenIssued); an Event per new key would be
                         # one more write each in a burst of thousands. Rotations and revocations get Events.
                         events.append(issue_event(plan.issue_reason, status["tokenId"], status["expiresAt"],
-                                                  secret_name))
+                                                  secret_name, plan.issue_detail))
                 else:
                     events.append(ApiKeyEvent("Warning", "SecretWriteFailed",
                                               f"{failure.message}; next attempt in "

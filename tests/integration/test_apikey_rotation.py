@@ -6,6 +6,8 @@ import time
 
 import pytest
 from deepseek_operator.durations import parse_timestamp
+from deepseek_server.auth.configmap_source import state_from_configmap
+from deepseek_server.auth.tokens import TokenRejected, verify_token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -48,3 +50,55 @@ def test_rotation_with_grace_then_revocation_survives_an_operator_restart(world,
     assert final["tokenId"] == second["tokenId"] and final["revision"] == 2, "restart must not issue twice"
     reasons = world.wait_events("rot", "Revoked", lambda found: "Revoked" in found)
     assert reasons.count("Issued") == 0 and reasons.count("Rotated") == 1 and reasons.count("Revoked") == 1
+
+
+def server_scopes(world, token: str) -> set[str]:
+    """The scopes a server grants `token`, judged by the server's own verifier on the deployment's auth ConfigMap as
+    it is now (signature, claims and the revoked list); TokenRejected when it refuses it."""
+    configmap = world.core.read_namespaced_config_map("chat-auth", world.namespace)
+    return set(verify_token(token, state_from_configmap(configmap)).scopes)
+
+
+def test_added_scopes_keep_the_old_token_for_its_grace_period_and_a_removed_scope_revokes_every_token(world,
+                                                                                                       operator):
+    world.apply_deployment()
+    world.create_apikey("widen", scopes=["model:predict"], gracePeriod="1h")
+    first = world.wait_ready("widen")["status"]
+    first_token = world.token("widen")
+    assert server_scopes(world, first_token) == {"model:predict"}
+
+    # Adding a scope issues a token with it, and the old one keeps working until its workloads re-read the Secret.
+    # Made while the operator is down: what the old token holds is read from status, not remembered.
+    operator.stop()
+    world.patch_apikey("widen", {"scopes": ["model:predict", "history:read"]})
+    operator.start()
+    second = world.wait_for("the wider token", lambda: (s := world.wait_ready("widen")["status"]).get("revision") == 2
+                            and s, timeout=60)
+    second_token = world.token("widen")
+    assert world.verify(second_token)["jti"] == second["tokenId"]
+    assert server_scopes(world, second_token) == {"history:read", "model:predict"}
+    assert first["tokenId"] not in world.auth()["revoked"], "adding a scope revoked the old token at once"
+    assert server_scopes(world, first_token) == {"model:predict"}
+    assert second["tokenScopes"] == ["history:read", "model:predict"]
+    assert [p["tokenId"] for p in second["previousTokens"]] == [first["tokenId"]]
+    revoke_at = parse_timestamp(second["previousTokens"][0]["revokeAt"])
+    assert revoke_at == pytest.approx(parse_timestamp(second["issuedAt"]) + 3600, abs=1)
+    world.wait_for("a Rotated Event saying the scopes were widened", lambda: [
+        e for e in world.events("widen") if e.reason == "Rotated" and "(ScopesWidened: scopes widened from "
+        "model:predict to history:read, model:predict; the old token keeps working until" in (e.message or "")])
+
+    # Removing one stops it at once with every token that held it: the current one and the one in its grace.
+    world.patch_apikey("widen", {"scopes": ["history:read"]})
+    world.wait_for("both earlier tokens revoked",
+                   lambda: {first["tokenId"], second["tokenId"]} <= set(world.auth()["revoked"]), timeout=30)
+    for token in (first_token, second_token):
+        with pytest.raises(TokenRejected, match="revoked"):
+            server_scopes(world, token)
+    third = world.wait_for("the narrower token", lambda: (s := world.wait_ready("widen")["status"]).get("revision")
+                           == 3 and s, timeout=60)
+    assert "previousTokens" not in third
+    assert server_scopes(world, world.token("widen")) == {"history:read"}
+    world.wait_for("a Rotated Event saying which scope was removed", lambda: [
+        e for e in world.events("widen") if e.reason == "Rotated" and "(BindingChanged: scopes changed from "
+        "history:read, model:predict to history:read (model:predict removed); the old token is revoked)"
+        in (e.message or "")])

@@ -117,11 +117,91 @@ def test_lost_or_altered_token_is_revoked_and_replaced(secret_token, reason):
     assert result.issue_reason == reason and result.revoke == {"tok-1": NOW + 30}
 
 
-def test_changed_subject_or_scopes_reissue_and_revoke_at_once():
-    key, token = issued(apikey())
-    changed = {**key, "spec": {**key["spec"], "scopes": ["model:predict", "history:read"]}}
-    result = plan(changed, token, now=NOW + 1)
+def _with(key: dict, **spec) -> dict:
+    return {**key, "spec": {**key["spec"], **spec}}
+
+
+def test_widened_scopes_reissue_and_keep_the_old_token_for_its_grace_period_then_revoke_it():
+    key, token = issued(apikey(scopes=["model:predict"]))
+    wider = _with(key, scopes=["model:predict", "history:read"])
+    result = plan(wider, token, now=NOW + 1)
+    assert result.issue_reason == "ScopesWidened"
+    assert result.revoke == {}, "a widening revoked the old token at once"
+    assert result.previous_revoke_at == NOW + 11  # gracePeriod 10s
+    event = issue_event(result.issue_reason, "tok-2", ts(NOW + 31), "alice-apikey", result.issue_detail)
+    assert event.reason == "Rotated"
+    assert f"(ScopesWidened: scopes widened from model:predict to history:read, model:predict; the old token keeps " \
+           f"working until {ts(NOW + 11)})" in event.message
+    widened, new_token = _issue_as_planned(wider, result, token_id="tok-2", at=NOW + 1)
+    assert widened["status"]["tokenScopes"] == ["history:read", "model:predict"]
+    assert widened["status"]["previousTokens"] == [{"tokenId": "tok-1", "signingKeyId": KEY.kid,
+                                                    "expiresAt": ts(NOW + 30), "revokeAt": ts(NOW + 11)}]
+    assert plan(widened, new_token, now=NOW + 2).issue_reason is None, "the wider token is issued once"
+    after_grace = plan(widened, new_token, now=NOW + 11)
+    assert after_grace.revoke == {"tok-1": NOW + 30} and after_grace.issue_reason is None
+
+
+def test_widening_never_keeps_the_old_token_past_its_expiry():
+    key, token = issued(apikey(scopes=["model:predict"], gracePeriod="15s"))
+    result = plan(_with(key, scopes=["model:predict", "history:read"]), token, now=NOW + 20)
+    assert result.issue_reason == "ScopesWidened" and result.previous_revoke_at == NOW + 30
+
+
+@pytest.mark.parametrize(("before", "after", "removed"), [
+    (["model:predict", "history:read"], ["model:predict"], "history:read"),
+    (["model:predict"], ["history:read"], "model:predict"),  # one removed, another added
+])
+def test_narrowed_scopes_revoke_the_old_token_at_once_and_say_which_scope_went(before, after, removed):
+    key, token = issued(apikey(scopes=before))
+    result = plan(_with(key, scopes=after), token, now=NOW + 1)
     assert result.issue_reason == "BindingChanged" and result.revoke == {"tok-1": NOW + 30}
+    assert result.previous_revoke_at is None
+    message = issue_event(result.issue_reason, "tok-2", ts(NOW + 31), "alice-apikey", result.issue_detail).message
+    assert f"(BindingChanged: scopes changed from {', '.join(sorted(before))} to {', '.join(sorted(after))} " \
+           f"({removed} removed); the old token is revoked)" in message
+
+
+@pytest.mark.parametrize("other", [{"environment": "prod"}, {"subject": "mallory"}])
+def test_widened_scopes_with_another_environment_or_subject_revoke_the_old_token_at_once(other):
+    key, token = issued(apikey(scopes=["model:predict"]))
+    wider = _with(key, scopes=["model:predict", "history:read"])
+    assert plan(wider, token, now=NOW + 1).issue_reason == "ScopesWidened"  # the same widening alone keeps grace
+    result = plan(_with(wider, **other), token, now=NOW + 1)
+    assert result.issue_reason == "BindingChanged" and result.revoke == {"tok-1": NOW + 30}
+    assert result.previous_revoke_at is None
+
+
+def test_a_default_scope_added_on_the_deployment_widens_the_keys_without_their_own_scopes():
+    key, token = issued(apikey())  # no spec.scopes: the deployment's defaults, model:predict
+    wider_defaults = issuer(default_scopes=("model:predict", "history:read"))
+    result = plan(key, token, now=NOW + 1, view=wider_defaults)
+    assert result.issue_reason == "ScopesWidened" and result.revoke == {} and result.previous_revoke_at == NOW + 11
+    assert build_grant(key, wider_defaults, token_id="tok-2", now=NOW + 1).scopes == ("history:read",
+                                                                                       "model:predict")
+    # A key with scopes of its own does not hold the defaults: nothing to issue.
+    own, own_token = issued(apikey(scopes=["model:predict"]))
+    assert plan(own, own_token, now=NOW + 1, view=wider_defaults).issue_reason is None
+    # A default scope removed narrows those keys: revoked at once.
+    narrower = plan(key, token, now=NOW + 1, view=issuer(default_scopes=("history:read",)))
+    assert narrower.issue_reason == "BindingChanged" and narrower.revoke == {"tok-1": NOW + 30}
+
+
+def test_zero_grace_widening_revokes_the_old_token_at_once():
+    key, token = issued(apikey(scopes=["model:predict"], gracePeriod="0s"))
+    result = plan(_with(key, scopes=["model:predict", "history:read"]), token, now=NOW + 1)
+    assert result.issue_reason == "ScopesWidened"
+    assert result.revoke == {"tok-1": NOW + 30} and result.previous_revoke_at is None
+    assert "the old token is revoked, gracePeriod being 0" in result.issue_detail
+
+
+def test_narrowing_during_a_widenings_grace_period_revokes_both_tokens():
+    key, token = issued(apikey(scopes=["model:predict"]))
+    wider = _with(key, scopes=["model:predict", "history:read"])
+    widened, new_token = _issue_as_planned(wider, plan(wider, token, now=NOW + 1), token_id="tok-2", at=NOW + 1)
+    result = plan(_with(widened, scopes=["history:read"]), new_token, now=NOW + 2)
+    assert result.issue_reason == "BindingChanged"
+    assert result.revoke == {"tok-2": NOW + 31, "tok-1": NOW + 30}, "model:predict still works with a token"
+    assert "previousTokens" not in result.status
 
 
 def test_a_binding_change_revokes_the_tokens_in_their_grace_period_too():
@@ -251,6 +331,7 @@ def test_a_first_token_found_in_the_secret_is_adopted_not_reissued():
                          now=NOW + 1, secret_claims=claims)
     assert result.issue_reason is None and result.revoke == {}
     assert result.status["tokenId"] == "found" and result.status["revision"] == 1
+    assert result.status["tokenScopes"] == ["model:predict"]  # so that adding a scope later keeps its grace
 
 
 @pytest.mark.parametrize("problem", ["ConfigMap ns/chat-auth does not exist",

@@ -28,7 +28,7 @@ from deepseek_operator.rollout import (
     read_rollout_status,
 )
 from deepseek_operator.signing_keys import signing_key_from_seed
-from deepseek_operator.tokens import sign_token
+from deepseek_operator.tokens import binding_hash, sign_token
 
 NOW = 1_800_000_000.0
 OLD, NEW = "aaaaaaaaaa", "bbbbbbbbbb"
@@ -186,6 +186,28 @@ def test_a_settled_key_with_fields_of_another_version_is_not_reissued(extra: dic
                        now=int(NOW) + 60)
     assert plan.issue_reason is None and plan.revoke == {} and not plan.repair_secret and not plan.delete_secret
     assert plan.status["tokenId"] == "tok-1" and plan.status["revision"] == key["status"]["revision"]
+
+
+def test_a_scope_widening_keeps_the_old_token_only_when_status_says_which_scopes_it_holds() -> None:
+    key, token = settled_key({})
+    wider = {**key["spec"], "scopes": ["model:predict", "history:read"]}
+
+    def widen(status: dict[str, Any]) -> tuple[str | None, dict[str, int]]:
+        plan = plan_apikey({**key, "spec": wider, "status": status}, secret_exists=True, secret_token=token,
+                           secret_current=True, issuer=issuer(), now=int(NOW) + 60)
+        return plan.issue_reason, plan.revoke
+
+    revoked_at_once = {"tok-1": int(NOW) + 72 * 3600}
+    # Written by this version: the widening keeps the old token for its grace period.
+    assert widen(key["status"]) == ("ScopesWidened", {})
+    # Written by an older operator, which did not record the token's scopes: revoked at once, as it always was.
+    older = {name: value for name, value in key["status"].items() if name != "tokenScopes"}
+    assert widen(older) == ("BindingChanged", revoked_at_once)
+    # Recorded, but not the scopes the token binds (an older operator replaced the token and kept the field).
+    stale = {**key["status"], "tokenScopes": ["model:predict"],
+             "bindingHash": binding_hash(subject="alice", scopes=["history:read"], environment="dev",
+                                         audience="ns/chat")}
+    assert widen(stale) == ("BindingChanged", revoked_at_once)
 
 
 def test_key_times_written_with_fractions_are_read() -> None:
