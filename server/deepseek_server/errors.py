@@ -109,7 +109,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
                         "with 'Content-Type: application/json'.", code="invalid_json")
     message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}." if param else str(first["msg"])
     if first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
+        hint = first.get("msg")  # a field's own explanation, where it has one
+        message = f"Missing required parameter: '{param}'." + (f" {hint}" if hint and hint != "Field required" else "")
     return APIError(400, message, param=param, code="invalid_value" if first.get("type") != "missing"
                     else "missing_required_parameter")
 

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 8
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's legacy API
@@ -67,13 +68,36 @@ class StreamOptions(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`. OpenAI's reference marks `schema` optional, but vLLM refuses a request without
+    one (400: no structured-output constraint), so both engines refuse it by name, as a missing parameter, rather
+    than the builtin engine reading it as `{}`: any JSON value, a bare number included. `strict` is accepted and
+    changes nothing: the schema is enforced while decoding either way."""
+
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     # `schema` would shadow a pydantic BaseModel attribute; the wire name stays `schema`
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    json_schema: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
     model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_schema_is_null(cls, data: Any) -> Any:
+        """A missing `schema` as `null` ("not sent" either way), so both get the 400 below, with its hint, under
+        the wire name (pydantic's own 'missing' error has neither)."""
+        if isinstance(data, dict) and "schema" not in data and "json_schema" not in data:
+            return {**data, "schema": None}
+        return data
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_sent(cls, value: Any) -> Any:
+        if value is None:
+            raise PydanticCustomError("missing", "The output is constrained to this JSON Schema: send {} for any "
+                                      "JSON value, or response_format {\"type\": \"json_object\"} for any "
+                                      "JSON object.")
+        return value
 
 
 class ResponseFormat(BaseModel):
@@ -95,7 +119,7 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return json.dumps({"type": "object"})
         if self.type == "json_schema" and self.json_schema is not None:
-            return json.dumps(self.json_schema.json_schema or {})
+            return json.dumps(self.json_schema.json_schema)
         return None
 
 

@@ -202,6 +202,21 @@ def test_unsupported_parameters_are_refused_by_name(gateway: ServerThread,
     assert refused.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_a_json_schema_without_schema_is_refused_by_name_before_the_engine(
+        standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
+        token_factory: Callable[..., str]) -> None:
+    """vLLM refuses it too, with a 400 naming no parameter ("You must use one kind of structured outputs
+    constraint but none are specified: {...}"); the gateway names it, as the builtin engine does."""
+    sent = len(standin[0].requests)
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=_auth(token_factory), timeout=10,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("response_format.json_schema.schema", "missing_required_parameter")
+    assert len(standin[0].requests) == sent
+
+
 def test_token_limit_counts_engine_usage(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
     headers = _auth(token_factory, uid=TOKENS_UID)  # 40 tokens per minute
     first = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=10,
