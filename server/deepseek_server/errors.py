@@ -45,8 +45,26 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+# request.state's: the rate-limit headers the limiter's admission made for the request (`generation.admit`)
+ADMISSION_HEADERS = "ratelimit_headers"
+
+
+def admission_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The `x-ratelimit-*` headers (as ASGI sends them) of the request's rate-limit admission; none before it."""
+    headers: list[tuple[bytes, bytes]] = request.scope.get("state", {}).get(ADMISSION_HEADERS) or []
+    return headers
+
+
+def error_response(exc: APIError, request: Request | None = None) -> JSONResponse:
+    """`exc` as OpenAI's error body. With `request`: as OpenAI does, an error after the request was admitted by the
+    rate limiter (503 engine busy, 500, a relayed engine's 4xx, 499) carries the same `x-ratelimit-*` headers as a
+    200; a header `exc` sets itself (a 429's own, `retry-after`) is not repeated."""
+    response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    admitted = admission_headers(request) if request is not None else None
+    if admitted:
+        own = {name for name, _ in response.raw_headers}
+        response.raw_headers += [header for header in admitted if header[0] not in own]
+    return response
 
 
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-\w+)$|[\[\]]")
@@ -129,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
         principal = getattr(exc, "principal", None)
         if principal is not None:  # a genuine but refused key: the audit names it
             request.state.principal = principal
-        return error_response(exc)
+        return error_response(exc, request)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -155,7 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         request.state.error_code = "internal_error"
         return error_response(APIError(500, "The server had an error while processing your request.",
-                                       type="server_error"))
+                                       type="server_error"), request)
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)

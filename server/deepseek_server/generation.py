@@ -27,7 +27,7 @@ from deepseek_server.engine.base import (
     TokenLogprob,
     merged_events,
 )
-from deepseek_server.errors import APIError
+from deepseek_server.errors import ADMISSION_HEADERS, APIError, admission_headers
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.limiter import Lease
 from deepseek_server.logprob_bodies import logprobs_body
@@ -156,7 +156,7 @@ async def admit(services: Services, request: Request, principal: Principal, rese
         return admit_now(services, request, principal, reserve_tokens, hold)
     limits = services.authenticator.limits_for(principal)
     lease = await services.limiter.acquire(principal.uid, limits, reserve_tokens, hold)
-    request.scope.setdefault("state", {})["ratelimit_headers"] = lease.decision.raw_headers()  # request.state's
+    request.scope.setdefault("state", {})[ADMISSION_HEADERS] = lease.decision.raw_headers()  # request.state's
     if not lease.decision.allowed:
         raise _refused(services, lease.decision)
     return lease
@@ -172,10 +172,10 @@ def admit_now(services: Services, request: Request, principal: Principal, reserv
     if limits.tpm is None and limits.parallel is None:  # a request rate alone: admitted with nothing to release
         headers = services.limiter.memory.admit_request(principal.uid, limits)
         if headers is not None:
-            request.scope.setdefault("state", {})["ratelimit_headers"] = headers  # request.state's
+            request.scope.setdefault("state", {})[ADMISSION_HEADERS] = headers  # request.state's
             return None
     lease = services.limiter.acquire_now(principal.uid, limits, reserve_tokens, hold)
-    request.scope.setdefault("state", {})["ratelimit_headers"] = lease.decision.raw_headers()  # request.state's
+    request.scope.setdefault("state", {})[ADMISSION_HEADERS] = lease.decision.raw_headers()  # request.state's
     if not lease.decision.allowed:
         raise _refused(services, lease.decision)
     return lease
@@ -208,9 +208,7 @@ async def release(services: Services, lease: Lease | None, tokens_used: int) -> 
 
 def with_headers(response: R, request: Request, cache: bytes | None = None) -> R:
     """`response` with the rate-limit headers `admit` made for this request, and `x-cache`."""
-    ratelimit_headers = request.scope.get("state", {}).get("ratelimit_headers")
-    if ratelimit_headers:
-        response.raw_headers += ratelimit_headers
+    response.raw_headers += admission_headers(request)
     if cache is not None:
         response.raw_headers.append((b"x-cache", cache))
     return response

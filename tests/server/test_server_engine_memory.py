@@ -243,6 +243,8 @@ def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: di
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "engine_overloaded"
+        assert refused.headers["x-ratelimit-limit-requests"] == "1000"  # admitted: the key's limits, as on a 200
+        assert int(refused.headers["x-ratelimit-remaining-requests"]) >= 990
         stream_refused = None
         with httpx.stream("POST", url, headers=headers, timeout=60,  # greedy: no early end of sequence
                           json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 180, "stream": True,
@@ -251,6 +253,7 @@ def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: di
                                         json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100,
                                               "stream": True})
         assert stream_refused.status_code == 503  # a stream is refused before its 200, not inside it
+        assert stream_refused.headers["x-ratelimit-limit-requests"] == "1000"
         after = httpx.post(url, headers=headers, timeout=60,
                            json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100})
         assert after.status_code == 200  # the memory is free again

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from deepseek_server.app import create_app
-from deepseek_server.engine.base import GenerationRequest, GenerationStream
+from deepseek_server.engine.base import EngineBusy, GenerationRequest, GenerationStream, TextDelta
 from deepseek_server.engine.noop import NoopEngine
 from deepseek_server.limits.limiter import RateLimiter
 from deepseek_server.limits.policy import KeyLimits
@@ -51,7 +51,28 @@ class HeldEngine(NoopEngine):
         return held
 
 
-def server_with(tmp_path: Path, redis_url: str, limits: dict[str, Any], hold_s: float) -> tuple[ServerThread, str]:
+class FailingEngine(NoopEngine):
+    """The no-op engine failing as the builtin engine can, by prompt: `busy` waits for KV-cache room in vain (503
+    before a token), `dropped` runs out of memory after a token (503 while generating), `broken` fails (500)."""
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        how = {4: "busy", 7: "dropped", 6: "broken"}.get(request.prompt_ids[0]) if request.prompt_ids else None
+        if how is None:
+            return super().submit(request)
+        stream = GenerationStream(request, lambda s: None)
+        stream.admission = asyncio.get_running_loop().create_future()
+        if how == "busy":
+            stream.admission.set_result(EngineBusy("no KV-cache room for the request", retry_after_s=2))
+            return stream
+        stream.admission.set_result(None)
+        stream.queue.put_nowait(TextDelta("ok ", 1))
+        stream.queue.put_nowait(EngineBusy("out of memory", retry_after_s=2) if how == "dropped"
+                                else RuntimeError("the model broke"))
+        return stream
+
+
+def server_with(tmp_path: Path, redis_url: str | None, limits: dict[str, Any], hold_s: float = 0.0,
+                engine: NoopEngine | None = None) -> tuple[ServerThread, str]:
     key = SigningKey(kid="parallel")
     uid = f"uid-parallel-{time.monotonic_ns()}"
     auth = write_auth_dir(tmp_path / "auth", [key], limits={uid: limits})
@@ -59,7 +80,7 @@ def server_with(tmp_path: Path, redis_url: str, limits: dict[str, Any], hold_s: 
     # per-replica limits in memory, which would count part of the burst apart from the rest
     settings = ServerSettings(model_name=MODEL, auth_dir=str(auth), redis_url=redis_url, no_cache=True,
                               audit_log=str(tmp_path / "audit.jsonl"), redis_timeout_s=10)
-    return ServerThread(create_app(settings, engine=HeldEngine(hold_s))).start(), mint(key, uid=uid)
+    return (ServerThread(create_app(settings, engine=engine or HeldEngine(hold_s))).start(), mint(key, uid=uid))
 
 
 async def fire(url: str, token: str, count: int, max_tokens: int) -> list[httpx.Response]:
@@ -97,6 +118,42 @@ def test_the_unused_part_of_a_reservation_is_refunded(tmp_path: Path, redis_url:
     finally:
         server.stop()
     assert statuses == [200] * 10  # 80 tokens used of 100
+
+
+RATE_LIMIT_HEADERS = {f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
+                      for kind in ("requests", "tokens")}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_an_admitted_request_the_engine_fails_has_its_rate_limit_headers_and_gives_back_its_reservation(
+        tmp_path: Path, redis_url: str, backend: str) -> None:
+    """As OpenAI, every answer to an admitted request says where the key stands: a 503 (no KV-cache room, or out of
+    memory while generating) or a 500 too, not only a 200 or a 429. And the failed request frees its parallel slot
+    and gets back the unused part of its reservation (each reserves 200 + its prompt of 1000 tokens per minute)."""
+    server, token = server_with(tmp_path, redis_url if backend == "redis" else None,
+                                {"rps": 1000, "burst": 1000, "tpm": 1000, "parallel": 1}, engine=FailingEngine(MODEL))
+    failures: list[httpx.Response] = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers={"authorization": f"Bearer {token}"}) as client:
+            for prompt in ("busy", "dropped", "broken") * 2:  # a slot or reservation kept would refuse the next ones
+                failures.append(client.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
+                                                                     "max_tokens": 200}))
+            after = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+    finally:
+        server.stop()
+    assert [(r.status_code, r.json()["error"]["code"]) for r in failures] == [
+        (503, "engine_overloaded"), (503, "engine_overloaded"), (500, None)] * 2
+    for response in failures:
+        assert set(response.headers) >= RATE_LIMIT_HEADERS, (response.status_code, response.headers)
+        assert response.headers["x-ratelimit-limit-requests"] == "1000"
+        assert response.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert len(response.headers.get_list("x-ratelimit-remaining-requests")) == 1
+        assert "x-ratelimit-backend" not in response.headers  # Redis answered
+        if response.status_code == 503:
+            assert response.headers.get_list("retry-after") == ["2"]  # the engine's hint, once
+    assert after.status_code == 200, after.text
+    # the failures charged only what they used (at most 2 tokens each): without refunds 6 x 201 would be outstanding
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) >= 1000 - RESERVATION - 6 * 2 - 1
 
 
 @pytest.fixture

@@ -178,6 +178,7 @@ def test_engine_4xx_keeps_its_status_in_openai_shape(gateway: ServerThread,
         assert response.status_code == 400
         assert response.json()["error"] == {"message": "max_tokens 500 is too large",
                                             "type": "invalid_request_error", "param": "max_tokens", "code": None}
+        assert response.headers["x-ratelimit-limit-requests"] == "1000"  # admitted before the engine refused it
 
 
 def test_a_length_over_the_ceiling_is_refused_under_the_name_sent(gateway: ServerThread,
