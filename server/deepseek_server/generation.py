@@ -320,10 +320,13 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
     reasons = ["stop"] * len(streams)
     produced = 0
     first = True
+    client_left = False
 
     async def watch_disconnect() -> None:
+        nonlocal client_left
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
+        client_left = True
         for stream in streams:
             stream.cancel()
 
@@ -352,6 +355,9 @@ async def _collect(services: Services, request: Request, call: PlannedCall, stre
         services.metrics.generated_tokens.inc(produced)
         if not release_now(services, lease, call.prompt_tokens + produced):
             await release(services, lease, call.prompt_tokens + produced)
+    if client_left:  # its streams were cancelled: an answer now would be a 200 (and a record of one) nobody receives
+        raise APIError(499, "The client closed the connection while the model was generating.",
+                       code="client_disconnected")
     return texts, reasons, produced, logprobs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from deepseek_server.app import create_app
 from deepseek_server.engine.base import GenerationRequest, TextDelta
 from deepseek_server.engine.batched import BatchedEngine
 from deepseek_server.engine.loading import load_model
 
-from devcluster.testing.model_server import ServerThread
+from devcluster.testing.model_server import ServerThread, tiny_settings
+from devcluster.testing.polling import wait_for
 
 ARCHITECTURES = ["llama", "qwen2", "deepseek_v3"]
 # distinct prompts of different lengths: each row of a batch has its own text and its own padding
@@ -140,6 +143,57 @@ def test_client_disconnect_cancels_generation(llama_server: ServerThread, audit_
         time.sleep(0.05)
     assert record is not None, "no audit record for the abandoned stream"
     assert record["completion_tokens"] < 64
+
+
+def test_a_non_streamed_request_whose_client_leaves_while_generating_is_cancelled_and_recorded_499(
+        auth_dir: Path, tmp_path: Path, token_factory: Callable[..., str]) -> None:
+    """The client leaves while its answer of 4000 tokens is being generated: the generation stops within a quarter
+    second, and the audit record and the metrics say 499 client_disconnected, as for a request that left while
+    waiting for memory, not 200 (an answer nobody received)."""
+    from deepseek_server.tiny_model import make_tiny_model
+    from transformers import AutoTokenizer
+
+    model = make_tiny_model("llama", tmp_path / "model", max_len=4096)
+    eos = AutoTokenizer.from_pretrained(model).eos_token_id
+    audit = tmp_path / "audit.jsonl"
+    settings = tiny_settings(model, auth_dir=auth_dir, max_model_len=4096, max_new_tokens=4000, no_cache=True,
+                             audit_log=audit)
+    server = ServerThread(create_app(settings)).start()
+    registry = server.app.state.services.metrics.registry
+
+    def decode_steps() -> float:
+        return registry.get_sample_value("deepseek_batch_size_count") or 0.0
+
+    async def leave_while_generating() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            started = decode_steps()
+            call = asyncio.create_task(client.post(
+                f"{server.url}/v1/completions", headers={"authorization": f"Bearer {token_factory()}"},
+                json={"model": "deepseek-tiny", "prompt": "go", "max_tokens": 4000, "logit_bias": {str(eos): -100}}))
+            deadline = time.monotonic() + 30
+            while decode_steps() < started + 5:  # generating
+                assert not call.done(), f"answered before it was generating: {call.result().status_code}"
+                assert time.monotonic() < deadline, "the request never reached the engine"
+                await asyncio.sleep(0.01)
+            call.cancel()  # closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+
+    try:
+        asyncio.run(leave_while_generating())
+        records = wait_for("the request's audit record", lambda: audit.exists() and audit.read_text().splitlines())
+        steps = decode_steps()
+        time.sleep(0.5)
+        assert decode_steps() == steps, "the engine kept generating for a client that left"
+        requests = {sample.labels["status"]: sample.value
+                    for sample in registry.collect() for sample in sample.samples
+                    if sample.name == "deepseek_api_requests_total" and sample.labels["route"] == "/v1/completions"}
+    finally:
+        server.stop()
+    record = json.loads(records[0])
+    assert (record["status"], record["error_code"], record["stream"]) == (499, "client_disconnected", False)
+    assert 0 < record["completion_tokens"] < 4000  # what it generated before it was cancelled
+    assert requests == {"499": 1.0}
 
 
 def test_two_concurrent_http_streams_each_get_their_own_answer(llama_server: ServerThread,
