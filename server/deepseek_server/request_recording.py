@@ -83,6 +83,7 @@ class RequestRecordingMiddleware:
         state["started"] = started
         request_id = state["request_id"] = f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
         status = 500
+        answering = False  # the response's start went out
         recorded = False
         api = scope["path"].startswith("/v1/")
         if api:
@@ -104,9 +105,9 @@ class RequestRecordingMiddleware:
                                              self.keys, self.redactor, time.time()))
 
         async def recording_send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, answering
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answering = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
                 await send(message)
                 return
@@ -121,6 +122,8 @@ class RequestRecordingMiddleware:
             raise
         finally:  # also when the client went away mid-stream, or the app raised
             if not recorded:
+                if answering:  # begun but never ended (the app's own failure has its code): the client left
+                    state.setdefault("error_code", "client_disconnected")
                 record()
 
 

@@ -125,10 +125,16 @@ async def test_cancel_frees_the_slot_at_the_next_step(loaded) -> None:  # type: 
 
 
 def test_client_disconnect_cancels_generation(llama_server: ServerThread, audit_path: Path,
-                                              token_factory: Callable[..., str]) -> None:
+                                              tiny_models: dict[str, Path], token_factory: Callable[..., str]) -> None:
+    """A client that leaves a stream after its first event: the generation stops, and the audit record says the
+    answer (a 200 already begun) was not all delivered: `error_code` client_disconnected."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_models["llama"]).eos_token_id
     headers = {"authorization": f"Bearer {token_factory(uid='uid-disconnect')}"}
     with httpx.stream("POST", f"{llama_server.url}/v1/completions", headers=headers, timeout=30,
-                      json={"model": "deepseek-tiny", "prompt": "go", "max_tokens": 64, "stream": True}) as response:
+                      json={"model": "deepseek-tiny", "prompt": "go", "max_tokens": 64, "stream": True,
+                            "logit_bias": {str(eos): -100}}) as response:
         request_id = response.headers["x-request-id"]
         for line in response.iter_lines():
             if line:
@@ -143,6 +149,7 @@ def test_client_disconnect_cancels_generation(llama_server: ServerThread, audit_
         time.sleep(0.05)
     assert record is not None, "no audit record for the abandoned stream"
     assert record["completion_tokens"] < 64
+    assert (record["status"], record["error_code"], record["stream"]) == (200, "client_disconnected", True)
 
 
 def test_a_non_streamed_request_whose_client_leaves_while_generating_is_cancelled_and_recorded_499(
