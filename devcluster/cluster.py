@@ -114,15 +114,21 @@ class ClusterState:
 
 
 def default_image_commands() -> dict[str, list[str]]:
-    """Our own images map to the entry points of this virtual environment; vLLM's image to its CPU build."""
+    """Our own images map to the entry points of this virtual environment, running the source of the checkout this
+    devcluster comes from; vLLM's image to its CPU build."""
     from devcluster.vllm_env import venv_dir  # here: `python -m devcluster.vllm_env` imports this package first
 
     bin_dir = Path(sys.executable).parent
+    # Pods get no environment from this machine, so the virtual environment's editable installs decide what they
+    # import, and those may point at another checkout (a git worktree's tests ran the main checkout's operator): the
+    # checkout's own source goes first on their PYTHONPATH.
+    root = Path(__file__).resolve().parent.parent
+    operator_source, server_source = f"PYTHONPATH={root / 'operator'}", f"PYTHONPATH={root / 'server'}"
     return {
         # first: the glob below matches it too. A server whose engine fails after its first answers (tests only).
-        "*deepseek-server-flaky*": [sys.executable, "-m", "devcluster.flaky_server"],
-        "*deepseek-server*": [str(bin_dir / "deepseek-server")],
-        "*deepseek-operator*": [str(bin_dir / "deepseek-operator")],
+        "*deepseek-server-flaky*": ["env", f"{server_source}:{root}", sys.executable, "-m", "devcluster.flaky_server"],
+        "*deepseek-server*": ["env", server_source, str(bin_dir / "deepseek-server")],
+        "*deepseek-operator*": ["env", operator_source, str(bin_dir / "deepseek-operator")],
         # by file path: the test server is stdlib-only and runs whether or not devcluster is installed
         "*devcluster-testserver*": [sys.executable, str(Path(__file__).with_name("testserver.py"))],
         # vLLM's CPU build from its own virtualenv; without it the container fails saying `make vllm-env`

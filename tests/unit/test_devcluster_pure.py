@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -136,3 +137,17 @@ def test_waiting_for_a_crd_fails_at_once_on_anything_else():
     kubectl = ScriptedKubectl(*[(1, NO_CONDITIONS)] * 100)
     with pytest.raises(cluster.KubectlError, match="accessor error"):  # and on conditions that never come, at last
         cluster.wait_established(kubectl, ["x.example.com"], timeout=0.5)
+
+
+@pytest.mark.parametrize("image", ["local/deepseek-operator:dev", "local/deepseek-server:dev",
+                                   "local/deepseek-server-flaky:dev"])
+def test_our_images_run_this_checkouts_source(image):
+    # The virtual environment's editable installs may point at another checkout (a git worktree beside the main one):
+    # pods get no PYTHONPATH from this machine, so the mapping puts this checkout's source first.
+    from devcluster.processes import image_command
+
+    argv = image_command(image, cluster.default_image_commands())
+    assert argv is not None and argv[0] == "env"
+    root = Path(cluster.__file__).resolve().parent.parent
+    package = "operator" if "operator" in image else "server"
+    assert argv[1].startswith(f"PYTHONPATH={root / package}")
