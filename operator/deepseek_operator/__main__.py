@@ -1,4 +1,5 @@
-"""`python -m deepseek_operator` / `deepseek-operator`: run the operator in-process with kopf."""
+"""`python -m deepseek_operator` / `deepseek-operator`: run the operator in-process with kopf; `deepseek-operator
+uninstall-cleanup` empties the CRDs before the chart's `helm uninstall` deletes them (uninstall_cleanup.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import kopf
 
+from . import uninstall_cleanup
 from .durations import parse_duration
 from .handlers import build_registry
 from .kopf_settings import build_kopf_settings
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepseek-operator",
         description="Serve DeepSeek models on Kubernetes and issue their API keys. Every option also reads "
                     "DEEPSEEK_OPERATOR_<OPTION> (e.g. DEEPSEEK_OPERATOR_NAMESPACES=a,b).",
+        epilog=f"`deepseek-operator {uninstall_cleanup.COMMAND} --help`: delete every ApiKey and DeepSeekDeployment "
+               "and wait until this operator has finalized them (before `helm uninstall` deletes the CRDs).",
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", dest="namespaces", metavar="NS",
@@ -168,6 +172,9 @@ def run(settings: OperatorSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [uninstall_cleanup.COMMAND]:
+        return uninstall_cleanup.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args, settings_from_env())

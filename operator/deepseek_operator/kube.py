@@ -356,6 +356,11 @@ class KubeApi:
             return False
         return True
 
+    def delete_collection(self, resource: Resource, namespace: str) -> None:
+        """Delete every object of `resource` in `namespace` in one request (the answer, the objects, is dropped)."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        self._request("DELETE", resource.path(namespace), body=body)
+
     def ensure_namespace(self, name: str) -> bool:
         """Create the namespace unless it exists (for runs outside a cluster); True when it was created."""
         try:

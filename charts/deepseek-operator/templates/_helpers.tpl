@@ -96,3 +96,38 @@ A duration value (`15s`, `1m30s`, `500ms`; values.schema.json holds the form) in
 {{- end -}}
 {{- $total -}}
 {{- end -}}
+
+{{/* The pre-delete hook that empties the CRDs before `helm uninstall` deletes them
+(templates/uninstall-cleanup.yaml). */}}
+{{- define "deepseek-operator.uninstallCleanupName" -}}
+{{- printf "%s-uninstall-cleanup" (include "deepseek-operator.fullname" . | trunc 45 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "deepseek-operator.uninstallCleanupLabels" -}}
+{{ include "deepseek-operator.labels" . }}
+app.kubernetes.io/component: uninstall-cleanup
+{{- end -}}
+
+{{/* Its pod's labels: not the operator's selector labels, so that neither the Deployment, the PodDisruptionBudget nor
+the NetworkPolicy's "operator's pods" select it. */}}
+{{- define "deepseek-operator.uninstallCleanupPodLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: uninstall-cleanup
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* A hook object's annotations, given its weight: created in weight order before `helm uninstall` deletes anything,
+replaced by the next try, deleted once every hook has succeeded (a failed Job stays, for its log). */}}
+{{- define "deepseek-operator.uninstallCleanupHook" -}}
+helm.sh/hook: pre-delete
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end -}}
+
+{{/* What the hook does: list every ApiKey and DeepSeekDeployment (metadata only) and delete them, one request per
+namespace. Finalizers, status, Secrets and revocation stay the operator's. */}}
+{{- define "deepseek-operator.uninstallCleanupRules" -}}
+- apiGroups: [deepseek.ai]
+  resources: [apikeys, deepseekdeployments]
+  verbs: [list, deletecollection]
+{{- end -}}

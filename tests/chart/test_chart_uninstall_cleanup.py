@@ -1,0 +1,127 @@
+"""The pre-delete hook that empties the CRDs before `helm uninstall` deletes them (crds.keep=false): rendered only
+then, with RBAC that lists and deletes the two kinds and nothing else, created in order before its Job."""
+
+from __future__ import annotations
+
+import pytest
+from test_chart import CHART, KUBE_VERSION, granted, helm, render
+
+HOOK = "rel-deepseek-operator-uninstall-cleanup"
+# list (metadata only: names, finalizers) and delete per namespace in one request; not get, watch, update or patch, no
+# status or finalizers subresource, no Secret: revoking and finalizing are the operator's.
+HOOK_VERBS = {("deepseek.ai", "apikeys"): {"list", "deletecollection"},
+              ("deepseek.ai", "deepseekdeployments"): {"list", "deletecollection"}}
+
+
+def hook_objects(*sets: str) -> list[dict]:
+    return [d for d in render(*sets) if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_hook_renders_only_when_the_chart_deletes_the_crds():
+    assert sorted(d["kind"] for d in hook_objects("crds.keep=false")) == [
+        "ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    # The CRDs are kept (the default), or not the chart's: `helm uninstall` deletes no ApiKey, nothing to empty.
+    for sets in ((), ("crds.keep=true",), ("crds.enabled=false",), ("crds.enabled=false", "crds.keep=false")):
+        assert hook_objects(*sets) == [], sets
+
+
+def test_hook_job_runs_the_operator_image_before_delete_and_keeps_a_failed_run_for_its_log():
+    docs = render("crds.keep=false")
+    [job] = by_kind(hook_objects("crds.keep=false"), "Job")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    operator = deployment["spec"]["template"]["spec"]
+    # Not one of the operator's pods for its Deployment, PodDisruptionBudget or NetworkPolicy.
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels["app.kubernetes.io/component"] == "uninstall-cleanup"
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-delete"
+    # Replaced by the next try; deleted once it succeeded; a failed one stays, so `kubectl logs` shows what is left.
+    assert set(annotations["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+    # `helm uninstall` prints a failed run's log: what is left, and why.
+    assert annotations["helm.sh/hook-output-log-policy"] == "hook-failed"
+    assert job["metadata"]["name"] == HOOK and job["metadata"]["namespace"] == "ops"
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == HOOK
+    assert pod["securityContext"] == operator["securityContext"]
+    [container] = pod["containers"]
+    assert container["image"] == operator["containers"][0]["image"]
+    assert "command" not in container  # the image's entry point: deepseek-operator
+    assert container["args"] == ["uninstall-cleanup", "--all-namespaces", "--timeout", "3m",
+                                 "--operator", "ops/rel-deepseek-operator"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    # A backstop past the command's own timeout (which names what is left): image pull and start-up on top.
+    assert job["spec"]["activeDeadlineSeconds"] == 180 + 120
+
+
+def test_hook_timeout_is_a_value():
+    [job] = by_kind(hook_objects("crds.keep=false", "crds.cleanupTimeout=10m30s"), "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--timeout") + 1] == "10m30s"
+    assert job["spec"]["activeDeadlineSeconds"] == 630 + 120
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "crds.keep=false",
+               "--set", "crds.cleanupTimeout=soon", check=False)
+    assert out.returncode != 0 and "does not match pattern" in out.stderr
+
+
+def test_hook_rbac_lists_and_deletes_the_two_kinds_everywhere_and_nothing_else():
+    docs = hook_objects("crds.keep=false")
+    [role] = by_kind(docs, "ClusterRole")
+    assert role["metadata"]["name"] == HOOK
+    assert granted(role["rules"]) == HOOK_VERBS
+    [binding] = by_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": HOOK}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": "ops"}]
+    [account] = by_kind(docs, "ServiceAccount")
+    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == (HOOK, "ops")
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+
+
+def test_hook_in_namespaced_mode_acts_only_in_the_watched_namespaces():
+    docs = hook_objects("crds.keep=false", "watchNamespaces={team-a,team-b}")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "Role")
+    assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
+    for role in roles:
+        assert role["metadata"]["name"] == HOOK and granted(role["rules"]) == HOOK_VERBS
+    bindings = by_kind(docs, "RoleBinding")
+    assert [(b["metadata"]["namespace"], b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings] == \
+        [("team-a", "Role", HOOK), ("team-b", "Role", HOOK)]
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": "ops"}]
+    [job] = by_kind(docs, "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:5] == ["uninstall-cleanup", "--namespace", "team-a", "--namespace", "team-b"]
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={team-a,team-b}",)])
+def test_hook_account_and_rbac_exist_before_the_job_and_go_with_it(sets):
+    docs = hook_objects("crds.keep=false", *sets)
+    weight = {(d["kind"], d["metadata"].get("namespace")): int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
+              for d in docs}
+    role_kinds = ("Role", "RoleBinding") if sets else ("ClusterRole", "ClusterRoleBinding")
+    account = weight[("ServiceAccount", "ops")]
+    roles = [w for (kind, _), w in weight.items() if kind == role_kinds[0]]
+    bindings = [w for (kind, _), w in weight.items() if kind == role_kinds[1]]
+    # Helm creates hooks in weight order and waits only for Jobs: the account, its role and its binding come first.
+    assert account < min(roles) and max(roles) < min(bindings) and max(bindings) < weight[("Job", "ops")]
+    for doc in docs:
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete", doc["kind"]
+        assert set(annotations["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation",
+                                                                               "hook-succeeded"}, doc["kind"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall-cleanup"
+
+
+def test_lint_is_clean_with_the_hook():
+    assert by_kind(hook_objects("crds.keep=false", "watchNamespaces={team-a}"), "Job")
+    out = helm("lint", str(CHART), "--strict", "--set", "crds.keep=false", "--set", "watchNamespaces={team-a}")
+    assert out.returncode == 0, out.stdout + out.stderr
