@@ -135,7 +135,7 @@ def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
     alice = next(line for line in lines if line.startswith("alice"))
     assert "chat" in alice and "prod" in alice and "model:predict,history:read" in alice
     assert first["expiresAt"] in alice and first["issuedAt"] in alice
-    assert "(deployment default)" in next(line for line in lines if line.startswith("bob"))
+    assert "model:predict(default)" in next(line for line in lines if line.startswith("bob"))  # what its token holds
     assert "eyJ" not in table
 
     exports = ok(plugin(kubeconfig, "env", "alice", "-n", ns))

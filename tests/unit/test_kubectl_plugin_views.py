@@ -95,6 +95,15 @@ def test_keys_table_and_env_exports_quote_for_the_shell() -> None:
     assert relative(None, NOW) == "-" and relative("2027-01-15T08:00:30Z", NOW) == "in 30s"
 
 
+def test_keys_table_shows_the_scopes_a_key_on_the_deployments_default_holds() -> None:
+    """A key without its own scopes shows what its token holds (status.tokenScopes), marked as the default."""
+    base = {"metadata": {"name": "bob", "namespace": "team"},
+            "spec": {"deploymentRef": {"name": "chat"}, "subject": "bob", "environment": "dev"}}
+    known = {**base, "status": {"tokenScopes": ["model:predict", "history:read"]}}
+    assert keys_table([known], now=NOW).splitlines()[1].split()[4] == "history:read,model:predict(default)"
+    assert "(deployment default)" in keys_table([base], now=NOW).splitlines()[1]  # not known yet
+
+
 def test_a_404_for_a_kind_is_told_apart_from_a_404_for_an_object() -> None:
     import json
     from types import SimpleNamespace

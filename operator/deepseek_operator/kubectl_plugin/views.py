@@ -269,7 +269,7 @@ def keys_table(apikeys: Sequence[Mapping[str, Any]], *, now: float, with_namespa
             ready_text = f"False ({ready.get('reason', 'Pending')})" if ready else "Pending"
         issued = status.get("issuedAt")
         row = [key["metadata"]["name"], (spec.get("deploymentRef") or {}).get("name", "?"), spec.get("subject", "?"),
-               spec.get("environment", "?"), ",".join(spec.get("scopes") or []) or "(deployment default)",
+               spec.get("environment", "?"), _scopes_text(spec, status),
                ready_text,
                f"{status['expiresAt']} ({relative(status['expiresAt'], now)})" if status.get("expiresAt") else "-",
                f"{issued} ({relative(issued, now)})" if issued else "-",
@@ -279,6 +279,14 @@ def keys_table(apikeys: Sequence[Mapping[str, Any]], *, now: float, with_namespa
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def _scopes_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+    """The key's own scopes; for a key on its deployment's default, what its token holds, or that it is the default."""
+    if spec.get("scopes"):
+        return ",".join(spec["scopes"])
+    held = status.get("tokenScopes")
+    return f"{','.join(sorted(held))}(default)" if held else "(deployment default)"
 
 
 def env_exports(values: Mapping[str, str]) -> str:
