@@ -1,5 +1,5 @@
-"""Memory-safe batching on a tiny model: the KV-cache budget, the prefill cap, and out-of-memory errors that fail
-only the request that caused them."""
+"""Memory-safe batching on a tiny model: the KV-cache budget, the prefill cap, out-of-memory errors that fail only
+the request that caused them, and the process memory outside Python (oneDNN's caches, glibc's free heap)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import copy
 import dataclasses
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +18,11 @@ import httpx
 import pytest
 import torch
 from deepseek_server.app import create_app
+from deepseek_server.engine import batched
 from deepseek_server.engine.base import EngineBusy, GenerationRequest, GenerationStream, TextDelta
 from deepseek_server.engine.batched import BatchedEngine
 from deepseek_server.engine.loading import LoadedModel, load_model
+from deepseek_server.engine.native_memory import ONEDNN_CACHE_ENTRIES
 
 from devcluster.testing.model_server import ServerThread, tiny_settings
 from devcluster.testing.polling import wait_for
@@ -209,6 +213,44 @@ async def test_finished_rows_get_their_events_when_a_later_row_fails_in_the_same
         assert result.finish_reason == "length" and result.completion_tokens == 1
         with pytest.raises(RuntimeError, match="broken log-probabilities"):
             await asyncio.wait_for(failing.collect(), 30)
+    finally:
+        await engine.stop()
+
+
+def test_loading_a_model_bounds_onednn_caches_the_environment_does_not_size(tiny_models: dict[str, Path],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # oneDNN keeps a compiled matmul per input shape; unbounded by us, prompts of 2,000 lengths held ~450 MB there
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")  # the operator of the server sized this one
+    load_model(tiny_models["llama"], "fp32", "cpu")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_ENTRIES)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
+
+
+async def test_an_idle_engine_gives_the_free_heap_back_once_per_idle_spell(loaded: LoadedModel,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[str] = []  # the thread each trim ran in
+    monkeypatch.setattr(batched, "release_free_heap", lambda: trims.append(threading.current_thread().name))
+
+    async def trimmed(count: int) -> None:
+        for _ in range(200):
+            if len(trims) >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"waited 10 s for trim {count}; {len(trims)} so far")
+
+    engine = engine_over(loaded, heap_trim_idle_s=0.5)
+    await engine.start()
+    try:
+        await trimmed(1)  # the warm-up's memory
+        await asyncio.sleep(1.5)
+        assert len(trims) == 1, "an engine idle since its last trim trims again"
+        prompt = engine.encode_text(PROMPT)
+        for _ in range(2):  # back to back: no idle spell between them
+            await engine.submit(GenerationRequest(prompt, 40, temperature=0.0)).collect()
+        assert len(trims) == 1, "trimmed while requests were running"
+        await trimmed(2)
+        assert all(name.startswith("deepseek-engine") for name in trims), trims  # the worker: never beside a step
     finally:
         await engine.stop()
 

@@ -20,6 +20,7 @@ import torch
 
 from deepseek_server.engine.cpu_linear import pack_linear_layers
 from deepseek_server.engine.cpus import available_cpus
+from deepseek_server.engine.native_memory import bound_onednn_caches
 from deepseek_server.engine.placement import Placement, Precision, estimate_model_bytes, plan_placement
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def load_model(path: str | Path, precision: Precision, device: str = "auto",
 
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model path {path} is not a directory holding config.json and weights")
+    bound_onednn_caches()  # before the first CPU matmul makes oneDNN read them
     placement = observe_placement(path, precision, device)
     if placement.input_device.type == "cpu":
         torch.set_num_threads(cpu_threads(torch_threads))
