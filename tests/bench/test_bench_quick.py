@@ -148,3 +148,11 @@ def test_auth_size_quick_loads_every_entry_and_sees_each_revocation() -> None:
     assert (result["keys"], result["revoked"], result["objects"]) == (10_000, 5_000, 17), result
     assert result["revocation_objects"] == 1 and result["largest_kib"] < 900, result
     assert result["before_keys_under_budget"] < result["before_keys_under_cap"], result
+
+
+def test_server_memory_quick_samples_both_servers_through_the_requests_and_the_idle_wait() -> None:
+    out = run_bench("server_memory.py", "--quick", "--before", str(REPO / "server"))
+    rows = re.findall(r"^\s+(\d+|idle 2 s)\s+(\d+)\s+(\d+)\s+[\d.]+$", out, re.MULTILINE)
+    assert [label for label, _, _ in rows] == ["0", "14", "28", "idle 2 s"], out
+    assert all(int(before) > 100 and int(after) > 100 for _, before, after in rows), out  # a loaded model's RSS
+    assert "before: answered 28 x 200" in out and "after: answered 28 x 200" in out, out
