@@ -263,7 +263,7 @@ def test_old_color_scales_to_zero_after_the_delay_and_deleting_removes_everythin
     assert status["activeColor"] == "green" and status["readyReplicas"] == 2
     wait_for("blue scaled to zero", lambda: world.apps.read_namespaced_deployment(
         "chat-blue", world.namespace).spec.replicas == 0, 60)
-    assert world.events("ScaledDown")
+    assert world.wait_event("ScaledDown")  # recorded after the scale it explains
     # replicas changes scale the active color without a rollout
     rollouts = len(world.events("RolloutStarted"))
     world.patch({"spec": {"replicas": 1}})
