@@ -23,13 +23,12 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from devcluster.testing.model_server import SigningKey, mint, write_auth_dir
+from devcluster.testing.model_server import SigningKey, mint, wait_ready, write_auth_dir
 from devcluster.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,17 +104,11 @@ def measure(server_dir: Path, model: Path, root: Path, args: argparse.Namespace
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server from {server_dir} did not become ready:\n"
-                                   f"{(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_ready(url, 180, proc)
+        except RuntimeError as exc:  # ServerExited too
+            raise RuntimeError(f"the server from {server_dir} did not become ready ({exc}):\n"
+                               f"{(root / 'server.log').read_text()[-2000:]}") from exc
         return asyncio.run(drive(url, proc.pid, mint(key, uid="uid-bench"), args.requests, args.step,
                                  args.concurrency))
     finally:
