@@ -103,8 +103,11 @@ async def run_schedule(
             upcoming = schedule.next_time()
             delay = max_sleep if upcoming is None else min(max_sleep, max(0.0, upcoming - clock()))
             wakeup.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the wake-up that came together with a
+            # cancellation and drops the cancellation, and this loop would run on after the operator stopped it
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await wakeup.wait()
     finally:
         schedule.changed = lambda: None
         for task in tasks:

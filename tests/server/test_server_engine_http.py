@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineHTTPClient, EngineTimeout
-from deepseek_server.engine.openai_upstream import waiting_requests
+from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, waiting_requests
 
 Handler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -211,6 +211,36 @@ async def test_closing_a_response_early_drops_the_connection(engine_factory) -> 
     await response.aclose()
     await asyncio.wait_for(engine.closed_by_client.wait(), 10)  # the engine sees the client leave
     assert engine.connections == 1
+
+
+async def test_stopping_the_gateway_as_a_request_finds_the_engine_gone_ends_its_readiness_monitor(
+        engine_factory) -> None:
+    """The readiness monitor sleeps between checks until a request reports the engine lost; a stop that comes
+    together with such a report must end the monitor, not be taken for the report (the gateway would hang on
+    shutdown)."""
+    engine = await engine_factory(answer_sized)
+    port = engine.port
+    assert engine.server is not None
+    engine.server.close()
+    await engine.server.wait_closed()
+    upstream = OpenAIUpstreamEngine(f"http://127.0.0.1:{port}", "tiny", max_new_tokens=8, probe_interval_s=30)
+    first = upstream.not_ready_reason
+    await upstream.start()
+    monitor = upstream._monitor
+    assert monitor is not None
+    try:
+        async with asyncio.timeout(5):
+            while upstream.not_ready_reason == first:  # the first check failed: the monitor sleeps until the next
+                await asyncio.sleep(0.01)
+        upstream.lost("a request could not connect")
+        stopping = asyncio.create_task(upstream.stop())
+        # asyncio.wait, unlike a timeout around `await stopping`, does not cancel the monitor a second time
+        finished, _ = await asyncio.wait({stopping}, timeout=5)
+    finally:
+        stuck = not monitor.done()
+        monitor.cancel()
+    assert not stuck and monitor.cancelled() and finished == {stopping}, "the readiness monitor outlived the stop"
+    assert upstream.not_ready_reason == "the gateway is stopping"
 
 
 def test_waiting_requests_sums_vllm_queue_samples() -> None:

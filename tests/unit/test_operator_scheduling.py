@@ -41,3 +41,21 @@ async def test_loop_dispatches_due_objects_and_wakes_on_new_entries():
         await asyncio.sleep(0.01)
     loop_task.cancel()
     assert seen == [C], "a new entry must wake the loop well before max_sleep"
+
+
+async def test_cancelling_the_loop_as_the_schedule_changes_stops_it():
+    """The loop sleeps until the next due time or a change; a cancellation that arrives together with a change (an
+    operator stopping while ApiKeys are still being scheduled) must end it, not be taken for the wake-up."""
+    schedule = DueSchedule()
+
+    async def dispatch(key: ObjectKey) -> None:
+        pass
+
+    loop_task = asyncio.create_task(run_schedule(schedule, dispatch, max_sleep=30))
+    await asyncio.sleep(0.05)  # the loop sleeps: nothing is due
+    schedule.set(A, 10**12)  # wakes the loop (scheduled through call_soon_threadsafe)...
+    await asyncio.sleep(0)  # ...and the wake-up has run when the cancellation comes
+    loop_task.cancel()
+    finished, _ = await asyncio.wait({loop_task}, timeout=5)
+    loop_task.cancel()
+    assert finished == {loop_task} and loop_task.cancelled(), "the loop went on after it was cancelled"

@@ -194,8 +194,8 @@ class EngineHTTPClient:
 
     async def _connect(self) -> _Connection:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
         except TimeoutError as exc:
             raise EngineConnectionError(f"connecting took over {self.connect_timeout:g} s") from exc
         except OSError as exc:
@@ -245,7 +245,8 @@ class EngineHTTPClient:
     async def _exchange(self, conn: _Connection, payload: bytes, timeout: float) -> EngineResponse:
         conn.writer.write(payload)
         try:
-            head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), timeout)
+            async with asyncio.timeout(timeout):
+                head = await conn.reader.readuntil(b"\r\n\r\n")
         except TimeoutError as exc:
             raise EngineTimeout(f"the engine did not answer within {timeout:g} s") from exc
         except asyncio.IncompleteReadError as exc:

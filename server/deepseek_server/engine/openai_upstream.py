@@ -153,8 +153,11 @@ class OpenAIUpstreamEngine:
             except Exception as exc:  # a probe must never end the monitor
                 self._mark(False, f"readiness check failed: {type(exc).__name__}: {exc}")
             self._recheck.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns a re-check asked for together with the stop's
+            # cancellation and drops the cancellation, and the stop would wait for this loop forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._recheck.wait(), self.probe_interval_s)
+                async with asyncio.timeout(self.probe_interval_s):
+                    await self._recheck.wait()
 
     def _mark(self, ready: bool, reason: str | None) -> None:
         if ready and not self._ready:
@@ -169,7 +172,8 @@ class OpenAIUpstreamEngine:
         """A whole answer (status, headers, body) for the gateway's own calls: probes, warm-up, metrics."""
         response = await self.client.request(method, path, body, timeout=timeout)
         try:
-            await asyncio.wait_for(response.aread(), timeout)
+            async with asyncio.timeout(timeout):
+                await response.aread()
         finally:
             await response.aclose()
         return response
