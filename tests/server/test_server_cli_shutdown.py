@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,22 @@ def test_a_model_that_cannot_be_loaded_ends_the_process_with_the_reason_last(mod
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("deepseek-server: the model could not be loaded: "), result.stderr[-2000:]
     assert str(path) in last or model == "no-weights", last
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1"])
+def test_an_onednn_cache_size_that_is_not_a_positive_number_is_refused_in_one_line(
+        value: str, tiny_models: dict[str, Path]) -> None:
+    # PyTorch's oneDNN wrapper reads LRU_CACHE_CAPACITY at its first matmul: 0 (or text, read as 0) ends the process
+    # with a segmentation fault and no word of why; a negative size leaves the cache unbounded
+    result = subprocess.run([sys.executable, "-m", "deepseek_server", "serve", "--auth", "disabled", "--device", "cpu",
+                             "--model", str(tiny_models["llama"]), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LRU_CACHE_CAPACITY": value})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "deepseek-server: the model could not be loaded: ValueError: LRU_CACHE_CAPACITY (the number of compiled "
+        f"matmuls PyTorch's oneDNN wrapper keeps) must be a positive whole number, not {value!r}; unset it for "
+        "the server's default of 256")
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from deepseek_server.engine import batched
 from deepseek_server.engine.base import EngineBusy, GenerationRequest, GenerationStream, TextDelta
 from deepseek_server.engine.batched import BatchedEngine
 from deepseek_server.engine.loading import LoadedModel, load_model
-from deepseek_server.engine.native_memory import ONEDNN_CACHE_ENTRIES
+from deepseek_server.engine.native_memory import ONEDNN_CACHE_ENTRIES, bound_onednn_caches
 
 from devcluster.testing.model_server import ServerThread, tiny_settings
 from devcluster.testing.polling import wait_for
@@ -346,3 +346,12 @@ def test_a_client_that_leaves_while_waiting_for_memory_gives_up_its_place(auth_d
         assert all(r["completion_tokens"] is None for r in left)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1", "", " "])
+def test_an_ideep_cache_size_that_is_not_a_positive_number_is_refused_before_any_matmul(value: str) -> None:
+    environ = {"LRU_CACHE_CAPACITY": value}
+    with pytest.raises(ValueError, match=f"must be a positive whole number, not {value!r}"):
+        bound_onednn_caches(environ)
+    bound_onednn_caches(good := {"LRU_CACHE_CAPACITY": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"})
+    assert good == {"LRU_CACHE_CAPACITY": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}

@@ -29,9 +29,17 @@ ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY
 def bound_onednn_caches(environ: MutableMapping[str, str] = os.environ) -> None:
     """Cap oneDNN's per-shape caches at `ONEDNN_CACHE_ENTRIES` where the environment does not size them itself.
 
-    oneDNN reads these once, when its first primitive is made: call this before the model is loaded."""
+    oneDNN reads these once, when its first primitive is made: call this before the model is loaded. A size the
+    environment gives ideep's cache must be a positive whole number (ValueError): 0, or text (read as 0), ends the
+    process with a segmentation fault at the first matmul, and a negative size leaves the cache unbounded. oneDNN's
+    own cache takes 0 as "no cache"."""
     for name in ONEDNN_CACHE_VARIABLES:
         environ.setdefault(name, str(ONEDNN_CACHE_ENTRIES))
+    ideep = environ["LRU_CACHE_CAPACITY"]
+    if not (ideep.strip().isdecimal() and int(ideep) > 0):
+        raise ValueError(f"LRU_CACHE_CAPACITY (the number of compiled matmuls PyTorch's oneDNN wrapper keeps) must be "
+                         f"a positive whole number, not {ideep!r}; unset it for the server's default of "
+                         f"{ONEDNN_CACHE_ENTRIES}")
 
 
 @functools.cache
