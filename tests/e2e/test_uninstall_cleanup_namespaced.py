@@ -1,7 +1,8 @@
 """`helm uninstall` of a release that watches only some namespaces (watchNamespaces, namespaced RBAC) installed with
-crds.keep=false, on devcluster through real helm: the pre-delete hook, with a Role in each watched namespace, deletes
-the ApiKeys and DeepSeekDeployments there while the operator still runs, so each key's tokens are revoked and the
-CRDs and the namespaces go, none left `Terminating`; the hook's Job succeeds and goes, with its account and Roles.
+crds.keep=false, on devcluster through real helm: the pre-delete hook deletes the ApiKeys and DeepSeekDeployments in
+the watched namespaces while the operator still runs, so each key's tokens are revoked and the CRDs and the namespaces
+go, none left `Terminating`; the hook's Job succeeds and goes, with its account and RBAC. A watched namespace deleted
+before the uninstall does not stop it.
 
 A cluster of its own: the uninstall deletes the CRDs.
 """
@@ -37,6 +38,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WATCHED = "team-a"
 UNWATCHED = "team-b"
+RETIRED = "team-retired"  # watched, then deleted before the uninstall
 
 
 class HookJobRecorder:
@@ -74,7 +76,7 @@ def own_cluster() -> Iterator[DevCluster]:
     """A cluster for one test (each uninstalls its release, CRDs and all), with the namespaces the tests use (before
     the chart, which puts a Role in each watched one)."""
     with DevCluster(ClusterConfig(name=f"uninstall-ns-{os.getpid()}", nodes=1)) as cluster:
-        for namespace in (WATCHED, UNWATCHED):
+        for namespace in (WATCHED, UNWATCHED, RETIRED):
             cluster.kubectl("create", "namespace", namespace)
         yield cluster
 
@@ -93,7 +95,7 @@ def test_uninstall_in_namespaced_mode_revokes_every_watched_key_and_leaves_nothi
     key = issued_key(cluster, WATCHED, "alice")
     token_id = key["status"]["tokenId"]
     # A key where the operator does not watch: nobody issues it or puts a finalizer on it, so the CRD's deletion
-    # takes it, and the hook (with no rights there) need not.
+    # takes it, and the hook (which acts where the operator watches) need not.
     create_key(cluster, UNWATCHED, "stray")
     stray = kubectl_json(cluster, "get", "apikey", "stray", "-n", UNWATCHED)
     assert not stray["metadata"].get("finalizers") and not stray.get("status"), stray
@@ -119,9 +121,9 @@ def test_uninstall_in_namespaced_mode_revokes_every_watched_key_and_leaves_nothi
     # The operator deleted the deployment's private signing keys as it saw the deployment go.
     assert not kubectl_json(cluster, "get", "secrets", "-n", OPS, "-l",
                             "app.kubernetes.io/component=signing-key")["items"]
-    # The hook's Job and account (in the release's namespace) and its Role and RoleBinding (in the watched one) went
-    # with its success; the operator's own with the uninstall. (The deployment's own Role there goes with it, by the
-    # garbage collector.)
+    # The hook's Job, account and RBAC went with its success; the release's own objects (in its namespace and the
+    # watched one) with the uninstall. (The deployment's own Role in the watched namespace goes with the deployment,
+    # by the garbage collector.)
     left = cluster.kubectl("get", "job,serviceaccount,role,rolebinding", "-n", OPS, "-o", "name").stdout.split()
     assert left in ([], ["serviceaccount/default"]), left
     left = cluster.kubectl("get", "role,rolebinding", "-n", WATCHED, "-l", f"app.kubernetes.io/instance={RELEASE}",
@@ -131,3 +133,21 @@ def test_uninstall_in_namespaced_mode_revokes_every_watched_key_and_leaves_nothi
     for namespace in (WATCHED, UNWATCHED):
         print(f"namespace {namespace} gone {delete_namespace(cluster, namespace):.1f} s after kubectl delete")
 
+
+def test_uninstall_in_namespaced_mode_after_a_watched_namespace_was_deleted(own_cluster):
+    """A team's namespace deleted while the release still lists it: the hook has nothing to do there and must not
+    stop the uninstall (with Roles of its own in each watched namespace, Helm could not create the one in the
+    deleted namespace and failed the uninstall: `namespaces "team-retired" not found`)."""
+    cluster = own_cluster
+    install_watching(cluster, WATCHED, RETIRED)
+    token_id = issued_key(cluster, WATCHED, "alice")["status"]["tokenId"]
+    print(f"\nnamespace {RETIRED} gone {delete_namespace(cluster, RETIRED):.1f} s after kubectl delete")
+
+    out, took = uninstall(cluster)
+    print(f"helm uninstall: rc {out.returncode} after {took:.1f} s")
+    assert out.returncode == 0, out.stderr + what_is_left(cluster)
+    assert revoked_event(cluster, WATCHED, "alice", token_id)
+    print(f"CRDs gone {wait_crds_gone(cluster):.1f} s after helm uninstall returned")
+    assert not cluster.kubectl("get", "clusterrole,clusterrolebinding", "-o", "name", "-l",
+                               "app.kubernetes.io/component=uninstall-cleanup").stdout.split()
+    print(f"namespace {WATCHED} gone {delete_namespace(cluster, WATCHED):.1f} s after kubectl delete")
