@@ -4,6 +4,7 @@ then, with RBAC that lists and deletes the two kinds and nothing else, created i
 from __future__ import annotations
 
 import pytest
+import yaml
 from test_chart import CHART, KUBE_VERSION, granted, helm, render
 
 HOOK = "rel-deepseek-operator-uninstall-cleanup"
@@ -124,3 +125,18 @@ def test_lint_is_clean_with_the_hook():
     assert by_kind(hook_objects("crds.keep=false", "watchNamespaces={team-a}"), "Job")
     out = helm("lint", str(CHART), "--strict", "--set", "crds.keep=false", "--set", "watchNamespaces={team-a}")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_helm_template_with_no_hooks_leaves_the_hook_out_and_the_rest_in():
+    """What the README tells those who render the chart for a GitOps tool: `--no-hooks` drops the hook's objects
+    (whose Job, applied as a plain object, would delete every ApiKey at once), and nothing else."""
+    def kinds(*flags: str) -> list[tuple[str, str]]:
+        out = helm("template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION,
+                   "--set", "crds.keep=false", *flags)
+        return sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out.stdout) if d)
+
+    with_hooks, without = kinds(), kinds("--no-hooks")
+    hook = sorted((d["kind"], d["metadata"]["name"]) for d in hook_objects("crds.keep=false"))
+    assert ("Job", HOOK) in hook
+    assert without == sorted(set(with_hooks) - set(hook))
+    assert ("CustomResourceDefinition", "apikeys.deepseek.ai") in without
