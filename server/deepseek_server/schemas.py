@@ -153,7 +153,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.isdigit():
+            # isdecimal, not isdigit: '²' is a digit but no number to int()
+            if not key.isdecimal():
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
         return value
 

@@ -119,6 +119,9 @@ CASES = [
     Case("logit_bias token outside the vocabulary", 400, json=chat(logit_bias={"999999": 5}), param="logit_bias",
          code="invalid_value"),
     Case("logit_bias key not a token id", 400, json=chat(logit_bias={"hello": 5}), param="logit_bias"),
+    # '²' is a digit to str.isdigit but no number to int()
+    Case("logit_bias key a superscript digit", 400, json=chat(logit_bias={"\u00b2": 5}), param="logit_bias",
+         code="invalid_value", message="must be token ids"),
     Case("logit_bias value out of range", 400, json=chat(logit_bias={"5": 101}), param="logit_bias[5]"),
     Case("response_format unknown type", 400, json=chat(response_format={"type": "yaml"}),
          param="response_format.type"),
