@@ -77,6 +77,9 @@ CASES = [
     Case("empty body sent as JSON", 400, content=b"", code="invalid_json", message="the request has no body"),
     Case("body not UTF-8", 400, content=b'{"model": "deepseek-tiny", "messages": [{"role": "user", '
          b'"content": "\xff"}]}', code="invalid_json", message="encoded as UTF-8"),
+    Case("body nested deeper than the JSON parser goes", 400,
+         content=b'{"model": "deepseek-tiny", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+         code="invalid_json"),
     Case("body is a list", 400, json=[OK_CHAT]),
     Case("body is a string", 400, json="hello"),
     Case("model missing", 400, json=chat(model=...), param="model", code="missing_required_parameter"),

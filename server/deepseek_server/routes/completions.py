@@ -176,7 +176,7 @@ class DirectCompletionRoute(Route):
             return None
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             return None
         if not isinstance(document, dict):
             return None
