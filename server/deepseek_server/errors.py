@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepseek_server.schemas import LONE_SURROGATE
+
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +120,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
             f"({first.get('msg', 'invalid JSON')}).",
             code="invalid_json",
         )
+    if first.get("type") == LONE_SURROGATE:  # found by walking the body: the context names the parameter
+        param = (first.get("ctx") or {}).get("param")
+        reason = str(first.get("msg"))
+        message = f"Invalid value for '{param}': {reason}." if param else f"Invalid request body: {reason}."
+        return APIError(400, message, param=param, code="invalid_value")
     param = _param_of(tuple(first.get("loc", ())))
     if param is None and first.get("type") == "missing":  # the body itself: nothing was sent
         return APIError(400, "We could not parse the JSON body of your request: the request has no body. Send a "

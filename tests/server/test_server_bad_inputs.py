@@ -160,6 +160,27 @@ CASES = [
         param="messages[0].content[0].type", message="Input should be 'text'"),
     Case("text content part without text", 400, json=chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
          param="messages[0].content[0].text", code="missing_required_parameter"),
+    # JSON's \u escapes can spell half of a UTF-16 pair, which is no character: raw bytes, as encoders refuse them
+    Case("lone surrogate in a message", 400, content=b'{"model": "deepseek-tiny", "messages": [{"role": "user", '
+         b'"content": "hi \\ud800"}]}', param="messages[0].content", code="invalid_value", message="surrogate"),
+    Case("lone surrogate in a text part", 400, content=b'{"model": "deepseek-tiny", "messages": [{"role": "user", '
+         b'"content": [{"type": "text", "text": "\\udc00"}]}]}', param="messages[0].content[0].text",
+         code="invalid_value", message="surrogate"),
+    Case("lone surrogate in a prompt", 400, path=TEXT,
+         content=b'{"model": "deepseek-tiny", "prompt": "hi \\udfff", "max_tokens": 2}', param="prompt",
+         code="invalid_value", message="surrogate"),
+    Case("lone surrogate in a stop sequence", 400,
+         content=b'{"model": "deepseek-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", '
+         b'"\\ud800"]}', param="stop[1]", code="invalid_value", message="surrogate"),
+    Case("lone surrogate in user", 400, path=TEXT,
+         content=b'{"model": "deepseek-tiny", "prompt": "hi", "user": "\\ud800"}', param="user",
+         code="invalid_value", message="surrogate"),
+    Case("lone surrogate in the model", 400,
+         content=b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', param="model",
+         code="invalid_value", message="surrogate"),
+    Case("lone surrogate in a parameter name", 400,
+         content=b'{"model": "deepseek-tiny", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}',
+         code="invalid_value", message="surrogate"),
     Case("oversize body", 413, json=chat(messages=[{"role": "user", "content": "x" * 70_000}]),
          code="request_too_large"),
     Case("unknown route", 404, path="/v1/embeddings", json={}),
