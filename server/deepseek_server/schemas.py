@@ -32,8 +32,18 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    # validated when not sent too: only an assistant's may be left out (or null), as in OpenAI's API
+    content: str | list[TextContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")  # absent when the role itself was refused
+        if value is None and role not in (None, "assistant"):
+            raise PydanticCustomError("missing", "A {role} message needs content: a string, or an array of text "
+                                      "parts (only an assistant's content may be null).", {"role": role})
+        return value
 
     def text(self) -> str:
         if self.content is None:

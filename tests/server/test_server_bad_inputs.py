@@ -90,6 +90,13 @@ CASES = [
     Case("messages not a list", 400, json=chat(messages="hi"), param="messages"),
     Case("message role unknown", 400, json=chat(messages=[{"role": "wizard", "content": "hi"}]),
          param="messages[0].role"),
+    Case("user message without content", 400, json=chat(messages=[{"role": "user"}]), param="messages[0].content",
+         code="missing_required_parameter"),
+    Case("user message with null content", 400, json=chat(messages=[{"role": "user", "content": None}]),
+         param="messages[0].content", code="missing_required_parameter"),
+    Case("system message with null content", 400, json=chat(messages=[
+        {"role": "system", "content": None}, {"role": "user", "content": "hi"}]), param="messages[0].content",
+         code="missing_required_parameter"),
     Case("message content wrong type", 400, json=chat(messages=[{"role": "user", "content": 5}])),
     Case("temperature negative", 400, json=chat(temperature=-0.5), param="temperature"),
     Case("temperature huge", 400, json=chat(temperature=50), param="temperature"),
