@@ -61,7 +61,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             return cached
     request.state.cache = "miss"
     raw = await request.body()  # already read and validated; relayed as sent
-    reserve = prompt_bound(raw, engine.max_model_len) + (requested_max or ceiling) * (body.n or 1)
+    reserve = prompt_bound(raw, engine.max_model_len) + (requested_max or ceiling) * body.choices()
     lease = await admit(services, request, principal, reserve)
     client_left = asyncio.ensure_future(_wait_for_disconnect(request))
     if body.stream:

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 MAX_N = 8
+# choices of one /v1/completions request on the builtin engine: prompts x n (vLLM sets no bound of its own)
+MAX_CHOICES = 64
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's legacy API
 MAX_STOP_SEQUENCES = 4
 
@@ -258,6 +260,10 @@ class ChatCompletionRequest(SamplingFields):
     _top_logprobs_need_logprobs = field_validator("top_logprobs")(
         _needs("logprobs", "when using `top_logprobs`, `logprobs` must be set to true"))
 
+    def choices(self) -> int:
+        """How many choices the answer holds."""
+        return self.n or 1
+
     def logprob_alternatives(self) -> int | None:
         """None when no log-probabilities are asked for, else how many alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -266,8 +272,18 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int and value >= 0  # not a bool, which is an int to Python
+
+
+PROMPT_FORMS = ("a string, an array of strings, an array of token ids (non-negative integers), or an array of arrays "
+                "of token ids, none of them empty")
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # OpenAI's four forms: one prompt as text or as token ids, or several prompts (a choice per prompt and n, in
+    # prompt order: choice i*n+j is prompt i's j-th)
+    prompt: str | list[str] | list[int] | list[list[int]]
     # None (not sent, or null): OpenAI's default of 16, cut to what the context still holds (`max_tokens_for`)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     echo: bool = False
@@ -288,14 +304,26 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and not (len(value) == 1 and isinstance(value[0], str)):
-            raise ValueError("send one prompt per request, as a string: several prompts in one request, and prompts "
-                             "of token ids, are not supported")
-        return value
+    def _prompt_form(cls, value: Any) -> Any:
+        """One of OpenAI's forms, checked here so that a wrong one gets one message, not one per form."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and (
+                all(isinstance(item, str) for item in value) or all(_is_token_id(item) for item in value)
+                or all(isinstance(item, list) and item and all(_is_token_id(token) for token in item)
+                       for item in value)):
+            return value
+        raise ValueError(f"prompt must be {PROMPT_FORMS}")
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request, as text or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def choices(self) -> int:
+        return (self.n or 1) * len(self.prompts())
 
 
 class Usage(BaseModel):

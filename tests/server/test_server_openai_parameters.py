@@ -235,6 +235,40 @@ def test_a_completion_without_max_tokens_gets_what_the_context_still_holds(clien
     assert isinstance(excinfo.value.body, dict) and excinfo.value.body["code"] == "context_length_exceeded"
 
 
+def test_a_prompt_of_token_ids_is_the_prompt_those_tokens_spell(client: openai.OpenAI,
+                                                                  llama_server: ServerThread) -> None:
+    engine = llama_server.app.state.services.engine
+    ids = engine.encode_text("The quick brown fox")
+    as_text = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0)
+    for prompt in (ids, [ids]):  # OpenAI's two forms of one prompt of tokens
+        as_ids = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        assert [c.text for c in as_ids.choices] == [as_text.choices[0].text]
+        assert as_ids.usage is not None and as_ids.usage.prompt_tokens == len(ids)
+
+
+def test_several_prompts_get_a_choice_per_prompt_and_n_in_prompt_order(client: openai.OpenAI,
+                                                                        llama_server: ServerThread) -> None:
+    engine = llama_server.app.state.services.engine
+    prompts = ["The quick brown fox", "Hello", "A"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in prompts]
+    assert len(set(alone)) > 1, "the tiny model was expected to answer different prompts differently"
+    tokens = sum(len(engine.encode_text(p)) for p in prompts)
+    for form in (prompts, [engine.encode_text(p) for p in prompts]):
+        reply = client.completions.create(model=MODEL, prompt=form, n=2, max_tokens=6, temperature=0)
+        assert [c.index for c in reply.choices] == list(range(6))
+        assert [c.text for c in reply.choices] == [text for text in alone for _ in range(2)]  # choice i*n+j: prompt i
+        assert reply.usage is not None and reply.usage.prompt_tokens == tokens
+    streamed: dict[int, str] = {}
+    finished: set[int] = set()
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+            if choice.finish_reason is not None:
+                finished.add(choice.index)
+    assert streamed == dict(enumerate(alone)) and finished == {0, 1, 2}
+
+
 def test_stream_options_need_stream(client: openai.OpenAI) -> None:
     for stream in (openai.NOT_GIVEN, False):
         with pytest.raises(openai.BadRequestError) as excinfo:

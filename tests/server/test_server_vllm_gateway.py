@@ -125,6 +125,16 @@ def test_chat_and_completion_through_the_gateway(client: openai.OpenAI) -> None:
     assert text.usage is not None and 1 <= text.usage.completion_tokens <= 6
 
 
+def test_prompts_of_token_ids_and_several_prompts_reach_the_engine(client: openai.OpenAI) -> None:
+    ids = client.completions.create(model=MODEL, prompt=[71, 112, 230], max_tokens=3, temperature=0)
+    assert ids.usage is not None and ids.usage.prompt_tokens == 3 and len(ids.choices) == 1
+    several = client.completions.create(model=MODEL, prompt=["The quick brown fox", "Hello"], n=2, max_tokens=3,
+                                        temperature=1.0)  # vLLM takes n > 1 only when sampling
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    tokens = client.completions.create(model=MODEL, prompt=[[71, 112], [230]], max_tokens=3, temperature=0)
+    assert tokens.usage is not None and tokens.usage.prompt_tokens == 3 and len(tokens.choices) == 2
+
+
 def test_stream_has_usage_only_when_asked(client: openai.OpenAI) -> None:
     plain = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
                                                 stream=True))

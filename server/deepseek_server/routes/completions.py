@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +26,14 @@ from deepseek_server.engine.capabilities import (
 from deepseek_server.errors import APIError
 from deepseek_server.generation import plan_call, respond, serving_engine
 from deepseek_server.relay import relay_call
-from deepseek_server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
+from deepseek_server.schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from deepseek_server.services import Services
 
 router = APIRouter()
@@ -92,18 +100,40 @@ async def completions(body: CompletionRequest, request: Request,
     engine = serving_engine(services, body.model)
     capabilities = capabilities_of(engine)
     reject_unsupported(capabilities, "text", body)
-    prompt = body.prompt_text()
-    if services.settings.audit_prompts:
-        request.state.prompt_text = prompt  # masked and cut when recorded
+    prompts = body.prompts()
+    if services.settings.audit_prompts:  # the first prompt's text, masked and cut when recorded; never token ids,
+        first = prompts[0]                # which no mask reads but any tokenizer turns back into text
+        request.state.prompt_text = first if isinstance(first, str) else f"[{len(first)} token ids]"
     if capabilities.relays_openai:
         return await relay_call(services, request, principal, engine, "text", body,  # type: ignore[arg-type]
                                 body.max_tokens)
-    prompt_ids = await _encode(engine.encode_text, prompt, len(prompt))
-    if not prompt_ids:
-        raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-    call = plan_call(services, engine, "text", body, prompt_ids,
-                     body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt")
+    if body.choices() > MAX_CHOICES:
+        raise APIError(400, f"This request asks for {body.choices()} choices ({len(prompts)} prompts, n={body.n or 1});"
+                       f" this server answers at most {MAX_CHOICES} per request.", param="prompt",
+                       code="invalid_value")
+    calls = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            prompt_ids = await _encode(engine.encode_text, prompt, len(prompt))
+        else:
+            prompt_ids = _in_vocabulary(engine, prompt)
+        if not prompt_ids:
+            raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+        calls.append(plan_call(services, engine, "text", body, prompt_ids,
+                               body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt"))
+    call = calls[0] if len(calls) == 1 else dataclasses.replace(
+        calls[0], prompt_tokens=sum(c.prompt_tokens for c in calls), requests=[r for c in calls for r in c.requests])
     return await respond(services, request, principal, engine, call)
+
+
+def _in_vocabulary(engine: Any, prompt_ids: list[int]) -> list[int]:
+    """A prompt of token ids, as sent: 400 for an id the model has no token for."""
+    vocab_size = getattr(engine, "vocab_size", None)
+    outside = [token for token in prompt_ids if vocab_size is not None and token >= vocab_size]
+    if outside:
+        raise APIError(400, f"The prompt has token ids outside the vocabulary (0..{vocab_size - 1}): {outside[:5]}.",
+                       param="prompt", code="invalid_value")
+    return prompt_ids
 
 
 @router.get("/v1/models")
