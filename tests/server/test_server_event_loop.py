@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from deepseek_server.app import create_app
+from deepseek_server.schemas import MAX_CHOICES
 
 from devcluster.testing.model_server import ServerThread, tiny_settings
 
@@ -70,7 +71,7 @@ def health_latencies_during(server: ServerThread, route: str, body: dict[str, ob
     return latencies, float(outcome["seconds"]), int(outcome["status"])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/completions several"])
 def test_a_huge_prompt_does_not_delay_health(server: ServerThread, token_factory: Callable[..., str],
                                              route: str) -> None:
     rng = random.Random(7)
@@ -91,6 +92,10 @@ def test_a_huge_prompt_does_not_delay_health(server: ServerThread, token_factory
     body: dict[str, object] = {"model": "deepseek-tiny", "max_tokens": 4}
     if route.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": prompt}]
+    elif route.endswith("several"):  # as many short prompts as a request takes, together as long
+        route = route.split()[0]
+        size = max(1, -(-len(prompt) // MAX_CHOICES))
+        body["prompt"] = [prompt[start:start + size] for start in range(0, len(prompt), size)]
     else:
         body["prompt"] = prompt
     tries = []

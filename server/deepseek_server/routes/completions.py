@@ -111,12 +111,15 @@ async def completions(body: CompletionRequest, request: Request,
         raise APIError(400, f"This request asks for {body.choices()} choices ({len(prompts)} prompts, n={body.n or 1});"
                        f" this server answers at most {MAX_CHOICES} per request.", param="prompt",
                        code="invalid_value")
+    if len(prompts) == 1 and isinstance(prompts[0], str):
+        encoded = [await _encode(engine.encode_text, prompts[0], len(prompts[0]))]
+    else:  # all the texts in one go: on the loop only when all of them together are short
+        def encode_all(texts: list[str | list[int]]) -> list[list[int]]:
+            return [engine.encode_text(p) if isinstance(p, str) else _in_vocabulary(engine, p) for p in texts]
+
+        encoded = await _encode(encode_all, prompts, sum(len(p) for p in prompts if isinstance(p, str)))
     calls = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            prompt_ids = await _encode(engine.encode_text, prompt, len(prompt))
-        else:
-            prompt_ids = _in_vocabulary(engine, prompt)
+    for prompt_ids in encoded:
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         calls.append(plan_call(services, engine, "text", body, prompt_ids,
