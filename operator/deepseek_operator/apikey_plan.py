@@ -361,6 +361,14 @@ def plan_apikey(
     previous_revoke_at: int | None = None
     # A rotated-out token keeps working this long, never past its own expiry (`gracePeriod` 0: revoked at once).
     grace_end = min(int(now + grace), expires) if grace > 0 else None
+    # Judged apart from the reason for a new token: a binding change seen together with a lost or altered Secret
+    # (or an expired token) is issued for that reason, yet still takes the old binding from the tokens in grace.
+    binding_changed = bool(current_id) and status.get("bindingHash") != current_binding(apikey, issuer)
+    held = token_scopes(apikey, status, issuer) if binding_changed else None
+    wanted = effective_scopes(spec, issuer)
+    # Scopes only added grant nothing the old tokens lack: the current one is rotated out with its grace period, as
+    # at a renewal. Any other change (a scope removed, another subject) must stop every old token at once.
+    widened = binding_changed and held is not None and set(held) < set(wanted)
     if not current_id:
         reason = "Unrevoked" if condition_status(status.get("conditions"), "Revoked") == "True" else "Initial"
     elif expires <= now:
@@ -369,11 +377,8 @@ def plan_apikey(
         reason = "SecretMissing"
     elif secret_sha != status.get("tokenSHA256"):
         reason = "SecretAltered"
-    elif status.get("bindingHash") != current_binding(apikey, issuer):
-        # Scopes only added grant nothing the old token lacks: it is rotated out with its grace period, as at a
-        # renewal. Any other change (a scope removed, another subject) must stop the old token at once.
-        held, wanted = token_scopes(apikey, status, issuer), effective_scopes(spec, issuer)
-        if held is not None and set(held) < set(wanted):
+    elif binding_changed:
+        if widened:
             reason, previous_revoke_at = "ScopesWidened", grace_end
         else:
             reason = "BindingChanged"
@@ -386,7 +391,7 @@ def plan_apikey(
         previous_revoke_at = grace_end
     if reason and current_id and expires > now and previous_revoke_at is None:
         revoke[current_id] = expires
-    if reason == "BindingChanged" and status.get("previousTokens"):
+    if binding_changed and not widened and status.get("previousTokens"):
         # Tokens still in their grace period carry the old binding too (or a narrower one, from before scopes were
         # added): what the change took away must stop working with every token of the key, not only the current.
         early = {item["tokenId"]: _ts(item.get("expiresAt")) for item in status.pop("previousTokens")}

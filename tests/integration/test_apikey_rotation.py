@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import GROUP, VERSION
+from deepseek_operator.apikey_plan import ROTATE_ANNOTATION
 from deepseek_operator.durations import parse_timestamp
 from deepseek_server.auth.configmap_source import state_from_configmap
 from deepseek_server.auth.tokens import TokenRejected, verify_token
@@ -102,3 +104,34 @@ def test_added_scopes_keep_the_old_token_for_its_grace_period_and_a_removed_scop
         e for e in world.events("widen") if e.reason == "Rotated" and "(BindingChanged: scopes changed from "
         "history:read, model:predict to history:read (model:predict removed); the old token is revoked)"
         in (e.message or "")])
+
+
+def test_a_removed_scope_seen_with_a_deleted_secret_revokes_the_token_in_its_grace_period_too(world, operator):
+    world.apply_deployment()
+    world.create_apikey("lost", scopes=["model:predict", "history:read"], gracePeriod="1h")
+    first = world.wait_ready("lost")["status"]
+    first_token = world.token("lost")
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", "lost",
+                                                {"metadata": {"annotations": {ROTATE_ANNOTATION: "now"}}})
+    second = world.wait_for("the rotation", lambda: (s := world.wait_ready("lost")["status"]).get("revision") == 2
+                            and s, timeout=60)
+    assert [p["tokenId"] for p in second["previousTokens"]] == [first["tokenId"]]  # in its grace period for 1h
+    assert server_scopes(world, first_token) == {"history:read", "model:predict"}
+
+    # A scope removed while the Secret is gone too (deleted to have a new token made, say): the new token is issued
+    # because the Secret is missing, and every token that held the removed scope stops working all the same.
+    operator.stop()
+    world.patch_apikey("lost", {"scopes": ["model:predict"]})
+    world.core.delete_namespaced_secret("lost-apikey", world.namespace)
+    operator.start()
+    third = world.wait_for("the narrower token", lambda: (s := world.wait_ready("lost")["status"]).get("revision")
+                           == 3 and s, timeout=60)
+    assert server_scopes(world, world.token("lost")) == {"model:predict"}
+    assert {first["tokenId"], second["tokenId"]} <= set(world.auth()["revoked"]), \
+        "a token holding the removed scope still works"
+    with pytest.raises(TokenRejected, match="revoked"):
+        server_scopes(world, first_token)
+    assert "previousTokens" not in third
+    world.wait_for("a Revoked Event naming the token in its grace period", lambda: [
+        e for e in world.events("lost") if e.reason == "Revoked" and first["tokenId"] in (e.message or "")
+        and "before the end of their grace period" in (e.message or "")])

@@ -217,6 +217,32 @@ def test_a_binding_change_revokes_the_tokens_in_their_grace_period_too():
     assert [e.reason for e in result.events] == ["Revoked"] and "tok-1" in result.events[0].message
 
 
+@pytest.mark.parametrize(("secret_token", "reason"), [(None, "SecretMissing"), ("x.y.z", "SecretAltered")])
+@pytest.mark.parametrize("change", [{"subject": "mallory"}, {"scopes": ["history:read"]}])
+def test_a_binding_change_seen_with_a_lost_or_altered_secret_still_revokes_the_tokens_in_their_grace_period(
+        secret_token, reason, change):
+    key, token = issued(apikey(scopes=["model:predict", "history:read"]))
+    renewed, _ = _issue_as_planned(key, plan(key, token, now=NOW + 15), token_id="tok-2", at=NOW + 15)
+    assert [p["tokenId"] for p in renewed["status"]["previousTokens"]] == ["tok-1"]  # in grace until NOW + 25
+    result = plan(_with(renewed, **change), secret_token, now=NOW + 16)
+    assert result.issue_reason == reason
+    assert result.revoke == {"tok-2": NOW + 45, "tok-1": NOW + 30}, "a token of the old binding still works"
+    assert "previousTokens" not in result.status
+    assert [e.reason for e in result.events] == ["Revoked"] and "tok-1" in result.events[0].message
+    # Unable to sign the replacement yet: the old binding's tokens go all the same.
+    unsigned = plan(_with(renewed, **change), secret_token, now=NOW + 16, view=issuer(signing_key=None))
+    assert unsigned.revoke == {"tok-2": NOW + 45, "tok-1": NOW + 30}
+    assert "previousTokens" not in unsigned.status and "tokenId" not in unsigned.status
+
+
+def test_scopes_widened_with_a_lost_secret_keep_the_narrower_tokens_grace_period():
+    key, token = issued(apikey(scopes=["model:predict"]))
+    renewed, _ = _issue_as_planned(key, plan(key, token, now=NOW + 15), token_id="tok-2", at=NOW + 15)
+    result = plan(_with(renewed, scopes=["model:predict", "history:read"]), None, now=NOW + 16)
+    assert result.issue_reason == "SecretMissing" and result.revoke == {"tok-2": NOW + 45}
+    assert [p["tokenId"] for p in result.status["previousTokens"]] == ["tok-1"]
+
+
 def test_token_of_an_unpublished_signing_key_is_replaced():
     key, token = issued(apikey())
     result = plan(key, token, now=NOW + 1, view=issuer(signing_key=OTHER, published_kids=frozenset({OTHER.kid})))
