@@ -119,6 +119,8 @@ def wait_for_crds(settings: OperatorSettings) -> bool:
                 problem = ""
             except (KubeError, OSError, httpx.HTTPError) as exc:
                 missing, problem = [], f"the API server could not be asked: {exc}"
+            if stop.is_set():  # a signal that came while the API server was asked: kopf would not see it
+                return False
             if not missing and not problem:
                 if last_log > -CRD_LOG_EVERY:
                     log.info("the CustomResourceDefinitions are served: starting")
@@ -140,7 +142,12 @@ def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -
     liveness = (StandbyLiveness(liveness_endpoint, elector.standby_healthy) if liveness_endpoint is not None
                 else contextlib.nullcontext())
     with stop_on_signals() as stop, liveness:
-        return elector.acquire(stop)
+        if not elector.acquire(stop):
+            return False
+        if stop.is_set():  # the signal came while the Lease was taken: hand it back instead of leading regardless
+            elector.step_down()
+            return False
+        return True
 
 
 def run(settings: OperatorSettings) -> None:

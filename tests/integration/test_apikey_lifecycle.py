@@ -190,13 +190,38 @@ def test_operator_serves_liveness_and_logs_json(kubeconfig, namespace, crds):
                     return response.status == 200 and json_module.loads(response.read())
             except OSError:
                 return None
-        probes = wait_for_value(healthy)
+        # until it has seen the CRDs served, the operator answers {"waitingFor": "crds"}
+        probes = wait_for_value(lambda: (answer := healthy()) and "scheduled" in answer and answer)
         assert "scheduled" in probes
     finally:
         proc.terminate()
         output = proc.communicate(timeout=20)[0].decode()
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines and all(json_module.loads(line)["message"] is not None for line in lines)
+
+
+def test_a_stop_asked_for_as_the_crds_are_found_served_is_kept(kubeconfig, crds, monkeypatch):
+    """SIGTERM while the operator asks whether its CRDs are served (a pod deleted as it starts): it stops there, and
+    does not go on to run, with the signal gone, until the kubelet kills it at the end of its grace period."""
+    import os
+    import signal
+
+    from deepseek_operator import __main__ as operator_main
+    from deepseek_operator.kube import KubeApi
+    from deepseek_operator.settings import OperatorSettings
+
+    unserved = KubeApi.unserved
+
+    def unserved_then_stopped(self, resources):
+        missing = unserved(self, resources)  # the real answer from the API server: both CRDs are served
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the operator's own handler while it waits for CRDs
+        return missing
+
+    monkeypatch.setattr(KubeApi, "unserved", unserved_then_stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    settings = OperatorSettings(kubeconfig=kubeconfig, liveness_endpoint=None)
+    assert operator_main.wait_for_crds(settings) is False
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def wait_for_value(check, timeout: float = 20.0):

@@ -264,3 +264,31 @@ def test_leader_sigkilled_mid_burst_other_replica_finishes_every_key_once(api_cl
         assert history.token_ids[name] == {key["status"]["tokenId"]} == {claims["jti"]}, \
             f"{name}'s status named tokens {sorted(history.token_ids[name])}"
     assert "standing by" in second.log_text()
+
+
+def test_a_stop_asked_for_as_the_lease_is_taken_hands_it_back(api_client, namespace, kubeconfig, monkeypatch):
+    """SIGTERM while a replica takes the Lease (a pod deleted as it wins): it releases the Lease and stops, instead
+    of leading with the signal gone until the kubelet kills it, while the other replica waits out the Lease."""
+    import os
+    import signal
+
+    from deepseek_operator import __main__ as operator_main
+    from deepseek_operator.leader_election import LeaderElector
+    from deepseek_operator.settings import OperatorSettings
+
+    take = LeaderElector.try_acquire_or_renew
+
+    def taken_then_stopped(self):
+        taken = take(self)  # a real update of the Lease on the API server
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the standby's own handler
+        return taken
+
+    monkeypatch.setattr(LeaderElector, "try_acquire_or_renew", taken_then_stopped)
+    settings = OperatorSettings(kubeconfig=kubeconfig, leader_election=True, leader_election_namespace=namespace,
+                                leader_election_lease_name="stop-while-taking", liveness_endpoint=None)
+    elector = LeaderElector.connect(settings.leader_election_config("replica-stopped"), kubeconfig)
+    try:
+        assert operator_main.wait_for_leadership(elector, None) is False
+    finally:
+        elector.close()
+    assert lease_holder(api_client, namespace, "stop-while-taking") is None
