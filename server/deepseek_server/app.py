@@ -169,5 +169,5 @@ def create_app(settings: ServerSettings, engine: Engine | None = None, *, record
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if record_requests:
         app.add_middleware(RequestRecordingMiddleware, metrics=services.metrics, audit=services.audit,
-                           keys=services.request_keys, redactor=services.redactor)
+                           redactor=services.redactor)
     return app

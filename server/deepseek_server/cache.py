@@ -8,7 +8,6 @@ a caller nothing about other keys' requests. Keys of one ApiKey share entries ac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -19,16 +18,6 @@ from deepseek_server.auth.tokens import Principal
 from deepseek_server.request_keys import RequestKeys
 
 log = logging.getLogger(__name__)
-
-
-def request_fingerprint(route: str, body: dict[str, Any]) -> str:
-    """A stable plain digest of what determines the answer (route, model, prompt/messages, sampling parameters).
-
-    It stays in memory: audit, history and cache keys hold HMACs of it (`RequestKeys`)."""
-    relevant = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "user")}
-    canonical = json.dumps({"route": route, "body": relevant}, sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def is_deterministic(temperature: float | None, seed: int | None) -> bool:

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepseek_server.auth.tokens import Principal
-from deepseek_server.cache import is_deterministic, request_fingerprint
+from deepseek_server.cache import is_deterministic
 from deepseek_server.engine.base import (
     OPENAI_FINISH_REASONS,
     Engine,
@@ -102,9 +102,11 @@ def check_ceiling(requested_max: int | None, ceiling: int, max_param: str) -> No
 
 
 def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFields, prompt_ids: list[int],
-              requested_max: int | None, prompt_param: str, max_param: str = "max_tokens") -> PlannedCall:
+              requested_max: int | None, prompt_param: str, max_param: str = "max_tokens",
+              fingerprint: str | None = None) -> PlannedCall:
     """Check lengths against the context and the server's ceiling, and expand `n` into engine requests.
-    `max_param`: the parameter `requested_max` came from (chat's `max_completion_tokens` or `max_tokens`)."""
+    `max_param`: the parameter `requested_max` came from (chat's `max_completion_tokens` or `max_tokens`);
+    `fingerprint`: the request's, where the caller has it already (several prompts of one request)."""
     settings = services.settings
     room = engine.max_model_len - len(prompt_ids)
     if room <= 0:
@@ -139,7 +141,8 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
         )
         for i in range(n)
     ]
-    fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
+    if fingerprint is None:
+        fingerprint = services.request_keys.request_fingerprint(kind, body.model_dump(exclude_none=True))
     cacheable = services.cache is not None and not body.stream and is_deterministic(body.temperature, body.seed)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return PlannedCall(kind=kind, model=engine.model_name, prompt_tokens=len(prompt_ids), requests=requests,

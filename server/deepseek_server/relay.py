@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from deepseek_server.auth.tokens import Principal
-from deepseek_server.cache import is_deterministic, request_fingerprint
+from deepseek_server.cache import is_deterministic
 from deepseek_server.engine.engine_http import EngineConnectionError, EngineResponse, EngineTimeout
 from deepseek_server.engine.openai_upstream import OpenAIUpstreamEngine, engine_error
 from deepseek_server.errors import APIError
@@ -42,6 +42,10 @@ _draining: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 
 
+def _fingerprint(services: Services, kind: Kind, body: SamplingFields) -> str:
+    return services.request_keys.request_fingerprint(kind, body.model_dump(exclude_none=True))
+
+
 async def relay_call(services: Services, request: Request, principal: Principal, engine: OpenAIUpstreamEngine,
                      kind: Kind, body: SamplingFields, requested_max: int | None,
                      max_param: str = "max_tokens") -> Response:
@@ -55,7 +59,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     cacheable = services.cache is not None and not body.stream and is_deterministic(body.temperature, body.seed)
     fingerprint = None
     if cacheable:
-        fingerprint = request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
+        fingerprint = request.state.fingerprint = _fingerprint(services, kind, body)
         cached = await serve_cached(services, request, principal, kind, fingerprint)
         if cached is not None:
             return cached
@@ -75,7 +79,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             raise
         finally:
             # the request's digest (for the audit) once the engine has the request: not on the way to it
-            request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
+            request.state.fingerprint = _fingerprint(services, kind, body)
         return with_headers(_RelayedStreamResponse(_StreamRelay(services, request, engine, kind, upstream, lease,
                                                                 client_usage, client_left)), request)
     try:
@@ -86,7 +90,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
     finally:
         client_left.cancel()
         if fingerprint is None:
-            request.state.fingerprint = request_fingerprint(kind, body.model_dump(exclude_none=True))
+            request.state.fingerprint = _fingerprint(services, kind, body)
     if response.status_code != 200:
         await release(services, lease, 0)
         raise engine_error(response.status_code, response.content)

@@ -2,18 +2,25 @@
 
 A plain sha256 of a short prompt can be reversed by hashing guesses; an HMAC under the deployment's record key
 (`--record-key`, which the operator keeps in a Secret per DeepSeekDeployment) cannot be computed without the key.
-The request's plain digest (`cache.request_fingerprint`) stays in the process's memory only.
+A request's fingerprint is keyed where it is computed (`request_fingerprint`, once per request): no plain hash of a
+request exists, not even in the process's memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
+from typing import Any
+
+import orjson
 
 log = logging.getLogger(__name__)
 
 SHA256_BLOCK = 64
+# what a request's fingerprint leaves out: how the answer is delivered, and who asked, not what it is
+TRANSPORT_FIELDS = ("stream", "stream_options", "user")
 
 
 def _part(text: str) -> bytes:
@@ -22,7 +29,8 @@ def _part(text: str) -> bytes:
 
 
 class RequestKeys:
-    """HMAC-SHA256 under one secret: `fingerprint` for audit and history, `cache_key` for the response cache. Safe to
+    """HMAC-SHA256 under one secret: `request_fingerprint` for audit, history and the response cache's key,
+    `cache_key` for the response cache. Safe to
     call from several threads (the audit writer's and the event loop's): each digest works on copies of the key's hash
     states, which nothing changes after construction."""
 
@@ -33,7 +41,7 @@ class RequestKeys:
         key = key.ljust(SHA256_BLOCK, b"\0")
         self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
         self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
-        # every audit record takes a fingerprint: its message's first part is fed once, here
+        # every request takes a fingerprint: its message's first part is fed once, here
         self._fingerprint_inner = self._inner.copy()
         self._fingerprint_inner.update(_part("fingerprint"))
         self.deployment = deployment
@@ -56,15 +64,23 @@ class RequestKeys:
         outer.update(inner.digest())
         return outer.hexdigest()
 
-    def fingerprint(self, digest: str) -> str:
-        """What the audit log and history record for a request with plain digest `digest`: `_mac("fingerprint",
-        digest)`, from the state that has read the first part."""
+    def request_fingerprint(self, route: str, body: dict[str, Any]) -> str:
+        """What determines a request's answer (route, model, prompt or messages, sampling parameters): the HMAC of
+        `11:fingerprint` followed by `canonical`, the route and the body without `TRANSPORT_FIELDS` as compact JSON
+        with sorted keys (the message's last part, so it needs no length). Equal requests get equal fingerprints
+        under one key (one deployment's replicas agree); nobody without the key can test a guessed prompt."""
+        document = {"route": route, "body": {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}}
+        try:
+            canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # what orjson refuses (an integer beyond 64 bits): the standard library's sorted JSON
+            canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         inner = self._fingerprint_inner.copy()
-        inner.update(_part(digest))
+        inner.update(canonical)
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()
 
-    def cache_key(self, digest: str, env: str, scope: str) -> str:
-        """The response-cache key: this deployment and revision, the caller's environment and scope, the request."""
-        return self._mac("cache", self.deployment, self.revision, env, scope, digest)
+    def cache_key(self, fingerprint: str, env: str, scope: str) -> str:
+        """The response-cache key: this deployment and revision, the caller's environment and scope, the request (its
+        `request_fingerprint`)."""
+        return self._mac("cache", self.deployment, self.revision, env, scope, fingerprint)

@@ -19,7 +19,6 @@ from prometheus_client import Gauge
 from deepseek_server.audit import AuditLog
 from deepseek_server.metrics import ServerMetrics
 from deepseek_server.redaction import Redactor
-from deepseek_server.request_keys import RequestKeys
 
 PROMPT_PREVIEW_CHARS = 200
 # What the operator's autoscaler reads (spec.autoscaling.metric InFlightRequests): API requests begun and not yet
@@ -59,12 +58,10 @@ def utc_timestamp(now: float) -> str:
 
 
 class RequestRecordingMiddleware:
-    def __init__(self, app: Any, metrics: ServerMetrics, audit: AuditLog | None, keys: RequestKeys,
-                 redactor: Redactor) -> None:
+    def __init__(self, app: Any, metrics: ServerMetrics, audit: AuditLog | None, redactor: Redactor) -> None:
         self.app = app
         self.metrics = metrics
         self.audit = audit
-        self.keys = keys
         self.redactor = redactor
         self._observe = metrics.api_requests.observe
         # a plain count the gauge reads when scraped: two Prometheus value updates (each under a lock) per request
@@ -102,7 +99,7 @@ class RequestRecordingMiddleware:
                 self.in_flight_count -= 1
                 if self.audit is not None:  # built by the audit writer, with the others of its batch
                     self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed,
-                                             self.keys, self.redactor, time.time()))
+                                             self.redactor, time.time()))
 
         async def recording_send(message: dict[str, Any]) -> None:
             nonlocal status, answering
@@ -128,12 +125,11 @@ class RequestRecordingMiddleware:
 
 
 def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
-                 elapsed: float, keys: RequestKeys, redactor: Redactor, at: float | None = None) -> dict[str, Any]:
+                 elapsed: float, redactor: Redactor, at: float | None = None) -> dict[str, Any]:
     """The audit record of one request answered at `at` (seconds since the epoch; default now); fields a handler did
-    not reach stay null. The request's digest is recorded as its keyed HMAC, prompt text (with `--audit-prompts`)
-    only masked."""
+    not reach stay null. The request's fingerprint is keyed where it is computed (`RequestKeys.request_fingerprint`);
+    prompt text (with `--audit-prompts`) is recorded only masked."""
     get = state.get
-    digest = get("fingerprint")
     principal = get("principal")
     usage = get("usage") or _NO_USAGE
     client = scope.get("client")
@@ -158,7 +154,7 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
         "error_code": get("error_code"),
         # two decimals, halves up (round(ms, 2) formats and parses a decimal string: dearer than the other fields)
         "latency_ms": int(elapsed * 100_000 + 0.5) / 100,
-        "fingerprint": keys.fingerprint(digest) if digest else None,
+        "fingerprint": get("fingerprint"),
         "cache": get("cache"),
         "stream": get("stream"),
         "client": client[0] if client else None,

@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 from deepseek_server.metrics import ServerMetrics
 from deepseek_server.redaction import Redactor
-from deepseek_server.request_keys import RequestKeys
 from deepseek_server.request_recording import IN_FLIGHT_METRIC, RequestRecordingMiddleware
 
 
@@ -35,7 +34,7 @@ class HeldStreams:
 async def test_requests_count_in_flight_until_their_last_byte() -> None:
     metrics = ServerMetrics()
     inner = HeldStreams()
-    app = RequestRecordingMiddleware(inner, metrics=metrics, audit=None, keys=RequestKeys(b"k" * 32),
+    app = RequestRecordingMiddleware(inner, metrics=metrics, audit=None,
                                      redactor=Redactor(frozenset()))
 
     def in_flight() -> float | None:

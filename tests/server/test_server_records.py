@@ -4,6 +4,7 @@ the caller's key, the deployment and the model revision."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,6 @@ import httpx
 import pytest
 import redis
 from deepseek_server.app import create_app
-from deepseek_server.cache import request_fingerprint
 from deepseek_server.engine.base import GenerationRequest, GenerationStream
 from deepseek_server.engine.noop import NoopEngine
 from deepseek_server.schemas import CompletionRequest
@@ -223,7 +223,9 @@ def test_prompt_secrets_are_masked_before_the_audit_file_and_redis_history(tmp_p
 
 def test_fingerprints_are_keyed_hmacs_not_plain_hashes(tmp_path: Path, auth: Path, key: SigningKey) -> None:
     body = {"model": MODEL, "prompt": "yes", "max_tokens": 1}
-    plain = request_fingerprint("text", CompletionRequest(**body).model_dump(exclude_none=True))
+    # what anyone could compute from a guessed prompt: a plain hash of the request as the server canonicalizes it
+    canonical = {"route": "text", "body": CompletionRequest(**body).model_dump(exclude_none=True)}
+    plain = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     fingerprints = []
     for record_key in (RECORD_KEY, RECORD_KEY, "another-record-key-of-another-deployment-xyz"):
         audit = tmp_path / f"audit-{len(fingerprints)}.jsonl"

@@ -16,7 +16,6 @@ from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
 from deepseek_server.metrics import LATENCY_BUCKETS, RequestStats
 from deepseek_server.redaction import Redactor
-from deepseek_server.request_keys import RequestKeys
 from deepseek_server.request_recording import audit_record, utc_timestamp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -38,11 +37,11 @@ def test_audit_latency_is_milliseconds_to_two_decimals() -> None:
     """What `round(elapsed * 1000, 2)` gives, without its decimal string round trip."""
     rng = random.Random(11)
     scope = {"method": "POST", "path": "/v1/completions", "client": ("10.0.0.1", 4000)}
-    keys, redactor = RequestKeys(b"k" * 32), Redactor.from_setting("email")
+    redactor = Redactor.from_setting("email")
     latencies = [0.0, 0.000004, 0.000005, 0.0012345, 0.1, 1.0, 59.999999, 120.0]
     latencies += [rng.uniform(0, 1) * rng.choice([1e-4, 1e-2, 1.0, 300.0]) for _ in range(20_000)]
     for elapsed in latencies:
-        record = audit_record(scope, {}, "req-1", "/v1/completions", 200, elapsed, keys, redactor, 1_700_000_000.0)
+        record = audit_record(scope, {}, "req-1", "/v1/completions", 200, elapsed, redactor, 1_700_000_000.0)
         assert record["latency_ms"] == round(elapsed * 1000, 2), elapsed
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 import pytest
 from deepseek_server.limits.memory_store import MemoryLimitStore
@@ -81,7 +82,7 @@ def test_request_keys_separate_deployments_revisions_environments_and_callers() 
         keys.cache_key("digest", "prod", "key:u1"),
         keys.cache_key("digest", "dev", "key:u2"),
         keys.cache_key("other", "dev", "key:u1"),
-        keys.fingerprint("digest"),
+        keys.request_fingerprint("digest", {}),
     }
     assert base not in others and len(others) == 7
     # length-prefixed parts: moving a boundary between parts changes the key
@@ -120,12 +121,24 @@ def test_an_answer_given_at_once_counts_as_a_request_but_holds_no_parallel_slot(
 @pytest.mark.parametrize("secret", [b"", b"k", b"r" * 32, b"s" * 64, b"long-record-key-" * 8])
 def test_request_digests_are_hmac_sha256_of_the_length_prefixed_parts(secret: bytes) -> None:
     keys = RequestKeys(secret, deployment="chat", revision="rev-1")
-    fingerprint = hmac.new(secret, b"11:fingerprint64:" + b"ab" * 32, hashlib.sha256).hexdigest()
-    assert keys.fingerprint("ab" * 32) == fingerprint
     message = b"5:cache4:chat5:rev-13:dev13:model:predict3:xyz"
     assert keys.cache_key("xyz", "dev", "model:predict") == hmac.new(secret, message, hashlib.sha256).hexdigest()
-    assert keys.fingerprint("ab" * 32) == keys.fingerprint("ab" * 32)  # the key's states are not consumed
-    for digest in ("", "é", "1:x", "ab" * 40):  # the fingerprint's shortcut says what the general form says
-        assert keys.fingerprint(digest) == keys._mac("fingerprint", digest)
-        assert keys.fingerprint(digest) == hmac.new(secret, f"11:fingerprint{len(digest)}:{digest}".encode(),
-                                                    hashlib.sha256).hexdigest()
+    bodies = [{}, {"model": "m", "prompt": "hi", "max_tokens": 4, "temperature": 1.0},
+              {"prompt": [[1, 2], [3]], "logit_bias": {"50256": -100}, "stop": ["\n", "é"], "n": 2},
+              {"messages": [{"role": "user", "content": "Zoë — quote \" backslash \\ ✓ 😀"}], "top_p": 0.25}]
+    for body in bodies:  # the request's fingerprint: the request as sorted JSON after the first part
+        canonical = json.dumps({"route": "chat", "body": body}, sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        fingerprint = keys.request_fingerprint("chat", {**body, "stream": True, "user": "someone"})
+        assert fingerprint == hmac.new(secret, f"11:fingerprint{canonical}".encode(), hashlib.sha256).hexdigest()
+        assert fingerprint == keys.request_fingerprint("chat", body)  # the key's states are not consumed
+        assert fingerprint != hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_a_request_orjson_cannot_write_gets_the_standard_librarys_fingerprint() -> None:
+    keys = RequestKeys(b"k" * 32)
+    body = {"prompt": "hi", "seed": 2**70}  # beyond 64 bits: orjson refuses it
+    canonical = json.dumps({"route": "text", "body": body}, sort_keys=True, separators=(",", ":"))
+    assert keys.request_fingerprint("text", body) == hmac.new(b"k" * 32, f"11:fingerprint{canonical}".encode(),
+                                                              hashlib.sha256).hexdigest()
+    assert keys.request_fingerprint("text", body) != keys.request_fingerprint("text", {**body, "seed": 2**70 + 1})

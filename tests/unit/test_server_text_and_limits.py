@@ -6,12 +6,13 @@ import json
 import math
 
 import pytest
-from deepseek_server.cache import is_deterministic, request_fingerprint
+from deepseek_server.cache import is_deterministic
 from deepseek_server.engine.text_assembly import TextAssembler
 from deepseek_server.limits import gcra
 from deepseek_server.limits.decision import Decision, format_duration
 from deepseek_server.limits.memory_store import MemoryLimitStore
 from deepseek_server.limits.policy import KeyLimits
+from deepseek_server.request_keys import RequestKeys
 
 # one "token" per character makes the assembler's behaviour easy to read
 VOCAB = {i: ch for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz .!")}
@@ -223,6 +224,7 @@ def test_bad_limits_are_refused_with_the_location(doc: object) -> None:
 
 def test_fingerprint_ignores_transport_fields_only() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    request_fingerprint = RequestKeys(b"k" * 32).request_fingerprint
     same = request_fingerprint("chat", {**body, "stream": False, "user": "x"})
     assert request_fingerprint("chat", body) == same
     assert request_fingerprint("chat", {**body, "temperature": 0.5}) != same
@@ -259,7 +261,6 @@ async def test_response_cache_ttl_and_lru(monkeypatch: pytest.MonkeyPatch) -> No
     now = [1000.0]
     monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
     from deepseek_server.auth.tokens import Principal
-    from deepseek_server.request_keys import RequestKeys
 
     caller = Principal(uid="u", subject="s", token_id="t", scopes=frozenset(), env="dev", expires_at=0)
     cache = ResponseCache(ttl_s=10, keys=RequestKeys(b"k" * 32), max_entries=2)

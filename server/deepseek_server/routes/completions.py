@@ -119,11 +119,14 @@ async def completions(body: CompletionRequest, request: Request,
 
         encoded = await _encode(encode_all, prompts, sum(len(p) for p in prompts if isinstance(p, str)))
     calls = []
+    fingerprint = None  # the request's: the same for each of its prompts
     for prompt_ids in encoded:
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         calls.append(plan_call(services, engine, "text", body, prompt_ids,
-                               body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt"))
+                               body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt",
+                               fingerprint=fingerprint))
+        fingerprint = calls[-1].fingerprint
     call = calls[0] if len(calls) == 1 else dataclasses.replace(
         calls[0], prompt_tokens=sum(c.prompt_tokens for c in calls), requests=[r for c in calls for r in c.requests])
     return await respond(services, request, principal, engine, call)
