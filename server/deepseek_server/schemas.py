@@ -20,8 +20,18 @@ class TextContentPart(BaseModel):
     # capabilities decide whether they are relayed or refused by name
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["text"]
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":  # OpenAI's other parts (image_url, input_audio, file) need a model that reads them
+            raise PydanticCustomError(
+                "unsupported_content_part",
+                "Content parts of type '{part}' are not supported: the models this server serves read text only; "
+                "send the content as a string or as parts of type 'text'", {"part": value})
+        return value
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default `max_logprobs`

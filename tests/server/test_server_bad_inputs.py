@@ -176,7 +176,11 @@ CASES = [
          param="prompt", code="invalid_value", message="asks for 72 choices (9 prompts, n=8)"),
     Case("image content part", 400, json=chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]),
-        param="messages[0].content[0].type", message="Input should be 'text'"),
+        param="messages[0].content[0].type", code="invalid_value",
+        message="Content parts of type 'image_url' are not supported: the models this server serves read text only"),
+    Case("audio content part after a text part", 400, json=chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]),
+        param="messages[0].content[1].type", code="invalid_value", message="type 'input_audio' are not supported"),
     Case("text content part without text", 400, json=chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
          param="messages[0].content[0].text", code="missing_required_parameter"),
     # JSON's \u escapes can spell half of a UTF-16 pair, which is no character: raw bytes, as encoders refuse them
