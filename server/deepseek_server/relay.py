@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 
 def _fingerprint(services: Services, kind: Kind, body: SamplingFields) -> str:
+    """The request's keyed fingerprint (audit, history, response-cache key)."""
     return services.request_keys.request_fingerprint(kind, body.model_dump(exclude_none=True))
 
 
@@ -78,7 +79,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             await release(services, lease, 0)
             raise
         finally:
-            # the request's digest (for the audit) once the engine has the request: not on the way to it
+            # the request's fingerprint (for the audit) once the engine has the request: not on the way to it
             request.state.fingerprint = _fingerprint(services, kind, body)
         return with_headers(_RelayedStreamResponse(_StreamRelay(services, request, engine, kind, upstream, lease,
                                                                 client_usage, client_left)), request)

@@ -29,10 +29,9 @@ def _part(text: str) -> bytes:
 
 
 class RequestKeys:
-    """HMAC-SHA256 under one secret: `request_fingerprint` for audit, history and the response cache's key,
-    `cache_key` for the response cache. Safe to
-    call from several threads (the audit writer's and the event loop's): each digest works on copies of the key's hash
-    states, which nothing changes after construction."""
+    """HMAC-SHA256 under one secret: `request_fingerprint` for audit and history (and inside cache keys),
+    `cache_key` for the response cache. Safe to call from several threads: each digest works on copies of the key's
+    hash states, which nothing changes after construction."""
 
     def __init__(self, secret: bytes, deployment: str = "", revision: str = "") -> None:
         # HMAC-SHA256 (RFC 2104) from the key's two padded SHA-256 states, computed once: a digest from copies of
