@@ -6,10 +6,11 @@
 3. The cost of auth + limits + metrics + audit vs the same app with them off, on a no-op engine (targets:
    <= 3 % wall and <= 10 % server CPU per request). `--before DIR` runs another checkout's pair in the same
    rounds.
-4. With `--instructions` (needs valgrind): the same pair's instructions per request, counted by callgrind. CPU time on
-   a shared 2-core machine moves by tens of percent between rounds; these counts repeated within 0.3 % for the server
-   with everything off and within 2 % with everything on (how many audit records share one write depends on timing),
-   at any load. They stand in for CPU time: cache misses and the kernel are not in them.
+4. With `--instructions` (needs valgrind): the same pair's instructions per request, counted by callgrind, the mean of
+   several starts of each server (`--instruction-seeds`, hash seeds 1..N: each start is another memory layout, and
+   the layout moves a count by up to 1 %). CPU time on a shared 2-core machine moves by tens of percent between
+   rounds; a count repeats within a few tenths of a percent for the same start, at any load. Counts stand in for CPU
+   time: cache misses and the kernel are not in them.
 
     python bench/serve_load.py [--quick] [--arch llama]
     python bench/serve_load.py --skip table,batching,overhead --instructions [--before DIR]
@@ -371,9 +372,10 @@ def _run_server_stretched(settings_json: str, record: bool, port: int, source: s
 
 
 def count_instructions(settings: dict[str, Any], record: bool, source: str | None, token: str | None,
-                       requests: int, out: Path) -> int:
+                       requests: int, out: Path, hash_seed: int = 0) -> int:
     """Instructions the server process (all its threads) ran while answering `requests` requests one at a time,
-    after a warm-up: callgrind starts counting when told to, after the warm-up, and stops before shutdown."""
+    after a warm-up: callgrind starts counting when told to, after the warm-up, and stops before shutdown.
+    `hash_seed` is the server's PYTHONHASHSEED (see `instructions`)."""
     port = free_port()
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             "from serve_load import _run_server_stretched; "
@@ -381,7 +383,8 @@ def count_instructions(settings: dict[str, Any], record: bool, source: str | Non
     with open(out.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                                  f"--callgrind-out-file={out}", sys.executable, "-c", code],
-                                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONHASHSEED": "0"})
+                                stdout=subprocess.DEVNULL, stderr=log,
+                                env={**os.environ, "PYTHONHASHSEED": str(hash_seed)})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 900
@@ -413,7 +416,11 @@ def count_instructions(settings: dict[str, Any], record: bool, source: str | Non
     return int(totals[0])
 
 
-def instructions(root: Path, before: str | None, requests: int) -> None:
+def instructions(root: Path, before: str | None, requests: int, seeds: int) -> None:
+    """Part 4. Each server is counted `seeds` times, each start with another PYTHONHASHSEED, and the mean is reported:
+    under valgrind a process's memory layout is the same from one start to the next, and it decides how many of
+    CPython's type attribute cache entries collide (a few thousand instructions a request, moved by any change to the
+    code that creates objects at import); another seed is another layout."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("\n4. Instructions per request: skipped, valgrind is not installed (apt-get install valgrind)")
         return
@@ -422,17 +429,20 @@ def instructions(root: Path, before: str | None, requests: int) -> None:
     full = {**base, "auth_dir": str(auth_dir), "audit_log": str(root / "instructions-audit.jsonl")}
     bare = {**base, "auth": "disabled"}
     sides = {"after": None, **({"before": before} if before else {})}
-    counts = {(side, mode): count_instructions(full if mode == "on" else bare, mode == "on", source,
-                                               token if mode == "on" else None, requests,
-                                               root / f"callgrind.{side}.{mode}") / requests
-              for side, source in sides.items() for mode in ("on", "off")}
+    counts = {(side, mode, seed): count_instructions(full if mode == "on" else bare, mode == "on", source,
+                                                     token if mode == "on" else None, requests,
+                                                     root / f"callgrind.{side}.{mode}.{seed}", seed) / requests
+              for seed in range(1, seeds + 1) for side, source in sides.items() for mode in ("on", "off")}
     print(f"\n4. Instructions per request of the server process (callgrind, user space, all threads), no-op engine, "
           f"{requests} requests one at a time after 200 warm-up, timers stretched {STRETCH:.0f}x as the server is "
-          "slowed")
-    print(f"   {'code':<7} {'on':>12} {'off':>12} {'on +%':>7} {'on - off':>10}")
+          f"slowed; mean of {seeds} start(s) of each server with hash seeds 1..{seeds}")
+    print(f"   {'code':<7} {'on':>12} {'off':>12} {'on +%':>7} {'on - off':>10}  {'on +% by seed':>14}")
     for side in sides:
-        on, off = counts[side, "on"], counts[side, "off"]
-        print(f"   {side:<7} {on:>12,.0f} {off:>12,.0f} {100 * (on / off - 1):>+7.1f} {on - off:>+10,.0f}")
+        on = statistics.fmean(counts[side, "on", seed] for seed in range(1, seeds + 1))
+        off = statistics.fmean(counts[side, "off", seed] for seed in range(1, seeds + 1))
+        by_seed = " ".join(f"{100 * (counts[side, 'on', seed] / counts[side, 'off', seed] - 1):+.1f}"
+                           for seed in range(1, seeds + 1))
+        print(f"   {side:<7} {on:>12,.0f} {off:>12,.0f} {100 * (on / off - 1):>+7.1f} {on - off:>+10,.0f}  {by_seed}")
     print("   target: <= 10 % server CPU per request (instructions stand in for CPU time)")
 
 
@@ -448,6 +458,8 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="part 4: instructions per request under valgrind's callgrind (~5 min per server)")
     parser.add_argument("--instruction-requests", type=int, default=1000, help="part 4's requests per server")
+    parser.add_argument("--instruction-seeds", type=int, default=3,
+                        help="part 4: starts of each server (hash seeds 1..N), whose counts are averaged")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from deepseek_server.tiny_model import make_tiny_model
@@ -468,7 +480,7 @@ def main() -> None:
             for concurrency in args.overhead_concurrency:
                 overhead(root, args.quick, args.before, concurrency)
         if args.instructions:
-            instructions(root, args.before, args.instruction_requests)
+            instructions(root, args.before, args.instruction_requests, args.instruction_seeds)
 
 
 if __name__ == "__main__":

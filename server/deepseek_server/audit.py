@@ -65,6 +65,14 @@ class MemoryHistory:
     def add_now(self, uid: str, record: dict[str, Any]) -> None:
         self._records[uid].appendleft(record)
 
+    def add_records(self, records: list[dict[str, Any]]) -> None:
+        """Keep each record under its key uid (records of no key are not kept)."""
+        kept = self._records
+        for record in records:
+            uid = record.get("key_uid")
+            if uid:
+                kept[str(uid)].appendleft(record)
+
     async def recent(self, uid: str, limit: int) -> list[dict[str, Any]]:
         return list(self._records.get(uid, ()))[:limit]
 
@@ -194,9 +202,7 @@ class AuditLog:
 
     def _add_memory_history(self, records: list[dict[str, Any]]) -> None:
         if isinstance(self.history, MemoryHistory):
-            for record in records:
-                if record.get("key_uid"):
-                    self.history.add_now(str(record["key_uid"]), record)
+            self.history.add_records(records)
 
     async def _add_history(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
         if isinstance(self.history, MemoryHistory):

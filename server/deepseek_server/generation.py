@@ -30,6 +30,7 @@ from deepseek_server.engine.base import (
 from deepseek_server.errors import ADMISSION_HEADERS, APIError, admission_headers
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.limiter import Lease
+from deepseek_server.limits.policy import UNLIMITED
 from deepseek_server.logprob_bodies import logprobs_body
 from deepseek_server.response_bodies import Kind, TextChunks, chunk, full_body, sse, usage_body, usage_chunk
 from deepseek_server.schemas import SamplingFields
@@ -169,11 +170,14 @@ def admit_now(services: Services, request: Request, principal: Principal, reserv
               hold: bool = True) -> Lease | None:
     """`admit` where nothing needs awaiting: auth is off, or limits are in memory (`services.limiter.redis` is
     None)."""
-    if services.authenticator.disabled:
+    authenticator = services.authenticator
+    if authenticator.disabled:
         return None
-    limits = services.authenticator.limits_for(principal)
+    state = authenticator.state  # `authenticator.limits_for(principal)`, one call level less
+    uid = principal.uid
+    limits = UNLIMITED if state is None else state.limits.get(uid, state.default_limits)
     if limits.tpm is None and limits.parallel is None:  # a request rate alone: admitted with nothing to release
-        headers = services.limiter.memory.admit_request(principal.uid, limits)
+        headers = services.limiter.memory.admit_request(uid, limits)
         if headers is not None:
             request.scope.setdefault("state", {})[ADMISSION_HEADERS] = headers  # request.state's
             return None

@@ -26,16 +26,21 @@ class RequestStats:
     def __init__(self, buckets: Sequence[float]) -> None:
         self._bounds = (*sorted(float(b) for b in buckets), math.inf)
         self._le = [floatToGoString(bound) for bound in self._bounds]
-        self._requests: dict[tuple[str, int], int] = {}
-        self._latency: dict[str, list[float]] = {}  # route -> [sum, count per bucket...]
+        # route -> (count by status, [latency sum, count per bucket...]): one lookup by route, none by a tuple key
+        self._routes: dict[str, tuple[dict[int, int], list[float]]] = {}
+        self._order: list[tuple[str, int]] = []  # (route, status) pairs as first seen: the samples' order
 
     def observe(self, route: str, status: int, elapsed: float) -> None:
         """Count one answered request of `route` with `status` that took `elapsed` seconds."""
-        key = (route, status)
-        self._requests[key] = self._requests.get(key, 0) + 1
-        latency = self._latency.get(route)
-        if latency is None:
-            latency = self._latency[route] = [0.0] * (len(self._bounds) + 1)
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = ({}, [0.0] * (len(self._bounds) + 1))
+        counts, latency = stats
+        count = counts.get(status)
+        if count is None:
+            self._order.append((route, status))
+            count = 0
+        counts[status] = count + 1
         latency[0] += elapsed
         latency[1 + bisect_left(self._bounds, elapsed)] += 1  # the first bucket whose bound is >= elapsed
 
@@ -46,11 +51,14 @@ class RequestStats:
                                      labels=["route", "status"])
         latency = HistogramMetricFamily("deepseek_api_request_duration_seconds", "Time to the last byte of a response",
                                         labels=["route"])
-        for (route, status), count in list(self._requests.items()):
+        order = list(self._order)  # before the routes: each pair's route is in them
+        routes = dict(self._routes)
+        for route, status in order:
+            count = routes[route][0][status]
             requests.add_metric([route, str(status)], count)
             if status >= 400:
                 errors.add_metric([route, str(status)], count)
-        for route, counts in list(self._latency.items()):
+        for route, (_, counts) in routes.items():
             total, *per_bucket = list(counts)
             cumulative, buckets = 0.0, []
             for le, count in zip(self._le, per_bucket, strict=True):

@@ -25,12 +25,16 @@ PROMPT_PREVIEW_CHARS = 200
 # answered to their last byte, streams included, on this replica.
 IN_FLIGHT_METRIC = "deepseek_requests_in_flight"
 
-# request ids: a random per-process prefix (unique across replicas) and a counter (cheaper than uuid4 per request)
-_ID_PREFIX = secrets.token_hex(6)
+# request ids: a random per-process prefix (unique across replicas) and a counter (cheaper than uuid4 per request),
+# in decimal (a formatted width, e.g. `:010x`, takes longer than the rest of the id)
+_ID_PREFIX = f"req-{secrets.token_hex(6)}-"
 _ID_COUNTER = itertools.count(1)
 
 
 _NO_USAGE = (None, None)
+_NOT_STARTED, _STARTED, _ENDED = 0, 1, 2  # how far a response has gone out
+_perf_counter = time.perf_counter
+_time = time.time
 _second_text: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 _day_text: tuple[int, str] = (-1, "")  # the last day (days since the epoch) formatted, and its text
 _TWO_DIGITS = [f"{number:02d}" for number in range(60)]
@@ -75,42 +79,40 @@ class RequestRecordingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        state = scope.setdefault("state", {})
+        started = _perf_counter()
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
         state["started"] = started
-        request_id = state["request_id"] = f"req-{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+        request_id = state["request_id"] = f"{_ID_PREFIX}{next(_ID_COUNTER)}"
         status = 500
-        answering = False  # the response's start went out
-        recorded = False
+        progress = _NOT_STARTED
         api = scope["path"].startswith("/v1/")
         if api:
             self.in_flight_count += 1
 
-        def record() -> None:
-            nonlocal recorded
-            if recorded:
-                return
-            recorded = True
-            elapsed = time.perf_counter() - started
-            # the matched route's template (bounded cardinality), or 'unmatched'
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self._observe(route, status, elapsed)
-            if api:
-                self.in_flight_count -= 1
-                if self.audit is not None:  # built by the audit writer, with the others of its batch
-                    self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed,
-                                             self.redactor, time.time()))
-
         async def recording_send(message: dict[str, Any]) -> None:
-            nonlocal status, answering
-            if message["type"] == "http.response.start":
-                status, answering = message["status"], True
+            nonlocal status, progress
+            kind = message["type"]
+            if kind == "http.response.start":
+                status, progress = message["status"], _STARTED
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
                 await send(message)
-                return
-            await send(message)
-            if not message.get("more_body", False) and message["type"] == "http.response.body":
-                record()
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                await send(message)
+                # the last byte is out: what `_record` does, written out here (a call less) because all requests
+                # but those that fail or lose their client end here
+                progress = _ENDED
+                elapsed = _perf_counter() - started
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self._observe(route, status, elapsed)
+                if api:
+                    self.in_flight_count -= 1
+                    if self.audit is not None:  # built by the audit writer, with the others of its batch
+                        self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed,
+                                                 self.redactor, _time()))
+            else:
+                await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
@@ -118,10 +120,22 @@ class RequestRecordingMiddleware:
             state.setdefault("error_code", "internal_error")
             raise
         finally:  # also when the client went away mid-stream, or the app raised
-            if not recorded:
-                if answering:  # begun but never ended (the app's own failure has its code): the client left
+            if progress != _ENDED:
+                if progress == _STARTED:  # begun but never ended (the app's own failure has its code): the client left
                     state.setdefault("error_code", "client_disconnected")
-                record()
+                self._record(scope, state, request_id, status, _perf_counter() - started, api)
+
+    def _record(self, scope: dict[str, Any], state: dict[str, Any], request_id: str, status: int, elapsed: float,
+                api: bool) -> None:
+        """Count a request that took `elapsed` seconds, and queue its audit record if it is an API request."""
+        # the matched route's template (bounded cardinality), or 'unmatched'
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self._observe(route, status, elapsed)
+        if api:
+            self.in_flight_count -= 1
+            if self.audit is not None:  # built by the audit writer, with the others of its batch
+                self.audit.record_later((audit_record, scope, state, request_id, route, status, elapsed,
+                                         self.redactor, _time()))
 
 
 def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, route: str, status: int,
@@ -137,6 +151,8 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
         uid = subject = token_id = env = None
     else:
         uid, subject, token_id, env = principal.uid, principal.subject, principal.token_id, principal.env
+    # a dict display of more than 15 pairs is built pair by pair, the dict growing twice on the way: the first 15
+    # are one display (sized once), the last 4 go in after
     record: dict[str, Any] = {
         "time": utc_timestamp(time.time() if at is None else at),
         "request_id": request_id,
@@ -154,11 +170,11 @@ def audit_record(scope: dict[str, Any], state: dict[str, Any], request_id: str, 
         "error_code": get("error_code"),
         # two decimals, halves up (round(ms, 2) formats and parses a decimal string: dearer than the other fields)
         "latency_ms": int(elapsed * 100_000 + 0.5) / 100,
-        "fingerprint": get("fingerprint"),
-        "cache": get("cache"),
-        "stream": get("stream"),
-        "client": client[0] if client else None,
     }
+    record["fingerprint"] = get("fingerprint")
+    record["cache"] = get("cache")
+    record["stream"] = get("stream")
+    record["client"] = client[0] if client else None
     if "prompt_text" in state:
         record["prompt_preview"] = redactor.preview(state["prompt_text"], PROMPT_PREVIEW_CHARS)
     elif "prompt_preview" in state:  # already cut: its last word may be part of a secret, so it goes

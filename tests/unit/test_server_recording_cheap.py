@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 from deepseek_server.audit import encode_record
+from deepseek_server.auth.dependency import authorization_header
 from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
 from deepseek_server.metrics import LATENCY_BUCKETS, RequestStats
 from deepseek_server.redaction import Redactor
 from deepseek_server.request_recording import audit_record, utc_timestamp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.datastructures import Headers
 
 from devcluster.testing.model_server import SigningKey, write_auth_dir
 
@@ -62,7 +64,8 @@ def test_audit_line_keeps_integers_beyond_64_bits() -> None:
 def test_request_stats_expose_what_prometheus_client_counters_and_histograms_did() -> None:
     observations = [("/v1/completions", 200, 0.0012), ("/v1/completions", 200, 0.3), ("/v1/completions", 429, 0.004),
                     ("/v1/completions", 200, 0.005), ("/health", 200, 0.0), ("unmatched", 404, 200.0),
-                    ("/v1/chat/completions", 503, 1.0), ("/v1/chat/completions", 200, 0.025)]
+                    ("/v1/chat/completions", 503, 1.0), ("/v1/chat/completions", 200, 0.025),
+                    ("/v1/completions", 500, 0.2), ("/health", 503, 0.001)]  # new statuses of routes seen before
     reference = CollectorRegistry()
     requests = Counter("deepseek_api_requests", "API requests by route and status code", ["route", "status"],
                        registry=reference)
@@ -116,3 +119,16 @@ def test_auth_directory_change_through_kubelets_symlinks_is_seen(tmp_path: Path)
     (mount / "..data.tmp").rename(mount / "..data")
     assert source.load_once()
     assert "jti-gone" in states[-1].revoked
+
+
+@pytest.mark.parametrize("headers", [
+    [],
+    [(b"host", b"a"), (b"content-type", b"application/json")],
+    [(b"host", b"a"), (b"authorization", b"Bearer abc.def.ghi")],
+    [(b"authorization", b"Bearer first"), (b"authorization", b"Bearer second")],  # the first, as Starlette reads it
+    [(b"authorization", b"")],
+    [(b"authorization", "Bearer caf\u00e9".encode("latin-1"))],  # bytes above 127: latin-1, as Starlette decodes
+    [(b"x-authorization", b"Bearer not-this"), (b"authorizations", b"nor-this")],
+])
+def test_authorization_header_is_what_starlettes_headers_read(headers: list[tuple[bytes, bytes]]) -> None:
+    assert authorization_header(headers) == Headers(raw=headers).get("authorization")

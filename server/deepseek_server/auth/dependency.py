@@ -9,12 +9,22 @@ from fastapi import Request
 from deepseek_server.auth.tokens import Principal
 
 
+def authorization_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first `Authorization` header of a request's ASGI headers (names are lower case there), as
+    `request.headers.get("authorization")` reads it, without building and searching Starlette's header mapping."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
 def require_scope(scope: str | None) -> Callable[[Request], Awaitable[Principal]]:
     """A dependency returning the caller's Principal; `scope=None` accepts any valid key."""
 
     async def authenticated(request: Request) -> Principal:
         services = request.app.state.services
-        principal: Principal = services.authenticator.authenticate(request.headers.get("authorization"), scope)
+        authorization = authorization_header(request.scope["headers"])
+        principal: Principal = services.authenticator.authenticate(authorization, scope)
         request.state.principal = principal
         return principal
 

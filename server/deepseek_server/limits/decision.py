@@ -12,7 +12,7 @@ LimitKind = Literal["requests", "tokens", "parallel"]
 
 # under a second, the common case: looked up, not formatted
 _MILLISECONDS = [f"{millis}ms" for millis in range(1001)]
-_RAW_MILLISECONDS = [text.encode() for text in _MILLISECONDS]
+_RESET_REQUESTS_HEADERS = [(b"x-ratelimit-reset-requests", text.encode()) for text in _MILLISECONDS]
 
 
 def format_duration(seconds: float) -> str:
@@ -25,12 +25,12 @@ def format_duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}s" if minutes else f"{rest_text}s"
 
 
-def request_rate_headers(capacity_header: bytes, remaining: int, reset_s: float) -> list[tuple[bytes, bytes]]:
+def request_rate_headers(limits: KeyLimits, remaining: int, reset_s: float) -> list[tuple[bytes, bytes]]:
     """OpenAI's three `x-ratelimit-*-requests` headers, as ASGI sends them."""
-    return [(b"x-ratelimit-limit-requests", capacity_header),
+    return [limits.limit_requests_header,
             (b"x-ratelimit-remaining-requests", b"%d" % remaining),
-            (b"x-ratelimit-reset-requests", _RAW_MILLISECONDS[math.ceil(reset_s * 1000)] if 0 < reset_s < 1
-             else format_duration(reset_s).encode())]
+            _RESET_REQUESTS_HEADERS[math.ceil(reset_s * 1000)] if 0 < reset_s < 1
+            else (b"x-ratelimit-reset-requests", format_duration(reset_s).encode())]
 
 
 class Decision(NamedTuple):
@@ -54,7 +54,7 @@ class Decision(NamedTuple):
         """The response headers as ASGI sends them (bytes go to the server as they are: a dict of text would be
         lowered and encoded again, header by header)."""
         limits = self.limits
-        out = request_rate_headers(limits.capacity_header, self.remaining_requests, self.reset_requests_s)
+        out = request_rate_headers(limits, self.remaining_requests, self.reset_requests_s)
         if limits.tpm is not None and self.remaining_tokens is not None:
             out += [(b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
                     (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),

@@ -77,7 +77,7 @@ class MemoryLimitStore:
             return None
         self._request_tat[uid] = new_tat
         remaining = int((tolerance - ahead) / interval + 1e-9)  # what gcra.remaining_requests says after it
-        return request_rate_headers(limits.capacity_header, remaining if remaining > 0 else 0, ahead)
+        return request_rate_headers(limits, remaining if remaining > 0 else 0, ahead)
 
     def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
         """End one request: charge what it used beyond its reservation, or refund the unused rest."""

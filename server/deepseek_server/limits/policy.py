@@ -48,9 +48,9 @@ class KeyLimits:
         return self.capacity * self.interval
 
     @cached_property
-    def capacity_header(self) -> bytes:
-        """`capacity` as the `x-ratelimit-limit-requests` header says it."""
-        return b"%d" % self.capacity
+    def limit_requests_header(self) -> tuple[bytes, bytes]:
+        """The `x-ratelimit-limit-requests` header (`capacity`), as ASGI sends it."""
+        return b"x-ratelimit-limit-requests", b"%d" % self.capacity
 
 
 UNLIMITED = KeyLimits(rps=1e9, burst=1_000_000_000)
