@@ -12,7 +12,7 @@ LimitKind = Literal["requests", "tokens", "parallel"]
 
 # under a second, the common case: looked up, not formatted
 _MILLISECONDS = [f"{millis}ms" for millis in range(1001)]
-_RESET_REQUESTS_HEADERS = [(b"x-ratelimit-reset-requests", text.encode()) for text in _MILLISECONDS]
+RESET_REQUESTS_HEADERS = [(b"x-ratelimit-reset-requests", text.encode()) for text in _MILLISECONDS]
 
 
 def format_duration(seconds: float) -> str:
@@ -29,7 +29,7 @@ def request_rate_headers(limits: KeyLimits, remaining: int, reset_s: float) -> l
     """OpenAI's three `x-ratelimit-*-requests` headers, as ASGI sends them."""
     return [limits.limit_requests_header,
             (b"x-ratelimit-remaining-requests", b"%d" % remaining),
-            _RESET_REQUESTS_HEADERS[math.ceil(reset_s * 1000)] if 0 < reset_s < 1
+            RESET_REQUESTS_HEADERS[math.ceil(reset_s * 1000)] if 0 < reset_s < 1
             else (b"x-ratelimit-reset-requests", format_duration(reset_s).encode())]
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from deepseek_server.limits import gcra
-from deepseek_server.limits.decision import Decision, request_rate_headers
+from deepseek_server.limits.decision import RESET_REQUESTS_HEADERS, Decision, request_rate_headers
 from deepseek_server.limits.policy import KeyLimits
 
 _new_tuple = tuple.__new__  # builds a Decision without the Python-level __new__ NamedTuple generates
@@ -77,7 +78,12 @@ class MemoryLimitStore:
             return None
         self._request_tat[uid] = new_tat
         remaining = int((tolerance - ahead) / interval + 1e-9)  # what gcra.remaining_requests says after it
-        return request_rate_headers(limits, remaining if remaining > 0 else 0, ahead)
+        if remaining < 0:
+            remaining = 0
+        if ahead < 1:  # a reset under a second, the common case: `request_rate_headers`, written out (a call less)
+            return [limits.limit_requests_header, (b"x-ratelimit-remaining-requests", b"%d" % remaining),
+                    RESET_REQUESTS_HEADERS[math.ceil(ahead * 1000)]]
+        return request_rate_headers(limits, remaining, ahead)
 
     def release(self, uid: str, limits: KeyLimits, tokens_used: int, reserved: int = 0) -> None:
         """End one request: charge what it used beyond its reservation, or refund the unused rest."""
