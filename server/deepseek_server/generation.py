@@ -175,7 +175,7 @@ def admit_now(services: Services, request: Request, principal: Principal, reserv
         return None
     state = authenticator.state  # `authenticator.limits_for(principal)`, one call level less
     uid = principal.uid
-    limits = UNLIMITED if state is None else state.limits.get(uid, state.default_limits)
+    limits = UNLIMITED if state is None else state.limits_for(uid)
     if limits.tpm is None and limits.parallel is None:  # a request rate alone: admitted with nothing to release
         headers = services.limiter.memory.admit_request(uid, limits)
         if headers is not None:
