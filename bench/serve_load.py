@@ -456,7 +456,8 @@ def main() -> None:
     parser.add_argument("--overhead-concurrency", default="10", type=lambda text: [int(c) for c in text.split(",")],
                         help="part 3's concurrent clients, comma-separated (e.g. 1,10)")
     parser.add_argument("--instructions", action="store_true",
-                        help="part 4: instructions per request under valgrind's callgrind (~5 min per server)")
+                        help="part 4: instructions per request under valgrind's callgrind (about a minute per server "
+                             "start, --instruction-seeds starts of each)")
     parser.add_argument("--instruction-requests", type=int, default=1000, help="part 4's requests per server")
     parser.add_argument("--instruction-seeds", type=int, default=3,
                         help="part 4: starts of each server (hash seeds 1..N), whose counts are averaged")
