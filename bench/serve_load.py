@@ -5,12 +5,14 @@
 2. The batched engine vs plain sequential `model.generate` at 16 concurrent requests (target >= 5x tokens/s).
 3. The cost of auth + limits + metrics + audit vs the same app with them off, on a no-op engine (targets:
    <= 3 % wall and <= 10 % server CPU per request). `--before DIR` runs another checkout's pair in the same
-   rounds.
+   rounds. The client's own CPU per request is printed beside them: where it is as long as the wall time, the client
+   sets the pace, and the wall column shows the client's extra work (the token it sends, the headers it reads).
 4. With `--instructions` (needs valgrind): the same pair's instructions per request, counted by callgrind, the mean of
    several starts of each server (`--instruction-seeds`, hash seeds 1..N: each start is another memory layout, and
    the layout moves a count by up to 1 %). CPU time on a shared 2-core machine moves by tens of percent between
    rounds; a count repeats within a few tenths of a percent for the same start, at any load. Counts stand in for CPU
-   time: cache misses and the kernel are not in them.
+   time: cache misses and the kernel are not in them. `--instruction-concurrency 10` counts a server that always has
+   requests waiting (the client is the fast side under valgrind).
 
     python bench/serve_load.py [--quick] [--arch llama]
     python bench/serve_load.py --skip table,batching,overhead --instructions [--before DIR]
@@ -250,7 +252,9 @@ def batched_vs_sequential(model_dir: Path, concurrent: int, new_tokens: int) -> 
 # -- 3. overhead of auth + limits + metrics + audit -----------------------------------------------------------
 
 
-async def hammer(url: str, token: str | None, requests: int, concurrency: int) -> float:
+async def hammer(url: str, token: str | None, requests: int, concurrency: int) -> tuple[float, float]:
+    """`requests` completions from `concurrency` clients at once: (wall seconds, this process's CPU seconds) per
+    request, the client's set-up left out."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
     body = {"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}
     async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
@@ -259,9 +263,37 @@ async def hammer(url: str, token: str | None, requests: int, concurrency: int) -
                 response = await client.post("/v1/completions", json=body)
                 response.raise_for_status()
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-        return (time.perf_counter() - started) / requests
+        return (time.perf_counter() - started) / requests, (time.process_time() - cpu_started) / requests
+
+
+async def raw_hammer(url: str, token: str | None, requests: int, concurrency: int) -> tuple[float, float]:
+    """`hammer` with a lean client: one kept-alive connection per client, the request's bytes written once, and of each
+    answer only the status line and `content-length` read (a few hundredths of a millisecond per request, against
+    about half a millisecond for httpx), so that the server, not the client, is the slow side."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n" + (f"authorization: Bearer {token}\r\n" if token else "")
+               + "\r\n").encode() + body
+
+    async def worker(count: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for _ in range(count):
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head[9:12] != b"200":
+                    raise RuntimeError(f"the server answered {head[:12].decode()!r}")
+                length = head.index(b"content-length: ") + 16
+                await reader.readexactly(int(head[length:head.index(b"\r\n", length)]))
+        finally:
+            writer.close()
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+    return (time.perf_counter() - started) / requests, (time.process_time() - cpu_started) / requests
 
 
 def cpu_seconds(pid: int) -> float:
@@ -292,7 +324,8 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return pick(0.25), pick(0.5), pick(0.75)
 
 
-def overhead(root: Path, quick: bool, before: str | None = None, concurrency: int = 10) -> None:
+def overhead(root: Path, quick: bool, before: str | None = None, concurrency: int = 10,
+             client_kind: str = "httpx") -> None:
     """The API layer's cost on the no-op engine: all on vs all off. Short rounds alternate between the two (and
     `before`'s pair, the `server/` directory of another checkout, for a before/after table), and each "on" round is
     compared with the "off" round next to it: on a shared virtual machine the speed of the cores drifts by tens of
@@ -305,6 +338,7 @@ def overhead(root: Path, quick: bool, before: str | None = None, concurrency: in
     sides = ["after", "before"] if before else ["after"]
     sources = {"after": None, "before": before}
     pin = _pinning()
+    load = raw_hammer if client_kind == "raw" else hammer
     servers: dict[tuple[str, str], ServerProcess] = {}
     affinity = os.sched_getaffinity(0) if pin else None
     try:
@@ -315,38 +349,50 @@ def overhead(root: Path, quick: bool, before: str | None = None, concurrency: in
             servers[side, "off"] = ServerProcess(bare, "noop", record=False, source=sources[side],
                                                  pin=pin).__enter__()
         for (_side, mode), server in servers.items():
-            asyncio.run(hammer(server.url, token if mode == "on" else None, warm_up, concurrency))
+            asyncio.run(load(server.url, token if mode == "on" else None, warm_up, concurrency))
         wall: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
         cpu: dict[tuple[str, str], list[float]] = {k: [] for k in servers}
+        client: dict[tuple[str, str], list[float]] = {k: [] for k in servers}  # this process's CPU: the client's
         order = list(servers)
         for index in range(rounds):  # each round in reverse of the last
             for side, mode in order if index % 2 == 0 else order[::-1]:
                 server = servers[side, mode]
                 started = cpu_seconds(server.proc.pid)
-                wall[side, mode].append(asyncio.run(hammer(server.url, token if mode == "on" else None, requests,
-                                                           concurrency)))
+                took, client_cpu = asyncio.run(load(server.url, token if mode == "on" else None, requests,
+                                                    concurrency))
                 cpu[side, mode].append((cpu_seconds(server.proc.pid) - started) / requests)
+                wall[side, mode].append(took)
+                client[side, mode].append(client_cpu)
     finally:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
         for server in servers.values():
             server.__exit__(None, None, None)
-    print(f"\n3. Cost of auth + rate limits + metrics + audit, no-op engine, {concurrency} concurrent client(s), "
+    print(f"\n3. Cost of auth + rate limits + metrics + audit, no-op engine, {concurrency} concurrent {client_kind} "
+          "client(s), "
           f"{rounds} alternating rounds of {requests} requests"
           f"{', servers on CPU 1 and clients on CPU 0' if pin else ''} (limits in memory, audit to a file). "
           "+% columns: median (quartiles) of each on round against the off round beside it")
     print(f"   {'code':<7} {'on ms/req':>10} {'off ms/req':>11} {'on CPU ms':>10} {'off CPU ms':>11} "
-          f"{'wall +%':>8} {'CPU +%':>7} {'CPU ms/req':>11}  {'CPU +% quartiles':>17}")
+          f"{'wall +%':>8} {'CPU +%':>7} {'CPU ms/req':>11}  {'CPU +% quartiles':>17}  {'client CPU ms on/off':>21} "
+          f"{'client +%':>9}")
     for side in sides:
         t_on, t_off = statistics.median(wall[side, "on"]), statistics.median(wall[side, "off"])
         c_on, c_off = statistics.median(cpu[side, "on"]), statistics.median(cpu[side, "off"])
+        k_on, k_off = statistics.median(client[side, "on"]), statistics.median(client[side, "off"])
         wall_q = quartiles([a / b - 1 for a, b in zip(wall[side, "on"], wall[side, "off"], strict=True)])
         cpu_q = quartiles([a / b - 1 for a, b in zip(cpu[side, "on"], cpu[side, "off"], strict=True) if b > 0]
                           or [float("nan")])
+        client_q = quartiles([a / b - 1 for a, b in zip(client[side, "on"], client[side, "off"], strict=True)
+                              if b > 0] or [float("nan")])
         print(f"   {side:<7} {1000 * t_on:>10.3f} {1000 * t_off:>11.3f} {1000 * c_on:>10.3f} {1000 * c_off:>11.3f} "
               f"{100 * wall_q[1]:>+8.1f} {100 * cpu_q[1]:>+7.1f} {1000 * (c_on - c_off):>+11.3f}  "
-              f"{100 * cpu_q[0]:+6.1f} .. {100 * cpu_q[2]:+6.1f}")
-    print("   targets: <= 3 % wall and <= 10 % server CPU per request")
+              f"{100 * cpu_q[0]:+6.1f} .. {100 * cpu_q[2]:+6.1f}  {1000 * k_on:>10.3f} / {1000 * k_off:<8.3f} "
+              f"{100 * client_q[1]:>+9.1f}")
+    print("   targets: <= 3 % wall and <= 10 % server CPU per request. The client (this process) also works more "
+          "with everything on: it sends a token and, with httpx, reads four more response headers; where its CPU per "
+          "request is as long as the wall time, the client, not the server, sets the pace, and the wall column "
+          "measures it")
 
 
 # -- 4. the same cost in instructions -------------------------------------------------------------------------
@@ -372,10 +418,10 @@ def _run_server_stretched(settings_json: str, record: bool, port: int, source: s
 
 
 def count_instructions(settings: dict[str, Any], record: bool, source: str | None, token: str | None,
-                       requests: int, out: Path, hash_seed: int = 0) -> int:
-    """Instructions the server process (all its threads) ran while answering `requests` requests one at a time,
-    after a warm-up: callgrind starts counting when told to, after the warm-up, and stops before shutdown.
-    `hash_seed` is the server's PYTHONHASHSEED (see `instructions`)."""
+                       requests: int, out: Path, hash_seed: int = 0, concurrency: int = 1) -> int:
+    """Instructions the server process (all its threads) ran while answering `requests` requests from `concurrency`
+    clients at once, after a warm-up (one at a time): callgrind starts counting when told to, after the warm-up, and
+    stops before shutdown. `hash_seed` is the server's PYTHONHASHSEED (see `instructions`)."""
     port = free_port()
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             "from serve_load import _run_server_stretched; "
@@ -404,7 +450,7 @@ def count_instructions(settings: dict[str, Any], record: bool, source: str | Non
         # counted, a batch of them put the writer's cost of up to 200 more records on the measured requests
         time.sleep(0.05 * STRETCH + 1)
         subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
-        asyncio.run(hammer(url, token, requests, 1))
+        asyncio.run(hammer(url, token, requests, concurrency))
         time.sleep(0.05 * STRETCH + 1)  # the audit writer gathers its last batch (50 ms, stretched) and writes it
         subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
     finally:
@@ -416,7 +462,7 @@ def count_instructions(settings: dict[str, Any], record: bool, source: str | Non
     return int(totals[0])
 
 
-def instructions(root: Path, before: str | None, requests: int, seeds: int) -> None:
+def instructions(root: Path, before: str | None, requests: int, seeds: int, concurrency: int = 1) -> None:
     """Part 4. Each server is counted `seeds` times, each start with another PYTHONHASHSEED, and the mean is reported:
     under valgrind a process's memory layout is the same from one start to the next, and it decides how many of
     CPython's type attribute cache entries collide (a few thousand instructions a request, moved by any change to the
@@ -431,10 +477,12 @@ def instructions(root: Path, before: str | None, requests: int, seeds: int) -> N
     sides = {"after": None, **({"before": before} if before else {})}
     counts = {(side, mode, seed): count_instructions(full if mode == "on" else bare, mode == "on", source,
                                                      token if mode == "on" else None, requests,
-                                                     root / f"callgrind.{side}.{mode}.{seed}", seed) / requests
+                                                     root / f"callgrind.{side}.{mode}.{seed}", seed, concurrency)
+                                  / requests
               for seed in range(1, seeds + 1) for side, source in sides.items() for mode in ("on", "off")}
     print(f"\n4. Instructions per request of the server process (callgrind, user space, all threads), no-op engine, "
-          f"{requests} requests one at a time after 200 warm-up, timers stretched {STRETCH:.0f}x as the server is "
+          f"{requests} requests {'one at a time' if concurrency == 1 else f'from {concurrency} clients at once'} "
+          f"after 200 warm-up, timers stretched {STRETCH:.0f}x as the server is "
           f"slowed; mean of {seeds} start(s) of each server with hash seeds 1..{seeds}")
     print(f"   {'code':<7} {'on':>12} {'off':>12} {'on +%':>7} {'on - off':>10}  {'on +% by seed':>14}")
     for side in sides:
@@ -455,10 +503,16 @@ def main() -> None:
                         help="the server/ directory of another checkout: part 3 measures it side by side")
     parser.add_argument("--overhead-concurrency", default="10", type=lambda text: [int(c) for c in text.split(",")],
                         help="part 3's concurrent clients, comma-separated (e.g. 1,10)")
+    parser.add_argument("--overhead-client", default="httpx", choices=["httpx", "raw"],
+                        help="part 3's client: httpx (as the openai client sends), or raw (a lean client that writes "
+                             "prepared bytes: at 10 clients the server, not the client, is then the slow side)")
     parser.add_argument("--instructions", action="store_true",
                         help="part 4: instructions per request under valgrind's callgrind (about a minute per server "
                              "start, --instruction-seeds starts of each)")
     parser.add_argument("--instruction-requests", type=int, default=1000, help="part 4's requests per server")
+    parser.add_argument("--instruction-concurrency", type=int, default=1,
+                        help="part 4's concurrent clients (under valgrind the server is the slow side: at 10 it always "
+                             "has requests waiting, as a busy server has)")
     parser.add_argument("--instruction-seeds", type=int, default=3,
                         help="part 4: starts of each server (hash seeds 1..N), whose counts are averaged")
     args = parser.parse_args()
@@ -479,9 +533,10 @@ def main() -> None:
                 batched_vs_sequential(model_dir, concurrent=16, new_tokens=32)
         if "overhead" not in skip:
             for concurrency in args.overhead_concurrency:
-                overhead(root, args.quick, args.before, concurrency)
+                overhead(root, args.quick, args.before, concurrency, args.overhead_client)
         if args.instructions:
-            instructions(root, args.before, args.instruction_requests, args.instruction_seeds)
+            instructions(root, args.before, args.instruction_requests, args.instruction_seeds,
+                         args.instruction_concurrency)
 
 
 if __name__ == "__main__":

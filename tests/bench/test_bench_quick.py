@@ -60,6 +60,15 @@ def test_serve_load_quick_prints_its_three_parts() -> None:
     assert re.search(r"^\s+after\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+", out, re.MULTILINE), out
 
 
+def test_serve_load_quick_overhead_with_the_lean_client() -> None:
+    out = run_bench("serve_load.py", "--quick", "--skip", "table,batching", "--overhead-client", "raw")
+    assert "concurrent raw client(s)" in out, out
+    row = re.search(r"^\s+after(\s+[+-]?[\d.]+){8}\s+\.\.\s+[+-][\d.]+\s+([\d.]+) / ([\d.]+)\s+[+-][\d.]+$", out,
+                    re.MULTILINE)
+    assert row, out
+    assert float(row.group(2)) > 0 and float(row.group(3)) > 0, out  # the client's CPU per request, on and off
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_apikeys_quick_makes_every_key_ready() -> None:
