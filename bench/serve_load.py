@@ -252,15 +252,18 @@ def batched_vs_sequential(model_dir: Path, concurrent: int, new_tokens: int) -> 
 # -- 3. overhead of auth + limits + metrics + audit -----------------------------------------------------------
 
 
+# what parts 3 and 4 ask for: a short completion, never cached
+OVERHEAD_BODY = {"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}
+
+
 async def hammer(url: str, token: str | None, requests: int, concurrency: int) -> tuple[float, float]:
     """`requests` completions from `concurrency` clients at once: (wall seconds, this process's CPU seconds) per
     request, the client's set-up left out."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    body = {"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}
     async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
         async def worker(count: int) -> None:
             for _ in range(count):
-                response = await client.post("/v1/completions", json=body)
+                response = await client.post("/v1/completions", json=OVERHEAD_BODY)
                 response.raise_for_status()
 
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -273,7 +276,7 @@ async def raw_hammer(url: str, token: str | None, requests: int, concurrency: in
     answer only the status line and `content-length` read (a few hundredths of a millisecond per request, against
     about half a millisecond for httpx), so that the server, not the client, is the slow side."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    body = json.dumps({"model": MODEL, "prompt": "overhead", "max_tokens": 4, "temperature": 1.0}).encode()
+    body = json.dumps(OVERHEAD_BODY).encode()
     request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
                f"content-length: {len(body)}\r\n" + (f"authorization: Bearer {token}\r\n" if token else "")
                + "\r\n").encode() + body
@@ -369,8 +372,7 @@ def overhead(root: Path, quick: bool, before: str | None = None, concurrency: in
         for server in servers.values():
             server.__exit__(None, None, None)
     print(f"\n3. Cost of auth + rate limits + metrics + audit, no-op engine, {concurrency} concurrent {client_kind} "
-          "client(s), "
-          f"{rounds} alternating rounds of {requests} requests"
+          f"client(s), {rounds} alternating rounds of {requests} requests"
           f"{', servers on CPU 1 and clients on CPU 0' if pin else ''} (limits in memory, audit to a file). "
           "+% columns: median (quartiles) of each on round against the off round beside it")
     print(f"   {'code':<7} {'on ms/req':>10} {'off ms/req':>11} {'on CPU ms':>10} {'off CPU ms':>11} "
@@ -420,8 +422,8 @@ def _run_server_stretched(settings_json: str, record: bool, port: int, source: s
 def count_instructions(settings: dict[str, Any], record: bool, source: str | None, token: str | None,
                        requests: int, out: Path, hash_seed: int = 0, concurrency: int = 1) -> int:
     """Instructions the server process (all its threads) ran while answering `requests` requests from `concurrency`
-    clients at once, after a warm-up (one at a time): callgrind starts counting when told to, after the warm-up, and
-    stops before shutdown. `hash_seed` is the server's PYTHONHASHSEED (see `instructions`)."""
+    clients at once, after 200 warm-up requests one at a time: callgrind starts counting when told to, after the
+    warm-up, and stops before shutdown. `hash_seed` is the server's PYTHONHASHSEED (see `instructions`)."""
     port = free_port()
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             "from serve_load import _run_server_stretched; "
