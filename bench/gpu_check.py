@@ -5,8 +5,10 @@
     bash bench/gpu_check.sh --tiny    # the same code on the CPU with a tiny model (a minute), to try the script
                                       # (--quick is the same; tests/bench/test_bench_quick.py runs it)
 
-It needs only torch, transformers and accelerate (plus bitsandbytes for the 8-bit part): it imports the engine
-modules from server/ and nothing of the HTTP server, and builds its model in memory (no download, no network).
+It needs torch, transformers and accelerate, plus the engine's xgrammar (with pydantic) and, for the 8-bit part,
+bitsandbytes, which bench/gpu_check.sh installs from wheels in .whl/ where they are missing. It imports the engine
+modules from server/ and nothing of the HTTP server (no FastAPI), and builds its model in memory (no download, no
+network).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def require_modules() -> None:
     if missing:
         sys.exit(f"gpu_check: missing Python packages {', '.join(missing)}; this check needs torch, transformers "
                  "(with tokenizers) and, on a GPU, accelerate")
+    if importlib.util.find_spec("xgrammar") is None:  # the engine compiles its JSON grammar as it starts
+        sys.exit("gpu_check: the built-in engine needs xgrammar (and pydantic); run bench/gpu_check.sh, which "
+                 "installs them from .whl/ (fill it with `bash bench/gpu_check.sh --wheels` where PyPI is reachable)")
     try:
         import deepseek_server.engine.batched  # noqa: F401  (the engine and only the engine)
     except ImportError as exc:
@@ -169,12 +174,33 @@ def throughput(args: argparse.Namespace, dtype: Any) -> None:
         ratio = f"{rate / seq:.1f}x" if seq else "-"
         target = "  (target >= 10x)" if level == 64 and seq else ""
         print(f"{level:>11} {rate:>13.1f} {1000 * ttft:>9.1f} {ratio:>14}{target}")
+    if args.compare_cudnn_attention and args.device.startswith("cuda"):
+        cudnn_attention_rows(loaded, prompts, levels, args, seq)
     if args.device.startswith("cuda"):
         import torch
 
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model, loaded
     gc.collect()
+
+
+def cudnn_attention_rows(loaded: Any, prompts: list[list[int]], levels: list[int], args: argparse.Namespace,
+                         seq: float | None) -> None:
+    """The same levels with SDPA's cuDNN backend allowed, as PyTorch has it by default (the engine turns it off)."""
+    import torch
+    from deepseek_server.engine import batched
+
+    keep = batched.prefer_fused_attention
+    batched.prefer_fused_attention = lambda: torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        print("with SDPA's cuDNN backend allowed (PyTorch's default):")
+        for level in levels:
+            rate, ttft = engine_rate(loaded, prompts[:level], args.new_tokens, args.rounds)
+            ratio = f"{rate / seq:.1f}x" if seq else "-"
+            print(f"{level:>11} {rate:>13.1f} {1000 * ttft:>9.1f} {ratio:>14}")
+    finally:
+        batched.prefer_fused_attention = keep
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def int8_loading(args: argparse.Namespace, dtype: Any) -> None:
@@ -235,6 +261,8 @@ def main() -> None:
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--int8-layers", type=int, default=8, help="depth of the model saved for the 8-bit part")
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--compare-cudnn-attention", action="store_true",
+                        help="on a GPU, measure the levels again with SDPA's cuDNN backend allowed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--tiny", "--quick", dest="tiny", action="store_true",
                         help="a tiny model on the CPU, a few tokens: tries the script")

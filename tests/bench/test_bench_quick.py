@@ -49,6 +49,28 @@ def test_gpu_check_quick_prints_throughput_and_8bit_tables() -> None:
     assert "torch.ao.nn.quantized.dynamic" in out, "the 8-bit model's linear layers are not quantized"
 
 
+# What a GPU machine with torch, transformers and accelerate need not have: the HTTP server's packages.
+GATEWAY_ONLY = ("fastapi", "starlette", "uvicorn", "redis", "orjson", "jwt", "pydantic_settings", "cryptography")
+WITHOUT_GATEWAY = f"""
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {GATEWAY_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by the test)")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["bench/gpu_check.py", "--quick", "--skip-int8"]
+runpy.run_path("bench/gpu_check.py", run_name="__main__")
+"""
+
+
+def test_gpu_check_runs_without_the_http_servers_packages() -> None:
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_GATEWAY], cwd=REPO, text=True, capture_output=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", proc.stdout, re.MULTILINE) == ["1", "4"], out
+
+
 def test_serve_load_quick_prints_its_three_parts() -> None:
     out = run_bench("serve_load.py", "--quick")
     table = out[out.index("1. Latency table"):out.index("2. Batched engine")]

@@ -18,13 +18,10 @@ from deepseek_server.auth.dependency import require_scope
 from deepseek_server.auth.guard import SCOPE_PREDICT
 from deepseek_server.auth.tokens import Principal
 from deepseek_server.body_limit import replaying
-from deepseek_server.engine.capabilities import (
-    capabilities_of,
-    reject_unsupported,
-    reject_unsupported_message_fields,
-)
+from deepseek_server.engine.capabilities import capabilities_of
 from deepseek_server.errors import APIError
 from deepseek_server.generation import plan_call, respond, serving_engine
+from deepseek_server.parameters import reject_unsupported, reject_unsupported_message_fields
 from deepseek_server.relay import relay_call
 from deepseek_server.schemas import (
     MAX_CHOICES,
