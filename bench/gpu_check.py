@@ -1,5 +1,7 @@
-"""The built-in engine on a GPU: batched tokens/s at concurrency 1/16/64 against plain sequential `generate`, and
-8-bit (bitsandbytes) loading through the server's own loading path. Ratios measured side by side in one run.
+"""The built-in engine on a GPU: batched tokens/s at concurrency 1/16/64 against plain sequential `generate`; each
+request parameter the engine honours (sampling, seeds, logit bias, penalties, log-probabilities, JSON output) checked
+on the device in one mixed batch; and 8-bit (bitsandbytes) loading through the server's own loading path. Ratios
+measured side by side in one run. Exits 1 when a parameter check fails.
 
     bash bench/gpu_check.sh           # deepseek-llm-7b's shape, random weights, bf16, on the GPU (2-3 minutes)
     bash bench/gpu_check.sh --tiny    # the same code on the CPU with a tiny model (a minute), to try the script
@@ -203,6 +205,110 @@ def cudnn_attention_rows(loaded: Any, prompts: list[list[int]], levels: list[int
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def features(args: argparse.Namespace, dtype: Any) -> bool:
+    """Each request parameter the engine honours, run on the device with every row in one batch, as a server mixes
+    them: greedy, seeded and pooled sampling, logit bias, penalties, log-probabilities and JSON output. Returns
+    whether every check held."""
+    import json
+
+    from deepseek_server.engine.base import ANY_JSON_OBJECT, GenerationRequest, TextDelta
+    from deepseek_server.engine.batched import BatchedEngine
+    from deepseek_server.engine.loading import LoadedModel
+
+    tokenizer = build_tokenizer()
+    model = build_model(args.features_size, args.device, dtype)
+    if args.device == "cpu":
+        from deepseek_server.engine.loading import prepare_for_decoding
+        from deepseek_server.engine.placement import plan_placement
+
+        model = prepare_for_decoding(model, plan_placement(args.dtype, "cpu", gpu_count=0))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=model.get_input_embeddings().weight.device,
+                         max_position_embeddings=model.config.max_position_embeddings)
+    prompt, n = tokenizer.encode(PROMPT_WORDS), args.features_tokens
+    favourite = tokenizer.encode("Kubernetes")[0]
+    cases: dict[str, list[GenerationRequest]] = {
+        "greedy, twice": [GenerationRequest(prompt, n, temperature=0.0)] * 2,
+        "seed, twice": [GenerationRequest(prompt, n, temperature=0.9, top_p=0.9, seed=7)] * 2,
+        "sampled": [GenerationRequest(prompt, n, temperature=0.8, top_p=0.95)],
+        "logit_bias +100": [GenerationRequest(prompt, n, temperature=0.8, logit_bias=((favourite, 100.0),),
+                                              logprobs=0)],
+        "frequency/presence penalty": [GenerationRequest(prompt, n, temperature=0.0, presence_penalty=2.0,
+                                                         frequency_penalty=100.0, logprobs=0)],
+        "logprobs, top 3": [GenerationRequest(prompt, n, temperature=0.0, logprobs=3)],
+        "JSON object": [GenerationRequest(prompt, 2 * n, temperature=0.8, seed=s, json_schema=ANY_JSON_OBJECT)
+                        for s in range(6)],
+    }
+    rows = sum(len(requests) for requests in cases.values())
+    batches: list[int] = []
+    engine = BatchedEngine(loaded, model_name="gpu-check", max_batch_size=rows, max_new_tokens=2 * n,
+                           batch_wait_s=0.02, on_batch=batches.append)
+
+    async def one(request: GenerationRequest) -> tuple[str, list[Any], Any]:
+        stream = engine.submit(request)
+        text, logprobs = [], []
+        async for event in stream.events():
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                logprobs.extend(event.logprobs)
+        return "".join(text), logprobs, stream.result
+
+    async def run_all() -> list[list[tuple[str, list[Any], Any]]]:
+        await engine.start()
+        try:
+            results = await asyncio.gather(*(one(r) for requests in cases.values() for r in requests))
+        finally:
+            await engine.stop()
+        out, at = [], 0
+        for requests in cases.values():
+            out.append(list(results[at:at + len(requests)]))
+            at += len(requests)
+        return out
+
+    outcome = dict(zip(cases, asyncio.run(run_all()), strict=True))
+
+    def check(name: str) -> str:
+        got = outcome[name]
+        if name in ("greedy, twice", "seed, twice"):
+            return "ok" if got[0][0] == got[1][0] and got[0][2] == got[1][2] else "the two texts differ"
+        if name == "sampled":
+            return "ok" if got[0][2].completion_tokens > 0 else "no tokens"
+        if name == "logit_bias +100":
+            tokens = [lp.token for lp in got[0][1]]
+            wanted = str(tokenizer.decode([favourite]))
+            return "ok" if tokens and all(t == wanted for t in tokens) else f"tokens {tokens[:5]} are not {wanted!r}"
+        if name == "frequency/presence penalty":
+            # incomplete UTF-8 pieces all read as U+FFFD, whatever their ids: leave them out
+            tokens = [lp.token for lp in got[0][1] if "\ufffd" not in lp.token]
+            distinct = len(set(tokens)) / max(1, len(tokens))
+            return "ok" if tokens and distinct == 1 else f"{distinct:.0%} of {len(tokens)} tokens distinct"
+        if name == "logprobs, top 3":
+            entries = got[0][1]
+            bad = [lp for lp in entries if len(lp.top) != 3 or lp.logprob > 0
+                   or [v for _, v in lp.top] != sorted((v for _, v in lp.top), reverse=True)
+                   or abs(lp.logprob - lp.top[0][1]) > 1e-3]  # greedy picks the most likely
+            return "ok" if entries and not bad else f"{len(bad)} of {len(entries)} entries malformed"
+        finished = [text for text, _, result in got if result.finish_reason == "stop"]
+        if not all(text.startswith("{") for text, _, _ in got):
+            return "an output does not start with '{'"
+        try:
+            if not finished or not all(isinstance(json.loads(text), dict) for text in finished):
+                return "no output completed its JSON object" if not finished else "an output is not an object"
+        except ValueError as exc:
+            return f"an output that ended does not parse: {exc}"
+        return f"ok ({len(finished)} of {len(got)} completed within {2 * n} tokens)"
+
+    print(f"\nrequest parameters on {loaded.device} ({args.features_size} shape, {args.dtype}), {rows} requests "
+          f"submitted together, largest batch {max(batches, default=0)} rows:")
+    results = {name: check(name) for name in cases}
+    for name, result in results.items():
+        print(f"  {name:<28} {len(cases[name]):>2} row(s)  {result}")
+    ok = all(result.startswith("ok") for result in results.values())
+    print("features: all ok" if ok else "features: FAILED")
+    del model, loaded
+    gc.collect()
+    return ok
+
+
 def int8_loading(args: argparse.Namespace, dtype: Any) -> None:
     """Save a shallower model of the same width, load it through `load_model` in bf16 and in int8, and compare."""
     import torch
@@ -261,6 +367,11 @@ def main() -> None:
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--int8-layers", type=int, default=8, help="depth of the model saved for the 8-bit part")
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-features", action="store_true")
+    parser.add_argument("--features-size", choices=sorted(SIZES), default="100m",
+                        help="the model for the request-parameter checks (its vocabulary must be the tokenizer's)")
+    parser.add_argument("--features-tokens", type=int, default=48)
     parser.add_argument("--compare-cudnn-attention", action="store_true",
                         help="on a GPU, measure the levels again with SDPA's cuDNN backend allowed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -270,6 +381,7 @@ def main() -> None:
     if args.tiny:
         args.size, args.device, args.dtype, args.concurrency = "tiny", "cpu", "fp32", "1,4"
         args.new_tokens, args.sequential_requests, args.int8_layers, args.threads = 8, 2, 2, args.threads or 1
+        args.features_size, args.features_tokens = "tiny", 24
     require_modules()
     import torch
     from transformers.utils import logging as transformers_logging
@@ -283,9 +395,13 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     print(f"gpu_check: torch {torch.__version__}, {where}, {torch.cuda.device_count()} GPU(s) visible")
-    throughput(args, dtype)
+    if not args.skip_throughput:
+        throughput(args, dtype)
+    ok = args.skip_features or features(args, dtype)
     if not args.skip_int8:
         int8_loading(args, dtype)
+    if not ok:
+        sys.exit("gpu_check: a request parameter did not behave on this device (see the table above)")
 
 
 if __name__ == "__main__":

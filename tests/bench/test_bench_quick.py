@@ -47,6 +47,7 @@ def test_gpu_check_quick_prints_throughput_and_8bit_tables() -> None:
     assert rows == ["1", "4"], out
     assert re.search(r"^\s+fp32\s+[\d.]+", out, re.MULTILINE) and re.search(r"^\s+int8\s+[\d.]+", out, re.MULTILINE)
     assert "torch.ao.nn.quantized.dynamic" in out, "the 8-bit model's linear layers are not quantized"
+    assert "largest batch 14 rows" in out and "features: all ok" in out, out
 
 
 # What a GPU machine with torch, transformers and accelerate need not have: the HTTP server's packages.
