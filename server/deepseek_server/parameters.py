@@ -1,7 +1,7 @@
 """The request parameters an engine honours, checked against what a request carries: anything else is refused by
 name (400 `unsupported_parameter`), never silently dropped. The engines declare their sets in
-`deepseek_server.engine.capabilities`; the checks live here, on the gateway's side, so the engines import without
-the gateway's packages (pydantic, FastAPI).
+`deepseek_server.engine.capabilities`; the checks live here, on the gateway's side, so the engine modules import
+without FastAPI (a GPU machine for `bench/gpu_check.sh` may have torch and transformers and nothing of the server).
 """
 
 from __future__ import annotations
