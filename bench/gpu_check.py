@@ -147,23 +147,38 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def throughput(args: argparse.Namespace, dtype: Any) -> None:
+def build_loaded(size: str, args: argparse.Namespace, dtype: Any, tokenizer: Any) -> Any:
+    """A random-weight model of `size` as the engine gets it from `load_model` (on a CPU: packed weights)."""
     from deepseek_server.engine.loading import LoadedModel
 
-    tokenizer = build_tokenizer()
-    started = time.perf_counter()
-    model = build_model(args.size, args.device, dtype)
-    if args.device == "cpu":  # what load_model does to a CPU model (packed weights), for both contestants
+    model = build_model(size, args.device, dtype)
+    if args.device == "cpu":
         from deepseek_server.engine.loading import prepare_for_decoding
         from deepseek_server.engine.placement import plan_placement
 
         model = prepare_for_decoding(model, plan_placement(args.dtype, "cpu", gpu_count=0))
+    return LoadedModel(model=model, tokenizer=tokenizer, device=model.get_input_embeddings().weight.device,
+                       max_position_embeddings=model.config.max_position_embeddings)
+
+
+def level_rows(loaded: Any, prompts: list[list[int]], levels: list[int], args: argparse.Namespace,
+               seq: float | None, *, with_target: bool = True) -> None:
+    for level in levels:
+        rate, ttft = engine_rate(loaded, prompts[:level], args.new_tokens, args.rounds)
+        ratio = f"{rate / seq:.1f}x" if seq else "-"
+        target = "  (target >= 10x)" if level == 64 and seq and with_target else ""
+        print(f"{level:>11} {rate:>13.1f} {1000 * ttft:>9.1f} {ratio:>14}{target}")
+
+
+def throughput(args: argparse.Namespace, dtype: Any) -> None:
+    tokenizer = build_tokenizer()
+    started = time.perf_counter()
+    loaded = build_loaded(args.size, args, dtype, tokenizer)  # packed on a CPU, for both contestants
+    model = loaded.model
     synchronize(args.device)
     params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     print(f"model: random-weight Llama, {args.size} shape, {params / 1e6:.0f}M parameters, {args.dtype}, "
           f"built on {args.device} in {time.perf_counter() - started:.1f} s")
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=model.get_input_embeddings().weight.device,
-                         max_position_embeddings=model.config.max_position_embeddings)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = prompts_for(tokenizer, max(levels))
     seq = None
@@ -171,11 +186,7 @@ def throughput(args: argparse.Namespace, dtype: Any) -> None:
         seq = sequential_rate(model, tokenizer, args.device, prompts[:args.sequential_requests], args.new_tokens)
         print(f"sequential generate: {seq:.1f} tok/s ({args.sequential_requests} requests x {args.new_tokens} tokens)")
     print(f"{'concurrency':>11} {'engine tok/s':>13} {'TTFT ms':>9} {'vs sequential':>14}")
-    for level in levels:
-        rate, ttft = engine_rate(loaded, prompts[:level], args.new_tokens, args.rounds)
-        ratio = f"{rate / seq:.1f}x" if seq else "-"
-        target = "  (target >= 10x)" if level == 64 and seq else ""
-        print(f"{level:>11} {rate:>13.1f} {1000 * ttft:>9.1f} {ratio:>14}{target}")
+    level_rows(loaded, prompts, levels, args, seq)
     if args.compare_cudnn_attention and args.device.startswith("cuda"):
         cudnn_attention_rows(loaded, prompts, levels, args, seq)
     if args.device.startswith("cuda"):
@@ -196,10 +207,7 @@ def cudnn_attention_rows(loaded: Any, prompts: list[list[int]], levels: list[int
     batched.prefer_fused_attention = lambda: torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         print("with SDPA's cuDNN backend allowed (PyTorch's default):")
-        for level in levels:
-            rate, ttft = engine_rate(loaded, prompts[:level], args.new_tokens, args.rounds)
-            ratio = f"{rate / seq:.1f}x" if seq else "-"
-            print(f"{level:>11} {rate:>13.1f} {1000 * ttft:>9.1f} {ratio:>14}")
+        level_rows(loaded, prompts, levels, args, seq, with_target=False)
     finally:
         batched.prefer_fused_attention = keep
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -213,17 +221,9 @@ def features(args: argparse.Namespace, dtype: Any) -> bool:
 
     from deepseek_server.engine.base import ANY_JSON_OBJECT, GenerationRequest, TextDelta
     from deepseek_server.engine.batched import BatchedEngine
-    from deepseek_server.engine.loading import LoadedModel
 
     tokenizer = build_tokenizer()
-    model = build_model(args.features_size, args.device, dtype)
-    if args.device == "cpu":
-        from deepseek_server.engine.loading import prepare_for_decoding
-        from deepseek_server.engine.placement import plan_placement
-
-        model = prepare_for_decoding(model, plan_placement(args.dtype, "cpu", gpu_count=0))
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=model.get_input_embeddings().weight.device,
-                         max_position_embeddings=model.config.max_position_embeddings)
+    loaded = build_loaded(args.features_size, args, dtype, tokenizer)
     prompt, n = tokenizer.encode(PROMPT_WORDS), args.features_tokens
     favourite = tokenizer.encode("Kubernetes")[0]
     cases: dict[str, list[GenerationRequest]] = {
@@ -304,7 +304,7 @@ def features(args: argparse.Namespace, dtype: Any) -> bool:
         print(f"  {name:<28} {len(cases[name]):>2} row(s)  {result}")
     ok = all(result.startswith("ok") for result in results.values())
     print("features: all ok" if ok else "features: FAILED")
-    del model, loaded
+    del loaded
     gc.collect()
     return ok
 
