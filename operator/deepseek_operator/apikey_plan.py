@@ -119,6 +119,24 @@ def token_scopes(apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: I
     return tuple(sorted(scopes)) if held == status.get("bindingHash") else None
 
 
+def outlived_binding(item: Mapping[str, Any], apikey: Mapping[str, Any], issuer: IssuerView,
+                     wanted: tuple[str, ...]) -> bool:
+    """Whether a token in its grace period holds what the key no longer grants: another subject, environment or
+    audience, or a scope taken away since. Judged from the `bindingHash` (and `tokenScopes`) recorded with it; a
+    token recorded without them (by an older operator) cannot be judged and keeps its grace period."""
+    recorded = item.get("bindingHash")
+    if not recorded or recorded == current_binding(apikey, issuer):
+        return False
+    scopes = item.get("tokenScopes")
+    if isinstance(scopes, list) and all(isinstance(scope, str) for scope in scopes):
+        spec = apikey["spec"]
+        if binding_hash(subject=spec["subject"], scopes=scopes, environment=spec["environment"],
+                        audience=issuer.audience) == recorded:
+            # The same subject, environment and audience: only scopes differ, and only added ones are harmless.
+            return not set(scopes) <= set(wanted)
+    return True
+
+
 def scope_change_text(held: tuple[str, ...] | None, wanted: tuple[str, ...],
                       previous_revoke_at: int | None) -> str | None:
     """What a scope change did, in words for the Event (None: only the reason's own text can be said, the scopes
@@ -195,12 +213,18 @@ def promote_pending(status: Mapping[str, Any], renew_before: float) -> dict[str,
     pending = dict(status.pop("pendingToken"))
     previous = list(status.get("previousTokens") or [])
     if status.get("tokenId") and pending.get("previousRevokeAt"):
-        previous.append({
+        entry = {
             "tokenId": status["tokenId"],
             "signingKeyId": status.get("signingKeyId"),
             "expiresAt": status.get("expiresAt"),
             "revokeAt": pending["previousRevokeAt"],
-        })
+        }
+        # What it binds goes with it, so that a later change can be judged against it even once no token is
+        # current (a refused Secret write, no signing key): see `outlived_binding`.
+        for name in ("bindingHash", "tokenScopes"):
+            if status.get(name) is not None:
+                entry[name] = status[name]
+        previous.append(entry)
     expires = _ts(pending["expiresAt"])
     if pending.get("rotationRequest"):
         status["rotationRequest"] = pending["rotationRequest"]
@@ -391,10 +415,25 @@ def plan_apikey(
         previous_revoke_at = grace_end
     if reason and current_id and expires > now and previous_revoke_at is None:
         revoke[current_id] = expires
-    if binding_changed and not widened and status.get("previousTokens"):
+    early: dict[str, int] = {}
+    if binding_changed and not widened:
         # Tokens still in their grace period carry the old binding too (or a narrower one, from before scopes were
         # added): what the change took away must stop working with every token of the key, not only the current.
-        early = {item["tokenId"]: _ts(item.get("expiresAt")) for item in status.pop("previousTokens")}
+        early = {item["tokenId"]: _ts(item.get("expiresAt")) for item in status.pop("previousTokens", None) or []}
+    elif status.get("previousTokens"):
+        # Each token in grace is also judged by the binding recorded with it: with no token current (its Secret
+        # write refused, say) there is nothing else to compare a change with.
+        kept = []
+        for item in status["previousTokens"]:
+            if outlived_binding(item, apikey, issuer, wanted):
+                early[item["tokenId"]] = _ts(item.get("expiresAt"))
+            else:
+                kept.append(item)
+        if kept:
+            status["previousTokens"] = kept
+        else:
+            status.pop("previousTokens")
+    if early:
         revoke.update(early)
         events.append(ApiKeyEvent("Normal", "Revoked",
                                   f"Revoked {len(early)} token(s) ({', '.join(sorted(early))}) before the end of "

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import GROUP, VERSION
+from deepseek_operator.apikey_plan import ROTATE_ANNOTATION
 from kubernetes import client
 
 from devcluster.testing.polling import wait_for
@@ -78,6 +80,36 @@ def test_a_secret_that_cannot_be_written_backs_off_instead_of_minting_and_revoki
     assert fresh["tokenId"] != old
     assert world.verify(world.token("ivan"))["jti"] == fresh["tokenId"]
     assert len(world.auth()["revoked"]) <= 2
+
+
+def test_a_scope_removed_while_the_secret_cannot_be_written_revokes_the_token_in_its_grace_period(world):
+    world.apply_deployment()
+    world.create_apikey("judy", scopes=["model:predict", "history:read"], gracePeriod="1h")
+    first = world.wait_ready("judy")["status"]
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, world.namespace, "apikeys", "judy",
+                                                {"metadata": {"annotations": {ROTATE_ANNOTATION: "now"}}})
+    second = world.wait_for("the rotation", lambda: (s := world.wait_ready("judy")["status"]).get("revision") == 2
+                            and s, timeout=60)
+    assert [p["tokenId"] for p in second["previousTokens"]] == [first["tokenId"]]  # in its grace period for 1h
+    assert second["previousTokens"][0]["tokenScopes"] == ["history:read", "model:predict"]
+
+    # The Secret is deleted and cannot come back: the token it held is revoked, none is current any more.
+    quota_blocks_new_secrets(world, "judy-apikey")
+    world.wait_condition("judy", "Ready", "False", "SecretWriteFailed", timeout=30)
+    blocked = world.apikey("judy")["status"]
+    assert blocked.get("tokenId") is None and second["tokenId"] in world.auth()["revoked"]
+    assert [p["tokenId"] for p in blocked["previousTokens"]] == [first["tokenId"]]
+
+    # A scope removed now reaches the token in grace, which holds it, though there is no current token to compare.
+    world.patch_apikey("judy", {"scopes": ["model:predict"]})
+    world.wait_for("the token in its grace period revoked", lambda: first["tokenId"] in world.auth()["revoked"],
+                   timeout=30)
+    assert "previousTokens" not in world.apikey("judy")["status"]
+
+    remove_quota(world, "judy-apikey")
+    fresh = world.wait_ready("judy", timeout=90)["status"]
+    assert world.verify(world.token("judy"))["scope"] == ["model:predict"]
+    assert fresh["tokenId"] not in (first["tokenId"], second["tokenId"])
 
 
 # ------------------------------------------------------------------------------------------ auth ConfigMap unknown

@@ -2,6 +2,7 @@
 
 import pytest
 from deepseek_operator.apikey_plan import (
+    TOKEN_FIELDS,
     IssuerView,
     apikey_conditions,
     build_grant,
@@ -82,7 +83,8 @@ def test_renewal_keeps_the_old_token_for_its_grace_period_then_revokes_it():
                                            previous_revoke_at=result.previous_revoke_at), 15)
     assert rotated["tokenId"] == "tok-2" and rotated["revision"] == 2
     assert rotated["previousTokens"] == [{"tokenId": "tok-1", "signingKeyId": KEY.kid, "expiresAt": ts(NOW + 30),
-                                          "revokeAt": ts(NOW + 25)}]
+                                          "revokeAt": ts(NOW + 25), "bindingHash": key["status"]["bindingHash"],
+                                          "tokenScopes": ["model:predict"]}]
     assert next_due(rotated, ready=True, revoked=False, now=NOW + 15, retry_interval=5) == NOW + 25
     after_grace = plan({**key, "status": rotated}, new_token, now=NOW + 25)
     assert after_grace.revoke == {"tok-1": NOW + 30} and after_grace.issue_reason is None
@@ -135,7 +137,9 @@ def test_widened_scopes_reissue_and_keep_the_old_token_for_its_grace_period_then
     widened, new_token = _issue_as_planned(wider, result, token_id="tok-2", at=NOW + 1)
     assert widened["status"]["tokenScopes"] == ["history:read", "model:predict"]
     assert widened["status"]["previousTokens"] == [{"tokenId": "tok-1", "signingKeyId": KEY.kid,
-                                                    "expiresAt": ts(NOW + 30), "revokeAt": ts(NOW + 11)}]
+                                                    "expiresAt": ts(NOW + 30), "revokeAt": ts(NOW + 11),
+                                                    "bindingHash": key["status"]["bindingHash"],
+                                                    "tokenScopes": ["model:predict"]}]
     assert plan(widened, new_token, now=NOW + 2).issue_reason is None, "the wider token is issued once"
     after_grace = plan(widened, new_token, now=NOW + 11)
     assert after_grace.revoke == {"tok-1": NOW + 30} and after_grace.issue_reason is None
@@ -241,6 +245,56 @@ def test_scopes_widened_with_a_lost_secret_keep_the_narrower_tokens_grace_period
     result = plan(_with(renewed, scopes=["model:predict", "history:read"]), None, now=NOW + 16)
     assert result.issue_reason == "SecretMissing" and result.revoke == {"tok-2": NOW + 45}
     assert [p["tokenId"] for p in result.status["previousTokens"]] == ["tok-1"]
+
+
+def _after_a_refused_secret_write(key: dict, *, now: int) -> dict:
+    """The key as the reconcile leaves it when its Secret is gone and the replacement cannot be written (a quota, an
+    admission policy): the replaced token revoked and no longer current, the tokens in grace kept."""
+    lost = plan(key, None, now=now)
+    assert lost.issue_reason == "SecretMissing" and key["status"]["tokenId"] in lost.revoke
+    status = {name: value for name, value in lost.status.items() if name not in TOKEN_FIELDS}
+    assert status["previousTokens"], "the token in its grace period is kept"
+    return {**key, "status": status}
+
+
+@pytest.mark.parametrize("change", [{"scopes": ["model:predict"]}, {"subject": "mallory"},
+                                    {"environment": "prod"}])
+def test_a_binding_change_after_a_refused_secret_write_still_revokes_the_tokens_in_their_grace_period(change):
+    key, token = issued(apikey(scopes=["model:predict", "history:read"]))
+    renewed, _ = _issue_as_planned(key, plan(key, token, now=NOW + 15), token_id="tok-2", at=NOW + 15)
+    assert [p["tokenId"] for p in renewed["status"]["previousTokens"]] == ["tok-1"]  # in grace until NOW + 25
+    blocked = _after_a_refused_secret_write(renewed, now=NOW + 16)
+    # With no current token there is no binding to compare with; each token in grace carries its own.
+    result = plan(_with(blocked, **change), None, now=NOW + 17)
+    assert result.issue_reason == "Initial"
+    assert result.revoke == {"tok-1": NOW + 30}, "a token of the old binding kept its grace period"
+    assert "previousTokens" not in result.status
+    assert [e.reason for e in result.events] == ["Revoked"] and "tok-1" in result.events[0].message
+    # Unable to sign yet: it goes all the same.
+    assert plan(_with(blocked, **change), None, now=NOW + 17, view=issuer(signing_key=None)).revoke == {
+        "tok-1": NOW + 30}
+
+
+def test_tokens_in_grace_keep_it_after_a_refused_secret_write_when_scopes_are_only_added_or_nothing_changed():
+    key, token = issued(apikey(scopes=["model:predict"]))
+    renewed, _ = _issue_as_planned(key, plan(key, token, now=NOW + 15), token_id="tok-2", at=NOW + 15)
+    blocked = _after_a_refused_secret_write(renewed, now=NOW + 16)
+    for spec in ({}, {"scopes": ["model:predict", "history:read"]}):
+        result = plan(_with(blocked, **spec), None, now=NOW + 17)
+        assert result.issue_reason == "Initial" and result.revoke == {}
+        assert [p["tokenId"] for p in result.status["previousTokens"]] == ["tok-1"]
+
+
+def test_a_token_in_grace_recorded_by_an_older_operator_keeps_its_grace_period():
+    key, token = issued(apikey(scopes=["model:predict", "history:read"]))
+    renewed, _ = _issue_as_planned(key, plan(key, token, now=NOW + 15), token_id="tok-2", at=NOW + 15)
+    blocked = _after_a_refused_secret_write(renewed, now=NOW + 16)
+    older = [{name: item[name] for name in ("tokenId", "signingKeyId", "expiresAt", "revokeAt")}
+             for item in blocked["status"]["previousTokens"]]
+    result = plan(_with({**blocked, "status": {**blocked["status"], "previousTokens": older}},
+                        scopes=["model:predict"]), None, now=NOW + 17)
+    # What it binds is unknown: it is neither trusted nor judged, and ends with its grace period as before.
+    assert result.revoke == {} and [p["tokenId"] for p in result.status["previousTokens"]] == ["tok-1"]
 
 
 def test_token_of_an_unpublished_signing_key_is_replaced():
