@@ -69,7 +69,7 @@ def _fill(world) -> None:
     docs = _documents(world)
     far = int(time.time()) + 72 * 3600
     extra: dict[str, int] = {}
-    while configmap_size(*build_layout(AuthDocuments(revoked=extra), SHARD_COUNT).contents[1]) < NEW_ENTRY_BUDGET:
+    while configmap_size(*build_layout(AuthDocuments(revoked=extra), SHARD_COUNT).contents[1]) <= NEW_ENTRY_BUDGET:
         for _ in range(500):
             token_id = base64.urlsafe_b64encode(rng.randbytes(120)).rstrip(b"=").decode()
             if shard_of(token_id, SHARD_COUNT) == 0:
