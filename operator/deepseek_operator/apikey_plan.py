@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth_config import TOKEN_LEEWAY_SECONDS, Limits, SetKeyLimits, limits_from_spec
+from .auth_config import TOKEN_LEEWAY_SECONDS, Limits, SetKeyLimits, limits_from_spec, revocation_prune_time
 from .conditions import Condition, condition_status
 from .durations import format_timestamp, parse_duration, parse_timestamp
 from .signing_keys import SigningKey
@@ -20,6 +20,12 @@ from .tokens import TokenGrant, binding_hash, token_sha256
 # A new value of this annotation asks for one rotation now (any value: the plugin writes a timestamp); the value
 # is kept in status as `rotationRequest` once a token issued after it is in the Secret, so each value rotates once.
 ROTATE_ANNOTATION = "deepseek.ai/rotate"
+# The most tokens one key may have out at once, counting every token it was given (`status.recentTokens`) until the
+# deployment's revoked list would have pruned it. Each rotation, scope change or lost Secret leaves the token it
+# replaces in that list until it expires; without a bound, anyone allowed to edit or annotate one ApiKey (or a spec
+# renewing every second) could fill the list that every key of the deployment shares, and other keys would wait.
+# A key renewing on its own schedule holds about duration / (duration - renewBefore) + 1 tokens (3 by default).
+TOKENS_PER_KEY = 32
 TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash",
                 "tokenScopes")
 ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
@@ -82,6 +88,9 @@ class ApiKeyPlan:
     rotation_request: str | None = None
     # Why the token is issued, in words for its Event, when there is more to say than REASON_TEXT.
     issue_detail: str | None = None
+    # A new token was due (`held_reason`) but the key has TOKENS_PER_KEY out: the first may be issued at this time.
+    held_until: int | None = None
+    held_reason: str | None = None
 
 
 def _ts(value: Any) -> int:
@@ -152,6 +161,18 @@ def scope_change_text(held: tuple[str, ...] | None, wanted: tuple[str, ...],
     return f"scopes changed {change} ({', '.join(removed)} removed); the old token is revoked"
 
 
+def recent_tokens(status: Mapping[str, Any], now: float) -> list[dict[str, Any]]:
+    """`status.recentTokens` without the tokens the revoked list would have pruned by `now`."""
+    return [item for item in status.get("recentTokens") or []
+            if isinstance(item, dict) and revocation_prune_time(_ts(item.get("expiresAt"))) > now]
+
+
+def with_recent_token(status: dict[str, Any], token_id: str, expires_at: Any) -> None:
+    """Count a token that went out (or may have) against TOKENS_PER_KEY, once."""
+    recent = [item for item in status.get("recentTokens") or [] if item.get("tokenId") != token_id]
+    status["recentTokens"] = [*recent, {"tokenId": token_id, "expiresAt": expires_at}]
+
+
 def live_tokens(status: Mapping[str, Any], now: float) -> dict[str, int]:
     """Every token id of the key that may still verify (current, pending, in grace), with its expiry; servers
     accept a token up to TOKEN_LEEWAY_SECONDS past its `exp`, so those count too."""
@@ -204,6 +225,7 @@ def resolve_pending(status: Mapping[str, Any], secret_sha: str | None, renew_bef
     if secret_sha is not None and secret_sha == pending.get("tokenSHA256"):
         return promote_pending(status, renew_before), {}
     status.pop("pendingToken")
+    with_recent_token(status, pending["tokenId"], pending.get("expiresAt"))
     return status, {pending["tokenId"]: _ts(pending.get("expiresAt"))}
 
 
@@ -238,6 +260,7 @@ def promote_pending(status: Mapping[str, Any], renew_before: float) -> dict[str,
         "bindingHash": pending["bindingHash"],
         "revision": int(status.get("revision") or 0) + 1,
     })
+    with_recent_token(status, pending["tokenId"], pending["expiresAt"])
     if "tokenScopes" in pending:
         status["tokenScopes"] = pending["tokenScopes"]
     else:  # recorded by an operator that did not record scopes: the old token's would be wrong
@@ -267,6 +290,7 @@ def adopt_token(
         "tokenScopes": sorted(claims["scope"]),
         "revision": int(status.get("revision") or 0) + 1,
     })
+    with_recent_token(status, claims["jti"], status["expiresAt"])
     return status
 
 
@@ -357,6 +381,11 @@ def plan_apikey(
         status["previousTokens"] = kept
     else:
         status.pop("previousTokens", None)
+    recent = recent_tokens(status, now)
+    if recent:
+        status["recentTokens"] = recent
+    else:
+        status.pop("recentTokens", None)
 
     wanted_limits = desired_limits(spec, issuer)
     limits = SetKeyLimits(apikey["metadata"]["uid"], wanted_limits) if issuer.limits_entry != wanted_limits else None
@@ -413,7 +442,11 @@ def plan_apikey(
         # A requested rotation is an early renewal: the old token keeps its grace period.
         reason = "Renewal" if now >= lifetime_end - renew_before else "Requested"
         previous_revoke_at = grace_end
-    if reason and current_id and expires > now and previous_revoke_at is None:
+    at_bound = reason is not None and len(recent) >= TOKENS_PER_KEY
+    if reason and current_id and expires > now and previous_revoke_at is None and not (
+            at_bound and reason in ("Renewal", "Requested", "ScopesWidened")):
+        # (A rotation held back replaces nothing yet: with gracePeriod 0 its token would be revoked only for being
+        # replaced. A lost, altered or narrowed token goes all the same.)
         revoke[current_id] = expires
     early: dict[str, int] = {}
     if binding_changed and not widened:
@@ -442,6 +475,14 @@ def plan_apikey(
         # The Secret holds a token this operator signed for this key but never recorded: it is replaced, so revoke
         # it too rather than leave it valid and unknown.
         revoke[str(secret_claims["jti"])] = int(secret_claims["exp"])
+    if at_bound:
+        # What must stop working is revoked all the same; only the new token waits for the oldest to age out.
+        if current_id in revoke:
+            for name in TOKEN_FIELDS:
+                status.pop(name, None)
+        held_until = min(revocation_prune_time(_ts(item.get("expiresAt"))) for item in recent)
+        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events), held_until=held_until,
+                          held_reason=reason)
     if reason is not None and issuer.signing_key is None:
         # Cannot sign yet: revoke what must go and stop pointing at a revoked token.
         if current_id in revoke:
@@ -471,10 +512,11 @@ def issue_event(reason: str, token_id: str, expires_at: str, secret_name: str,
 
 def apikey_conditions(
     apikey: Mapping[str, Any], status: Mapping[str, Any], issuer: IssuerView | None, *, now: int, deployment: str,
-    secret_write_error: str | None = None, auth_config_full: str = "",
+    secret_write_error: str | None = None, auth_config_full: str = "", held_reason: str | None = None,
+    held_until: int | None = None,
 ) -> list[Condition]:
     """Ready and Revoked, derived from the status a reconcile ends with (a refused Secret write, a full auth
-    ConfigMap, if any)."""
+    ConfigMap, a new token held back by TOKENS_PER_KEY, if any)."""
     spec = apikey["spec"]
     revoked = bool(spec.get("revoked"))
     revoked_condition = (
@@ -488,6 +530,17 @@ def apikey_conditions(
         ready = Condition("Ready", False, "DeploymentNotFound",
                           f"DeepSeekDeployment {deployment!r} not found in namespace {namespace!r}; "
                           "the key is issued as soon as it exists")
+    elif held_reason and held_until:
+        wait = (f"a new token ({held_reason}: {REASON_TEXT.get(held_reason, held_reason)}) waits until "
+                f"{format_timestamp(held_until)}: {TOKENS_PER_KEY} tokens of this key are out, the most one key may "
+                "have until the oldest expires (each rotation, scope change or lost Secret gives one; a new ApiKey "
+                "starts afresh)")
+        if status.get("tokenId") and _ts(status.get("expiresAt")) > now:
+            ready = Condition("Ready", True, "RotationHeld",
+                              f"token {status['tokenId']} is in Secret {status.get('secretName')}, expires "
+                              f"{status.get('expiresAt')}; {wait}")
+        else:
+            ready = Condition("Ready", False, "TokenLimitReached", f"no valid token: {wait}")
     elif secret_write_error:
         ready = Condition("Ready", False, "SecretWriteFailed",
                           f"{secret_write_error}; retrying with backoff, no new token is issued meanwhile")
@@ -510,14 +563,16 @@ def apikey_conditions(
 
 
 def next_due(
-    status: Mapping[str, Any], *, ready: bool, revoked: bool, now: float, retry_interval: float
+    status: Mapping[str, Any], *, ready: bool, revoked: bool, now: float, retry_interval: float,
+    held_until: int | None = None,
 ) -> float | None:
-    """When this key next needs a reconcile on its own (rotation, end of a grace period, expiry, or a retry)."""
+    """When this key next needs a reconcile on its own (rotation, end of a grace period, expiry, a new token held
+    back by TOKENS_PER_KEY, or a retry)."""
     if revoked:
         return None
     if not ready:
-        return now + retry_interval
-    times = [_ts(status.get("renewalTime")), _ts(status.get("expiresAt"))]
+        return float(held_until) if held_until else now + retry_interval
+    times = [_ts(status.get("renewalTime")), _ts(status.get("expiresAt")), held_until or 0]
     for item in status.get("previousTokens") or []:
         times.extend([_ts(item.get("revokeAt")), _ts(item.get("expiresAt"))])
     return float(min(t for t in times if t))

@@ -37,7 +37,7 @@ from .apikey_secret import build_apikey_secret, secret_token, secret_up_to_date
 from .apikey_secret_watch import ApiKeySecretWatch, SecretVersion
 from .auth_config import AuthChange, RevokeTokens, SetKeyLimits
 from .auth_store import AuthConfigFull, AuthConfigStore
-from .conditions import Condition, merge_conditions
+from .conditions import Condition, condition_reason, merge_conditions
 from .durations import format_timestamp, parse_duration
 from .issuer import Issuers
 from .key_material import new_token_id
@@ -400,7 +400,11 @@ class ApiKeyReconciler:
 
         conditions = apikey_conditions(apikey, status, issuer, now=now, deployment=deployment,
                                        secret_write_error=failure.message if failure else None,
-                                       auth_config_full=auth_full)
+                                       auth_config_full=auth_full, held_reason=plan.held_reason,
+                                       held_until=plan.held_until)
+        if conditions[0].reason in ("RotationHeld", "TokenLimitReached") and conditions[0].reason != \
+                condition_reason(previous_status.get("conditions"), "Ready"):
+            events.append(ApiKeyEvent("Warning", conditions[0].reason, conditions[0].message))
         status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
                                                 now=format_timestamp(now), generation=generation)
         status["observedGeneration"] = generation
@@ -417,7 +421,7 @@ class ApiKeyReconciler:
         ready = conditions[0].status is True
         self._note_ready(namespace, name, deployment, ready or bool(spec.get("revoked")))
         due = next_due(status, ready=ready, revoked=bool(spec.get("revoked")), now=now,
-                       retry_interval=self._settings.retry_interval)
+                       retry_interval=self._settings.retry_interval, held_until=plan.held_until)
         if failure is not None:
             due = failure.retry_at
         if issuer is None and not spec.get("revoked"):

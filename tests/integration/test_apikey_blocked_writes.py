@@ -104,7 +104,7 @@ def test_a_scope_removed_while_the_secret_cannot_be_written_revokes_the_token_in
     world.patch_apikey("judy", {"scopes": ["model:predict"]})
     world.wait_for("the token in its grace period revoked", lambda: first["tokenId"] in world.auth()["revoked"],
                    timeout=30)
-    assert "previousTokens" not in world.apikey("judy")["status"]
+    world.wait_for("status without it", lambda: "previousTokens" not in world.apikey("judy")["status"], timeout=30)
 
     remove_quota(world, "judy-apikey")
     fresh = world.wait_ready("judy", timeout=90)["status"]

@@ -168,6 +168,40 @@ def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
     assert "is revoked" in failed(plugin(kubeconfig, "env", "bob", "-n", ns))
 
 
+def test_rotations_past_the_bound_on_tokens_out_wait_and_say_so(world: Cluster, kubeconfig: str) -> None:
+    from deepseek_operator.apikey_plan import ROTATE_ANNOTATION, TOKENS_PER_KEY
+
+    ns = world.namespace
+    world.apply_deployment()
+    world.create_apikey("churn", gracePeriod="0s")  # each rotation revokes the token it replaces at once
+    world.wait_ready("churn")
+
+    def rotate(value: str) -> None:
+        world.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "churn",
+                                                    {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+
+    for n in range(1, TOKENS_PER_KEY):  # the first token and 31 rotations: the most one key may have out
+        rotate(f"r{n}")
+        world.wait_for(f"rotation {n}", lambda n=n: (world.apikey("churn")["status"]).get("rotationRequest")
+                       == f"r{n}", timeout=30)
+    status = world.apikey("churn")["status"]
+    assert len(status["recentTokens"]) == TOKENS_PER_KEY and status["revision"] == TOKENS_PER_KEY
+    revoked = set(world.auth()["revoked"])
+    assert len(revoked) == TOKENS_PER_KEY - 1
+
+    rotate("one-too-many")
+    held = world.wait_condition("churn", "Ready", "True", "RotationHeld", timeout=30)["status"]
+    ready = next(c for c in held["conditions"] if c["type"] == "Ready")
+    assert f"{TOKENS_PER_KEY} tokens of this key are out" in ready["message"]
+    assert held["tokenId"] == status["tokenId"], "the current token stays current"
+    world.wait_events("churn", "a RotationHeld warning", lambda reasons: "RotationHeld" in reasons)
+    time.sleep(3)  # drift checks of the operator: still nothing issued, nothing more revoked
+    assert world.apikey("churn")["status"]["revision"] == TOKENS_PER_KEY
+    assert set(world.auth()["revoked"]) == revoked
+    assert "cannot have another token yet" in failed(plugin(kubeconfig, "rotate", "churn", "-n", ns))
+    assert world.verify(world.token("churn"))["jti"] == status["tokenId"]
+
+
 def test_rotating_a_key_without_a_token_says_why_at_once(crds, kubeconfig: str, namespace: str,
                                                          api_client) -> None:
     from kubernetes import client

@@ -3,6 +3,7 @@
 import pytest
 from deepseek_operator.apikey_plan import (
     TOKEN_FIELDS,
+    TOKENS_PER_KEY,
     IssuerView,
     apikey_conditions,
     build_grant,
@@ -18,6 +19,7 @@ from deepseek_operator.apikey_plan import (
 from deepseek_operator.apikey_reconciler import SECRET_WRITE_MAX_BACKOFF, secret_write_failed, write_landed_nowhere
 from deepseek_operator.auth_config import Limits
 from deepseek_operator.durations import format_timestamp as ts
+from deepseek_operator.durations import parse_timestamp
 from deepseek_operator.kube import KubeError
 from deepseek_operator.signing_keys import signing_key_from_seed
 from deepseek_operator.tokens import sign_token, token_sha256
@@ -511,3 +513,73 @@ def test_rotate_annotation_on_a_revoked_key_issues_nothing():
     key, token = issued(apikey())
     result = plan(_annotated({**key, "spec": {**key["spec"], "revoked": True}}, "now"), token, now=NOW + 2)
     assert result.issue_reason is None and result.rotation_request is None and result.delete_secret
+
+
+def _rotated_until_held(key: dict, token: str, *, every: int = 60) -> tuple[dict, str, int]:
+    """Rotate `key` by annotation every `every` s until a rotation is held back; returns (key, token, that time)."""
+    for n in range(1, TOKENS_PER_KEY + 2):
+        asked = _annotated(key, f"request-{n}")
+        result = plan(asked, token, now=NOW + n * every)
+        if result.issue_reason is None:
+            return {**asked, "status": result.status}, token, NOW + n * every
+        assert result.issue_reason == "Requested"
+        key, token = _issue_as_planned(asked, result, token_id=f"tok-{n + 1}", at=NOW + n * every)
+    raise AssertionError(f"{TOKENS_PER_KEY + 1} rotations were never held back")
+
+
+def test_a_key_has_at_most_a_bounded_number_of_tokens_out_and_a_rotation_past_it_waits_for_the_oldest():
+    key, token = issued(apikey(duration="1h", renewBefore="30m"))
+    held, token, at = _rotated_until_held(key, token)
+    assert len(held["status"]["recentTokens"]) == TOKENS_PER_KEY  # the first token and 31 rotations
+    result = plan(held, token, now=at)
+    oldest_out = NOW + 3600 + 90  # tok-1's expiry, the servers' 30 s leeway and the 60 s margin of the revoked list
+    assert (result.held_reason, result.held_until, result.revoke) == ("Requested", oldest_out, {})
+    assert result.status["tokenId"] == f"tok-{TOKENS_PER_KEY}", "the current token stays current"
+    ready = apikey_conditions(held, result.status, issuer(), now=at, deployment="chat",
+                              held_reason=result.held_reason, held_until=result.held_until)[0]
+    assert (ready.status, ready.reason) == (True, "RotationHeld")
+    assert f"waits until {ts(oldest_out)}" in ready.message and f"{TOKENS_PER_KEY} tokens of this key" in ready.message
+    renewal = int(parse_timestamp(result.status["renewalTime"]))
+    assert next_due(result.status, ready=True, revoked=False, now=at, retry_interval=5,
+                    held_until=result.held_until) == min(renewal, oldest_out)
+    assert next_due({"renewalTime": ts(oldest_out + 60)}, ready=True, revoked=False, now=at, retry_interval=5,
+                    held_until=result.held_until) == oldest_out
+    # Once the oldest has aged out of the revoked list, the rotation asked for happens.
+    later = plan(held, token, now=oldest_out)
+    assert later.issue_reason in ("Requested", "Renewal") and later.held_reason is None
+    assert len(later.status["recentTokens"]) == TOKENS_PER_KEY - 1
+
+
+@pytest.mark.parametrize("reason", ["Requested", "Renewal"])
+def test_a_rotation_held_back_with_no_grace_period_keeps_the_current_token(reason):
+    key, token = issued(apikey(duration="1h", renewBefore="30m", gracePeriod="0s"))
+    held, token, at = _rotated_until_held(key, token)
+    when = at if reason == "Requested" else int(parse_timestamp(held["status"]["expiresAt"])) - 1800  # renewBefore
+    result = plan(held, token, now=when)
+    assert result.held_reason == reason and result.revoke == {}, "a token was revoked for a rotation held back"
+    assert result.status["tokenId"] == f"tok-{TOKENS_PER_KEY}"
+
+
+@pytest.mark.parametrize(("change", "secret"), [({}, None), ({"scopes": ["history:read"]}, "token")])
+def test_a_lost_secret_or_a_removed_scope_past_the_bound_still_revokes_and_leaves_the_key_without_a_token(
+        change, secret):
+    key, token = issued(apikey(duration="1h", renewBefore="30m"))
+    held, token, at = _rotated_until_held(key, token)
+    result = plan(_with(held, **change), None if secret is None else token, now=at)
+    assert result.issue_reason is None and result.held_reason in ("SecretMissing", "BindingChanged")
+    assert f"tok-{TOKENS_PER_KEY}" in result.revoke, "the lost or narrowed token still works"
+    assert "tokenId" not in result.status
+    ready = apikey_conditions(held, result.status, issuer(), now=at, deployment="chat",
+                              held_reason=result.held_reason, held_until=result.held_until)[0]
+    assert (ready.status, ready.reason) == (False, "TokenLimitReached") and "no valid token" in ready.message
+    assert next_due(result.status, ready=False, revoked=False, now=at, retry_interval=5,
+                    held_until=result.held_until) == result.held_until
+
+
+def test_revoking_and_unrevoking_a_key_does_not_reset_its_count_of_tokens_out():
+    key, token = issued(apikey(duration="1h", renewBefore="30m"))
+    held, token, at = _rotated_until_held(key, token)
+    revoked = plan(_with(held, revoked=True), token, now=at)
+    assert revoked.revoke and len(revoked.status["recentTokens"]) == TOKENS_PER_KEY
+    again = plan({**_with(held, revoked=False), "status": revoked.status}, None, now=at + 1)
+    assert again.issue_reason is None and again.held_reason == "Initial"

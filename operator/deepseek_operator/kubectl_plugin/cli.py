@@ -240,6 +240,12 @@ def _rfc3339_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _held_rotation(status: dict[str, Any]) -> str | None:
+    """The Ready condition's message when the key's next token is held back (too many tokens out), else None."""
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return str(ready.get("message")) if ready.get("reason") in ("RotationHeld", "TokenLimitReached") else None
+
+
 def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
     apikey = kube.apikey(args.name)
     if (apikey.get("spec") or {}).get("revoked"):
@@ -253,6 +259,9 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
                else "the operator has not reported on it yet")
         raise PluginError(f"ApiKey {kube.namespace}/{args.name} has no token to rotate yet ({why}); it gets its first "
                           "token as soon as it can")
+    held = _held_rotation(status)
+    if held:
+        raise PluginError(f"ApiKey {kube.namespace}/{args.name} cannot have another token yet: {held}")
     request = _rfc3339_now()
     previous = status.get("tokenId")
 
@@ -266,6 +275,10 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
 
     def rotated() -> dict[str, Any] | None:
         status = kube.apikey(args.name).get("status") or {}
+        held = _held_rotation(status)
+        if held:
+            raise PluginError(f"ApiKey {kube.namespace}/{args.name} keeps its token for now: {held}; the rotation "
+                              "asked for happens then on its own")
         return dict(status) if status.get("rotationRequest") == request and not status.get("pendingToken") else None
     status = _wait(f"the operator to rotate ApiKey {kube.namespace}/{args.name}", rotated, args.timeout)
     grace = [p for p in status.get("previousTokens") or [] if p.get("tokenId") == previous]
