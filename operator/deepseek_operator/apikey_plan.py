@@ -21,10 +21,13 @@ from .tokens import TokenGrant, binding_hash, token_sha256
 # is kept in status as `rotationRequest` once a token issued after it is in the Secret, so each value rotates once.
 ROTATE_ANNOTATION = "deepseek.ai/rotate"
 # The most tokens one key may have out at once, counting every token it was given (`status.recentTokens`) until the
-# deployment's revoked list would have pruned it. Each rotation, scope change or lost Secret leaves the token it
-# replaces in that list until it expires; without a bound, anyone allowed to edit or annotate one ApiKey (or a spec
-# renewing every second) could fill the list that every key of the deployment shares, and other keys would wait.
-# A key renewing on its own schedule holds about duration / (duration - renewBefore) + 1 tokens (3 by default).
+# deployment's revoked list would have pruned it (`revocation_prune_time`). Each rotation, scope change or lost Secret
+# leaves the token it replaces in that list until it expires; without a bound, anyone allowed to edit or annotate one
+# ApiKey (or a spec renewing every second) could fill the list that every key of the deployment shares, and other
+# keys would wait. A key renewing on its own schedule holds about (duration + 90 s) / (duration - renewBefore) + 1
+# (2 or 3 with the defaults). Past the bound a renewal still goes ahead once the current token has lived half its
+# lifetime, and an expired token is replaced, so that no key lapses on its own schedule: at most one token per half
+# lifetime more, 52 at the very most (a 10 s duration).
 TOKENS_PER_KEY = 32
 TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash",
                 "tokenScopes")
@@ -442,7 +445,8 @@ def plan_apikey(
         # A requested rotation is an early renewal: the old token keeps its grace period.
         reason = "Renewal" if now >= lifetime_end - renew_before else "Requested"
         previous_revoke_at = grace_end
-    at_bound = reason is not None and len(recent) >= TOKENS_PER_KEY
+    at_bound = reason is not None and len(recent) >= TOKENS_PER_KEY and not (
+        reason == "Expired" or (reason == "Renewal" and now >= lifetime_end - (lifetime_end - issued) / 2))
     if reason and current_id and expires > now and previous_revoke_at is None and not (
             at_bound and reason in ("Renewal", "Requested", "ScopesWidened")):
         # (A rotation held back replaces nothing yet: with gracePeriod 0 its token would be revoked only for being

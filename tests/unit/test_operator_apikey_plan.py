@@ -552,9 +552,10 @@ def test_a_key_has_at_most_a_bounded_number_of_tokens_out_and_a_rotation_past_it
 
 @pytest.mark.parametrize("reason", ["Requested", "Renewal"])
 def test_a_rotation_held_back_with_no_grace_period_keeps_the_current_token(reason):
-    key, token = issued(apikey(duration="1h", renewBefore="30m", gracePeriod="0s"))
+    # Renewed 45 min before expiry: before the token has lived half its hour, so the bound holds the renewal too.
+    key, token = issued(apikey(duration="1h", renewBefore="45m", gracePeriod="0s"))
     held, token, at = _rotated_until_held(key, token)
-    when = at if reason == "Requested" else int(parse_timestamp(held["status"]["expiresAt"])) - 1800  # renewBefore
+    when = at if reason == "Requested" else int(parse_timestamp(held["status"]["expiresAt"])) - 2700
     result = plan(held, token, now=when)
     assert result.held_reason == reason and result.revoke == {}, "a token was revoked for a rotation held back"
     assert result.status["tokenId"] == f"tok-{TOKENS_PER_KEY}"
@@ -583,3 +584,38 @@ def test_revoking_and_unrevoking_a_key_does_not_reset_its_count_of_tokens_out():
     assert revoked.revoke and len(revoked.status["recentTokens"]) == TOKENS_PER_KEY
     again = plan({**_with(held, revoked=False), "status": revoked.status}, None, now=at + 1)
     assert again.issue_reason is None and again.held_reason == "Initial"
+
+
+def _run_schedule(key: dict, token: str, *, seconds: int, asks_every: int | None = None) -> tuple[int, int]:
+    """Reconcile `key` once a second for `seconds` (asking for a rotation every `asks_every` s if given); returns
+    (the most tokens out at once, seconds without a valid token)."""
+    most, lapsed, count = 0, 0, 1
+    for t in range(NOW + 1, NOW + seconds):
+        asked = _annotated(key, f"ask-{t // asks_every}") if asks_every else key
+        result = plan(asked, token, now=t)
+        if result.issue_reason:
+            count += 1
+            key, token = _issue_as_planned(asked, result, token_id=f"tok-{count}", at=t)
+        else:
+            key = {**asked, "status": result.status}
+        status = key["status"]
+        if not (status.get("tokenId") and int(parse_timestamp(status["expiresAt"])) > t):
+            lapsed += 1
+        most = max(most, len(status.get("recentTokens") or []))
+    return most, lapsed
+
+
+@pytest.mark.parametrize(("duration", "renew_before"), [("10s", "9s"), ("10s", "8s"), ("30s", "29s"), ("2m", "1m")])
+def test_a_key_renewing_on_its_own_schedule_never_lapses_for_the_bound(duration, renew_before):
+    key, token = issued(apikey(duration=duration, renewBefore=renew_before, gracePeriod="0s"))
+    most, lapsed = _run_schedule(key, token, seconds=600)
+    assert lapsed == 0, f"the key had no valid token for {lapsed} s"
+    assert most <= TOKENS_PER_KEY + 20
+
+
+def test_a_spec_renewing_every_second_or_rotation_requests_every_second_stay_near_the_bound():
+    year = apikey(duration="8760h", renewBefore="8759h59m59s", gracePeriod="0s")
+    key, token = issued(year)
+    assert _run_schedule(key, token, seconds=300) == (TOKENS_PER_KEY, 0)
+    key, token = issued(apikey(duration="1h", renewBefore="30m", gracePeriod="0s"))
+    assert _run_schedule(key, token, seconds=300, asks_every=1) == (TOKENS_PER_KEY, 0)
