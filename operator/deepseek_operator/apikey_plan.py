@@ -479,20 +479,16 @@ def plan_apikey(
         # The Secret holds a token this operator signed for this key but never recorded: it is replaced, so revoke
         # it too rather than leave it valid and unknown.
         revoke[str(secret_claims["jti"])] = int(secret_claims["exp"])
-    if at_bound:
-        # What must stop working is revoked all the same; only the new token waits for the oldest to age out.
+    if at_bound or (reason is not None and issuer.signing_key is None):
+        # No new token now (too many out: it waits for the oldest to age out; or nothing to sign with yet): revoke
+        # what must go all the same and stop pointing at a revoked token.
         if current_id in revoke:
             for name in TOKEN_FIELDS:
                 status.pop(name, None)
-        held_until = min(revocation_prune_time(_ts(item.get("expiresAt"))) for item in recent)
-        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events), held_until=held_until,
-                          held_reason=reason)
-    if reason is not None and issuer.signing_key is None:
-        # Cannot sign yet: revoke what must go and stop pointing at a revoked token.
-        if current_id in revoke:
-            for name in TOKEN_FIELDS:
-                status.pop(name, None)
-        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events))
+        if not at_bound:
+            return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events))
+        return ApiKeyPlan(status=status, revoke=revoke, limits=limits, events=tuple(events), held_reason=reason,
+                          held_until=min(revocation_prune_time(_ts(item.get("expiresAt"))) for item in recent))
     if reason is None and status.get("renewalTime") != format_timestamp(lifetime_end - renew_before):
         status["renewalTime"] = format_timestamp(lifetime_end - renew_before)
     return ApiKeyPlan(

@@ -240,9 +240,14 @@ def _rfc3339_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _ready(status: dict[str, Any]) -> dict[str, Any]:
+    """An ApiKey's Ready condition ({} when it has none yet)."""
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+
+
 def _held_rotation(status: dict[str, Any]) -> str | None:
     """The Ready condition's message when the key's next token is held back (too many tokens out), else None."""
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = _ready(status)
     return str(ready.get("message")) if ready.get("reason") in ("RotationHeld", "TokenLimitReached") else None
 
 
@@ -254,7 +259,7 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
     status = apikey.get("status") or {}
     if not status.get("tokenId"):
         # Nothing to rotate: waiting for the operator would only time out. Say why the key has no token.
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = _ready(status)
         why = (f"Ready={ready.get('status')}, {ready.get('reason')}: {ready.get('message')}" if ready
                else "the operator has not reported on it yet")
         raise PluginError(f"ApiKey {kube.namespace}/{args.name} has no token to rotate yet ({why}); it gets its first "
@@ -300,7 +305,7 @@ def cmd_env(kube: Kube, args: argparse.Namespace) -> int:
     data = (secret.data or {}) if secret is not None else {}
     missing = [name for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL") if name not in data]
     if secret is None or missing:
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = _ready(status)
         why = f" (Ready={ready.get('status')}, {ready.get('reason')}: {ready.get('message')})" if ready else ""
         raise PluginError(f"Secret {kube.namespace}/{secret_name} of ApiKey {args.name} "
                           f"{'does not exist' if secret is None else 'has no ' + ', '.join(missing)} yet{why}")
