@@ -1,5 +1,10 @@
 """The pre-delete hook that empties the CRDs before `helm uninstall` deletes them (crds.keep=false): rendered only
-then, with RBAC that lists and deletes the two kinds and nothing else, created in order before its Job."""
+then, and only where Helm talks to a cluster (never by a plain `helm template`), with RBAC that lists and deletes the
+two kinds and nothing else, created in order before its Job.
+
+`helm template` here has no cluster, so the tests of the hook's objects render them with crds.cleanupHookOffline, which
+renders the same template body; tests/e2e/test_uninstall_cleanup.py installs with real helm and shows that an install
+against a cluster renders (and an uninstall runs) the hook without it."""
 
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ HOOK_VERBS = {("deepseek.ai", "apikeys"): {"list", "deletecollection"},
               ("deepseek.ai", "deepseekdeployments"): {"list", "deletecollection"}}
 
 
+# crds.keep=false, with the hook rendered by `helm template` as `helm install` renders it against a cluster
+KEEP_FALSE = ("crds.keep=false", "crds.cleanupHookOffline=true")
+
+
 def hook_objects(*sets: str) -> list[dict]:
     return [d for d in render(*sets) if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
 
@@ -23,16 +32,39 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 
 def test_hook_renders_only_when_the_chart_deletes_the_crds():
-    assert sorted(d["kind"] for d in hook_objects("crds.keep=false")) == [
+    assert sorted(d["kind"] for d in hook_objects(*KEEP_FALSE)) == [
         "ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
     # The CRDs are kept (the default), or not the chart's: `helm uninstall` deletes no ApiKey, nothing to empty.
-    for sets in ((), ("crds.keep=true",), ("crds.enabled=false",), ("crds.enabled=false", "crds.keep=false")):
+    for sets in ((), ("crds.keep=true",), ("crds.enabled=false",), ("crds.enabled=false", "crds.keep=false"),
+                 ("crds.cleanupHookOffline=true",), ("crds.enabled=false", *KEEP_FALSE)):
         assert hook_objects(*sets) == [], sets
 
 
+def test_helm_template_renders_no_cleanup_job_that_applying_its_output_would_run():
+    """`helm template` (no cluster: its lookups find nothing) leaves the hook out with crds.keep=false, so a tool that
+    applies the output as plain objects (kubectl apply, kustomize's helmCharts) creates no Job that deletes every
+    ApiKey at once. With crds.cleanupHookOffline it is rendered, for tools that run pre-delete hooks as hooks."""
+    def names(*sets: str) -> set[tuple[str, str]]:
+        return {(d["kind"], d["metadata"]["name"]) for d in render(*sets)}
+
+    for sets in (("crds.keep=false",), ("crds.keep=false", "watchNamespaces={team-a}")):
+        assert ("Job", HOOK) not in names(*sets), sets
+        assert hook_objects(*sets) == [], sets
+    assert not [d for d in render("crds.keep=false") if d["kind"] == "Job"]
+    assert ("Job", HOOK) in names(*KEEP_FALSE)
+    # Only the hook's four objects differ; the CRDs still go with the release (no resource-policy: keep).
+    assert names(*KEEP_FALSE) - names("crds.keep=false") == {(d["kind"], d["metadata"]["name"])
+                                                              for d in hook_objects(*KEEP_FALSE)}
+    crd = next(d for d in render("crds.keep=false") if d["kind"] == "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "crds.keep=false",
+               "--set", "crds.cleanupHookOffline=yes", check=False)
+    assert out.returncode != 0 and "cleanupHookOffline" in out.stderr
+
+
 def test_hook_job_runs_the_operator_image_before_delete_and_keeps_a_failed_run_for_its_log():
-    docs = render("crds.keep=false")
-    [job] = by_kind(hook_objects("crds.keep=false"), "Job")
+    docs = render(*KEEP_FALSE)
+    [job] = by_kind(hook_objects(*KEEP_FALSE), "Job")
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     operator = deployment["spec"]["template"]["spec"]
     # Not one of the operator's pods for its Deployment, PodDisruptionBudget or NetworkPolicy.
@@ -64,7 +96,7 @@ def test_hook_job_runs_the_operator_image_before_delete_and_keeps_a_failed_run_f
 
 
 def test_hook_timeout_is_a_value():
-    [job] = by_kind(hook_objects("crds.keep=false", "crds.cleanupTimeout=10m30s"), "Job")
+    [job] = by_kind(hook_objects(*KEEP_FALSE, "crds.cleanupTimeout=10m30s"), "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--timeout") + 1] == "10m30s"
     assert job["spec"]["activeDeadlineSeconds"] == 630 + 120
@@ -74,7 +106,7 @@ def test_hook_timeout_is_a_value():
 
 
 def test_hook_rbac_lists_and_deletes_the_two_kinds_everywhere_and_nothing_else():
-    docs = hook_objects("crds.keep=false")
+    docs = hook_objects(*KEEP_FALSE)
     [role] = by_kind(docs, "ClusterRole")
     assert role["metadata"]["name"] == HOOK
     assert granted(role["rules"]) == HOOK_VERBS
@@ -89,7 +121,7 @@ def test_hook_rbac_lists_and_deletes_the_two_kinds_everywhere_and_nothing_else()
 def test_hook_in_namespaced_mode_acts_in_the_watched_namespaces_with_rights_that_need_none_of_them():
     """Its rights are cluster-scoped objects, so that Helm can create them at uninstall even when a watched namespace
     was deleted meanwhile (a Role there would fail the whole uninstall); the command names the watched namespaces."""
-    docs = hook_objects("crds.keep=false", "watchNamespaces={team-a,team-b}")
+    docs = hook_objects(*KEEP_FALSE, "watchNamespaces={team-a,team-b}")
     assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
     assert not [d for d in docs if d["metadata"].get("namespace") not in (None, "ops")]
     [role] = by_kind(docs, "ClusterRole")
@@ -104,7 +136,7 @@ def test_hook_in_namespaced_mode_acts_in_the_watched_namespaces_with_rights_that
 
 @pytest.mark.parametrize("sets", [(), ("watchNamespaces={team-a,team-b}",)])
 def test_hook_account_and_rbac_exist_before_the_job_and_go_with_it(sets):
-    docs = hook_objects("crds.keep=false", *sets)
+    docs = hook_objects(*KEEP_FALSE, *sets)
     weight = {(d["kind"], d["metadata"].get("namespace")): int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
               for d in docs}
     role_kinds = ("ClusterRole", "ClusterRoleBinding")
@@ -122,21 +154,22 @@ def test_hook_account_and_rbac_exist_before_the_job_and_go_with_it(sets):
 
 
 def test_lint_is_clean_with_the_hook():
-    assert by_kind(hook_objects("crds.keep=false", "watchNamespaces={team-a}"), "Job")
-    out = helm("lint", str(CHART), "--strict", "--set", "crds.keep=false", "--set", "watchNamespaces={team-a}")
+    assert by_kind(hook_objects(*KEEP_FALSE, "watchNamespaces={team-a}"), "Job")
+    out = helm("lint", str(CHART), "--strict", "--set", "crds.keep=false", "--set", "crds.cleanupHookOffline=true",
+               "--set", "watchNamespaces={team-a}")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_helm_template_with_no_hooks_leaves_the_hook_out_and_the_rest_in():
-    """What the README tells those who render the chart for a GitOps tool: `--no-hooks` drops the hook's objects
-    (whose Job, applied as a plain object, would delete every ApiKey at once), and nothing else."""
+    """With the hook rendered offline, `--no-hooks` drops the hook's objects (whose Job, applied as a plain object,
+    would delete every ApiKey at once), and nothing else."""
     def kinds(*flags: str) -> list[tuple[str, str]]:
         out = helm("template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION,
-                   "--set", "crds.keep=false", *flags)
+                   "--set", "crds.keep=false", "--set", "crds.cleanupHookOffline=true", *flags)
         return sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out.stdout) if d)
 
     with_hooks, without = kinds(), kinds("--no-hooks")
-    hook = sorted((d["kind"], d["metadata"]["name"]) for d in hook_objects("crds.keep=false"))
+    hook = sorted((d["kind"], d["metadata"]["name"]) for d in hook_objects(*KEEP_FALSE))
     assert ("Job", HOOK) in hook
     assert without == sorted(set(with_hooks) - set(hook))
     assert ("CustomResourceDefinition", "apikeys.deepseek.ai") in without

@@ -1,7 +1,8 @@
 """`helm uninstall` of a release installed with crds.keep=false, on devcluster through real helm: the chart's
-pre-delete hook deletes every ApiKey and DeepSeekDeployment while the operator still runs, so each key's tokens are
-revoked and the CRDs and the tenants' namespaces go, none left `Terminating`. With the operator not running, the
-uninstall fails and the hook's Job says which keys are left, instead of leaving them and their namespace stuck.
+pre-delete hook (rendered by the install, which talks to the cluster) deletes every ApiKey and DeepSeekDeployment
+while the operator still runs, so each key's tokens are revoked and the CRDs and the tenants' namespaces go, none left
+`Terminating`. With the operator not running, the uninstall fails and the hook's Job says which keys are left,
+instead of leaving them and their namespace stuck.
 
 A cluster of its own: the uninstall deletes the CRDs (which the session's other tests install with kubectl, and which
 the chart could not take over).
@@ -96,6 +97,10 @@ def test_uninstall_with_the_operator_stopped_fails_naming_the_keys_left(release)
 
 def test_uninstall_revokes_every_key_and_leaves_nothing_terminating(release):
     cluster = release
+    # `helm install` rendered the hook because it talked to the cluster (crds.cleanupHookOffline is not set; a plain
+    # `helm template` leaves the hook out).
+    hooks = cluster.helm("get", "hooks", RELEASE, "--namespace", OPS).stdout
+    assert f"name: {HOOK}" in hooks and "kind: Job" in hooks, hooks
     key = issued_key(cluster, TENANT, "bob")
     token_id = key["status"]["tokenId"]
     signing_keys = kubectl_json(cluster, "get", "secrets", "-n", OPS, "-l",
