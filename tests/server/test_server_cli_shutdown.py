@@ -221,6 +221,42 @@ def test_sigterm_answers_a_request_on_an_open_keep_alive_connection_then_closes_
         assert proc.wait(30) in (0, -signal.SIGTERM)
 
 
+def test_sigterm_answers_a_request_begun_before_it_with_connection_close(tiny_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """A request the server is answering when SIGTERM comes (its response not started yet) is answered with
+    "Connection: close", so the client does not send its next request on a connection about to close."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_models["llama"]).eos_token_id
+    env = {"DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu",
+           "DEEPSEEK_MAX_NEW_TOKENS": "500", "DEEPSEEK_MAX_MODEL_LEN": "512"}
+    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "60",
+                         "--drain-idle-s", "10"], env=env, log_dir=tmp_path) as (url, proc), \
+            httpx.Client(base_url=url, timeout=120) as client:
+        before = client.get("/v1/models")  # the connection the request will use, kept alive
+        assert before.status_code == 200 and before.headers.get("connection") != "close"
+        answers: list[httpx.Response] = []
+        # 500 tokens for sure (a seed, the end-of-sequence token banned): a second or more of work on this CPU
+        body = {"model": "tiny", "prompt": "long", "max_tokens": 500, "temperature": 1.0, "seed": 5,
+                "logit_bias": {str(eos): -100}}
+        asking = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=body)))
+        asking.start()
+
+        def in_flight() -> bool:
+            metrics = httpx.get(f"{url}/metrics", timeout=5).text
+            return "deepseek_requests_in_flight 1.0" in metrics
+
+        wait_for("the completion to be in flight", in_flight, timeout=60, interval=0.02)
+        proc.send_signal(signal.SIGTERM)
+        asking.join(120)
+        assert not asking.is_alive()
+        [answer] = answers
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.json()["usage"]["completion_tokens"] == 500
+        assert answer.headers.get("connection") == "close"
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+
+
 def _refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=2)
