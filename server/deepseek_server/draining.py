@@ -94,8 +94,6 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.draining.active = True  # requests from now on are answered with Connection: close
-        for connection in list(self.server_state.connections):  # and those begun before, where still possible
-            _close_after_answer(connection)
         for server in self.servers:  # no new connections
             server.close()
         for sock in sockets or []:
@@ -116,7 +114,7 @@ class DrainingServer(uvicorn.Server):
                     await self.on_grace_over()
             for connection in list(self.server_state.connections):
                 if _busy(connection):
-                    _close_after_answer(connection)  # a request that began just before the stop
+                    _close_after_answer(connection)  # one begun before the stop (the first pass runs at once)
                     idle_since.pop(connection, None)  # answered with Connection: close, then closed by uvicorn
                 elif now - idle_since.setdefault(connection, now) >= self.idle_close_s:
                     connection.shutdown()  # idle: uvicorn closes it
