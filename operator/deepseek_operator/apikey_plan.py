@@ -29,6 +29,8 @@ ROTATE_ANNOTATION = "deepseek.ai/rotate"
 # lifetime, and an expired token is replaced, so that no key lapses on its own schedule: at most one token per half
 # lifetime more, 52 at the very most (a 10 s duration).
 TOKENS_PER_KEY = 32
+# The Ready reasons of a key whose next token waits for TOKENS_PER_KEY (valid token kept / none left).
+HELD_READY_REASONS = ("RotationHeld", "TokenLimitReached")
 TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash",
                 "tokenScopes")
 ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
@@ -536,11 +538,11 @@ def apikey_conditions(
                 "have until the oldest expires (each rotation, scope change or lost Secret gives one; a new ApiKey "
                 "starts afresh)")
         if status.get("tokenId") and _ts(status.get("expiresAt")) > now:
-            ready = Condition("Ready", True, "RotationHeld",
+            ready = Condition("Ready", True, HELD_READY_REASONS[0],
                               f"token {status['tokenId']} is in Secret {status.get('secretName')}, expires "
                               f"{status.get('expiresAt')}; {wait}")
         else:
-            ready = Condition("Ready", False, "TokenLimitReached", f"no valid token: {wait}")
+            ready = Condition("Ready", False, HELD_READY_REASONS[1], f"no valid token: {wait}")
     elif secret_write_error:
         ready = Condition("Ready", False, "SecretWriteFailed",
                           f"{secret_write_error}; retrying with backoff, no new token is issued meanwhile")

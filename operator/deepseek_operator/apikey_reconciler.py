@@ -20,6 +20,7 @@ from typing import Any
 
 from . import failpoints
 from .apikey_plan import (
+    HELD_READY_REASONS,
     TOKEN_FIELDS,
     ApiKeyEvent,
     IssuerView,
@@ -402,9 +403,10 @@ class ApiKeyReconciler:
                                        secret_write_error=failure.message if failure else None,
                                        auth_config_full=auth_full, held_reason=plan.held_reason,
                                        held_until=plan.held_until)
-        if conditions[0].reason in ("RotationHeld", "TokenLimitReached") and conditions[0].reason != \
-                condition_reason(previous_status.get("conditions"), "Ready"):
-            events.append(ApiKeyEvent("Warning", conditions[0].reason, conditions[0].message))
+        ready_now = conditions[0]
+        if (ready_now.reason in HELD_READY_REASONS
+                and ready_now.reason != condition_reason(previous_status.get("conditions"), "Ready")):
+            events.append(ApiKeyEvent("Warning", ready_now.reason, ready_now.message))
         status["conditions"] = merge_conditions(previous_status.get("conditions"), conditions,
                                                 now=format_timestamp(now), generation=generation)
         status["observedGeneration"] = generation

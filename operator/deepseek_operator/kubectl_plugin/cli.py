@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ..apikey_plan import ROTATE_ANNOTATION
+from ..apikey_plan import HELD_READY_REASONS, ROTATE_ANNOTATION
 from ..names import GROUP, VERSION, apikey_secret_name
 from ..revision import compute_revision
 from ..rollout import ABORT_ANNOTATION, PROMOTE_ANNOTATION, RETRY_ANNOTATION
@@ -248,7 +248,7 @@ def _ready(status: dict[str, Any]) -> dict[str, Any]:
 def _held_rotation(status: dict[str, Any]) -> str | None:
     """The Ready condition's message when the key's next token is held back (too many tokens out), else None."""
     ready = _ready(status)
-    return str(ready.get("message")) if ready.get("reason") in ("RotationHeld", "TokenLimitReached") else None
+    return str(ready.get("message")) if ready.get("reason") in HELD_READY_REASONS else None
 
 
 def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
