@@ -84,7 +84,7 @@ def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, s
     engine = NoopEngine(model_name=MODEL) if engine_kind == "noop" else None
     app = create_app(settings, engine=engine, record_requests=record)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                timeout_keep_alive=settings.keep_alive_s)
+                timeout_keep_alive=settings.keep_alive_s, server_header=False)  # as `deepseek-server serve` runs it
 
 
 class ServerProcess:

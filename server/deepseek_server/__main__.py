@@ -53,7 +53,8 @@ def serve(options: dict[str, Any]) -> int:
     api = create_app(settings)
     config = uvicorn.Config(ConnectionCloseWhenDraining(api, draining), host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-                            lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False)
+                            lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False,
+                            server_header=False)  # no `server: uvicorn`: responses do not name the software
     services = api.state.services
 
     async def end_running_requests() -> None:

@@ -204,6 +204,15 @@ def test_sigterm_ends_requests_still_running_when_the_grace_is_over(tmp_path: Pa
     assert sorted(r["status"] for r in records if r["path"] == "/v1/completions") == [200, 200]
 
 
+def test_responses_do_not_name_the_server_software(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    env = {"DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu"}
+    with server_process(["--auth", "disabled", "--model-name", "tiny"], env=env, log_dir=tmp_path) as (url, _):
+        answers = [httpx.get(f"{url}/health"), httpx.get(f"{url}/v1/models"), httpx.get(f"{url}/v1/nowhere"),
+                   httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})]
+    assert [answer.status_code for answer in answers] == [200, 200, 404, 200]
+    assert [answer.headers.get("server") for answer in answers] == [None] * 4
+
+
 def test_sigterm_answers_a_request_on_an_open_keep_alive_connection_then_closes_it(tiny_models: dict[str, Path],
                                                                                   tmp_path: Path) -> None:
     # Behind a Service the pod has left the endpoints by now: a client whose next request on its open connection is
