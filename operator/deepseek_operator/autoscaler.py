@@ -112,10 +112,12 @@ class Load:
 
 @dataclass(frozen=True)
 class Sample:
-    """One recommendation and when it was made (epoch seconds)."""
+    """One recommendation and when it was made (epoch seconds). A partial one (a ready pod did not report: a busy
+    pod's /metrics can time out) is a lower bound: it counts towards scaling up, and is no evidence for scaling down."""
 
     at: float
     replicas: int
+    complete: bool = True
 
 
 def recommend(total_load: float, settings: AutoscalingSettings) -> int:
@@ -144,17 +146,20 @@ def stabilize(history: Sequence[Sample], current: int, now: float, settings: Aut
     up = window_values(history, now, settings.scale_up_window)
     if up is not None and min(up) > current:
         return min(up)
-    down = window_values(history, now, settings.scale_down_window)
+    down = window_values([sample for sample in history if sample.complete], now, settings.scale_down_window)
     if down is not None and max(down) < current:
         return max(down)
     return current
 
 
 def trim_history(history: Sequence[Sample], now: float, settings: AutoscalingSettings) -> list[Sample]:
-    """What stabilization still needs: the samples of the longest window and the one in force at its start."""
+    """What stabilization still needs: the samples of the longest window and the one in force at its start (and the
+    complete one in force then, for the down-window)."""
     start = now - max(settings.scale_up_window, settings.scale_down_window)
     before = [sample for sample in history if sample.at <= start]
-    return [*before[-1:], *(sample for sample in history if sample.at > start)]
+    complete_before = [sample for sample in before if sample.complete]
+    kept = [*complete_before[-1:], *(before[-1:] if before[-1:] != complete_before[-1:] else [])]
+    return [*kept, *(sample for sample in history if sample.at > start)]
 
 
 @dataclass(frozen=True)
@@ -309,7 +314,7 @@ class Autoscaler:
         with self._guard:
             history = self._histories.setdefault(key, [])
             if load is not None and rollout is None:
-                history.append(Sample(now, recommend(load.total, settings)))
+                history.append(Sample(now, recommend(load.total, settings), load.complete))
             history[:] = trim_history(history, now, settings)
             snapshot = list(history)
         decision = decide(settings, current=current, load=load, history=snapshot, now=now, rollout=rollout,

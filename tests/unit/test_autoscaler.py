@@ -69,6 +69,21 @@ def test_trim_keeps_what_the_longest_window_needs() -> None:
     assert trim_history(samples, NOW, SETTINGS) == history((300, 3), (119, 2), (0, 1))
 
 
+def test_a_partial_reading_before_the_load_drops_does_not_shorten_the_down_window() -> None:
+    # Busy at 3 replicas; 5 s before the load drops, one pod is too busy to answer /metrics and the two others are
+    # between requests. The down-window (120 s) runs from the drop, not from that reading.
+    busy = [Sample(NOW - 130, 3), Sample(NOW - 125, 1, complete=False)]
+    idle = [Sample(NOW - age, 1) for age in range(120, -1, -10)]  # the load dropped 120 s ago
+    assert stabilize([*busy, *idle[:-1]], 3, NOW - 5, SETTINGS) == 3
+    assert stabilize([*busy, *idle], 3, NOW, SETTINGS) == 1
+    # a partial reading is a lower bound: it still counts towards scaling up
+    assert stabilize([Sample(NOW - 40, 4), Sample(NOW - 10, 4, complete=False)], 1, NOW, SETTINGS) == 4
+    assert stabilize([Sample(NOW - 40, 4), Sample(NOW - 10, 2, complete=False)], 1, NOW, SETTINGS) == 2
+    # trimming keeps the complete reading in force at the down-window's start
+    assert trim_history([*busy, *idle], NOW - 2, SETTINGS) == [*busy, *idle]
+    assert trim_history([*busy, *idle], NOW, SETTINGS) == idle
+
+
 def test_decide_scales_up_and_down_with_words() -> None:
     up = decide(SETTINGS, current=1, load=Load(14, 1, 1), history=history((40, 4), (0, 4)), now=NOW, rollout=None,
                 pending_for_gpus=0)
