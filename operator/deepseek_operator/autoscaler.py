@@ -157,8 +157,9 @@ def trim_history(history: Sequence[Sample], now: float, settings: AutoscalingSet
     complete one in force then, for the down-window)."""
     start = now - max(settings.scale_up_window, settings.scale_down_window)
     before = [sample for sample in history if sample.at <= start]
-    complete_before = [sample for sample in before if sample.complete]
-    kept = [*complete_before[-1:], *(before[-1:] if before[-1:] != complete_before[-1:] else [])]
+    kept = before[-1:]
+    if kept and not kept[0].complete:
+        kept = [sample for sample in before if sample.complete][-1:] + kept
     return [*kept, *(sample for sample in history if sample.at > start)]
 
 
