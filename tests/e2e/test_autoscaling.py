@@ -20,6 +20,7 @@ from devcluster.testing.load import StreamLoad
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 UP_WINDOW, DOWN_WINDOW = 5, 20
+LOOK_INTERVAL = 1  # DEEPSEEK_OPERATOR_AUTOSCALE_INTERVAL below: status shows a reading up to one interval after it
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +80,30 @@ def test_replicas_follow_a_load_ramp_without_failed_requests(world: World) -> No
         assert status["lastScaleReason"] and "in flight" in status["lastScaleReason"]
         world.wait_event("ScaledUp")
         served_at_peak = load.answered()
-        wait_for("traffic on three replicas", lambda: load.answered() >= served_at_peak + 20, 180)
+        # The down-window runs from the operator's last reading above target. The 16-stream client can dip to two
+        # requests in flight for a moment before the ramp-down, and the operator rightly reads that as 1 replica: the
+        # window is measured from the last recommendation above 1 the test saw, or the ramp-down if that is earlier.
+        last_above = [time.monotonic()]
 
+        def traffic_on_three() -> bool:
+            if (scaling(world).get("recommendedReplicas") or 0) > 1:
+                last_above[0] = time.monotonic()
+            return load.answered() >= served_at_peak + 20
+
+        wait_for("traffic on three replicas", traffic_on_three, 180)
         ramp_down = time.monotonic()
         load.set_concurrency(1)
-        wait_for("back to 1 replica at one stream",
-                 lambda: scaling(world).get("desiredReplicas") == 1 and len(server_pods(world, "blue")) == 1, 420)
-        down_seconds = time.monotonic() - ramp_down
-        assert down_seconds >= DOWN_WINDOW, "scaled down before the down-window was over"
+
+        def back_to_one() -> bool:
+            now = scaling(world)
+            if (now.get("recommendedReplicas") or 0) > 1:
+                last_above[0] = time.monotonic()
+            return now.get("desiredReplicas") == 1 and len(server_pods(world, "blue")) == 1
+
+        wait_for("back to 1 replica at one stream", back_to_one, 420)
+        down_seconds = time.monotonic() - min(ramp_down, last_above[0])
+        assert down_seconds >= DOWN_WINDOW - LOOK_INTERVAL, (
+            f"scaled down {down_seconds:.1f} s after the load was last above target: before the down-window was over")
         served_after = load.answered()
         wait_for("traffic on the remaining replica", lambda: load.answered() >= served_after + 5, 120)
     assert load.failures == [], f"{len(load.failures)} failed request(s): {load.failures[:5]}"
