@@ -85,22 +85,19 @@ def test_replicas_follow_a_load_ramp_without_failed_requests(world: World) -> No
         # window is measured from the last recommendation above 1 the test saw, or the ramp-down if that is earlier.
         last_above = [time.monotonic()]
 
-        def traffic_on_three() -> bool:
-            if (scaling(world).get("recommendedReplicas") or 0) > 1:
-                last_above[0] = time.monotonic()
-            return load.answered() >= served_at_peak + 20
-
-        wait_for("traffic on three replicas", traffic_on_three, 180)
-        ramp_down = time.monotonic()
-        load.set_concurrency(1)
-
-        def back_to_one() -> bool:
+        def noting_above() -> dict[str, Any]:
+            """`status.autoscaling`, noting the time when it recommends more than one replica."""
             now = scaling(world)
             if (now.get("recommendedReplicas") or 0) > 1:
                 last_above[0] = time.monotonic()
-            return now.get("desiredReplicas") == 1 and len(server_pods(world, "blue")) == 1
+            return now
 
-        wait_for("back to 1 replica at one stream", back_to_one, 420)
+        wait_for("traffic on three replicas",
+                 lambda: noting_above() is not None and load.answered() >= served_at_peak + 20, 180)
+        ramp_down = time.monotonic()
+        load.set_concurrency(1)
+        wait_for("back to 1 replica at one stream",
+                 lambda: noting_above().get("desiredReplicas") == 1 and len(server_pods(world, "blue")) == 1, 420)
         down_seconds = time.monotonic() - min(ramp_down, last_above[0])
         assert down_seconds >= DOWN_WINDOW - LOOK_INTERVAL, (
             f"scaled down {down_seconds:.1f} s after the load was last above target: before the down-window was over")
