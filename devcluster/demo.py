@@ -167,9 +167,8 @@ The tiny DeepSeek-style model is serving behind the active Service, proxied to {
   {demo.cluster.env()}
   kubectl get dsd,ak -n {ns}
 
-  export OPENAI_API_KEY=$(kubectl get secret demo-user-apikey -n {ns} \\
-        -o jsonpath='{{.data.OPENAI_API_KEY}}' | base64 -d)
-  export OPENAI_BASE_URL={demo.base_url}
+  # OPENAI_API_KEY from the key's Secret; OPENAI_BASE_URL the proxy's, not the in-cluster address the Secret has
+  eval "$(kubectl deepseek env demo-user -n {ns} --base-url {demo.base_url})"
 
   curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
        -H 'Content-Type: application/json' \\

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -57,6 +58,24 @@ def test_demo_prints_a_working_openai_example(running_demo):
                                            messages=[{"role": "user", "content": "Hello!"}])
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0
+
+    # What the user is told to paste, run as printed from the repository root: the exports (the key through
+    # `kubectl deepseek env`), the curl, and the OpenAI-client snippet.
+    lines = text.splitlines()
+    shell = lines[next(i for i, line in enumerate(lines) if "export PATH=" in line):
+                  next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/python - <<"))]
+    snippet = lines[next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/python - <<")):
+                    next(i for i, line in enumerate(lines) if line == "PY") + 1]
+    exports = [line for line in shell if "curl" not in line and not line.strip().startswith(("-H", "-d"))]
+    curl = subprocess.run(["bash", "-ec", "\n".join(shell)], cwd=demo.REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert curl.returncode == 0, f"exit {curl.returncode}: {curl.stdout}{curl.stderr}"
+    answer = json.loads(curl.stdout.splitlines()[-1])  # after the `kubectl get dsd,ak` table
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] > 0
+    client = subprocess.run(["bash", "-ec", "\n".join(exports + snippet)], cwd=demo.REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert client.returncode == 0 and client.stdout.strip(), client.stderr
+    assert running_demo.api_key not in curl.stdout + curl.stderr + client.stdout + client.stderr
 
 
 def test_chart_installed_crds_and_operator_from_chart_settings(running_demo):

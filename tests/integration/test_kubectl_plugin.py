@@ -142,6 +142,13 @@ def test_keys_env_and_rotate(world: Cluster, kubeconfig: str) -> None:
     token = secret_value(world, "alice-apikey", "api-key")
     assert exports.splitlines() == [f"export OPENAI_API_KEY={token}",
                                     f"export OPENAI_BASE_URL=http://chat.{ns}.svc:8000/v1"]
+    # from outside the cluster (a port-forward, an Ingress): the key with another base URL
+    local = ok(plugin(kubeconfig, "env", "alice", "-n", ns, "--base-url", "http://127.0.0.1:8000/v1/"))
+    assert local.splitlines() == [f"export OPENAI_API_KEY={token}", "export OPENAI_BASE_URL=http://127.0.0.1:8000/v1"]
+    for bad in ("127.0.0.1:8000/v1", "ftp://gateway/v1", "http:///v1", "http://gateway/v1?x=1"):
+        refused = plugin(kubeconfig, "env", "alice", "-n", ns, "--base-url", bad)
+        assert refused.returncode == 2 and "is not an http(s) URL" in refused.stderr, refused.stderr
+        assert token not in refused.stdout + refused.stderr
 
     # rotate: a new token now, the old one in its grace period; one rotation per request.
     out = ok(plugin(kubeconfig, "rotate", "alice", "-n", ns))

@@ -12,6 +12,7 @@ import base64
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -303,14 +304,26 @@ def cmd_env(kube: Kube, args: argparse.Namespace) -> int:
     secret = kube.call(f"reading Secret {kube.namespace}/{secret_name}", kube.core.read_namespaced_secret,
                        secret_name, kube.namespace)
     data = (secret.data or {}) if secret is not None else {}
-    missing = [name for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL") if name not in data]
+    needed = ("OPENAI_API_KEY",) if args.base_url else ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+    missing = [name for name in needed if name not in data]
     if secret is None or missing:
         ready = _ready(status)
         why = f" (Ready={ready.get('status')}, {ready.get('reason')}: {ready.get('message')})" if ready else ""
         raise PluginError(f"Secret {kube.namespace}/{secret_name} of ApiKey {args.name} "
                           f"{'does not exist' if secret is None else 'has no ' + ', '.join(missing)} yet{why}")
-    print(env_exports({name: base64.b64decode(data[name]).decode() for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}))
+    values = {name: base64.b64decode(data[name]).decode() for name in needed}
+    if args.base_url:
+        values["OPENAI_BASE_URL"] = args.base_url
+    print(env_exports(values))
     return 0
+
+
+def base_url(value: str) -> str:
+    """An http(s) URL for --base-url, without a trailing slash (the OpenAI clients add their own)."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return value.rstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -367,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print shell exports of an ApiKey's OPENAI_API_KEY and OPENAI_BASE_URL, "
                                      "e.g. eval \"$(kubectl deepseek env alice)\". The output holds the token.")
     env.add_argument("name", metavar="KEY", help="ApiKey name")
+    env.add_argument("--base-url", type=base_url, metavar="URL",
+                     help="export this OPENAI_BASE_URL instead of the Secret's, which is the in-cluster Service "
+                          "address: for a client outside the cluster, e.g. through `kubectl port-forward "
+                          "svc/<deployment> 8000` (http://127.0.0.1:8000/v1) or an Ingress")
     env.set_defaults(run=cmd_env)
     return parser
 
