@@ -16,6 +16,7 @@ import pytest
 from deepseek_server.app import create_app
 from deepseek_server.engine.base import GenerationRequest, TextDelta
 from deepseek_server.engine.batched import BatchedEngine
+from deepseek_server.engine.json_constraint import JsonMatcher
 from deepseek_server.engine.loading import load_model
 
 from devcluster.testing.model_server import ServerThread, tiny_settings
@@ -68,6 +69,43 @@ async def test_one_batch_keeps_each_requests_own_rules(loaded) -> None:  # type:
             assert together == by_itself, f"row {index} ({requests[index]}) changed in the batch"
         assert len({text for text, _ in results[:len(PROMPTS)]}) > 1, "distinct prompts, yet one answer for all"
         assert results[-1][1].completion_tokens == 3 and results[-1][1].finish_reason == "length"
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("failing", ["mask", "accept"])
+async def test_a_failure_in_one_rows_json_constraint_fails_that_row_alone(
+        loaded, failing: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A row's own token shaping (its grammar's mask, or its grammar taking the sampled token) failing mid-batch ends
+    that request with the error; its batch-mates get the answers they get alone."""
+    engine = BatchedEngine(loaded, model_name="m", max_batch_size=8, batch_wait_s=0.05)
+    await engine.start()
+    try:
+        no_eos = without_eos(loaded)
+        plain = [GenerationRequest(engine.encode_text(text), 8, temperature=0.0, logit_bias=no_eos)
+                 for text in PROMPTS[:3]]
+        alone = [await solo(engine, r) for r in plain]
+        real = getattr(JsonMatcher, failing)
+        calls = 0
+
+        def fail_at_the_third_step(self, *args):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise RuntimeError("the grammar lost its place")
+            return real(self, *args)
+
+        monkeypatch.setattr(JsonMatcher, failing, fail_at_the_third_step)
+        constrained = GenerationRequest(engine.encode_text(PROMPTS[3]), 8, temperature=0.0, logit_bias=no_eos,
+                                        json_schema=json.dumps({"type": "object", "required": ["answer"],
+                                                                "properties": {"answer": {"type": "string"}}}))
+        results = await asyncio.gather(*(engine.submit(r).collect() for r in [*plain, constrained]),
+                                       return_exceptions=True)
+        assert isinstance(results[-1], RuntimeError) and "the grammar lost its place" in str(results[-1])
+        assert results[:-1] == alone
+        assert calls >= 3
+        # the engine goes on serving
+        assert await solo(engine, plain[0]) == alone[0]
     finally:
         await engine.stop()
 

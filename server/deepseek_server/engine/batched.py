@@ -454,19 +454,25 @@ class BatchedEngine:
 
     def _pick(self, rows: list[_Row], active: list[int], logits: torch.Tensor, shared: torch.Generator
               ) -> dict[int, int]:
-        """Sample each active row's next token after its own penalties, logit bias and JSON constraint."""
+        """Sample each active row's next token after its own penalties, logit bias and JSON constraint. A row whose
+        own shaping fails is failed alone (done, with the error) and gets no token; the others go on."""
         shaped = [i for i in active if rows[i].shapes_logits]
         if shaped:
             logits = logits.to(torch.float32, copy=True)  # the raw logits stay for log-probabilities
             for i in shaped:
                 row, request = rows[i], rows[i].stream.request
-                adjusted = logits[i]
-                if row.counts is not None:
-                    adjusted = penalize(adjusted, row.counts, request.presence_penalty, request.frequency_penalty)
-                adjusted = bias(adjusted, request.logit_bias)
-                if row.matcher is not None:
-                    adjusted = row.matcher.mask(adjusted)
-                logits[i] = adjusted
+                try:
+                    adjusted = logits[i]
+                    if row.counts is not None:
+                        adjusted = penalize(adjusted, row.counts, request.presence_penalty,
+                                            request.frequency_penalty)
+                    adjusted = bias(adjusted, request.logit_bias)
+                    if row.matcher is not None:
+                        adjusted = row.matcher.mask(adjusted)
+                    logits[i] = adjusted
+                except Exception as exc:
+                    self._fail([row], exc)
+            active = [i for i in active if not rows[i].done]
         return sample_rows(logits, active, [r.stream.request.temperature for r in rows],
                            [r.stream.request.top_p for r in rows], [r.generator for r in rows], shared)
 
@@ -534,6 +540,8 @@ class BatchedEngine:
                     picked = self._pick(rows, active, batch.logits, shared)
                     next_tokens = [pad] * len(rows)
                     for i in active:
+                        if i not in picked:  # failed alone while its token was picked
+                            continue
                         row, token = rows[i], picked[i]
                         request = row.stream.request
                         next_tokens[i] = token
@@ -546,7 +554,11 @@ class BatchedEngine:
                                 row.counts = torch.zeros(batch.logits.shape[-1], device=batch.logits.device)
                             row.counts[token] += 1
                         if row.matcher is not None:
-                            row.matcher.accept(token)
+                            try:
+                                row.matcher.accept(token)
+                            except Exception as exc:  # this row's grammar alone: the others go on
+                                self._fail([row], exc)
+                                continue
                         logprobs = () if request.logprobs is None else (
                             self._logprob(batch.logits[i], token, request.logprobs),)
                         text = row.assembler.add(token)

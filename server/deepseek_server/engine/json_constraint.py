@@ -30,8 +30,10 @@ class JsonGrammars:
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_ids))
         self._compiler = xgrammar.GrammarCompiler(info)
-        # special tokens other than the end of sequence decode to nothing: never let them into the JSON
-        self._banned = sorted(set(getattr(tokenizer, "all_special_ids", []) or []) - stop_ids)
+        # special tokens other than the end of sequence decode to nothing: never let them into the JSON. A tokenizer
+        # can know special tokens past the model's vocabulary, which the model never produces (no logit to mask).
+        self._banned = sorted(token for token in set(getattr(tokenizer, "all_special_ids", []) or []) - stop_ids
+                              if token < vocab_size)
         self._compile = functools.lru_cache(maxsize=64)(self._compile_uncached)
 
     def _compile_uncached(self, schema: str) -> Any:
@@ -67,8 +69,11 @@ class JsonMatcher:
         self._grammars._xgr.apply_token_bitmask_inplace(allowed, self._bitmask)
         if masked.shape[-1] > width:  # padding rows of the embedding past the tokenizer's vocabulary
             masked[:, width:] = float("-inf")
-        if self._grammars._banned:
-            masked[:, self._grammars._banned] = float("-inf")
+        banned = self._grammars._banned
+        if banned and banned[-1] >= masked.shape[-1]:  # logits narrower than the configured vocabulary
+            banned = [token for token in banned if token < masked.shape[-1]]
+        if banned:
+            masked[:, banned] = float("-inf")
         return masked.squeeze(0).to(logits.device)
 
     def accept(self, token: int) -> None:

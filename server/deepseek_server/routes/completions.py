@@ -83,6 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     except Exception as exc:  # template errors are the caller's messages not fitting the model's format
         raise APIError(400, f"The messages could not be formatted with the model's chat template: {exc}",
                        param="messages", code="invalid_value") from exc
+    _refuse_tokens_outside_vocabulary(engine, prompt_ids, "messages")
     call = plan_call(services, engine, "chat", body, prompt_ids, body.requested_max_tokens(), "messages", max_param)
     return await respond(services, request, principal, engine, call)
 
@@ -117,9 +118,11 @@ async def completions(body: CompletionRequest, request: Request,
         encoded = await _encode(encode_all, prompts, sum(len(p) for p in prompts if isinstance(p, str)))
     calls = []
     fingerprint = None  # the request's: the same for each of its prompts
-    for prompt_ids in encoded:
+    for prompt, prompt_ids in zip(prompts, encoded, strict=True):
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+        if isinstance(prompt, str):  # token ids as sent were checked as they came
+            _refuse_tokens_outside_vocabulary(engine, prompt_ids, "prompt")
         calls.append(plan_call(services, engine, "text", body, prompt_ids,
                                body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt",
                                fingerprint=fingerprint))
@@ -127,6 +130,18 @@ async def completions(body: CompletionRequest, request: Request,
     call = calls[0] if len(calls) == 1 else dataclasses.replace(
         calls[0], prompt_tokens=sum(c.prompt_tokens for c in calls), requests=[r for c in calls for r in c.requests])
     return await respond(services, request, principal, engine, call)
+
+
+def _refuse_tokens_outside_vocabulary(engine: Any, prompt_ids: list[int], param: str) -> None:
+    """400 for text that the tokenizer turned into a token the model has no embedding for: a special token the
+    tokenizer adds beyond the model's vocabulary (a checkpoint can ship one), written out in the text."""
+    vocab_size = getattr(engine, "vocab_size", None)
+    if vocab_size is None or max(prompt_ids, default=0) < vocab_size:
+        return
+    outside = sorted({token for token in prompt_ids if token >= vocab_size})
+    raise APIError(400, f"Text in `{param}` encodes to token ids outside the model's vocabulary "
+                   f"(0..{vocab_size - 1}): {outside[:5]}, most likely a special token of the tokenizer written out "
+                   "in the text. Leave it out.", param=param, code="invalid_value")
 
 
 def _in_vocabulary(engine: Any, prompt_ids: list[int]) -> list[int]:
