@@ -65,7 +65,7 @@ async def relay_call(services: Services, request: Request, principal: Principal,
         if cached is not None:
             return cached
     request.state.cache = "miss"
-    raw = await request.body()  # already read and validated; relayed as sent
+    raw = _without_null_parameters(await request.body())  # already read and validated; relayed as sent
     reserve = prompt_bound(raw, engine.max_model_len) + (requested_max or ceiling) * body.choices()
     lease = await admit(services, request, principal, reserve)
     client_left = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -152,6 +152,17 @@ def _client_gone(request: Request) -> APIError:
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _without_null_parameters(raw: bytes) -> bytes:
+    """The request's JSON without top-level `null` members. In OpenAI's API (and this server's schema) `null` means
+    "not sent", but vLLM refuses it for some parameters (`"n": null` on /v1/completions is a 400 there). A body
+    without the bytes `null` anywhere (the usual case) is relayed untouched, as is one whose `null` is elsewhere."""
+    if b"null" not in raw:
+        return raw
+    document = json.loads(raw)
+    kept = {name: value for name, value in document.items() if value is not None}
+    return raw if len(kept) == len(document) else json.dumps(kept).encode()
 
 
 def _asking_for_usage(raw: bytes, body: SamplingFields) -> bytes:

@@ -125,6 +125,29 @@ def test_chat_and_completion_through_the_gateway(client: openai.OpenAI) -> None:
     assert text.usage is not None and 1 <= text.usage.completion_tokens <= 6
 
 
+def test_null_parameters_count_as_not_sent(gateway: ServerThread, token_factory: Callable[..., str]) -> None:
+    """`null` is "not sent" in OpenAI's API; vLLM itself refuses `"n": null` on /v1/completions (400), so the gateway
+    leaves null members out of what it relays."""
+    headers = {"authorization": f"Bearer {token_factory()}"}
+    nulls = {"n": None, "temperature": None, "top_p": None, "seed": None, "stop": None, "user": None,
+             "presence_penalty": None, "logit_bias": None, "response_format": None, "stream_options": None}
+    for path, body in (("/v1/completions", {"prompt": "The quick brown fox", "logprobs": None, "echo": None}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": None, "top_logprobs": None,
+                                                 "max_completion_tokens": None})):
+        for stream in (False, True):
+            response = httpx.post(f"{gateway.url}{path}", headers=headers, timeout=60,
+                                  json={"model": MODEL, "max_tokens": 3, "stream": stream, **nulls, **body})
+            assert response.status_code == 200, (path, stream, response.text)
+            if stream:
+                assert response.text.rstrip().endswith("data: [DONE]") and '"error"' not in response.text
+            else:
+                assert len(response.json()["choices"]) == 1
+    # the text of a message may hold the word null: relayed unchanged, and answered
+    said = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=60,
+                      json={"model": MODEL, "prompt": "null", "max_tokens": 2, "temperature": 0})
+    assert said.status_code == 200 and said.json()["usage"]["prompt_tokens"] >= 1
+
+
 def test_prompts_of_token_ids_and_several_prompts_reach_the_engine(client: openai.OpenAI) -> None:
     ids = client.completions.create(model=MODEL, prompt=[71, 112, 230], max_tokens=3, temperature=0)
     assert ids.usage is not None and ids.usage.prompt_tokens == 3 and len(ids.choices) == 1
