@@ -132,23 +132,30 @@ async def completions(body: CompletionRequest, request: Request,
     return await respond(services, request, principal, engine, call)
 
 
+def _outside_vocabulary(engine: Any, prompt_ids: list[int]) -> tuple[int, list[int]] | None:
+    """(the vocabulary size, the prompt's token ids the model has no embedding for, in order) where there are any."""
+    vocab_size = getattr(engine, "vocab_size", None)
+    if vocab_size is None or max(prompt_ids, default=0) < vocab_size:
+        return None
+    return vocab_size, [token for token in prompt_ids if token >= vocab_size]
+
+
 def _refuse_tokens_outside_vocabulary(engine: Any, prompt_ids: list[int], param: str) -> None:
     """400 for text that the tokenizer turned into a token the model has no embedding for: a special token the
     tokenizer adds beyond the model's vocabulary (a checkpoint can ship one), written out in the text."""
-    vocab_size = getattr(engine, "vocab_size", None)
-    if vocab_size is None or max(prompt_ids, default=0) < vocab_size:
-        return
-    outside = sorted({token for token in prompt_ids if token >= vocab_size})
-    raise APIError(400, f"Text in `{param}` encodes to token ids outside the model's vocabulary "
-                   f"(0..{vocab_size - 1}): {outside[:5]}, most likely a special token of the tokenizer written out "
-                   "in the text. Leave it out.", param=param, code="invalid_value")
+    found = _outside_vocabulary(engine, prompt_ids)
+    if found is not None:
+        vocab_size, outside = found
+        raise APIError(400, f"Text in `{param}` encodes to token ids outside the model's vocabulary "
+                       f"(0..{vocab_size - 1}): {sorted(set(outside))[:5]}, most likely a special token of the "
+                       "tokenizer written out in the text. Leave it out.", param=param, code="invalid_value")
 
 
 def _in_vocabulary(engine: Any, prompt_ids: list[int]) -> list[int]:
     """A prompt of token ids, as sent: 400 for an id the model has no token for."""
-    vocab_size = getattr(engine, "vocab_size", None)
-    outside = [token for token in prompt_ids if vocab_size is not None and token >= vocab_size]
-    if outside:
+    found = _outside_vocabulary(engine, prompt_ids)
+    if found is not None:
+        vocab_size, outside = found
         raise APIError(400, f"The prompt has token ids outside the vocabulary (0..{vocab_size - 1}): {outside[:5]}.",
                        param="prompt", code="invalid_value")
     return prompt_ids
