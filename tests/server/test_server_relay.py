@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.testing.model_server import TOKENS_UID, ServerThread, SigningKey, mint, write_auth_dir
+from devcluster.testing.polling import wait_for
 from devcluster.testing.ports import free_port
 
 MODEL = "standin"
@@ -38,11 +39,13 @@ class StandInEngine:
         self.waiting = 0
         self.aborted = 0
         self.holding = 0  # requests held before their answer starts ("hold the headers")
+        self.health_delay_s = 0.0  # how long /health takes (a busy engine)
         self.app = FastAPI()
         app = self.app
 
         @app.get("/health")
         async def health() -> PlainTextResponse:
+            await asyncio.sleep(self.health_delay_s)
             return PlainTextResponse("")
 
         @app.get("/v1/models")
@@ -114,9 +117,8 @@ class StandInEngine:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[tuple[StandInEngine, ServerThread]]:
-    engine = StandInEngine()
+def serve(engine: StandInEngine) -> ServerThread:
+    """The stand-in on a port of its own, once its /health answers."""
     server = ServerThread(engine.app)
     server.thread.start()
     deadline = time.monotonic() + 30
@@ -126,6 +128,13 @@ def standin() -> Iterator[tuple[StandInEngine, ServerThread]]:
             break
         except httpx.HTTPError:
             time.sleep(0.05)
+    return server
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[tuple[StandInEngine, ServerThread]]:
+    engine = StandInEngine()
+    server = serve(engine)
     yield engine, server
     server.stop()
 
@@ -357,6 +366,45 @@ def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: C
         assert response.json()["error"]["code"] == "model_not_ready"
     finally:
         server.stop()
+
+
+def test_a_busy_engine_that_answers_its_health_check_late_keeps_serving(auth_dir: Path,
+                                                                         token_factory: Callable[..., str]) -> None:
+    """One late health check is a busy engine, not a lost one: requests are still relayed. Only after
+    PROBE_TIMEOUTS_BEFORE_NOT_READY late checks in a row does the gateway stop admitting (503, the reason says why),
+    and it admits again once the engine answers in time."""
+    from deepseek_server.engine.openai_upstream import PROBE_TIMEOUTS_BEFORE_NOT_READY
+
+    engine = StandInEngine()
+    engine_server = serve(engine)
+    settings = ServerSettings(engine="vllm", engine_url=engine_server.url, model_name=MODEL, auth_dir=auth_dir,
+                              engine_connect_timeout_s=0.2)  # health checks time out after 2.2 s
+    gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    try:
+        engine.health_delay_s = 3.0
+        deadline = time.monotonic() + 2.2 * (PROBE_TIMEOUTS_BEFORE_NOT_READY - 1)  # before the last late check ends
+        answered = 0
+        while time.monotonic() < deadline:
+            response = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body, timeout=30)
+            assert response.status_code == 200, response.text
+            answered += 1
+            time.sleep(0.2)
+        assert answered >= 5
+        ready = wait_for("the gateway to give the engine up", lambda: (
+            lambda r: r if r.status_code == 503 else None)(httpx.get(f"{gateway.url}/ready", timeout=5)),
+            timeout=30, interval=0.2)
+        assert f"{PROBE_TIMEOUTS_BEFORE_NOT_READY} health check(s) in a row timed out" in ready.json()["error"]
+        refused = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
+        engine.health_delay_s = 0.0
+        wait_for("the gateway to admit again", lambda: httpx.get(f"{gateway.url}/ready", timeout=5).status_code
+                 == 200, timeout=30, interval=0.2)
+        again = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body, timeout=30)
+        assert again.status_code == 200
+    finally:
+        gateway.stop()
+        engine_server.stop()
 
 
 def test_gateway_imports_no_torch(tmp_path: Path) -> None:

@@ -25,6 +25,10 @@ RETRY_AFTER_S = "5"
 CONTEXT_EXCEEDED = "maximum context length is"
 WAITING_METRIC = b"vllm:num_requests_waiting"
 WARM_PROMPT = "Hello"
+# A health check that times out while the engine is ready is taken for a busy engine (vLLM answers /health on the
+# event loop that also tokenizes and streams every request) until this many in a row have; then the engine is not
+# ready. A refused or dropped connection, or an unhealthy answer, is taken at once.
+PROBE_TIMEOUTS_BEFORE_NOT_READY = 3
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
 # never reused at the moment the engine closes it.
 KEEPALIVE_EXPIRY_S = 4.0
@@ -98,6 +102,7 @@ class OpenAIUpstreamEngine:
         # scrape of the gateway's /metrics (`refresh_queue_depth`)
         self.queue_depth = 0
         self._ready = False
+        self._probe_timeouts = 0  # health checks in a row that timed out
         self._client: EngineHTTPClient | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._recheck = asyncio.Event()
@@ -181,9 +186,19 @@ class OpenAIUpstreamEngine:
     async def _probe(self) -> None:
         try:
             health = await self._fetch("GET", "/health", timeout=self.connect_timeout_s + 2.0)
-        except (EngineConnectionError, EngineTimeout) as exc:
+        except TimeoutError as exc:  # EngineTimeout (no headers in time) or a body that did not come in time
+            self._probe_timeouts += 1
+            if self._ready and self._probe_timeouts < PROBE_TIMEOUTS_BEFORE_NOT_READY:
+                log.warning("inference engine at %s did not answer its health check in time (%d in a row); still "
+                            "serving it", self.base_url, self._probe_timeouts)
+                return
+            self._mark(False, f"engine at {self.base_url} unreachable: {str(exc) or 'no answer in time'} "
+                              f"({self._probe_timeouts} health check(s) in a row timed out)")
+            return
+        except EngineConnectionError as exc:
             self._mark(False, f"engine at {self.base_url} unreachable: {exc}")
             return
+        self._probe_timeouts = 0
         if health.status_code != 200:
             self._mark(False, f"engine health check answered {health.status_code}")
             return
