@@ -1,6 +1,7 @@
 """Seeded random OpenAI requests (valid parameters in random combinations, `null` included) and a check of OpenAI's
-contract on each answer: a 200 with every choice, `[DONE]` and no error event in a stream, JSON where JSON mode
-finished, or a 400 in OpenAI's error shape; never a 5xx. Used by the server tests on each engine."""
+contract on each answer: a 200 with every choice, `[DONE]` and no error event in a stream (unless the engine refuses
+parameters in the stream, as vLLM does), JSON where JSON mode finished, or a 400 in OpenAI's error shape; never a
+5xx. Used by the server tests on each engine."""
 
 from __future__ import annotations
 
