@@ -39,7 +39,13 @@ def _constraints(schema: dict[str, Any]) -> str:
             parts.append(f"{label} {value}")
     for rule in schema.get("x-kubernetes-validations", []):
         parts.append(f"rule: {rule.get('message', rule['rule'])}")
+    for rule in schema.get("items", {}).get("x-kubernetes-validations", []):  # each item's rules
+        parts.append(f"rule: {rule.get('message', rule['rule'])}")
     return "; ".join(parts)
+
+
+# Kubernetes types the schema embeds whole: one row each, the fields are Kubernetes' own (`kubectl explain`).
+EMBEDDED = {"spec.scheduling.affinity": "dsd.spec.scheduling.affinity"}
 
 
 def _rows(schema: dict[str, Any], prefix: str, required: set[str]) -> list[str]:
@@ -47,11 +53,13 @@ def _rows(schema: dict[str, Any], prefix: str, required: set[str]) -> list[str]:
     for name, prop in schema.get("properties", {}).items():
         path = f"{prefix}.{name}" if prefix else name
         desc = " ".join(str(prop.get("description", "")).split()).replace("|", "\\|")
+        if path in EMBEDDED:
+            desc += f" Its fields: `kubectl explain {EMBEDDED[path]} --recursive`."
         req = "yes" if name in required else ""
         constraints = _constraints(prop).replace("|", "\\|")
         rows.append(f"| `{path}` | {_type(prop)} | {req} | {desc} | {constraints} |")
         child = prop.get("items", prop) if prop.get("type") == "array" else prop
-        if child.get("properties"):
+        if child.get("properties") and path not in EMBEDDED:
             rows += _rows(child, path + ("[]" if prop.get("type") == "array" else ""), set(child.get("required", [])))
     return rows
 

@@ -177,10 +177,19 @@ def quantity_value(quantity: int | float | str) -> float:
     return float(text)  # plain, or with an exponent (`2e3`)
 
 
+# More torch threads than any node has CPUs only adds switching; the cap also keeps a quantity the schema lets
+# through (`1e400` is a number to its pattern, and infinite to Python) from breaking the pod's command line.
+MAX_TORCH_THREADS = 1024
+
+
 def cpu_threads(cpu: int | float | str) -> int:
     """The builtin engine's torch threads for a replica that requests `cpu`: that many CPUs, rounded up, at least 1
-    (a CPU quantity of `1500m` keeps two threads busy part of the time rather than one all of it)."""
-    return max(1, math.ceil(quantity_value(cpu) - 1e-9))
+    (a CPU quantity of `1500m` keeps two threads busy part of the time rather than one all of it), at most
+    `MAX_TORCH_THREADS`."""
+    value = quantity_value(cpu)
+    if not value < MAX_TORCH_THREADS:  # also infinity
+        return MAX_TORCH_THREADS
+    return max(1, math.ceil(value - 1e-9))
 
 
 def shutdown_grace(spec: dict[str, Any]) -> int:

@@ -112,6 +112,74 @@ INVALID = [
                    "--shutdown-timeout=5")],
     ("engine env name with a dash", edited(DSD, "spec.engine", {"name": "vllm", "env": [{"name": "A-B"}]}),
      "spec.engine.env[0].name in body should match"),
+    # What the API server would refuse in the pods is refused here, at apply, rather than in a rollout.
+    ("image with a space", edited(DSD, "spec.image", "deepseek-server: 1"), "image must not contain spaces"),
+    ("vllm image with a trailing newline", edited(DSD, "spec.engine", {"name": "vllm", "image": "vllm/vllm-openai\n"}),
+     "engine.image must not contain spaces or other whitespace"),
+    ("gpu resource without a domain", edited(DSD, "spec.resources", {"gpuResourceName": "gpu"}),
+     "resources.gpuResourceName must be an extended resource name with a domain"),
+    ("cpu as the gpu resource", edited(DSD, "spec.resources", {"gpuResourceName": "cpu"}),
+     "resources.gpuResourceName must be an extended resource name with a domain"),
+    ("subPath leaving the volume",
+     edited(DSD, "spec.model.source", {"pvc": {"claimName": "w", "subPath": "m/../../x"}}),
+     "model.source.pvc.subPath must be a relative path inside the volume, without '..'"),
+    ("absolute subPath", edited(DSD, "spec.model.source", {"pvc": {"claimName": "w", "subPath": "/m"}}),
+     "model.source.pvc.subPath must be a relative path inside the volume"),
+    ("hostPath with ..", edited(DSD, "spec.model.source", {"hostPath": {"path": "/models/../etc"}}),
+     "model.source.hostPath.path must not contain '..'"),
+    ("claim name not a DNS name", edited(DSD, "spec.model.source", {"pvc": {"claimName": "Weights_1"}}),
+     "spec.model.source.pvc.claimName in body should match"),
+    ("token secret key with a slash",
+     edited(DSD, "spec.model.source", {"huggingFace": {"tokenSecretRef": {"name": "hf", "key": "a/b"}}}),
+     "spec.model.source.huggingFace.tokenSecretRef.key in body should match"),
+    ("empty redis secret key", edited(DSD, "spec.redis", {"secretRef": {"name": "r", "key": ""}}),
+     "spec.redis.secretRef.key in body should be at least 1 chars long"),
+    ("redis port out of range", edited(DSD, "spec.redis", {"url": "redis://redis:65536/0"}),
+     "with a port from 0 to 65535"),
+    ("redis url without a host", edited(DSD, "spec.redis", {"url": "redis://"}), "redis.url must be redis://HOST"),
+    ("context shorter than the server takes", edited(DSD, "spec.server", {"maxModelLen": 8}),
+     "spec.server.maxModelLen in body should be greater than or equal to 16"),
+    ("toleration without key or Exists", edited(DSD, "spec.scheduling", {"tolerations": [{"operator": "Equal"}]}),
+     "a toleration without a key must use operator Exists"),
+    ("toleration Exists with a value",
+     edited(DSD, "spec.scheduling", {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]}),
+     "a toleration with operator Exists must not set a value"),
+    ("tolerationSeconds without NoExecute",
+     edited(DSD, "spec.scheduling", {"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule",
+                                                      "tolerationSeconds": 30}]}),
+     "tolerationSeconds applies to effect NoExecute only"),
+    ("toleration key with a space", edited(DSD, "spec.scheduling", {"tolerations": [{"key": "a b",
+                                                                                     "operator": "Exists"}]}),
+     "spec.scheduling.tolerations[0].key in body should match"),
+    ("node selector key with a space", edited(DSD, "spec.scheduling", {"nodeSelector": {"gpu pool": "a"}}),
+     "scheduling.nodeSelector keys must be label keys"),
+    ("node selector value too long", edited(DSD, "spec.scheduling", {"nodeSelector": {"pool": "p" * 64}}),
+     "may not be more than 63 bytes"),
+    ("priority class not a DNS name", edited(DSD, "spec.scheduling", {"priorityClassName": "High Priority"}),
+     "spec.scheduling.priorityClassName in body should match"),
+    ("misspelt affinity field", edited(DSD, "spec.scheduling", {"affinity": {"nodeAffinty": {}}}),
+     'unknown field "spec.scheduling.affinity.nodeAffinty"'),
+    ("node affinity without terms",
+     edited(DSD, "spec.scheduling", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": []}}}}),
+     "nodeSelectorTerms in body should have at least 1 items"),
+    ("node affinity In without values",
+     edited(DSD, "spec.scheduling", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In"}]}]}}}}),
+     "a node selector requirement with operator In or NotIn needs values"),
+    ("unknown node affinity operator",
+     edited(DSD, "spec.scheduling", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Contains", "values": ["a"]}]}]}}}}),
+     'Unsupported value: "Contains"'),
+    ("anti-affinity weight out of range",
+     edited(DSD, "spec.scheduling", {"affinity": {"podAntiAffinity": {
+         "preferredDuringSchedulingIgnoredDuringExecution": [
+             {"weight": 0, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}}),
+     "weight in body should be greater than or equal to 1"),
+    ("pod affinity without topologyKey",
+     edited(DSD, "spec.scheduling", {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+         {"labelSelector": {"matchLabels": {"app": "cache"}}}]}}}),
+     "topologyKey: Required value"),
 ]
 
 
@@ -120,6 +188,52 @@ def test_invalid_object_is_rejected_with_a_readable_message(crds, kubeconfig, na
     result = apply(kubeconfig, namespace, obj)
     assert result.returncode != 0, f"{case}: accepted"
     assert message in result.stderr, result.stderr
+
+
+def test_a_redis_url_with_a_password_is_refused_without_repeating_it(crds, kubeconfig, namespace):
+    """The URL would be on the pods' command line; the refusal names the fix and never quotes the URL."""
+    for url in ("redis://:s3cret-pw@redis:6379/0", "rediss://app:s3cret-pw@redis:99999"):
+        result = apply(kubeconfig, namespace, edited(DSD, "spec.redis", {"url": url}))
+        assert result.returncode != 0, url
+        assert "redis.url must not carry credentials" in result.stderr and "set redis.secretRef" in result.stderr
+        assert "s3cret-pw" not in result.stderr + result.stdout, result.stderr
+
+
+def test_scheduling_as_in_a_pod_spec_is_accepted(crds, kubeconfig, namespace, api_client):
+    """Everything a pod spec allows for placement still applies, and is stored as written."""
+    from kubernetes import client
+
+    scheduling = {
+        "nodeSelector": {"gpu.example.com/pool": "h200", "spot": ""},
+        "tolerations": [{"operator": "Exists"},
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "maintenance", "value": "soon", "effect": "NoExecute", "tolerationSeconds": 600}],
+        "priorityClassName": "inference-critical",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu.example.com/memory-gb", "operator": "Gt", "values": ["79"]},
+                                          {"key": "cordoned", "operator": "DoesNotExist"}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-node-7"]}]}]},
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "preference": {"matchExpressions": [
+                        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["eu-west-1a"]}]}}]},
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 50, "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "chat"}},
+                    "matchLabelKeys": ["pod-template-hash"]}}]},
+            "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"topologyKey": "topology.kubernetes.io/zone", "namespaces": ["cache"],
+                 "labelSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["kv-cache"]}]}}]},
+        },
+    }
+    obj = edited(edited(DSD, "spec.scheduling", scheduling), "spec.redis", {"url": "rediss://[fd00::1]:6380/2"})
+    result = apply(kubeconfig, namespace, obj)
+    assert result.returncode == 0, result.stderr
+    stored = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        "deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", "chat")
+    assert stored["spec"]["scheduling"] == scheduling
 
 
 def test_valid_objects_are_accepted_with_schema_defaults(crds, kubeconfig, namespace, api_client):

@@ -115,7 +115,8 @@ def test_server_args_follow_the_contract() -> None:
 
 
 @pytest.mark.parametrize(("cpu", "threads"), [("8", "8"), (4, "4"), ("500m", "1"), ("1500m", "2"), ("2.5", "3"),
-                                             ("1k", "1000"), ("2e1", "20")])
+                                             ("1k", "1000"), ("2e1", "20"), ("1024", "1024"),
+                                             ("1025", "1024"), ("1e20", "1024"), ("1e400", "1024"), ("5E", "1024")])
 def test_the_builtin_engine_gets_a_torch_thread_per_requested_cpu(cpu: str | int, threads: str) -> None:
     """A pod sees every core of its node: torch's threads come from the replica's CPU request, rounded up."""
     args = server_args(dsd(resources={"gpus": 0, "cpu": cpu}))
