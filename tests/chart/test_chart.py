@@ -337,6 +337,19 @@ def test_latency_alert_counts_api_requests_only():
     ("monitoring.prometheusRule.errorRateThreshold=5", "maximum"),
     ("replicaCount=0", "minimum"),
     ("leaderElection.leaseDuration=soon", "does not match pattern"),
+    # What the API server would refuse in the operator's own pod is refused before anything is installed.
+    ("resources.requests.cpu=100 m", "does not match pattern"),
+    ("resources.limits.memory=-1Gi", "does not match pattern"),
+    ("resources.limits.gpu=1", "invalid propertyName 'gpu'"),
+    ("resources.request.cpu=1", "additional properties 'request' not allowed"),
+    ("serviceAccount.name=Operator SA", "does not match pattern"),
+    ("priorityClassName=High", "does not match pattern"),
+    ("nodeSelector.pool=a b", "does not match pattern"),
+    ("podLabels._team=ml", "invalid propertyName"),
+    ("tolerations[0].operator=Exist", "value must be one of"),
+    ("tolerations[0].name=gpu", "additional properties 'name' not allowed"),
+    ("affinity.nodeAfinity.x=1", "additional properties 'nodeAfinity' not allowed"),
+    ("imagePullSecrets[0].name=Registry_1", "does not match pattern"),
 ])
 def test_schema_rejects_bad_values(setting, message):
     out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
