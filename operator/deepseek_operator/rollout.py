@@ -126,6 +126,21 @@ def _pod_waiting(pod: Mapping[str, Any]) -> str | None:
     return f"pod {name} is not ready yet"
 
 
+def _creation_refused(deployment: Mapping[str, Any]) -> str | None:
+    """Why the Deployment's pods cannot be created, as its controller reports it (`ReplicaFailure`: the API server
+    refused the pods, e.g. a PriorityClass that does not exist, a ResourceQuota or LimitRange they exceed, a
+    PodSecurity level they break), or None. Only while the controller has seen the current template: a condition of
+    the previous one says nothing about the new pods."""
+    status = deployment.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(deployment.get("metadata", {}).get("generation") or 0):
+        return None
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            detail = str(condition.get("message") or condition.get("reason") or "FailedCreate")
+            return f"the API server refuses to create its pods: {detail}"[:500]
+    return None
+
+
 def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any]], *, gpu_resource: str,
                   gpus_per_pod: int, events: Sequence[Mapping[str, Any]] = ()) -> ColorObservation:
     """Summarize a color from its Deployment (None when absent) and the pods that carry its color label
@@ -133,20 +148,23 @@ def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any
     if deployment is None:
         return ColorObservation(pods=len(pods))
     revision = (deployment["spec"]["template"]["metadata"].get("labels") or {}).get(REVISION_LABEL)
+    replicas = int(deployment["spec"].get("replicas", 0) or 0)
     current = [pod for pod in pods if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
                and not pod["metadata"].get("deletionTimestamp")]
     failures = [found for pod in current if (found := pod_failure(pod, events))]
     not_ready = [pod for pod in current if not _pod_ready(pod)]
+    # Pods that were never made say more than the ones that were: without them the color cannot be ready at all.
+    refused = _creation_refused(deployment) if len(current) < replicas else None
     return ColorObservation(
         exists=True,
         revision=revision,
-        replicas=int(deployment["spec"].get("replicas", 0) or 0),
+        replicas=replicas,
         ready_pods=tuple(sorted(pod["metadata"]["name"] for pod in current if _pod_ready(pod))),
         pods=len(pods),
         shortage=gpu_shortage(current, gpu_resource, gpus_per_pod),
         failure=failures[0].message if failures else None,
         failure_reason=failures[0].reason if failures else None,
-        waiting=_pod_waiting(not_ready[0]) if not_ready else None,
+        waiting=refused or (_pod_waiting(not_ready[0]) if not_ready else None),
     )
 
 

@@ -61,3 +61,18 @@ def test_a_missing_host_path_is_rolled_back_with_failed_mount(world: World) -> N
     assert status["rollout"]["reason"] == "FailedMount"
     assert missing in status["rollout"]["message"]
     assert world.condition("Degraded")["reason"] == "FailedMount"
+
+
+def test_pods_the_api_server_refuses_to_create_are_named_in_status_at_once(world: World) -> None:
+    """A PriorityClass that does not exist: the color's ReplicaSet cannot create a single pod. Status says so within
+    seconds (it used to say only "0/1 pod(s) of blue ready" until the deadline), and the rollback at the deadline
+    names it."""
+    world.create(scheduling={"priorityClassName": "no-such-class"}, rollout={"progressDeadlineSeconds": 30})
+    progressing = wait_for("the refusal in status", lambda: "no PriorityClass" in (
+        message := world.condition("Progressing").get("message", "")) and message, 30)
+    assert "the API server refuses to create its pods" in progressing
+    assert "no PriorityClass with name no-such-class was found" in progressing
+    assert world.condition("Ready")["status"] == "False"
+    status = _wait_degraded(world, 90)
+    assert status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    assert "no PriorityClass with name no-such-class was found" in status["rollout"]["message"]

@@ -482,6 +482,46 @@ def test_scaled_to_zero_starts_no_rollout() -> None:
     assert condition(decision, "Ready").reason == "ScaledToZero"
 
 
+REFUSED = 'pods "chat-green-5d8f9-" is forbidden: no PriorityClass with name inference was found'
+
+
+def _refused_deployment(replicas: int, *, generation: int = 2, observed_generation: int = 2) -> dict[str, Any]:
+    return {"metadata": {"generation": generation},
+            "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"deepseek.ai/revision": NEW}}}},
+            "status": {"observedGeneration": observed_generation, "conditions": [
+                {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+                {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": REFUSED}]}}
+
+
+def test_observe_color_reports_pods_the_api_server_refuses_to_create() -> None:
+    state = observe_color(_refused_deployment(2), [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    assert state.waiting == f"the API server refuses to create its pods: {REFUSED}"
+    # One pod made, one refused (a quota with room for one): the refusal is what keeps the color from being ready.
+    some = observe_color(_refused_deployment(2), [_pod("a", NEW, ready_=False)], gpu_resource="nvidia.com/gpu",
+                         gpus_per_pod=1)
+    assert some.waiting is not None and "no PriorityClass" in some.waiting
+    # Every pod made: whatever the condition says no longer holds them back.
+    made = observe_color(_refused_deployment(1), [_pod("a", NEW, ready_=False)], gpu_resource="nvidia.com/gpu",
+                         gpus_per_pod=1)
+    assert made.waiting == "pod a is not ready yet"
+    # The controller has not seen the new template yet: the condition is the previous template's.
+    stale = observe_color(_refused_deployment(2, generation=3), [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    assert stale.waiting is None
+
+
+def test_pods_the_api_server_refuses_are_named_while_starting_and_at_the_deadline() -> None:
+    state = observe_color(_refused_deployment(2), [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1)
+    green = ColorObservation(**{**state.__dict__, "replicas": 2})
+    decision = next_step(observed(stable_status(phase="Starting"), green=green))
+    assert decision.status["rollout"]["message"] == f"0/1 pod(s) of green ready; the API server refuses to " \
+                                                    f"create its pods: {REFUSED}"
+    assert "no PriorityClass with name inference" in condition(decision, "Progressing").message
+    assert condition(decision, "Ready").status is True  # blue keeps serving
+    late = next_step(observed(stable_status(phase="Starting"), green=green, now=NOW + 600))
+    assert late.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    assert "no PriorityClass with name inference" in late.status["rollout"]["message"]
+
+
 def test_observe_color_without_deployment() -> None:
     assert not observe_color(None, [], gpu_resource="nvidia.com/gpu", gpus_per_pod=1).exists
 
