@@ -62,6 +62,9 @@ def test_the_principal_carries_the_claims_and_when_the_token_became_valid() -> N
     (lambda: "%%%." + token().split(".", 1)[1], "not a well-formed token"),
     (lambda: segment({"alg": "none", "kid": "k1"}) + "." + segment(claims()) + ".", "only EdDSA"),
     (lambda: token(headers={"kid": "k2"}), "unknown key"),
+    # Critical extensions: none is supported, so a token that lists any is invalid (PyJWT supports only "b64").
+    (lambda: token(headers={"crit": ["exp"], "exp": 1}), "critical extensions"),
+    (lambda: token(headers={"crit": ["b64"], "b64": True}), "critical extensions"),
     # The payload of one token with the signature of another.
     (lambda: token().rsplit(".", 1)[0].rsplit(".", 1)[0] + "." + segment(claims(sub="mallory")) + "."
      + token().rsplit(".", 1)[1], "signature does not verify"),

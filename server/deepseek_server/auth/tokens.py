@@ -80,6 +80,9 @@ def verify_token(token: str, state: AuthState, clock: Callable[[], float] = time
         raise TokenRejected("The API key is not a well-formed token.") from exc
     if header.get("alg") != ALGORITHM:
         raise TokenRejected(f"The API key is signed with algorithm {header.get('alg')!r}; only EdDSA is accepted.")
+    if "crit" in header:  # RFC 7515 4.1.11: extensions a recipient does not understand make the token invalid
+        raise TokenRejected("The API key's header lists critical extensions (crit) that this server does not "
+                            "support.")
     kid = header.get("kid")
     key = state.keys.get(kid) if isinstance(kid, str) else None
     if key is None:
