@@ -142,6 +142,30 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
         client.models.retrieve("gpt-4")
 
 
+def test_a_model_named_like_its_hugging_face_repository_is_retrieved(auth_dir, token_factory) -> None:
+    """Deployments serve names such as `deepseek-ai/deepseek-llm-7b-chat`: the openai client sends the id in the URL
+    as it is, slash included."""
+    from deepseek_server.app import create_app
+    from deepseek_server.engine.noop import NoopEngine
+    from deepseek_server.settings import ServerSettings
+
+    name = "deepseek-ai/deepseek-llm-7b-chat"
+    settings = ServerSettings(model_name=name, auth_dir=auth_dir)
+    server = ServerThread(create_app(settings, engine=NoopEngine(model_name=name))).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=token_factory(), max_retries=0)
+        assert [m.id for m in client.models.list().data] == [name]
+        assert client.models.retrieve(name).id == name
+        escaped = httpx.get(f"{server.url}/v1/models/deepseek-ai%2Fdeepseek-llm-7b-chat",
+                            headers={"Authorization": f"Bearer {token_factory()}"})
+        assert escaped.status_code == 200 and escaped.json()["id"] == name
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("deepseek-ai/deepseek-llm-67b-chat")
+        assert missing.value.code == "model_not_found"
+    finally:
+        server.stop()
+
+
 def test_errors_are_the_clients_own_exceptions(llama_server: ServerThread, token_factory: Callable[..., str],
                                                client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:

@@ -172,7 +172,9 @@ async def list_models(request: Request, principal: Principal = Depends(require_s
     return ModelList(data=[card])
 
 
-@router.get("/v1/models/{model_id}")
+# `:path`: model ids are Hugging Face names such as `deepseek-ai/deepseek-llm-7b-chat`, and the openai client puts the
+# id into the URL as it is (`/v1/models/deepseek-ai/deepseek-llm-7b-chat`).
+@router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request,
                          principal: Principal = Depends(require_scope(None))) -> ModelCard:
     models = await list_models(request, principal)
