@@ -375,8 +375,10 @@ def plan_apikey(
     kept = []
     for item in status.get("previousTokens") or []:
         exp = _ts(item.get("expiresAt"))
-        if exp <= now:
-            continue
+        if exp + TOKEN_LEEWAY_SECONDS <= now:
+            continue  # no server accepts it any more
+        # A grace period that ends at the token's expiry (gracePeriod equal to renewBefore, or an operator that was
+        # down) still ends with a revocation: servers accept a token up to TOKEN_LEEWAY_SECONDS past its `exp`.
         if _ts(item.get("revokeAt")) <= now:
             revoke[item["tokenId"]] = exp
             events.append(ApiKeyEvent("Normal", "Revoked", f"Revoked token {item['tokenId']}: grace period ended"))
@@ -449,7 +451,7 @@ def plan_apikey(
         previous_revoke_at = grace_end
     at_bound = reason is not None and len(recent) >= TOKENS_PER_KEY and not (
         reason == "Expired" or (reason == "Renewal" and now >= lifetime_end - (lifetime_end - issued) / 2))
-    if reason and current_id and expires > now and previous_revoke_at is None and not (
+    if reason and current_id and expires + TOKEN_LEEWAY_SECONDS > now and previous_revoke_at is None and not (
             at_bound and reason in ("Renewal", "Requested", "ScopesWidened")):
         # (A rotation held back replaces nothing yet: with gracePeriod 0 its token would be revoked only for being
         # replaced. A lost, altered or narrowed token goes all the same.)

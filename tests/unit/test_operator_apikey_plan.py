@@ -464,6 +464,53 @@ def test_revoking_covers_a_token_just_past_its_exp_that_servers_still_accept():
     assert result.revoke == {"tok-1": NOW + 30}, "a token servers still accept was not revoked"
 
 
+def _renewed(key: dict, at: int) -> tuple[dict, str]:
+    """`key`'s first token (tok-1, issued at NOW) renewed at `at`: tok-1 in its grace period, tok-2 current."""
+    key, token = issued(key)
+    result = plan(key, token, now=at)
+    assert result.issue_reason == "Renewal"
+    return _issue_as_planned(key, result, token_id="tok-2", at=at)
+
+
+# gracePeriod equal to renewBefore: tok-1's grace period ends at its expiry, NOW + 120 (tok-2 expires at NOW + 220)
+GRACE_TO_EXPIRY = {"duration": "120s", "renewBefore": "20s", "gracePeriod": "20s"}
+
+
+def test_revoking_covers_a_token_in_grace_just_past_its_exp_that_servers_still_accept():
+    renewed, new_token = _renewed(apikey(**GRACE_TO_EXPIRY), at=NOW + 100)
+    result = plan(_with(renewed, revoked=True), new_token, now=NOW + 120 + 10)
+    assert result.revoke == {"tok-1": NOW + 120, "tok-2": NOW + 220}, "a token servers still accept was not revoked"
+
+
+@pytest.mark.parametrize("late", [0, 10, 29])
+def test_a_grace_period_ending_at_the_tokens_expiry_ends_with_a_revocation(late):
+    renewed, new_token = _renewed(apikey(**GRACE_TO_EXPIRY), at=NOW + 100)
+    assert renewed["status"]["previousTokens"][0]["revokeAt"] == ts(NOW + 120)
+    result = plan(renewed, new_token, now=NOW + 120 + late)  # servers accept tok-1 until NOW + 150
+    assert result.revoke == {"tok-1": NOW + 120} and "previousTokens" not in result.status
+    assert [e.reason for e in result.events] == ["Revoked"]
+
+
+def test_a_token_no_server_accepts_any_more_is_dropped_without_a_revocation():
+    renewed, new_token = _renewed(apikey(**GRACE_TO_EXPIRY), at=NOW + 100)
+    result = plan(renewed, new_token, now=NOW + 120 + 30)
+    assert result.revoke == {} and "previousTokens" not in result.status and not result.events
+
+
+def test_a_binding_change_revokes_a_token_in_grace_just_past_its_exp():
+    renewed, new_token = _renewed(apikey(duration="120s", renewBefore="60s", gracePeriod="10s"), at=NOW + 60)
+    # tok-1 expires at NOW + 120 and was in grace until NOW + 70; an operator that was down finds it at NOW + 130.
+    result = plan(_with(renewed, subject="mallory"), new_token, now=NOW + 130)
+    assert result.issue_reason == "BindingChanged"
+    assert result.revoke == {"tok-1": NOW + 120, "tok-2": NOW + 180}, "a token of the old subject still works"
+
+
+def test_an_expired_token_replaced_while_servers_still_accept_it_is_revoked():
+    key, token = issued(apikey())
+    result = plan(_with(key, subject="mallory"), token, now=NOW + 30 + 5)
+    assert result.issue_reason == "Expired" and result.revoke == {"tok-1": NOW + 30}
+
+
 def _annotated(key: dict, value: str) -> dict:
     return {**key, "metadata": {**key["metadata"], "annotations": {"deepseek.ai/rotate": value}}}
 
