@@ -34,7 +34,7 @@ HELD_READY_REASONS = ("RotationHeld", "TokenLimitReached")
 TOKEN_FIELDS = ("tokenId", "tokenSHA256", "signingKeyId", "issuedAt", "expiresAt", "renewalTime", "bindingHash",
                 "tokenScopes")
 ISSUE_EVENT = {"Initial": "Issued", "Unrevoked": "Issued"}
-WARNING_REASONS = {"SecretMissing", "SecretAltered"}
+WARNING_REASONS = {"SecretMissing", "SecretAltered", "TokenRevoked"}
 REASON_TEXT = {
     "Initial": "first token",
     "Unrevoked": "the key was un-revoked",
@@ -42,6 +42,7 @@ REASON_TEXT = {
     "Expired": "the previous token had expired",
     "SecretMissing": "the Secret or its token was missing; the lost token is revoked",
     "SecretAltered": "the token in the Secret was altered; the replaced token is revoked",
+    "TokenRevoked": "the current token was found in the deployment's revoked list",
     "BindingChanged": "subject, scopes or environment changed; the old token is revoked",
     "ScopesWidened": "scopes were added; the old token keeps its grace period",
     "SigningKeyRetired": "its signing key is no longer published",
@@ -437,6 +438,10 @@ def plan_apikey(
         reason = "SecretMissing"
     elif secret_sha != status.get("tokenSHA256"):
         reason = "SecretAltered"
+    elif current_id in issuer.revoked:
+        # Every server refuses it, whoever put it there (an operator of another version, a hand edit): a key that is
+        # not revoked gets a token that works instead of staying Ready with this one.
+        reason, detail = "TokenRevoked", f"token {current_id} was found in the deployment's revoked list"
     elif binding_changed:
         if widened:
             reason, previous_revoke_at = "ScopesWidened", grace_end

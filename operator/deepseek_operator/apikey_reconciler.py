@@ -270,6 +270,7 @@ class ApiKeyReconciler:
         apikey = observed if observed is not None else self._kube.get(APIKEYS, namespace, name)
         if apikey is None:
             return ReconcileResult(None, None)
+        from_event = observed is not None  # not read by this attempt: it may predate a write of ours
         finalizers = list(apikey["metadata"].get("finalizers") or [])
         if apikey["metadata"].get("deletionTimestamp"):
             if FINALIZER in finalizers:
@@ -284,6 +285,7 @@ class ApiKeyReconciler:
             apikey = self._kube.merge(APIKEYS, namespace, name, {"metadata": {
                 "finalizers": [*finalizers, FINALIZER], "resourceVersion": apikey["metadata"]["resourceVersion"]}})
             self._remember_own_write(apikey)
+            from_event = False
         meta, spec = apikey["metadata"], apikey["spec"]
         uid, generation = meta["uid"], int(meta.get("generation", 1))
         deployment = spec["deploymentRef"]["name"]
@@ -337,6 +339,14 @@ class ApiKeyReconciler:
         events = list(plan.events)
 
         changes: list[AuthChange] = []
+        if plan.revoke and from_event:
+            # Revocations go to the auth ConfigMap, a write that the key's resourceVersion does not guard: decided
+            # from an event's object older than a status write of ours (a reconcile that overtook this one), they
+            # could revoke the token that status and the Secret now hold. Decide again from a read if it changed.
+            fresh = self._kube.get(APIKEYS, namespace, name)
+            if fresh is None or fresh["metadata"]["resourceVersion"] != apikey["metadata"]["resourceVersion"]:
+                raise Conflict(409, "Conflict", f"ApiKey {namespace}/{name} changed since its watch event", "GET",
+                               name)
         if plan.revoke:
             changes.append(RevokeTokens(plan.revoke))
         if plan.limits is not None:

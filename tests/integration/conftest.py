@@ -260,6 +260,20 @@ class Cluster:
 
 
 @pytest.fixture
+def runtime(crds, kubeconfig) -> Iterator[Any]:
+    """The operator's reconcilers in this process (no kopf, no schedule: each reconcile is the test's call)."""
+    from deepseek_operator.kube import KubeApi, load_connection
+    from deepseek_operator.runtime import OperatorRuntime
+    from deepseek_operator.settings import OperatorSettings
+
+    settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
+    runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
+    runtime.issuers.signing_keys.prepare(create_namespace=True)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
 def world(api_client, namespace, operator) -> Cluster:
     """A namespace with the operator running."""
     return Cluster(api_client, namespace)

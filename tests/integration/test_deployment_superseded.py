@@ -11,16 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import KEY_NAMESPACE, Cluster, wait_for
+from conftest import Cluster, wait_for
 from deepseek_operator import failpoints
-from deepseek_operator.kube import KubeApi, load_connection
 from deepseek_operator.revision import compute_revision
-from deepseek_operator.runtime import OperatorRuntime
-from deepseek_operator.settings import OperatorSettings
 from kubernetes import client, watch
 
 pytestmark = pytest.mark.cluster
@@ -71,16 +67,6 @@ class RevisionsSeen(threading.Thread):
         except Exception:  # the namespace going away at the end ends the stream
             if not self.stopped.is_set():
                 raise
-
-
-@pytest.fixture
-def runtime(crds, kubeconfig) -> Iterator[OperatorRuntime]:
-    """The operator's reconcilers in this process (no kopf, no schedule: each reconcile is the test's call)."""
-    settings = OperatorSettings(all_namespaces=True, kubeconfig=kubeconfig, signing_key_namespace=KEY_NAMESPACE)
-    runtime = OperatorRuntime(settings, KubeApi(load_connection(kubeconfig)))
-    runtime.issuers.signing_keys.prepare(create_namespace=True)
-    yield runtime
-    runtime.close()
 
 
 def test_a_pass_overtaken_by_an_edit_applies_nothing_of_the_older_spec(runtime, api_client, namespace,

@@ -511,6 +511,17 @@ def test_an_expired_token_replaced_while_servers_still_accept_it_is_revoked():
     assert result.issue_reason == "Expired" and result.revoke == {"tok-1": NOW + 30}
 
 
+def test_a_current_token_in_the_revoked_list_is_replaced_with_a_warning():
+    key, token = issued(apikey())
+    result = plan(key, token, now=NOW + 2, view=issuer(revoked={"tok-1": NOW + 30}))
+    assert result.issue_reason == "TokenRevoked" and result.previous_revoke_at is None
+    event = issue_event(result.issue_reason, "tok-2", ts(NOW + 32), "alice-apikey", result.issue_detail)
+    assert event.type == "Warning" and "token tok-1 was found in the deployment's revoked list" in event.message
+    # A revoked token in its grace period only ends that grace period early.
+    renewed, new_token = _renewed(apikey(**GRACE_TO_EXPIRY), at=NOW + 100)
+    assert plan(renewed, new_token, now=NOW + 101, view=issuer(revoked={"tok-1": NOW + 120})).issue_reason is None
+
+
 def _annotated(key: dict, value: str) -> dict:
     return {**key, "metadata": {**key["metadata"], "annotations": {"deepseek.ai/rotate": value}}}
 
