@@ -90,6 +90,7 @@ BLOCKS: dict[tuple[str, ...], list[Any]] = {
 
 # Values a user could type into any field: boundaries, wrong kinds, and the strings the API server is strict about.
 STRINGS = ["", " ", "a", "A b", "x" * 63, "x" * 64, "x" * 254, "nvidia.com/gpu", "gpu", "cpu", "a/b/c", "a/", "/a",
+           "p" * 253 + "/k", "p" * 254 + "/k",
            "-a", "a-", "a_b", "é", "a\nb", "--model", "--port=1", "0", "-5", "1e400", "1e3", ".5", "5E", "1.",
            "100Mi", "1Ei", "redis://", "redis://r:99999", "redis://:pw@r:6379", "rediss://h:1/2", "http://x",
            "/", "/models", "../x", "a/../b", "main", "v1.2/x", "Exists", "Equal", "In", "NotIn", "Gt", "DoesNotExist",

@@ -153,6 +153,19 @@ INVALID = [
      "spec.scheduling.tolerations[0].key in body should match"),
     ("node selector key with a space", edited(DSD, "spec.scheduling", {"nodeSelector": {"gpu pool": "a"}}),
      "scheduling.nodeSelector keys must be label keys"),
+    # a label key's prefix is a DNS subdomain, at most 253 characters: 254 passed the key's pattern and the API
+    # server then refused the pods
+    ("node selector key prefix too long", edited(DSD, "spec.scheduling", {"nodeSelector": {"p" * 254 + "/k": "a"}}),
+     "scheduling.nodeSelector keys must be label keys"),
+    ("toleration key prefix too long", edited(DSD, "spec.scheduling", {"tolerations": [
+        {"key": "p" * 254 + "/k", "operator": "Exists"}]}),
+     "the prefix of a label key (before '/') must be at most 253 characters"),
+    ("topology key prefix too long", edited(DSD, "spec.scheduling", {"affinity": {"podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "podAffinityTerm": {"topologyKey": "p" * 254 + "/k"}}]}}}),
+     "the prefix of a label key (before '/') must be at most 253 characters"),
+    ("GPU resource name prefix too long", edited(DSD, "spec.resources", {"gpuResourceName": "p" * 254 + "/gpu"}),
+     "resources.gpuResourceName must be an extended resource name"),
     ("node selector value too long", edited(DSD, "spec.scheduling", {"nodeSelector": {"pool": "p" * 64}}),
      "may not be more than 63 bytes"),
     ("priority class not a DNS name", edited(DSD, "spec.scheduling", {"priorityClassName": "High Priority"}),
@@ -204,9 +217,10 @@ def test_scheduling_as_in_a_pod_spec_is_accepted(crds, kubeconfig, namespace, ap
     from kubernetes import client
 
     scheduling = {
-        "nodeSelector": {"gpu.example.com/pool": "h200", "spot": ""},
+        "nodeSelector": {"gpu.example.com/pool": "h200", "spot": "", "p" * 253 + "/longest-prefix": ""},
         "tolerations": [{"operator": "Exists"},
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "p" * 253 + "/k", "operator": "Exists"},
                         {"key": "maintenance", "value": "soon", "effect": "NoExecute", "tolerationSeconds": 600}],
         "priorityClassName": "inference-critical",
         "affinity": {
