@@ -494,9 +494,12 @@ def _verifying(b: _Builder) -> None:
 def _awaiting_promotion(b: _Builder) -> None:
     o = b.o
     revision = b.rollout["revision"]
-    if o.annotations.get(PROMOTE_ANNOTATION) == revision:
+    asked = o.annotations.get(PROMOTE_ANNOTATION) == revision
+    if asked or o.settings.auto_promote:
+        # spec.rollout.autoPromote turned on while waiting: the revision is verified, so it goes as it would have
         b.set_rollout(phase=PROMOTING, deadline=format_time(o.now + o.settings.progress_deadline),
-                      message=f"promotion asked for by {PROMOTE_ANNOTATION}")
+                      message=f"promotion asked for by {PROMOTE_ANNOTATION}" if asked else
+                      "spec.rollout.autoPromote was turned on: promoting the verified revision")
         b.again()
         return
     b.decision.requeue_after = o.settings.stable_interval

@@ -184,6 +184,13 @@ def test_manual_promotion_and_abort(world: World) -> None:
     service = world.core.read_namespaced_service("chat", world.namespace)
     assert service.spec.selector["deepseek.ai/revision"] == second
 
+    # turning autoPromote on promotes the verified revision that waits for its annotation
+    world.patch({"spec": {"model": {"revision": "v4"}}})
+    fourth = world.wait_phase("AwaitingPromotion", timeout=180)["rollout"]["revision"]
+    world.patch({"spec": {"rollout": {"autoPromote": True}}})
+    status = world.wait_phase("Completed", revision=fourth, timeout=180)
+    assert status["activeRevision"] == fourth and status["activeColor"] == "blue"
+
 
 def _free_gpus(core: client.CoreV1Api, node: str) -> int:
     allocatable = int(core.read_node(node).status.allocatable["nvidia.com/gpu"])

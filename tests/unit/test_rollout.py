@@ -261,12 +261,24 @@ def test_verification_failure_rolls_back() -> None:
 
 
 def test_promote_annotation_for_this_revision_promotes() -> None:
+    settings = RolloutSettings(**{**SETTINGS.__dict__, "auto_promote": False})
     status = stable_status(phase="AwaitingPromotion")
-    assert next_step(observed(status, green=ready("green", NEW, 1),
+    assert next_step(observed(status, green=ready("green", NEW, 1), settings=settings,
                               annotations={"deepseek.ai/promote": OLD})).status["rollout"]["phase"] == (
         "AwaitingPromotion")
-    decision = next_step(observed(status, green=ready("green", NEW, 1), annotations={"deepseek.ai/promote": NEW}))
+    decision = next_step(observed(status, green=ready("green", NEW, 1), settings=settings,
+                                  annotations={"deepseek.ai/promote": NEW}))
     assert decision.status["rollout"]["phase"] == "Promoting"
+    assert decision.status["rollout"]["message"] == "promotion asked for by deepseek.ai/promote"
+
+
+def test_auto_promote_turned_on_while_awaiting_promotion_promotes() -> None:
+    """The revision has passed verification: turning autoPromote on switches it as it would have switched had it
+    been on all along (it stayed in AwaitingPromotion until someone also set the annotation)."""
+    decision = next_step(observed(stable_status(phase="AwaitingPromotion"), green=ready("green", NEW, 1)))
+    assert decision.status["rollout"]["phase"] == "Promoting"
+    assert "autoPromote was turned on" in decision.status["rollout"]["message"]
+    assert decision.again
 
 
 def test_abort_annotation_rolls_back() -> None:
