@@ -220,3 +220,36 @@ def test_a_broken_auth_update_keeps_the_last_good_state(llama_server: ServerThre
     polling.wait_for("the repaired auth directory to be applied", lambda: auth_reloads(llama_server) == reloads + 1,
                      timeout=60, interval=0.05)
     assert auth_reloads(llama_server) == reloads + 1
+
+
+def test_requests_before_the_auth_state_loads_get_503_with_retry_after(tmp_path: Path) -> None:
+    """A server whose auth ConfigMap has not arrived yet refuses API requests as every other 503 it answers: OpenAI's
+    error shape and a Retry-After."""
+    from deepseek_server.app import create_app
+    from deepseek_server.engine.noop import NoopEngine
+
+    from devcluster.testing.model_server import tiny_settings
+
+    (tmp_path / "auth").mkdir()  # mounted, still empty
+    server = ServerThread(create_app(tiny_settings(tmp_path / "unused", auth_dir=tmp_path / "auth",
+                                                   model_name="noop"), engine=NoopEngine()))
+    server.thread.start()
+    try:
+        ready = polling.wait_for("the server to answer", lambda: _get(f"{server.url}/ready"))
+        assert ready.status_code == 503 and ready.json()["auth"] is False
+        headers = {"authorization": "Bearer not-checked-yet"}
+        for response in (httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=30,
+                                    json={"model": "noop", "prompt": "x"}),
+                         httpx.get(f"{server.url}/v1/history", headers=headers, timeout=30)):
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "auth_not_loaded"
+            assert response.headers["retry-after"] == "1"
+    finally:
+        server.stop()
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None

@@ -115,6 +115,7 @@ def test_unreachable_redis_falls_back_to_per_replica_limits(tmp_path: Path) -> N
         history = httpx.get(f"{server.url}/v1/history", headers=headers)
         assert history.status_code == 503
         assert history.json()["error"]["code"] == "history_unavailable"
+        assert history.headers["retry-after"] == "1"  # as every other 503 the server answers
     finally:
         server.stop()
 

@@ -77,7 +77,7 @@ class Authenticator:
         state = self.state
         if state is None:
             raise APIError(503, "The server has not loaded its auth configuration yet; retry shortly.",
-                           type="server_error", code="auth_not_loaded")
+                           type="server_error", code="auth_not_loaded", headers={"retry-after": "1"})
         if not authorization:
             raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                            code="missing_api_key")

@@ -22,5 +22,5 @@ async def history(request: Request, limit: int = Query(20, ge=1, le=1000),
         records = await store.recent(principal.uid, limit)
     except Exception as exc:
         raise APIError(503, f"History is unavailable right now ({type(exc).__name__}); retry later.",
-                       type="server_error", code="history_unavailable") from exc
+                       type="server_error", code="history_unavailable", headers={"retry-after": "1"}) from exc
     return HistoryList(data=records)
