@@ -255,6 +255,40 @@ def test_two_replicas_without_leader_election_are_refused():
 
 
 @pytest.mark.parametrize(("sets", "message"), [
+    (("resources.requests.memory=512Mi",), "resources.requests.memory (512Mi) is more than resources.limits.memory "
+                                           "(256Mi)"),
+    (("resources.requests.memory=300M",), "resources.requests.memory (300M) is more than"),  # 300e6 > 256 x 2^20
+    (("resources.requests.cpu=1500m",), "resources.requests.cpu (1500m) is more than resources.limits.cpu (1)"),
+    (("resources.requests.cpu=1.5",), "resources.requests.cpu (1.5) is more than"),
+    (("resources.limits.cpu=500m", "resources.requests.cpu=0.6"), "resources.requests.cpu (0.6) is more than"),
+    (("resources.limits.ephemeral-storage=1Gi", "resources.requests.ephemeral-storage=2e9"),
+     "resources.requests.ephemeral-storage (2e9) is more than"),
+])
+def test_a_request_above_its_limit_is_refused_before_anything_is_installed(sets, message):
+    # Installed, the API server refused the operator's Deployment after the CRDs, RBAC and Services before it had
+    # been created, and the release was left failed half-way.
+    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("sets", [
+    ("resources.requests.memory=256Mi",),  # equal to the limit
+    ("resources.requests.memory=268435456",),  # the same in bytes
+    ("resources.limits.memory=0.25Gi",),  # the same again as the limit
+    ("resources.requests.cpu=100m", "resources.limits.cpu=0.1"),
+    ("resources.requests.cpu=999", "resources.limits.cpu=1e3"),
+    ("resources.requests.cpu=4", "resources.limits=null"),  # no limits at all
+    ("resources.requests.ephemeral-storage=10Gi",),  # no limit of its own
+])
+def test_requests_within_their_limits_render(sets):
+    deployment = next(d for d in render(*sets) if d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+
+
+@pytest.mark.parametrize(("sets", "message"), [
     (("leaderElection.leaseDuration=5s",), "leaderElection.leaseDuration (5s) must be longer than"),
     (("leaderElection.leaseDuration=10s",), "leaderElection.leaseDuration (10s) must be longer than"),
     (("leaderElection.renewDeadline=2s",), "leaderElection.renewDeadline (2s) must be longer than 1.2 x"),

@@ -97,6 +97,38 @@ A duration value (`15s`, `1m30s`, `500ms`; values.schema.json holds the form) in
 {{- $total -}}
 {{- end -}}
 
+{{/*
+A resource quantity (`100m`, `256Mi`, `1.5`, `1e3`; values.schema.json holds the form) as a float: cores for cpu, bytes
+for memory.
+*/}}
+{{- define "deepseek-operator.quantity" -}}
+{{- $text := trimPrefix "+" (toString .) -}}
+{{- $scale := dict "n" 1e-9 "u" 1e-6 "m" 1e-3 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- $number := regexFind "^([0-9]+(\\.[0-9]*)?|\\.[0-9]+)" $text -}}
+{{- $suffix := trimPrefix $number $text -}}
+{{- if hasKey $scale $suffix -}}
+{{- mulf (float64 $number) (get $scale $suffix) -}}
+{{- else -}}
+{{- float64 $text -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Fails the render when a resource request is above its limit (the API server would refuse the Deployment half-way
+through the install, after the objects before it were created).
+*/}}
+{{- define "deepseek-operator.checkResources" -}}
+{{- $limits := .limits | default dict -}}
+{{- range $name, $request := (.requests | default dict) -}}
+{{- if hasKey $limits $name -}}
+{{- $limit := get $limits $name -}}
+{{- if gt (include "deepseek-operator.quantity" $request | float64) (mulf (include "deepseek-operator.quantity" $limit | float64) 1.000000001) -}}
+{{- fail (printf "resources.requests.%s (%v) is more than resources.limits.%s (%v): a request may not exceed its limit; raise the limit too" $name $request $name $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The pre-delete hook that empties the CRDs before `helm uninstall` deletes them
 (templates/uninstall-cleanup.yaml). */}}
 {{- define "deepseek-operator.uninstallCleanupName" -}}
