@@ -267,8 +267,13 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    _top_logprobs_need_logprobs = field_validator("top_logprobs")(
-        _needs("logprobs", "when using `top_logprobs`, `logprobs` must be set to true"))
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # as vLLM: 0 asks for no alternatives, so it is accepted without `logprobs` (and gives none)
+        if value and not info.data.get("logprobs"):
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true")
+        return value
 
     def choices(self) -> int:
         """How many choices the answer holds."""

@@ -290,6 +290,9 @@ def test_errors_name_the_parameter_the_client_sent(client: openai.OpenAI) -> Non
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, top_logprobs=2)  # type: ignore[arg-type]
     assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "top_logprobs"
+    # as vLLM: zero alternatives need no `logprobs`, and none are given
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, top_logprobs=0)
+    assert plain.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=100_000)  # type: ignore[arg-type]
     assert isinstance(excinfo.value.body, dict) and excinfo.value.body["param"] == "max_completion_tokens"

@@ -245,6 +245,21 @@ def test_engine_4xx_reaches_the_client_unchanged(client: openai.OpenAI) -> None:
         assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens"
 
 
+def test_top_logprobs_need_logprobs_as_vllm_decides(vllm: tuple[str, subprocess.Popen[bytes]],
+                                                   client: openai.OpenAI) -> None:
+    """The gateway checks `top_logprobs` against `logprobs` as vLLM does: 0 (no alternatives) needs no `logprobs`."""
+    for top in (0, 2):
+        direct = httpx.post(f"{vllm[0]}/v1/chat/completions", timeout=60,
+                            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "top_logprobs": top})
+        raw = client.chat.completions.with_raw_response
+        try:
+            through = raw.create(model=MODEL, messages=MESSAGES, max_tokens=2, top_logprobs=top).status_code
+        except openai.BadRequestError as exc:
+            through = exc.status_code
+        assert (top, through) == (top, direct.status_code), direct.text
+        assert through == (200 if top == 0 else 400)
+
+
 def test_parameters_the_engine_lacks_are_refused_by_name(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logprobs=2, echo=True,
                                       extra_body={"top_k": 3})
