@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -208,3 +209,115 @@ async def test_a_cache_hit_admission_holds_no_parallel_slot(limiter: tuple[RateL
     refused = await rate_limiter.acquire("w", limits, hold=False)
     assert not refused.decision.allowed and refused.decision.kind == "parallel"
     await rate_limiter.release(running, 0)
+
+
+class SlowRepliesProxy:
+    """A TCP relay to Redis that holds Redis's replies for `delay_s` while it is set: a Redis that runs a command but
+    answers after the client's timeout."""
+
+    def __init__(self, redis_url: str) -> None:
+        address = urlsplit(redis_url)
+        self.target = (address.hostname or "127.0.0.1", address.port or 6379)
+        self.delay_s = 0.0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        reader, writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if slow and self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(client_reader, writer, False), pipe(reader, client_writer, True))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("lost", ["answer too late", "request cancelled"])
+async def test_a_slot_whose_admission_lost_its_answer_is_freed_once_redis_answers(redis_url: str, lost: str) -> None:
+    """The admission ran in Redis (slot taken, tokens reserved) but its answer came after the client's timeout, or the
+    request was cancelled while it waited: the slot was held, with its reservation, until its 30 s lease ran out (a
+    key with `parallel: 1` was refused meanwhile). It is now freed, and the reservation refunded, once Redis answers
+    again."""
+    import redis.asyncio as aioredis
+
+    proxy = SlowRepliesProxy(redis_url)
+    slow_client = aioredis.from_url(await proxy.start(), socket_timeout=0.3)
+    direct = aioredis.from_url(redis_url)
+    prefix = f"test-lost-answer:{time.monotonic_ns()}"
+    store = RedisLimitStore(slow_client, prefix=prefix, lease_s=30.0)  # as in production: a lost slot waits 30 s
+    limiter = RateLimiter(store, retry_redis_after_s=0.5)
+    limits = KeyLimits(rps=1000, burst=1000, tpm=600, parallel=1)
+    slots, tokens = f"{prefix}:{{w}}:par", f"{prefix}:{{w}}:tokens"
+    try:
+        await slow_client.ping()  # connected (its handshake answered) before the answers slow down
+        proxy.delay_s = 1.0
+        if lost == "answer too late":
+            lease = await limiter.acquire("w", limits, reserve_tokens=300)
+            assert lease.decision.backend == "memory"  # served on per-replica limits meanwhile
+            limiter.release_now(lease, 10)
+        else:
+            admission = asyncio.ensure_future(limiter.acquire("w", limits, reserve_tokens=300))
+            await asyncio.sleep(0.1)
+            admission.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await admission
+        proxy.delay_s = 0.0
+        await asyncio.sleep(0.2)
+        assert await direct.zcard(slots) == 1 and await direct.exists(tokens)  # it ran in Redis
+        deadline = time.monotonic() + 10
+        while await direct.zcard(slots):
+            assert time.monotonic() < deadline, "the slot is still taken"
+            await asyncio.sleep(0.1)
+        assert not await direct.exists(tokens)  # the 300 reserved tokens refunded (nothing was used in Redis)
+        await asyncio.sleep(0.6)  # Redis is tried again after retry_redis_after_s
+        again = await limiter.acquire("w", limits, reserve_tokens=10)
+        assert again.decision.allowed and again.decision.backend == "redis"
+        await limiter.release(again, 10)
+    finally:
+        await slow_client.aclose()
+        await direct.aclose()
+        await proxy.stop()
+
+
+async def test_a_release_whose_answer_was_lost_is_settled_once_and_only_if_it_did_not_run(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    proxy = SlowRepliesProxy(redis_url)
+    slow_client = aioredis.from_url(await proxy.start(), socket_timeout=0.3)
+    direct = aioredis.from_url(redis_url)
+    prefix = f"test-lost-release:{time.monotonic_ns()}"
+    store = RedisLimitStore(slow_client, prefix=prefix, lease_s=30.0)
+    limiter = RateLimiter(store, retry_redis_after_s=0.5)
+    limits = KeyLimits(rps=1000, burst=1000, tpm=600, parallel=1)
+    try:
+        lease = await limiter.acquire("x", limits, reserve_tokens=300)
+        assert lease.decision.backend == "redis"
+        proxy.delay_s = 1.0
+        await limiter.release(lease, 200)  # ran in Redis, answer lost: settling again must not refund twice
+        proxy.delay_s = 0.0
+        await asyncio.sleep(1.5)  # the background settlement has run
+        token_state = await direct.get(f"{prefix}:{{x}}:tokens")
+        assert token_state is not None, "the unused 100 tokens were refunded twice"
+        seconds, micros = await direct.time()
+        outstanding = float(token_state.decode().split(":")[0]) - (seconds + micros / 1e6)
+        assert 15 <= outstanding <= 20.1, outstanding  # 200 tokens used: 20 s of a 600-per-minute budget
+        assert await direct.zcard(f"{prefix}:{{x}}:par") == 0
+    finally:
+        await slow_client.aclose()
+        await direct.aclose()
+        await proxy.stop()

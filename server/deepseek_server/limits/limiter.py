@@ -11,6 +11,12 @@ A request reserves prompt + max_tokens of its key's tokens-per-minute budget at 
 refunds the unused part at release. A Redis `parallel` slot is a short lease that a background task renews while the
 request runs. With limits in memory, release is a plain function call (`release_now`): nothing to await, so nothing
 to shield from cancellation.
+
+An admission or a release can run in Redis while its answer never arrives (a reply slower than the Redis timeout, a
+request cancelled while it waits): the slot would then stay taken, with its reservation, until its lease ran out. The
+limiter names each slot itself, so it frees such a slot in the background once Redis answers again, and settles its
+tokens then; only a slot still taken is settled, so an admission that never ran, or a release that did, changes
+nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +61,7 @@ class RateLimiter:
         self.on_backend_error = on_backend_error
         self._redis_down_until = 0.0
         self._last_log = 0.0
+        self._settling: set[asyncio.Task[None]] = set()  # slots whose admission or release lost its answer
 
     def _redis_failed(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -71,10 +79,18 @@ class RateLimiter:
         rate and is refused when the parallel slots are full, but takes no slot, so it has nothing to release."""
         reserve = reserve_tokens if limits.tpm is not None else 0
         if self.redis is not None and time.monotonic() >= self._redis_down_until:
+            holds_slot = hold and limits.parallel is not None
+            lease_id = uuid.uuid4().hex
             try:
-                decision = await self.redis.acquire(uid, limits, reserve, hold)
+                decision = await self.redis.acquire(uid, limits, reserve, hold, lease_id=lease_id)
+            except asyncio.CancelledError:
+                if holds_slot:  # the admission may have run: its slot and reservation are freed once Redis answers
+                    self._settle_later(uid, limits, lease_id, 0, reserve)
+                raise
             except Exception as exc:  # redis.RedisError, OSError, timeouts: all mean "unreachable"
                 self._redis_failed(exc)
+                if holds_slot:
+                    self._settle_later(uid, limits, lease_id, 0, reserve)
             else:
                 lease = Lease(uid, limits, decision, reserve if decision.allowed else 0)
                 if decision.allowed and hold and limits.parallel is not None:
@@ -128,3 +144,27 @@ class RateLimiter:
             await self.redis.release(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, lease.reserved)
         except Exception as exc:
             self._redis_failed(exc)
+            if lease.limits.parallel is not None:  # settled later if it did not run (a slot tells whether it did)
+                self._settle_later(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, lease.reserved)
+
+    def _settle_later(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(uid, limits, lease_id, tokens_used, reserved))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int) -> None:
+        """Release a slot whose admission or release may have run in Redis without its answer arriving: once Redis
+        answers again, and only if the slot is still taken. Tried every `retry_redis_after_s` (the first wait also
+        lets a late admission run before this) until the slot's lease has run out anyway."""
+        assert self.redis is not None
+        give_up = time.monotonic() + self.redis.lease_s + self.retry_redis_after_s
+        while True:
+            await asyncio.sleep(self.retry_redis_after_s)
+            try:
+                await self.redis.release(uid, limits, lease_id, tokens_used, reserved, only_if_held=True)
+                return
+            except Exception as exc:
+                if time.monotonic() >= give_up:
+                    log.warning("rate limits: could not free a parallel slot of %s whose answer was lost (%s); "
+                                "its lease has run out", uid, exc)
+                    return

@@ -76,10 +76,14 @@ end
 return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
 """
 
+# ARGV[5] '1': only a lease still held (a retried release, or one whose admission's answer was lost) settles its
+# tokens, so running it twice, or for an admission that never ran, changes nothing.
 RELEASE = READ_TOKEN_TAT + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 and ARGV[5] == '1' then
+  return 0
+end
 local delta = tonumber(ARGV[2]) - tonumber(ARGV[4])
 local per_token = tonumber(ARGV[3])
 if delta ~= 0 and per_token > 0 then
@@ -130,10 +134,12 @@ class RedisLimitStore:
         tag = f"{self.prefix}:{{{uid}}}"
         return [f"{tag}:req", f"{tag}:tokens", f"{tag}:par", f"{tag}:tok"]
 
-    async def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True) -> Decision:
+    async def acquire(self, uid: str, limits: KeyLimits, reserve_tokens: int = 0, hold: bool = True,
+                      lease_id: str | None = None) -> Decision:
         """Admit one request (one round trip) and reserve `reserve_tokens` of its tokens-per-minute budget; with
-        `hold=False` (an answer given at once, from the cache) no parallel slot is taken, so none is released."""
-        lease_id = uuid.uuid4().hex
+        `hold=False` (an answer given at once, from the cache) no parallel slot is taken, so none is released.
+        `lease_id` names the slot (default: a new one), so a caller that loses the answer can still free it."""
+        lease_id = lease_id or uuid.uuid4().hex
         per_token = 60.0 / limits.tpm if limits.tpm else 0.0
         reply = await self._acquire(
             keys=self._keys(uid),
@@ -159,11 +165,14 @@ class RedisLimitStore:
             lease_id=lease_id if allowed else "",
         )
 
-    async def release(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int = 0) -> None:
-        """Free the parallel slot; charge the tokens used beyond the reservation, or refund the unused rest."""
+    async def release(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int = 0,
+                      only_if_held: bool = False) -> bool:
+        """Free the parallel slot; charge the tokens used beyond the reservation, or refund the unused rest.
+        `only_if_held`: do it only while the slot is still taken (False when it is not); safe to repeat."""
         keys = self._keys(uid)
         per_token = 60.0 / limits.tpm if limits.tpm else 0.0
-        await self._release(keys=[keys[1], keys[2], keys[3]], args=[lease_id, tokens_used, per_token, reserved])
+        return bool(await self._release(keys=[keys[1], keys[2], keys[3]],
+                                        args=[lease_id, tokens_used, per_token, reserved, 1 if only_if_held else 0]))
 
     async def renew(self, uid: str, lease_id: str) -> bool:
         """Extend a running request's parallel lease by `lease_s`; False when it is gone (expired meanwhile)."""
