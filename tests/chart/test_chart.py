@@ -36,6 +36,14 @@ def render(*sets: str, api_versions: tuple[str, ...] = ()) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
 
 
+def refused(*sets: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` with these `--set` values, expected to fail (its output is checked by the caller)."""
+    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
+    for item in sets:
+        args += ["--set", item]
+    return helm(*args, check=False)
+
+
 def test_helm_lint_is_clean_with_default_and_full_values():
     assert helm("lint", str(CHART), "--strict").returncode == 0
     full = helm("lint", str(CHART), "--strict", "--set", "watchNamespaces={team-a,team-b}",
@@ -267,10 +275,7 @@ def test_two_replicas_without_leader_election_are_refused():
 def test_a_request_above_its_limit_is_refused_before_anything_is_installed(sets, message):
     # Installed, the API server refused the operator's Deployment after the CRDs, RBAC and Services before it had
     # been created, and the release was left failed half-way.
-    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
-    for item in sets:
-        args += ["--set", item]
-    out = helm(*args, check=False)
+    out = refused(*sets)
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
@@ -296,10 +301,7 @@ def test_requests_within_their_limits_render(sets):
 def test_leader_election_timings_the_operator_refuses_are_refused_at_install(sets, message):
     # Installed, they left every operator pod in CrashLoopBackOff (Recreate had already stopped the old ones) while
     # `helm upgrade` said it succeeded.
-    args = ["template", "rel", str(CHART), "--kube-version", KUBE_VERSION]
-    for item in sets:
-        args += ["--set", item]
-    out = helm(*args, check=False)
+    out = refused(*sets)
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 

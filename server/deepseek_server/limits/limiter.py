@@ -93,7 +93,7 @@ class RateLimiter:
                     self._settle_later(uid, limits, lease_id, 0, reserve)
             else:
                 lease = Lease(uid, limits, decision, reserve if decision.allowed else 0)
-                if decision.allowed and hold and limits.parallel is not None:
+                if decision.allowed and holds_slot:
                     lease.renewal = asyncio.get_running_loop().create_task(self._renew(lease))
                 return lease
         decision = self.memory.acquire(uid, limits, reserve, hold)
