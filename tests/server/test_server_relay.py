@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -146,6 +148,84 @@ def gateway(standin: tuple[StandInEngine, ServerThread], auth_dir: Path) -> Iter
     server = ServerThread(create_app(settings)).start(ready_timeout=30)
     yield server
     server.stop()
+
+
+class StallingRelay:
+    """A TCP relay to an engine that can stop completing new connections, as a node too busy to finish a handshake in
+    time does: while stalled, its accept queue is shrunk to one and filled, so the kernel drops a new connection's SYN
+    and the connect waits; the connections it was relaying are closed."""
+
+    def __init__(self, target: str) -> None:
+        address = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (address[0], int(address[1]))
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.links: set[socket.socket] = set()
+        self.fillers: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stalled, self.paused, self.closed = threading.Event(), threading.Event(), threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            if self.stalled.is_set():
+                self.paused.set()
+                time.sleep(0.02)
+                continue
+            self.paused.clear()
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.links.update((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        self.stalled.set()
+        assert self.paused.wait(5)
+        self.listener.listen(0)
+        with self.lock:
+            for link in self.links:
+                with contextlib.suppress(OSError):
+                    link.shutdown(socket.SHUT_RDWR)
+            self.links.clear()
+        while True:  # fill the accept queue until a connection is not made
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            try:
+                filler.connect(self.listener.getsockname())
+            except TimeoutError:
+                filler.close()
+                return
+            self.fillers.append(filler)
+
+    def resume(self) -> None:
+        self.listener.listen(128)
+        self.stalled.clear()
+        for filler in self.fillers:
+            filler.close()
+        self.fillers.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        with self.lock:
+            for link in self.links:
+                link.close()
 
 
 def _auth(token_factory: Callable[..., str], **claims: Any) -> dict[str, str]:
@@ -404,6 +484,47 @@ def test_a_busy_engine_that_answers_its_health_check_late_keeps_serving(auth_dir
         assert again.status_code == 200
     finally:
         gateway.stop()
+        engine_server.stop()
+
+
+def test_a_connection_slow_to_open_is_not_a_lost_engine(auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    """A request whose connection to the engine is not made within the connect timeout gets 503, and the engine stays
+    ready: on a loaded node a loopback connect can miss a 1 s timeout with the engine healthy, and taking it for a lost
+    engine refused every other request until the next health check. Health checks that cannot connect in time count
+    as late ones: PROBE_TIMEOUTS_BEFORE_NOT_READY of them in a row make the engine not ready."""
+    from deepseek_server.engine.openai_upstream import PROBE_TIMEOUTS_BEFORE_NOT_READY
+
+    engine = StandInEngine()
+    engine_server = serve(engine)
+    relay = StallingRelay(engine_server.url)
+    settings = ServerSettings(engine="vllm", engine_url=relay.url, model_name=MODEL, auth_dir=auth_dir,
+                              engine_connect_timeout_s=0.5)
+    gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    try:
+        assert httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body,
+                          timeout=30).status_code == 200
+        relay.stall()
+        response = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body, timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        assert "connecting took over 0.5 s" in response.json()["error"]["message"]
+        assert response.headers["retry-after"]
+        ready = httpx.get(f"{gateway.url}/ready", timeout=5)
+        assert ready.status_code == 200, ready.text  # was 503: the engine was taken for lost at once
+        given_up = wait_for("the gateway to give the engine up", lambda: (
+            lambda r: r if r.status_code == 503 else None)(httpx.get(f"{gateway.url}/ready", timeout=5)),
+            timeout=30, interval=0.1)
+        assert f"{PROBE_TIMEOUTS_BEFORE_NOT_READY} health check(s) in a row timed out" in given_up.json()["error"]
+        assert "connecting took over 0.5 s" in given_up.json()["error"]
+        relay.resume()
+        wait_for("the gateway to admit again", lambda: httpx.get(f"{gateway.url}/ready", timeout=5).status_code
+                 == 200, timeout=30, interval=0.2)
+        assert httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body,
+                          timeout=30).status_code == 200
+    finally:
+        gateway.stop()
+        relay.close()
         engine_server.stop()
 
 

@@ -24,6 +24,11 @@ class EngineConnectionError(ConnectionError):
     """The engine could not be reached, or dropped the connection before answering in full."""
 
 
+class EngineConnectTimeout(EngineConnectionError):
+    """Connecting took longer than the connect timeout. On localhost that is an engine (or a gateway) too busy to
+    complete the handshake in time as often as a gone one, so it is not taken for a lost engine by itself."""
+
+
 class EngineTimeout(TimeoutError):
     """The engine accepted the request but sent nothing for longer than the read timeout."""
 
@@ -197,7 +202,7 @@ class EngineHTTPClient:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
         except TimeoutError as exc:
-            raise EngineConnectionError(f"connecting took over {self.connect_timeout:g} s") from exc
+            raise EngineConnectTimeout(f"connecting took over {self.connect_timeout:g} s") from exc
         except OSError as exc:
             raise EngineConnectionError(f"cannot connect ({exc.strerror or type(exc).__name__})") from exc
         return _Connection(reader, writer)

@@ -15,7 +15,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from deepseek_server.engine.capabilities import VLLM, EngineCapabilities
-from deepseek_server.engine.engine_http import EngineConnectionError, EngineHTTPClient, EngineResponse, EngineTimeout
+from deepseek_server.engine.engine_http import (
+    EngineConnectionError,
+    EngineConnectTimeout,
+    EngineHTTPClient,
+    EngineResponse,
+    EngineTimeout,
+)
 from deepseek_server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -25,16 +31,15 @@ RETRY_AFTER_S = "5"
 CONTEXT_EXCEEDED = "maximum context length is"
 WAITING_METRIC = b"vllm:num_requests_waiting"
 WARM_PROMPT = "Hello"
-# A health check that times out while the engine is ready is taken for a busy engine (vLLM answers /health on the
-# event loop that also tokenizes and streams every request) until this many in a row have; then the engine is not
-# ready. A refused or dropped connection, or an unhealthy answer, is taken at once.
+# A health check that times out while the engine is ready (no answer in time, or its connection not made within the
+# connect timeout) is taken for a busy engine (vLLM answers /health on the event loop that also tokenizes and streams
+# every request) until this many in a row have; then the engine is not ready. A refused or dropped connection, or an
+# unhealthy answer, is taken at once. A request whose connection was not made in time gets 503 and has the health
+# checked at once, which decides.
 PROBE_TIMEOUTS_BEFORE_NOT_READY = 3
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
 # never reused at the moment the engine closes it.
 KEEPALIVE_EXPIRY_S = 4.0
-
-# Connection-level failures: the engine is gone or restarting, not a fault of the request.
-UNREACHABLE = (EngineConnectionError,)
 
 
 def engine_unavailable(reason: str) -> APIError:
@@ -149,6 +154,12 @@ class OpenAIUpstreamEngine:
         self.not_ready_reason = reason
         self._recheck.set()
 
+    def slow_to_connect(self, reason: str) -> None:
+        """A request's connection was not made in time: keep admitting, and have the health check decide now."""
+        log.warning("inference engine at %s: a request could not connect in time (%s); checking its health",
+                    self.base_url, reason)
+        self._recheck.set()
+
     async def _watch(self) -> None:
         while True:
             try:
@@ -186,7 +197,8 @@ class OpenAIUpstreamEngine:
     async def _probe(self) -> None:
         try:
             health = await self._fetch("GET", "/health", timeout=self.connect_timeout_s + 2.0)
-        except TimeoutError as exc:  # EngineTimeout (no headers in time) or a body that did not come in time
+        except (TimeoutError, EngineConnectTimeout) as exc:
+            # no headers (EngineTimeout) or body in time, or no connection in time
             self._probe_timeouts += 1
             if self._ready and self._probe_timeouts < PROBE_TIMEOUTS_BEFORE_NOT_READY:
                 log.warning("inference engine at %s did not answer its health check in time (%d in a row); still "
@@ -231,6 +243,9 @@ class OpenAIUpstreamEngine:
         """POST a relayed call: unreachable -> 503 (and re-check readiness), too slow -> 504."""
         try:
             return await self.client.request("POST", path, content)
+        except EngineConnectTimeout as exc:
+            self.slow_to_connect(str(exc))
+            raise engine_unavailable(str(exc)) from exc
         except EngineConnectionError as exc:
             self.lost(f"{exc} ({self.base_url})")
             raise engine_unavailable(str(exc)) from exc
