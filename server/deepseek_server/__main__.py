@@ -48,12 +48,14 @@ def serve(options: dict[str, Any]) -> int:
 
     from deepseek_server.app import create_app
     from deepseek_server.draining import ConnectionCloseWhenDraining, Draining, DrainingServer
+    from deepseek_server.http_protocol import OpenAIErrorsHTTPProtocol
 
     draining = Draining()
     api = create_app(settings)
     config = uvicorn.Config(ConnectionCloseWhenDraining(api, draining), host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False,
+                            http=OpenAIErrorsHTTPProtocol,  # its own 400s in OpenAI's shape too
                             server_header=False)  # no `server: uvicorn`: responses do not name the software
     services = api.state.services
 

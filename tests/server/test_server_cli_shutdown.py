@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -211,6 +212,53 @@ def test_responses_do_not_name_the_server_software(tiny_models: dict[str, Path],
                    httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})]
     assert [answer.status_code for answer in answers] == [200, 200, 404, 200]
     assert [answer.headers.get("server") for answer in answers] == [None] * 4
+
+
+def _exchange(url: str, data: bytes) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """Send raw bytes on a new connection, read until the server closes it: the answers (status, headers, body)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(data)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        length = int(headers[b"content-length"])
+        answers.append((lines[0].split(b" ", 2)[1], headers, rest[:length]))
+        received = rest[length:]
+    return answers
+
+
+NOT_HTTP = {
+    "control character in a header": b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-note: a\x01b\r\n"
+                                     b"content-length: 2\r\n\r\n{}",
+    "header line without a colon": b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nnot a header\r\n\r\n",
+    "body longer than its content-length": b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                                           b"application/json\r\ncontent-length: 2\r\n\r\n{}\x00\x01garbage\r\n",
+}
+
+
+def test_requests_that_are_not_http_get_an_openai_error_and_the_server_serves_on(tiny_models: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    """uvicorn answers what it cannot parse itself, before the app, with a plain-text 400; the server's answer is
+    the same 400 and close, in OpenAI's error shape like every other error it gives."""
+    env = {"DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32", "DEEPSEEK_DEVICE": "cpu"}
+    with server_process(["--auth", "disabled", "--model-name", "tiny"], env=env, log_dir=tmp_path) as (url, _):
+        for name, data in NOT_HTTP.items():
+            answers = _exchange(url, data)  # a valid request before the bytes that are not HTTP is answered first
+            status, headers, body = answers[-1]
+            assert status == b"400", (name, answers)
+            assert headers[b"content-type"] == b"application/json" and headers[b"connection"] == b"close", name
+            assert b"server" not in headers, name
+            error = json.loads(body)["error"]
+            assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error", name
+            assert "not valid HTTP/1.1" in error["message"] and error["param"] is None, name
+        served = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert served.status_code == 200
 
 
 def test_sigterm_answers_a_request_on_an_open_keep_alive_connection_then_closes_it(tiny_models: dict[str, Path],
