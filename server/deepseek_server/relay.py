@@ -37,6 +37,9 @@ _USAGE_NULL = b',"usage":null'
 _FINISHED = b'"finish_reason":"'
 _FINGERPRINT = b'"system_fingerprint"'
 _DONE = b"data: [DONE]\n\n"
+# how an engine reports a request it refused once its stream had begun (vLLM: an out-of-vocabulary `logit_bias`, a
+# grammar it cannot compile): one event with an error object in place of a chunk, then `[DONE]`
+_ERROR_EVENT = b'data: {"error"'
 # engine responses whose end is still being read after their stream was answered (see `_StreamRelay.finish`)
 _draining: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
@@ -229,6 +232,7 @@ class _StreamRelay:
         self.client_left = client_left  # ends when the client disconnects; cancelled by `finish`
         self.usage: dict[str, Any] | None = None
         self.events_sent = 0
+        self.error_events = 0  # the engine's error events among them, which carry no token
         self.finished = False
         self.answered = False  # `[DONE]` relayed: the client's stream is complete, whatever the engine sends after
         self.accounted: int | None = None  # the tokens counted by `_account`
@@ -257,6 +261,8 @@ class _StreamRelay:
                         continue
                     events, pending = pending[:end + 2], pending[end + 2:]
                 self.events_sent += events.count(b"data: ")
+                if _ERROR_EVENT in events:
+                    events = self._engine_errors(events)
                 if _USAGE in events:
                     events, found = _take_usage(events, client_usage)
                     self.usage = found or self.usage
@@ -314,13 +320,36 @@ class _StreamRelay:
         if not release_now(self.services, self.lease, tokens):
             await release(self.services, self.lease, tokens)
 
+    def _engine_errors(self, events: bytes) -> bytes:
+        """The engine's error events in OpenAI's error shape, as its error answers are (`engine_error`); the first
+        one's code is the request's (the stream's status is 200 already)."""
+        out: list[bytes] = []
+        for event in events.split(b"\n\n"):
+            if event.startswith(_ERROR_EVENT):
+                self.error_events += 1
+                try:
+                    document = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    document = None
+                error = document.get("error") if isinstance(document, dict) else None
+                code = error.get("code") if isinstance(error, dict) else None
+                # vLLM puts the status it would have answered in `code`
+                status = code if isinstance(code, int) and 400 <= code < 600 else 500
+                failure = engine_error(status, event[6:])
+                if getattr(self.request.state, "error_code", None) is None:
+                    self.request.state.error_code = failure.code or failure.type
+                event = b"data: " + json.dumps(failure.body()).encode()
+            out.append(event)
+        return b"\n\n".join(out)
+
     def _account(self) -> int:
-        """Count the stream's tokens, once; the total. Cut short, one token per event relayed, so limits still see
-        the work done."""
+        """Count the stream's tokens, once; the total. Cut short, one token per event relayed (not an error event,
+        not `[DONE]`), so limits still see the work done."""
         if self.usage is not None:
             prompt_tokens, completion_tokens = _usage_counts(self.usage)
         else:
-            prompt_tokens, completion_tokens = 0, self.events_sent
+            prompt_tokens = 0
+            completion_tokens = max(0, self.events_sent - self.error_events - self.answered)
         _account(self.services, self.request, prompt_tokens, completion_tokens)
         self.accounted = prompt_tokens + completion_tokens
         return self.accounted

@@ -32,6 +32,14 @@ from devcluster.testing.ports import free_port
 MODEL = "standin"
 
 
+# what vLLM streams for a request it refuses only once its stream has begun (an out-of-vocabulary logit_bias)
+LATE_REFUSAL = (b'data: {"error": {"message": "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids. '
+                b'Vocabulary size: 384 (parameter=logit_bias, value=[99999999])", "type": "BadRequestError", '
+                b'"param": "logit_bias", "code": 400}}\n\n')
+MIDWAY_FAILURE = (b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", '
+                  b'"param": null, "code": 500}}\n\n')
+
+
 class StandInEngine:
     """Speaks vLLM's OpenAI dialect: compact JSON, usage only when asked, 400 for too many tokens."""
 
@@ -94,11 +102,18 @@ class StandInEngine:
             return {"id": "x", "object": obj, "created": 1, "model": MODEL, "choices": [choice], "usage": usage}
         include_usage = (body.get("stream_options") or {}).get("include_usage")
         delay = 0.05 if str(body.get("prompt", "")).startswith("slowly") else 0.0
+        if str(body.get("prompt", "")).startswith("refuse late"):  # vLLM's bytes for a refusal after the 200
+            return StreamingResponse(iter([LATE_REFUSAL, b"data: [DONE]\n\n"]), media_type="text/event-stream")
+        fails_after = 3 if str(body.get("prompt", "")).startswith("fail midway") else None
 
         async def events() -> AsyncIterator[bytes]:
             self.running += 1
             try:
-                for word in words:
+                for index, word in enumerate(words):
+                    if index == fails_after:
+                        yield MIDWAY_FAILURE
+                        yield b"data: [DONE]\n\n"
+                        return
                     await asyncio.sleep(delay)
                     chunk = {"id": "x", "object": obj + ".chunk", "created": 1, "model": MODEL,
                              "choices": [{"index": 0, "delta": {"content": word}}]}
@@ -526,6 +541,54 @@ def test_a_connection_slow_to_open_is_not_a_lost_engine(auth_dir: Path, token_fa
         gateway.stop()
         relay.close()
         engine_server.stop()
+
+
+def test_an_error_the_engine_streams_is_in_openai_shape_recorded_and_not_charged_as_tokens(
+        standin: tuple[StandInEngine, ServerThread], auth_dir: Path, tmp_path: Path,
+        token_factory: Callable[..., str]) -> None:
+    """vLLM refuses some requests only after its 200 (an out-of-vocabulary `logit_bias` or `allowed_token_ids`, a
+    grammar it cannot compile, a streamed prompt of token ids it lacks), and can fail midway: it sends an error event,
+    then `[DONE]`. The client gets the error in OpenAI's shape, as the same error unstreamed; the audit record has its
+    code (the record said 200 with no error); and the error event and `[DONE]` are not counted as generated tokens
+    (they were, two tokens for a request that generated none)."""
+    audit = tmp_path / "audit.jsonl"
+    settings = ServerSettings(engine="vllm", engine_url=standin[1].url, model_name=MODEL, auth_dir=auth_dir,
+                              audit_log=audit)
+    gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+    headers = _auth(token_factory)
+    try:
+        def stream(prompt: str) -> tuple[list[Any], str]:
+            response = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=30,
+                                  json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True})
+            assert response.status_code == 200
+            return _events(response.text), response.headers["x-request-id"]
+
+        generated_before = _generated_tokens(gateway)
+        refused, refused_id = stream("refuse late")
+        assert refused == [{"error": {
+            "message": "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids. Vocabulary size: 384 "
+                       "(parameter=logit_bias, value=[99999999])",
+            "type": "invalid_request_error", "param": "logit_bias", "code": None}}, "[DONE]"]
+        failed, failed_id = stream("fail midway")
+        assert [event["choices"][0]["delta"]["content"] for event in failed[:3]] == ["w", "w", "w"]
+        assert failed[3] == {"error": {"message": "The inference engine failed: EngineCore encountered an issue.",
+                                       "type": "server_error", "param": None, "code": "engine_error"}}
+        assert failed[4:] == ["[DONE]"]
+        records = wait_for("both audit records", lambda: (lambda found: found if len(found) == 2 else None)(
+            {r["request_id"]: r for r in (json.loads(line) for line in audit.read_text().splitlines())
+             if r["request_id"] in (refused_id, failed_id)} if audit.exists() else {}), timeout=30)
+        assert [(r["status"], r["error_code"], r["prompt_tokens"], r["completion_tokens"])
+                for r in (records[refused_id], records[failed_id])] == [
+            (200, "invalid_request_error", 0, 0), (200, "engine_error", 0, 3)]
+        assert _generated_tokens(gateway) - generated_before == 3
+    finally:
+        gateway.stop()
+
+
+def _generated_tokens(server: ServerThread) -> float:
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return sum(sample.value for family in families if family.name == "deepseek_generated_tokens"
+               for sample in family.samples if sample.name.endswith("_total"))
 
 
 def test_gateway_imports_no_torch(tmp_path: Path) -> None:

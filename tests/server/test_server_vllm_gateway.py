@@ -245,6 +245,20 @@ def test_engine_4xx_reaches_the_client_unchanged(client: openai.OpenAI) -> None:
         assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens"
 
 
+def test_a_refusal_the_engine_streams_reads_as_the_same_refusal_unstreamed(client: openai.OpenAI) -> None:
+    """vLLM refuses an out-of-vocabulary `logit_bias` with 400 unstreamed, but streamed only after its 200, as an
+    error event: through the gateway both carry the same error in OpenAI's shape, which the client raises."""
+    bias = {"99999999": 5}
+    with pytest.raises(openai.BadRequestError) as unstreamed:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logit_bias=bias)
+    with pytest.raises(openai.APIError) as streamed:
+        for _ in client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logit_bias=bias, stream=True):
+            pass
+    assert streamed.value.body == unstreamed.value.body
+    assert isinstance(streamed.value.body, dict) and "out-of-vocab" in streamed.value.body["message"]
+    assert streamed.value.body["type"] == "invalid_request_error" and streamed.value.body["param"] == "logit_bias"
+
+
 def test_top_logprobs_need_logprobs_as_vllm_decides(vllm: tuple[str, subprocess.Popen[bytes]],
                                                    client: openai.OpenAI) -> None:
     """The gateway checks `top_logprobs` against `logprobs` as vLLM does: 0 (no alternatives) needs no `logprobs`."""
