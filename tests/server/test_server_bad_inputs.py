@@ -138,6 +138,12 @@ CASES = [
     Case("response_format json_schema that cannot be enforced", 400,
          json=chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}),
          param="response_format", code="invalid_value"),
+    # the grammar compiler's reason, without the time and C++ source file it logs it with
+    Case("response_format json_schema of an unknown type", 400,
+         json=chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+             "type": "object", "properties": {"a": {"type": "nonsense"}}}}}),
+         param="response_format", code="invalid_value",
+         message='the JSON schema cannot be enforced: Unsupported type "nonsense".'),
     # no schema: refused, as vLLM refuses it (rather than constraining the output to any JSON value, a bare number)
     Case("response_format json_schema without schema", 400,
          json=chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True}}),

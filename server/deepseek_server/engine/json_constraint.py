@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 import torch
 
+# xgrammar's messages begin with its C++ log prefix: "[10:48:47] /project/cpp/json_schema_converter.cc:5082: "
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
 
 class JsonConstraintError(ValueError):
     """The schema cannot be compiled into a grammar (the message says why)."""
+
+
+def compile_failure(exc: Exception) -> str:
+    """Why xgrammar refused a schema, as a client reads it: without the time and source file it logs with."""
+    return _LOG_PREFIX.sub("", str(exc).strip())
 
 
 class JsonGrammars:
@@ -42,7 +51,7 @@ class JsonGrammars:
             # compact JSON: whitespace between tokens would only spend the token budget
             return self._compiler.compile_json_schema(schema, any_whitespace=False)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with a readable message
-            raise JsonConstraintError(f"the JSON schema cannot be enforced: {exc}") from exc
+            raise JsonConstraintError(f"the JSON schema cannot be enforced: {compile_failure(exc)}") from exc
 
     def check(self, schema: str) -> None:
         """Raise JsonConstraintError when `schema` cannot be compiled."""
