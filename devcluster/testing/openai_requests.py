@@ -77,6 +77,7 @@ def check(path: str, body: dict[str, Any], response: httpx.Response, refusal: st
             event = json.loads(line[6:])
             if "error" in event:
                 assert refused_in_stream and event["error"]["message"] and len(lines) == 2, where
+                assert refusal is None or event["error"]["type"] == refusal, where
                 return
             for choice in event["choices"]:
                 text = choice["delta"].get("content") if chat else choice["text"]
