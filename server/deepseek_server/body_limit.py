@@ -31,6 +31,7 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                await self._client_left(scope, send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -41,6 +42,14 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         await self.app(scope, replaying(b"".join(chunks), receive), send)
+
+    @staticmethod
+    async def _client_left(scope: Scope, send: Any) -> None:
+        """The client closed the connection before its body was all sent: answered (to no one; the server drops it)
+        with the 499 of every request whose client left before its answer, so that is what it is recorded as."""
+        scope.setdefault("state", {})["error_code"] = "client_disconnected"
+        await send({"type": "http.response.start", "status": 499, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _refuse(self, scope: Scope, send: Any) -> None:
         scope.setdefault("state", {})["error_code"] = "request_too_large"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -125,6 +126,33 @@ def test_every_outcome_gets_exactly_one_audit_record(llama_server: ServerThread,
         text = path.read_text()
         for secret in (token, no_predict, limited):
             assert secret.split(".")[2] not in text, "a token's signature reached the audit log"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_leaves_while_sending_its_body_is_recorded_as_gone_not_as_a_server_error(
+        path: str, llama_server: ServerThread, audit_path: Path, token_factory: Callable[..., str]) -> None:
+    """A client that closes the connection before its body is all sent gets the record of any client that left
+    before its answer (499 `client_disconnected`): its audit record said 500 with no error code, and it was counted in
+    `deepseek_api_errors_total{status="500"}` (route `unmatched`), both saying the server failed."""
+    def count(status: str) -> float:
+        text = httpx.get(f"{llama_server.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("deepseek_api_errors_total{") and f'status="{status}"' in line)
+
+    before = len(read_audit(audit_path))
+    errors_500 = count("500")
+    host, port = llama_server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     f"authorization: Bearer {token_factory()}\r\ncontent-length: 1000\r\n\r\n".encode()
+                     + b'{"model": "deepseek-tiny", "prompt": "hel')
+        time.sleep(0.3)  # the server has the head and part of the body, and waits for the rest
+    deadline = time.monotonic() + 30
+    while len(read_audit(audit_path)) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    records = read_audit(audit_path)[before:]
+    assert [(r["path"], r["status"], r["error_code"]) for r in records] == [(path, 499, "client_disconnected")]
+    assert count("500") == errors_500
 
 
 @pytest.fixture
