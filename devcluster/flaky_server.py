@@ -3,8 +3,9 @@ named `*deepseek-server-flaky*` as this, so a test can roll out a revision that 
 verification (a handful of smoke requests) and then fails under live traffic.
 
 The fault sits in the engine, not in front of the app: the failing requests take the server's own error path (a 500
-in OpenAI's shape, counted in `deepseek_api_requests_total` under their route, audited), which is what the
-operator's post-switch analysis reads from `/metrics`. The model's warm-up is not counted. Never part of an image.
+in OpenAI's shape, or for a stream an error event after its 200; both counted as 500 in `deepseek_api_requests_total`
+under their route, audited), which is what the operator's post-switch analysis reads from `/metrics`. The model's
+warm-up is not counted. Never part of an image.
 """
 
 from __future__ import annotations

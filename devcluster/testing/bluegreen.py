@@ -228,11 +228,13 @@ def bench_world(namespace: str, prefix: str, operator_env: dict[str, str] | None
 
 
 class ContinuousClient:
-    """Sends chat completions through a URL one after another, each on a new connection, and counts failures."""
+    """Sends chat completions through a URL one after another, each on a new connection, and counts failures;
+    `stream=True` streams each one (an error event after the 200 counts as a failure, as the openai client raises)."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, stream: bool = False) -> None:
         self.base_url = base_url
         self.token = token
+        self.stream = stream
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -244,13 +246,19 @@ class ContinuousClient:
         while not self._stop.is_set():
             http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=30, trust_env=False)
             api = openai.OpenAI(base_url=self.base_url, api_key=self.token, http_client=http, max_retries=0)
+            request: dict[str, Any] = {"model": MODEL_NAME, "max_tokens": 4, "temperature": 0.7,
+                                       "messages": [{"role": "user", "content": "hello"}]}
             try:
-                reply = api.chat.completions.create(model=MODEL_NAME, max_tokens=4, temperature=0.7,
-                                                    messages=[{"role": "user", "content": "hello"}])
-                if reply.choices:
+                if self.stream:
+                    finished = [chunk.choices[0].finish_reason
+                                for chunk in api.chat.completions.create(**request, stream=True) if chunk.choices]
+                    answered = bool(finished) and finished[-1] is not None
+                else:
+                    answered = bool(api.chat.completions.create(**request).choices)
+                if answered:
                     self.ok += 1
                 else:
-                    self.failures.append("no choices")
+                    self.failures.append("no choices" if not self.stream else "a stream without its finish_reason")
             except Exception as exc:  # every failure counts, whatever its type
                 self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
             finally:

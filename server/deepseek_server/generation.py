@@ -406,6 +406,7 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
         yield sse("[DONE]")
     except RuntimeError as exc:
         request.state.error_code = "generation_failed"
+        request.state.failed_status = 500  # counted as the 500 the same failure is unstreamed
         yield sse({"error": {"message": f"The model failed while generating: {exc}", "type": "server_error",
                              "param": None, "code": None}})
     finally:

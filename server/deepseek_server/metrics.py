@@ -13,6 +13,9 @@ from prometheus_client.utils import floatToGoString
 # `*_created` series double the output and no dashboard uses them
 disable_created_metrics()
 
+# a stream that fails after its 200 is counted under the status of its error (`request_recording`)
+REQUESTS_HELP = "API requests by route and status code (a stream that failed after its 200: its error's status)"
+ERRORS_HELP = "API requests that failed: status >= 400, or a stream that failed after its 200"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -45,10 +48,8 @@ class RequestStats:
         latency[1 + bisect_left(self._bounds, elapsed)] += 1  # the first bucket whose bound is >= elapsed
 
     def collect(self) -> Iterable[Metric]:
-        requests = CounterMetricFamily("deepseek_api_requests", "API requests by route and status code",
-                                       labels=["route", "status"])
-        errors = CounterMetricFamily("deepseek_api_errors", "API requests answered with status >= 400",
-                                     labels=["route", "status"])
+        requests = CounterMetricFamily("deepseek_api_requests", REQUESTS_HELP, labels=["route", "status"])
+        errors = CounterMetricFamily("deepseek_api_errors", ERRORS_HELP, labels=["route", "status"])
         latency = HistogramMetricFamily("deepseek_api_request_duration_seconds", "Time to the last byte of a response",
                                         labels=["route"])
         order = list(self._order)  # before the routes: each pair's route is in them

@@ -286,11 +286,14 @@ class _StreamRelay:
         except (EngineConnectionError, EngineTimeout) as exc:
             if not await request.is_disconnected():
                 if isinstance(exc, EngineTimeout):
-                    code, message = "engine_timeout", f"The inference engine stopped sending: {exc}."
+                    code, message, status = "engine_timeout", f"The inference engine stopped sending: {exc}.", 504
                 else:
                     self.engine.lost(f"{exc} while streaming ({self.engine.base_url})")
                     code, message = "engine_unavailable", "The inference engine stopped while answering; retry."
+                    status = 503
                 request.state.error_code = code
+                if getattr(request.state, "failed_status", None) is None:  # counted as its status unstreamed
+                    request.state.failed_status = status
                 error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
         finally:
@@ -338,6 +341,8 @@ class _StreamRelay:
                 failure = engine_error(status, event[6:])
                 if getattr(self.request.state, "error_code", None) is None:
                     self.request.state.error_code = failure.code or failure.type
+                if getattr(self.request.state, "failed_status", None) is None:  # counted as its status unstreamed
+                    self.request.state.failed_status = failure.status
                 event = b"data: " + json.dumps(failure.body()).encode()
             out.append(event)
         return b"\n\n".join(out)

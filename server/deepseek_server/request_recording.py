@@ -4,6 +4,11 @@ Pure ASGI middleware, so it sees the final status of every response (including o
 body size check) and, for streams, waits for the last byte before queueing the record. Queueing is synchronous and
 does no I/O (`AuditLog` builds and writes records in the background), so the record is taken even when the request is
 being cancelled, without a shielded cancel scope.
+
+A stream that fails after its 200 (an error event, then `[DONE]`) is counted in the metrics under the status the same
+failure is answered with unstreamed (`state["failed_status"]`, set where the error event is sent): a client's SDK
+raises it as that error, and the post-switch analysis and the error-rate alert, which count 5xx, see it. Its audit
+record keeps the 200 that was sent, with the error's code.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ class RequestRecordingMiddleware:
                 progress = _ENDED
                 elapsed = _perf_counter() - started
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self._observe(route, status, elapsed)
+                self._observe(route, state.get("failed_status") or status, elapsed)
                 if api:
                     self.in_flight_count -= 1
                     if self.audit is not None:  # built by the audit writer, with the others of its batch
@@ -130,7 +135,7 @@ class RequestRecordingMiddleware:
         """Count a request that took `elapsed` seconds, and queue its audit record if it is an API request."""
         # the matched route's template (bounded cardinality), or 'unmatched'
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self._observe(route, status, elapsed)
+        self._observe(route, state.get("failed_status") or status, elapsed)
         if api:
             self.in_flight_count -= 1
             if self.audit is not None:  # built by the audit writer, with the others of its batch

@@ -15,10 +15,11 @@ import httpx
 import pytest
 import redis
 from deepseek_server.app import create_app
-from deepseek_server.engine.base import GenerationRequest, GenerationStream
+from deepseek_server.engine.base import GenerationRequest, GenerationStream, TextDelta
 from deepseek_server.engine.noop import NoopEngine
 from deepseek_server.schemas import CompletionRequest
 from deepseek_server.settings import ServerSettings
+from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.testing.model_server import ServerThread, SigningKey, mint, write_auth_dir
 
@@ -151,6 +152,59 @@ def test_a_failing_engine_does_not_keep_the_callers_parallel_slot(tmp_path: Path
         assert failed.status_code == 500
         after = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=30)
         assert after.status_code == 200, after.text  # not 429 "parallel requests": the slot was freed
+    finally:
+        server.stop()
+
+
+class FailingMidway(NoopEngine):
+    """Sends one word of its reply, then fails as a broken model does while generating."""
+
+    def __init__(self) -> None:
+        super().__init__(model_name=MODEL)
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        stream = GenerationStream(request, lambda s: None)
+        stream.queue.put_nowait(TextDelta("ok ", 1))
+        stream.queue.put_nowait(RuntimeError("the model broke midway"))
+        return stream
+
+
+def api_counts(server: ServerThread) -> dict[tuple[str, str, str], float]:
+    """(family, route, status) -> value of `deepseek_api_requests` and `deepseek_api_errors` from /metrics."""
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return {(family.name, sample.labels["route"], sample.labels["status"]): sample.value for family in families
+            if family.name in ("deepseek_api_requests", "deepseek_api_errors") for sample in family.samples
+            if sample.labels["route"] != "/metrics"}
+
+
+def test_a_stream_that_fails_after_its_200_is_counted_as_the_server_error_it_is(tmp_path: Path, auth: Path,
+                                                                                  key: SigningKey) -> None:
+    """The post-switch analysis and the error-rate alert count 5xx in `deepseek_api_requests_total`; a stream whose
+    model fails midway was counted as a 200 (its status line went out first), so a revision that broke every
+    streamed request was seen as healthy. It is counted under the 500 the same failure gets unstreamed; its audit
+    record keeps the 200 that was sent, with the error's code."""
+    audit = tmp_path / "audit.jsonl"
+    server = ServerThread(create_app(settings(auth, audit_log=audit, no_cache=True), engine=FailingMidway())).start()
+    headers = {"authorization": f"Bearer {mint(key, uid='uid-failing-midway')}"}
+    route = "/v1/chat/completions"
+    try:
+        before = api_counts(server)
+        response = httpx.post(f"{server.url}{route}", headers=headers, timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "stream": True})
+        assert response.status_code == 200
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "ok "
+        assert json.loads(events[-1])["error"]["type"] == "server_error"
+        unstreamed = httpx.post(f"{server.url}{route}", headers=headers, timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3})
+        assert unstreamed.status_code == 500
+        after = api_counts(server)
+        added = {labels: value - before.get(labels, 0) for labels, value in after.items()
+                 if value != before.get(labels, 0)}
+        assert added == {("deepseek_api_requests", route, "500"): 2, ("deepseek_api_errors", route, "500"): 2}
+        [record] = [r for r in wait_for_records(audit, lambda r: len(r) >= 2)
+                    if r["request_id"] == response.headers["x-request-id"]]
+        assert (record["status"], record["error_code"], record["stream"]) == (200, "generation_failed", True)
     finally:
         server.stop()
 

@@ -105,6 +105,9 @@ class StandInEngine:
         if str(body.get("prompt", "")).startswith("refuse late"):  # vLLM's bytes for a refusal after the 200
             return StreamingResponse(iter([LATE_REFUSAL, b"data: [DONE]\n\n"]), media_type="text/event-stream")
         fails_after = 3 if str(body.get("prompt", "")).startswith("fail midway") else None
+        # an engine that dies (its connection closed mid-body) or hangs after two words
+        cut_after = 2 if str(body.get("prompt", "")).startswith(("drop midway", "stall midway")) else None
+        stall = str(body.get("prompt", "")).startswith("stall midway")
 
         async def events() -> AsyncIterator[bytes]:
             self.running += 1
@@ -114,6 +117,10 @@ class StandInEngine:
                         yield MIDWAY_FAILURE
                         yield b"data: [DONE]\n\n"
                         return
+                    if index == cut_after:
+                        if stall:
+                            await asyncio.sleep(30)
+                        raise RuntimeError("the stand-in engine died midway")
                     await asyncio.sleep(delay)
                     chunk = {"id": "x", "object": obj + ".chunk", "created": 1, "model": MODEL,
                              "choices": [{"index": 0, "delta": {"content": word}}]}
@@ -563,7 +570,7 @@ def test_an_error_the_engine_streams_is_in_openai_shape_recorded_and_not_charged
             assert response.status_code == 200
             return _events(response.text), response.headers["x-request-id"]
 
-        generated_before = _generated_tokens(gateway)
+        generated_before, counted_before = _generated_tokens(gateway), _completions_by_status(gateway)
         refused, refused_id = stream("refuse late")
         assert refused == [{"error": {
             "message": "token_id(s) [99999999] in logit_bias contain out-of-vocab token ids. Vocabulary size: 384 "
@@ -581,8 +588,54 @@ def test_an_error_the_engine_streams_is_in_openai_shape_recorded_and_not_charged
                 for r in (records[refused_id], records[failed_id])] == [
             (200, "invalid_request_error", 0, 0), (200, "engine_error", 0, 3)]
         assert _generated_tokens(gateway) - generated_before == 3
+        # counted under the status each error has unstreamed (the refusal's 400, the failure's 502), not as 200s:
+        # the post-switch analysis and the error-rate alert count 5xx
+        counted = _completions_by_status(gateway)
+        assert {status: counted[status] - counted_before.get(status, 0) for status in counted
+                if counted[status] != counted_before.get(status, 0)} == {"400": 1, "502": 1}
     finally:
         gateway.stop()
+
+
+def test_a_stream_the_engine_drops_or_stalls_is_counted_as_the_server_error_it_is(
+        standin: tuple[StandInEngine, ServerThread], auth_dir: Path, tmp_path: Path,
+        token_factory: Callable[..., str]) -> None:
+    """An engine that dies or stops sending midway: the stream ends with `engine_unavailable` or `engine_timeout`,
+    and /metrics counts it under the 503 or 504 the same failure gets unstreamed, where the post-switch analysis and
+    the error-rate alert look (it was counted as a 200); the audit record keeps the 200 that was sent."""
+    audit = tmp_path / "audit.jsonl"
+    settings = ServerSettings(engine="vllm", engine_url=standin[1].url, model_name=MODEL, auth_dir=auth_dir,
+                              audit_log=audit, engine_read_timeout_s=0.5)
+    gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+    headers = _auth(token_factory)
+    try:
+        counted_before = _completions_by_status(gateway)
+        codes, request_ids = [], []
+        for prompt in ("stall midway", "drop midway"):  # the drop marks the engine lost: last
+            response = httpx.post(f"{gateway.url}/v1/completions", headers=headers, timeout=30,
+                                  json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True})
+            assert response.status_code == 200
+            events = _events(response.text)
+            assert [event["choices"][0]["delta"]["content"] for event in events[:2]] == ["w", "w"], events
+            codes.append(events[-1]["error"]["code"])
+            request_ids.append(response.headers["x-request-id"])
+        assert codes == ["engine_timeout", "engine_unavailable"]
+        counted = _completions_by_status(gateway)
+        assert {status: counted[status] - counted_before.get(status, 0) for status in counted
+                if counted[status] != counted_before.get(status, 0)} == {"504": 1, "503": 1}
+        records = wait_for("both audit records", lambda: (lambda found: found if len(found) == 2 else None)(
+            {r["request_id"]: r for r in (json.loads(line) for line in audit.read_text().splitlines())
+             if r["request_id"] in request_ids} if audit.exists() else {}), timeout=30)
+        assert [(records[i]["status"], records[i]["error_code"]) for i in request_ids] == [
+            (200, "engine_timeout"), (200, "engine_unavailable")]
+    finally:
+        gateway.stop()
+
+
+def _completions_by_status(server: ServerThread) -> dict[str, float]:
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return {sample.labels["status"]: sample.value for family in families if family.name == "deepseek_api_requests"
+            for sample in family.samples if sample.labels["route"] == "/v1/completions"}
 
 
 def _generated_tokens(server: ServerThread) -> float:

@@ -15,7 +15,7 @@ from deepseek_server.audit import encode_record
 from deepseek_server.auth.dependency import authorization_header
 from deepseek_server.auth.directory_source import DirectoryAuthSource
 from deepseek_server.auth.documents import AuthState
-from deepseek_server.metrics import LATENCY_BUCKETS, RequestStats
+from deepseek_server.metrics import ERRORS_HELP, LATENCY_BUCKETS, REQUESTS_HELP, RequestStats
 from deepseek_server.redaction import Redactor
 from deepseek_server.request_recording import audit_record, utc_timestamp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -67,10 +67,8 @@ def test_request_stats_expose_what_prometheus_client_counters_and_histograms_did
                     ("/v1/chat/completions", 503, 1.0), ("/v1/chat/completions", 200, 0.025),
                     ("/v1/completions", 500, 0.2), ("/health", 503, 0.001)]  # new statuses of routes seen before
     reference = CollectorRegistry()
-    requests = Counter("deepseek_api_requests", "API requests by route and status code", ["route", "status"],
-                       registry=reference)
-    errors = Counter("deepseek_api_errors", "API requests answered with status >= 400", ["route", "status"],
-                     registry=reference)
+    requests = Counter("deepseek_api_requests", REQUESTS_HELP, ["route", "status"], registry=reference)
+    errors = Counter("deepseek_api_errors", ERRORS_HELP, ["route", "status"], registry=reference)
     latency = Histogram("deepseek_api_request_duration_seconds", "Time to the last byte of a response", ["route"],
                         buckets=LATENCY_BUCKETS, registry=reference)
     cheap = CollectorRegistry()
