@@ -7,6 +7,7 @@ operator mints for itself (docs/auth-contract.md: `sub: system:deepseek-operator
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -133,6 +134,50 @@ def judge(outcomes: Sequence[Outcome], settings: AnalysisSettings, expected_pods
             "p95LatencyMs": p95, "passed": passed, "message": message[:4000]}
 
 
+def completion_problem(body: bytes) -> str | None:
+    """What is wrong with an unstreamed chat completion answered 200, or None when it generated something."""
+    try:
+        payload = json.loads(body)
+        choice = payload["choices"][0]
+        content = choice["message"].get("content") or ""
+        generated = int((payload.get("usage") or {}).get("completion_tokens", 0))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        return f"unreadable completion: {exc!r}"
+    if not content and generated == 0:
+        return "empty completion"
+    return None
+
+
+def stream_problem(text: str) -> str | None:
+    """What is wrong with a streamed chat completion answered 200, or None when it generated something and finished:
+    an error event after the 200 (how a stream fails once begun), events that do not parse, or an end without a
+    `finish_reason`."""
+    content, generated, finished = "", 0, False
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        try:
+            event = json.loads(data)
+            if isinstance(event, dict) and event.get("error") is not None:
+                error = event["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                return f"error event after HTTP 200: {str(message)[:200]}"
+            for choice in event.get("choices") or []:
+                content += (choice.get("delta") or {}).get("content") or ""
+                finished = finished or choice.get("finish_reason") is not None
+            generated = max(generated, int((event.get("usage") or {}).get("completion_tokens") or 0))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return f"unreadable stream event: {exc!r}"
+    if not finished:
+        return "the stream ended without a finish_reason"
+    if not content and generated == 0:
+        return "empty completion"
+    return None
+
+
 def parse_request_counts(text: str) -> tuple[int, int]:
     """(requests, server errors) of the API routes (`/v1/...`, not probes or /metrics) from a server's /metrics:
     `deepseek_api_requests_total` by `status`; 5xx are the server's fault (4xx are the callers': bad keys, limits)."""
@@ -154,21 +199,27 @@ def parse_request_counts(text: str) -> tuple[int, int]:
 class Verifier:
     """Sends the requests; thread-safe, one HTTP client for all deployments."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.time, timeout: float = 60.0) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time, timeout: float = 60.0,
+                 port: int = SERVER_PORT) -> None:
         self._clock = clock
+        self._port = port
         self._http = httpx.Client(timeout=timeout, trust_env=False)
 
     def close(self) -> None:
         self._http.close()
 
-    def _one(self, endpoint: Endpoint, token: str, model: str, settings: AnalysisSettings) -> Outcome:
-        body = {"model": model, "messages": [{"role": "user", "content": settings.smoke_prompt}],
-                # Sampled, not greedy: a deterministic request could be answered from a shared response cache
-                # filled by the old color, and then nothing of the new one would be tested.
-                "max_tokens": SMOKE_MAX_TOKENS, "temperature": 0.8}
+    def _one(self, endpoint: Endpoint, token: str, model: str, settings: AnalysisSettings,
+             stream: bool = False) -> Outcome:
+        body: dict[str, Any] = {
+            "model": model, "messages": [{"role": "user", "content": settings.smoke_prompt}],
+            # Sampled, not greedy: a deterministic request could be answered from a shared response cache filled by
+            # the old color, and then nothing of the new one would be tested.
+            "max_tokens": SMOKE_MAX_TOKENS, "temperature": 0.8}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         started = time.monotonic()
         try:
-            response = self._http.post(f"http://{endpoint.ip}:{SERVER_PORT}/v1/chat/completions", json=body,
+            response = self._http.post(f"http://{endpoint.ip}:{self._port}/v1/chat/completions", json=body,
                                        headers={"Authorization": f"Bearer {token}"},
                                        timeout=max(5.0, settings.max_latency_ms / 1000.0 + 5.0))
         except httpx.HTTPError as exc:
@@ -176,32 +227,27 @@ class Verifier:
         latency = (time.monotonic() - started) * 1000
         if response.status_code != 200:
             return Outcome(endpoint.pod, False, latency, f"HTTP {response.status_code}: {response.text[:200]}")
-        try:
-            payload = response.json()
-            choice = payload["choices"][0]
-            content = choice["message"].get("content") or ""
-            generated = int((payload.get("usage") or {}).get("completion_tokens", 0))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            return Outcome(endpoint.pod, False, latency, f"unreadable completion: {exc}")
-        if not content and generated == 0:
-            return Outcome(endpoint.pod, False, latency, "empty completion")
-        return Outcome(endpoint.pod, True, latency, "ok")
+        problem = stream_problem(response.text) if stream else completion_problem(response.content)
+        return Outcome(endpoint.pod, problem is None, latency, problem or "ok")
 
     def verify(self, endpoints: Sequence[Endpoint], *, signing_key: SigningKey, namespace: str, deployment: str,
                deployment_uid: str, model: str, settings: AnalysisSettings) -> dict[str, Any]:
-        """Send `settings.requests` requests (at least one per pod), round-robin over the pods; the judged block."""
+        """Send `settings.requests` requests (at least one per pod), round-robin over the pods, every second one
+        streamed; the judged block."""
         now = int(self._clock())
         token = sign_token(verification_grant(namespace=namespace, deployment=deployment,
                                               deployment_uid=deployment_uid, token_id=new_token_id(), now=now),
                            signing_key)
         count = max(settings.requests, len(endpoints))
-        plan = [endpoints[i % len(endpoints)] for i in range(count)] if endpoints else []
+        # every second request streamed: a stream fails after its 200, through code an unstreamed answer never runs
+        plan = [(endpoints[i % len(endpoints)], i % 2 == 1) for i in range(count)] if endpoints else []
         with ThreadPoolExecutor(max_workers=max(1, len(endpoints))) as pool:
             # one worker per pod: each pod sees its requests one after another, as a light real client would
-            per_pod: dict[str, list[Endpoint]] = {}
-            for endpoint in plan:
-                per_pod.setdefault(endpoint.pod, []).append(endpoint)
-            futures = [pool.submit(lambda items=items: [self._one(e, token, model, settings) for e in items])
+            per_pod: dict[str, list[tuple[Endpoint, bool]]] = {}
+            for endpoint, stream in plan:
+                per_pod.setdefault(endpoint.pod, []).append((endpoint, stream))
+            futures = [pool.submit(lambda items=items: [self._one(e, token, model, settings, stream)
+                                                        for e, stream in items])
                        for items in per_pod.values()]
             outcomes = [outcome for future in futures for outcome in future.result()]
         return judge(outcomes, settings, [e.pod for e in endpoints])

@@ -18,9 +18,11 @@ from deepseek_operator.verification import (
     AnalysisSettings,
     Endpoint,
     Outcome,
+    completion_problem,
     judge,
     parse_request_counts,
     ready_endpoints,
+    stream_problem,
     verification_grant,
 )
 from deepseek_operator.workloads import (
@@ -455,6 +457,35 @@ def test_metrics_parsing_counts_api_routes_and_5xx() -> None:
         'deepseek_api_errors_total{route="/v1/chat/completions",status="503"} 2.0',
     ])
     assert parse_request_counts(text) == (45, 2)
+
+
+CHUNK = ('data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":%s},'
+         '"finish_reason":%s}]}')
+
+
+def test_a_streamed_smoke_answer_passes_only_when_it_generated_and_finished() -> None:
+    usage = 'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"completion_tokens":2}}'
+    good = "\n\n".join([CHUNK % ('"Hi"', "null"), CHUNK % ('" there"', "null"), CHUNK % ('""', '"length"'), usage,
+                         "data: [DONE]", ""])
+    assert stream_problem(good) is None
+    # the error event a stream carries when it fails after its 200: the builtin engine's, or vLLM's then [DONE]
+    builtin = "\n\n".join([CHUNK % ('"Hi"', "null"), 'data: {"error":{"message":"The model failed while generating: '
+                            'boom","type":"server_error","param":null,"code":null}}', ""])
+    assert stream_problem(builtin) == "error event after HTTP 200: The model failed while generating: boom"
+    vllm = 'data: {"error": {"message": "EngineCore encountered an issue.", "code": 500}}\n\ndata: [DONE]\n\n'
+    assert stream_problem(vllm) == "error event after HTTP 200: EngineCore encountered an issue."
+    assert stream_problem("\n\n".join([CHUNK % ('"Hi"', "null"), ""])) == "the stream ended without a finish_reason"
+    assert stream_problem("\n\n".join([CHUNK % ('""', '"stop"'), "data: [DONE]", ""])) == "empty completion"
+    assert stream_problem("data: {not json\n\n").startswith("unreadable stream event")
+    assert stream_problem("") == "the stream ended without a finish_reason"
+
+
+def test_an_unstreamed_smoke_answer_passes_only_when_it_generated() -> None:
+    assert completion_problem(b'{"choices":[{"message":{"content":"Hi"}}],"usage":{"completion_tokens":1}}') is None
+    assert completion_problem(b'{"choices":[{"message":{"content":""}}],"usage":{"completion_tokens":0}}') == (
+        "empty completion")
+    assert completion_problem(b'{"choices":[]}').startswith("unreadable completion")
+    assert completion_problem(b"<html>").startswith("unreadable completion")
 
 
 def test_verification_token_follows_the_contract() -> None:
