@@ -409,6 +409,7 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
         request.state.failed_status = 500  # counted as the 500 the same failure is unstreamed
         yield sse({"error": {"message": f"The model failed while generating: {exc}", "type": "server_error",
                              "param": None, "code": None}})
+        yield sse("[DONE]")  # after an error event too, as vLLM ends its streams
     finally:
         for stream in streams:
             stream.cancel()  # no-op for finished streams; frees the batch slot when the client left

@@ -295,7 +295,7 @@ class _StreamRelay:
                 if getattr(request.state, "failed_status", None) is None:  # counted as its status unstreamed
                     request.state.failed_status = status
                 error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                yield b"data: " + json.dumps(error).encode() + b"\n\n" + _DONE  # then [DONE], as vLLM ends a stream
         finally:
             self.client_left.remove_done_callback(self._close_upstream)
             await self.finish()
