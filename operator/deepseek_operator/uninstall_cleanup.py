@@ -8,8 +8,13 @@ their namespaces would stay `Terminating`. Keys go first, while their deployment
 then the deployments, while the operator is there to delete their private signing keys (in its own namespace, where
 nothing else would).
 
-Only object metadata is read (names, finalizers, deletion marks): never a Secret, a spec or a status, so nothing
-logged here can hold a token.
+Nothing is deleted until the operator's Deployment has a ready replica (`--operator`): a deletion cannot be taken
+back, and with no operator to finalize them every key would stay `Terminating`, to be revoked and removed whenever an
+operator next runs, even if the uninstall is then given up.
+
+Of ApiKeys and DeepSeekDeployments only object metadata is read (names, finalizers, deletion marks), and of the
+operator's Deployment only its replica counts: never a Secret, a key's spec or status, so nothing logged here can hold
+a token.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import httpx
 from .durations import parse_duration
 from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi, KubeError, NotFound, Resource, load_connection
 from .names import FINALIZER
+from .workloads import DEPLOYMENTS
 
 log = logging.getLogger("deepseek_operator.uninstall_cleanup")
 
@@ -111,6 +117,38 @@ def timeout_message(kind: str, left: Sequence[Leftover], timeout: float, operato
             "...-uninstall-cleanup failed').")
 
 
+def operator_state(deployment: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """Whether the operator's Deployment has a ready replica, and what it shows, e.g. `0 of 1 replica(s) ready` (pure).
+    """
+    if deployment is None:
+        return False, "its Deployment does not exist"
+    wanted = (deployment.get("spec") or {}).get("replicas", 1)
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    if ready > 0:
+        return True, f"{ready} of {wanted} replica(s) ready"
+    if wanted == 0:
+        return False, "scaled to zero"
+    return False, f"0 of {wanted} replica(s) ready"
+
+
+def operator_down_message(operator: str, state: str, waited: float, keys: Sequence[Leftover] | None) -> str:
+    """Why the cleanup deleted nothing: no operator runs to finalize what it would delete; one line (pure)."""
+    namespace, _, name = operator.partition("/")
+    if keys is None:
+        held = "every ApiKey in scope is left as it is"
+    elif keys:
+        held = f"the {counted(len(keys), 'ApiKey')} in scope {'is' if len(keys) == 1 else 'are'} left as " \
+               f"{'it is' if len(keys) == 1 else 'they are'}: {describe_all(keys)}"
+    else:
+        held = "there is no ApiKey in scope"
+    after = f" after {format_seconds(waited)}" if waited > 0 else ""
+    return (f"the operator {operator} is not running ({state}){after}: nothing was deleted, since every ApiKey "
+            f"deleted now would stay Terminating under {FINALIZER} until an operator revokes its tokens, even if the "
+            f"uninstall were then given up; {held}. Start it (kubectl scale deployment {name} -n {namespace} "
+            "--replicas=1) and run helm uninstall again (README, Troubleshooting: 'helm uninstall fails with job "
+            "...-uninstall-cleanup failed').")
+
+
 class CleanupRefused(Exception):
     """The API server refused a call for good (401/403): waiting longer would not help."""
 
@@ -136,6 +174,8 @@ class UninstallCleanup:
         """True once every ApiKey and DeepSeekDeployment in scope is gone; False (logged why) otherwise."""
         deadline = self.clock() + self.timeout
         try:
+            if self.operator is not None and not self._operator_runs(deadline):
+                return False
             for resource in (APIKEYS, DEEPSEEKDEPLOYMENTS):
                 if not self._empty(resource, deadline):
                     return False
@@ -144,6 +184,46 @@ class UninstallCleanup:
             return False
         log.info("every ApiKey and DeepSeekDeployment is gone (looked in %s)", scope_text(self.namespaces))
         return True
+
+    def _operator_runs(self, deadline: float) -> bool:
+        """Wait (within the deadline) until the operator's Deployment has a ready replica; False, logged why, when it
+        has none by then or does not exist."""
+        assert self.operator is not None
+        namespace, _, name = self.operator.partition("/")
+        started = self.clock()
+        next_report = started + REPORT_EVERY
+        state = "not looked at yet"
+        while True:
+            try:
+                deployment = self.kube.get(DEPLOYMENTS, namespace, name)
+                running, state = operator_state(deployment)
+                if running:
+                    log.info("the operator %s runs (%s)", self.operator, state)
+                    return True
+                if deployment is None:  # nothing will start it within the uninstall
+                    break
+            except KubeError as exc:
+                if permanent(exc):
+                    raise CleanupRefused(
+                        f"the API server refused to read the operator's Deployment {self.operator} ({exc}); the "
+                        "hook's RBAC must allow get on it; nothing was deleted") from exc
+                log.warning("could not read the operator's Deployment %s (%s); trying again", self.operator, exc)
+            except (httpx.HTTPError, OSError) as exc:
+                log.warning("could not read the operator's Deployment %s (%s); trying again", self.operator, exc)
+            now = self.clock()
+            if now >= deadline:
+                break
+            if now >= next_report:
+                next_report = now + REPORT_EVERY
+                log.info("waiting for the operator %s to run (%s; %s left) before deleting anything", self.operator,
+                         state, format_seconds(deadline - now))
+            self.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))
+        try:  # the keys this leaves alone, named so that the message says what is at stake
+            keys = self._list(APIKEYS)
+        except (KubeError, CleanupRefused, httpx.HTTPError, OSError):
+            keys = None
+        log.error("%s", operator_down_message(self.operator, state, self.clock() - started, keys))
+        return False
 
     def _list(self, resource: Resource) -> list[Leftover] | None:
         """What is there now; None when the kind is not served (its CRD is not installed)."""
@@ -212,6 +292,14 @@ class UninstallCleanup:
             self.sleep(min(POLL_INTERVAL, max(deadline - now, 0.0)))
 
 
+def operator_reference(text: str) -> str:
+    """`NAMESPACE/DEPLOYMENT`, both parts non-empty (an argparse type)."""
+    namespace, slash, name = text.partition("/")
+    if not (slash and namespace and name) or "/" in name:
+        raise argparse.ArgumentTypeError(f"expected NAMESPACE/DEPLOYMENT, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"deepseek-operator {COMMAND}",
@@ -224,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="the operator watches every namespace")
     parser.add_argument("--timeout", type=parse_duration, default=DEFAULT_TIMEOUT, metavar="DURATION",
                         help="give up after this long (default 3m)")
-    parser.add_argument("--operator", metavar="NAMESPACE/DEPLOYMENT",
-                        help="the operator's Deployment, named in the message when keys are not finalized in time")
+    parser.add_argument("--operator", metavar="NAMESPACE/DEPLOYMENT", type=operator_reference,
+                        help="the operator's Deployment: nothing is deleted until it has a ready replica (without "
+                             "this, nothing is checked); named in the message when keys are not finalized in time")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, else in-cluster)")
     return parser
 

@@ -19,6 +19,11 @@ HOOK_VERBS = {("deepseek.ai", "apikeys"): {"list", "deletecollection"},
               ("deepseek.ai", "deepseekdeployments"): {"list", "deletecollection"}}
 
 
+HOOK_KINDS = ["ClusterRole", "ClusterRoleBinding", "Job", "Role", "RoleBinding", "ServiceAccount"]
+# the operator's Deployment, read (get) and nothing else: nothing is deleted until it has a ready replica
+OPERATOR_READ = [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["rel-deepseek-operator"],
+                  "verbs": ["get"]}]
+
 # crds.keep=false, with the hook rendered by `helm template` as `helm install` renders it against a cluster
 KEEP_FALSE = ("crds.keep=false", "crds.cleanupHookOffline=true")
 
@@ -32,8 +37,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 
 def test_hook_renders_only_when_the_chart_deletes_the_crds():
-    assert sorted(d["kind"] for d in hook_objects(*KEEP_FALSE)) == [
-        "ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    assert sorted(d["kind"] for d in hook_objects(*KEEP_FALSE)) == HOOK_KINDS
     # The CRDs are kept (the default), or not the chart's: `helm uninstall` deletes no ApiKey, nothing to empty.
     for sets in ((), ("crds.keep=true",), ("crds.enabled=false",), ("crds.enabled=false", "crds.keep=false"),
                  ("crds.cleanupHookOffline=true",), ("crds.enabled=false", *KEEP_FALSE)):
@@ -52,7 +56,7 @@ def test_helm_template_renders_no_cleanup_job_that_applying_its_output_would_run
     assert hook_objects("crds.keep=false", "watchNamespaces={team-a}") == []
     offline = render(*KEEP_FALSE)
     assert ("Job", HOOK) in names(offline)
-    # Only the hook's four objects differ; the CRDs still go with the release (no resource-policy: keep).
+    # Only the hook's objects differ; the CRDs still go with the release (no resource-policy: keep).
     assert names(offline) - names(plain) == names(hook_objects(*KEEP_FALSE))
     crd = next(d for d in plain if d["kind"] == "CustomResourceDefinition")
     assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
@@ -114,14 +118,21 @@ def test_hook_rbac_lists_and_deletes_the_two_kinds_everywhere_and_nothing_else()
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": "ops"}]
     [account] = by_kind(docs, "ServiceAccount")
     assert (account["metadata"]["name"], account["metadata"]["namespace"]) == (HOOK, "ops")
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    [read] = by_kind(docs, "Role")
+    assert (read["metadata"]["name"], read["metadata"]["namespace"]) == (HOOK, "ops")
+    assert read["rules"] == OPERATOR_READ
+    [read_binding] = by_kind(docs, "RoleBinding")
+    assert read_binding["metadata"]["namespace"] == "ops"
+    assert read_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": HOOK}
+    assert read_binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": "ops"}]
+    assert sorted(d["kind"] for d in docs) == HOOK_KINDS
 
 
 def test_hook_in_namespaced_mode_acts_in_the_watched_namespaces_with_rights_that_need_none_of_them():
     """Its rights are cluster-scoped objects, so that Helm can create them at uninstall even when a watched namespace
     was deleted meanwhile (a Role there would fail the whole uninstall); the command names the watched namespaces."""
     docs = hook_objects(*KEEP_FALSE, "watchNamespaces={team-a,team-b}")
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == HOOK_KINDS
     assert not [d for d in docs if d["metadata"].get("namespace") not in (None, "ops")]
     [role] = by_kind(docs, "ClusterRole")
     assert granted(role["rules"]) == HOOK_VERBS
@@ -138,10 +149,9 @@ def test_hook_account_and_rbac_exist_before_the_job_and_go_with_it(sets):
     docs = hook_objects(*KEEP_FALSE, *sets)
     weight = {(d["kind"], d["metadata"].get("namespace")): int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
               for d in docs}
-    role_kinds = ("ClusterRole", "ClusterRoleBinding")
     account = weight[("ServiceAccount", "ops")]
-    roles = [w for (kind, _), w in weight.items() if kind == role_kinds[0]]
-    bindings = [w for (kind, _), w in weight.items() if kind == role_kinds[1]]
+    roles = [w for (kind, _), w in weight.items() if kind in ("ClusterRole", "Role")]
+    bindings = [w for (kind, _), w in weight.items() if kind in ("ClusterRoleBinding", "RoleBinding")]
     # Helm creates hooks in weight order and waits only for Jobs: the account, its role and its binding come first.
     assert account < min(roles) and max(roles) < min(bindings) and max(bindings) < weight[("Job", "ops")]
     for doc in docs:

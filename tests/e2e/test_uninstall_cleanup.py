@@ -1,8 +1,9 @@
 """`helm uninstall` of a release installed with crds.keep=false, on devcluster through real helm: the chart's
 pre-delete hook (rendered by the install, which talks to the cluster) deletes every ApiKey and DeepSeekDeployment
 while the operator still runs, so each key's tokens are revoked and the CRDs and the tenants' namespaces go, none left
-`Terminating`. With the operator not running, the uninstall fails and the hook's Job says which keys are left,
-instead of leaving them and their namespace stuck.
+`Terminating`. With the operator not running, the uninstall fails having deleted nothing, and the hook's Job says
+which keys it left as they are: deleted with no operator to finalize them, they would stay stuck, and be revoked
+whenever an operator next ran even if the uninstall were given up.
 
 A cluster of its own: the uninstall deletes the CRDs (which the session's other tests install with kubectl, and which
 the chart could not take over).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -55,7 +57,7 @@ def release(own_cluster: DevCluster) -> DevCluster:
     return own_cluster
 
 
-def test_uninstall_with_the_operator_stopped_fails_naming_the_keys_left(release):
+def test_uninstall_with_the_operator_stopped_fails_deleting_nothing_and_naming_the_keys(release):
     cluster = release
     # A short cleanup timeout for this test (the default, 3m, allows for many keys).
     out = cluster.helm("upgrade", RELEASE, str(CHART), "--namespace", OPS, "--reuse-values",
@@ -74,8 +76,9 @@ def test_uninstall_with_the_operator_stopped_fails_naming_the_keys_left(release)
     [pod] = kubectl_json(cluster, "get", "pods", "-n", OPS, "-l", f"job-name={HOOK}")["items"]
     message = pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
     print(f"the hook's termination message: {message}")
-    assert f"{TENANT}/alice" in message and "deepseek.ai/finalizer" in message and "15s" in message
-    assert f"{OPS}/{RELEASE}" in message  # where to look: the operator
+    assert f"the operator {OPS}/{RELEASE} is not running (scaled to zero) after 15s: nothing was deleted" in message
+    assert f"{TENANT}/alice" in message and "deepseek.ai/finalizer" in message
+    assert f"kubectl scale deployment {RELEASE} -n {OPS} --replicas=1" in message
     assert "eyJ" not in message
     # Nothing was uninstalled: the operator, its RBAC and the CRDs are there (helm marks the release `uninstalling`,
     # and a second `helm uninstall` carries on). Of the hook only its failed Job is left, for its log.
@@ -83,16 +86,23 @@ def test_uninstall_with_the_operator_stopped_fails_naming_the_keys_left(release)
     assert status["info"]["status"] == "uninstalling"
     assert kubectl_json(cluster, "get", "deployment", RELEASE, "-n", OPS)["spec"]["replicas"] == 0
     assert kubectl_json(cluster, "get", "clusterrole", RELEASE)["rules"]
-    assert kubectl_json(cluster, "get", "apikey", "alice", "-n", TENANT)["metadata"]["deletionTimestamp"]
-    hook_left = cluster.kubectl("get", "job,serviceaccount,clusterrole,clusterrolebinding", "-A", "-o", "name",
-                                "-l", "app.kubernetes.io/component=uninstall-cleanup").stdout.split()
+    # The key was not touched: not marked for deletion, its token not revoked.
+    alice = kubectl_json(cluster, "get", "apikey", "alice", "-n", TENANT)
+    assert not alice["metadata"].get("deletionTimestamp"), alice["metadata"]
+    assert kubectl_json(cluster, "get", "deepseekdeployments", "-n", TENANT)["items"]
+    hook_left = cluster.kubectl("get", "job,serviceaccount,clusterrole,clusterrolebinding,role,rolebinding", "-A",
+                                "-o", "name", "-l", "app.kubernetes.io/component=uninstall-cleanup").stdout.split()
     assert hook_left == [f"job.batch/{HOOK}"], hook_left
 
-    # The operator back: it revokes the key's token and lets it go.
+    # The operator back, and the uninstall given up: the key carries on with the same token, never revoked.
     cluster.kubectl("scale", "deployment", RELEASE, "-n", OPS, "--replicas=1")
-    wait_for("alice finalized", lambda: not kubectl_json(cluster, "get", "apikeys", "-n", TENANT)["items"],
+    wait_for("the operator ready", lambda: (kubectl_json(cluster, "get", "deployment", RELEASE, "-n", OPS)
+                                            .get("status", {}).get("readyReplicas") or 0) >= 1,
              timeout=120, interval=0.5)
-    assert wait_for("alice's Revoked Event", lambda: revoked_event(cluster, TENANT, "alice", token_id), timeout=30)
+    time.sleep(5)  # a few reconciles' time: a key marked for deletion would be finalized by now
+    alice = kubectl_json(cluster, "get", "apikey", "alice", "-n", TENANT)
+    assert not alice["metadata"].get("deletionTimestamp") and alice["status"]["tokenId"] == token_id
+    assert not revoked_event(cluster, TENANT, "alice", token_id)
 
 
 def test_uninstall_revokes_every_key_and_leaves_nothing_terminating(release):

@@ -1,5 +1,6 @@
 """`deepseek-operator uninstall-cleanup` (the chart's pre-delete hook) against an in-memory API: keys deleted and
-waited for before deployments, a clear message naming what is left at the deadline, nothing but metadata logged."""
+waited for before deployments, nothing deleted while the operator does not run, a clear message naming what is left
+at the deadline, nothing but metadata logged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from deepseek_operator import uninstall_cleanup
 from deepseek_operator.__main__ import main as operator_main
 from deepseek_operator.kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeError, NotFound, Resource
 from deepseek_operator.names import FINALIZER
-from deepseek_operator.uninstall_cleanup import Leftover, UninstallCleanup, describe_all, format_seconds
+from deepseek_operator.uninstall_cleanup import (
+    Leftover,
+    UninstallCleanup,
+    build_parser,
+    describe_all,
+    format_seconds,
+    operator_state,
+)
+from deepseek_operator.workloads import DEPLOYMENTS
 
 TOKEN_LIKE = "eyJhbGciOiJFZERTQSJ9.secret"
 
@@ -28,6 +37,9 @@ class FakeApi:
         self.served = True
         self.refuse: int | None = None
         self._countdown: dict[tuple[str, str, str], int] = {}
+        # the operator's Deployment as each look finds it (the last one stays): one ready replica unless a test says
+        self.operator_looks: list[dict[str, Any] | None] = [{"spec": {"replicas": 1}, "status": {"readyReplicas": 1}}]
+        self.refuse_get: int | None = None
 
     def add(self, resource: Resource, namespace: str, name: str, finalizers: tuple[str, ...] = ()) -> None:
         self.objects[resource.kind][(namespace, name)] = {"metadata": {
@@ -52,6 +64,13 @@ class FakeApi:
                 del self.objects[resource.kind][key]
         items = [o for (ns, _), o in sorted(self.objects[resource.kind].items()) if namespace in (None, ns)]
         return items, "1"
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        assert resource is DEPLOYMENTS and (namespace, name) == ("ops", "rel-deepseek-operator")
+        self.calls.append(("get", resource.kind, namespace))
+        if self.refuse_get:
+            raise KubeError(self.refuse_get, "Forbidden", "deployments is forbidden", "GET", "/apis/apps/...")
+        return self.operator_looks.pop(0) if len(self.operator_looks) > 1 else self.operator_looks[0]
 
     def delete_collection(self, resource: Resource, namespace: str) -> None:
         self.calls.append(("delete", resource.kind, namespace))
@@ -138,6 +157,87 @@ def test_keys_the_operator_does_not_finalize_are_named_at_the_deadline(caplog):
     assert TOKEN_LIKE not in caplog.text
     # progress while waiting, every 10 s
     assert "waiting for 2 ApiKeys to go (5s left)" in caplog.text
+
+
+def test_nothing_is_deleted_while_the_operator_does_not_run(caplog):
+    """Deleting a key cannot be taken back: with no operator to finalize it, it would stay Terminating and be revoked
+    whenever an operator next ran, even if the uninstall were given up. So the hook waits for a ready operator and,
+    without one, fails having deleted nothing, naming the keys it left alone."""
+    caplog.set_level(logging.INFO)
+    api = FakeApi()
+    api.operator_looks = [{"spec": {"replicas": 0}, "status": {}}]
+    api.add(APIKEYS, "team-a", "alice", (FINALIZER,))
+    api.add(DEEPSEEKDEPLOYMENTS, "team-a", "chat")
+    run, clock = cleanup(api, timeout=15)
+    assert run.run() is False
+    assert 15 <= clock.now < 17
+    assert not [c for c in api.calls if c[0] == "delete"]
+    assert not api.objects[APIKEYS.kind][("team-a", "alice")]["metadata"].get("deletionTimestamp")
+    message = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelno == logging.ERROR and "\n" not in message
+    assert message.startswith(
+        "the operator ops/rel-deepseek-operator is not running (scaled to zero) after 15s: nothing was deleted, "
+        "since every ApiKey deleted now would stay Terminating under deepseek.ai/finalizer until an operator revokes "
+        "its tokens, even if the uninstall were then given up; the 1 ApiKey in scope is left as it is: team-a/alice. "
+        "Start it (kubectl scale deployment rel-deepseek-operator -n ops --replicas=1) and run helm uninstall again")
+    assert "waiting for the operator ops/rel-deepseek-operator to run (scaled to zero; 5s left) before deleting " \
+           "anything" in caplog.text
+    assert TOKEN_LIKE not in caplog.text
+
+
+def test_an_operator_that_becomes_ready_within_the_timeout_is_waited_for():
+    api = FakeApi()
+    starting = {"spec": {"replicas": 1}, "status": {"replicas": 1}}
+    api.operator_looks = [starting, starting, starting, {"spec": {"replicas": 1}, "status": {"readyReplicas": 1}}]
+    api.add(APIKEYS, "team-a", "alice", (FINALIZER,))
+    run, clock = cleanup(api, timeout=30)
+    assert run.run() is True
+    assert api.objects[APIKEYS.kind] == {}
+    first_delete = api.calls.index(("delete", "ApiKey", "team-a"))
+    assert [c[0] for c in api.calls[:first_delete]].count("get") == 4 and clock.now >= 3
+
+
+def test_a_missing_operator_or_no_right_to_read_it_fails_at_once_deleting_nothing(caplog):
+    api = FakeApi()
+    api.operator_looks = [None]
+    api.add(APIKEYS, "team-a", "alice", (FINALIZER,))
+    run, clock = cleanup(api)
+    assert run.run() is False and clock.now == 0
+    assert "the operator ops/rel-deepseek-operator is not running (its Deployment does not exist): nothing was " \
+           "deleted" in caplog.text
+    api = FakeApi()
+    api.refuse_get = 403
+    api.add(APIKEYS, "team-a", "alice", (FINALIZER,))
+    run, clock = cleanup(api)
+    assert run.run() is False and clock.now == 0
+    assert "refused to read the operator's Deployment ops/rel-deepseek-operator" in caplog.text
+    assert not [c for c in api.calls if c[0] == "delete"]
+
+
+def test_operator_state_reads_the_deployment():
+    assert operator_state({"spec": {"replicas": 2}, "status": {"readyReplicas": 1}}) == (True,
+                                                                                          "1 of 2 replica(s) ready")
+    assert operator_state({"spec": {"replicas": 1}, "status": {}}) == (False, "0 of 1 replica(s) ready")
+    assert operator_state({"spec": {"replicas": 0}}) == (False, "scaled to zero")
+    assert operator_state(None) == (False, "its Deployment does not exist")
+
+
+def test_the_operator_reference_is_namespace_slash_name(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["-A", "--operator", "ops/rel"]).operator == "ops/rel"
+    for bad in ("rel", "ops/", "/rel", "ops/rel/x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["-A", "--operator", bad])
+        assert "expected NAMESPACE/DEPLOYMENT" in capsys.readouterr().err
+
+
+def test_without_an_operator_named_nothing_is_checked():
+    api = FakeApi()
+    api.operator_looks = [None]
+    api.add(APIKEYS, "team-a", "alice", (FINALIZER,))
+    clock = FakeClock()
+    assert UninstallCleanup(api, None, 30, clock=clock, sleep=clock.sleep).run() is True
+    assert not [c for c in api.calls if c[0] == "get"]
 
 
 def test_a_key_created_again_while_waiting_is_deleted_again():
