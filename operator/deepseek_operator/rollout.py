@@ -82,6 +82,8 @@ def read_rollout_status(status: Mapping[str, Any]) -> dict[str, Any]:
         "activeColor": active if active in COLORS else None,
         "activeRevision": text(status.get("activeRevision")),
         "failedRevision": text(status.get("failedRevision")),
+        "failedSettings": (dict(status["failedSettings"]) if isinstance(status.get("failedSettings"), Mapping)
+                           else None),
         "retriedRevision": text(status.get("retriedRevision")),
         "rollout": rollout or None,
         "history": [entry for entry in history if isinstance(entry, Mapping)],
@@ -168,6 +170,40 @@ def observe_color(deployment: Mapping[str, Any] | None, pods: list[dict[str, Any
     )
 
 
+def judging_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The rollout settings that decide whether a revision passes, defaults resolved (pure): how it starts
+    (`strategy`, `previewReplicas`), how long it may take (`progressDeadlineSeconds`, which also sizes the startup
+    probe of the pods it starts) and how it is verified (`analysis`). A revision that failed under other values is
+    retried once under these; `autoPromote`, `scaleDownDelaySeconds` and `revisionHistoryLimit` judge nothing."""
+    rollout = spec.get("rollout") or {}
+    analysis = rollout.get("analysis") or {}
+    return {
+        "strategy": str(rollout.get("strategy", "BlueGreen")),
+        "previewReplicas": int(rollout.get("previewReplicas", 1)),
+        "progressDeadlineSeconds": int(rollout.get("progressDeadlineSeconds", 1800)),
+        "analysis": {
+            "smokePrompt": str(analysis.get("smokePrompt", "Say hello in one short sentence.")),
+            "requests": int(analysis.get("requests", 5)),
+            "maxErrorRate": float(analysis.get("maxErrorRate", 0.05)),
+            "maxLatencyMs": int(analysis.get("maxLatencyMs", 30000)),
+            "windowSeconds": int(analysis.get("windowSeconds", 300)),
+        },
+    }
+
+
+def settings_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What differs between two `judging_settings`, e.g. `progressDeadlineSeconds 60 -> 600` (pure); a changed
+    prompt is named, not quoted."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes.extend(f"{key}.{change}" for change in settings_changes(old, new))
+        elif old != new:
+            changes.append(f"{key} changed" if key == "smokePrompt" else f"{key} {old} -> {new}")
+    return changes
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     """The spec's rollout knobs plus the operator's polling intervals (seconds)."""
@@ -183,6 +219,8 @@ class RolloutSettings:
     max_error_rate: float = 0.05
     progressing_interval: float = 2.0
     stable_interval: float = 30.0
+    # `judging_settings` of the spec: recorded with each rollout, and with a revision that failed
+    judging: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], *, progressing_interval: float,
@@ -202,6 +240,7 @@ class RolloutSettings:
             max_error_rate=float(analysis.get("maxErrorRate", 0.05)),
             progressing_interval=progressing_interval,
             stable_interval=stable_interval,
+            judging=judging_settings(spec),
         )
 
 
@@ -310,7 +349,11 @@ class _Builder:
 
     def scale(self, color: str, replicas: int, revision: str | None = None) -> None:
         current = self.o.colors.get(color, ColorObservation())
-        if revision is not None and (not current.exists or current.revision != revision):
+        # Pods started from zero get the template as built now, also for the revision the color already had: what
+        # the revision leaves out but the pods take (the startup probe sized to progressDeadlineSeconds, an
+        # operator upgrade's template) reaches a retried or restarted revision, and no running pod is replaced.
+        if revision is not None and (not current.exists or current.revision != revision
+                                     or (current.replicas == 0 and replicas > 0)):
             self.decision.scale.append(ScaleColor(color, replicas, revision))
         elif not current.exists and revision is None:
             return  # nothing to scale, and no revision to build it from
@@ -349,7 +392,8 @@ def _start_rollout(b: _Builder) -> None:
     idle = o.colors.get(color, ColorObservation())
     desired = o.desired_revision
     base = {"revision": desired, "color": color, "startedAt": format_time(o.now), "switchedAt": None,
-            "scaleDownAt": None, "analysis": None, "reason": None, "verifiedPods": None}
+            "scaleDownAt": None, "analysis": None, "reason": None, "verifiedPods": None,
+            "settings": dict(o.settings.judging) or None}
     warm = (active is not None and idle.revision == desired and idle.ready >= max(1, o.settings.replicas)
             and o.settings.strategy == "BlueGreen")
     b.status["rollout"] = None
@@ -404,7 +448,15 @@ def _steady(b: _Builder) -> None:
         return  # scaled to zero: nothing to verify; the new revision rolls out when replicas come back
     retry = o.annotations.get(RETRY_ANNOTATION) == desired and b.status["retriedRevision"] != desired
     if desired == b.status["failedRevision"] and not retry:
-        return  # no retry loop: the failed revision waits for a spec change or the retry annotation
+        # No retry loop: the failed revision waits for a spec change, the retry annotation, or other rollout settings
+        # than it failed under (a longer deadline, a looser analysis), under which it is tried once; a revision that
+        # failed before settings were recorded (an older operator) waits as it did.
+        failed_under = b.status["failedSettings"]
+        if not failed_under or not o.settings.judging or failed_under == o.settings.judging:
+            return
+        b.event("Normal", "RetryingRevision",
+                f"revision {desired} failed under other rollout settings; trying it once under these: "
+                + ", ".join(settings_changes(failed_under, o.settings.judging)))
     if retry:
         b.status["retriedRevision"] = desired
     _start_rollout(b)
@@ -604,6 +656,7 @@ def _post_verifying(b: _Builder) -> None:
         b.set_rollout(phase=COMPLETED, scaleDownAt=None, reason=None, message=f"revision {revision} serves on {color}")
     if b.status["failedRevision"] == revision:
         b.status["failedRevision"] = None
+        b.status["failedSettings"] = None
     b.record_history(revision, "Completed")
     b.again()
 
@@ -649,6 +702,7 @@ def _rolling_back(b: _Builder) -> None:
             b.scale(b.status["activeColor"], o.settings.replicas)
     aborted = b.rollout.get("reason") == "Aborted"
     b.status["failedRevision"] = revision
+    b.status["failedSettings"] = b.rollout.get("settings")  # what it failed under: other settings retry it once
     b.set_rollout(phase=DEGRADED, deadline=None,
                   message=f"revision {revision} {'aborted' if aborted else 'rolled back'}: "
                           f"{b.rollout.get('message', '')}")
@@ -725,8 +779,9 @@ def _conditions(b: _Builder) -> list[Condition]:
                              str(rollout.get("message", "")))
     elif failed and failed == o.desired_revision:
         degraded = Condition("Degraded", True, str(rollout.get("reason") or "RolledBack"),
-                             f"revision {failed} was rolled back and is not retried until the spec changes or "
-                             f"{RETRY_ANNOTATION}={failed} is set: {rollout.get('message', '')}")
+                             f"revision {failed} was rolled back and is not retried until the spec changes it, "
+                             "its rollout settings (progressDeadlineSeconds, strategy, previewReplicas, analysis) "
+                             f"change, or {RETRY_ANNOTATION}={failed} is set: {rollout.get('message', '')}")
     else:
         degraded = Condition("Degraded", False, "AsExpected", "the spec'd revision is not known to fail")
     short_color = rollout.get("color") if phase in IN_PROGRESS else active

@@ -192,6 +192,47 @@ def test_manual_promotion_and_abort(world: World) -> None:
     assert status["activeRevision"] == fourth and status["activeColor"] == "blue"
 
 
+def _startup_seconds(world: World, color: str) -> int:
+    """How long the server's startup probe in `color`'s pod template allows for loading."""
+    deployment = world.apps.read_namespaced_deployment(f"chat-{color}", world.namespace)
+    server = next(c for c in deployment.spec.template.spec.containers if c.name == "server")
+    return server.startup_probe.failure_threshold * server.startup_probe.period_seconds
+
+
+def test_a_revision_failed_under_tight_rollout_settings_is_retried_once_they_change(world: World) -> None:
+    """A revision rolled back because the analysis was too strict (or the deadline too short for its load) is tried
+    once more when those settings change, with no spec change to the revision and no retry annotation, and its pods
+    start with a startup probe sized to the new deadline."""
+    world.create()
+    first = world.wait_phase("Completed", timeout=240)["activeRevision"]
+
+    world.patch({"spec": {"model": {"revision": "v2"}, "rollout": {
+        "progressDeadlineSeconds": 120, "analysis": {"maxLatencyMs": 1}}}})
+    status = world_wait_failed(world, first)
+    second = status["failedRevision"]
+    assert status["rollout"]["reason"] == "VerificationFailed" and status["activeRevision"] == first
+    assert status["failedSettings"]["progressDeadlineSeconds"] == 120
+    assert status["failedSettings"]["analysis"]["maxLatencyMs"] == 1
+    assert "its rollout settings (progressDeadlineSeconds, strategy, previewReplicas, analysis) change" in \
+        world.condition("Degraded")["message"]
+    assert _startup_seconds(world, "green") == 120
+    # settings that judge nothing leave it failed
+    world.patch({"spec": {"rollout": {"scaleDownDelaySeconds": 500}}})
+    world.reconciled()
+    assert world.status()["rollout"]["phase"] == "Degraded" and not world.events("RetryingRevision")
+
+    world.patch({"spec": {"rollout": {"progressDeadlineSeconds": 240, "analysis": {"maxLatencyMs": 20000}}}})
+    [event] = world.wait_event("RetryingRevision")
+    assert event.message == (f"revision {second} failed under other rollout settings; trying it once under these: "
+                             "analysis.maxLatencyMs 1 -> 20000, progressDeadlineSeconds 120 -> 240")
+    status = world.wait_phase("Completed", revision=second, timeout=240)
+    assert status["activeRevision"] == second and status["activeColor"] == "green"
+    assert "failedRevision" not in status and "failedSettings" not in status
+    assert status["rollout"]["settings"]["progressDeadlineSeconds"] == 240
+    assert _startup_seconds(world, "green") == 240
+    assert world.condition("Degraded")["status"] == "False"
+
+
 def _free_gpus(core: client.CoreV1Api, node: str) -> int:
     allocatable = int(core.read_node(node).status.allocatable["nvidia.com/gpu"])
     used = 0

@@ -15,8 +15,10 @@ from deepseek_operator.rollout import (
     SwitchTraffic,
     Verify,
     format_time,
+    judging_settings,
     next_step,
     observe_color,
+    settings_changes,
 )
 
 NOW = 1_800_000_000.0
@@ -113,6 +115,79 @@ def test_removing_retry_annotation_forgets_the_retry() -> None:
     status = {**stable_status(), "failedRevision": NEW, "retriedRevision": NEW,
               "rollout": {"phase": "Degraded", "revision": NEW, "color": "green"}}
     assert next_step(observed(status)).status["retriedRevision"] is None
+
+
+def settings_of(**rollout: Any) -> RolloutSettings:
+    return RolloutSettings.from_spec({"replicas": 2, "rollout": rollout}, progressing_interval=1.0,
+                                     stable_interval=30.0)
+
+
+def test_a_failed_revision_is_tried_once_more_under_other_rollout_settings() -> None:
+    """A revision rolled back for a deadline or an analysis that was too tight is tried again, once, when the rollout
+    settings it failed under change (a user raising progressDeadlineSeconds for a slow load, or maxLatencyMs); the
+    Degraded message says so. Settings that judge nothing (autoPromote, scaleDownDelaySeconds), or replicas, do not
+    retry it; a revision that failed again under the new settings waits again."""
+    tight = settings_of(progressDeadlineSeconds=60, analysis={"maxLatencyMs": 1})
+    # the rollout records the settings it runs under, and the rollback the ones it failed under
+    started = next_step(observed(stable_status(), settings=tight))
+    assert started.status["rollout"]["settings"] == judging_settings({"rollout": {
+        "progressDeadlineSeconds": 60, "analysis": {"maxLatencyMs": 1}}})
+    rolling_back = {**stable_status(phase="RollingBack", reason="VerificationFailed", message="p95 too high"),
+                    "rollout": {**started.status["rollout"], "phase": "RollingBack", "reason": "VerificationFailed"}}
+    degraded = next_step(observed(rolling_back, settings=tight, green=ready("green", NEW, 0, replicas=1)))
+    assert degraded.status["rollout"]["phase"] == "Degraded"
+    assert degraded.status["failedSettings"] == started.status["rollout"]["settings"]
+    status = degraded.status
+    waiting = next_step(observed(status, settings=tight, green=ready("green", NEW, 0, replicas=0)))
+    assert waiting.status["rollout"]["phase"] == "Degraded" and waiting.events == []
+    assert "its rollout settings (progressDeadlineSeconds, strategy, previewReplicas, analysis) change" in \
+        condition(waiting, "Degraded").message
+    for unjudged in (settings_of(progressDeadlineSeconds=60, analysis={"maxLatencyMs": 1}, autoPromote=False,
+                                 scaleDownDelaySeconds=5, revisionHistoryLimit=9),
+                     RolloutSettings.from_spec({"replicas": 5, "rollout": {"progressDeadlineSeconds": 60,
+                                                                           "analysis": {"maxLatencyMs": 1}}},
+                                               progressing_interval=1.0, stable_interval=30.0)):
+        assert next_step(observed(status, settings=unjudged)).status["rollout"]["phase"] == "Degraded"
+
+    looser = settings_of(progressDeadlineSeconds=600, analysis={"maxLatencyMs": 30000})
+    retried = next_step(observed(status, settings=looser, green=ready("green", NEW, 0, replicas=0)))
+    assert retried.status["rollout"]["phase"] == "Provisioning"
+    assert retried.status["rollout"]["settings"] == looser.judging
+    assert [e.reason for e in retried.events] == ["RetryingRevision", "RolloutStarted"]
+    assert retried.events[0].message == (
+        f"revision {NEW} failed under other rollout settings; trying it once under these: "
+        "analysis.maxLatencyMs 1 -> 30000, progressDeadlineSeconds 60 -> 600")
+    # its pods start from zero with the template built now (the startup probe sized to the new deadline), though
+    # the color already had this revision
+    provisioning = next_step(observed({**status, **retried.status}, settings=looser,
+                                      green=ready("green", NEW, 0, replicas=0)))
+    assert provisioning.scale == [ScaleColor("green", 1, NEW)]
+    # failed again under the new settings: it waits again
+    again = {**status, "failedSettings": looser.judging}
+    assert next_step(observed(again, settings=looser)).status["rollout"]["phase"] == "Degraded"
+    # a failure recorded before settings were (an older operator): it waits as it did
+    older = {key: value for key, value in status.items() if key != "failedSettings"}
+    assert next_step(observed(older, settings=looser)).status["rollout"]["phase"] == "Degraded"
+
+
+def test_judging_settings_resolve_defaults_and_changes_are_named() -> None:
+    assert judging_settings({}) == judging_settings({"rollout": {
+        "strategy": "BlueGreen", "previewReplicas": 1, "progressDeadlineSeconds": 1800, "autoPromote": False,
+        "analysis": {"smokePrompt": "Say hello in one short sentence.", "requests": 5, "maxErrorRate": 0.05,
+                     "maxLatencyMs": 30000, "windowSeconds": 300}}})
+    before = judging_settings({})
+    after = judging_settings({"rollout": {"strategy": "Recreate", "analysis": {"smokePrompt": "secret plan"}}})
+    assert settings_changes(before, after) == ["analysis.smokePrompt changed", "strategy BlueGreen -> Recreate"]
+    assert settings_changes(before, before) == []
+
+
+def test_a_color_scaled_up_from_zero_gets_its_template_rebuilt_and_running_pods_are_left_alone() -> None:
+    provisioning = stable_status(phase="Provisioning")
+    assert next_step(observed(provisioning, green=ready("green", NEW, 0, replicas=0))).scale == [
+        ScaleColor("green", 1, NEW)]
+    # a color already running the revision is only scaled: its pods are not replaced
+    assert next_step(observed(stable_status(phase="Promoting", verifiedPods=["green-bbb-0"]),
+                              green=ready("green", NEW, 1))).scale[0] == ScaleColor("green", 2, None)
 
 
 def test_spec_reverted_to_warm_color_switches_back_at_once() -> None:
@@ -354,6 +429,9 @@ def test_post_verifying_completes_after_window() -> None:
     assert decision.status["failedRevision"] is None
     assert decision.status["history"][0]["result"] == "Completed"
     assert decision.status["history"][0]["model"] == "tiny"
+    settled = next_step(observed({**status, "failedSettings": judging_settings({})}, green=ready("green", NEW, 2),
+                                 service=("green", NEW), live=LiveTraffic(100, 0)))
+    assert settled.status["failedRevision"] is None and settled.status["failedSettings"] is None
 
 
 def test_a_first_rollout_completes_without_an_old_color_to_keep_warm() -> None:

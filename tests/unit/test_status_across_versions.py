@@ -82,7 +82,8 @@ def test_a_served_deployment_with_unknown_fields_is_left_as_it_is() -> None:
 def test_missing_newer_fields_get_their_defaults() -> None:
     status = {"activeColor": "blue", "activeRevision": OLD}  # no rollout, history, failed or retried revision
     assert read_rollout_status(status) == {"activeColor": "blue", "activeRevision": OLD, "failedRevision": None,
-                                           "retriedRevision": None, "rollout": None, "history": []}
+                                           "failedSettings": None, "retriedRevision": None, "rollout": None,
+                                           "history": []}
     decision = next_step(observed(status))
     assert decision.scale == [] and decision.switch is None and decision.status["history"] == []
 

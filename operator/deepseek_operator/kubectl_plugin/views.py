@@ -166,7 +166,8 @@ def _next_step(name: str, status: Mapping[str, Any], desired_revision: str | Non
         return f"`kubectl deepseek abort {name}` stops this rollout and keeps traffic on the stable color"
     failed = status.get("failedRevision")
     if phase == DEGRADED and failed and failed == desired_revision:
-        return (f"revision {failed} is not retried until the spec changes; `kubectl deepseek retry {name}` "
+        return (f"revision {failed} is not retried until the spec changes it or its rollout settings "
+                f"(progressDeadlineSeconds, strategy, previewReplicas, analysis); `kubectl deepseek retry {name}` "
                 "tries it once more")
     return None
 
