@@ -4,11 +4,14 @@ A rollout's Starting phase waits up to `progressDeadlineSeconds` for model loadi
 known to be final long before that: an image that cannot be pulled, a container that keeps crashing, a hostPath
 that is not on the node. `pod_failure` names them by the reason Kubernetes itself shows (`ImagePullBackOff`,
 `CrashLoopBackOff`, `FailedMount`, ...), so the rollout rolls back at once and says why; everything else keeps
-the deadline (a Secret or a volume claim that is missing now may still appear).
+the deadline (a Secret, a ConfigMap or a volume claim that is missing now may still appear: a GitOps sync that
+applies the deployment before the Redis or Hugging Face token Secret it names, and the kubelet starts the container
+as soon as it is there).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +19,13 @@ from typing import Any
 # A container that crashed and restarted this often and is backing off will not become ready in time.
 CRASH_LOOP_RESTARTS = 2
 # Waiting reasons that no amount of waiting cures: the image name or registry is wrong, or the container's
-# configuration cannot be built.
+# configuration cannot be built (but see MISSING_REFERENCE).
 FATAL_WAITING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# The kubelet's CreateContainerConfigError for a Secret or ConfigMap (or a key in one) that an env var names and that
+# is not there yet (`secret "redis-auth" not found`, `couldn't find key url in Secret ns/redis-auth`): it retries,
+# and the container starts once it appears, so the rollout keeps its deadline and says what it waits for.
+MISSING_REFERENCE = re.compile(r'(secret|configmap) "[^"]*" not found|couldn\'t find key \S+ in (secret|configmap) ',
+                               re.IGNORECASE)
 # A mount failure that stays: the kubelet's hostPath type check (the path is missing or of the wrong kind).
 FATAL_MOUNT_MARKERS = ("hostPath type check failed",)
 
@@ -44,7 +52,8 @@ def _container_failure(pod_name: str, status: Mapping[str, Any]) -> PodFailure |
     container = status.get("name", "?")
     waiting = (status.get("state") or {}).get("waiting") or {}
     reason = waiting.get("reason")
-    if reason in FATAL_WAITING_REASONS:
+    if reason in FATAL_WAITING_REASONS and not (reason == "CreateContainerConfigError"
+                                                and MISSING_REFERENCE.search(str(waiting.get("message", "")))):
         return PodFailure(str(reason), f"pod {pod_name} container {container}: {reason}: "
                                        f"{waiting.get('message', '')}".strip())
     restarts = int(status.get("restartCount", 0))

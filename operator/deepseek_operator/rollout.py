@@ -121,10 +121,12 @@ def _pod_waiting(pod: Mapping[str, Any]) -> str | None:
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             return f"pod {name} is not scheduled: {condition.get('message', condition.get('reason', ''))}"
-    for container in status.get("containerStatuses") or []:
+    # init containers first: they run first, and the others wait (`PodInitializing`) until they are done
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         waiting = (container.get("state") or {}).get("waiting")
-        if waiting:
-            return f"pod {name}: {waiting.get('reason', 'Waiting')} {waiting.get('message', '')}".strip()[:500]
+        if waiting and waiting.get("reason") != "PodInitializing":
+            label = f"pod {name}" + (f" container {container['name']}" if container.get("name") else "")
+            return f"{label}: {waiting.get('reason', 'Waiting')} {waiting.get('message', '')}".strip()[:500]
     return f"pod {name} is not ready yet"
 
 

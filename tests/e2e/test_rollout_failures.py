@@ -1,14 +1,17 @@
 """Rollouts that cannot succeed end early, with the reason Kubernetes shows, instead of at the progress deadline:
 a server process crash-looping on devcluster, a model directory the server cannot load, and a hostPath that is not
-on the node."""
+on the node. One that can still succeed keeps its deadline: a Secret that is not there yet."""
 
 from __future__ import annotations
 
+import base64
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from kubernetes import client
 
 from devcluster.testing.bluegreen import World, wait_for
 
@@ -76,3 +79,27 @@ def test_pods_the_api_server_refuses_to_create_are_named_in_status_at_once(world
     status = _wait_degraded(world, 90)
     assert status["rollout"]["reason"] == "ProgressDeadlineExceeded"
     assert "no PriorityClass with name no-such-class was found" in status["rollout"]["message"]
+
+
+def test_a_secret_not_there_yet_keeps_the_rollout_waiting_until_it_appears(world: World, cluster, redis_url) -> None:
+    """A GitOps sync may apply a deployment before the Secret with its Redis URL: the kubelet keeps the container
+    waiting (CreateContainerConfigError: the Secret is not found) and starts it once the Secret is there. The
+    rollout waits too, within its deadline, saying what for, instead of rolling back at once."""
+    world.create(redis={"secretRef": {"name": "redis-auth"}}, rollout={
+        "progressDeadlineSeconds": DEADLINE, "analysis": {"requests": 2, "windowSeconds": 3, "maxLatencyMs": 20000}})
+    waiting = wait_for("the rollout to name the missing Secret", lambda: (
+        'secret "redis-auth" not found' in ((status := world.status()).get("rollout") or {}).get("message", "")
+        and status), 120)
+    assert waiting["rollout"]["phase"] == "Starting", waiting["rollout"]
+    time.sleep(8)  # several reconciles of the waiting pod: an early rollback would have happened by now
+    status = world.status()
+    assert status["rollout"]["phase"] == "Starting" and not status.get("failedRevision"), status["rollout"]
+    assert world.condition("Degraded")["status"] == "False"
+    assert "CreateContainerConfigError" in status["rollout"]["message"]
+
+    # pods reach the test's redis-server through their network's gateway
+    url = f"redis://{cluster.network.gateway}:{urlsplit(redis_url).port}/0"
+    world.core.create_namespaced_secret(world.namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="redis-auth"), data={"url": base64.b64encode(url.encode()).decode()}))
+    status = world.wait_phase("Completed", timeout=240)
+    assert status["activeRevision"] == waiting["rollout"]["revision"] and not status.get("failedRevision")

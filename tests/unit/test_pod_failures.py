@@ -90,3 +90,24 @@ def test_a_crash_loop_is_explained_by_the_last_line_of_the_containers_log() -> N
     assert message.endswith("(exit code 1: deepseek-server: the model could not be loaded: FileNotFoundError: "
                             "no config.json in /models/x)"), message
     assert "\n" not in message and "Finished server process" not in message
+
+
+def test_a_secret_or_config_map_that_is_not_there_yet_keeps_the_deadline_and_is_named() -> None:
+    """The kubelet retries a container whose env names a Secret or ConfigMap (or a key in one) that is missing, and
+    starts it once it appears (a GitOps sync may apply the deployment before the Redis or token Secret): the rollout
+    waits, saying what for, instead of rolling back at once."""
+    for message in ('secret "redis-auth" not found', "couldn't find key url in Secret team-a/redis-auth",
+                    'configmap "settings" not found', "couldn't find key k in configmap team-a/settings"):
+        for init in (False, True):
+            pod = _pod(waiting={"reason": "CreateContainerConfigError", "message": message}, init=init)
+            decision = _starting([pod])
+            assert decision.status["rollout"]["phase"] == "Starting", (message, init)
+            assert message in decision.status["rollout"]["message"]
+
+
+def test_a_container_configuration_that_cannot_be_built_rolls_back_at_once() -> None:
+    pod = _pod(waiting={"reason": "CreateContainerConfigError",
+                        "message": "container has runAsNonRoot and image will run as root"})
+    _assert_rolled_back_early(_starting([pod]), "CreateContainerConfigError", "runAsNonRoot")
+    pod = _pod(waiting={"reason": "InvalidImageName", "message": 'couldn\'t parse image name "Bad:Name"'})
+    _assert_rolled_back_early(_starting([pod]), "InvalidImageName", "Bad:Name")
