@@ -51,14 +51,22 @@ class ResponseCache:
         if self.redis is None:
             return None
         try:
-            raw = await self.redis.get(f"{self.prefix}:{key}")
+            # the entry and how long it has left, in one round trip: the local copy expires when the shared one does
+            # (with a full TTL of its own it could be served up to twice `ttl_s` after it was generated)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(f"{self.prefix}:{key}")
+                pipe.pttl(f"{self.prefix}:{key}")
+                raw, left_ms = await pipe.execute()
         except Exception as exc:
             log.warning("response cache: Redis get failed (%s); treating as a miss", exc)
             return None
         if raw is None:
             return None
         body = json.loads(raw)
-        self._remember(key, body)
+        if isinstance(left_ms, int) and left_ms > 0:
+            self._remember(key, body, min(self.ttl_s, left_ms / 1000))
+        elif left_ms != -2:  # -2: gone since the GET, so not kept; -1 (no expiry: not written by this server)
+            self._remember(key, body)
         return body
 
     async def put(self, fingerprint: str, body: dict[str, Any], principal: Principal) -> None:
@@ -71,8 +79,8 @@ class ResponseCache:
             except Exception as exc:
                 log.warning("response cache: Redis set failed (%s)", exc)
 
-    def _remember(self, key: str, body: dict[str, Any]) -> None:
-        self._local[key] = (time.monotonic() + self.ttl_s, body)
+    def _remember(self, key: str, body: dict[str, Any], ttl_s: float | None = None) -> None:
+        self._local[key] = (time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s), body)
         self._local.move_to_end(key)
         while len(self._local) > self.max_entries:
             self._local.popitem(last=False)

@@ -189,3 +189,29 @@ async def test_redis_store_gcra_burst(redis_store: RedisLimitStore) -> None:
     assert 0 < results[3].retry_after_s <= 1.0
 
 
+
+
+async def test_a_cached_answer_read_from_redis_expires_when_the_shared_entry_does(redis_url: str) -> None:
+    """Replica A caches an answer in Redis; replica B reads it halfway through its TTL and keeps a local copy, which
+    must expire with the shared entry: with a full TTL of its own, B would serve it up to twice `ttl_s` after it was
+    generated."""
+    import redis.asyncio as aioredis
+    from deepseek_server.auth.tokens import Principal
+    from deepseek_server.cache import ResponseCache
+    from deepseek_server.request_keys import RequestKeys
+
+    client = aioredis.from_url(redis_url)
+    try:
+        prefix = f"test-cache:{time.monotonic_ns()}"
+        keys = RequestKeys(b"k" * 32)
+        caller = Principal(uid="u", subject="s", token_id="t", scopes=frozenset(), env="dev", expires_at=0)
+        writer = ResponseCache(ttl_s=2, keys=keys, redis=client, prefix=prefix)
+        reader = ResponseCache(ttl_s=2, keys=keys, redis=client, prefix=prefix)
+        await writer.put("request", {"answer": 1}, caller)
+        time.sleep(1.2)
+        assert await reader.get("request", caller) == {"answer": 1}  # from Redis, 0.8 s left there
+        time.sleep(1.0)  # the shared entry has expired; the reader's copy (0.2 s past it) must have too
+        assert await client.get(f"{prefix}:{writer.key('request', caller)}") is None
+        assert await reader.get("request", caller) is None
+    finally:
+        await client.aclose()
