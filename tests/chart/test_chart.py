@@ -356,6 +356,24 @@ def test_error_rate_alert_names_its_threshold_in_percent(json_sets, percent):
     assert error["annotations"]["description"].startswith(f"More than {percent} of API requests failed")
 
 
+def test_alert_thresholds_with_a_fraction_need_set_json_and_whole_numbers_pass_with_set():
+    """As the README says: `--set` passes a whole number as a number and a fraction as a string, which the values
+    schema refuses (naming the type); `--set-json` passes the fraction."""
+    for setting in ("monitoring.prometheusRule.errorRateThreshold=0.1",
+                    "monitoring.prometheusRule.latencyP95Seconds=2.5"):
+        out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION,
+                   "--set", "monitoring.prometheusRule.enabled=true", "--set", setting, check=False)
+        assert out.returncode != 0 and "got string, want number" in out.stderr, out.stderr
+    rules = {d["metadata"]["name"]: d for d in render("monitoring.prometheusRule.enabled=true",
+                                                      "monitoring.prometheusRule.latencyP95Seconds=2")
+             if d["kind"] == "PrometheusRule"}
+    [rule] = rules.values()
+    latency = next(r for r in rule["spec"]["groups"][0]["rules"] if r["alert"] == "DeepSeekApiLatencyHigh")
+    assert latency["expr"].rstrip().endswith("> 2")
+    assert "> 2.5" in prometheus_rule_alerts("monitoring.prometheusRule.latencyP95Seconds=2.5")[
+        "DeepSeekApiLatencyHigh"]["expr"]
+
+
 def test_latency_alert_counts_api_requests_only():
     # probes (/health, /ready) and scrapes (/metrics, also the autoscaler's every 10 s) answer in milliseconds and
     # share the histogram: counted, they hold the p95 down on a quietly used deployment

@@ -300,6 +300,25 @@ def test_engine_choices_are_accepted_with_defaults(crds, kubeconfig, namespace, 
     assert example.returncode == 0, example.stderr
 
 
+def test_the_examples_apply_as_the_readme_and_the_gitops_overlay_apply_them(crds, kubeconfig):
+    """`kubectl apply -f examples/base/...` (after `kubectl create namespace ai`, as the README says) and the
+    kustomize overlay the Argo CD Application syncs pass the API server's validation (server-side dry runs)."""
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    created = subprocess.run([KUBECTL, "create", "namespace", "ai"], capture_output=True, text=True, env=env,
+                             timeout=30)
+    assert created.returncode == 0 or "AlreadyExists" in created.stderr, created.stderr
+    for manifest in ("deepseek-llm-7b.yaml", "apikey.yaml"):
+        applied = subprocess.run([KUBECTL, "apply", "--dry-run=server", "-f", str(examples / "base" / manifest)],
+                                 capture_output=True, text=True, env=env, timeout=30)
+        assert applied.returncode == 0, (manifest, applied.stderr)
+    prod = examples / "gitops" / "overlays" / "prod"
+    overlay = subprocess.run([KUBECTL, "apply", "--dry-run=server", "-k", str(prod)], capture_output=True, text=True,
+                             env=env, timeout=30)
+    assert overlay.returncode == 0, overlay.stderr
+    assert "deepseekdeployment.deepseek.ai/chat" in overlay.stdout and "apikey.deepseek.ai/" in overlay.stdout
+
+
 @pytest.mark.parametrize(("path", "value", "message"), [
     ("spec.environment", "prod", "environment is immutable"),
     ("spec.deploymentRef.name", "other", "deploymentRef.name is immutable"),

@@ -87,6 +87,10 @@ class StandInEngine:
             finally:
                 self.holding -= 1
             return PlainTextResponse("", status_code=500)
+        if body.get("prompt") in ("answer 500", "answer 503"):  # vLLM's failure, and its overloaded or starting engine
+            status = int(str(body["prompt"]).split()[1])
+            return JSONResponse({"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError",
+                                           "param": None, "code": status}}, status_code=status)
         max_tokens = body.get("max_tokens", 16)
         if max_tokens > 100:
             return JSONResponse({"error": {"message": f"max_tokens {max_tokens} is too large", "type":
@@ -290,6 +294,23 @@ def test_engine_4xx_keeps_its_status_in_openai_shape(gateway: ServerThread,
         assert response.json()["error"] == {"message": "max_tokens 500 is too large",
                                             "type": "invalid_request_error", "param": "max_tokens", "code": None}
         assert response.headers["x-ratelimit-limit-requests"] == "1000"  # admitted before the engine refused it
+
+
+def test_engine_5xx_is_a_502_or_a_503_with_retry_after_in_openai_shape(gateway: ServerThread,
+                                                                          token_factory: Callable[..., str]) -> None:
+    """vLLM's 503 (overloaded, starting) stays a 503 with `Retry-After`, so clients back off and retry; any other
+    5xx is the gateway's upstream failing: 502 `engine_error`. Streamed or not, the engine answered before any 200."""
+    for stream in (False, True):
+        failed = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                            json={"model": MODEL, "prompt": "answer 500", "stream": stream})
+        assert failed.status_code == 502
+        assert failed.json()["error"] == {"message": "The inference engine failed: EngineCore encountered an issue.",
+                                          "type": "server_error", "param": None, "code": "engine_error"}
+        busy = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                          json={"model": MODEL, "prompt": "answer 503", "stream": stream})
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        assert busy.json()["error"]["code"] == "engine_unavailable"
+        assert busy.json()["error"]["type"] == "server_error"
 
 
 def test_a_length_over_the_ceiling_is_refused_under_the_name_sent(gateway: ServerThread,
