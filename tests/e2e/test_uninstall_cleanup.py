@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 from uninstall_support import (
     CHART,
+    CRD_NAMES,
     HOOK,
     OPS,
     RELEASE,
@@ -55,6 +56,43 @@ def release(own_cluster: DevCluster) -> DevCluster:
     own_cluster.kubectl("create", "namespace", TENANT)
     create_deployment(own_cluster, TENANT)
     return own_cluster
+
+
+def test_turning_crds_off_on_a_release_that_would_delete_them_is_refused(release):
+    """A release installed with crds.keep=false owns CRDs without `helm.sh/resource-policy: keep`, so an upgrade
+    that stops rendering them (crds.enabled=false) would have Helm delete them, and every DeepSeekDeployment and
+    ApiKey with them. The chart refuses that upgrade, saying how: crds.keep=true first, then crds.enabled=false,
+    which leaves the CRDs and the objects in place. (Turned back on at the end, for the tests after this one.)"""
+    cluster = release
+    before = {(o["metadata"]["namespace"], o["metadata"]["name"])
+              for o in kubectl_json(cluster, "get", "deepseekdeployments", "-A")["items"]}
+    assert before
+    out = cluster.helm("upgrade", RELEASE, str(CHART), "--namespace", OPS, "--reuse-values",
+                       "--set", "crds.enabled=false", "--wait", "--timeout", "5m", check=False, timeout=400)
+    assert out.returncode != 0, out.stdout
+    assert "crds.enabled=false would have Helm delete the CRD" in out.stderr, out.stderr
+    assert "upgrade with crds.keep=true first" in out.stderr
+    for name in CRD_NAMES:
+        assert not kubectl_json(cluster, "get", "crd", name)["metadata"].get("deletionTimestamp")
+
+    for step in (("crds.keep=true",), ("crds.enabled=false",)):  # the way the message gives
+        out = cluster.helm("upgrade", RELEASE, str(CHART), "--namespace", OPS, "--reuse-values",
+                           *(arg for value in step for arg in ("--set", value)), "--wait", "--timeout", "5m",
+                           check=False, timeout=400)
+        assert out.returncode == 0, (step, out.stderr)
+    manifest = cluster.helm("get", "manifest", RELEASE, "--namespace", OPS).stdout
+    assert "kind: CustomResourceDefinition" not in manifest
+    time.sleep(2)
+    for name in CRD_NAMES:
+        assert not kubectl_json(cluster, "get", "crd", name)["metadata"].get("deletionTimestamp")
+    assert {(o["metadata"]["namespace"], o["metadata"]["name"])
+            for o in kubectl_json(cluster, "get", "deepseekdeployments", "-A")["items"]} == before
+
+    out = cluster.helm("upgrade", RELEASE, str(CHART), "--namespace", OPS, "--reuse-values", "--set",
+                       "crds.enabled=true", "--set", "crds.keep=false", "--wait", "--timeout", "5m", check=False,
+                       timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "kind: CustomResourceDefinition" in cluster.helm("get", "manifest", RELEASE, "--namespace", OPS).stdout
 
 
 def test_uninstall_with_the_operator_stopped_fails_deleting_nothing_and_naming_the_keys(release):
