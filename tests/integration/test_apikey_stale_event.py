@@ -82,5 +82,6 @@ def test_a_current_token_found_revoked_is_replaced(runtime, api_client, namespac
     assert replaced["tokenId"] not in world.auth()["revoked"]
     reasons = [e.reason for e in world.events("bob")]
     assert "Rotated" in reasons
-    message = next(e.message for e in world.events("bob") if e.reason == "Rotated")
-    assert "TokenRevoked" in message and status["tokenId"] in message
+    rotated = next(e for e in world.events("bob") if e.reason == "Rotated")
+    assert "TokenRevoked" in rotated.message and status["tokenId"] in rotated.message
+    assert rotated.type == "Warning"  # not a routine rotation: someone or something revoked the key's token

@@ -79,7 +79,10 @@ def test_root_filesystems_are_read_only_with_empty_dirs_where_the_servers_write(
         # Python, torch, Hugging Face and vLLM keep temporary files and caches under /tmp and $HOME.
         assert "emptyDir" in volumes[mounts["/tmp"]]
         env = {e["name"]: e.get("value") for e in container.get("env") or []}
-        assert env.get("HOME", "/tmp").startswith("/tmp")
+        assert env["HOME"] == "/tmp"  # set in every container, so a cache under ~ lands in the emptyDir
+        assert (container["securityContext"]["runAsUser"], container["securityContext"]["runAsGroup"]) == (65532,
+                                                                                                          65532)
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (65532, 65532)
     if engine == "vllm":
         engine_mounts = {m["mountPath"]: m["name"] for m in pod["containers"][1]["volumeMounts"]}
         assert volumes[engine_mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}

@@ -363,6 +363,23 @@ def test_abort_annotation_rolls_back() -> None:
     assert decision.status["rollout"]["reason"] == "Aborted"
 
 
+def test_abort_after_the_switch_sends_traffic_back_to_the_warm_color() -> None:
+    """`deepseek.ai/abort=<revision>` works in any phase before Completed: in PostVerifying, after traffic moved, it
+    rolls back and the stable color gets the traffic again; once Completed it does nothing."""
+    switched = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 10)),
+                "activeColor": "green", "activeRevision": NEW}
+    kwargs = {"green": ready("green", NEW, 2), "blue": ready("blue", OLD, 2), "service": ("green", NEW),
+              "annotations": {"deepseek.ai/abort": NEW}}
+    aborting = next_step(observed(switched, live=LiveTraffic(100, 0), **kwargs))
+    assert (aborting.status["rollout"]["phase"], aborting.status["rollout"]["reason"]) == ("RollingBack", "Aborted")
+    back = next_step(observed({**switched, **aborting.status}, **kwargs))
+    assert back.switch == SwitchTraffic("blue", OLD)
+    assert back.status["activeColor"] == "blue" and back.status["activeRevision"] == OLD
+    assert back.status["failedRevision"] == NEW and back.status["history"][0]["result"] == "Aborted"
+    done = {**switched, "rollout": {**switched["rollout"], "phase": "Completed"}}
+    assert next_step(observed(done, desired=NEW, **kwargs)).status["rollout"]["phase"] == "Completed"
+
+
 def test_promoting_scales_to_full_and_waits() -> None:
     status = stable_status(phase="Promoting", verifiedPods=["green-bbb-0"])
     decision = next_step(observed(status, green=ready("green", NEW, 1, replicas=1)))

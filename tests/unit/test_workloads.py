@@ -280,6 +280,10 @@ def test_vllm_tensor_parallel_size_is_the_replica_gpus(gpus: int) -> None:
 def test_vllm_optional_args_prefix_caching_extra_args_and_env() -> None:
     plain = vllm_args(vllm_dsd(server={})["spec"], "/m")
     assert "--max-num-seqs" not in plain and "--max-model-len" not in plain  # vLLM's own defaults
+    # by default the engine never goes to the Hub (its weights are in /models) and sends no usage statistics
+    default_env = containers(build_deployment(vllm_dsd(server={}), "blue", "r", 1))["engine"]["env"]
+    assert [e for e in default_env if e["name"] != "HOME"] == [{"name": "HF_HUB_OFFLINE", "value": "1"},
+                                                               {"name": "VLLM_NO_USAGE_STATS", "value": "1"}]
     spec = vllm_dsd(engine={**VLLM, "prefixCaching": False, "extraArgs": ["--gpu-memory-utilization", "0.85"],
                             "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
                                     {"name": "HF_HUB_OFFLINE", "value": "0"}]})
