@@ -111,6 +111,9 @@ def test_leader_sigkilled_mid_rollout_other_replica_completes_it_once(api_client
         takeover = time.monotonic() - killed
         status = world.wait_phase("Completed", revision=new, timeout=240)
         completed = time.monotonic() - killed
+        # the watch that records the phases delivers the last status write after a GET has seen it
+        wait_for("the phase watch to see Completed", lambda: history.phase() == (new, "Completed"), 30,
+                 interval=0.05)
     history.stop()
     print(f"\nSIGKILL of the leader in {kill_phase}: {holder} took over in {takeover:.1f}s "
           f"(bound {TAKEOVER_BOUND:g}s); rollout Completed {completed:.1f}s after the kill; "
