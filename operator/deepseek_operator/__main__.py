@@ -29,6 +29,8 @@ from .settings import OperatorSettings, settings_from_env
 log = logging.getLogger("deepseek_operator")
 CRD_CHECK_EVERY = 2.0  # seconds between looks for the CRDs while they are not served
 CRD_LOG_EVERY = 60.0  # seconds between the log lines that say the operator still waits for them
+CRD_WATCH_EVERY = 5.0  # seconds between looks for the CRDs while the operator reconciles
+KOPF_STOP_GRACE = 20.0  # seconds kopf gets to stop (SIGTERM, or its CRDs gone)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +85,7 @@ def settings_from_args(args: argparse.Namespace, base: OperatorSettings) -> Oper
 def configure_logging(settings: OperatorSettings) -> None:
     kopf.configure(verbose=settings.verbose,
                    log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
+    logging.getLogger("kopf._core.reactor.running").addFilter(_NotInMainThread())
     for noisy in ("httpx", "httpcore", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not settings.verbose:
@@ -150,32 +153,99 @@ def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -
         return True
 
 
-def run(settings: OperatorSettings) -> None:
-    """Run until SIGTERM/SIGINT; with leader election, reconcile only while holding the Lease."""
-    if not wait_for_crds(settings):
-        return
-    elector: LeaderElector | None = None
-    if settings.leader_election:
-        elector = LeaderElector.connect(settings.leader_election_config(default_identity()), settings.kubeconfig)
-        if not wait_for_leadership(elector, settings.liveness_endpoint):
-            elector.close()
-            return
-        # Renewal starts before kopf does; losing the Lease from here on ends the process at once.
-        elector.keep_leading()
+class _NotInMainThread(logging.Filter):
+    """Drops kopf's warning that it ignores OS signals in a thread: this process handles them (run_kopf)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OS signals are ignored: running not in the main thread")
+
+
+def run_kopf(settings: OperatorSettings) -> bool:
+    """Reconcile until SIGTERM/SIGINT (False) or until the CRDs are no longer served (True: wait for them again).
+
+    kopf resolves the resources it watches once, at its start. It runs in a thread of its own, and this (main) thread
+    looks for the CRDs every CRD_WATCH_EVERY seconds: once either is gone (deleted by hand, or with the release), kopf
+    is asked to stop (its stop flag) and the operator waits for them again, in the same process. A watch request that
+    runs into the missing CRD first fails with a 404 and stops kopf with that error: the same end. A kopf that has not
+    stopped KOPF_STOP_GRACE seconds after being asked (an API request of its own can wait forever for credentials its
+    stopping has already closed) is left behind, idle."""
+    runtime = OperatorRuntime.connect(settings)
+    kopf_settings = build_kopf_settings(settings)
+    # kopf would SIGKILL its thread (the whole process) 10 minutes after a stop it did not ask for; this thread decides
+    kopf_settings.process.ultimate_exiting_timeout = None
+    stop_kopf = threading.Event()
+    failure: list[BaseException] = []
+
+    def reconcile() -> None:
+        try:
+            kopf.run(registry=build_registry(runtime), settings=kopf_settings, standalone=True,
+                     clusterwide=settings.all_namespaces, namespaces=list(settings.namespaces),
+                     liveness_endpoint=settings.liveness_endpoint, stop_flag=stop_kopf)
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=reconcile, name="kopf", daemon=True)
+    kube = KubeApi(load_connection(settings.kubeconfig), max_connections=1)
+    gone: list[str] = []
+    with stop_on_signals() as signalled, contextlib.closing(kube):
+        thread.start()
+        next_look = time.monotonic() + CRD_WATCH_EVERY
+        while thread.is_alive() and not signalled.wait(min(1.0, max(0.0, next_look - time.monotonic()))):
+            if time.monotonic() >= next_look:
+                gone = _missing_crds(kube)
+                if gone:
+                    log.warning("the CustomResourceDefinitions %s are no longer served: stopping, to wait for them "
+                                "again", ", ".join(gone))
+                    break
+                next_look = time.monotonic() + CRD_WATCH_EVERY
+        stop_kopf.set()
+        thread.join(KOPF_STOP_GRACE)
+        if thread.is_alive():
+            log.warning("kopf has not stopped %.0f s after it was asked to; going on without it", KOPF_STOP_GRACE)
+        if signalled.is_set():
+            return False
+        if failure:
+            # A watch of a resource that is no longer served fails with a 404 as soon as its CRD goes, often before
+            # the next look. The CRDs may already be back (wait_for_crds then returns at once).
+            exc = failure[0]
+            gone = gone or _missing_crds(kube)
+            if not gone and getattr(exc, "status", None) != 404:
+                raise exc
+            log.warning("reconciling stopped (%s: %s): the CustomResourceDefinitions %s; waiting for them again",
+                        type(exc).__name__, str(exc)[:200],
+                        f"{', '.join(gone)} are no longer served" if gone else "were replaced")
+            return True
+        return bool(gone)
+
+
+def _missing_crds(kube: KubeApi) -> list[str]:
+    """The CRDs the API server does not serve now; none when it cannot be asked (kopf reports that itself)."""
     try:
-        runtime = OperatorRuntime.connect(settings)
-        kopf.run(
-            registry=build_registry(runtime),
-            settings=build_kopf_settings(settings),
-            standalone=True,
-            clusterwide=settings.all_namespaces,
-            namespaces=list(settings.namespaces),
-            liveness_endpoint=settings.liveness_endpoint,
-        )
-    finally:
-        if elector is not None:
-            elector.step_down()
-            elector.close()
+        return [f"{r.plural}.{r.group}" for r in kube.unserved([DEEPSEEKDEPLOYMENTS, APIKEYS])]
+    except (KubeError, OSError, httpx.HTTPError):
+        return []
+
+
+def run(settings: OperatorSettings) -> None:
+    """Run until SIGTERM/SIGINT; with leader election, reconcile only while holding the Lease. The CRDs going away
+    while it runs stops reconciling until they are back, in the same process."""
+    while wait_for_crds(settings):
+        elector: LeaderElector | None = None
+        if settings.leader_election:
+            elector = LeaderElector.connect(settings.leader_election_config(default_identity()), settings.kubeconfig)
+            if not wait_for_leadership(elector, settings.liveness_endpoint):
+                elector.close()
+                return
+            # Renewal starts before kopf does; losing the Lease from here on ends the process at once.
+            elector.keep_leading()
+        try:
+            crds_went = run_kopf(settings)
+        finally:
+            if elector is not None:
+                elector.step_down()
+                elector.close()
+        if not crds_went:
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -574,6 +574,12 @@ class ApiKeyReconciler:
         if owned and secret is not None:
             self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
         if live:
+            # With its deployment gone there is no revoked list to write: its servers and signing keys (which alone
+            # verify these tokens) go with it, so the tokens open nothing.
             self._events(apikey, [ApiKeyEvent("Normal", "Revoked",
                                               f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}): "
-                                              "the ApiKey is being deleted")])
+                                              "the ApiKey is being deleted" if dsd is not None else
+                                              f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}) with "
+                                              f"their DeepSeekDeployment {deployment}, which is gone: its servers "
+                                              "and signing keys, the only ones that accept them, go with it (no "
+                                              "revoked list to write); the ApiKey is being deleted")])

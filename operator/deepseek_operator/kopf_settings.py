@@ -70,7 +70,8 @@ def build_kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     kopf_settings.posting.level = logging.WARNING
     kopf_settings.posting.reporting_component = FIELD_MANAGER
     kopf_settings.execution.max_workers = settings.workers
-    # CRDs are installed with the chart before the operator starts; no need to watch CRDs (and the RBAC for it).
+    # No watch of the CRDs (nor the RBAC for it): the process waits for them before kopf starts and stops kopf when
+    # they go (__main__.run_kopf).
     kopf_settings.scanning.disabled = True
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.connect_timeout = 10

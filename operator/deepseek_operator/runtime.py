@@ -138,6 +138,8 @@ class OperatorRuntime:
     async def _check_secret(self, namespace: str, name: str, secret_name: str) -> None:
         """A key's Secret changed without this operator writing it (edited, deleted): reconcile the key now."""
         self._secret_checks.discard((namespace, name))
+        if self._loop is None:  # closed: kopf is stopping
+            return
         if not self.apikey_known(namespace, name) or (namespace, name) in self._apikeys_deleting:
             # Gone, going, or not reconciled yet by this process (its start-up reconcile reads the Secret anyway).
             return
@@ -155,6 +157,7 @@ class OperatorRuntime:
 
     def close(self) -> None:
         self.secret_watch.stop()
+        self._loop = None  # a watch event still on its way goes nowhere: this loop is about to close
         # Queued first issuances resume from the next start's listing; a key whose status was not written yet is
         # reconciled then too (its observedGeneration is missing), and adopts the token in its Secret.
         for task in list(self._issuance_tasks):

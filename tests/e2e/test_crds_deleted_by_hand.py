@@ -1,7 +1,8 @@
 """The CRDs deleted by hand while the operator still runs, as the README says to remove them (with crds.keep, the
 default, `helm uninstall` leaves them): the API server deletes every ApiKey and DeepSeekDeployment with their CRDs;
 the running operator revokes each key's tokens and lets it go, so the CRDs and the tenant's namespace go too, nothing
-left `Terminating`, and the operator runs on, waiting for its CRDs again.
+left `Terminating`, and the operator runs on in the same process, waiting for its CRDs again, and reconciles as soon
+as they are back.
 
 A cluster of its own: the test deletes the CRDs.
 """
@@ -28,6 +29,7 @@ from uninstall_support import (
 )
 
 from devcluster.cluster import ClusterConfig, DevCluster
+from devcluster.testing.bluegreen import REPO
 from devcluster.testing.polling import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -60,18 +62,39 @@ def test_deleting_the_crds_while_the_operator_runs_revokes_every_key_and_leaves_
             print(f"\nCRDs gone {wait_crds_gone(cluster):.1f} s after kubectl delete")
         except AssertionError:
             raise AssertionError(what_is_left(cluster)) from None
-        # revoked by the operator before the key went: in the deployment's auth ConfigMap, and said in an Event
-        assert token_id in recorder.revoked, recorder.revoked
-        assert wait_for("alice's Revoked Event", lambda: revoked_event(cluster, TENANT, "alice", token_id),
-                        timeout=30)
+        # revoked by the operator before the key went, as its Event says; in the deployment's auth ConfigMap, unless
+        # the deployment (deleted with its CRD at the same moment) was gone first: its servers and signing keys go
+        # with it, and there is no revoked list to write (the Event says that instead)
+        message = wait_for("alice's Revoked Event", lambda: revoked_event(cluster, TENANT, "alice", token_id),
+                           timeout=30)
+        print(f"Revoked: {message}")
+        if "DeepSeekDeployment chat, which is gone" not in message:
+            try:  # the recorder's watch may still be on its way to that version of the ConfigMap
+                wait_for("alice's token revoked in chat-auth", lambda: token_id in recorder.revoked, timeout=30)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{operator_log(cluster, operator_pod)[-4000:]}") from None
     finally:
         recorder.stop()
     print(f"namespace {TENANT} gone {delete_namespace(cluster, TENANT):.1f} s after kubectl delete")
     # its signing keys went with the deployment, and the operator runs on, waiting for its CRDs
     assert not kubectl_json(cluster, "get", "secrets", "-n", OPS, "-l",
                             "app.kubernetes.io/component=signing-key")["items"]
-    wait_for("the operator ready", lambda: kubectl_json(cluster, "get", "deployment", RELEASE, "-n", OPS)[
-        "status"].get("readyReplicas") == 1, timeout=90, interval=1)
+    # ... in the same process: the CRDs back, a new key is issued, and the container never restarted (kopf's next
+    # watch request failed with a 404 and its process ended, or hung until its liveness probe failed)
+    out = cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"), check=False)
+    assert out.returncode == 0, out.stderr
+    cluster.kubectl("create", "namespace", "tenant-again")
+    create_deployment(cluster, "tenant-again")
+    issued_key(cluster, "tenant-again", "bob")
     [operator_pod] = kubectl_json(cluster, "get", "pods", "-n", OPS, "-l", OPERATOR_PODS)["items"]
-    print(f"operator restarts after the CRDs went: "
-          f"{sum(c.get('restartCount', 0) for c in operator_pod['status']['containerStatuses']) - restarts}")
+    [status] = operator_pod["status"]["containerStatuses"]
+    log = operator_log(cluster, operator_pod)
+    assert status.get("restartCount", 0) == restarts, f"{status.get('lastState')}\n{log[-4000:]}"
+    assert "are no longer served" in log, log[-3000:]
+
+
+def operator_log(cluster: DevCluster, pod: dict) -> str:
+    """The operator container's output so far (devcluster keeps each run of a container in its pod's folder)."""
+    meta = pod["metadata"]
+    logs = cluster.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}" / "logs" / "operator"
+    return "".join(path.read_text(errors="replace") for path in sorted(logs.glob("*.log"), key=lambda p: int(p.stem)))

@@ -94,6 +94,22 @@ def test_deleting_a_key_revokes_its_tokens_through_the_finalizer(world):
     assert world.secret("carol-apikey") is None
 
 
+def test_deleting_a_key_whose_deployment_is_gone_says_so_instead_of_naming_a_revoked_list(world):
+    """With its DeepSeekDeployment gone there is no revoked list to write (the auth ConfigMap goes with it, as do the
+    servers and the signing keys that alone verify the token): the key is let go, and its Event says why."""
+    world.apply_deployment()
+    world.create_apikey("hank")
+    token_id = world.wait_ready("hank")["status"]["tokenId"]
+    world.custom.delete_namespaced_custom_object(GROUP, VERSION, world.namespace, "deepseekdeployments", "chat")
+    world.wait_for("deployment gone", lambda: not world.custom.list_namespaced_custom_object(
+        GROUP, VERSION, world.namespace, "deepseekdeployments")["items"])
+    world.delete_apikey("hank")
+    world.wait_for("ApiKey gone", lambda: world.apikey("hank") is None)
+    [message] = [e.message for e in world.events("hank") if e.reason == "Revoked"]
+    assert message.startswith(f"Revoked 1 token(s) ({token_id}) with their DeepSeekDeployment chat, which is gone: "
+                              "its servers and signing keys"), message
+
+
 def test_rate_limit_change_updates_the_configmap_and_keeps_the_token(world):
     world.apply_deployment()
     world.create_apikey("dave")
