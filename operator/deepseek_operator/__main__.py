@@ -18,6 +18,8 @@ import httpx
 import kopf
 
 from . import uninstall_cleanup
+from .apikey_reconciler import release_keys_of_deleted_deployments
+from .auth_store import AuthConfigStore
 from .durations import parse_duration
 from .handlers import build_registry
 from .kopf_settings import build_kopf_settings
@@ -25,12 +27,14 @@ from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi, KubeError, load_connect
 from .leader_election import LeaderElector, StandbyLiveness, default_identity
 from .runtime import OperatorRuntime
 from .settings import OperatorSettings, settings_from_env
+from .signing_key_store import SigningKeyStore
 
 log = logging.getLogger("deepseek_operator")
 CRD_CHECK_EVERY = 2.0  # seconds between looks for the CRDs while they are not served
 CRD_LOG_EVERY = 60.0  # seconds between the log lines that say the operator still waits for them
 CRD_WATCH_EVERY = 5.0  # seconds between looks for the CRDs while the operator reconciles
 KOPF_STOP_GRACE = 20.0  # seconds kopf gets to stop (SIGTERM, or its CRDs gone)
+TIDY_EVERY = 10.0  # seconds between clean-ups after deployments gone with their CRD (_tidy_without_deployments)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +119,7 @@ def wait_for_crds(settings: OperatorSettings) -> bool:
                 if settings.liveness_endpoint is not None else contextlib.nullcontext())
     kube = KubeApi(load_connection(settings.kubeconfig), max_connections=1)
     last_log = -CRD_LOG_EVERY
+    next_tidy = 0.0
     with stop_on_signals() as stop, liveness, contextlib.closing(kube):
         while True:
             try:
@@ -124,6 +129,9 @@ def wait_for_crds(settings: OperatorSettings) -> bool:
                 missing, problem = [], f"the API server could not be asked: {exc}"
             if stop.is_set():  # a signal that came while the API server was asked: kopf would not see it
                 return False
+            if DEEPSEEKDEPLOYMENTS in missing and time.monotonic() >= next_tidy:
+                problem = _tidy_without_deployments(kube, settings, keys=APIKEYS not in missing)
+                next_tidy = time.monotonic() + TIDY_EVERY
             if not missing and not problem:
                 if last_log > -CRD_LOG_EVERY:
                     log.info("the CustomResourceDefinitions are served: starting")
@@ -138,6 +146,25 @@ def wait_for_crds(settings: OperatorSettings) -> bool:
                             f" ({problem})" if problem else "")
             if stop.wait(CRD_CHECK_EVERY):
                 return False
+
+
+def _tidy_without_deployments(kube: KubeApi, settings: OperatorSettings, keys: bool) -> str:
+    """While the DeepSeekDeployment CRD is not served, every deployment is gone with it, and what the operator would do
+    on seeing each go is done here, since kopf does not run: their signing keys are deleted, and (`keys`: the ApiKey
+    CRD is served) the ApiKeys being deleted are let go, whose finalizers would wait for an operator that waits for
+    that CRD. Each checks that the deployment is really gone. Returns what went wrong, if anything."""
+    try:
+        swept = SigningKeyStore(kube, settings.key_namespace, AuthConfigStore(kube)).sweep()
+        released = release_keys_of_deleted_deployments(
+            kube, [None] if settings.all_namespaces else list(settings.namespaces), time.time()) if keys else []
+    except (KubeError, OSError, httpx.HTTPError) as exc:
+        return f"signing keys or ApiKeys of the deleted deployments could not be cleaned up: {exc}"
+    if released:
+        log.info("let go of %d ApiKey(s) being deleted, whose deployments are gone with their CRD: %s",
+                 len(released), ", ".join(released[:20]) + (" ..." if len(released) > 20 else ""))
+    if swept:
+        log.info("deleted the signing keys of %d deployment(s) gone with their CRD", len(swept))
+    return ""
 
 
 def wait_for_leadership(elector: LeaderElector, liveness_endpoint: str | None) -> bool:

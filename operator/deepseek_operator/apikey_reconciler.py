@@ -14,7 +14,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -574,12 +574,53 @@ class ApiKeyReconciler:
         if owned and secret is not None:
             self._kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
         if live:
-            # With its deployment gone there is no revoked list to write: its servers and signing keys (which alone
-            # verify these tokens) go with it, so the tokens open nothing.
             self._events(apikey, [ApiKeyEvent("Normal", "Revoked",
                                               f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}): "
                                               "the ApiKey is being deleted" if dsd is not None else
-                                              f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}) with "
-                                              f"their DeepSeekDeployment {deployment}, which is gone: its servers "
-                                              "and signing keys, the only ones that accept them, go with it (no "
-                                              "revoked list to write); the ApiKey is being deleted")])
+                                              revoked_with_deployment(live, deployment))])
+
+
+def revoked_with_deployment(live: Mapping[str, int], deployment: str) -> str:
+    """The Revoked event of a deleted key whose deployment is gone: there is no revoked list to write, and none is
+    needed, since its servers and signing keys (which alone verify these tokens) go with it."""
+    return (f"Revoked {len(live)} token(s) ({', '.join(sorted(live))}) with their DeepSeekDeployment {deployment}, "
+            "which is gone: its servers and signing keys, the only ones that accept them, go with it (no revoked list "
+            "to write); the ApiKey is being deleted")
+
+
+def release_keys_of_deleted_deployments(kube: KubeApi, namespaces: Sequence[str | None], now: float) -> list[str]:
+    """While the DeepSeekDeployment CRD is not served (deleted, and every deployment with it) the operator does not
+    reconcile, yet the ApiKeys being deleted with their own CRD wait for its finalizer. Let each go as its finalizer
+    does for a key whose deployment is gone: delete the Secret the key owns, say so in a Revoked event, remove the
+    finalizer. Returns the keys let go (`namespace/name`); one changed meanwhile waits for the next call."""
+    released = []
+    for scope in namespaces:
+        for apikey in kube.list(APIKEYS, scope):
+            meta = apikey["metadata"]
+            finalizers = list(meta.get("finalizers") or [])
+            if not meta.get("deletionTimestamp") or FINALIZER not in finalizers:
+                continue
+            namespace, name, spec = meta["namespace"], meta["name"], apikey.get("spec") or {}
+            deployment = (spec.get("deploymentRef") or {}).get("name", "")
+            if kube.get(DEEPSEEKDEPLOYMENTS, namespace, deployment) is not None:
+                continue  # its deployment is there after all: its finalizer revokes the tokens (once kopf runs)
+            secret_name = apikey_secret_name(name, spec)
+            secret = kube.get(SECRETS, namespace, secret_name)
+            if secret is not None and any(ref.get("uid") == meta["uid"]
+                                          for ref in secret["metadata"].get("ownerReferences") or []):
+                kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
+            try:
+                kube.merge(APIKEYS, namespace, name, {"metadata": {
+                    "finalizers": [f for f in finalizers if f != FINALIZER],
+                    "resourceVersion": meta["resourceVersion"]}})
+            except Conflict:
+                continue
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+            live = live_tokens(apikey.get("status") or {}, now)
+            if live:
+                kube.post_event(apikey, type_="Normal", reason="Revoked",
+                                message=revoked_with_deployment(live, deployment))
+            released.append(f"{namespace}/{name}")
+    return released

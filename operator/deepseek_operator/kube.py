@@ -254,16 +254,17 @@ class KubeApi:
         except NotFound:
             return None
 
-    def list(self, resource: Resource, namespace: str, *, label_selector: str | None = None,
+    def list(self, resource: Resource, namespace: str | None, *, label_selector: str | None = None,
              field_selector: str | None = None) -> list[dict[str, Any]]:
-        """Every object (read in pages of LIST_PAGE_SIZE, so that 10,000 keys are not one response)."""
+        """Every object in `namespace` (None: every namespace), read in pages of LIST_PAGE_SIZE, so that 10,000 keys
+        are not one response."""
         params = {"labelSelector": label_selector} if label_selector else {}
         if field_selector:
             params["fieldSelector"] = field_selector
         params["limit"] = str(LIST_PAGE_SIZE)
         items: list[dict[str, Any]] = []
         while True:
-            page = self._request("GET", resource.path(namespace), params=params)
+            page = self._request("GET", resource.collection_path(namespace), params=params)
             items.extend(page.get("items", []))
             token = (page.get("metadata") or {}).get("continue")
             if not token:

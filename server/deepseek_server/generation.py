@@ -63,6 +63,10 @@ class PlannedCall:
 def serving_engine(services: Services, model: str) -> Engine:
     """The engine for `model`: 404 for another model, 503 while loading or shutting down."""
     engine = services.engine
+    # First: a stopping engine is no longer ready either, and "not loaded yet" would send the client back here
+    if services.shutting_down:
+        raise APIError(503, "The server is shutting down; retry on another replica.", type="server_error",
+                       code="shutting_down", headers={"retry-after": "1"})
     if engine is None or not engine.ready:
         reason = getattr(engine, "not_ready_reason", None)  # engines in another process say why
         reason = f"loading failed: {services.load_error}" if services.load_error else reason
@@ -72,9 +76,6 @@ def serving_engine(services: Services, model: str) -> Engine:
     if model != engine.model_name:
         raise APIError(404, f"The model `{model}` does not exist or you do not have access to it. "
                        f"This server serves `{engine.model_name}`.", param="model", code="model_not_found")
-    if services.shutting_down:
-        raise APIError(503, "The server is shutting down; retry on another replica.", type="server_error",
-                       code="shutting_down", headers={"retry-after": "1"})
     return engine
 
 

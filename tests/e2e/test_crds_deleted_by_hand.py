@@ -2,7 +2,7 @@
 default, `helm uninstall` leaves them): the API server deletes every ApiKey and DeepSeekDeployment with their CRDs;
 the running operator revokes each key's tokens and lets it go, so the CRDs and the tenant's namespace go too, nothing
 left `Terminating`, and the operator runs on in the same process, waiting for its CRDs again, and reconciles as soon
-as they are back.
+as they are back. With the DeepSeekDeployment CRD alone gone, a key deleted meanwhile is still let go.
 
 A cluster of its own: the test deletes the CRDs.
 """
@@ -76,9 +76,8 @@ def test_deleting_the_crds_while_the_operator_runs_revokes_every_key_and_leaves_
     finally:
         recorder.stop()
     print(f"namespace {TENANT} gone {delete_namespace(cluster, TENANT):.1f} s after kubectl delete")
-    # its signing keys went with the deployment, and the operator runs on, waiting for its CRDs
-    assert not kubectl_json(cluster, "get", "secrets", "-n", OPS, "-l",
-                            "app.kubernetes.io/component=signing-key")["items"]
+    # its signing keys went with the deployment (seen going, or swept while the operator waits for its CRDs)
+    wait_for("no signing keys left", lambda: not signing_keys(cluster), timeout=30)
     # ... in the same process: the CRDs back, a new key is issued, and the container never restarted (kopf's next
     # watch request failed with a 404 and its process ended, or hung until its liveness probe failed)
     out = cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"), check=False)
@@ -91,6 +90,32 @@ def test_deleting_the_crds_while_the_operator_runs_revokes_every_key_and_leaves_
     log = operator_log(cluster, operator_pod)
     assert status.get("restartCount", 0) == restarts, f"{status.get('lastState')}\n{log[-4000:]}"
     assert "are no longer served" in log, log[-3000:]
+
+    # The DeepSeekDeployment CRD alone goes first (every deployment with it): the operator stops and waits for it, and
+    # a key deleted meanwhile is still let go (its finalizer would otherwise wait for an operator that waits for the
+    # CRD), its Secret deleted and its Event saying why there was no revoked list to write.
+    out = cluster.kubectl("delete", "crd", "deepseekdeployments.deepseek.ai", check=False)
+    assert out.returncode == 0, out.stderr
+    wait_for("the operator waiting for its CRDs", lambda: "waiting for the CustomResourceDefinitions "
+             "deepseekdeployments.deepseek.ai to be served" in operator_log(cluster, operator_pod), timeout=60)
+    bob = kubectl_json(cluster, "get", "apikey", "bob", "-n", "tenant-again")
+    cluster.kubectl("delete", "apikey", "bob", "-n", "tenant-again", "--wait=false")
+    try:
+        wait_for("ApiKey bob let go", lambda: cluster.kubectl("get", "apikey", "bob", "-n", "tenant-again",
+                                                              check=False).returncode != 0, timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{what_is_left(cluster)}\n{operator_log(cluster, operator_pod)[-3000:]}") from None
+    message = revoked_event(cluster, "tenant-again", "bob", bob["status"]["tokenId"])
+    assert message and "DeepSeekDeployment chat, which is gone" in message, message
+    assert cluster.kubectl("get", "secret", "bob-apikey", "-n", "tenant-again", check=False).returncode != 0
+    wait_for("no signing keys left", lambda: not signing_keys(cluster), timeout=30)
+    out = cluster.kubectl("delete", "crd", "apikeys.deepseek.ai", "--timeout=60s", check=False)
+    assert out.returncode == 0, out.stderr + what_is_left(cluster)
+
+
+def signing_keys(cluster: DevCluster) -> list[str]:
+    return [item["metadata"]["name"] for item in kubectl_json(cluster, "get", "secrets", "-n", OPS, "-l",
+                                                               "app.kubernetes.io/component=signing-key")["items"]]
 
 
 def operator_log(cluster: DevCluster, pod: dict) -> str:
