@@ -420,6 +420,19 @@ def _begin_rollback(b: _Builder, reason: str, message: str) -> None:
     b.again()
 
 
+def _failed_under(b: _Builder) -> dict[str, Any] | None:
+    """The settings a failed rollout was judged under: how it started (`strategy`, `previewReplicas`) as when it
+    started, its deadlines and analysis as the spec had them when they were applied, i.e. now (a change made while it
+    ran was applied to it, so it is no reason to try the revision again)."""
+    started = b.rollout.get("settings")
+    judged = dict(b.o.settings.judging)
+    if not judged:
+        return started
+    if started:
+        judged.update({key: started[key] for key in ("strategy", "previewReplicas") if key in started})
+    return judged
+
+
 def _deadline_passed(b: _Builder) -> bool:
     deadline = parse_time(b.rollout.get("deadline"))
     return deadline is not None and b.o.now >= deadline
@@ -501,7 +514,9 @@ def _starting(b: _Builder) -> None:
         _begin_rollback(b, state.failure_reason or "ServerFailing", state.failure)
         return
     if state.revision == revision and state.ready >= count:
-        b.set_rollout(phase=VERIFYING, message=f"verifying revision {revision} on {state.ready} pod(s) of {color}")
+        # a deadline of its own: the check may wait for the preview Service's endpoints or a published signing key
+        b.set_rollout(phase=VERIFYING, deadline=format_time(o.now + o.settings.progress_deadline),
+                      message=f"verifying revision {revision} on {state.ready} pod(s) of {color}")
         b.again()
         return
     if _deadline_passed(b):
@@ -527,6 +542,12 @@ def _verifying(b: _Builder) -> None:
         if state.ready < count:
             b.set_rollout(phase=STARTING, message=f"{state.ready}/{count} pod(s) of {color} ready again")
             b.again()
+            return
+        if _deadline_passed(b):  # the check never ran: it waits for what the pods' readiness does not show
+            _begin_rollback(b, "ProgressDeadlineExceeded",
+                            f"revision {revision} on {color} could not be verified within "
+                            f"{int(o.settings.progress_deadline)} s: its {count} ready pod(s) were not all in the "
+                            "preview Service's endpoints, or the deployment had no published signing key")
             return
         b.decision.verify = Verify(color, revision, VERIFYING, count)
         b.progressing()
@@ -704,7 +725,7 @@ def _rolling_back(b: _Builder) -> None:
             b.scale(b.status["activeColor"], o.settings.replicas)
     aborted = b.rollout.get("reason") == "Aborted"
     b.status["failedRevision"] = revision
-    b.status["failedSettings"] = b.rollout.get("settings")  # what it failed under: other settings retry it once
+    b.status["failedSettings"] = _failed_under(b)  # what it failed under: other settings retry it once
     b.set_rollout(phase=DEGRADED, deadline=None,
                   message=f"revision {revision} {'aborted' if aborted else 'rolled back'}: "
                           f"{b.rollout.get('message', '')}")

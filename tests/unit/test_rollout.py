@@ -170,6 +170,23 @@ def test_a_failed_revision_is_tried_once_more_under_other_rollout_settings() -> 
     assert next_step(observed(older, settings=looser)).status["rollout"]["phase"] == "Degraded"
 
 
+def test_a_revision_failed_under_settings_changed_while_it_ran_is_not_retried_for_them() -> None:
+    """The analysis and deadlines are read from the spec when each phase is judged, so a change made during the
+    rollout was applied to it: the failure is recorded under the changed values (how it started, strategy and
+    previewReplicas, as when it started) and waits, instead of a RetryingRevision that would run the same rollout
+    again under the same settings."""
+    tight = settings_of(progressDeadlineSeconds=60, analysis={"maxLatencyMs": 1})
+    started = next_step(observed(stable_status(), settings=tight))
+    changed = settings_of(progressDeadlineSeconds=60, previewReplicas=2, analysis={"maxLatencyMs": 5})
+    rolling_back = {**stable_status(), "rollout": {**started.status["rollout"], "phase": "RollingBack",
+                                                   "reason": "VerificationFailed", "message": "p95 too high"}}
+    degraded = next_step(observed(rolling_back, settings=changed, green=ready("green", NEW, 0, replicas=1)))
+    assert degraded.status["failedSettings"] == {**changed.judging, "previewReplicas": 1}
+    waiting = next_step(observed({**rolling_back, **degraded.status}, settings=settings_of(
+        progressDeadlineSeconds=60, previewReplicas=1, analysis={"maxLatencyMs": 5})))
+    assert waiting.status["rollout"]["phase"] == "Degraded" and waiting.events == []
+
+
 def test_judging_settings_resolve_defaults_and_changes_are_named() -> None:
     assert judging_settings({}) == judging_settings({"rollout": {
         "strategy": "BlueGreen", "previewReplicas": 1, "progressDeadlineSeconds": 1800, "autoPromote": False,
@@ -296,6 +313,28 @@ def test_verifying_asks_for_inference_check() -> None:
     decision = next_step(observed(stable_status(phase="Verifying"), green=ready("green", NEW, 1)))
     assert decision.verify == Verify("green", NEW, "Verifying", 1)
     assert decision.status["rollout"]["phase"] == "Verifying"
+
+
+def test_verifying_gets_a_deadline_of_its_own() -> None:
+    decision = next_step(observed(stable_status(phase="Starting", deadline=format_time(NOW + 1)),
+                                  green=ready("green", NEW, 1)))
+    assert decision.status["rollout"]["phase"] == "Verifying"
+    assert decision.status["rollout"]["deadline"] == format_time(NOW + SETTINGS.progress_deadline)
+
+
+def test_verifying_that_never_gets_to_run_rolls_back_at_its_deadline() -> None:
+    """The inference check waits while the ready pods are not all in the preview Service's endpoints (or no signing
+    key is published): past the phase's deadline that is a rollback, not a rollout left in Verifying for good."""
+    status = stable_status(phase="Verifying", deadline=format_time(NOW - 1))
+    decision = next_step(observed(status, green=ready("green", NEW, 1)))
+    assert decision.verify is None
+    assert decision.status["rollout"]["phase"] == "RollingBack"
+    assert decision.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    assert "could not be verified within" in decision.status["rollout"]["message"]
+    # a result that came in time is judged, whatever the clock says now
+    status = stable_status(phase="Verifying", deadline=format_time(NOW - 1),
+                           analysis={"stage": "Verifying", "passed": True, "message": "5/5"})
+    assert next_step(observed(status, green=ready("green", NEW, 1))).status["rollout"]["phase"] == "Promoting"
 
 
 def test_verifying_back_to_starting_when_pod_lost() -> None:
