@@ -402,6 +402,12 @@ def test_latency_alert_counts_api_requests_only():
     ("podLabels._team=ml", "invalid propertyName"),
     ("tolerations[0].operator=Exist", "value must be one of"),
     ("tolerations[0].name=gpu", "additional properties 'name' not allowed"),
+    ("tolerations[0].key=gpu pool,tolerations[0].operator=Exists", "does not match pattern"),
+    ("tolerations[0].operator=Exists,tolerations[0].value=x", "value must be ''"),
+    ("tolerations[0].key=,tolerations[0].operator=Equal,tolerations[0].value=v", "value must be 'Exists'"),
+    ("tolerations[0].value=v", "missing property 'operator'"),  # no key: every taint, which only Exists may say
+    ("tolerations[0].key=k,tolerations[0].effect=NoSchedule,tolerations[0].tolerationSeconds=5",
+     "value must be 'NoExecute'"),
     ("affinity.nodeAfinity.x=1", "additional properties 'nodeAfinity' not allowed"),
     ("imagePullSecrets[0].name=Registry_1", "does not match pattern"),
 ])
@@ -409,6 +415,17 @@ def test_schema_rejects_bad_values(setting, message):
     out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False)
     assert out.returncode != 0
     assert message in out.stderr.lower() or message in out.stderr
+
+
+@pytest.mark.parametrize("tolerations", [
+    "tolerations[0].key=nvidia.com/gpu,tolerations[0].operator=Exists,tolerations[0].effect=NoSchedule",
+    "tolerations[0].operator=Exists",
+    "tolerations[0].key=pool,tolerations[0].value=gpu,tolerations[0].effect=NoExecute,"
+    "tolerations[0].tolerationSeconds=30",
+])
+def test_schema_accepts_tolerations_the_api_server_accepts(tolerations):
+    out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", tolerations, check=False)
+    assert out.returncode == 0, out.stderr
 
 
 def test_network_policy_without_namespaces_fails_clearly():

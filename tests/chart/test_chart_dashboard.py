@@ -97,6 +97,15 @@ def test_dashboard_configmap_is_off_by_default_and_labelled_for_the_grafana_side
     configmap = next(d for d in moved if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"])
     assert configmap["metadata"]["namespace"] == "grafana"
     assert configmap["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    # the sidecar's label replaced by another, or removed (a sidecar told to look elsewhere): still valid YAML
+    unset = "monitoring.dashboard.labels.grafana_dashboard=null"
+    for labels, expected in (((unset, "monitoring.dashboard.labels.team=ml"), {"team": "ml"}), ((unset,), {})):
+        relabelled = render("monitoring.dashboard.enabled=true", *labels)
+        [configmap] = [d for d in relabelled if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith(
+            "-deepseek-servers")]
+        own = {k: v for k, v in configmap["metadata"]["labels"].items() if not k.startswith("app.kubernetes.io/")
+               and k != "helm.sh/chart"}
+        assert own == expected, configmap["metadata"]["labels"]
 
 
 def test_dashboard_covers_what_operators_watch() -> None:
