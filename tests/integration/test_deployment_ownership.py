@@ -6,6 +6,7 @@ kept private keys) is no child at all any more: never read, adopted or deleted."
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import pytest
@@ -120,3 +121,32 @@ def _read_or_none(read, name: str, namespace: str) -> Any:
         if exc.status == 404:
             return None
         raise
+
+
+def test_no_server_is_created_while_someone_else_holds_the_auth_configmap(world):
+    """Only `X-auth` is taken: servers would read someone else's keys and revocations from it, so no Deployment of
+    either color (and no pod) is made while the Conflict names it; once it is deleted the deployment proceeds."""
+    name = "authsquat"
+    ns = world.namespace
+    apps = client.AppsV1Api(world.core.api_client)
+    world.core.create_namespaced_config_map(ns, {"metadata": {"name": f"{name}-auth", "labels": SQUAT_LABELS},
+                                                 "data": {"jwks.json": '{"keys": []}', "owner": "someone else"}})
+    world.apply_deployment(name)
+    wait_conflict_naming(world, name, "ConfigMap", f"{name}-auth")
+
+    def servers() -> list[str]:
+        made = [d.metadata.name for d in apps.list_namespaced_deployment(ns).items
+                if d.metadata.name in (f"{name}-blue", f"{name}-green")]
+        pods = [p.metadata.name for p in world.core.list_namespaced_pod(ns).items
+                if p.metadata.name.startswith(f"{name}-")]
+        return made + pods
+
+    # several reconciles later (the Conflict is re-checked on the operator's retry interval), still nothing
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        assert servers() == [], servers()
+        time.sleep(0.5)
+    assert world.core.read_namespaced_config_map(f"{name}-auth", ns).data["owner"] == "someone else"
+    world.core.delete_namespaced_config_map(f"{name}-auth", ns)
+    world.wait_for(f"{name}-blue created once {name}-auth is free",
+                   lambda: _read_or_none(apps.read_namespaced_deployment, f"{name}-blue", ns), timeout=30)
