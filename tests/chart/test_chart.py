@@ -336,6 +336,25 @@ def test_monitoring_objects_carry_the_seed_alert():
     assert policy["metadata"]["namespace"] == "team-a"
 
 
+def test_monitoring_values_reach_the_service_monitor_and_the_rule():
+    """The labels a kube-prometheus-stack Prometheus selects on, the scrape interval, the alerts' `for`, and in
+    namespaced mode a ServiceMonitor that looks only in the watched namespaces."""
+    docs = render("monitoring.prometheusRule.enabled=true", "monitoring.serviceMonitor.enabled=true",
+                  "monitoring.serviceMonitor.labels.release=kps", "monitoring.prometheusRule.labels.release=kps",
+                  "monitoring.serviceMonitor.interval=15s", "monitoring.prometheusRule.errorRateFor=3m",
+                  "monitoring.prometheusRule.latencyFor=7m", "watchNamespaces={ai,ml}")
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert {endpoint["interval"] for endpoint in monitor["spec"]["endpoints"]} == {"15s"}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ai", "ml"]}
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert (alerts["DeepSeekApiErrorRateHigh"]["for"], alerts["DeepSeekApiLatencyHigh"]["for"]) == ("3m", "7m")
+    everywhere = next(d for d in render("monitoring.serviceMonitor.enabled=true") if d["kind"] == "ServiceMonitor")
+    assert everywhere["spec"]["namespaceSelector"] == {"any": True}
+
+
 def prometheus_rule_alerts(*json_sets: str) -> dict[str, dict]:
     args = ["template", "rel", str(CHART), "--namespace", "ops", "--kube-version", KUBE_VERSION,
             "--set", "monitoring.prometheusRule.enabled=true"]
@@ -499,3 +518,33 @@ def test_apikey_admission_policy_only_where_served_and_wanted():
     assert admission_objects(api_versions=()) == []  # an API server without MutatingAdmissionPolicy v1
     assert admission_objects("apikeyAdmissionPolicy.enabled=false") == []
 
+
+
+def test_operator_pod_is_hardened_in_every_container():
+    """The operator pod passes the restricted Pod Security profile: uid 65532 (non-root), the runtime's default
+    seccomp profile, and each container unprivileged, with every capability dropped and a read-only root."""
+    [dep] = [d for d in render() if d["kind"] == "Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"] is True, container["name"]
+
+
+def test_placement_values_reach_the_operator_pod_and_its_service_account():
+    docs = render("nodeSelector.pool=system", "tolerations[0].key=dedicated", "tolerations[0].operator=Exists",
+                  "tolerations[0].effect=NoSchedule", "priorityClassName=system-cluster-critical",
+                  "podAnnotations.team=platform", "imagePullSecrets[0].name=registry",
+                  "serviceAccount.annotations.iam=role-a")
+    [dep] = [d for d in docs if d["kind"] == "Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["team"] == "platform"
+    [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"] == {"iam": "role-a"}
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
