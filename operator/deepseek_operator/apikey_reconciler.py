@@ -276,9 +276,7 @@ class ApiKeyReconciler:
             if FINALIZER in finalizers:
                 self._finalize(apikey)
                 # Release the key only now that every token of it is in the revoked list.
-                self._kube.merge(APIKEYS, namespace, name, {"metadata": {
-                    "finalizers": [f for f in finalizers if f != FINALIZER],
-                    "resourceVersion": apikey["metadata"]["resourceVersion"]}})
+                self._kube.merge(APIKEYS, namespace, name, finalizer_removed(apikey))
             return ReconcileResult(None, None)
         if FINALIZER not in finalizers:
             # Before any token exists: a key deleted from now on is finalized (its tokens revoked) first.
@@ -307,8 +305,7 @@ class ApiKeyReconciler:
                 secret = self._kube.get(SECRETS, namespace, secret_name)
 
         while True:
-            if secret is not None and not any(ref.get("uid") == uid for ref in
-                                              secret["metadata"].get("ownerReferences") or []):
+            if secret is not None and not owned_by(secret, uid):
                 if not spec.get("revoked"):
                     return self._secret_taken(apikey, previous_status, secret, now)
                 # A Secret this key does not own (its owner reference removed, or another's) is neither written nor
@@ -550,8 +547,7 @@ class ApiKeyReconciler:
         live = live_tokens(status, self._clock())
         secret_name = apikey_secret_name(name, spec)
         secret = self._kube.get(SECRETS, namespace, secret_name)
-        owned = secret is not None and any(ref.get("uid") == uid for ref in
-                                           secret["metadata"].get("ownerReferences") or [])
+        owned = secret is not None and owned_by(secret, uid)
         found = self._issuers.view_for(namespace, deployment, uid) if dsd is not None and owned else None
         claims = self._own_token_claims(secret_token(secret), found[0] if found else None, uid,
                                         int(self._clock()))
@@ -580,6 +576,18 @@ class ApiKeyReconciler:
                                               revoked_with_deployment(live, deployment))])
 
 
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether `obj` carries an owner reference to the object with `uid`."""
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def finalizer_removed(apikey: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that takes this operator's finalizer off the key, only from the version read."""
+    meta = apikey["metadata"]
+    return {"metadata": {"finalizers": [f for f in meta.get("finalizers") or [] if f != FINALIZER],
+                         "resourceVersion": meta["resourceVersion"]}}
+
+
 def revoked_with_deployment(live: Mapping[str, int], deployment: str) -> str:
     """The Revoked event of a deleted key whose deployment is gone: there is no revoked list to write, and none is
     needed, since its servers and signing keys (which alone verify these tokens) go with it."""
@@ -606,13 +614,10 @@ def release_keys_of_deleted_deployments(kube: KubeApi, namespaces: Sequence[str 
                 continue  # its deployment is there after all: its finalizer revokes the tokens (once kopf runs)
             secret_name = apikey_secret_name(name, spec)
             secret = kube.get(SECRETS, namespace, secret_name)
-            if secret is not None and any(ref.get("uid") == meta["uid"]
-                                          for ref in secret["metadata"].get("ownerReferences") or []):
+            if secret is not None and owned_by(secret, meta["uid"]):
                 kube.delete(SECRETS, namespace, secret_name, uid=secret["metadata"]["uid"])
             try:
-                kube.merge(APIKEYS, namespace, name, {"metadata": {
-                    "finalizers": [f for f in finalizers if f != FINALIZER],
-                    "resourceVersion": meta["resourceVersion"]}})
+                kube.merge(APIKEYS, namespace, name, finalizer_removed(apikey))
             except Conflict:
                 continue
             except KubeError as exc:
