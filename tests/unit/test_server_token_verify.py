@@ -109,3 +109,65 @@ def test_remembered_headers_are_rechecked_for_scope_expiry_and_form() -> None:
     now[0] += 200  # past exp and the leeway: the remembered principal is not returned
     with pytest.raises(APIError, match="expired"):
         authenticator.authenticate(f"Bearer {key}", "model:predict")
+
+
+def numeric_date_cases() -> list[Any]:
+    now = int(time.time())
+    cases = []
+    for name, good in (("iat", now), ("nbf", now), ("exp", now + 600)):
+        cases += [pytest.param(name, str(good), id=f"{name}-string"), pytest.param(name, True, id=f"{name}-true"),
+                  pytest.param(name, good + 0.5, id=f"{name}-fraction"),
+                  pytest.param(name, float(good), id=f"{name}-float")]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "value"), numeric_date_cases())
+def test_times_must_be_json_integers(name: str, value: Any) -> None:
+    """`iat`, `nbf` and `exp` are JSON integers as the operator writes them: a string such as "1796513217", a
+    boolean (an int to Python) or a number with a fraction or exponent is a malformed token, refused with 401."""
+    key = signed(claims(**{name: value}))
+    with pytest.raises(TokenRejected, match=rf"\({name}\) must be an integer"):
+        verify_token(key, STATE)
+    authenticator = Authenticator()
+    authenticator.set_state(STATE)
+    with pytest.raises(APIError) as refused:
+        authenticator.authenticate(f"Bearer {key}", "model:predict")
+    assert (refused.value.status, refused.value.code) == (401, "invalid_api_key")
+
+
+def test_unknown_scopes_are_accepted_and_grant_nothing() -> None:
+    authenticator = Authenticator()
+    authenticator.set_state(STATE)
+    key = token(scope=["model:predict", "models:admin"])
+    assert authenticator.authenticate(f"Bearer {key}", "model:predict").scopes == {"model:predict", "models:admin"}
+    assert authenticator.authenticate(f"Bearer {key}", None).uid == "uid-1"  # /v1/models: any valid key
+    with pytest.raises(APIError) as refused:
+        authenticator.authenticate(f"Bearer {key}", "history:read")
+    assert (refused.value.status, refused.value.code) == (403, "insufficient_scope")
+
+
+@pytest.mark.parametrize("remembered", [False, True], ids=["fresh", "remembered"])
+def test_the_leeway_ends_at_the_same_instant_whether_or_not_the_token_was_remembered(remembered: bool) -> None:
+    """A token is accepted until 30 s after its `exp` and refused from that instant on, and accepted from 30 s before
+    its `nbf`, whether the request verifies it afresh or finds it among the tokens already verified."""
+    issued = int(time.time())
+    expires = issued + 100
+    key = f"Bearer {token(iat=issued, nbf=issued, exp=expires)}"
+    now = [float(issued)]
+
+    def authenticate_at(at: float) -> str:
+        authenticator = Authenticator(clock=lambda: now[0])
+        authenticator.set_state(STATE)
+        if remembered:
+            now[0] = issued + 50.0
+            authenticator.authenticate(key, "model:predict")
+        now[0] = at
+        try:
+            return authenticator.authenticate(key, "model:predict").uid
+        except APIError as exc:
+            return exc.message
+
+    assert authenticate_at(expires + 29.5) == "uid-1"
+    assert "expired" in authenticate_at(expires + 30)
+    assert authenticate_at(issued - 30) == "uid-1"  # a server clock 30 s behind the operator's
+    assert "not valid yet" in authenticate_at(issued - 30.5)

@@ -51,7 +51,8 @@ class Authenticator:
         now = self.clock()
         if cached is not None and cached[0] is state:
             _, principal, not_before = cached
-            if not_before - LEEWAY_SECONDS <= now <= principal.expires_at + LEEWAY_SECONDS:
+            # The same instants as `verify_token`: valid from `nbf - 30` up to, not including, `exp + 30`.
+            if not_before - LEEWAY_SECONDS <= now < principal.expires_at + LEEWAY_SECONDS:
                 if principal.token_id in state.revoked:
                     raise TokenRejected("The API key has been revoked.", principal)
                 return principal

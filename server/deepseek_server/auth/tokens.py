@@ -1,9 +1,10 @@
 """Verify an API key (a JWT) against the loaded auth state, exactly as docs/auth-contract.md requires.
 
 The checks are PyJWT's (`jwt.decode` with the algorithm pinned, every claim required, `aud`/`iss` checked, 30 s of
-leeway on `iat`, `nbf` and `exp`) written out for the one algorithm the contract allows: a cache miss costs the
-Ed25519 verification and little else (about half of what the general-purpose decoder spends), which keeps a
-server that has just loaded a new auth state (and so forgotten every verified token) fast.
+leeway on `iat`, `nbf` and `exp`), stricter on the times (JSON integers only), written out for the one algorithm the
+contract allows: a cache miss costs the Ed25519 verification and little else (about half of what the general-purpose
+decoder spends), which keeps a server that has just loaded a new auth state (and so forgotten every verified token)
+fast.
 """
 
 from __future__ import annotations
@@ -62,10 +63,20 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _integer_claim(claims: dict[str, Any], name: str, what: str) -> int:
-    try:
-        return int(claims[name])
-    except (ValueError, TypeError, OverflowError):
-        raise TokenRejected(f"The API key is invalid: {what} claim ({name}) must be an integer.") from None
+    """A time claim as the operator writes it: a JSON integer. Not `int(value)`, which takes "1796513217" and `true`
+    (a bool is an int to Python); a fraction or exponent (RFC 7519 allows one) is refused too, as no issuer of
+    this contract writes one and truncating it would move the instant."""
+    value = claims[name]
+    if type(value) is not int:
+        raise TokenRejected(f"The API key is invalid: {what} claim ({name}) must be an integer (seconds since the "
+                            f"epoch, a JSON number without fraction or exponent), not {_json_kind(value)}.")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", str: "a string", float: "a number with a fraction or exponent", list: "a list",
+             dict: "an object", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def verify_token(token: str, state: AuthState, clock: Callable[[], float] = time.time) -> Principal:
