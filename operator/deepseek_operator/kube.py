@@ -333,6 +333,13 @@ class KubeApi:
         return self._request("PATCH", resource.path(namespace, name), body=patch,
                              params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json")
 
+    def json_patch(self, resource: Resource, namespace: str, name: str,
+                   operations: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply a JSON patch (RFC 6902) to an object: its `test` operations make it conditional (a failed test is
+        a 422)."""
+        return self._request("PATCH", resource.path(namespace, name), body=operations,
+                             params={"fieldManager": FIELD_MANAGER}, content_type="application/json-patch+json")
+
     def merge_status(self, resource: Resource, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch part of the status subresource (for status owned by several parts of one reconcile)."""
         return self._request("PATCH", resource.path(namespace, name, "status"), body={"status": status},

@@ -331,6 +331,8 @@ class Decision:
     conditions: list[Condition] = field(default_factory=list)
     requeue_after: float = 30.0
     again: bool = False  # decide again at once (the state moved on and the next phase may act right away)
+    # annotation -> the value to remove it at: left from an earlier attempt of the revision being tried again
+    stale_annotations: dict[str, str] = field(default_factory=dict)
 
 
 class _Builder:
@@ -474,6 +476,15 @@ def _steady(b: _Builder) -> None:
                 + ", ".join(settings_changes(failed_under, o.settings.judging)))
     if retry:
         b.status["retriedRevision"] = desired
+    # An abort or promotion naming the revision was given to the attempt that failed: left set, it would abort the
+    # new attempt at once or skip its AwaitingPromotion. The new attempt starts without them.
+    stale = {name: desired for name in (ABORT_ANNOTATION, PROMOTE_ANNOTATION)
+             if desired == b.status["failedRevision"] and o.annotations.get(name) == desired}
+    if stale:
+        b.decision.stale_annotations = stale
+        b.event("Normal", "AnnotationsCleared",
+                f"removed {', '.join(f'{name}={desired}' for name in stale)} left from the failed attempt of "
+                f"revision {desired}: they apply to one attempt, and it is tried again")
     _start_rollout(b)
 
 
@@ -646,10 +657,14 @@ def _judge_live_traffic(b: _Builder) -> tuple[str, str] | None:
     state = o.colors.get(color, ColorObservation())
     live = o.live
     if live is not None:
-        b.set_rollout(analysis={
-            "stage": POST_VERIFYING, "requests": live.requests, "errors": live.errors,
-            "errorRate": round(live.error_rate, 4), "passed": live.error_rate <= o.settings.max_error_rate,
-            "message": f"{live.errors} server error(s) in {live.requests} request(s) on {color}"})
+        judged = live.requests >= MIN_LIVE_REQUESTS
+        seen = f"{live.errors} server error(s) in {live.requests} request(s) on {color}"
+        analysis = {"stage": POST_VERIFYING, "requests": live.requests, "errors": live.errors,
+                    "errorRate": round(live.error_rate, 4),
+                    "message": seen if judged else f"{seen}: not judged until {MIN_LIVE_REQUESTS} requests have come"}
+        if judged:  # too few requests for a rate to mean anything: no verdict, and the rollout goes on
+            analysis["passed"] = live.error_rate <= o.settings.max_error_rate
+        b.set_rollout(analysis=analysis)
     if state.ready == 0:
         return "NoReadyReplicas", f"no pod of {color} is ready after the switch"
     if live is not None and live.requests >= MIN_LIVE_REQUESTS and live.error_rate > o.settings.max_error_rate:
@@ -847,6 +862,7 @@ def next_step(observed: Observed) -> Decision:
         # The active Service follows status (drift, or a crash between switching and writing status).
         b.decision.switch = SwitchTraffic(active, active_revision)
     b.status["previewRevision"] = b.rollout.get("revision") if b.rollout.get("phase") in IN_PROGRESS else None
+    b.status["desiredRevision"] = o.desired_revision  # as this operator computes it, for tools reading status
     serving = o.colors.get(active, ColorObservation()) if active else ColorObservation()
     b.status["readyReplicas"] = serving.ready if active else 0
     b.decision.conditions = _conditions(b)

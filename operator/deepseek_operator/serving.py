@@ -362,6 +362,22 @@ class ServingReconciler:
         result["pods"] = [e.pod for e in endpoints]
         return result
 
+    def _remove_annotations(self, dsd: dict[str, Any], stale: Mapping[str, str]) -> dict[str, Any]:
+        """Remove each annotation in `stale` that still has the value given there (a JSON patch `test` guards
+        each: a value set meanwhile is left for the next pass to read); `dsd` as it is without them."""
+        namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        for annotation, value in stale.items():
+            path = "/metadata/annotations/" + annotation.replace("~", "~0").replace("/", "~1")
+            try:
+                self._kube.json_patch(DEEPSEEKDEPLOYMENTS, namespace, name,
+                                      [{"op": "test", "path": path, "value": value}, {"op": "remove", "path": path}])
+            except KubeError as exc:
+                if exc.status != 422:  # 422: the test failed, the annotation changed or went away meanwhile
+                    raise
+        annotations = {key: value for key, value in (dsd["metadata"].get("annotations") or {}).items()
+                       if key not in stale}
+        return {**dsd, "metadata": {**dsd["metadata"], "annotations": annotations}}
+
     def _apply(self, dsd: dict[str, Any], decision: Decision) -> None:
         for step in decision.scale:
             try:
@@ -461,6 +477,8 @@ class ServingReconciler:
                                f"{dsd['metadata']['namespace']}/{dsd['metadata']['name']}")
             if superseded():  # the waiting reconcile decides afresh: act on nothing of this decision
                 return again
+            if decision.stale_annotations:
+                dsd = self._remove_annotations(dsd, decision.stale_annotations)
             self._apply(dsd, decision)
             verified = False
             if decision.verify is not None:

@@ -196,6 +196,17 @@ def parse_request_counts(text: str) -> tuple[int, int]:
     return requests, errors
 
 
+def request_plan(endpoints: Sequence[Endpoint], requests: int) -> list[tuple[Endpoint, bool]]:
+    """(pod, streamed) for each verification request: `requests` of them (at least one per pod), round-robin over
+    the pods, and each pod's own requests alternating unstreamed and streamed, starting with one of each kind on
+    alternate pods, so that any pod sent two or more gets both: a stream fails after its 200, through code an
+    unstreamed answer never runs."""
+    if not endpoints:
+        return []
+    pods = len(endpoints)
+    return [(endpoints[i % pods], (i % pods + i // pods) % 2 == 1) for i in range(max(requests, pods))]
+
+
 class Verifier:
     """Sends the requests; thread-safe, one HTTP client for all deployments."""
 
@@ -232,15 +243,13 @@ class Verifier:
 
     def verify(self, endpoints: Sequence[Endpoint], *, signing_key: SigningKey, namespace: str, deployment: str,
                deployment_uid: str, model: str, settings: AnalysisSettings) -> dict[str, Any]:
-        """Send `settings.requests` requests (at least one per pod), round-robin over the pods, every second one
-        streamed; the judged block."""
+        """Send `settings.requests` requests (at least one per pod), round-robin over the pods, half of them
+        streamed (see `request_plan`); the judged block."""
         now = int(self._clock())
         token = sign_token(verification_grant(namespace=namespace, deployment=deployment,
                                               deployment_uid=deployment_uid, token_id=new_token_id(), now=now),
                            signing_key)
-        count = max(settings.requests, len(endpoints))
-        # every second request streamed: a stream fails after its 200, through code an unstreamed answer never runs
-        plan = [(endpoints[i % len(endpoints)], i % 2 == 1) for i in range(count)] if endpoints else []
+        plan = request_plan(endpoints, settings.requests)
         with ThreadPoolExecutor(max_workers=max(1, len(endpoints))) as pool:
             # one worker per pod: each pod sees its requests one after another, as a light real client would
             per_pod: dict[str, list[tuple[Endpoint, bool]]] = {}

@@ -184,12 +184,24 @@ def test_manual_promotion_and_abort(world: World) -> None:
     service = world.core.read_namespaced_service("chat", world.namespace)
     assert service.spec.selector["deepseek.ai/revision"] == second
 
+    # retried with kubectl annotate alone, the aborted revision starts without the abort of its failed attempt
+    # (left set, it rolled the new attempt back at once) and waits for a promotion of its own
+    world.annotate("deepseek.ai/retry", third)
+    [cleared] = world.wait_event("AnnotationsCleared")
+    assert f"deepseek.ai/abort={third}" in cleared.message
+    status = world.wait_phase("AwaitingPromotion", revision=third, timeout=180)
+    assert "deepseek.ai/abort" not in (world.get()["metadata"].get("annotations") or {})
+    assert status["desiredRevision"] == third and status["retriedRevision"] == third
+    world.annotate("deepseek.ai/promote", third)
+    status = world.wait_phase("Completed", revision=third, timeout=180)
+    assert status["activeColor"] == "blue" and "failedRevision" not in status
+
     # turning autoPromote on promotes the verified revision that waits for its annotation
     world.patch({"spec": {"model": {"revision": "v4"}}})
     fourth = world.wait_phase("AwaitingPromotion", timeout=180)["rollout"]["revision"]
     world.patch({"spec": {"rollout": {"autoPromote": True}}})
     status = world.wait_phase("Completed", revision=fourth, timeout=180)
-    assert status["activeRevision"] == fourth and status["activeColor"] == "blue"
+    assert status["activeRevision"] == fourth and status["activeColor"] == "green"
 
 
 def _startup_seconds(world: World, color: str) -> int:

@@ -112,7 +112,22 @@ def test_promote_abort_retry_pick_the_revision_and_the_operator_acts_on_them(wor
                                                 {"spec": {"server": {"maxNewTokens": 64}}})
     wait_for("the new revision's rollout", lambda: rollout_of(world).get("revision") not in (None, revision), 90)
     abort_text = ok(plugin(kubeconfig, "abort", "chat", "-n", ns))
-    assert f"deepseek.ai/abort={rollout_of(world)['revision']}" in abort_text
+    newer = rollout_of(world)["revision"]
+    assert f"deepseek.ai/abort={newer}" in abort_text
+    wait_rollout(world, "Degraded", "the abort of the new revision")
+    assert world.deployment()["status"]["desiredRevision"] == newer  # what `retry` and `status` go by
+
+    # Retried with kubectl annotate alone, the abort left on the failed attempt does not abort the new one: the
+    # operator removes it (guarded by its value) as it starts the revision again.
+    world.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "deepseekdeployments", "chat",
+                                                {"metadata": {"annotations": {"deepseek.ai/retry": newer}}})
+    wait_for("the retry by annotation", lambda: rollout_of(world).get("phase") == "Starting"
+             and (world.deployment().get("status") or {}).get("retriedRevision") == newer, 90)
+    assert "deepseek.ai/abort" not in annotations(world)
+    time.sleep(3)  # a few of the operator's 2 s passes: the attempt is still going
+    assert (rollout_of(world)["phase"], rollout_of(world)["revision"]) == ("Starting", newer)
+    assert any(e.reason == "AnnotationsCleared" and f"deepseek.ai/abort={newer}" in (e.message or "")
+               for e in world.core.list_namespaced_event(ns).items)
 
 
 def secret_value(world: Cluster, secret: str, key: str) -> str:
@@ -229,6 +244,19 @@ def test_unreachable_api_server_is_one_clear_error(tmp_path: Path) -> None:
                       "users:\n- name: u\n  user: {token: abc}\n")
     result = plugin(str(config), "keys")
     assert "cannot reach the API server at https://127.0.0.1:1" in failed(result)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("apiVersion: v1\nusers:\n- name: u\n  user: {token: \"s3cr3t-token\n", "is not valid YAML at line 5, column 1"),
+    ("- just\n- a list\n", "is not a kubeconfig (a mapping of clusters, users and contexts)"),
+])
+def test_a_broken_kubeconfig_is_one_clear_error_that_quotes_none_of_it(tmp_path: Path, content: str,
+                                                                      message: str) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text(content)
+    error = failed(plugin(str(config), "keys"))
+    assert message in error and "s3cr3t" not in error
+    assert "could not be read (Is a directory" in failed(plugin(str(tmp_path), "keys"))
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(crds, kubeconfig: str, namespace: str) -> None:

@@ -16,6 +16,7 @@ from deepseek_operator.kubectl_plugin.views import (
     relative,
     retry_needs_reset,
     retry_target,
+    spec_revision,
 )
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -118,3 +119,28 @@ def test_a_404_for_a_kind_is_told_apart_from_a_404_for_an_object() -> None:
     assert _kind_not_served(SimpleNamespace(body=kind_missing))
     assert not _kind_not_served(SimpleNamespace(body=object_missing))
     assert not _kind_not_served(SimpleNamespace(body=None))
+
+
+def test_the_spec_revision_is_the_operators_once_it_has_seen_the_generation() -> None:
+    """The operator's own revision (status.desiredRevision) wins over the plugin's: a plugin of another version
+    computes another one where their defaults differ (the vLLM image), and `retry` then refused the failed
+    revision the spec still asked for."""
+    def ours(spec: Any) -> str:
+        return "plugin-rev"
+    seen = dsd(desiredRevision="operator-rev", observedGeneration=4)
+    seen["metadata"]["generation"] = 4
+    assert spec_revision(seen, ours) == "operator-rev"
+    assert retry_target({**seen, "status": {**seen["status"], "failedRevision": "operator-rev"}},
+                        spec_revision(seen, ours)) == "operator-rev"
+    seen["metadata"]["generation"] = 5  # an edit the operator has not seen yet: only the spec can tell
+    assert spec_revision(seen, ours) == "plugin-rev"
+    assert spec_revision(dsd(), ours) == "plugin-rev"  # an older operator writes no desiredRevision
+
+
+def test_a_post_switch_check_with_too_few_requests_reads_not_judged() -> None:
+    obj = dsd("Completed", activeColor="green", activeRevision="r2")
+    obj["status"]["rollout"]["analysis"] = {
+        "stage": "PostVerifying", "requests": 9, "errors": 9, "errorRate": 1.0,
+        "message": "9 server error(s) in 9 request(s) on green: not judged until 10 requests have come"}
+    text = describe_deployment(obj, {"blue": None, "green": None}, [], desired_revision="r2", now=NOW)
+    assert "Verification (PostVerifying): not judged, 9 request(s), 9 error(s)" in text

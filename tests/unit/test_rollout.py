@@ -739,3 +739,64 @@ def test_a_rollback_gets_its_own_deadline():
     decision = next_step(observed(status, green=ready("green", NEW, 2), service=("green", NEW),
                                   live=LiveTraffic(100, 20)))
     assert decision.status["rollout"]["deadline"] == format_time(NOW + SETTINGS.progress_deadline)
+
+
+def test_a_retried_revision_starts_without_the_abort_and_promotion_of_its_failed_attempt() -> None:
+    """`deepseek.ai/abort=R` and `deepseek.ai/promote=R` apply to one attempt of R. When R is tried again (the retry
+    annotation, or other rollout settings), the operator removes those left from the failed attempt: left set, the
+    abort would roll the new attempt back at once and the promotion would skip its AwaitingPromotion."""
+    manual = RolloutSettings(**{**SETTINGS.__dict__, "auto_promote": False})
+    status = {**stable_status(), "failedRevision": NEW,
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green", "reason": "Aborted"}}
+    left = {"deepseek.ai/abort": NEW, "deepseek.ai/promote": NEW, "deepseek.ai/retry": NEW}
+    retried = next_step(observed(status, annotations=left, settings=manual))
+    assert retried.status["rollout"]["phase"] == "Provisioning"
+    assert retried.stale_annotations == {"deepseek.ai/abort": NEW, "deepseek.ai/promote": NEW}
+    cleared = next(e for e in retried.events if e.reason == "AnnotationsCleared")
+    assert f"deepseek.ai/abort={NEW}, deepseek.ai/promote={NEW}" in cleared.message
+    # the next pass sees the annotations without them (the reconciler removed them): the attempt goes on ...
+    remaining = {"deepseek.ai/retry": NEW}
+    going = next_step(observed({**status, **retried.status}, annotations=remaining, settings=manual))
+    assert going.status["rollout"]["phase"] == "Starting"
+    # ... and once verified it waits for a promotion given to this attempt
+    verifying = {**going.status, "rollout": {**going.status["rollout"], "phase": "Verifying",
+                                             "analysis": {"stage": "Verifying", "passed": True}}}
+    waiting = next_step(observed(verifying, annotations=remaining, settings=manual, green=ready("green", NEW, 1)))
+    assert waiting.status["rollout"]["phase"] == "AwaitingPromotion"
+
+
+def test_a_revision_tried_again_under_other_settings_also_drops_its_old_abort() -> None:
+    status = {**stable_status(), "failedRevision": NEW, "failedSettings": {"progressDeadlineSeconds": 60},
+              "rollout": {"phase": "Degraded", "revision": NEW, "color": "green", "reason": "Aborted"}}
+    retried = next_step(observed(status, annotations={"deepseek.ai/abort": NEW, "deepseek.ai/promote": OLD},
+                                 settings=settings_of(progressDeadlineSeconds=600)))
+    assert retried.status["rollout"]["phase"] == "Provisioning"
+    assert retried.stale_annotations == {"deepseek.ai/abort": NEW}  # one naming another revision is not its own
+
+
+def test_a_first_attempt_keeps_a_promotion_given_ahead_of_it() -> None:
+    """A promotion set before a revision's first attempt is an approval given in advance, not a leftover."""
+    manual = RolloutSettings(**{**SETTINGS.__dict__, "auto_promote": False})
+    started = next_step(observed(stable_status(), annotations={"deepseek.ai/promote": NEW}, settings=manual))
+    assert started.status["rollout"]["phase"] == "Provisioning" and started.stale_annotations == {}
+
+
+def test_post_verifying_with_too_few_requests_gives_no_verdict() -> None:
+    """Under 10 requests after the switch the error rate is not judged: the analysis says so and carries no
+    `passed` (it said passed: false for 9 failed requests while the rollout completed)."""
+    status = {**stable_status(phase="PostVerifying", switchedAt=format_time(NOW - 61)),
+              "activeColor": "green", "activeRevision": NEW}
+    kwargs = {"green": ready("green", NEW, 2), "service": ("green", NEW)}
+    few = next_step(observed(status, live=LiveTraffic(9, 9), **kwargs))
+    assert few.status["rollout"]["phase"] == "Completed"
+    analysis = few.status["rollout"]["analysis"]
+    assert "passed" not in analysis and (analysis["requests"], analysis["errors"]) == (9, 9)
+    assert analysis["message"] == "9 server error(s) in 9 request(s) on green: not judged until 10 requests have come"
+    enough = next_step(observed(status, live=LiveTraffic(10, 10), **kwargs))
+    assert enough.status["rollout"]["phase"] == "RollingBack"
+    assert enough.status["rollout"]["analysis"]["passed"] is False
+
+
+def test_status_names_the_revision_the_spec_asks_for() -> None:
+    assert next_step(observed(stable_status(), desired=OLD)).status["desiredRevision"] == OLD
+    assert next_step(observed(stable_status())).status["desiredRevision"] == NEW

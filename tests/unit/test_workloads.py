@@ -22,6 +22,7 @@ from deepseek_operator.verification import (
     judge,
     parse_request_counts,
     ready_endpoints,
+    request_plan,
     stream_problem,
     verification_grant,
 )
@@ -559,3 +560,16 @@ def test_rollout_timing_from_env() -> None:
     assert (timing.progressing_interval, timing.stable_interval) == (0.5, 60.0)
     with pytest.raises(ValueError, match="DEEPSEEK_OPERATOR_ROLLOUT_STABLE_INTERVAL"):
         RolloutTiming.from_env({"DEEPSEEK_OPERATOR_ROLLOUT_STABLE_INTERVAL": "soon"})
+
+
+@pytest.mark.parametrize("pods", [1, 2, 3, 4])
+def test_verification_streams_half_its_requests_and_each_pod_gets_both_kinds(pods: int) -> None:
+    """A pod sent two or more verification requests gets an unstreamed and a streamed one (with every second request
+    streamed over an even number of pods, half the pods were never sent a stream)."""
+    endpoints = [Endpoint(f"p{i}", f"10.0.0.{i}") for i in range(pods)]
+    plan = request_plan(endpoints, 4 * pods)
+    assert len(plan) == 4 * pods and sum(stream for _, stream in plan) == 2 * pods
+    for endpoint in endpoints:
+        assert {stream for e, stream in plan if e is endpoint} == {False, True}
+    assert [e.pod for e, _ in request_plan(endpoints, 1)] == [e.pod for e in endpoints]  # at least one per pod
+    assert request_plan([], 5) == []

@@ -33,6 +33,7 @@ from .views import (
     recent_events,
     retry_needs_reset,
     retry_target,
+    spec_revision,
 )
 
 DEPLOYMENTS = "deepseekdeployments"
@@ -45,6 +46,7 @@ class Kube:
     """The few API calls the plugin makes, with errors turned into sentences."""
 
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
+        import yaml
         from kubernetes import client, config
 
         try:
@@ -60,6 +62,19 @@ class Kube:
                 config.load_incluster_config()
             except config.ConfigException:
                 raise PluginError(f"no usable kubeconfig ({exc}); set KUBECONFIG or pass --kubeconfig") from None
+        except yaml.YAMLError as exc:
+            # Only where it broke: the problem's own text can quote the file, and a kubeconfig holds credentials.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise PluginError(f"the kubeconfig is not valid YAML{where}; fix it, or pass another with --kubeconfig "
+                              "or KUBECONFIG") from None
+        except OSError as exc:
+            raise PluginError(f"the kubeconfig could not be read ({exc.strerror or exc}: {exc.filename or ''}); "
+                              "pass another with --kubeconfig or KUBECONFIG") from None
+        except (AttributeError, TypeError, ValueError):
+            # YAML, but not a kubeconfig: a list or a string where clusters, users and contexts should be
+            raise PluginError("the kubeconfig is not a kubeconfig (a mapping of clusters, users and contexts); "
+                              "pass another with --kubeconfig or KUBECONFIG") from None
         self.namespace = namespace or "default"
         self.api_client = client.ApiClient()
         self.custom = client.CustomObjectsApi(self.api_client)
@@ -168,7 +183,7 @@ def cmd_status(kube: Kube, args: argparse.Namespace) -> int:
     listed = kube.call("reading Events", kube.core.list_namespaced_event, kube.namespace,
                        field_selector=f"involvedObject.name={args.name},involvedObject.kind=DeepSeekDeployment")
     events = [kube.api_client.sanitize_for_serialization(e) for e in (listed.items if listed else [])]
-    print(describe_deployment(dsd, colors, recent_events(events), desired_revision=compute_revision(dsd["spec"]),
+    print(describe_deployment(dsd, colors, recent_events(events), desired_revision=spec_revision(dsd, compute_revision),
                               now=time.time()))
     return 0
 
@@ -200,7 +215,7 @@ def cmd_abort(kube: Kube, args: argparse.Namespace) -> int:
 def cmd_retry(kube: Kube, args: argparse.Namespace) -> int:
     def attempt() -> int:
         dsd = kube.dsd(args.name)
-        revision = retry_target(dsd, compute_revision(dsd["spec"]))
+        revision = retry_target(dsd, spec_revision(dsd, compute_revision))
         if retry_needs_reset(dsd, revision):
             # This value already restarted the revision once: the operator forgets it only when the annotation
             # goes away, so remove it and wait for status to show that before setting it again.

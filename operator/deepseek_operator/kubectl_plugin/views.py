@@ -8,7 +8,7 @@ that revision from status, or say in words why there is nothing to promote, abor
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,6 +111,16 @@ def retry_target(dsd: Mapping[str, Any], desired_revision: str) -> str:
     return str(failed)
 
 
+def spec_revision(dsd: Mapping[str, Any], compute: Callable[[Mapping[str, Any]], str]) -> str:
+    """The revision the spec asks for: the operator's own (status.desiredRevision) when it has seen this
+    generation, else `compute(spec)` with this plugin's defaults (an operator of another version may differ)."""
+    status = dsd.get("status") or {}
+    generation = (dsd.get("metadata") or {}).get("generation")
+    if status.get("desiredRevision") and generation is not None and status.get("observedGeneration") == generation:
+        return str(status["desiredRevision"])
+    return compute(dsd.get("spec") or {})
+
+
 def retry_needs_reset(dsd: Mapping[str, Any], revision: str) -> bool:
     """Whether the retry annotation already restarted `revision` once: it must be removed (and status must show
     the operator saw that) before the same value asks for another retry."""
@@ -145,7 +155,7 @@ def _color_line(color: str, deployment: Mapping[str, Any] | None, status: Mappin
 
 
 def _analysis_line(analysis: Mapping[str, Any]) -> str:
-    verdict = "passed" if analysis.get("passed") else "failed"
+    verdict = "not judged" if analysis.get("passed") is None else "passed" if analysis["passed"] else "failed"
     numbers = [f"{analysis.get('requests', 0)} request(s)", f"{analysis.get('errors', 0)} error(s)"]
     if analysis.get("errorRate") is not None:
         numbers.append(f"error rate {float(analysis['errorRate']):.1%}")
