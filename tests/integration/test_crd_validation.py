@@ -110,6 +110,17 @@ INVALID = [
       for flag in ("--tensor-parallel-size=4", "-tp", "--max_model_len", "--port", "--no-enable-prefix-caching",
                    "--dtype=half", "--api-key", "--override-generation-config={}",
                    "--shutdown-timeout=5")],
+    # vLLM's parser takes these too, and the last value wins: a short option with its value attached, argparse's
+    # abbreviations of a long option (allow_abbrev is on), the dotted JSON form and --config, which reads flags
+    # from a YAML file.
+    *[(f"extraArgs sets {' '.join(args)}",
+       edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": ["--enforce-eager", *args]}),
+       "engine.extraArgs must not set --model")
+      for args in (["-qfp8"], ["-tp4"], ["-t", "4"], ["--override-generation-config.max_new_tokens", "99999"],
+                   ["--override_generation_config.max_new_tokens=99999"], ["--override.max_new_tokens", "99999"],
+                   ["--tensor-parallel", "4"], ["--tensor_parallel=4"], ["--served-model", "x"],
+                   ["--max-model", "1000"], ["--te", "4"], ["--ho", "0.0.0.0"], ["--ov", "{}"],
+                   ["--no-enable-prefix"], ["--config", "/models/vllm.yaml"], ["--config=/models/vllm.yaml"])],
     ("engine env name with a dash", edited(DSD, "spec.engine", {"name": "vllm", "env": [{"name": "A-B"}]}),
      "spec.engine.env[0].name in body should match"),
     # What the API server would refuse in the pods is refused here, at apply, rather than in a rollout.
@@ -298,6 +309,30 @@ def test_engine_choices_are_accepted_with_defaults(crds, kubeconfig, namespace, 
                               str(Path(__file__).resolve().parents[2] / "examples" / "vllm-r1-distill-32b.yaml")],
                              capture_output=True, text=True, env={**os.environ, "KUBECONFIG": kubeconfig}, timeout=30)
     assert example.returncode == 0, example.stderr
+
+
+def test_engine_extra_args_that_set_no_flag_of_the_spec_are_accepted(crds, kubeconfig, namespace, api_client):
+    """Flags that only look like owned ones (longer names, other dtypes), dotted forms of other flags, values."""
+    from kubernetes import client
+
+    extra_args = ["--gpu-memory-utilization", "0.85", "--gpu-memory-utilization=0.85", "--max-num-batched-tokens",
+                  "8192", "--enforce-eager", "--model-impl", "transformers", "--kv-cache-dtype", "fp8",
+                  "--trust-remote-code", "--max-loras", "2", "--compilation-config.cudagraph_mode",
+                  "FULL", "--hf-overrides.max_position_embeddings=8192", "-O3", "-pp", "1", "--seed", "-1"]
+    obj = edited(edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": extra_args}), "metadata.name", "extra")
+    result = apply(kubeconfig, namespace, obj)
+    assert result.returncode == 0, result.stderr
+    stored = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        "deepseek.ai", "v1alpha1", namespace, "deepseekdeployments", "extra")
+    assert stored["spec"]["engine"]["extraArgs"] == extra_args
+
+
+def test_the_longest_extra_args_stay_within_the_api_servers_cost_budget(crds, kubeconfig, namespace):
+    """64 arguments of 1024 characters each (the schema's limits), every one checked against every owned flag."""
+    extra_args = [f"--x{i:02d}-" + "k" * 1014 + ".v=1" for i in range(64)]
+    obj = edited(edited(DSD, "spec.engine", {"name": "vllm", "extraArgs": extra_args}), "metadata.name", "longest")
+    result = apply(kubeconfig, namespace, obj)
+    assert result.returncode == 0, result.stderr[:2000]
 
 
 def test_the_examples_apply_as_the_readme_and_the_gitops_overlay_apply_them(crds, kubeconfig):

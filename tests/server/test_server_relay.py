@@ -50,6 +50,7 @@ class StandInEngine:
         self.aborted = 0
         self.holding = 0  # requests held before their answer starts ("hold the headers")
         self.health_delay_s = 0.0  # how long /health takes (a busy engine)
+        self.metrics_stall_s = 0.0  # how long /metrics stops after its first line (a hung engine)
         self.app = FastAPI()
         app = self.app
 
@@ -63,9 +64,18 @@ class StandInEngine:
             return {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 128}]}
 
         @app.get("/metrics")
-        async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(f"vllm:num_requests_running {self.running}\n"
-                                     f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {self.waiting}\n')
+        async def metrics() -> Any:
+            lines = [f"vllm:num_requests_running {self.running}\n",
+                     f'vllm:num_requests_waiting{{model_name="{MODEL}"}} {self.waiting}\n']
+            if not self.metrics_stall_s:
+                return PlainTextResponse("".join(lines))
+
+            async def stalling() -> AsyncIterator[str]:
+                yield lines[0]
+                await asyncio.sleep(self.metrics_stall_s)
+                yield lines[1]
+
+            return StreamingResponse(stalling(), media_type="text/plain")
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
@@ -462,6 +472,33 @@ def test_queue_depth_is_the_engines_waiting_requests(standin: tuple[StandInEngin
             assert f"deepseek_queue_depth {float(waiting)}" in text.splitlines()
     finally:
         engine.waiting = 0
+
+
+def test_an_engine_that_stalls_in_its_metrics_is_an_engine_timeout(auth_dir: Path) -> None:
+    """An engine that sends its metrics' headers and then nothing more: /metrics/engine answers 503 in OpenAI's
+    shape, as when it sends nothing at all, and the gateway's own /metrics still answers with the last queue depth."""
+    engine = StandInEngine()
+    engine_server = serve(engine)
+    settings = ServerSettings(engine="vllm", engine_url=engine_server.url, model_name=MODEL, auth_dir=auth_dir,
+                              engine_connect_timeout_s=0.2)  # the engine's metrics time out after 5.2 s
+    gateway = ServerThread(create_app(settings)).start(ready_timeout=30)
+    try:
+        engine.waiting = 3
+        assert "deepseek_queue_depth 3.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text.splitlines()
+        engine.metrics_stall_s = 30.0
+        response = httpx.get(f"{gateway.url}/metrics/engine", timeout=20)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        error = response.json()["error"]
+        assert error["code"] == "engine_unavailable" and error["type"] == "server_error"
+        assert "did not arrive within 5.2 s" in error["message"], error["message"]
+        own = httpx.get(f"{gateway.url}/metrics", timeout=20)
+        assert own.status_code == 200, own.text
+        assert "deepseek_queue_depth 3.0" in own.text.splitlines()
+    finally:
+        engine.metrics_stall_s = 0.0
+        gateway.stop()
+        engine_server.stop()
 
 
 def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: Callable[..., str]) -> None:

@@ -190,6 +190,12 @@ class OpenAIUpstreamEngine:
         try:
             async with asyncio.timeout(timeout):
                 await response.aread()
+        except EngineTimeout:
+            raise
+        except TimeoutError as exc:
+            # headers in, then a stall (a hung engine): the same engine timeout as no headers, for every caller
+            message = f"the engine's answer to {method} {path} did not arrive within {timeout:g} s"
+            raise EngineTimeout(message) from exc
         finally:
             await response.aclose()
         return response
