@@ -52,8 +52,9 @@ def serve(options: dict[str, Any]) -> int:
 
     draining = Draining()
     api = create_app(settings)
+    # the grace with its fraction (uvicorn's hint says int; its wait, asyncio.timeout, takes seconds as a float)
     config = uvicorn.Config(ConnectionCloseWhenDraining(api, draining), host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                            log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_s,
                             lifespan="on", timeout_keep_alive=settings.keep_alive_s, access_log=False,
                             http=OpenAIErrorsHTTPProtocol,  # its own 400s in OpenAI's shape too
                             server_header=False)  # no `server: uvicorn`: responses do not name the software

@@ -16,8 +16,10 @@ lifespan ends).
 
 Requests still running shortly before the grace ends are cut by `on_grace_over` (the engine stops their rows, so a
 stream ends with `finish_reason: length` and `data: [DONE]`, a non-streamed request is answered with what it has),
-with `CUT_FLUSH_S` left to write those last events. Otherwise uvicorn cancels them when its own timeout passes:
-the client then gets a stream cut mid-body, or a bare 500.
+with `CUT_FLUSH_S` left to write those last events (half the grace, when it is shorter than twice that). What still
+runs when the grace ends is cancelled by uvicorn's own shutdown, which gets only what is left of the grace: the
+client then gets a stream cut mid-body, or a bare 500, and no request runs past the grace (the pod's
+terminationGracePeriodSeconds is the preStop wait plus the grace, and the kubelet kills what outlives it).
 """
 
 from __future__ import annotations
@@ -120,6 +122,6 @@ class DrainingServer(uvicorn.Server):
                     connection.shutdown()  # idle: uvicorn closes it
             await asyncio.sleep(POLL_S)
         log.info("open connections drained in %.1f s", time.monotonic() - started)
-        if grace is not None:
-            self.config.timeout_graceful_shutdown = max(1, round(grace - (time.monotonic() - started)))
+        if grace is not None:  # uvicorn waits the rest of the grace for requests still running, then cancels them
+            self.config.timeout_graceful_shutdown = max(0.0, grace - (time.monotonic() - started))  # fraction kept
         await super().shutdown(sockets=None)

@@ -69,6 +69,14 @@ def error_response(exc: APIError, request: Request | None = None) -> JSONRespons
     return response
 
 
+def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The 500 for an exception nothing below the route caught: logged with its traceback, answered without it."""
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    request.state.error_code = "internal_error"
+    return error_response(APIError(500, "The server had an error while processing your request.",
+                                   type="server_error"), request)
+
+
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-\w+)$|[\[\]]")
 
 
@@ -177,10 +185,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(err)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        request.state.error_code = "internal_error"
-        return error_response(APIError(500, "The server had an error while processing your request.",
-                                       type="server_error"), request)
+        # reached only without the recording middleware, which answers such an exception itself (`x-request-id`)
+        return unexpected_error_response(request, exc)
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)

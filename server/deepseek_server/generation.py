@@ -406,10 +406,13 @@ async def _stream(services: Services, request: Request, engine: Engine, call: Pl
             yield sse(usage_chunk(kind, call_id, created, model, usage_body(call.prompt_tokens, produced)))
         yield sse("[DONE]")
     except RuntimeError as exc:
-        request.state.error_code = "generation_failed"
-        request.state.failed_status = 500  # counted as the 500 the same failure is unstreamed
-        yield sse({"error": {"message": f"The model failed while generating: {exc}", "type": "server_error",
-                             "param": None, "code": None}})
+        # the same error the failure gets unstreamed (`_collect`): 503 engine_overloaded when the engine ran out of
+        # memory for this row, 500 when the model failed; counted under that status, recorded with its code
+        failure = (busy_error(exc) if isinstance(exc, EngineBusy)
+                   else APIError(500, f"The model failed while generating: {exc}", type="server_error"))
+        request.state.error_code = failure.code or "generation_failed"
+        request.state.failed_status = failure.status
+        yield sse(failure.body())
         yield sse("[DONE]")  # after an error event too, as vLLM ends its streams
     finally:
         for stream in streams:

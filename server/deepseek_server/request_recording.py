@@ -9,6 +9,10 @@ A stream that fails after its 200 (an error event, then `[DONE]`) is counted in 
 failure is answered with unstreamed (`state["failed_status"]`, set where the error event is sent): a client's SDK
 raises it as that error, and the post-switch analysis and the error-rate alert, which count 5xx, see it. Its audit
 record keeps the 200 that was sent, with the error's code.
+
+An exception that escapes the app before its response began is answered here, as a 500 in OpenAI's shape with the
+request's `x-request-id` (Starlette's own handler for it runs in its outermost middleware, outside this one, where
+the id is unknown); only the error path pays for it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import Gauge
+from starlette.requests import Request
 
 from deepseek_server.audit import AuditLog
+from deepseek_server.errors import unexpected_error_response
 from deepseek_server.metrics import ServerMetrics
 from deepseek_server.redaction import Redactor
 
@@ -121,9 +127,14 @@ class RequestRecordingMiddleware:
 
         try:
             await self.app(scope, receive, recording_send)
-        except Exception:  # answered 500 by Starlette's outermost middleware, after this record is taken
-            state.setdefault("error_code", "internal_error")
-            raise
+        except Exception as exc:
+            if progress != _NOT_STARTED:  # a response under way cannot become an error: the connection is cut
+                state.setdefault("error_code", "internal_error")
+                raise
+            # answered here rather than by Starlette's outermost middleware, which runs outside this one: the 500
+            # then carries `x-request-id`, like every other answer, and is recorded as it is sent
+            response = unexpected_error_response(Request(scope), exc)
+            await response(scope, receive, recording_send)
         finally:  # also when the client went away mid-stream, or the app raised
             if progress != _ENDED:
                 if progress == _STARTED:  # begun but never ended (the app's own failure has its code): the client left

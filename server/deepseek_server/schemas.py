@@ -310,12 +310,13 @@ class CompletionRequest(SamplingFields):
 
     _echo_null = field_validator("echo", mode="before")(_null_is_false)
 
-    def max_tokens_for(self, room: int) -> int:
-        """The completion's length limit when `room` tokens of the context are left after the prompt: as sent, else
-        16 or what fits (a prompt near the end of the context still gets the tokens that fit, as with vLLM)."""
+    def max_tokens_for(self, room: int, ceiling: int) -> int:
+        """The completion's length limit when `room` tokens of the context are left after the prompt and the
+        server gives at most `ceiling`: as sent, else 16 or what fits (a prompt near the end of the context still
+        gets the tokens that fit, as with vLLM, and a server capped below 16 gives its cap)."""
         if self.max_tokens is not None:
             return self.max_tokens
-        return max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, room))
+        return max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, room, ceiling))
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,16 +11,19 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from deepseek_server.settings import ServerSettings
 from pydantic import ValidationError
 
 from devcluster.testing.model_server import server_process
 from devcluster.testing.polling import wait_for
-from devcluster.testing.ports import free_port
+from devcluster.testing.ports import bound_socket, free_port
 
 
 def test_serve_refuses_to_start_without_an_auth_source(tiny_models: dict[str, Path]) -> None:
@@ -147,9 +151,11 @@ def test_auth_disabled_warns_and_sigterm_finishes_in_flight_streams(tiny_models:
     assert "Finished server process" in log
 
 
-def test_sigterm_ends_requests_still_running_when_the_grace_is_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grace", ["2", "0.5"])
+def test_sigterm_ends_requests_still_running_when_the_grace_is_over(grace: str, tmp_path: Path) -> None:
     # A stream longer than --shutdown-grace-s is cut by the server: it must still end as OpenAI's streams end
     # (finish_reason "length", then [DONE]), and a non-streamed request still running gets its 200, not a bare 500.
+    # A grace under a second is kept as given (cut at half of it), not rounded down to none.
     from deepseek_server.tiny_model import make_tiny_model
     from transformers import AutoTokenizer
 
@@ -164,7 +170,7 @@ def test_sigterm_ends_requests_still_running_when_the_grace_is_over(tmp_path: Pa
     answers: list[httpx.Response] = []
     errors: list[BaseException] = []
     first_chunk = threading.Event()
-    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", "2",
+    with server_process(["--auth", "disabled", "--model-name", "tiny", "--shutdown-grace-s", grace,
                          "--audit-log", str(audit)], env=env, log_dir=tmp_path) as (url, proc):
 
         def stream() -> None:
@@ -203,6 +209,45 @@ def test_sigterm_ends_requests_still_running_when_the_grace_is_over(tmp_path: Pa
     assert answers[0].json()["usage"]["completion_tokens"] < 4000
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert sorted(r["status"] for r in records if r["path"] == "/v1/completions") == [200, 200]
+
+
+def test_a_request_still_running_when_the_grace_ends_is_cancelled_then_not_later() -> None:
+    """uvicorn's own shutdown, after the drain, gets what is left of the grace, fractions included: a request that
+    outlives the grace (nothing cuts it, as a relayed vLLM stream) is cancelled when the grace ends, so the process
+    stops within the pod's terminationGracePeriodSeconds (the preStop wait plus the grace), not a second after."""
+    from deepseek_server.draining import Draining, DrainingServer
+
+    async def endless_stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        while True:
+            await send({"type": "http.response.body", "body": b"more\n", "more_body": True})
+            await asyncio.sleep(0.02)
+
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(endless_stream, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
+                            timeout_graceful_shutdown=0.5)  # a float, as serve passes it
+    server = DrainingServer(config, Draining())
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for("the server to listen", lambda: server.started, timeout=30, interval=0.02)
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/", timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines) == "more"
+            server.should_exit = True  # what SIGTERM sets; uvicorn's loop notices it within 0.1 s
+            stopping = time.monotonic()
+            with pytest.raises(httpx.RemoteProtocolError):  # cancelled mid-body: the chunked body never ends
+                for _ in lines:
+                    pass
+            cut_after = time.monotonic() - stopping
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        server.should_exit = True
+        sock.close()
+    # 0.1 s to notice the stop, the 0.5 s grace, uvicorn's own 0.1 s pause; a second more was given before
+    assert 0.5 <= cut_after < 1.3, cut_after
 
 
 def test_responses_do_not_name_the_server_software(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -299,6 +300,51 @@ def test_server_answers_503_with_retry_after_when_memory_is_full(tiny_models: di
         after = httpx.post(url, headers=headers, timeout=60,
                            json={"model": "deepseek-tiny", "prompt": "hello", "max_tokens": 100})
         assert after.status_code == 200  # the memory is free again
+    finally:
+        server.stop()
+
+
+def test_a_stream_whose_row_runs_out_of_memory_midway_ends_as_the_503_it_gets_unstreamed(
+        loaded: LoadedModel, auth_dir: Path, tmp_path: Path, token_factory: Callable[..., str]) -> None:
+    # Two holders decode (10 ms a step, 300 tokens: 3 s or more); a decode step of three rows then runs out of
+    # memory, so each request that joins them is failed after its prefill: streamed, after its 200.
+    model = RunsOutOfMemory(SlowSteps(loaded.model, 0.01))
+    engine = engine_over(loaded, model, max_new_tokens=300)
+    audit = tmp_path / "audit.jsonl"
+    settings = tiny_settings(Path("unused"), model_name="m", auth_dir=auth_dir, max_model_len=512,
+                             max_new_tokens=300, no_cache=True, audit_log=audit)
+    server = ServerThread(create_app(settings, engine=engine)).start()
+    try:
+        headers = {"authorization": f"Bearer {token_factory()}"}
+        url = f"{server.url}/v1/completions"
+        eos = loaded.tokenizer.eos_token_id
+        holder = {"model": "m", "prompt": "hello", "max_tokens": 300, "stream": True, "temperature": 0,
+                  "logit_bias": {str(eos): -100}}
+        joining = {"model": "m", "prompt": "hello there", "max_tokens": 50, "temperature": 0}
+        with httpx.stream("POST", url, headers=headers, timeout=60, json=holder) as first, \
+                httpx.stream("POST", url, headers=headers, timeout=60, json=holder) as second:
+            readers = [held.iter_lines() for held in (first, second)]  # kept: a reader dropped closes its stream
+            for reader in readers:
+                assert next(line for line in reader if line.startswith("data:"))  # decoding
+            model.decode_rows = 3
+            streamed = httpx.post(url, headers=headers, timeout=60, json={**joining, "stream": True})
+            unstreamed = httpx.post(url, headers=headers, timeout=60, json=joining)
+            assert not first.is_closed and not second.is_closed  # the holders were still decoding
+        assert model.failures >= 2
+        assert unstreamed.status_code == 503, unstreamed.text
+        assert unstreamed.json()["error"]["code"] == "engine_overloaded"
+        assert streamed.status_code == 200
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"] == {**unstreamed.json()["error"], "message": ANY}
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'deepseek_api_requests_total{route="/v1/completions",status="503"} 2.0' in metrics
+        assert 'deepseek_api_requests_total{route="/v1/completions",status="500"}' not in metrics
+        request_id = streamed.headers["x-request-id"]
+        record = wait_for("the stream's audit record", lambda: next(
+            (r for r in map(json.loads, audit.read_text().splitlines()) if r["request_id"] == request_id), None)
+            if audit.exists() else None)
+        assert (record["status"], record["error_code"], record["stream"]) == (200, "engine_overloaded", True)
     finally:
         server.stop()
 

@@ -214,6 +214,18 @@ def test_null_is_not_sent(client: openai.OpenAI, llama_server: ServerThread) -> 
     assert chunks and all(chunk.usage is None for chunk in chunks)
 
 
+def test_logprobs_false_is_not_sent_on_chat_and_zero_on_completions(client: openai.OpenAI) -> None:
+    """Chat's `logprobs` is a flag: false is its default. Completions' is a number: false reads as 0, as in vLLM
+    (pydantic's and vLLM's int parsing alike), so the answer has each sampled token's log-probability."""
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, logprobs=False)  # type: ignore[arg-type]
+    assert chat.choices[0].logprobs is None
+    params = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
+    as_false = client.completions.create(**params, logprobs=False)  # type: ignore[call-overload]
+    as_zero = client.completions.create(**params, logprobs=0)  # type: ignore[call-overload]
+    assert as_false.choices[0].logprobs is not None and as_false.choices[0].logprobs.tokens
+    assert as_false.choices[0].logprobs == as_zero.choices[0].logprobs
+
+
 def test_a_completion_without_max_tokens_gets_what_the_context_still_holds(client: openai.OpenAI,
                                                                           llama_server: ServerThread) -> None:
     """Not sent, `max_tokens` is 16 or what fits after the prompt; sent, it must fit (as OpenAI and vLLM)."""
@@ -364,3 +376,21 @@ def test_the_vllm_gateway_relays_tools_and_tool_messages(auth_dir: Path, token_f
         if gateway is not None:
             gateway.stop()
         engine_server.stop()
+
+
+def test_a_completion_without_max_tokens_on_a_server_capped_below_16_gets_the_cap(
+        tiny_models: dict[str, Path], auth_dir: Path, token_factory: Callable[..., str]) -> None:
+    """OpenAI's default of 16 completion tokens is cut to the server's `--max-new-tokens` (it was refused with 400
+    "max_tokens is too large: 16", a parameter the client never sent)."""
+    from devcluster.testing.model_server import tiny_settings
+
+    server = ServerThread(create_app(tiny_settings(tiny_models["llama"], auth_dir=auth_dir,
+                                                   max_new_tokens=4))).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=token_factory(), max_retries=0)
+        reply = client.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0)
+        assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 4
+        with pytest.raises(openai.BadRequestError, match="max_tokens is too large: 5"):
+            client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5)
+    finally:
+        server.stop()

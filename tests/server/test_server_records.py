@@ -113,6 +113,10 @@ def test_every_request_has_one_audit_record_whatever_its_status(tmp_path: Path, 
         sent.append(("uid-stream", 200, call("uid-stream", streamed)))
         for uid, status, response in sent:
             assert response.status_code == status, (uid, response.text)
+        unexpected = next(response for uid, _, response in sent if uid == "uid-500")
+        assert unexpected.json() == {"error": {"message": "The server had an error while processing your request.",
+                                               "type": "server_error", "param": None, "code": None}}
+        assert unexpected.headers["x-ratelimit-limit-requests"]  # admitted before the engine failed, as on a 200
 
         expected = len(sent) + 1  # and the LIMITED call that emptied the bucket
         records = wait_for_records(audit, lambda r: len(r) >= expected)
@@ -121,11 +125,8 @@ def test_every_request_has_one_audit_record_whatever_its_status(tmp_path: Path, 
         by_id = {r["request_id"]: r for r in records}
         assert len(by_id) == expected  # one record per request, none twice
         for uid, status, response in sent:
-            request_id = response.headers.get("x-request-id")
-            if request_id is not None:
-                record = by_id[request_id]
-            else:  # an unhandled error is answered by Starlette's outermost middleware, without our headers
-                [record] = [r for r in records if r["key_uid"] == uid and r["status"] == status]
+            # the id that finds the request's record, on every answer: the engine's unhandled exception's 500 too
+            record = by_id[response.headers["x-request-id"]]
             assert record["status"] == status and record["path"] == "/v1/completions"
             if uid:
                 assert record["key_uid"] == uid

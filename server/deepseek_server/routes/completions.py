@@ -118,13 +118,14 @@ async def completions(body: CompletionRequest, request: Request,
         encoded = await _encode(encode_all, prompts, sum(len(p) for p in prompts if isinstance(p, str)))
     calls = []
     fingerprint = None  # the request's: the same for each of its prompts
+    ceiling = min(services.settings.max_new_tokens, engine.max_new_tokens)
     for prompt, prompt_ids in zip(prompts, encoded, strict=True):
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         if isinstance(prompt, str):  # token ids as sent were checked as they came
             _refuse_tokens_outside_vocabulary(engine, prompt_ids, "prompt")
         calls.append(plan_call(services, engine, "text", body, prompt_ids,
-                               body.max_tokens_for(engine.max_model_len - len(prompt_ids)), "prompt",
+                               body.max_tokens_for(engine.max_model_len - len(prompt_ids), ceiling), "prompt",
                                fingerprint=fingerprint))
         fingerprint = calls[-1].fingerprint
     call = calls[0] if len(calls) == 1 else dataclasses.replace(
