@@ -548,3 +548,25 @@ def test_placement_values_reach_the_operator_pod_and_its_service_account():
     [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
     assert account["metadata"]["annotations"] == {"iam": "role-a"}
     assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("sets", "namespaces", "everywhere"), [
+    (("watchNamespaces={ai,ml-staging}",), ("ai", "ml-staging"), False),
+    ((), (), True),
+])
+def test_the_operator_image_runs_in_the_scope_the_chart_gives_it(sets, namespaces, everywhere):
+    """The container's command (the image's ENTRYPOINT and CMD, unless the chart sets command or args) with the
+    chart's environment: the scope must be the chart's. The image's `CMD ["--all-namespaces"]` overrode the chart's
+    DEEPSEEK_OPERATOR_NAMESPACES, so a namespaced install watched every namespace with Roles in two."""
+    from deepseek_operator.__main__ import build_parser, settings_from_args
+    from deepseek_operator.settings import settings_from_env
+
+    text = (REPO / "Dockerfile.operator").read_text()
+    cmd = re.search(r"^CMD (\[.*\])", text, flags=re.M)
+    container = next(d for d in render(*sets) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container
+    argv = container.get("args", yaml.safe_load(cmd.group(1)) if cmd else [])
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = settings_from_args(build_parser().parse_args(argv), settings_from_env(env))
+    settings.validate()
+    assert (settings.namespaces, settings.all_namespaces) == (namespaces, everywhere)
