@@ -8,11 +8,13 @@ recommendation of the whole up-window, down only to the highest of the whole dow
 The decision is pure (`recommend`, `stabilize`, `decide`); `Autoscaler` gathers pods and metrics and writes
 `status.autoscaling`. The count it decides is `status.autoscaling.desiredReplicas`; the rollout scales the active
 color to it (`effective_replicas`), so there is one place that scales, and spec is never written (GitOps owns it).
-Pending pods are never capacity: load is read from ready pods only, and while pods wait for GPUs the count is held.
+Pending pods are never capacity: load is read from ready pods only, and while pods wait for GPUs the count is not
+raised further.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -20,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)')
 METRICS = {"InFlightRequests": "deepseek_requests_in_flight", "QueueDepth": "deepseek_queue_depth"}
 DEFAULT_INTERVAL = 10.0
+# Readings further apart than this many intervals leave a gap the windows cannot bridge (a rollout, pods that did not
+# report): the windows fill again before the next scale.
+GAP_INTERVALS = 3
 IN_PROGRESS_PHASES = ("Provisioning", "Starting", "Verifying", "AwaitingPromotion", "Promoting", "PostVerifying",
                       "RollingBack")
 
@@ -125,30 +131,40 @@ def recommend(total_load: float, settings: AutoscalingSettings) -> int:
     return settings.clamp(math.ceil(round(total_load / settings.target, 6)))
 
 
-def window_values(history: Sequence[Sample], now: float, window: float) -> list[int] | None:
+def window_values(history: Sequence[Sample], now: float, window: float,
+                  max_gap: float | None = None) -> list[int] | None:
     """The recommendations in force at some time during the last `window` seconds (history oldest first), or None
-    when the history does not reach back over the whole window yet (just started, or just restarted)."""
+    when the history does not cover the whole window: it does not reach back that far yet (just started, or just
+    restarted), or, with `max_gap`, two readings in it lie more than `max_gap` seconds apart (a rollout, or a time
+    when no pod reported: nothing is known of it, and a reading from before it is not in force through it)."""
     if not history:
         return None
     start = now - window
     before = [sample for sample in history if sample.at <= start]
-    inside = [sample.replicas for sample in history if sample.at > start]
+    inside = [sample for sample in history if sample.at > start]
     if window <= 0:
         return [history[-1].replicas]
     if not before:
         return None
-    return [before[-1].replicas, *inside]
+    covering = [before[-1], *inside]
+    if max_gap is not None and any(later.at - earlier.at > max_gap
+                                   for earlier, later in itertools.pairwise(covering)):
+        return None
+    return [sample.replicas for sample in covering]
 
 
-def stabilize(history: Sequence[Sample], current: int, now: float, settings: AutoscalingSettings) -> int:
+def stabilize(history: Sequence[Sample], current: int, now: float, settings: AutoscalingSettings,
+              max_gap: float | None = None) -> int:
     """Up only when every recommendation of the up-window is above `current` (to their minimum); down only to the
-    highest recommendation of the down-window; else `current`."""
-    up = window_values(history, now, settings.scale_up_window)
+    highest recommendation of the down-window, partial ones included (each is a lower bound of what was needed),
+    and only when complete readings cover that window; else `current`. `max_gap`: see `window_values`."""
+    up = window_values(history, now, settings.scale_up_window, max_gap)
     if up is not None and min(up) > current:
         return min(up)
-    down = window_values([sample for sample in history if sample.complete], now, settings.scale_down_window)
-    if down is not None and max(down) < current:
-        return max(down)
+    evidence = window_values([sample for sample in history if sample.complete], now, settings.scale_down_window)
+    seen = window_values(history, now, settings.scale_down_window, max_gap)
+    if evidence is not None and seen is not None and max(*evidence, *seen) < current:
+        return max(*evidence, *seen)
     return current
 
 
@@ -175,10 +191,11 @@ class ScaleDecision:
 
 
 def decide(settings: AutoscalingSettings, *, current: int, load: Load | None, history: Sequence[Sample], now: float,
-           rollout: str | None, pending_for_gpus: int) -> ScaleDecision:
+           rollout: str | None, pending_for_gpus: int, max_gap: float | None = None) -> ScaleDecision:
     """The next count for the active color (pure). `current` is the count decided before (within the bounds),
     `history` the recommendations so far including this one's (oldest first), `rollout` the phase of a rollout in
-    progress, `pending_for_gpus` the pods of the active color the scheduler cannot place for lack of GPUs."""
+    progress, `pending_for_gpus` the pods of the active color the scheduler cannot place for lack of GPUs,
+    `max_gap` the longest time between two readings that still counts as watching (see `window_values`)."""
     bounded = settings.clamp(current)
     if bounded != current:
         return ScaleDecision(bounded, None, f"{current} replica(s) is outside [{settings.min_replicas}, "
@@ -193,7 +210,7 @@ def decide(settings: AutoscalingSettings, *, current: int, load: Load | None, hi
     recommendation = history[-1].replicas if history else recommend(load.total, settings)
     seen = (f"{_number(load.total)} {_unit(settings)} on {load.pods} ready pod(s), "
             f"{_number(load.per_replica)} per replica against a target of {_number(settings.target)}")
-    target = stabilize(history, current, now, settings)
+    target = stabilize(history, current, now, settings, max_gap)
     if target < current and not load.complete:
         return ScaleDecision(current, recommendation, f"holding at {current}: only {load.pods} of {load.ready} ready "
                                                       f"pod(s) reported their load; {seen}")
@@ -228,7 +245,10 @@ def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match is not None and match.group("name") == name:
-            total += float(match.group("value"))
+            value = float(match.group("value"))
+            if math.isnan(value):  # the server does not know it now (an engine that did not answer)
+                continue
+            total += value
             found = True
     return total if found else None
 
@@ -253,6 +273,9 @@ def autoscaling_status(decision: ScaleDecision, *, previous: Mapping[str, Any], 
     return {key: value for key, value in block.items() if value is not None}
 
 
+READ_WORKERS = 16
+
+
 class LoadReader:
     """Reads one metric from the pods' /metrics (short timeouts: a slow pod must not stall the loop)."""
 
@@ -262,23 +285,27 @@ class LoadReader:
     def close(self) -> None:
         self._http.close()
 
+    def _one(self, ip: str, metric: str) -> float | None:
+        try:
+            response = self._http.get(f"http://{ip}:{SERVER_PORT}/metrics")
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.info("metrics of %s unavailable: %s", ip, exc)
+            return None
+        value = metric_value(response.text, metric)
+        if value is None:
+            log.info("%s reports no %s", ip, metric)
+        return value
+
     def read(self, pod_ips: Iterable[str], metric: str) -> Load | None:
+        """The pods' summed `metric`, asked of all at once (one look takes one timeout at most, however many pods
+        are slow); None when none answered."""
         ips = list(pod_ips)
-        total, answered = 0.0, 0
-        for ip in ips:
-            try:
-                response = self._http.get(f"http://{ip}:{SERVER_PORT}/metrics")
-                response.raise_for_status()
-            except httpx.HTTPError as exc:
-                log.info("metrics of %s unavailable: %s", ip, exc)
-                continue
-            value = metric_value(response.text, metric)
-            if value is None:
-                log.info("%s reports no %s", ip, metric)
-                continue
-            total += value
-            answered += 1
-        return Load(total, answered, len(ips)) if answered else None
+        if not ips:
+            return None
+        with ThreadPoolExecutor(max_workers=min(READ_WORKERS, len(ips))) as pool:
+            values = [value for value in pool.map(lambda ip: self._one(ip, metric), ips) if value is not None]
+        return Load(sum(values), len(values), len(ips)) if values else None
 
 
 class Autoscaler:
@@ -319,7 +346,7 @@ class Autoscaler:
             history[:] = trim_history(history, now, settings)
             snapshot = list(history)
         decision = decide(settings, current=current, load=load, history=snapshot, now=now, rollout=rollout,
-                          pending_for_gpus=pending_for_gpus)
+                          pending_for_gpus=pending_for_gpus, max_gap=GAP_INTERVALS * self.interval)
         block = autoscaling_status(decision, previous=previous, current_replicas=active_replicas, load=load,
                                    settings=settings, now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
         return block, decision

@@ -203,3 +203,40 @@ def test_capacity_condition_gives_the_autoscalers_numbers() -> None:
     assert capacity.status is False and capacity.reason == "InsufficientGPU"
     assert "the autoscaler wants 3 replica(s): 2 ready, 1 pending for GPUs" in capacity.message
     assert "8 more needed" in capacity.message
+
+
+def test_a_spike_seen_only_in_partial_readings_holds_the_replicas_for_the_down_window() -> None:
+    """Partial readings (a busy pod's /metrics timed out) are lower bounds of the load: in the down-window they keep
+    the replicas up as complete ones do (they were left out of it, so a spike seen through them scaled back down
+    10 s after it ended instead of a down-window later)."""
+    settings = AutoscalingSettings(min_replicas=1, max_replicas=8, target=4.0, scale_up_window=30.0,
+                                   scale_down_window=300.0)
+    samples = [Sample(NOW - age, 2) for age in range(400, 70, -10)]  # steady at 2, complete
+    samples += [Sample(NOW - age, 6, complete=False) for age in range(60, 0, -10)]  # the spike, partial readings
+    samples += [Sample(NOW, 2)]  # the spike is over: a complete reading recommends 2 again
+    assert stabilize(samples, 6, NOW, settings) == 6
+    later = [*samples, *(Sample(NOW + age, 2) for age in range(10, 301, 10))]
+    assert stabilize(later, 6, NOW + 300, settings) == 2  # a whole down-window after the spike
+
+
+def test_a_reading_from_before_a_gap_does_not_stand_for_the_gap() -> None:
+    """During a rollout (or while no pod reports) nothing is recorded; the reading from before is not in force
+    through that time, so the first reading after it neither scales up nor down: the windows fill again."""
+    settings = AutoscalingSettings(min_replicas=1, max_replicas=8, target=4.0, scale_up_window=30.0,
+                                   scale_down_window=300.0)
+    for before, after, current in ((4, 4, 2), (1, 1, 2)):
+        samples = [Sample(NOW - 600 - age, before) for age in range(300, -1, -10)]  # up to the rollout's start
+        samples.append(Sample(NOW, after))  # the first reading after a 600 s rollout
+        decision = decide(settings, current=current, load=Load(after * 4 - 1, 2, 2), history=samples, now=NOW,
+                          rollout=None, pending_for_gpus=0, max_gap=30.0)
+        assert (decision.desired, decision.direction) == (current, None), decision.reason
+        assert stabilize(samples, current, NOW, settings) != current  # without max_gap the old reading bridged it
+    steady = [Sample(NOW - age, 4) for age in range(40, -1, -10)]
+    assert window_values(steady, NOW, 30, max_gap=30.0) == [4, 4, 4, 4]
+    assert window_values([Sample(NOW - 45, 4), Sample(NOW, 4)], NOW, 30, max_gap=30.0) is None
+
+
+def test_a_metric_the_server_does_not_know_now_is_no_reading() -> None:
+    """A gateway whose engine did not answer reports its queue depth as NaN: that pod did not report."""
+    assert metric_value("deepseek_queue_depth NaN\n", "deepseek_queue_depth") is None
+    assert metric_value("deepseek_queue_depth 3.0\n", "deepseek_queue_depth") == 3.0

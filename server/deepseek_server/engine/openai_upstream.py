@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +41,8 @@ PROBE_TIMEOUTS_BEFORE_NOT_READY = 3
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
 # never reused at the moment the engine closes it.
 KEEPALIVE_EXPIRY_S = 4.0
+# How long a scrape of the gateway's /metrics waits for the engine's queue depth.
+QUEUE_DEPTH_WAIT_S = 1.0
 
 
 def engine_unavailable(reason: str) -> APIError:
@@ -104,8 +107,8 @@ class OpenAIUpstreamEngine:
         # the engine's `system_fingerprint` (JSON-encoded), learned from the test completion; see relay.py
         self.system_fingerprint: bytes | None = None
         # requests the engine holds but does not run yet (vLLM's `vllm:num_requests_waiting`), read on each
-        # scrape of the gateway's /metrics (`refresh_queue_depth`)
-        self.queue_depth = 0
+        # scrape of the gateway's /metrics (`refresh_queue_depth`); NaN while the engine does not say
+        self.queue_depth: float = 0
         self._ready = False
         self._probe_timeouts = 0  # health checks in a row that timed out
         self._client: EngineHTTPClient | None = None
@@ -287,10 +290,12 @@ class OpenAIUpstreamEngine:
             raise engine_error(response.status_code, content)
         return response
 
-    async def scrape_metrics(self) -> tuple[bytes, str]:
-        """The engine's own Prometheus exposition (body, content type)."""
+    async def scrape_metrics(self, timeout: float | None = None) -> tuple[bytes, str]:
+        """The engine's own Prometheus exposition (body, content type), within `timeout` seconds (by default the
+        connect timeout and 5 s)."""
         try:
-            response = await self._fetch("GET", "/metrics", timeout=self.connect_timeout_s + 5.0)
+            response = await self._fetch("GET", "/metrics",
+                                         timeout=self.connect_timeout_s + 5.0 if timeout is None else timeout)
         except (EngineConnectionError, EngineTimeout) as exc:
             raise engine_unavailable(f"metrics: {exc}") from exc
         if response.status_code != 200:
@@ -298,10 +303,14 @@ class OpenAIUpstreamEngine:
         return response.content, response.headers.get("content-type", "text/plain; version=0.0.4")
 
     async def refresh_queue_depth(self) -> None:
-        """Read how many requests wait in the engine's queue from its metrics; unchanged when it cannot answer."""
+        """Read how many requests wait in the engine's queue from its metrics, within `QUEUE_DEPTH_WAIT_S`: a scrape
+        of the gateway's /metrics (Prometheus, the autoscaler with its 3 s timeout) does not wait longer for a busy
+        engine. When the engine does not answer in time the depth is unknown: NaN, not the last value, which a
+        reader would take for the present (the autoscaler counts such a pod as one that did not report)."""
         try:
-            body, _ = await self.scrape_metrics()
+            body, _ = await self.scrape_metrics(timeout=QUEUE_DEPTH_WAIT_S)
         except APIError:
+            self.queue_depth = math.nan
             return
         self.queue_depth = waiting_requests(body)
 
