@@ -283,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args, settings_from_env())
         settings.validate()
+        load_connection(settings.kubeconfig)  # KubeConfigError (a ValueError) now, not a traceback later
     except ValueError as exc:
         print(f"deepseek-operator: {exc}", file=sys.stderr)
         return 2

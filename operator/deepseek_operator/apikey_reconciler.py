@@ -50,7 +50,14 @@ from .tokens import sign_token, token_sha256, verified_claims
 log = logging.getLogger(__name__)
 # A Secret the API server refuses to take is tried again after retry_interval, doubling up to this.
 SECRET_WRITE_MAX_BACKOFF = 300.0
-_JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+# A token as issued (`eyJ...`), or as a Secret's data holds it (base64 of `eyJ`: `ZXlK...`), in an error a webhook or
+# proxy might echo from the request body.
+_JWT_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*|ZXlK[A-Za-z0-9+/]{16,}=*")
+
+
+def without_tokens(text: str) -> str:
+    """`text` with anything that looks like a token, plain or base64-encoded, replaced by `<token>`."""
+    return _JWT_LIKE.sub("<token>", text)
 # Issue reasons that bring a key (back) into use, as opposed to rotating one in use: these wait when the auth
 # ConfigMap has no room.
 NEW_KEY_REASONS = frozenset({"Initial", "Unrevoked"})
@@ -87,7 +94,7 @@ def secret_write_failed(previous: SecretWriteFailure | None, error: Exception, *
     """The failure record after one more refused write: exponential backoff, the API's message without a token."""
     attempts = (previous.attempts if previous else 0) + 1
     delay = min(SECRET_WRITE_MAX_BACKOFF, retry_interval * 2 ** (attempts - 1))
-    detail = _JWT_LIKE.sub("<token>", str(error))[:500] or type(error).__name__
+    detail = without_tokens(str(error))[:500] or type(error).__name__
     return SecretWriteFailure(attempts, now + delay, f"could not write Secret {secret_name}: {detail}")
 
 

@@ -119,15 +119,36 @@ class Connection:
     token: Callable[[], str | None]
 
 
+class KubeConfigError(ValueError):
+    """No usable kubeconfig or in-cluster service account; the message quotes nothing of the file."""
+
+
 def load_connection(kubeconfig: str | None = None) -> Connection:
-    """From a kubeconfig file (or $KUBECONFIG, ~/.kube/config), else the in-cluster service account."""
+    """From a kubeconfig file (or $KUBECONFIG, ~/.kube/config), else the in-cluster service account; KubeConfigError
+    when neither can be used."""
+    import yaml
     from kubernetes import client, config
 
     configuration = client.Configuration()
     try:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    except config.ConfigException:
-        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as exc:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException as incluster:
+            raise KubeConfigError(f"no usable kubeconfig ({exc}) and not in a cluster ({incluster}); set "
+                                  "KUBECONFIG or pass --kubeconfig") from None
+    except yaml.YAMLError as exc:
+        # Only where it broke: the problem's own text can quote the file, and a kubeconfig holds credentials.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KubeConfigError(f"the kubeconfig is not valid YAML{where}") from None
+    except OSError as exc:
+        raise KubeConfigError(f"the kubeconfig could not be read ({exc.strerror or type(exc).__name__}: "
+                              f"{exc.filename or ''})") from None
+    except (AttributeError, TypeError, ValueError):
+        raise KubeConfigError("the kubeconfig is not a kubeconfig (a mapping of clusters, users and "
+                              "contexts)") from None
 
     def token() -> str | None:
         if configuration.refresh_api_key_hook is not None:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from .apikey_reconciler import ApiKeyReconciler, ReconcileResult, StatusWrite, first_issuance
+from .apikey_reconciler import ApiKeyReconciler, ReconcileResult, StatusWrite, first_issuance, without_tokens
 from .apikey_secret_watch import ApiKeySecretWatch
 from .auth_store import AuthConfigStore
 from .deployment_reconciler import DeploymentReconciler
@@ -173,10 +173,11 @@ class OperatorRuntime:
         count = self._failures.get(key, 0) + 1
         self._failures[key] = count
         delay = min(MAX_BACKOFF, self.settings.retry_interval * 2 ** (count - 1) / 4)
-        # KubeError carries the API's status line only; never a request body (which may hold a token).
+        # KubeError carries the API's message, not the request body; a webhook or proxy could still echo the body
+        # (a Secret with a token) into it, so tokens are taken out.
         if isinstance(exc, KubeError):
             log.warning("reconcile of %s %s/%s failed (%s); retrying in %.1fs", key.kind, key.namespace, key.name,
-                        exc, delay)
+                        without_tokens(str(exc)), delay)
         else:
             log.exception("reconcile of %s %s/%s failed; retrying in %.1fs", key.kind, key.namespace, key.name,
                           delay)

@@ -30,7 +30,16 @@ from typing import Any
 import httpx
 
 from .durations import parse_duration
-from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi, KubeError, NotFound, Resource, load_connection
+from .kube import (
+    APIKEYS,
+    DEEPSEEKDEPLOYMENTS,
+    KubeApi,
+    KubeConfigError,
+    KubeError,
+    NotFound,
+    Resource,
+    load_connection,
+)
 from .names import FINALIZER
 from .workloads import DEPLOYMENTS
 
@@ -324,7 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    kube = KubeApi(load_connection(args.kubeconfig), max_connections=1)
+    try:
+        connection = load_connection(args.kubeconfig)
+    except KubeConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    kube = KubeApi(connection, max_connections=1)
     try:
         cleanup = UninstallCleanup(kube, None if args.all_namespaces else args.namespaces, args.timeout,
                                    operator=args.operator)

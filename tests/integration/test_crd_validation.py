@@ -216,11 +216,19 @@ def test_invalid_object_is_rejected_with_a_readable_message(crds, kubeconfig, na
 
 def test_a_redis_url_with_a_password_is_refused_without_repeating_it(crds, kubeconfig, namespace):
     """The URL would be on the pods' command line; the refusal names the fix and never quotes the URL."""
-    for url in ("redis://:s3cret-pw@redis:6379/0", "rediss://app:s3cret-pw@redis:99999"):
+    for url in ("redis://:s3cret-pw@redis:6379/0", "rediss://app:s3cret-pw@redis:99999",
+                "redis://redis:6379/0?password=s3cret-pw", "rediss://redis/0?ssl_cert_reqs=none&Password=s3cret-pw",
+                "redis://redis:6379?username=app&ssl_password=s3cret-pw"):
         result = apply(kubeconfig, namespace, edited(DSD, "spec.redis", {"url": url}))
         assert result.returncode != 0, url
         assert "redis.url must not carry credentials" in result.stderr and "set redis.secretRef" in result.stderr
         assert "s3cret-pw" not in result.stderr + result.stdout, result.stderr
+
+
+def test_a_redis_url_with_other_query_arguments_is_accepted(crds, kubeconfig, namespace):
+    for url in ("redis://redis:6379/0?socket_timeout=5", "rediss://redis:6380/1?ssl_cert_reqs=required"):
+        result = apply(kubeconfig, namespace, edited(DSD, "spec.redis", {"url": url}))
+        assert result.returncode == 0, result.stderr
 
 
 def test_scheduling_as_in_a_pod_spec_is_accepted(crds, kubeconfig, namespace, api_client):

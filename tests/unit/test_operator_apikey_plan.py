@@ -458,6 +458,19 @@ def test_refused_secret_writes_back_off_exponentially_and_never_quote_a_token():
     assert not write_landed_nowhere(TimeoutError("read timed out"))
 
 
+def test_a_refused_secret_write_echoing_the_secrets_data_never_quotes_the_token():
+    """A webhook or proxy may echo the request body: the Secret's data holds the token base64-encoded (`ZXlK...`)."""
+    import base64
+
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
+    encoded = base64.b64encode(token.encode()).decode()
+    error = KubeError(400, "BadRequest", f'admission webhook "policy" denied the request: data.api-key: {encoded}, '
+                      f'data.OPENAI_API_KEY: {encoded}', "PUT", "/api/v1/namespaces/ns/secrets/a")
+    failure = secret_write_failed(None, error, secret_name="alice-apikey", now=NOW, retry_interval=5)
+    assert encoded[:12] not in failure.message and "denied the request" in failure.message
+    assert failure.message.count("<token>") == 2
+
+
 def test_revoking_covers_a_token_just_past_its_exp_that_servers_still_accept():
     key, token = issued(apikey(revoked=True))
     result = plan(key, token, now=NOW + 30 + 10)  # 10 s past exp: within the servers' leeway

@@ -36,3 +36,18 @@ def test_main_refuses_to_start_without_a_scope(capsys, monkeypatch):
     monkeypatch.delenv("DEEPSEEK_OPERATOR_ALL_NAMESPACES", raising=False)
     assert main([]) == 2
     assert "--all-namespaces" in capsys.readouterr().err
+
+
+def test_main_refuses_a_broken_kubeconfig_in_one_line_quoting_none_of_it(capsys, tmp_path):
+    """A kubeconfig that is not YAML, not a kubeconfig or not readable is one line on stderr and exit 2 (it was a
+    traceback, whose YAML error could quote the file: a token in it)."""
+    broken = tmp_path / "broken"
+    broken.write_text('apiVersion: v1\nusers:\n- name: u\n  user: {token: *s3cr3t-token}\n')
+    listed = tmp_path / "listed"
+    listed.write_text("- a\n- b\n")
+    for path, message in ((broken, "the kubeconfig is not valid YAML"),
+                          (listed, "the kubeconfig is not a kubeconfig"),
+                          (tmp_path, "the kubeconfig could not be read")):
+        assert main(["--all-namespaces", "--kubeconfig", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"deepseek-operator: {message}") and "s3cr3t" not in err and "Traceback" not in err
