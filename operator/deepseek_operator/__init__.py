@@ -1,3 +1,3 @@
 """deepseek-operator: serves DeepSeek models on Kubernetes and issues their API keys."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

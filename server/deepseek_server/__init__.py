@@ -1,3 +1,3 @@
 """OpenAI-compatible model server for DeepSeek-family models: batching, API keys, rate limits, audit, metrics."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
