@@ -356,8 +356,9 @@ def plan_apikey(
     spec = apikey["spec"]
     status = dict(apikey.get("status") or {})
     if issuer is None:
-        # Without its deployment there is no revoked list to write to; leave token bookkeeping untouched.
-        return ApiKeyPlan(status=status)
+        # Without its deployment there is no revoked list to write to; leave token bookkeeping untouched. A revoked
+        # key's Secret goes all the same (spec.revoked deletes it; its token is of no use without the deployment).
+        return ApiKeyPlan(status=status, delete_secret=bool(spec.get("revoked")) and secret_exists)
     if issuer.auth_unknown and not spec.get("revoked"):
         # Which keys are published and which tokens are revoked is unknown, not empty: deciding on it would retire
         # valid tokens. Change nothing until the ConfigMap reads again (a revocation by spec needs none of it).
@@ -581,7 +582,10 @@ def next_due(
         return None
     if not ready:
         return float(held_until) if held_until else now + retry_interval
-    times = [_ts(status.get("renewalTime")), _ts(status.get("expiresAt")), held_until or 0]
+    renewal = _ts(status.get("renewalTime"))
+    if held_until and renewal and renewal <= now:
+        renewal = 0  # the renewal that is due is the one held back: it waits for `held_until`, not again at once
+    times = [renewal, _ts(status.get("expiresAt")), held_until or 0]
     for item in status.get("previousTokens") or []:
         times.extend([_ts(item.get("revokeAt")), _ts(item.get("expiresAt"))])
     return float(min(t for t in times if t))

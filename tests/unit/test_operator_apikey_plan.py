@@ -621,6 +621,25 @@ def test_a_key_has_at_most_a_bounded_number_of_tokens_out_and_a_rotation_past_it
     assert len(later.status["recentTokens"]) == TOKENS_PER_KEY - 1
 
 
+def test_a_renewal_held_back_is_looked_at_again_when_it_may_go_not_at_once():
+    """A due renewal held back by the bound left renewalTime in the past, and next_due returned it: the key was
+    reconciled again at once, over and over (two reads each), until the oldest token aged out."""
+    key, token = issued(apikey(duration="1h", renewBefore="45m"))
+    held, token, at = _rotated_until_held(key, token)
+    # the rotation asked for is answered, and a reconcile with nothing due wrote the current token's renewal time
+    settled = plan({**held, "metadata": {**held["metadata"], "annotations": {}}}, token, now=at)
+    assert settled.issue_reason is None and settled.held_reason is None
+    held = {**held, "metadata": {**held["metadata"], "annotations": {}}, "status": settled.status}
+    when = int(parse_timestamp(held["status"]["renewalTime"])) + 10  # the renewal is 10 s overdue
+    result = plan(held, token, now=when)
+    assert result.held_reason == "Renewal" and result.held_until > when
+    assert int(parse_timestamp(result.status["renewalTime"])) < when
+    due = next_due(result.status, ready=True, revoked=False, now=when, retry_interval=5,
+                   held_until=result.held_until)
+    assert due == min(result.held_until, int(parse_timestamp(result.status["expiresAt"])))
+    assert due > when
+
+
 @pytest.mark.parametrize("reason", ["Requested", "Renewal"])
 def test_a_rotation_held_back_with_no_grace_period_keeps_the_current_token(reason):
     # Renewed 45 min before expiry: before the token has lived half its hour, so the bound holds the renewal too.
@@ -690,3 +709,13 @@ def test_a_spec_renewing_every_second_or_rotation_requests_every_second_stay_nea
     assert _run_schedule(key, token, seconds=300) == (TOKENS_PER_KEY, 0)
     key, token = issued(apikey(duration="1h", renewBefore="30m", gracePeriod="0s"))
     assert _run_schedule(key, token, seconds=300, asks_every=1) == (TOKENS_PER_KEY, 0)
+
+
+def test_a_revoked_key_whose_deployment_is_gone_loses_its_secret_and_nothing_else():
+    """spec.revoked deletes the key's Secret also while its deployment is missing (it was kept, token and all); an
+    unrevoked key's Secret and every key's token bookkeeping are left as they are then."""
+    key, token = issued(apikey())
+    revoked = plan(_with(key, revoked=True), token, now=NOW + 5, view=None)
+    assert revoked.delete_secret and revoked.revoke == {} and revoked.status == key["status"]
+    assert not plan(key, token, now=NOW + 5, view=None).delete_secret
+    assert not plan(_with(key, revoked=True), None, now=NOW + 5, view=None).delete_secret  # no Secret to delete
