@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)')
 METRICS = {"InFlightRequests": "deepseek_requests_in_flight", "QueueDepth": "deepseek_queue_depth"}
 DEFAULT_INTERVAL = 10.0
-# Readings further apart than this many intervals leave a gap the windows cannot bridge (a rollout, pods that did not
-# report): the windows fill again before the next scale.
+# Readings further apart than this many intervals, plus two reads' timeouts (a look starts an interval after the
+# previous one ended, and reading slow pods takes up to READ_TIMEOUT_S), leave a gap the windows cannot bridge (a
+# rollout, pods that did not report): the windows fill again before the next scale.
 GAP_INTERVALS = 3
+READ_TIMEOUT_S = 3.0
 IN_PROGRESS_PHASES = ("Provisioning", "Starting", "Verifying", "AwaitingPromotion", "Promoting", "PostVerifying",
                       "RollingBack")
 
@@ -279,7 +281,7 @@ READ_WORKERS = 16
 class LoadReader:
     """Reads one metric from the pods' /metrics (short timeouts: a slow pod must not stall the loop)."""
 
-    def __init__(self, timeout: float = 3.0) -> None:
+    def __init__(self, timeout: float = READ_TIMEOUT_S) -> None:
         self._http = httpx.Client(timeout=timeout, trust_env=False)
 
     def close(self) -> None:
@@ -346,7 +348,8 @@ class Autoscaler:
             history[:] = trim_history(history, now, settings)
             snapshot = list(history)
         decision = decide(settings, current=current, load=load, history=snapshot, now=now, rollout=rollout,
-                          pending_for_gpus=pending_for_gpus, max_gap=GAP_INTERVALS * self.interval)
+                          pending_for_gpus=pending_for_gpus,
+                          max_gap=GAP_INTERVALS * self.interval + 2 * READ_TIMEOUT_S)
         block = autoscaling_status(decision, previous=previous, current_replicas=active_replicas, load=load,
                                    settings=settings, now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
         return block, decision

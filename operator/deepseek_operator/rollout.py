@@ -477,14 +477,10 @@ def _steady(b: _Builder) -> None:
     if retry:
         b.status["retriedRevision"] = desired
     # An abort or promotion naming the revision was given to the attempt that failed: left set, it would abort the
-    # new attempt at once or skip its AwaitingPromotion. The new attempt starts without them.
-    stale = {name: desired for name in (ABORT_ANNOTATION, PROMOTE_ANNOTATION)
-             if desired == b.status["failedRevision"] and o.annotations.get(name) == desired}
-    if stale:
-        b.decision.stale_annotations = stale
-        b.event("Normal", "AnnotationsCleared",
-                f"removed {', '.join(f'{name}={desired}' for name in stale)} left from the failed attempt of "
-                f"revision {desired}: they apply to one attempt, and it is tried again")
+    # new attempt at once or skip its AwaitingPromotion. The new attempt starts without them (the reconciler removes
+    # them, guarded by their value, and posts AnnotationsCleared for those it removed).
+    b.decision.stale_annotations = {name: desired for name in (ABORT_ANNOTATION, PROMOTE_ANNOTATION)
+                                    if desired == b.status["failedRevision"] and o.annotations.get(name) == desired}
     _start_rollout(b)
 
 

@@ -364,8 +364,10 @@ class ServingReconciler:
 
     def _remove_annotations(self, dsd: dict[str, Any], stale: Mapping[str, str]) -> dict[str, Any]:
         """Remove each annotation in `stale` that still has the value given there (a JSON patch `test` guards
-        each: a value set meanwhile is left for the next pass to read); `dsd` as it is without them."""
+        each: a value set meanwhile is left for the next pass to read), say so in an Event; `dsd` as it is without
+        them."""
         namespace, name = dsd["metadata"]["namespace"], dsd["metadata"]["name"]
+        removed = []
         for annotation, value in stale.items():
             path = "/metadata/annotations/" + annotation.replace("~", "~0").replace("/", "~1")
             try:
@@ -374,6 +376,13 @@ class ServingReconciler:
             except KubeError as exc:
                 if exc.status != 422:  # 422: the test failed, the annotation changed or went away meanwhile
                     raise
+                continue
+            removed.append(f"{annotation}={value}")
+        if removed:
+            revision = next(iter(stale.values()))
+            self._kube.post_event(dsd, type_="Normal", reason="AnnotationsCleared",
+                                  message=f"removed {', '.join(removed)} left from the failed attempt of revision "
+                                          f"{revision}: they apply to one attempt, and it is tried again")
         annotations = {key: value for key, value in (dsd["metadata"].get("annotations") or {}).items()
                        if key not in stale}
         return {**dsd, "metadata": {**dsd["metadata"], "annotations": annotations}}
@@ -435,9 +444,11 @@ class ServingReconciler:
         if not previous.get("activeColor"):
             conditions.append(Condition("Ready", False, HOST_PATH_NOT_ALLOWED, refusal))
         generation = int(dsd["metadata"].get("generation", 1))
-        new = {**previous, "observedGeneration": generation, "conditions": merge_conditions(
-            previous.get("conditions"), conditions, generation=generation, keep_others=True,
-            now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())))}
+        merged = merge_conditions(previous.get("conditions"), conditions, generation=generation, keep_others=True,
+                                  now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock())))
+        # desiredRevision follows the spec at this generation, as `kubectl deepseek` reads it with observedGeneration
+        new = {**previous, "observedGeneration": generation, "desiredRevision": compute_revision(dsd["spec"]),
+               "conditions": merged}
         patch = status_patch(previous, new)
         self._write_unwritten(dsd, unwritten, patch)
         if patch and condition_reason(previous.get("conditions"), "ModelSourceAllowed") != HOST_PATH_NOT_ALLOWED:

@@ -218,7 +218,7 @@ def test_a_redis_url_with_a_password_is_refused_without_repeating_it(crds, kubec
     """The URL would be on the pods' command line; the refusal names the fix and never quotes the URL."""
     for url in ("redis://:s3cret-pw@redis:6379/0", "rediss://app:s3cret-pw@redis:99999",
                 "redis://redis:6379/0?password=s3cret-pw", "rediss://redis/0?ssl_cert_reqs=none&Password=s3cret-pw",
-                "redis://redis:6379?username=app&ssl_password=s3cret-pw"):
+                "redis://redis:6379?username=app&ssl_password=s3cret-pw", "redis://redis/0?p%61ssword=s3cret-pw"):
         result = apply(kubeconfig, namespace, edited(DSD, "spec.redis", {"url": url}))
         assert result.returncode != 0, url
         assert "redis.url must not carry credentials" in result.stderr and "set redis.secretRef" in result.stderr

@@ -476,7 +476,7 @@ def test_queue_depth_is_the_engines_waiting_requests(standin: tuple[StandInEngin
 
 def test_an_engine_that_stalls_in_its_metrics_is_an_engine_timeout(auth_dir: Path) -> None:
     """An engine that sends its metrics' headers and then nothing more: /metrics/engine answers 503 in OpenAI's
-    shape, as when it sends nothing at all, and the gateway's own /metrics still answers, within about a second,
+    shape, as when it sends nothing at all, and the gateway's own /metrics still answers, within 2 s,
     with the queue depth unknown (NaN: the last value would pass for the present), and a number again once the
     engine answers."""
     engine = StandInEngine()
@@ -497,7 +497,7 @@ def test_an_engine_that_stalls_in_its_metrics_is_an_engine_timeout(auth_dir: Pat
         started = time.monotonic()
         own = httpx.get(f"{gateway.url}/metrics", timeout=20)
         assert own.status_code == 200, own.text
-        assert time.monotonic() - started < 2.5  # the autoscaler gives a pod's /metrics 3 s
+        assert time.monotonic() - started < 2.9  # the autoscaler gives a pod's /metrics 3 s
         assert "deepseek_queue_depth NaN" in own.text.splitlines()
         engine.metrics_stall_s = 0.0
         assert "deepseek_queue_depth 3.0" in httpx.get(f"{gateway.url}/metrics", timeout=10).text.splitlines()

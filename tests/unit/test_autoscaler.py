@@ -4,6 +4,7 @@ takes its replica count from it."""
 from __future__ import annotations
 
 from deepseek_operator.autoscaler import (
+    Autoscaler,
     AutoscalingSettings,
     Load,
     Sample,
@@ -240,3 +241,24 @@ def test_a_metric_the_server_does_not_know_now_is_no_reading() -> None:
     """A gateway whose engine did not answer reports its queue depth as NaN: that pod did not report."""
     assert metric_value("deepseek_queue_depth NaN\n", "deepseek_queue_depth") is None
     assert metric_value("deepseek_queue_depth 3.0\n", "deepseek_queue_depth") == 3.0
+
+
+def test_a_short_interval_with_a_pod_slow_to_answer_still_scales_up() -> None:
+    """With a 1 s interval, looks that each wait 3 s for a slow pod land 4 s apart: that is no gap in what the
+    autoscaler watched (it never scaled up when the allowed spacing was three intervals)."""
+    class SlowPodReader:  # one of two pods always times out: every reading is partial and high
+        def read(self, pod_ips: list[str], metric: str) -> Load:
+            return Load(total=20.0, pods=1, ready=2)
+
+    now = [NOW]
+    autoscaler = Autoscaler(SlowPodReader(), clock=lambda: now[0], interval=1.0)  # type: ignore[arg-type]
+    dsd = {"metadata": {"namespace": "ns", "name": "chat", "uid": "u"},
+           "spec": {"replicas": 2, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 8}},
+           "status": {"autoscaling": {"desiredReplicas": 2}}}
+    decisions = []
+    for _ in range(12):  # 44 s of looks 4 s apart, past the 30 s up-window
+        _, decision = autoscaler.step(dsd, active_replicas=2, ready_pod_ips=["10.0.0.1", "10.0.0.2"],
+                                      pending_for_gpus=0)
+        decisions.append(decision)
+        now[0] += 4.0
+    assert decisions[-1].desired == 5 and any(d.direction == "up" for d in decisions)

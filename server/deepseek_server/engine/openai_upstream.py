@@ -41,8 +41,9 @@ PROBE_TIMEOUTS_BEFORE_NOT_READY = 3
 # Below the engine's own idle keep-alive (uvicorn's default, which vLLM keeps, is 5 s), so a pooled connection is
 # never reused at the moment the engine closes it.
 KEEPALIVE_EXPIRY_S = 4.0
-# How long a scrape of the gateway's /metrics waits for the engine's queue depth.
-QUEUE_DEPTH_WAIT_S = 1.0
+# How long a scrape of the gateway's /metrics waits for the engine's queue depth, in all (below the autoscaler's
+# 3 s per pod).
+QUEUE_DEPTH_WAIT_S = 2.0
 
 
 def engine_unavailable(reason: str) -> APIError:
@@ -308,8 +309,9 @@ class OpenAIUpstreamEngine:
         engine. When the engine does not answer in time the depth is unknown: NaN, not the last value, which a
         reader would take for the present (the autoscaler counts such a pod as one that did not report)."""
         try:
-            body, _ = await self.scrape_metrics(timeout=QUEUE_DEPTH_WAIT_S)
-        except APIError:
+            async with asyncio.timeout(QUEUE_DEPTH_WAIT_S):  # connecting, the headers and the body together
+                body, _ = await self.scrape_metrics(timeout=QUEUE_DEPTH_WAIT_S)
+        except (APIError, TimeoutError):
             self.queue_depth = math.nan
             return
         self.queue_depth = waiting_requests(body)
