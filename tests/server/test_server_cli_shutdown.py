@@ -246,8 +246,9 @@ def test_a_request_still_running_when_the_grace_ends_is_cancelled_then_not_later
     finally:
         server.should_exit = True
         sock.close()
-    # 0.1 s to notice the stop, the 0.5 s grace, uvicorn's own 0.1 s pause; a second more was given before
-    assert 0.5 <= cut_after < 1.3, cut_after
+    # 0.1 s to notice the stop, the 0.5 s grace (the drain), uvicorn's own 0.1 s pause: about 0.7 s; uvicorn was given
+    # a second more after the drain (about 1.7 s). The bound leaves room for a loaded machine.
+    assert 0.5 <= cut_after < 1.45, cut_after
 
 
 def test_responses_do_not_name_the_server_software(tiny_models: dict[str, Path], tmp_path: Path) -> None:
