@@ -123,6 +123,22 @@ class KubeConfigError(ValueError):
     """No usable kubeconfig or in-cluster service account; the message quotes nothing of the file."""
 
 
+def unusable_kubeconfig(exc: BaseException) -> str | None:
+    """Why loading a kubeconfig failed, for the errors besides ConfigException that it raises (None for any other),
+    in words that quote nothing of the file: a YAML error's own text can, and a kubeconfig holds credentials."""
+    import yaml
+
+    if isinstance(exc, yaml.YAMLError):
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"the kubeconfig is not valid YAML{where}"
+    if isinstance(exc, OSError):
+        return f"the kubeconfig could not be read ({exc.strerror or type(exc).__name__}: {exc.filename or ''})"
+    if isinstance(exc, AttributeError | TypeError | ValueError):  # YAML, but a list or a string
+        return "the kubeconfig is not a kubeconfig (a mapping of clusters, users and contexts)"
+    return None
+
+
 def load_connection(kubeconfig: str | None = None) -> Connection:
     """From a kubeconfig file (or $KUBECONFIG, ~/.kube/config), else the in-cluster service account; KubeConfigError
     when neither can be used."""
@@ -138,17 +154,8 @@ def load_connection(kubeconfig: str | None = None) -> Connection:
         except config.ConfigException as incluster:
             raise KubeConfigError(f"no usable kubeconfig ({exc}) and not in a cluster ({incluster}); set "
                                   "KUBECONFIG or pass --kubeconfig") from None
-    except yaml.YAMLError as exc:
-        # Only where it broke: the problem's own text can quote the file, and a kubeconfig holds credentials.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise KubeConfigError(f"the kubeconfig is not valid YAML{where}") from None
-    except OSError as exc:
-        raise KubeConfigError(f"the kubeconfig could not be read ({exc.strerror or type(exc).__name__}: "
-                              f"{exc.filename or ''})") from None
-    except (AttributeError, TypeError, ValueError):
-        raise KubeConfigError("the kubeconfig is not a kubeconfig (a mapping of clusters, users and "
-                              "contexts)") from None
+    except (yaml.YAMLError, OSError, AttributeError, TypeError, ValueError) as exc:
+        raise KubeConfigError(str(unusable_kubeconfig(exc))) from None
 
     def token() -> str | None:
         if configuration.refresh_api_key_hook is not None:

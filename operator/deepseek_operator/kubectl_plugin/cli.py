@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..apikey_plan import HELD_READY_REASONS, ROTATE_ANNOTATION
+from ..kube import unusable_kubeconfig
 from ..names import GROUP, VERSION, apikey_secret_name
 from ..revision import compute_revision
 from ..rollout import ABORT_ANNOTATION, PROMOTE_ANNOTATION, RETRY_ANNOTATION
@@ -62,19 +63,9 @@ class Kube:
                 config.load_incluster_config()
             except config.ConfigException:
                 raise PluginError(f"no usable kubeconfig ({exc}); set KUBECONFIG or pass --kubeconfig") from None
-        except yaml.YAMLError as exc:
-            # Only where it broke: the problem's own text can quote the file, and a kubeconfig holds credentials.
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise PluginError(f"the kubeconfig is not valid YAML{where}; fix it, or pass another with --kubeconfig "
-                              "or KUBECONFIG") from None
-        except OSError as exc:
-            raise PluginError(f"the kubeconfig could not be read ({exc.strerror or exc}: {exc.filename or ''}); "
-                              "pass another with --kubeconfig or KUBECONFIG") from None
-        except (AttributeError, TypeError, ValueError):
-            # YAML, but not a kubeconfig: a list or a string where clusters, users and contexts should be
-            raise PluginError("the kubeconfig is not a kubeconfig (a mapping of clusters, users and contexts); "
-                              "pass another with --kubeconfig or KUBECONFIG") from None
+        except (yaml.YAMLError, OSError, AttributeError, TypeError, ValueError) as exc:
+            raise PluginError(f"{unusable_kubeconfig(exc)}; fix it, or pass another with --kubeconfig or "
+                              "KUBECONFIG") from None
         self.namespace = namespace or "default"
         self.api_client = client.ApiClient()
         self.custom = client.CustomObjectsApi(self.api_client)
