@@ -291,12 +291,10 @@ class OpenAIUpstreamEngine:
             raise engine_error(response.status_code, content)
         return response
 
-    async def scrape_metrics(self, timeout: float | None = None) -> tuple[bytes, str]:
-        """The engine's own Prometheus exposition (body, content type), within `timeout` seconds (by default the
-        connect timeout and 5 s)."""
+    async def scrape_metrics(self) -> tuple[bytes, str]:
+        """The engine's own Prometheus exposition (body, content type)."""
         try:
-            response = await self._fetch("GET", "/metrics",
-                                         timeout=self.connect_timeout_s + 5.0 if timeout is None else timeout)
+            response = await self._fetch("GET", "/metrics", timeout=self.connect_timeout_s + 5.0)
         except (EngineConnectionError, EngineTimeout) as exc:
             raise engine_unavailable(f"metrics: {exc}") from exc
         if response.status_code != 200:
@@ -310,7 +308,7 @@ class OpenAIUpstreamEngine:
         reader would take for the present (the autoscaler counts such a pod as one that did not report)."""
         try:
             async with asyncio.timeout(QUEUE_DEPTH_WAIT_S):  # connecting, the headers and the body together
-                body, _ = await self.scrape_metrics(timeout=QUEUE_DEPTH_WAIT_S)
+                body, _ = await self.scrape_metrics()
         except (APIError, TimeoutError):
             self.queue_depth = math.nan
             return
