@@ -34,10 +34,17 @@ class OperatorReplica:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix=f"deepseek-operator-{name}-", suffix=".log")[1])
 
-    def start(self) -> None:
+    def start(self, failpoint: str | None = None, failpoint_sleep: float | None = None) -> None:
+        """Start it; with `failpoint` (see deepseek_operator.failpoints) it SIGKILLs itself at that step, or with
+        `failpoint_sleep` holds the reconcile there that many seconds."""
         assert not self.running, f"replica {self.name} already running"
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.env}
         env.pop("DEEPSEEK_OPERATOR_FAILPOINT", None)
+        env.pop("DEEPSEEK_OPERATOR_FAILPOINT_SLEEP", None)
+        if failpoint:
+            env["DEEPSEEK_OPERATOR_FAILPOINT"] = failpoint
+            if failpoint_sleep is not None:
+                env["DEEPSEEK_OPERATOR_FAILPOINT_SLEEP"] = str(failpoint_sleep)
         liveness = f"http://127.0.0.1:{self.liveness_port}/healthz" if self.liveness_port else "none"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

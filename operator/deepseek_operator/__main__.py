@@ -4,12 +4,16 @@ uninstall-cleanup` empties the CRDs before the chart's `helm uninstall` deletes 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import enum
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -33,7 +37,11 @@ log = logging.getLogger("deepseek_operator")
 CRD_CHECK_EVERY = 2.0  # seconds between looks for the CRDs while they are not served
 CRD_LOG_EVERY = 60.0  # seconds between the log lines that say the operator still waits for them
 CRD_WATCH_EVERY = 5.0  # seconds between looks for the CRDs while the operator reconciles
-KOPF_STOP_GRACE = 20.0  # seconds kopf gets to stop (SIGTERM, or its CRDs gone)
+KOPF_STOP_GRACE = 10.0  # seconds kopf gets to stop (SIGTERM, or its CRDs gone); it waits 5 s for its own handlers
+# Seconds the reconciles still running once kopf has stopped (a rollout's verification, a key's issuance) get to
+# finish after SIGTERM; past that the process ends without them (each step is safe to cut, as in a crash). Both
+# graces together stay well inside a pod's default terminationGracePeriodSeconds (30 s).
+WORKER_STOP_GRACE = 5.0
 TIDY_EVERY = 10.0  # seconds between clean-ups after deployments gone with their CRD (_tidy_without_deployments)
 
 
@@ -187,8 +195,21 @@ class _NotInMainThread(logging.Filter):
         return not str(record.msg).startswith("OS signals are ignored: running not in the main thread")
 
 
-def run_kopf(settings: OperatorSettings) -> bool:
-    """Reconcile until SIGTERM/SIGINT (False) or until the CRDs are no longer served (True: wait for them again).
+class Ending(enum.Enum):
+    """How `run_kopf` ended."""
+
+    STOPPED = "stopped"  # SIGTERM/SIGINT, and kopf stopped
+    KOPF_STUCK = "kopf stuck"  # SIGTERM/SIGINT, and kopf had not stopped within KOPF_STOP_GRACE
+    CRDS_GONE = "CRDs gone"  # the CRDs are no longer served: wait for them again
+
+
+def run_kopf(settings: OperatorSettings, leading: bool = False) -> Ending:
+    """Reconcile until SIGTERM/SIGINT or until the CRDs are no longer served (then wait for them again).
+
+    After a signal, reconciles still running once kopf has stopped (a rollout's verification, say) get
+    WORKER_STOP_GRACE seconds; past that the process ends at once, without them: each of their steps is safe to cut,
+    as in a crash, and the next start takes the objects up again. A leader (`leading`) then leaves its Lease to
+    expire rather than release it while they may still write.
 
     kopf resolves the resources it watches once, at its start. It runs in a thread of its own, and this (main) thread
     looks for the CRDs every CRD_WATCH_EVERY seconds: once either is gone (deleted by hand, or with the release), kopf
@@ -228,9 +249,21 @@ def run_kopf(settings: OperatorSettings) -> bool:
         stop_kopf.set()
         thread.join(KOPF_STOP_GRACE)
         if thread.is_alive():
-            log.warning("kopf has not stopped %.0f s after it was asked to; going on without it", KOPF_STOP_GRACE)
+            log.warning("kopf has not stopped %.0f s after it was asked to; going on without it. Where it waits:\n%s",
+                        KOPF_STOP_GRACE, describe_stuck(thread, runtime.kopf_loop))
+        # Whether or not kopf got to its clean-up: idle worker threads (ours, and kopf's for its synchronous
+        # handlers, which it never shuts down) end now, and none of them takes new work.
+        runtime.stop_workers()
+        kopf_settings.execution.executor.shutdown(wait=False, cancel_futures=True)
         if signalled.is_set():
-            return False
+            running = runtime.wait_for_workers(WORKER_STOP_GRACE)
+            if running:
+                log.warning("stopping with %d reconcile(s) still running %.0f s after kopf stopped: the objects"
+                            " they were working on are taken up again at the next start%s", running,
+                            WORKER_STOP_GRACE, "; the leader Lease is left to expire, not released, so that no other "
+                            "replica acts beside them" if leading else "")
+                exit_now(0)
+            return Ending.KOPF_STUCK if thread.is_alive() else Ending.STOPPED
         if failure:
             # A watch of a resource that is no longer served fails with a 404 as soon as its CRD goes, often before
             # the next look. The CRDs may already be back (wait_for_crds then returns at once).
@@ -241,8 +274,37 @@ def run_kopf(settings: OperatorSettings) -> bool:
             log.warning("reconciling stopped (%s: %s): the CustomResourceDefinitions %s; waiting for them again",
                         type(exc).__name__, str(exc)[:200],
                         f"{', '.join(gone)} are no longer served" if gone else "were replaced")
-            return True
-        return bool(gone)
+            return Ending.CRDS_GONE
+        return Ending.CRDS_GONE if gone else Ending.STOPPED
+
+
+def describe_stuck(thread: threading.Thread, loop: asyncio.AbstractEventLoop | None, limit: int = 8) -> str:
+    """Where a thread that should have ended waits: its stack, and the stacks of its event loop's unfinished tasks
+    (code locations only: no local variables, so nothing a request carried)."""
+    lines = []
+    frame = sys._current_frames().get(thread.ident) if thread.ident is not None else None
+    if frame is not None:
+        lines.append(f"thread {thread.name}:")
+        lines += [f"  {entry.filename}:{entry.lineno} in {entry.name}"
+                  for entry in reversed(traceback.extract_stack(frame, limit))]
+    try:
+        tasks = list(asyncio.all_tasks(loop)) if loop is not None and not loop.is_closed() else []
+    except RuntimeError:  # the loop's task set changed meanwhile
+        tasks = []
+    for task in tasks:
+        lines.append(f"task {task.get_name()}:")
+        for task_frame in task.get_stack(limit=limit):
+            code = task_frame.f_code
+            lines.append(f"  {code.co_filename}:{task_frame.f_lineno} in {code.co_name}")
+    return "\n".join(lines) or "(nothing to show)"
+
+
+def exit_now(code: int) -> None:
+    """End the process at once, its log written out, without waiting for any thread."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _missing_crds(kube: KubeApi) -> list[str]:
@@ -266,12 +328,14 @@ def run(settings: OperatorSettings) -> None:
             # Renewal starts before kopf does; losing the Lease from here on ends the process at once.
             elector.keep_leading()
         try:
-            crds_went = run_kopf(settings)
+            ending = run_kopf(settings, leading=elector is not None)
         finally:
             if elector is not None:
                 elector.step_down()
                 elector.close()
-        if not crds_went:
+        if ending is Ending.KOPF_STUCK:
+            exit_now(0)  # the interpreter's exit could wait on its event loop's threads
+        if ending is not Ending.CRDS_GONE:
             return
 
 

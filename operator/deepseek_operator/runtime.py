@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any
 
@@ -95,6 +96,9 @@ class OperatorRuntime:
         # First issuances running now, each with what its key's later events wait for (see `issuance_finished`).
         self._issuing: dict[tuple[str, str], asyncio.Event] = {}
         self._failures: dict[ObjectKey, int] = {}
+        # Work handed to the pools and not finished (queued or running): what a stop waits for (wait_for_workers).
+        self._running: set[Future[Any]] = set()
+        self._running_lock = threading.Lock()
         self._apikeys_reconciled: set[tuple[str, str]] = set()
         # Reconciles run, by kind ("ApiKey", "ApiKey first issuance", ...): on the liveness endpoint's probes.
         self.reconciles: Counter[str] = Counter()
@@ -102,6 +106,8 @@ class OperatorRuntime:
                                               self._secret_event)
         self.apikeys.secret_watch = self.secret_watch
         self._loop: asyncio.AbstractEventLoop | None = None
+        # kopf's event loop, kept after `close` too: what a kopf that does not stop waits for is read from it.
+        self.kopf_loop: asyncio.AbstractEventLoop | None = None
         self._secret_checks: set[tuple[str, str]] = set()
         self._secret_check_tasks: set[asyncio.Task[None]] = set()
         # Keys being deleted: their Secrets go with them (finalizer, namespace deletion), which wakes nothing.
@@ -114,7 +120,7 @@ class OperatorRuntime:
 
     def start_secret_watch(self) -> None:
         """Start the ApiKey Secret watch; its events reach this (running) event loop."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.kopf_loop = asyncio.get_running_loop()
         self.secret_watch.start()
 
     def _secret_event(self, namespace: str, name: str, secret_name: str, resource_version: str | None) -> None:
@@ -162,12 +168,32 @@ class OperatorRuntime:
         # reconciled then too (its observedGeneration is missing), and adopts the token in its Secret.
         for task in list(self._issuance_tasks):
             task.cancel()
-        for executor in (self.executor, self.issuance_executor, self.apikey_executor, self.status_executor):
-            executor.shutdown(wait=False, cancel_futures=True)
+        self.stop_workers()
         self.kube.close()
 
+    def stop_workers(self) -> None:
+        """Start no more reconciles: queued ones are dropped, idle worker threads end, running ones go on to their
+        end (a stop waits a little for them: __main__.run_kopf). Safe to call again."""
+        for executor in (self.executor, self.issuance_executor, self.apikey_executor, self.status_executor):
+            executor.shutdown(wait=False, cancel_futures=True)
+
     async def _blocking(self, fn: Any, *args: Any, executor: ThreadPoolExecutor | None = None) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor or self.executor, fn, *args)
+        future = (executor or self.executor).submit(fn, *args)
+        with self._running_lock:
+            self._running.add(future)
+        future.add_done_callback(self._work_done)
+        return await asyncio.wrap_future(future)
+
+    def _work_done(self, future: Future[Any]) -> None:
+        with self._running_lock:
+            self._running.discard(future)
+
+    def wait_for_workers(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the reconciles running in the worker pools to end (after
+        `stop_workers`); how many still run then."""
+        with self._running_lock:
+            running = list(self._running)
+        return len(wait(running, timeout).not_done)
 
     def _failed(self, key: ObjectKey, exc: BaseException) -> None:
         count = self._failures.get(key, 0) + 1

@@ -92,8 +92,10 @@ def test_squatted_child_names_are_left_untouched_and_reported_until_removed(worl
         # Only the squatters still there (a freed name holds the deployment's own object by now).
         now = {k: v for k, v in snapshot(world, name).items() if k in before}
         assert now == before, f"a squatter changed while {kind} {child} was reported:\n{before}\n{now}"
-        events = [e for e in world.events(name) if e.reason == "Conflict" and child in (e.message or "")]
-        assert events and events[0].type == "Warning", [(e.reason, e.message) for e in world.events(name)]
+        # The Event is posted after the condition is written: it may come a moment later.
+        events = world.wait_for(f"Conflict Event naming {child}", lambda child=child: [
+            e for e in world.events(name) if e.reason == "Conflict" and child in (e.message or "")], timeout=15)
+        assert events[0].type == "Warning", [(e.reason, e.type, e.message) for e in events]
         delete(child, ns)
         before.pop(kind)
 

@@ -4,6 +4,7 @@ other takes over within the lease's bound, and every ApiKey ends Ready with its 
 from __future__ import annotations
 
 import base64
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -159,6 +160,43 @@ def test_graceful_stop_hands_the_lease_over_at_once(api_client, namespace, opera
     print(f"\nhandover after SIGTERM of the leader (lease released): {handover:.1f}s")
     assert "released lease" in first.log_text()
     assert handover < LEASE_DURATION - RETRY_PERIOD, "the lease was not released; the standby waited it out"
+
+
+def test_a_stop_with_a_reconcile_still_running_ends_in_bounded_time_and_leaves_the_lease_to_expire(
+        api_client, namespace, world, operator):
+    """SIGTERM while a rollout step is still running (held at a failpoint, as a long verification would be): the
+    process ends within its stop graces instead of waiting for that step (the kubelet would SIGKILL it at the end of
+    the pod's grace period), and does not release the Lease, so that the standby, which takes over once the Lease
+    expires, never acts beside it; the standby then takes the deployment up."""
+    leader, standby = operator
+    leader.start(failpoint=f"rollout-none={namespace}/chat", failpoint_sleep=300)
+    wait_leader(api_client, namespace, leader)
+    standby.start()
+    wait_standing_by(standby)
+    world.apply_deployment()
+    wait_for("the leader's rollout held at the failpoint", lambda: "holding it for 300 s" in leader.log_text(), 60)
+    assert not (world.deployment().get("status") or {}).get("rollout"), world.deployment().get("status")
+    assert leader.proc is not None
+    signalled = time.monotonic()
+    leader.proc.terminate()
+    try:
+        code = leader.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        leader.kill()
+        raise AssertionError(f"SIGTERM did not end the leader in 30 s; its log ends:\n{leader.log_tail()}") from None
+    took = time.monotonic() - signalled
+    print(f"\nleader with a reconcile held stopped {took:.1f}s after SIGTERM")
+    assert code == 0, leader.log_tail()
+    # kopf's own stop (a few seconds, 10 at most) and 5 s for the held reconcile, with room for a loaded machine
+    assert took < 20, leader.log_tail()
+    log = leader.log_text()
+    assert "stopping with 1 reconcile(s) still running" in log and "left to expire, not released" in log, log[-3000:]
+    assert "released lease" not in log
+    assert leader.holds(lease_holder(api_client, namespace)), "the Lease changed hands before it expired"
+    wait_leader(api_client, namespace, standby, timeout=TAKEOVER_BOUND + 10)
+    rollout = world.wait_for("the new leader to take the deployment up", lambda: (
+        (world.deployment().get("status") or {}).get("rollout")), timeout=60)
+    assert rollout.get("phase"), rollout
 
 
 class History:
