@@ -255,6 +255,13 @@ def run_kopf(settings: OperatorSettings, leading: bool = False) -> Ending:
         # handlers, which it never shuts down) end now, and none of them takes new work.
         runtime.stop_workers()
         kopf_settings.execution.executor.shutdown(wait=False, cancel_futures=True)
+        if not signalled.is_set() and runtime.wait_for_workers(0):
+            # The process goes on (to wait for the CRDs): what still runs ends first, a leader keeps renewing its
+            # Lease meanwhile, and the next runtime never works beside it. Reconciles of objects whose CRD is gone
+            # fail at their next request; a signal ends the wait.
+            log.info("waiting for %d reconcile(s) still running to end", runtime.wait_for_workers(0))
+            while runtime.wait_for_workers(1.0) and not signalled.is_set():
+                pass
         if signalled.is_set():
             running = runtime.wait_for_workers(WORKER_STOP_GRACE)
             if running:

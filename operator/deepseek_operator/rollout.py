@@ -383,10 +383,21 @@ class _Builder:
 
 
 # ---------------------------------------------------------------------------------------------------- phases
-def _preview_count(o: Observed, active: str | None) -> int:
+def _started_with(b: _Builder) -> tuple[str, int]:
+    """How the rollout in progress starts its new color, `strategy` and `previewReplicas`: as when it started
+    (`status.rollout.settings`), so that a change made meanwhile applies to the next rollout, not to this one
+    (which `failedSettings` then records, and which is no reason to try it again); the spec's for a rollout started
+    before settings were recorded."""
+    started = b.rollout.get("settings") or {}
+    strategy = started.get("strategy", b.o.settings.strategy)
+    preview = started.get("previewReplicas", b.o.settings.preview_replicas)
+    return str(strategy), int(preview)
+
+
+def _preview_count(o: Observed, active: str | None, preview_replicas: int) -> int:
     """Replicas of the new color while it is verified: all of them on a first rollout, else previewReplicas."""
     replicas = max(1, o.settings.replicas)
-    return replicas if active is None else min(o.settings.preview_replicas, replicas)
+    return replicas if active is None else min(preview_replicas, replicas)
 
 
 def _start_rollout(b: _Builder) -> None:
@@ -488,14 +499,15 @@ def _provisioning(b: _Builder) -> None:
     o = b.o
     color, revision = b.rollout["color"], b.rollout["revision"]
     active = b.status["activeColor"]
-    if o.settings.strategy == "Recreate" and active is not None:
+    strategy, preview_replicas = _started_with(b)
+    if strategy == "Recreate" and active is not None:
         current = o.colors.get(active, ColorObservation())
         b.scale(active, 0)
         if current.pods > 0:
             b.set_rollout(message=f"Recreate: waiting for the {current.pods} pod(s) of {active} to stop")
             b.progressing()
             return
-    count = _preview_count(o, active) if o.settings.strategy == "BlueGreen" else max(1, o.settings.replicas)
+    count = _preview_count(o, active, preview_replicas) if strategy == "BlueGreen" else max(1, o.settings.replicas)
     b.scale(color, count, revision)
     b.decision.preview = PointPreview(color, revision)
     b.set_rollout(phase=STARTING, message=f"waiting for {count} pod(s) of {color} to load revision {revision}")
@@ -504,9 +516,10 @@ def _provisioning(b: _Builder) -> None:
 
 def _target_count(b: _Builder) -> int:
     o = b.o
-    if o.settings.strategy == "Recreate" or b.status["activeColor"] in (None, b.rollout["color"]):
+    strategy, preview_replicas = _started_with(b)
+    if strategy == "Recreate" or b.status["activeColor"] in (None, b.rollout["color"]):
         return max(1, o.settings.replicas)
-    return _preview_count(o, b.status["activeColor"])
+    return _preview_count(o, b.status["activeColor"], preview_replicas)
 
 
 def _starting(b: _Builder) -> None:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from .durations import parse_duration
 from .leader_election import LeaderElectionConfig, in_cluster_namespace
@@ -89,6 +90,15 @@ class OperatorSettings:
             raise ValueError(f"drift_checks_per_second must be above 0, not {self.drift_checks_per_second}")
         if self.leader_election:
             self.leader_election_config("validation").validate()
+        if self.liveness_endpoint is not None:
+            parts = urlsplit(self.liveness_endpoint)
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.scheme != "http" or port is None or not parts.hostname:
+                raise ValueError(f"liveness endpoint {self.liveness_endpoint!r}: expected http://HOST:PORT/PATH "
+                                 "(or 'none')")
 
     def leader_election_config(self, identity: str) -> LeaderElectionConfig:
         """The Lease this process competes for; ValueError when no namespace is known for it."""

@@ -216,6 +216,42 @@ def test_operator_serves_liveness_and_logs_json(kubeconfig, namespace, crds):
     assert lines and all(json_module.loads(line)["message"] is not None for line in lines)
 
 
+def test_kubeconfig_given_as_an_option_alone_is_what_kopf_watches_through(kubeconfig, namespace, crds, tmp_path,
+                                                                          api_client):
+    """`--kubeconfig` with no $KUBECONFIG and no ~/.kube/config: the operator's watches (kopf) connect with it too,
+    as its own client does, so a new DeepSeekDeployment is reconciled."""
+    import os
+    import subprocess
+    import sys
+
+    from kubernetes import client
+
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config to fall back on
+    log_path = tmp_path / "operator.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deepseek_operator", "--kubeconfig", kubeconfig, "--namespace", namespace,
+             "--liveness", "none", "--log-format", "plain"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    custom = client.CustomObjectsApi(api_client)
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "deepseekdeployments", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "DeepSeekDeployment", "metadata": {"name": "chat"},
+            "spec": {"model": {"name": "deepseek-ai/deepseek-llm-7b-chat"}, "image": "deepseek-server:test"}})
+
+        def reconciled():
+            dsd = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "deepseekdeployments", "chat")
+            return (dsd.get("status") or {}).get("desiredRevision")
+        try:
+            wait_for_value(reconciled, timeout=60)
+        except AssertionError:
+            raise AssertionError("the deployment was not reconciled; the operator's log ends:\n"
+                                 + log_path.read_text(errors="replace")[-3000:]) from None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_a_stop_asked_for_as_the_crds_are_found_served_is_kept(kubeconfig, crds, monkeypatch):
     """SIGTERM while the operator asks whether its CRDs are served (a pod deleted as it starts): it stops there, and
     does not go on to run, with the signal gone, until the kubelet kills it at the end of its grace period."""
@@ -240,14 +276,14 @@ def test_a_stop_asked_for_as_the_crds_are_found_served_is_kept(kubeconfig, crds,
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def wait_for_value(check, timeout: float = 20.0):
+def wait_for_value(check, timeout: float = 20.0, what: str = "the liveness endpoint did not answer"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError("the liveness endpoint did not answer")
+    raise AssertionError(what)
 
 
 def test_deleted_auth_configmap_comes_back_with_its_revocations(world):

@@ -28,20 +28,6 @@ def test_every_key_is_resumed_after_a_start_and_deletion_is_finalized_once():
     assert not needs_reconcile("DELETED", body())
 
 
-def test_in_cluster_login_uses_the_service_host_and_port_the_kubelet_sets():
-    import kopf
-    from deepseek_operator.handlers import in_cluster_service_account
-
-    info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="t", ca_path="/ca.crt")
-    moved = in_cluster_service_account(info, {"KUBERNETES_SERVICE_HOST": "10.96.0.1",
-                                              "KUBERNETES_SERVICE_PORT": "6443"})
-    assert moved is not None and moved.server == "https://10.96.0.1:6443" and moved.token == "t"
-    v6 = in_cluster_service_account(info, {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"})
-    assert v6 is not None and v6.server == "https://[fd00::1]:443"
-    assert in_cluster_service_account(info, {}) is info
-    assert in_cluster_service_account(None, {"KUBERNETES_SERVICE_HOST": "h", "KUBERNETES_SERVICE_PORT": "1"}) is None
-
-
 def test_a_new_rotate_annotation_value_is_reconciled_a_done_one_is_not():
     asked = body(generation=2, observed=2)
     asked["metadata"]["annotations"] = {"deepseek.ai/rotate": "2026-11-30T07:00:00Z"}

@@ -187,6 +187,30 @@ def test_a_revision_failed_under_settings_changed_while_it_ran_is_not_retried_fo
     assert waiting.status["rollout"]["phase"] == "Degraded" and waiting.events == []
 
 
+def test_strategy_and_preview_replicas_changed_during_a_rollout_apply_to_the_next_one() -> None:
+    """How a rollout starts its new color is fixed when it starts (status.rollout.settings): a previewReplicas or
+    strategy change made meanwhile neither scales up the color being verified nor stops the serving color, and a
+    failure then is recorded under the values the rollout really ran with (so the change retries it once)."""
+    bluegreen = settings_of(previewReplicas=1)
+    started = next_step(observed(stable_status(), settings=bluegreen))
+    assert started.status["rollout"]["settings"]["previewReplicas"] == 1
+    provisioning = {**stable_status(), "rollout": started.status["rollout"]}
+    wider = settings_of(previewReplicas=2)
+    assert next_step(observed(provisioning, settings=wider)).scale == [ScaleColor("green", 1, NEW)]
+    starting = {**stable_status(), "rollout": {**started.status["rollout"], "phase": "Starting"}}
+    decision = next_step(observed(starting, settings=wider, green=ready("green", NEW, 0, replicas=1)))
+    assert decision.scale == [], decision.scale  # green keeps its one pod
+    recreate = settings_of(strategy="Recreate", previewReplicas=1)
+    decision = next_step(observed(provisioning, settings=recreate))
+    assert ScaleColor("blue", 0) not in decision.scale and decision.scale == [ScaleColor("green", 1, NEW)]
+    # failed: recorded as it ran (previewReplicas 1), so the spec's 2 is a change that retries it once
+    rolling_back = {**starting, "rollout": {**starting["rollout"], "phase": "RollingBack", "reason": "Timeout"}}
+    degraded = next_step(observed(rolling_back, settings=wider, green=ready("green", NEW, 0, replicas=1)))
+    assert degraded.status["failedSettings"]["previewReplicas"] == 1
+    retried = next_step(observed({**rolling_back, **degraded.status}, settings=wider))
+    assert [e.reason for e in retried.events][:1] == ["RetryingRevision"], retried.events
+
+
 def test_judging_settings_resolve_defaults_and_changes_are_named() -> None:
     assert judging_settings({}) == judging_settings({"rollout": {
         "strategy": "BlueGreen", "previewReplicas": 1, "progressDeadlineSeconds": 1800, "autoPromote": False,

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import kopf
 
+from ..kube import load_connection
+from ..leader_election import in_cluster_namespace
 from ..runtime import OperatorRuntime
 from ..scheduling import run_schedule
 from . import apikey, deployment
 
 KOPF_CONNECTIONS = 16
-
-
-def in_cluster_service_account(info: kopf.ConnectionInfo | None,
-                               environ: Mapping[str, str]) -> kopf.ConnectionInfo | None:
-    """kopf's service-account login, pointed where client-go points: $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
-
-    kopf assumes `https://kubernetes.default.svc` (cluster DNS, port 443); not every cluster resolves that name from
-    a pod, while the kubelet always sets the two variables.
-    """
-    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
-    if info is None or not host or not port:
-        return info
-    if ":" in host:
-        host = f"[{host}]"
-    return dataclasses.replace(info, server=f"https://{host}:{port}")
 
 
 def build_registry(runtime: OperatorRuntime) -> kopf.OperatorRegistry:
@@ -41,19 +25,20 @@ def build_registry(runtime: OperatorRuntime) -> kopf.OperatorRegistry:
     tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)
-    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
-        info = in_cluster_service_account(kopf.login_with_service_account(**kwargs), os.environ)
-        info = info or kopf.login_with_kubeconfig(**kwargs)
-        if info is None:
-            return None
+    async def login(**_: Any) -> kopf.AiohttpSession:
+        # From where the operator's own client connects (kube.load_connection): --kubeconfig, $KUBECONFIG,
+        # ~/.kube/config, else the in-cluster service account. kopf's own login handlers never read --kubeconfig
+        # and try the service account first, so kopf could watch another cluster than the one the operator writes.
+        connection = await asyncio.to_thread(load_connection, runtime.settings.kubeconfig)
+        token = await asyncio.to_thread(connection.token)
         # kopf's own session opens a new TLS connection for every concurrent patch (no connection limit); a
         # bounded pool reuses connections, which under a thousand new keys saves most of kopf's CPU on handshakes.
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
-            headers=info.as_http_headers(),
+            connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=connection.ssl_context),
+            headers={"Authorization": token} if token else {},
         )
-        return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
-                                   expiration=info.expiration, aiohttp_session=session)
+        return kopf.AiohttpSession(server=connection.host, default_namespace=in_cluster_namespace(),
+                                   aiohttp_session=session)
 
     @kopf.on.startup(registry=registry)
     async def start_schedule(**_: Any) -> None:
