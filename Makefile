@@ -18,7 +18,7 @@ dev: $(STAMP)
 binaries: $(STAMP)
 	$(PY) -m devcluster build
 
-# vLLM's CPU build in its own virtualenv ($$VLLM_VENV, default .venv-vllm; Python 3.12, ~6 GB, once), so devcluster
+# vLLM's CPU build in its own virtualenv ($$VLLM_VENV, default .venv-vllm; Python 3.12, ~6.3 GiB, once), so devcluster
 # runs the vllm/vllm-openai image for real. A stamp makes a second run instant.
 vllm-env: $(STAMP)
 	$(PY) -m devcluster.vllm_env
