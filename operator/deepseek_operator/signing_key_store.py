@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .auth_store import AuthConfigStore
@@ -92,8 +92,9 @@ class StoredRing:
     `legacy` an old-layout Secret of the deployment's that is deleted once the ring is stored."""
 
     ring: KeyRing
-    secret: dict[str, Any] | None
-    legacy: dict[str, Any] | None
+    # The Secrets hold the private keys: never in a repr (a traceback, a debug log)
+    secret: dict[str, Any] | None = field(repr=False)
+    legacy: dict[str, Any] | None = field(repr=False)
 
 
 class SigningKeyStore:

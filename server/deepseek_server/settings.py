@@ -50,7 +50,8 @@ class ServerSettings(BaseSettings):
     auth_dir: Path | None = None
     auth_configmap: str | None = Field(None, description="NAMESPACE/NAME of the operator's auth ConfigMap")
 
-    redis_url: str | None = None
+    # Its password, if any, never in a repr (a settings object in a traceback or a debug log)
+    redis_url: str | None = Field(None, repr=False)
     redis_timeout_s: float = Field(0.5, gt=0)
     cache_ttl: int = Field(300, ge=1, description="seconds a deterministic response stays cached")
     no_cache: bool = False

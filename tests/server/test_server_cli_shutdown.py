@@ -53,6 +53,11 @@ def test_a_redis_url_with_a_port_that_is_not_a_number_is_refused_without_echoing
     assert "s3cret" not in error["msg"] and "63x79" not in error["msg"]  # serve prints `msg` only
 
 
+def test_settings_with_a_redis_password_never_show_it_in_their_repr() -> None:
+    settings = ServerSettings(auth="disabled", redis_url="redis://:s3cret-pass@redis-host:6379/0")
+    assert settings.redis_url is not None and "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+
+
 @pytest.mark.parametrize("model", ["missing", "empty", "no-weights"])
 def test_a_model_that_cannot_be_loaded_ends_the_process_with_the_reason_last(model: str, tmp_path: Path,
                                                                             tiny_models: dict[str, Path]) -> None:

@@ -59,3 +59,14 @@ def test_only_published_keys_are_carried_over_with_their_ids_and_schedule():
     kept = published_part(KeyRing(KEYS), frozenset({KEYS[0].kid, KEYS[2].kid, "unknown"}))
     assert kept == KeyRing((KEYS[0], KEYS[2]))
     assert published_part(KeyRing(KEYS), frozenset()) == KeyRing()
+
+
+def test_a_stored_ring_repr_holds_no_secret_data():
+    from deepseek_operator.signing_key_store import StoredRing
+
+    ring = KeyRing(KEYS)
+    secret = build_signing_key_secret(dsd(), ring, "deepseek-operator")
+    stored = StoredRing(ring, secret, {"data": {"signing-key": "bGVnYWN5LXByaXZhdGU="}})
+    text = repr(stored)
+    assert secret["data"][KEY_RING_DATA_KEY] not in text and "bGVnYWN5LXByaXZhdGU=" not in text
+    assert all(key.seed not in text for key in KEYS)
