@@ -333,8 +333,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=16, help="concurrent creates")
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting a devcluster")
     parser.add_argument("--before-src", metavar="DIR",
-                        help="first run the same measurement with the operator from DIR (holding deepseek_operator/ "
-                             "or operator/), e.g. `git archive HEAD operator | tar -x -C DIR`")
+                        help="after this checkout's run, run the same measurement with the operator from DIR "
+                             "(holding deepseek_operator/ or operator/), e.g. `git archive HEAD operator | tar -x -C "
+                             "DIR`")
     parser.add_argument("--rotate-after", type=float, default=120.0,
                         help="seconds from the restart to the signing-key rotation (after the keys are re-verified)")
     parser.add_argument("--rotation-keys", type=int, default=300,

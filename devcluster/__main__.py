@@ -16,6 +16,7 @@ from devcluster.cluster import (
     _alive,
     default_image_commands,
     named_state_dir,
+    with_own_images,
 )
 
 
@@ -42,14 +43,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         running.stop()
     cfg = ClusterConfig(name=args.name, nodes=args.nodes, gpus_per_node=args.gpus)
     if args.image:
-        cfg.image_commands = default_image_commands()
+        mine: dict[str, list[str]] = {}
         for item in args.image:
             glob, sep, command = item.partition("=")
             if not sep or not glob or not command.strip():
                 print(f"--image {item!r}: expected GLOB=COMMAND, e.g. '*my-server*=/usr/bin/my-server --flag'",
                       file=sys.stderr)
                 return 2
-            cfg.image_commands[glob] = shlex.split(command)
+            mine[glob] = shlex.split(command)
+        cfg.image_commands = with_own_images(default_image_commands(), mine)
     cluster = DevCluster(cfg, state_dir, keep_state=True)
     started = time.monotonic()
     try:

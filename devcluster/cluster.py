@@ -137,6 +137,12 @@ def default_image_commands() -> dict[str, list[str]]:
     }
 
 
+def with_own_images(defaults: dict[str, list[str]], mine: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`mine` (`--image GLOB=COMMAND`) before `defaults`, since an image takes the first glob it matches: a glob of
+    one's own wins over a built-in one that matches the same image, not only over one of the same text (pure)."""
+    return {**mine, **{glob: argv for glob, argv in defaults.items() if glob not in mine}}
+
+
 class DevCluster:
     """A real Kubernetes control plane on this machine. Use as a context manager or call start()/stop()."""
 

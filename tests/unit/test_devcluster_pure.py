@@ -151,3 +151,14 @@ def test_our_images_run_this_checkouts_source(image):
     root = Path(cluster.__file__).resolve().parent.parent
     package = "operator" if "operator" in image else "server"
     assert argv[1].startswith(f"PYTHONPATH={root / package}")
+
+
+def test_an_image_glob_of_ones_own_wins_over_a_built_in_one_that_matches_the_same_image():
+    from devcluster.processes import image_command
+
+    commands = cluster.with_own_images(cluster.default_image_commands(),
+                                       {"*deepseek-server-dev*": ["/usr/bin/my-server"],
+                                        "*deepseek-operator*": ["/usr/bin/my-operator"]})
+    assert image_command("local/deepseek-server-dev:1", commands) == ["/usr/bin/my-server"]
+    assert image_command("local/deepseek-operator:1", commands) == ["/usr/bin/my-operator"]
+    assert image_command("local/deepseek-server:1", commands)[0] == "env"  # the built-in ones still apply
