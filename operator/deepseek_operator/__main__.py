@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import enum
 import logging
@@ -39,8 +40,9 @@ CRD_LOG_EVERY = 60.0  # seconds between the log lines that say the operator stil
 CRD_WATCH_EVERY = 5.0  # seconds between looks for the CRDs while the operator reconciles
 KOPF_STOP_GRACE = 10.0  # seconds kopf gets to stop (SIGTERM, or its CRDs gone); it waits 5 s for its own handlers
 # Seconds the reconciles still running once kopf has stopped (a rollout's verification, a key's issuance) get to
-# finish after SIGTERM; past that the process ends without them (each step is safe to cut, as in a crash). Both
-# graces together stay well inside a pod's default terminationGracePeriodSeconds (30 s).
+# finish after SIGTERM, their API client closed (requests already sent are answered, no new one goes out); past
+# that the process ends without them (each step is safe to cut, as in a crash). Both graces together stay well
+# inside a pod's default terminationGracePeriodSeconds (30 s).
 WORKER_STOP_GRACE = 5.0
 TIDY_EVERY = 10.0  # seconds between clean-ups after deployments gone with their CRD (_tidy_without_deployments)
 
@@ -61,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="liveness endpoint (default http://0.0.0.0:8080/healthz; 'none' disables it)")
     parser.add_argument("--log-format", choices=["json", "plain"])
     parser.add_argument("--verbose", "-v", action="store_true", default=None)
-    parser.add_argument("--workers", type=int, help="reconciles running at once (default 16)")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, else in-cluster)")
+    parser.add_argument("--workers", type=int, help="size of each reconcile worker pool (default 16)")
+    parser.add_argument("--kubeconfig",
+                        help="kubeconfig file (default $KUBECONFIG, else ~/.kube/config, else in-cluster)")
     for option in ("signing-key-rotation", "signing-key-propagation", "signing-key-retire-margin",
                    "drift-check-interval", "issuer-check-interval", "retry-interval"):
         parser.add_argument(f"--{option}", type=parse_duration, metavar="DURATION")
@@ -198,18 +201,19 @@ class _NotInMainThread(logging.Filter):
 class Ending(enum.Enum):
     """How `run_kopf` ended."""
 
-    STOPPED = "stopped"  # SIGTERM/SIGINT, and kopf stopped
-    KOPF_STUCK = "kopf stuck"  # SIGTERM/SIGINT, and kopf had not stopped within KOPF_STOP_GRACE
+    STOPPED = "stopped"  # SIGTERM/SIGINT, kopf stopped and no reconcile runs
+    UNFINISHED = "unfinished"  # SIGTERM/SIGINT, and kopf or a reconcile had not ended within its grace
     CRDS_GONE = "CRDs gone"  # the CRDs are no longer served: wait for them again
 
 
-def run_kopf(settings: OperatorSettings, leading: bool = False) -> Ending:
+def run_kopf(settings: OperatorSettings) -> Ending:
     """Reconcile until SIGTERM/SIGINT or until the CRDs are no longer served (then wait for them again).
 
-    After a signal, reconciles still running once kopf has stopped (a rollout's verification, say) get
-    WORKER_STOP_GRACE seconds; past that the process ends at once, without them: each of their steps is safe to cut,
-    as in a crash, and the next start takes the objects up again. A leader (`leading`) then leaves its Lease to
-    expire rather than release it while they may still write.
+    Once kopf has stopped, the runtime's API client is closed: a reconcile still running (a rollout's verification,
+    say) sends no more requests, so it writes nothing beside a standby that takes the Lease, or beside the runtime
+    started when the CRDs are back. After a signal such reconciles get WORKER_STOP_GRACE seconds to end; past that
+    the process ends without them (`Ending.UNFINISHED`): each of their steps is safe to cut, as in a crash, and the
+    next start takes the objects up again.
 
     kopf resolves the resources it watches once, at its start. It runs in a thread of its own, and this (main) thread
     looks for the CRDs every CRD_WATCH_EVERY seconds: once either is gone (deleted by hand, or with the release), kopf
@@ -251,26 +255,19 @@ def run_kopf(settings: OperatorSettings, leading: bool = False) -> Ending:
         if thread.is_alive():
             log.warning("kopf has not stopped %.0f s after it was asked to; going on without it. Where it waits:\n%s",
                         KOPF_STOP_GRACE, describe_stuck(thread, runtime.kopf_loop))
-        # Whether or not kopf got to its clean-up: idle worker threads (ours, and kopf's for its synchronous
-        # handlers, which it never shuts down) end now, and none of them takes new work.
+        # Whether or not kopf got to its clean-up (which does the same): idle worker threads (ours, and kopf's for
+        # its synchronous handlers, which it never shuts down) end now, none of them takes new work, and what still
+        # runs sends no more API requests.
         runtime.stop_workers()
         kopf_settings.execution.executor.shutdown(wait=False, cancel_futures=True)
-        if not signalled.is_set() and runtime.wait_for_workers(0):
-            # The process goes on (to wait for the CRDs): what still runs ends first, a leader keeps renewing its
-            # Lease meanwhile, and the next runtime never works beside it. Reconciles of objects whose CRD is gone
-            # fail at their next request; a signal ends the wait.
-            log.info("waiting for %d reconcile(s) still running to end", runtime.wait_for_workers(0))
-            while runtime.wait_for_workers(1.0) and not signalled.is_set():
-                pass
+        runtime.kube.close()
         if signalled.is_set():
             running = runtime.wait_for_workers(WORKER_STOP_GRACE)
             if running:
-                log.warning("stopping with %d reconcile(s) still running %.0f s after kopf stopped: the objects"
-                            " they were working on are taken up again at the next start%s", running,
-                            WORKER_STOP_GRACE, "; the leader Lease is left to expire, not released, so that no other "
-                            "replica acts beside them" if leading else "")
-                exit_now(0)
-            return Ending.KOPF_STUCK if thread.is_alive() else Ending.STOPPED
+                log.warning("stopping with %d reconcile(s) still running %.0f s after kopf stopped (they send no "
+                            "more API requests): the objects they were working on are taken up again at the next "
+                            "start", running, WORKER_STOP_GRACE)
+            return Ending.UNFINISHED if running or thread.is_alive() else Ending.STOPPED
         if failure:
             # A watch of a resource that is no longer served fails with a 404 as soon as its CRD goes, often before
             # the next look. The CRDs may already be back (wait_for_crds then returns at once).
@@ -307,11 +304,16 @@ def describe_stuck(thread: threading.Thread, loop: asyncio.AbstractEventLoop | N
 
 
 def exit_now(code: int) -> None:
-    """End the process at once, its log written out, without waiting for any thread."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """End the process at once, without waiting for any thread: the exit handlers run (the log is written out, and
+    the Kubernetes client deletes the temporary files it decoded a kubeconfig's certificate and key into), the
+    interpreter's join of every worker thread does not."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _missing_crds(kube: KubeApi) -> list[str]:
@@ -335,13 +337,13 @@ def run(settings: OperatorSettings) -> None:
             # Renewal starts before kopf does; losing the Lease from here on ends the process at once.
             elector.keep_leading()
         try:
-            ending = run_kopf(settings, leading=elector is not None)
+            ending = run_kopf(settings)
         finally:
             if elector is not None:
                 elector.step_down()
                 elector.close()
-        if ending is Ending.KOPF_STUCK:
-            exit_now(0)  # the interpreter's exit could wait on its event loop's threads
+        if ending is Ending.UNFINISHED:
+            exit_now(0)  # the interpreter's exit would wait for those threads without a limit
         if ending is not Ending.CRDS_GONE:
             return
 

@@ -304,6 +304,10 @@ def exit_process(why: str) -> None:
     os._exit(LOST_LEADERSHIP_EXIT_CODE)
 
 
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class StandbyLiveness:
     """The liveness endpoint while this process waits for the Lease (kopf serves it once it leads)."""
 
@@ -332,7 +336,9 @@ class StandbyLiveness:
             def log_message(self, format: str, *args: Any) -> None:  # probes come every few seconds: no log
                 return
 
-        self._server = ThreadingHTTPServer((parts.hostname or "0.0.0.0", parts.port), Handler)
+        host = parts.hostname or "0.0.0.0"
+        server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer  # `http://[::]:8080/healthz`
+        self._server = server_class((host, parts.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="standby-liveness", daemon=True)
 

@@ -96,7 +96,7 @@ class OperatorSettings:
                 port = parts.port
             except ValueError:
                 port = None
-            if parts.scheme != "http" or port is None or not parts.hostname:
+            if parts.scheme != "http" or not port or not parts.hostname:
                 raise ValueError(f"liveness endpoint {self.liveness_endpoint!r}: expected http://HOST:PORT/PATH "
                                  "(or 'none')")
 

@@ -119,3 +119,19 @@ def test_leader_election_without_a_namespace_says_how_to_give_one(tmp_path, monk
     settings = OperatorSettings(all_namespaces=True, leader_election=True)
     with pytest.raises(ValueError, match="--leader-election-namespace"):
         settings.validate()
+
+
+def test_the_standby_liveness_endpoint_serves_an_ipv6_address():
+    """`--liveness http://[::]:PORT/healthz` (an IPv6-only pod network): it served nothing and failed at start with
+    'Address family for hostname not supported'."""
+    import socket
+    import urllib.request
+
+    from deepseek_operator.leader_election import StandbyLiveness
+
+    with socket.socket(socket.AF_INET6) as sock:
+        sock.bind(("::1", 0))
+        port = sock.getsockname()[1]
+    with StandbyLiveness(f"http://[::1]:{port}/healthz", lambda: True), \
+            urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5) as response:
+        assert response.status == 200 and response.read() == b'{"leaderElection": "standby"}'

@@ -55,9 +55,10 @@ def test_main_refuses_a_broken_kubeconfig_in_one_line_quoting_none_of_it(capsys,
 
 def test_main_refuses_a_liveness_url_it_cannot_serve_in_one_line(capsys):
     """A liveness URL without a port (or not http) was a traceback from inside the run; it is refused at start."""
-    for url in ("http://0.0.0.0/healthz", "https://0.0.0.0:8080/healthz", "0.0.0.0:8080", "http://h:port/x"):
+    for url in ("http://0.0.0.0/healthz", "https://0.0.0.0:8080/healthz", "0.0.0.0:8080", "http://h:port/x",
+                "http://:8080/healthz", "http://h:0/x"):
         assert main(["--all-namespaces", "--liveness", url]) == 2, url
         err = capsys.readouterr().err
         assert err.startswith(f"deepseek-operator: liveness endpoint {url!r}: expected http://HOST:PORT/PATH"), err
-    for url in ("http://0.0.0.0:8080/healthz", "http://127.0.0.1:9/"):
+    for url in ("http://0.0.0.0:8080/healthz", "http://127.0.0.1:9/", "http://[::]:8080/healthz"):
         assert OperatorSettings(all_namespaces=True, liveness_endpoint=url).validate() is None
