@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import enum
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,7 +27,7 @@ from .durations import parse_duration
 from .handlers import build_registry
 from .kopf_settings import build_kopf_settings
 from .kube import APIKEYS, DEEPSEEKDEPLOYMENTS, KubeApi, KubeError, load_connection
-from .leader_election import LeaderElector, StandbyLiveness, default_identity
+from .leader_election import LeaderElector, StandbyLiveness, default_identity, exit_now
 from .runtime import OperatorRuntime
 from .settings import OperatorSettings, settings_from_env
 from .signing_key_store import SigningKeyStore
@@ -301,19 +299,6 @@ def describe_stuck(thread: threading.Thread, loop: asyncio.AbstractEventLoop | N
             code = task_frame.f_code
             lines.append(f"  {code.co_filename}:{task_frame.f_lineno} in {code.co_name}")
     return "\n".join(lines) or "(nothing to show)"
-
-
-def exit_now(code: int) -> None:
-    """End the process at once, without waiting for any thread: the exit handlers run (the log is written out, and
-    the Kubernetes client deletes the temporary files it decoded a kubeconfig's certificate and key into), the
-    interpreter's join of every worker thread does not."""
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def _missing_crds(kube: KubeApi) -> list[str]:

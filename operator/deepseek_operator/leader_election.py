@@ -14,6 +14,7 @@ Two or more operator processes run; one holds the Lease and reconciles, the othe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -298,10 +299,20 @@ class LeaderElector:
 def exit_process(why: str) -> None:
     """client-go's OnStoppedLeading: say why and end the process now, without running any more of its work."""
     log.critical("leader election lost: %s; exiting so that nothing more is reconciled by this process", why)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stderr.flush()
-    os._exit(LOST_LEADERSHIP_EXIT_CODE)
+    exit_now(LOST_LEADERSHIP_EXIT_CODE)
+
+
+def exit_now(code: int) -> None:
+    """End the process at once, without waiting for any thread: the exit handlers run (the log is written out, and
+    the Kubernetes client deletes the temporary files it decoded a kubeconfig's certificate and key into), the
+    interpreter's join of every worker thread does not."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class _ThreadingHTTPServerV6(ThreadingHTTPServer):
