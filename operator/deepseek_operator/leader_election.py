@@ -315,6 +315,18 @@ def exit_now(code: int) -> None:
         os._exit(code)
 
 
+def liveness_address(endpoint: str) -> tuple[str, int, str]:
+    """(host, port, path) of a liveness URL `http://HOST:PORT/PATH`; ValueError for anything else (pure)."""
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # not a number
+        port = None
+    if parts.scheme != "http" or not port or not parts.hostname:
+        raise ValueError(f"liveness endpoint {endpoint!r}: expected http://HOST:PORT/PATH (or 'none')")
+    return parts.hostname, port, parts.path or "/"
+
+
 class _ThreadingHTTPServerV6(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
@@ -326,10 +338,7 @@ class StandbyLiveness:
                  bodies: tuple[bytes, bytes] = (b'{"leaderElection": "standby"}', b'{"leaderElection": "stuck"}')
                  ) -> None:
         """`bodies`: what a probe is answered when healthy, and when not."""
-        parts = urlsplit(endpoint)
-        if parts.scheme != "http" or parts.port is None:
-            raise ValueError(f"liveness endpoint {endpoint!r}: expected http://HOST:PORT/PATH")
-        path = parts.path or "/"
+        host, port, path = liveness_address(endpoint)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -347,9 +356,8 @@ class StandbyLiveness:
             def log_message(self, format: str, *args: Any) -> None:  # probes come every few seconds: no log
                 return
 
-        host = parts.hostname or "0.0.0.0"
         server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer  # `http://[::]:8080/healthz`
-        self._server = server_class((host, parts.port), Handler)
+        self._server = server_class((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="standby-liveness", daemon=True)
 

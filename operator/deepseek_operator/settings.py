@@ -6,10 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from .durations import parse_duration
-from .leader_election import LeaderElectionConfig, in_cluster_namespace
+from .leader_election import LeaderElectionConfig, in_cluster_namespace, liveness_address
 from .signing_keys import RotationPolicy
 
 ENV_PREFIX = "DEEPSEEK_OPERATOR_"
@@ -91,14 +90,7 @@ class OperatorSettings:
         if self.leader_election:
             self.leader_election_config("validation").validate()
         if self.liveness_endpoint is not None:
-            parts = urlsplit(self.liveness_endpoint)
-            try:
-                port = parts.port
-            except ValueError:
-                port = None
-            if parts.scheme != "http" or not port or not parts.hostname:
-                raise ValueError(f"liveness endpoint {self.liveness_endpoint!r}: expected http://HOST:PORT/PATH "
-                                 "(or 'none')")
+            liveness_address(self.liveness_endpoint)
 
     def leader_election_config(self, identity: str) -> LeaderElectionConfig:
         """The Lease this process competes for; ValueError when no namespace is known for it."""
