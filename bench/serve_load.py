@@ -79,11 +79,16 @@ def _run_server(settings_json: str, engine_kind: str, record: bool, port: int, s
     from deepseek_server.engine.noop import NoopEngine
     from deepseek_server.settings import ServerSettings
 
+    try:  # `deepseek-server serve`'s HTTP protocol, where the server (another checkout's too) has one
+        from deepseek_server.http_protocol import OpenAIErrorsHTTPProtocol as protocol
+    except ImportError:
+        protocol = "auto"
+
     logging.basicConfig(level=logging.WARNING)
     settings = ServerSettings(**json.loads(settings_json))
     engine = NoopEngine(model_name=MODEL) if engine_kind == "noop" else None
     app = create_app(settings, engine=engine, record_requests=record)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, http=protocol,
                 timeout_keep_alive=settings.keep_alive_s, server_header=False)  # as `deepseek-server serve` runs it
 
 
