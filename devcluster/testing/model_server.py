@@ -95,21 +95,23 @@ def write_auth_dir(directory: Path, keys: list[SigningKey], *, default_limits: d
 
 
 class ServerThread:
-    """A real uvicorn server on a loopback port it holds from the start, in a daemon thread."""
+    """A real uvicorn server on a loopback port it holds from the start, in a daemon thread (`host="::1"`: on the
+    IPv6 loopback)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
         import uvicorn
 
         self.app = app
-        self.socket = bound_socket()
+        self.host = host
+        self.socket = bound_socket(host)
         self.port = int(self.socket.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
                                                     lifespan="on", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
 
     def start(self, ready_timeout: float = 120) -> ServerThread:
         self.thread.start()

@@ -19,11 +19,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bound_socket() -> socket.socket:
-    """A listening-ready TCP socket bound to a free loopback port, held until the caller closes it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A listening-ready TCP socket bound to a free port of `host` (IPv4 loopback by default; `::1` for IPv6), held
+    until the caller closes it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     return sock
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from .durations import parse_duration
-from .names import SERVER_PORT
+from .names import SERVER_PORT, pod_url
 from .settings import ENV_PREFIX
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,11 @@ def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match is not None and match.group("name") == name:
-            value = float(match.group("value"))
-            if math.isnan(value):  # the server does not know it now (an engine that did not answer)
+            try:
+                value = float(match.group("value"))
+            except ValueError:  # not a number: not a reading
+                continue
+            if not math.isfinite(value):  # NaN: the server does not know it now (an engine that did not answer)
                 continue
             total += value
             found = True
@@ -275,33 +278,38 @@ def autoscaling_status(decision: ScaleDecision, *, previous: Mapping[str, Any], 
     return {key: value for key, value in block.items() if value is not None}
 
 
-READ_WORKERS = 16
+READ_WORKERS = 128
 
 
 class LoadReader:
     """Reads one metric from the pods' /metrics (short timeouts: a slow pod must not stall the loop)."""
 
-    def __init__(self, timeout: float = READ_TIMEOUT_S) -> None:
+    def __init__(self, timeout: float = READ_TIMEOUT_S, port: int = SERVER_PORT) -> None:
         self._http = httpx.Client(timeout=timeout, trust_env=False)
+        self._port = port
 
     def close(self) -> None:
         self._http.close()
 
     def _one(self, ip: str, metric: str) -> float | None:
+        """The pod's reading, or None: whatever keeps one pod from answering (a refused or slow connection, an
+        address the client cannot use, a body that is not an exposition) leaves that pod out of this look, never the
+        deployment's reconcile."""
         try:
-            response = self._http.get(f"http://{ip}:{SERVER_PORT}/metrics")
+            response = self._http.get(pod_url(ip, self._port, "/metrics"))
             response.raise_for_status()
-        except httpx.HTTPError as exc:
+            text = response.text
+        except Exception as exc:  # see above: one pod's failure is that pod's missing reading
             log.info("metrics of %s unavailable: %s", ip, exc)
             return None
-        value = metric_value(response.text, metric)
+        value = metric_value(text, metric)
         if value is None:
             log.info("%s reports no %s", ip, metric)
         return value
 
     def read(self, pod_ips: Iterable[str], metric: str) -> Load | None:
-        """The pods' summed `metric`, asked of all at once (one look takes one timeout at most, however many pods
-        are slow); None when none answered."""
+        """The pods' summed `metric`, asked of up to READ_WORKERS pods at once (so a look takes one timeout at most
+        while no more than that many pods are slow); None when none answered."""
         ips = list(pod_ips)
         if not ips:
             return None

@@ -96,6 +96,12 @@ def base_url(namespace: str, deployment: str) -> str:
     return f"http://{deployment}.{namespace}.svc:{SERVER_PORT}/v1"
 
 
+def pod_url(ip: str, port: int, path: str) -> str:
+    """`http://IP:PORT/PATH` of a pod's address (`path` begins with `/`); an IPv6 address (IPv6 and IPv6-first
+    clusters) in brackets, as a URL needs it."""
+    return f"http://[{ip}]:{port}{path}" if ":" in ip else f"http://{ip}:{port}{path}"
+
+
 def controller_uid(obj: dict[str, Any]) -> str | None:
     """The uid in the object's controlling ownerReference (`controller: true`), or None when nothing controls it."""
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:

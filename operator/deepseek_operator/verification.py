@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from .key_material import new_token_id
-from .names import SERVER_PORT
+from .names import SERVER_PORT, pod_url
 from .signing_keys import SigningKey
 from .tokens import TokenGrant, sign_token
 
@@ -230,7 +230,7 @@ class Verifier:
             body.update(stream=True, stream_options={"include_usage": True})
         started = time.monotonic()
         try:
-            response = self._http.post(f"http://{endpoint.ip}:{self._port}/v1/chat/completions", json=body,
+            response = self._http.post(pod_url(endpoint.ip, self._port, "/v1/chat/completions"), json=body,
                                        headers={"Authorization": f"Bearer {token}"},
                                        timeout=max(5.0, settings.max_latency_ms / 1000.0 + 5.0))
         except httpx.HTTPError as exc:
@@ -267,7 +267,7 @@ class Verifier:
         answered = False
         for ip in pod_ips:
             try:
-                response = self._http.get(f"http://{ip}:{SERVER_PORT}/metrics", timeout=5.0)
+                response = self._http.get(pod_url(ip, self._port, "/metrics"), timeout=5.0)
                 response.raise_for_status()
             except httpx.HTTPError as exc:
                 log.info("metrics of %s unavailable: %s", ip, exc)

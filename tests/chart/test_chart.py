@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -483,6 +484,30 @@ def test_dockerfile_lints_and_its_inputs_exist(dockerfile):
     script = Path(sys.executable).parent / entry.group(1)
     assert script.exists(), f"entry point {entry.group(1)} is not installed by the distribution"
     assert subprocess.run([str(script), "--help"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_both_server_image_targets_install_the_command_that_fetches_weights():
+    """A deployment whose weights come from the Hub gets an init container in its own image (`spec.image`) that runs
+    `hf download`; with `engine: vllm` that image is the gateway target, which installs the server without the
+    builtin engine's extra (and so, before, without the Hub's client, whose `hf` command then did not exist)."""
+    import importlib.metadata
+
+    from deepseek_operator.workloads import _model_volumes
+
+    [init] = _model_volumes({"image": "server:gateway", "model": {"name": "deepseek-ai/x"}})[2]
+    command = init["command"][0]
+    text = (REPO / "Dockerfile.server").read_text()
+    project = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())["project"]
+    for target in ("build-gateway", "build-full"):
+        stage = text.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        extras = {extra for spec in re.findall(r'"\./server\[([a-z,]+)\]"', stage) for extra in spec.split(",")}
+        assert extras, f"{target}: no pip install of ./server[...] found"
+        requirements = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
+        names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+        providers = {dist.metadata["Name"].lower().replace("_", "-") for dist in importlib.metadata.distributions()
+                     if any(ep.group == "console_scripts" and ep.name == command for ep in dist.entry_points)}
+        assert providers, f"no installed distribution provides `{command}`"
+        assert names & providers, f"{target} installs {sorted(names)}: none of them provides `{command}`"
 
 
 ADMISSION_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepseek_operator.autoscaler import Load, LoadReader
 from deepseek_operator.key_material import new_signing_key
 from deepseek_operator.verification import AnalysisSettings, Endpoint, Verifier
 from deepseek_server.app import create_app
@@ -37,7 +38,7 @@ class AnswersThenFailsMidway(NoopEngine):
         return stream
 
 
-def verify(tmp_path: Path, engine: NoopEngine, requests: int) -> dict[str, Any]:
+def verify(tmp_path: Path, engine: NoopEngine, requests: int, host: str = "127.0.0.1") -> dict[str, Any]:
     key = new_signing_key(0)
     auth = tmp_path / "auth"
     auth.mkdir()
@@ -48,12 +49,20 @@ def verify(tmp_path: Path, engine: NoopEngine, requests: int) -> dict[str, Any]:
                            ("jwks.json", {"keys": [key.jwk()]}), ("revoked.json", {}), ("limits.json", {})):
         (auth / name).write_text(json.dumps(document))
     server = ServerThread(create_app(ServerSettings(model_name=MODEL, auth_dir=auth, no_cache=True),
-                                     engine=engine)).start()
+                                     engine=engine), host=host).start()
     verifier = Verifier(port=server.port)
     try:
-        return verifier.verify([Endpoint("pod-a", "127.0.0.1")], signing_key=key, namespace=NAMESPACE,
-                               deployment=DEPLOYMENT, deployment_uid="uid-chat", model=MODEL,
-                               settings=AnalysisSettings(requests=requests, max_error_rate=0.0))
+        result = verifier.verify([Endpoint("pod-a", host)], signing_key=key, namespace=NAMESPACE,
+                                 deployment=DEPLOYMENT, deployment_uid="uid-chat", model=MODEL,
+                                 settings=AnalysisSettings(requests=requests, max_error_rate=0.0))
+        # the post-switch analysis' reading of the same pod, and the autoscaler's
+        result["live_counts"] = verifier.live_counts([host])
+        reader = LoadReader(port=server.port)
+        try:
+            result["load"] = reader.read([host], "deepseek_requests_in_flight")
+        finally:
+            reader.close()
+        return result
     finally:
         verifier.close()
         server.stop()
@@ -62,6 +71,16 @@ def verify(tmp_path: Path, engine: NoopEngine, requests: int) -> dict[str, Any]:
 def test_a_working_server_passes_streamed_and_unstreamed_verification(tmp_path: Path) -> None:
     result = verify(tmp_path, NoopEngine(model_name=MODEL), requests=4)
     assert result["passed"] and (result["requests"], result["errors"]) == (4, 0), result["message"]
+
+
+def test_pods_with_ipv6_addresses_are_verified_and_read(tmp_path: Path) -> None:
+    """An IPv6 (or IPv6-first) cluster gives pods IPv6 addresses: the URLs the operator builds for them put the
+    address in brackets (written bare, `http://fd00::1:8000/...` is not a URL, and every check of such a pod
+    raised before it was sent)."""
+    result = verify(tmp_path, NoopEngine(model_name=MODEL), requests=2, host="::1")
+    assert result["passed"] and (result["requests"], result["errors"]) == (2, 0), result["message"]
+    assert result["live_counts"] == (2, 0)
+    assert result["load"] == Load(total=0.0, pods=1, ready=1)
 
 
 def test_a_stream_that_fails_after_its_200_fails_verification_with_its_error(tmp_path: Path) -> None:

@@ -262,3 +262,12 @@ def test_a_short_interval_with_a_pod_slow_to_answer_still_scales_up() -> None:
         decisions.append(decision)
         now[0] += 4.0
     assert decisions[-1].desired == 5 and any(d.direction == "up" for d in decisions)
+
+
+def test_a_sample_that_is_not_a_finite_number_is_no_reading():
+    """A pod's exposition with `+Inf` or a word where the value goes (a proxy's page, a broken exporter) must not fail
+    the look: before, `abc` raised ValueError and `+Inf` made the recommendation raise OverflowError, which failed
+    the deployment's whole reconcile."""
+    text = "m 1\nm +Inf\nm -Inf\nm abc\nm NaN\nm 2\n"
+    assert metric_value(text, "m") == 3.0
+    assert metric_value("m +Inf\nm abc\n", "m") is None
