@@ -14,11 +14,11 @@ from pydantic import BaseModel
 from deepseek_server.engine.capabilities import EngineCapabilities
 from deepseek_server.errors import APIError
 
-# vLLM's parameters whose default is true: `false` asks for something (no generation prompt, no BOS, special tokens
-# kept in the text), so it counts as sent.
+# Parameters whose default is true (vLLM's, and OpenAI's `parallel_tool_calls`): `false` asks for something (no
+# generation prompt, no BOS, special tokens kept in the text, one tool call at most), so it counts as sent.
 TRUE_BY_DEFAULT = {
     "chat": frozenset({"add_generation_prompt", "include_reasoning", "skip_special_tokens",
-                       "spaces_between_special_tokens"}),
+                       "spaces_between_special_tokens", "parallel_tool_calls"}),
     "text": frozenset({"add_special_tokens", "skip_special_tokens", "spaces_between_special_tokens"}),
 }
 

@@ -52,7 +52,7 @@ class ChatMessage(BaseModel):
     @classmethod
     def _content_unless_assistant(cls, value: Any, info: ValidationInfo) -> Any:
         role = info.data.get("role")  # absent when the role itself was refused
-        if value is None and role not in (None, "assistant"):
+        if (value is None or value == []) and role not in (None, "assistant"):  # no parts is no content
             raise PydanticCustomError("missing", "A {role} message needs content: a string, or an array of text "
                                       "parts (only an assistant's content may be null).", {"role": role})
         return value

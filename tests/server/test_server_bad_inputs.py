@@ -121,6 +121,11 @@ CASES = [
     Case("tools unsupported", 400, json=chat(tools=[{"type": "function", "function": {"name": "f"}}]),
          param="tools", code="unsupported_parameter"),
     Case("unknown parameter", 400, json=chat(temprature=0.5), param="temprature", code="unsupported_parameter"),
+    # OpenAI's default is true: false asks for at most one tool call, which an engine without tools cannot honour
+    Case("parallel_tool_calls false unsupported", 400, json=chat(parallel_tool_calls=False),
+         param="parallel_tool_calls", code="unsupported_parameter"),
+    Case("user message with no content parts", 400, json=chat(messages=[{"role": "user", "content": []}]),
+         param="messages[0].content"),
     Case("tool call id on a message unsupported", 400,
          json=chat(messages=[{"role": "tool", "content": "42", "tool_call_id": "call_1"}]),
          param="messages[0].tool_call_id", code="unsupported_parameter"),

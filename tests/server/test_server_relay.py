@@ -343,6 +343,13 @@ def test_unsupported_parameters_are_refused_by_name(gateway: ServerThread,
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "priority"
     assert refused.json()["error"]["code"] == "unsupported_parameter"
+    # chat's, not completions': vLLM's completion request has no such field and would drop it without a word
+    for name, value in (("top_logprobs", 2), ("bad_words", ["x"])):
+        dropped = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                             json={"model": MODEL, "prompt": "hi", "logprobs": 2, name: value})
+        assert dropped.status_code == 400, (name, dropped.text)
+        assert dropped.json()["error"]["param"] == name
+        assert dropped.json()["error"]["code"] == "unsupported_parameter"
 
 
 def test_a_json_schema_without_schema_is_refused_by_name_before_the_engine(

@@ -59,18 +59,20 @@ NO_MODEL = EngineCapabilities(
 # operation rather than the answer (scheduling priority, request ids, KV transfer, custom chat templates, extra
 # engine arguments, prefix-cache salts) are not, so one key cannot affect other keys' requests.
 _VLLM_SAMPLING = frozenset({
-    "logit_bias", "logprobs", "top_logprobs", "response_format", "top_k", "min_p", "repetition_penalty",
+    "logit_bias", "logprobs", "response_format", "top_k", "min_p", "repetition_penalty",
     "length_penalty", "use_beam_search", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
     "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
-    "allowed_token_ids", "bad_words", "echo", "add_special_tokens", "structured_outputs",
+    "allowed_token_ids", "echo", "add_special_tokens", "structured_outputs",
     "return_tokens_as_token_ids",
 })
 VLLM = EngineCapabilities(
     name="vllm",
+    # `top_logprobs` and `bad_words` are chat's only: vLLM's completion request has neither field, and drops what it
+    # does not know (with a warning in its own log)
     chat=_COMMON | _VLLM_SAMPLING | {
         "messages", "max_tokens", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
         "reasoning_effort", "include_reasoning", "add_generation_prompt", "continue_final_message",
-        "chat_template_kwargs", "documents"},
+        "chat_template_kwargs", "documents", "top_logprobs", "bad_words"},
     text=_COMMON | _VLLM_SAMPLING | {"prompt", "max_tokens"},
     relays_openai=True,
     own_metrics=True,
