@@ -27,6 +27,8 @@ from deepseek_server.engine.base import (
     TokenLogprob,
     merged_events,
 )
+from deepseek_server.engine.capabilities import capabilities_of
+from deepseek_server.engine.openai_upstream import engine_unavailable
 from deepseek_server.errors import ADMISSION_HEADERS, APIError, admission_headers
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.limiter import Lease
@@ -69,6 +71,8 @@ def serving_engine(services: Services, model: str) -> Engine:
                        code="shutting_down", headers={"retry-after": "1"})
     if engine is None or not engine.ready:
         reason = getattr(engine, "not_ready_reason", None)  # engines in another process say why
+        if engine is not None and capabilities_of(engine).relays_openai:  # vLLM starting, or not reachable
+            raise engine_unavailable(reason or "not ready")
         reason = f"loading failed: {services.load_error}" if services.load_error else reason
         detail = f" ({reason})" if reason else ""
         raise APIError(503, f"The model is not loaded yet{detail}; retry shortly.", type="server_error",

@@ -288,7 +288,7 @@ class _StreamRelay:
                 if isinstance(exc, EngineTimeout):
                     code, message, status = "engine_timeout", f"The inference engine stopped sending: {exc}.", 504
                 else:
-                    self.engine.lost(f"{exc} while streaming ({self.engine.base_url})")
+                    self.engine.lost(f"{exc} while streaming")
                     code, message = "engine_unavailable", "The inference engine stopped while answering; retry."
                     status = 503
                 request.state.error_code = code

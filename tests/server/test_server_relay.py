@@ -515,8 +515,8 @@ def test_an_engine_that_stalls_in_its_metrics_is_an_engine_timeout(auth_dir: Pat
 
 
 def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: Callable[..., str]) -> None:
-    settings = ServerSettings(engine="vllm", engine_url=f"http://127.0.0.1:{free_port()}", model_name=MODEL,
-                              auth_dir=auth_dir)
+    engine_url = f"http://127.0.0.1:{free_port()}"
+    settings = ServerSettings(engine="vllm", engine_url=engine_url, model_name=MODEL, auth_dir=auth_dir)
     server = ServerThread(create_app(settings))
     server.thread.start()
     try:
@@ -536,7 +536,10 @@ def test_unreachable_engine_answers_503_quickly(auth_dir: Path, token_factory: C
         assert time.monotonic() - started < 5  # not the engine's 600 s read timeout
         assert response.status_code == 503
         assert response.headers["retry-after"]
-        assert response.json()["error"]["code"] == "model_not_ready"
+        # an engine that cannot be reached is said so (before: "the model is not loaded yet"), without its address
+        error = response.json()["error"]
+        assert error["code"] == "engine_unavailable" and "unreachable" in error["message"], error
+        assert engine_url.split("//")[1] not in error["message"]
     finally:
         server.stop()
 
@@ -569,7 +572,7 @@ def test_a_busy_engine_that_answers_its_health_check_late_keeps_serving(auth_dir
             timeout=30, interval=0.2)
         assert f"{PROBE_TIMEOUTS_BEFORE_NOT_READY} health check(s) in a row timed out" in ready.json()["error"]
         refused = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), json=body, timeout=30)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
         engine.health_delay_s = 0.0
         wait_for("the gateway to admit again", lambda: httpx.get(f"{gateway.url}/ready", timeout=5).status_code
                  == 200, timeout=30, interval=0.2)

@@ -214,11 +214,11 @@ class OpenAIUpstreamEngine:
                 log.warning("inference engine at %s did not answer its health check in time (%d in a row); still "
                             "serving it", self.base_url, self._probe_timeouts)
                 return
-            self._mark(False, f"engine at {self.base_url} unreachable: {str(exc) or 'no answer in time'} "
+            self._mark(False, f"engine unreachable: {str(exc) or 'no answer in time'} "
                               f"({self._probe_timeouts} health check(s) in a row timed out)")
             return
         except EngineConnectionError as exc:
-            self._mark(False, f"engine at {self.base_url} unreachable: {exc}")
+            self._mark(False, f"engine unreachable: {exc}")  # its address is in the log, not in answers
             return
         self._probe_timeouts = 0
         if health.status_code != 200:
@@ -257,7 +257,7 @@ class OpenAIUpstreamEngine:
             self.slow_to_connect(str(exc))
             raise engine_unavailable(str(exc)) from exc
         except EngineConnectionError as exc:
-            self.lost(f"{exc} ({self.base_url})")
+            self.lost(str(exc))  # the log names the engine's address; clients are not told it
             raise engine_unavailable(str(exc)) from exc
         except EngineTimeout as exc:
             raise engine_timeout(self.read_timeout_s) from exc
@@ -268,7 +268,7 @@ class OpenAIUpstreamEngine:
         try:
             await response.aread()
         except EngineConnectionError as exc:
-            self.lost(f"{exc} ({self.base_url})")
+            self.lost(str(exc))  # the log names the engine's address; clients are not told it
             raise engine_unavailable(str(exc)) from exc
         except EngineTimeout as exc:
             raise engine_timeout(self.read_timeout_s) from exc
