@@ -127,7 +127,8 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
                        f"{prompt_param}, {requested_max} in the completion). Please reduce the length of the "
                        f"{prompt_param} or completion.", param=prompt_param, code="context_length_exceeded")
     max_new = requested_max if requested_max is not None else min(ceiling, room)
-    temperature = 1.0 if body.temperature is None else body.temperature
+    defaults = engine.sampling_defaults  # the model's own, as vLLM applies them
+    temperature = defaults.get("temperature", 1.0) if body.temperature is None else body.temperature
     n = body.n or 1
     json_schema = body.response_format.schema_text() if body.response_format is not None else None
     check_token_shaping(engine, body, json_schema)
@@ -136,7 +137,7 @@ def plan_call(services: Services, engine: Engine, kind: Kind, body: SamplingFiel
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
             temperature=temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
             seed=None if body.seed is None else (body.seed + i) % (2**63),
             stop=tuple(body.stop_list()),
             presence_penalty=body.presence_penalty or 0.0,

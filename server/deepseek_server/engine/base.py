@@ -138,6 +138,8 @@ class Engine(Protocol):
     model_name: str
     max_model_len: int
     max_new_tokens: int
+    # `temperature`/`top_p` of a request that does not set them, where the model has its own (else 1.0)
+    sampling_defaults: dict[str, float]
 
     @property
     def ready(self) -> bool: ...

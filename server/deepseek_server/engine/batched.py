@@ -47,7 +47,7 @@ from deepseek_server.engine.kv_cache import kv_bytes_per_token, kv_tokens_for_me
 from deepseek_server.engine.loading import LoadedModel
 from deepseek_server.engine.native_memory import release_free_heap
 from deepseek_server.engine.running_batch import BatchTensors, cache_is_joinable, make_growable
-from deepseek_server.engine.sampling import bias, penalize, sample_rows, top_logprobs
+from deepseek_server.engine.sampling import bias, model_sampling_defaults, penalize, sample_rows, top_logprobs
 from deepseek_server.engine.text_assembly import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,13 @@ class BatchedEngine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.model_name = model_name
+        # the model's own sampling defaults, as vLLM takes them from its generation config
+        self.sampling_defaults, unapplied = model_sampling_defaults(getattr(self.model, "generation_config", None))
+        if self.sampling_defaults:
+            log.info("requests that do not set them get the model's sampling defaults %s", self.sampling_defaults)
+        if unapplied:
+            log.warning("the model's generation config sets %s, which the builtin engine does not apply (vLLM "
+                        "does): requests are sampled without them", unapplied)
         if self.device.type == "cuda":
             prefer_fused_attention()
         self.max_batch_size = max_batch_size

@@ -14,6 +14,7 @@ class NoopEngine:
     """Tokens are whitespace-separated words; generation yields `_REPLY` cut to max_new_tokens."""
 
     capabilities = NO_MODEL
+    sampling_defaults: dict[str, float] = {}
 
     def __init__(self, model_name: str = "noop", max_model_len: int = 4096, max_new_tokens: int = 256) -> None:
         self.model_name = model_name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -80,3 +82,23 @@ def top_logprobs(logits: torch.Tensor, token: int, alternatives: int) -> tuple[f
         return chosen, []
     values, ids = torch.topk(logprobs, min(alternatives, int(logprobs.shape[-1])))
     return chosen, [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
+# The generation-config fields vLLM takes as a request's defaults (`--generation-config auto`, its default), with the
+# values that mean "not set": those the builtin engine applies, and those it has no sampler for
+APPLIED_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
+UNAPPLIED_DEFAULTS = {"top_k": (0, 50, None), "min_p": (0.0, None), "repetition_penalty": (1.0, None)}
+
+
+def model_sampling_defaults(generation_config: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """(defaults the builtin engine applies to a request that does not set them, set fields it cannot apply) from a
+    model's generation config (`generation_config.json`), as vLLM reads it: a request without `temperature` or
+    `top_p` gets the model's own (DeepSeek-R1's distills ship 0.6 and 0.95), not 1.0."""
+    applied: dict[str, float] = {}
+    for name, unset in APPLIED_DEFAULTS.items():
+        value = getattr(generation_config, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value != unset:
+            applied[name] = float(value)
+    unapplied = {name: value for name, unsets in UNAPPLIED_DEFAULTS.items()
+                 if (value := getattr(generation_config, name, None)) not in unsets}
+    return applied, unapplied
