@@ -17,6 +17,7 @@ from deepseek_operator.kubectl_plugin.views import (
     retry_needs_reset,
     retry_target,
     spec_revision,
+    stale_token_reason,
 )
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -63,6 +64,9 @@ def test_retry_only_the_failed_revision_the_spec_still_asks_for() -> None:
         retry_target(dsd("Starting", failedRevision="r2"), "r2")
     used = dsd("Degraded", annotations={"deepseek.ai/retry": "r2"}, failedRevision="r2", retriedRevision="r2")
     assert retry_needs_reset(used, "r2") and not retry_needs_reset(failed, "r2")
+    # the annotation removed by hand, the operator not there yet: setting it again now would never be acted on
+    removed = dsd("Degraded", failedRevision="r2", retriedRevision="r2")
+    assert retry_needs_reset(removed, "r2")
 
 
 def test_status_in_words_names_phase_colors_checks_and_next_step() -> None:
@@ -94,6 +98,8 @@ def test_keys_table_and_env_exports_quote_for_the_shell() -> None:
     assert env_exports({"OPENAI_API_KEY": "a'b", "OPENAI_BASE_URL": "http://x/v1"}) == (
         "export OPENAI_API_KEY='a'\"'\"'b'\nexport OPENAI_BASE_URL=http://x/v1")
     assert relative(None, NOW) == "-" and relative("2027-01-15T08:00:30Z", NOW) == "in 30s"
+    unknown = {**key, "status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "AuthConfigUnknown"}]}}
+    assert keys_table([unknown], now=NOW).splitlines()[1].split()[5:7] == ["Unknown", "(AuthConfigUnknown)"]
 
 
 def test_keys_table_shows_the_scopes_a_key_on_the_deployments_default_holds() -> None:
@@ -144,3 +150,21 @@ def test_a_post_switch_check_with_too_few_requests_reads_not_judged() -> None:
         "message": "9 server error(s) in 9 request(s) on green: not judged until 10 requests have come"}
     text = describe_deployment(obj, {"blue": None, "green": None}, [], desired_revision="r2", now=NOW)
     assert "Verification (PostVerifying): not judged, 9 request(s), 9 error(s)" in text
+
+
+def test_env_hands_out_only_the_keys_token_in_force() -> None:
+    from deepseek_operator.tokens import token_sha256
+
+    current, pending, revoked = "eyJ.current", "eyJ.pending", "eyJ.revoked"
+    held = {"type": "Ready", "status": "False", "reason": "TokenLimitReached",
+            "message": "32 tokens of this key are out"}
+    assert stale_token_reason({"tokenSHA256": token_sha256(current)}, current) is None
+    # a rotation under way: the Secret already holds the token status records as pending
+    assert stale_token_reason({"tokenSHA256": token_sha256(current),
+                               "pendingToken": {"tokenSHA256": token_sha256(pending)}}, pending) is None
+    # at the bound, the current token revoked and not replaced: status has no token, the Secret keeps the old one
+    reason = stale_token_reason({"conditions": [held]}, revoked)
+    assert reason is not None and "no token in force" in reason and "TokenLimitReached" in reason
+    assert revoked not in reason
+    altered = stale_token_reason({"tokenSHA256": token_sha256(current)}, revoked)
+    assert altered is not None and "not the key's current one" in altered

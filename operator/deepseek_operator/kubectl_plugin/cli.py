@@ -35,6 +35,7 @@ from .views import (
     retry_needs_reset,
     retry_target,
     spec_revision,
+    stale_token_reason,
 )
 
 DEPLOYMENTS = "deepseekdeployments"
@@ -59,6 +60,9 @@ class Kube:
                     active = next((c for c in contexts if c.get("name") == context), active)
                 namespace = ((active or {}).get("context") or {}).get("namespace")
         except config.ConfigException as exc:
+            if kubeconfig or context or os.environ.get("KUBECONFIG"):
+                # asked for: a missing file or a mistyped context must not fall back to the pod's own credentials
+                raise PluginError(f"the kubeconfig or context asked for cannot be used ({exc})") from None
             try:
                 config.load_incluster_config()
             except config.ConfigException:
@@ -209,8 +213,9 @@ def cmd_retry(kube: Kube, args: argparse.Namespace) -> int:
         revision = retry_target(dsd, spec_revision(dsd, compute_revision))
         if retry_needs_reset(dsd, revision):
             # This value already restarted the revision once: the operator forgets it only when the annotation
-            # goes away, so remove it and wait for status to show that before setting it again.
-            kube.annotate(DEPLOYMENTS, dsd, {RETRY_ANNOTATION: None})
+            # goes away, so remove it (unless already gone) and wait for status to show that before setting it again.
+            if already_asked(dsd, RETRY_ANNOTATION, revision):
+                kube.annotate(DEPLOYMENTS, dsd, {RETRY_ANNOTATION: None})
 
             def forgotten() -> dict[str, Any] | None:
                 found = kube.dsd(args.name)
@@ -264,6 +269,9 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
         raise PluginError(f"ApiKey {kube.namespace}/{args.name} is revoked; set spec.revoked to false to issue a new "
                           "token instead")
     status = apikey.get("status") or {}
+    held = _held_rotation(status)
+    if held:  # before "no token yet": a key at its bound of tokens out may have none in force, and had many
+        raise PluginError(f"ApiKey {kube.namespace}/{args.name} cannot have another token yet: {held}")
     if not status.get("tokenId"):
         # Nothing to rotate: waiting for the operator would only time out. Say why the key has no token.
         ready = _ready(status)
@@ -271,9 +279,6 @@ def cmd_rotate(kube: Kube, args: argparse.Namespace) -> int:
                else "the operator has not reported on it yet")
         raise PluginError(f"ApiKey {kube.namespace}/{args.name} has no token to rotate yet ({why}); it gets its first "
                           "token as soon as it can")
-    held = _held_rotation(status)
-    if held:
-        raise PluginError(f"ApiKey {kube.namespace}/{args.name} cannot have another token yet: {held}")
     request = _rfc3339_now()
     previous = status.get("tokenId")
 
@@ -318,6 +323,11 @@ def cmd_env(kube: Kube, args: argparse.Namespace) -> int:
         raise PluginError(f"Secret {kube.namespace}/{secret_name} of ApiKey {args.name} "
                           f"{'does not exist' if secret is None else 'has no ' + ', '.join(missing)} yet{why}")
     values = {name: base64.b64decode(data[name]).decode() for name in needed}
+    stale = stale_token_reason(status, values["OPENAI_API_KEY"])
+    if stale:  # the key as it is now: a rotation may have written the Secret after the key was read
+        stale = stale_token_reason(kube.apikey(args.name).get("status") or {}, values["OPENAI_API_KEY"])
+    if stale:
+        raise PluginError(f"ApiKey {kube.namespace}/{args.name}: {stale}")
     if args.base_url:
         values["OPENAI_BASE_URL"] = args.base_url
     print(env_exports(values))
@@ -362,14 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[common], help=text.split(" (")[0], description=text[0].upper()
                                  + text[1:] + ". The revision is read from the deployment's status.")
         command.add_argument("name", metavar="DSD", help="DeepSeekDeployment name")
-        command.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the operator where a "
-                                                                         "step needs it (default 60)")
+        if run is cmd_retry:  # the only one that waits: for the operator to forget a retry it ran before
+            command.add_argument("--timeout", type=float, default=60.0,
+                                 help="seconds to wait for the operator to forget an earlier retry of the same "
+                                      "revision, where there was one (default 60)")
         command.set_defaults(run=run)
 
     keys = sub.add_parser("keys", parents=[common], help="list ApiKeys: subject, environment, scopes, expiry, "
-                                                         "last rotation",
-                          description="List ApiKeys with their subject, environment, scopes, readiness, expiry and "
-                                      "last rotation (never a token).")
+                                                         "when the token was issued",
+                          description="List ApiKeys with their subject, environment, scopes, readiness, expiry, when "
+                                      "the token in force was issued and how many were issued (never a token).")
     keys.add_argument("-A", "--all-namespaces", action="store_true", help="list ApiKeys of every namespace")
     keys.set_defaults(run=cmd_keys)
 

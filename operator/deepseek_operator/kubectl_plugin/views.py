@@ -18,9 +18,9 @@ from ..rollout import (
     DEGRADED,
     IN_PROGRESS,
     POST_VERIFYING,
-    RETRY_ANNOTATION,
     ROLLING_BACK,
 )
+from ..tokens import token_sha256
 from ..workloads import COLORS, REVISION_LABEL
 
 
@@ -122,10 +122,12 @@ def spec_revision(dsd: Mapping[str, Any], compute: Callable[[Mapping[str, Any]],
 
 
 def retry_needs_reset(dsd: Mapping[str, Any], revision: str) -> bool:
-    """Whether the retry annotation already restarted `revision` once: it must be removed (and status must show
-    the operator saw that) before the same value asks for another retry."""
+    """Whether the operator still remembers a retry of `revision` (`status.retriedRevision`): the annotation must be
+    gone, and status must show the operator saw that, before the same value asks for another retry. Also when the
+    annotation was removed by hand and the operator has not reconciled since: set again then, the operator would
+    take it for the retry it already ran, and never retry."""
     status = dsd.get("status") or {}
-    return _annotations(dsd).get(RETRY_ANNOTATION) == revision and status.get("retriedRevision") == revision
+    return status.get("retriedRevision") == revision
 
 
 def already_asked(dsd: Mapping[str, Any], annotation: str, revision: str) -> bool:
@@ -265,7 +267,9 @@ def recent_events(events: Sequence[Mapping[str, Any]], limit: int = 8) -> list[M
 # ---------------------------------------------------------------------------------------------------- keys
 def keys_table(apikeys: Sequence[Mapping[str, Any]], *, now: float, with_namespace: bool = False) -> str:
     """`kubectl deepseek keys`: one row per ApiKey (never a token)."""
-    header = ["NAME", "DEPLOYMENT", "SUBJECT", "ENV", "SCOPES", "READY", "EXPIRES", "LAST ROTATION", "TOKENS"]
+    # TOKEN ISSUED: when the token in force was issued (the first one, or the last rotation); ISSUED: tokens issued
+    # to the key so far (status.revision), not how many are out
+    header = ["NAME", "DEPLOYMENT", "SUBJECT", "ENV", "SCOPES", "READY", "EXPIRES", "TOKEN ISSUED", "ISSUED"]
     if with_namespace:
         header.insert(0, "NAMESPACE")
     rows = [header]
@@ -276,8 +280,10 @@ def keys_table(apikeys: Sequence[Mapping[str, Any]], *, now: float, with_namespa
             ready_text = "Revoked"
         elif ready.get("status") == "True":
             ready_text = "True"
+        elif ready:  # False, or Unknown (e.g. AuthConfigUnknown: the deployment's auth config cannot be read)
+            ready_text = f"{ready.get('status', 'Unknown')} ({ready.get('reason', 'Pending')})"
         else:
-            ready_text = f"False ({ready.get('reason', 'Pending')})" if ready else "Pending"
+            ready_text = "Pending"
         issued = status.get("issuedAt")
         row = [key["metadata"]["name"], (spec.get("deploymentRef") or {}).get("name", "?"), spec.get("subject", "?"),
                spec.get("environment", "?"), _scopes_text(spec, status),
@@ -303,3 +309,18 @@ def _scopes_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
 def env_exports(values: Mapping[str, str]) -> str:
     """Shell `export` lines for OPENAI_API_KEY and OPENAI_BASE_URL (quoted for sh, bash and zsh)."""
     return "\n".join(f"export {name}={shlex.quote(values[name])}" for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"))
+
+
+def stale_token_reason(status: Mapping[str, Any], token: str) -> str | None:
+    """Why the token in a key's Secret is not one to hand out, or None when it is the key's current token (or the
+    one the operator is making current: `pendingToken`). The Secret can hold a token the operator has revoked and
+    not replaced: a key at its bound of tokens out whose subject, scopes or environment changed
+    (`TokenLimitReached`), or a token edited in by hand, about to be replaced."""
+    sha = token_sha256(token)
+    if sha in (status.get("tokenSHA256"), (status.get("pendingToken") or {}).get("tokenSHA256")):
+        return None
+    ready = _condition(status, "Ready")
+    why = f" (Ready={ready.get('status')}, {ready.get('reason')}: {ready.get('message')})" if ready else ""
+    if not status.get("tokenSHA256"):
+        return f"the key has no token in force now{why}; its Secret still holds one that the servers refuse"
+    return f"its Secret holds a token that is not the key's current one{why}; the operator replaces it shortly"
