@@ -301,9 +301,10 @@ class CompletionRequest(SamplingFields):
     # OpenAI's four forms: one prompt as text or as token ids, or several prompts (a choice per prompt and n, in
     # prompt order: choice i*n+j is prompt i's j-th)
     prompt: str | list[str] | list[int] | list[list[int]]
-    # None (not sent, or null): OpenAI's default of 16, cut to what the context still holds (`max_tokens_for`)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    echo: bool = False
+    echo: bool = False  # before max_tokens, whose check reads it
+    # None (not sent, or null): OpenAI's default of 16, cut to what the context still holds (`max_tokens_for`);
+    # 0 with `echo`: the prompt echoed, nothing generated (scoring a prompt by its log-probabilities), as in vLLM
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
 
@@ -311,6 +312,14 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
     _echo_null = field_validator("echo", mode="before")(_null_is_false)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and not info.data.get("echo"):
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1 (0 only "
+                                      "with echo: the prompt alone, nothing generated)")
+        return value
 
     def max_tokens_for(self, room: int, ceiling: int) -> int:
         """The completion's length limit when `room` tokens of the context are left after the prompt and the

@@ -106,6 +106,10 @@ CASES = [
     Case("n zero", 400, json=chat(n=0), param="n"),
     Case("n huge", 400, json=chat(n=1000), param="n"),
     Case("max_tokens zero", 400, json=chat(max_tokens=0), param="max_tokens"),
+    Case("completion max_tokens zero", 400, path=TEXT, json=text(max_tokens=0), param="max_tokens"),
+    # zero is vLLM's echo-only request: an engine without echo refuses the echo
+    Case("completion echo with max_tokens zero", 400, path=TEXT, json=text(max_tokens=0, echo=True), param="echo",
+         code="unsupported_parameter"),
     Case("max_tokens negative", 400, json=chat(max_tokens=-5), param="max_tokens"),
     Case("max_tokens huge", 400, json=chat(max_tokens=10**9), param="max_tokens", code="invalid_value"),
     Case("prompt beyond context", 400, json=chat(messages=[{"role": "user", "content": LONG_PROMPT * 3}]),

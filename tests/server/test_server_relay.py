@@ -355,6 +355,20 @@ def test_unsupported_parameters_are_refused_by_name(gateway: ServerThread,
         assert dropped.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_echo_with_max_tokens_zero_is_relayed_and_zero_without_echo_is_refused(
+        standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
+        token_factory: Callable[..., str]) -> None:
+    """`echo` with `max_tokens: 0` is vLLM's way to score a prompt (its log-probabilities, nothing generated; what
+    evaluation harnesses send): relayed as sent. Without `echo`, 0 is refused as before."""
+    scored = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                        json={"model": MODEL, "prompt": "score me", "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert scored.status_code == 200, scored.text
+    assert standin[0].requests[-1]["max_tokens"] == 0 and standin[0].requests[-1]["echo"] is True
+    refused = httpx.post(f"{gateway.url}/v1/completions", headers=_auth(token_factory), timeout=10,
+                         json={"model": MODEL, "prompt": "hi", "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text
+
+
 def test_a_json_schema_without_schema_is_refused_by_name_before_the_engine(
         standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
         token_factory: Callable[..., str]) -> None:
