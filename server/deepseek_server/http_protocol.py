@@ -30,6 +30,7 @@ from deepseek_server.errors import error_body
 # values' table starts again when full
 REMEMBERED_NAMES = 1024
 REMEMBERED_VALUES = 4096
+REMEMBERED_LENGTH = 256  # longer texts are scanned each time: the tables stay small (at most about 1 MiB)
 
 INVALID_HTTP = json.dumps(error_body(
     "The request is not valid HTTP/1.1: a malformed request line or header (a header value may not hold control "
@@ -53,7 +54,8 @@ class OpenAIErrorsHTTPProtocol(AutoHTTPProtocol):
 class RememberedCheck(dict[bytes, Any]):
     """`pattern.search(text)` for header bytes, remembered: `check.search(text)` is None for a text the pattern does
     not match, as the pattern says, and the pattern's match where it does (not remembered: refused headers are rare,
-    and each is scanned again). Holds at most `size` texts; a full table is emptied (`renew`) or kept as it is."""
+    and each is scanned again). Holds at most `size` texts of at most REMEMBERED_LENGTH bytes; a full table is
+    emptied (`renew`) or kept as it is."""
 
     __slots__ = ("pattern", "renew", "size")
 
@@ -65,7 +67,7 @@ class RememberedCheck(dict[bytes, Any]):
 
     def __missing__(self, text: bytes) -> re.Match[bytes] | None:
         found = self.pattern.search(text)
-        if found is None:
+        if found is None and len(text) <= REMEMBERED_LENGTH:
             if len(self) >= self.size:
                 if not self.renew:
                     return None

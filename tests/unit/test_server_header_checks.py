@@ -47,3 +47,12 @@ def test_the_tables_stay_within_their_size() -> None:
         assert values.search(b"%d" % index) is None
         assert len(values) <= 4
     assert b"9" in values
+
+
+def test_long_texts_are_scanned_each_time_not_remembered() -> None:
+    from deepseek_server.http_protocol import REMEMBERED_LENGTH
+
+    check = RememberedCheck(VALUES, size=8, renew=True)
+    long_value = b"x" * (REMEMBERED_LENGTH + 1)
+    assert check.search(long_value) is None and check.search(b"x" * REMEMBERED_LENGTH) is None
+    assert list(check) == [b"x" * REMEMBERED_LENGTH]
