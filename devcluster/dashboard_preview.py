@@ -18,6 +18,7 @@ Grafana itself is not on PyPI or in Debian, so this is a drawing of the same que
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import re
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not Path(args.prometheus).exists():
         sys.exit("Prometheus is not installed: apt-get install prometheus (or give --prometheus PATH)")
+    if importlib.util.find_spec("matplotlib") is None:  # said now, not after minutes of cluster and traffic
+        sys.exit("matplotlib is not installed: .venv/bin/pip install -e '.[preview]'")
 
     from kubernetes import client
 
