@@ -181,6 +181,17 @@ async def test_redis_store_carries_over_the_token_debt_the_version_before_wrote(
     assert second.remaining_tokens in (4, 5)  # `:tokens` exists: the old key is not read again
 
 
+async def test_a_key_with_burst_one_is_admitted_at_redis_clock_times(redis_store: RedisLimitStore) -> None:
+    """Redis's clock is seconds since 1970 (about 1.8e9, where a double's step is 2.4e-7 s): `(now + 1/rps) - now`
+    can come out above 1/rps, which a margin of 1e-9 took for a full bucket. A key of `burst: 1` was refused on its
+    very first request at most rates (5, 6, 9, 13 requests per second...), and on every one after."""
+    for rps in (3, 5, 6, 7, 9, 11, 13, 17, 3000):
+        for n in range(4):
+            first = await redis_store.acquire(f"b{rps}-{n}", KeyLimits(rps=rps, burst=1), hold=False)
+            assert first.allowed, (rps, n, first.kind, first.retry_after_s)
+            assert first.remaining_requests == 0
+
+
 async def test_redis_store_gcra_burst(redis_store: RedisLimitStore) -> None:
     limits = KeyLimits(rps=1, burst=3)
     results = [await redis_store.acquire("g", limits) for _ in range(5)]

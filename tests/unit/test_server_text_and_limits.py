@@ -271,3 +271,21 @@ async def test_response_cache_ttl_and_lru(monkeypatch: pytest.MonkeyPatch) -> No
     assert await cache.get("b", caller) is None and await cache.get("c", caller) == {"v": 3}
     now[0] += 11
     assert await cache.get("a", caller) is None  # past its TTL
+
+
+def test_a_key_with_burst_one_is_admitted_once_an_interval_at_epoch_clock_times() -> None:
+    """At seconds since 1970 (Redis's clock) a double's step is 2.4e-7 s: the admission's margin must exceed it, or
+    `(now + interval) - now` reads as one interval too many and the key is refused for good."""
+    for rps in (3, 5, 6, 9, 13, 3000):
+        limits = KeyLimits(rps=rps, burst=1)
+        clock = [1_764_990_000.123456]
+        store = MemoryLimitStore(clock=lambda clock=clock: clock[0])
+        tat, admitted, admitted_here = None, 0, 0
+        for _ in range(20):
+            check = gcra.check_request(tat, clock[0], limits)
+            if check.allowed:
+                admitted, tat = admitted + 1, check.new_tat
+                assert gcra.remaining_requests(tat, clock[0], limits) == 0
+            admitted_here += store.admit_request("u", limits) is not None
+            clock[0] += 1.0
+        assert (admitted, admitted_here) == (20, 20), rps

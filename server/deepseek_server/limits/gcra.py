@@ -15,6 +15,11 @@ from typing import NamedTuple
 from deepseek_server.limits.policy import KeyLimits
 
 TOKEN_WINDOW_S = 60.0
+# How far past a bound a time may land and still count as on it. Times are seconds since an epoch (Redis's clock:
+# about 1.8e9, where a double's step is 2.4e-7 s), so `(now + interval) - now` can come out a few tenths of a
+# microsecond above `interval`: with a margin below that step, a key with `burst` 1 was refused on every request at
+# most rates. A microsecond is nothing to a rate limit, and holds until the year 2242.
+SLACK_S = 1e-6
 
 
 class RequestCheck(NamedTuple):  # a tuple: built on every admission, where a frozen dataclass costs several times more
@@ -30,7 +35,7 @@ def check_request(tat: float | None, now: float, limits: KeyLimits) -> RequestCh
     """Admit one request against the GCRA state `tat`; returns the TAT to store if admitted."""
     start = tat if tat is not None and tat > now else now
     new_tat = start + limits.interval
-    if new_tat - now > limits.tolerance + 1e-9:
+    if new_tat - now > limits.tolerance + SLACK_S:
         return _new_tuple(RequestCheck, (False, start, new_tat - limits.tolerance - now))
     return _new_tuple(RequestCheck, (True, new_tat, 0.0))
 
@@ -38,7 +43,7 @@ def check_request(tat: float | None, now: float, limits: KeyLimits) -> RequestCh
 def remaining_requests(tat: float | None, now: float, limits: KeyLimits) -> int:
     ahead = (tat or now) - now
     outstanding = ahead if ahead > 0.0 else 0.0
-    remaining = math.floor((limits.tolerance - outstanding) / limits.interval + 1e-9)
+    remaining = math.floor((limits.tolerance - outstanding + SLACK_S) / limits.interval)
     return remaining if remaining > 0 else 0
 
 
@@ -53,7 +58,7 @@ def check_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> tupl
         return True, 0.0
     per_token = TOKEN_WINDOW_S / limits.tpm
     outstanding = tokens_outstanding(token_tat, now)
-    if outstanding > TOKEN_WINDOW_S - per_token + 1e-9:
+    if outstanding > TOKEN_WINDOW_S - per_token + SLACK_S:
         return False, outstanding - (TOKEN_WINDOW_S - per_token)
     return True, 0.0
 
@@ -80,4 +85,4 @@ def remaining_tokens(token_tat: float | None, now: float, limits: KeyLimits) -> 
     if limits.tpm is None:
         return None
     per_token = TOKEN_WINDOW_S / limits.tpm
-    return max(int((TOKEN_WINDOW_S - tokens_outstanding(token_tat, now)) / per_token), 0)
+    return max(int((TOKEN_WINDOW_S - tokens_outstanding(token_tat, now) + SLACK_S) / per_token), 0)

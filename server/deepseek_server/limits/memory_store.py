@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from deepseek_server.limits import gcra
 from deepseek_server.limits.decision import RESET_REQUESTS_HEADERS, Decision, request_rate_headers
+from deepseek_server.limits.gcra import SLACK_S
 from deepseek_server.limits.policy import KeyLimits
 
 _new_tuple = tuple.__new__  # builds a Decision without the Python-level __new__ NamedTuple generates
@@ -74,10 +75,10 @@ class MemoryLimitStore:
         interval, tolerance = limits.interval, limits.tolerance
         new_tat = (tat if tat is not None and tat > now else now) + interval
         ahead = new_tat - now
-        if ahead > tolerance + 1e-9:  # as gcra.check_request decides
+        if ahead > tolerance + SLACK_S:  # as gcra.check_request decides
             return None
         self._request_tat[uid] = new_tat
-        remaining = int((tolerance - ahead) / interval + 1e-9)  # what gcra.remaining_requests says after it
+        remaining = int((tolerance - ahead + SLACK_S) / interval)  # what gcra.remaining_requests says after it
         if remaining < 0:
             remaining = 0
         if ahead < 1:  # a reset under a second, the common case: `request_rate_headers`, written out (a call less)

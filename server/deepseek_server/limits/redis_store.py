@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from deepseek_server.limits.decision import Decision
+from deepseek_server.limits.gcra import SLACK_S
 from deepseek_server.limits.policy import KeyLimits
 
 # The token state is "<TAT>:<seconds per token it was written under>", under its own key (`:tokens`): tokens
@@ -50,10 +51,10 @@ if tat < now then tat = now end
 local token_tat = read_token_tat(redis.call('GET', KEYS[2]) or redis.call('GET', KEYS[4]), now, per_token)
 local token_out = token_tat - now
 local new_tat = tat + interval
-if new_tat - now > tolerance + 1e-9 then
+if new_tat - now > tolerance + 1e-6 then  -- gcra.SLACK_S
   return {0, 'requests', tostring(new_tat - tolerance - now), tostring(tat - now), tostring(token_out)}
 end
-if per_token > 0 and token_out > 60 - per_token + 1e-9 then
+if per_token > 0 and token_out > 60 - per_token + 1e-6 then
   return {0, 'tokens', tostring(token_out - (60 - per_token)), tostring(tat - now), tostring(token_out)}
 end
 if parallel > 0 then
@@ -66,11 +67,12 @@ if parallel > 0 then
     redis.call('PEXPIRE', KEYS[3], math.ceil(lease * 1000) + 1000)
   end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 if per_token > 0 and reserve > 0 then
   token_tat = token_tat + reserve * per_token
   token_out = token_tat - now
-  redis.call('SET', KEYS[2], tostring(token_tat) .. ':' .. ARGV[3], 'PX', math.ceil(token_out * 1000) + 1000)
+  redis.call('SET', KEYS[2], string.format('%.17g', token_tat) .. ':' .. ARGV[3], 'PX',
+             math.ceil(token_out * 1000) + 1000)
   redis.call('DEL', KEYS[4])
 end
 return {1, '', '0', tostring(new_tat - now), tostring(token_out)}
@@ -90,7 +92,7 @@ if delta ~= 0 and per_token > 0 then
   local token_tat = read_token_tat(redis.call('GET', KEYS[1]) or redis.call('GET', KEYS[3]), now, per_token)
   token_tat = token_tat + delta * per_token
   if token_tat > now then
-    redis.call('SET', KEYS[1], tostring(token_tat) .. ':' .. ARGV[3], 'PX',
+    redis.call('SET', KEYS[1], string.format('%.17g', token_tat) .. ':' .. ARGV[3], 'PX',
                math.ceil((token_tat - now) * 1000) + 1000)
   else
     redis.call('DEL', KEYS[1])
@@ -150,7 +152,7 @@ class RedisLimitStore:
             int(reply[0]), _text(reply[1]), float(reply[2]), float(reply[3]), float(reply[4])
         )
         interval = 1.0 / limits.rps
-        remaining = max(int((limits.capacity * interval - request_out) / interval + 1e-9), 0)
+        remaining = max(int((limits.capacity * interval - request_out + SLACK_S) / interval), 0)
         remaining_tokens = max(int((60.0 - token_out) / per_token), 0) if per_token else None
         return Decision(
             allowed=bool(allowed),
