@@ -409,6 +409,9 @@ def build_deployment(dsd: dict[str, Any], color: str, revision: str, replicas: i
     pod_spec: dict[str, Any] = {
         "serviceAccountName": server_account_name(name),
         "automountServiceAccountToken": True,  # the server watches its auth ConfigMap through the API
+        # No variables for the namespace's Services: a Service named `vllm` (a deployment's own, once it serves)
+        # becomes VLLM_PORT=tcp://..., which vLLM reads as its own setting and refuses, and the engine never starts
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_period(spec),
         "containers": containers,
         "volumes": volumes,

@@ -319,6 +319,14 @@ def test_every_container_reports_the_end_of_its_log_when_it_fails(spec: dict[str
     assert policies == dict.fromkeys(names, "FallbackToLogsOnError")
 
 
+@pytest.mark.parametrize("spec", [dsd(), vllm_dsd()], ids=["builtin", "vllm"])
+def test_pods_get_no_variables_for_the_namespaces_services(spec: dict[str, Any]) -> None:
+    """A Service named `vllm` (a deployment of that name serves through one) would become VLLM_PORT=tcp://IP:8000
+    in every pod of the namespace: vLLM reads VLLM_PORT as its own setting, refuses a URI there and never starts."""
+    pod = build_deployment(spec, "blue", "r", 1)["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+
+
 def test_builtin_pod_is_unchanged_by_an_explicit_builtin_engine() -> None:
     explicit = dsd(engine={"name": "builtin", "image": DEFAULT_VLLM_IMAGE})
     assert build_deployment(explicit, "blue", "r", 1) == build_deployment(dsd(), "blue", "r", 1)
