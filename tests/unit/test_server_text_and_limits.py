@@ -289,3 +289,24 @@ def test_a_key_with_burst_one_is_admitted_once_an_interval_at_epoch_clock_times(
             admitted_here += store.admit_request("u", limits) is not None
             clock[0] += 1.0
         assert (admitted, admitted_here) == (20, 20), rps
+
+
+def test_a_reservation_the_minute_has_already_drained_is_not_refunded() -> None:
+    """A request that ends after its reservation drained out of the minute gets back only what is still outstanding:
+    refunding all of its unused reservation cancelled newer requests' reservations, and keys with requests that wait
+    a minute (for memory, or relayed) could use about twice their tokens per minute."""
+    from deepseek_server.limits.limiter import RateLimiter
+
+    limits = KeyLimits(rps=1000, burst=1000, tpm=1000)
+    limiter = RateLimiter()
+    quick = limiter.acquire_now("u", limits, 100)
+    assert limiter.release_now(quick, 0)  # ended at once: all 100 back
+    assert limiter.acquire_now("u", limits, 0, hold=False).decision.remaining_tokens == 1000
+    slow = limiter.acquire_now("u", limits, 100)
+    slow.admitted_at -= 61  # admitted more than a minute ago: its 100 tokens drained since
+    assert slow.settled_reservation(0) == 0 and slow.settled_reservation(150) == 100
+    assert limiter.release_now(slow, 0)
+    assert limiter.acquire_now("u", limits, 0, hold=False).decision.remaining_tokens == 900
+    half = limiter.acquire_now("v", limits, 100)
+    half.admitted_at -= 3  # 50 of its 100 tokens drained: 50 of the unused 80 come back
+    assert half.settled_reservation(20) == 70

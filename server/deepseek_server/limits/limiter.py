@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from deepseek_server.limits import gcra
 from deepseek_server.limits.decision import Decision
 from deepseek_server.limits.memory_store import MemoryLimitStore
 from deepseek_server.limits.policy import KeyLimits
@@ -45,6 +47,19 @@ class Lease:
     decision: Decision
     reserved: int = 0
     renewal: asyncio.Task[None] | None = None
+    admitted_at: float = field(default_factory=time.monotonic)
+
+    def settled_reservation(self, tokens_used: int) -> int:
+        """The reservation to settle `tokens_used` against: all of it, less what of its unused part the minute has
+        drained already. A request that ran longer than its reservation took to drain (a minute for a whole budget)
+        gets back only what is still outstanding: refunding the rest would cancel other requests' newer
+        reservations, and requests in parallel could then overshoot by more than one reservation."""
+        reserved, tpm = self.reserved, self.limits.tpm
+        if tokens_used >= reserved or tpm is None:
+            return reserved
+        outstanding = reserved - (time.monotonic() - self.admitted_at) * tpm / gcra.TOKEN_WINDOW_S
+        refund = min(reserved - tokens_used, math.ceil(outstanding) if outstanding > 0 else 0)
+        return tokens_used + refund
 
     @property
     def needs_io(self) -> bool:
@@ -127,7 +142,7 @@ class RateLimiter:
         if not decision.allowed:
             return True
         if decision.backend == "memory":
-            self.memory.release(lease.uid, lease.limits, tokens_used, lease.reserved)
+            self.memory.release(lease.uid, lease.limits, tokens_used, lease.settled_reservation(tokens_used))
             return True
         return False
 
@@ -140,12 +155,13 @@ class RateLimiter:
             self.release_now(lease, tokens_used)
             return
         assert self.redis is not None
+        reserved = lease.settled_reservation(tokens_used)
         try:
-            await self.redis.release(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, lease.reserved)
+            await self.redis.release(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, reserved)
         except Exception as exc:
             self._redis_failed(exc)
             if lease.limits.parallel is not None:  # settled later if it did not run (a slot tells whether it did)
-                self._settle_later(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, lease.reserved)
+                self._settle_later(lease.uid, lease.limits, lease.decision.lease_id, tokens_used, reserved)
 
     def _settle_later(self, uid: str, limits: KeyLimits, lease_id: str, tokens_used: int, reserved: int) -> None:
         task = asyncio.get_running_loop().create_task(self._settle(uid, limits, lease_id, tokens_used, reserved))
