@@ -3,7 +3,7 @@
 Each category is a set of patterns; a match is replaced by `[redacted:<category>]`. The patterns are heuristics that
 err towards masking: card numbers only when the Luhn checksum holds (so order numbers and timestamps survive),
 phone numbers only in the usual written forms (international `+…`, `(555) 123-4567`, `555-123-4567`, trunk-prefixed
-`020 7946 0958`), national ids in their official formats (US SSN `123-45-6789`, UK NI `QQ 12 34 56 C`).
+`020 7946 0958`), national ids in their official formats (US SSN `123-45-6789`, UK NI `AB 12 34 56 C`, any case).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 CATEGORIES = ("api_key", "email", "phone", "card", "national_id")
+_LAST_SPACE = re.compile(r"\s(?=\S*$)")  # the last whitespace of a text
+WINDOW_MARGIN = 64  # masked characters past a preview's cut: more than any pattern of several words spans
 
 _API_KEY = [
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),
@@ -23,13 +25,18 @@ _API_KEY = [
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
     re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"),
-    re.compile(r"(?i)\b(?:api[_-]?key|secret|token|password|passwd)\b(\s*[:=]\s*)[\"']?[^\s\"']{6,}"),
+    # `name: value` / `name=value` for a secret's name, also inside a longer one (`access_token`, `client_secret`,
+    # `REDIS_PASSWORD`, `DEEPSEEK_RECORD_KEY`)
+    re.compile(r"(?i)\b[\w-]*(?:(?:api|access|secret|private|record)[_-]?key|secret|token|password|passwd)\b"
+               r"(\s*[:=]\s*)[\"']?[^\s\"']{6,}"),
+    # a password in a URL (`redis://:pw@host`, `https://user:pw@host`): the URL up to it stays
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+(?=@)"),
 ]
 _EMAIL = [re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")]
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _NATIONAL_ID = [
     re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}[- ](?!00)\d{2}[- ](?!0000)\d{4}(?![\d-])"),  # US SSN
-    re.compile(r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"),  # UK National Insurance
+    re.compile(r"(?i)\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"),  # UK National Insurance
 ]
 _PHONE = [
     re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"),
@@ -111,11 +118,22 @@ class Redactor:
 
     def preview(self, text: str, limit: int) -> str:
         """The first `limit` characters of `text`, masked. Masking runs over a wider window first, so a secret that
-        crosses the cut is still recognised whole; a word cut in two at the end is dropped."""
-        masked = self.mask(text[:limit + 1024])
+        crosses the cut is still recognised whole; a word cut in two at the end is dropped, back to the last
+        whitespace. Text without whitespace (Chinese, Japanese) is cut as it is: it has no words to keep whole."""
+        end = limit + 1024
+        while True:
+            window = text[:end]
+            masked = self.mask(window)
+            # the window's end well past the cut: a pattern it splits (a card number's digits, a phone number) ends
+            # after the cut, not inside what is kept; where masking shortened it that much, the window grows
+            if len(window) == len(text) or len(masked) > limit + WINDOW_MARGIN:
+                break
+            end *= 2
         if len(masked) <= limit:
             return masked
         cut = masked[:limit]
-        if not masked[limit].isspace() and not cut[-1].isspace():
-            cut = cut[:max(cut.rfind(" "), 0)]
+        if not masked[limit].isspace() and cut and not cut[-1].isspace():
+            last = _LAST_SPACE.search(cut)
+            if last is not None:
+                cut = cut[:last.start()]
         return cut

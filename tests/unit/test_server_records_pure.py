@@ -22,6 +22,14 @@ ALL = Redactor.from_setting("all")
     ("key sk-abcdefghijklmnop1234 here", "api_key"),
     ("aws AKIAIOSFODNN7EXAMPLE here", "api_key"),
     ("password = hunter2hunter2 set", "api_key"),
+    # a secret's name inside a longer one, and a password in a URL
+    ("use access_token=abcdef123456 now", "api_key"),
+    ("config client_secret: abcdefghijk here", "api_key"),
+    ("env REDIS_PASSWORD=supersecret1 set", "api_key"),
+    ("env DEEPSEEK_RECORD_KEY=Zm9vYmFyYmF6 set", "api_key"),
+    ("url redis://:hunter2secret@redis:6379/0 used", "api_key"),
+    ("url https://bob:pa55word@host/x used", "api_key"),
+    ("NI number ab123456c here", "national_id"),
     ("card 4111 1111 1111 1111 please", "card"),
     ("card 5500-0000-0000-0004 please", "card"),
     ("ssn 078-05-1120 here", "national_id"),
@@ -42,6 +50,7 @@ def test_each_category_is_masked(text: str, category: str) -> None:
     "released on 2024-01-15 at 10:30",
     "version 1.2.3 costs 42 dollars, ticket 12345",
     "invalid ssn 000-12-3456 and 666-12-3456",
+    "the password is fine, see https://example.com/a@b and monkey=banana12345",
 ])
 def test_ordinary_numbers_are_kept(text: str) -> None:
     assert ALL.mask(text) == text
@@ -67,8 +76,21 @@ def test_preview_masks_across_the_cut_and_drops_a_cut_word() -> None:
     assert preview == "x" * 195  # the key crossed the cut: masked whole, then the cut placeholder dropped
     assert "sk-" not in preview
     assert ALL.preview("short a@b.io", 200) == "short [redacted:email]"
-    long_word = "y" * 300
-    assert ALL.preview(long_word, 200) == ""  # one word cut in two: nothing of it
+    assert ALL.preview("line one\nline-two\n" + "x" * 300, 200) == "line one\nline-two"  # any whitespace
+    # text without whitespace (Chinese, Japanese) has no words to keep whole: cut as it is (it was empty)
+    assert ALL.preview("中文" * 300, 200) == "中文" * 100
+
+
+@pytest.mark.parametrize(("secret", "fragment"), [("alice.smith@example.com", "alice"),
+                                                  ("sk-proj-ABCDEFGHIJKLMNOPQRSTUV", "sk-proj"),
+                                                  ("4111 1111 1111 1111", "4111")])
+def test_preview_drops_what_the_masking_window_cut_where_masking_shortened_it(secret: str, fragment: str) -> None:
+    """Masking runs over the first `limit + 1024` characters. Where it shortens them to `limit` or fewer (a long
+    masked token), what the window's end cut in two no longer matches its pattern: it must not be kept."""
+    head = "Authorization: Bearer " + "A" * 1150 + " then "
+    head += " " * (200 + 1024 - 10 - len(head))  # the window ends 10 characters into the secret
+    preview = ALL.preview(head + secret + " and more", 200)
+    assert fragment not in preview, preview
 
 
 def test_request_keys_separate_deployments_revisions_environments_and_callers() -> None:
