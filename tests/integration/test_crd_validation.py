@@ -120,7 +120,25 @@ INVALID = [
                    ["--override_generation_config.max_new_tokens=99999"], ["--override.max_new_tokens", "99999"],
                    ["--tensor-parallel", "4"], ["--tensor_parallel=4"], ["--served-model", "x"],
                    ["--max-model", "1000"], ["--te", "4"], ["--ho", "0.0.0.0"], ["--ov", "{}"],
-                   ["--no-enable-prefix"], ["--config", "/models/vllm.yaml"], ["--config=/models/vllm.yaml"])],
+                   ["--no-enable-prefix"], ["--config", "/models/vllm.yaml"], ["--config=/models/vllm.yaml"],
+                   # vLLM then listens on a socket file, or speaks TLS, or serves no API: the gateway cannot reach it
+                   ["--uds", "/tmp/v.sock"], ["--ssl-certfile", "/c.pem"], ["--ssl-keyfile=/k.pem"], ["--headless"])],
+    ("engine env sets VLLM_API_KEY", edited(DSD, "spec.engine", {"name": "vllm", "env": [
+        {"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}, {"name": "VLLM_API_KEY", "value": "x"}]}),
+     "engine.env must not set VLLM_API_KEY"),
+    # what a pod's resources refuse (the name "requests." + it must be a qualified name, and not a native resource)
+    ("gpu resource under requests.", edited(DSD, "spec.resources", {"gpuResourceName": "requests.nvidia.com/gpu"}),
+     "resources.gpuResourceName must be an extended resource name"),
+    ("gpu resource of kubernetes.io", edited(DSD, "spec.resources", {"gpuResourceName": "kubernetes.io/gpu"}),
+     "resources.gpuResourceName must be an extended resource name"),
+    ("gpu resource domain of 245", edited(DSD, "spec.resources", {"gpuResourceName": "p" * 245 + "/gpu"}),
+     "resources.gpuResourceName must be an extended resource name"),
+    # what a Secret key may not be (an env var's secretKeyRef with it makes the pod invalid)
+    *[(f"secret key {key!r}", edited(DSD, "spec.redis", {"secretRef": {"name": "r", "key": key}}),
+       "a Secret key may not be '.', nor begin with '..'") for key in (".", "..", "..data")],
+    ("hub token secret key '.'", edited(DSD, "spec.model", {"name": "deepseek-ai/x", "source": {
+        "huggingFace": {"tokenSecretRef": {"name": "hf", "key": "."}}}}),
+     "a Secret key may not be '.', nor begin with '..'"),
     ("engine env name with a dash", edited(DSD, "spec.engine", {"name": "vllm", "env": [{"name": "A-B"}]}),
      "spec.engine.env[0].name in body should match"),
     # What the API server would refuse in the pods is refused here, at apply, rather than in a rollout.
