@@ -25,16 +25,28 @@ def is_deterministic(temperature: float | None, seed: int | None) -> bool:
 
 
 class ResponseCache:
-    """`get`/`put` of response bodies per (caller, request); Redis errors count as misses and never fail a request."""
+    """`get`/`put` of response bodies per (caller, request); Redis errors count as misses and never fail a request.
+    After one, Redis is left alone for `retry_redis_after_s` (as the rate limiter does): an unreachable Redis would
+    otherwise make every cacheable request wait out its timeout, twice, and log a warning each time."""
 
     def __init__(self, ttl_s: int, keys: RequestKeys, max_entries: int = 1024, redis: Any = None,
-                 prefix: str = "deepseek:cache") -> None:
+                 prefix: str = "deepseek:cache", retry_redis_after_s: float = 5.0) -> None:
         self.ttl_s = ttl_s
         self.keys = keys
         self.max_entries = max_entries
         self.redis = redis
         self.prefix = prefix
+        self.retry_redis_after_s = retry_redis_after_s
+        self._redis_down_until = 0.0
         self._local: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, what: str, exc: Exception) -> None:
+        self._redis_down_until = time.monotonic() + self.retry_redis_after_s
+        log.warning("response cache: Redis %s failed (%s); local entries only for %g s", what, exc,
+                    self.retry_redis_after_s)
 
     def key(self, fingerprint: str, principal: Principal) -> str:
         return self.keys.cache_key(fingerprint, principal.env, f"key:{principal.uid}")
@@ -48,7 +60,7 @@ class ResponseCache:
                 self._local.move_to_end(key)
                 return body
             del self._local[key]
-        if self.redis is None:
+        if not self._redis_usable():
             return None
         try:
             # the entry and how long it has left, in one round trip: the local copy expires when the shared one does
@@ -58,7 +70,7 @@ class ResponseCache:
                 pipe.pttl(f"{self.prefix}:{key}")
                 raw, left_ms = await pipe.execute()
         except Exception as exc:
-            log.warning("response cache: Redis get failed (%s); treating as a miss", exc)
+            self._redis_failed("get", exc)  # a miss
             return None
         if raw is None:
             return None
@@ -73,11 +85,11 @@ class ResponseCache:
         """Store `body` for `principal`'s key (an entry belongs to one caller, as `get` reads it)."""
         key = self.key(fingerprint, principal)
         self._remember(key, body)
-        if self.redis is not None:
+        if self._redis_usable():
             try:
                 await self.redis.set(f"{self.prefix}:{key}", json.dumps(body), ex=self.ttl_s)
             except Exception as exc:
-                log.warning("response cache: Redis set failed (%s)", exc)
+                self._redis_failed("set", exc)
 
     def _remember(self, key: str, body: dict[str, Any], ttl_s: float | None = None) -> None:
         self._local[key] = (time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s), body)

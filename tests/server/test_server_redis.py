@@ -226,3 +226,37 @@ async def test_a_cached_answer_read_from_redis_expires_when_the_shared_entry_doe
         assert await reader.get("request", caller) is None
     finally:
         await client.aclose()
+
+
+async def test_an_unanswering_redis_costs_the_cache_one_timeout_then_is_left_alone_for_a_while() -> None:
+    """A Redis that accepts connections and never answers: the first cache read waits out the client's timeout and
+    is a miss; later reads and writes within `retry_redis_after_s` do not wait on it again (before, every cacheable
+    request waited out the timeout twice, its read and its write)."""
+    import asyncio
+    import socket
+
+    import redis.asyncio as aioredis
+    from deepseek_server.auth.tokens import Principal
+    from deepseek_server.cache import ResponseCache
+    from deepseek_server.request_keys import RequestKeys
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections are accepted by the kernel, and nothing is ever read or answered
+    client = aioredis.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", socket_timeout=0.5,
+                               socket_connect_timeout=0.5)
+    try:
+        cache = ResponseCache(ttl_s=60, keys=RequestKeys(b"k" * 32), redis=client)  # retried after 5 s
+        caller = Principal(uid="u", subject="s", token_id="t", scopes=frozenset(), env="dev", expires_at=0)
+        started = time.monotonic()
+        assert await cache.get("first", caller) is None
+        assert time.monotonic() - started >= 0.4  # waited out the timeout once
+        started = time.monotonic()
+        for n in range(5):
+            assert await cache.get(f"other-{n}", caller) is None
+            await cache.put(f"other-{n}", {"answer": n}, caller)
+        assert time.monotonic() - started < 0.3  # no more waits
+        assert await cache.get("other-3", caller) == {"answer": 3}  # the local entries still serve
+    finally:
+        await asyncio.wait_for(client.aclose(), 5)
+        silent.close()
