@@ -141,9 +141,7 @@ def _refuse_lone_surrogates(document: Any) -> None:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    # vLLM's default: `stream_options` sent without `include_usage` asks for the usage chunk (OpenAI's reference says
-    # false; vLLM, whose answers the gateway relays, says true); `null` is "not sent" like any flag, false
-    include_usage: bool = True
+    include_usage: bool = False
 
     _include_usage_null = field_validator("include_usage", mode="before")(_null_is_false)
 

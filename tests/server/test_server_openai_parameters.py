@@ -281,16 +281,6 @@ def test_several_prompts_get_a_choice_per_prompt_and_n_in_prompt_order(client: o
     assert streamed == dict(enumerate(alone)) and finished == {0, 1, 2}
 
 
-@pytest.mark.parametrize(("options", "usage"), [({}, True), ({"include_usage": None}, False),
-                                                 ({"include_usage": False}, False)])
-def test_stream_options_without_include_usage_ask_for_it_as_in_vllm(client: openai.OpenAI,
-                                                                    options: dict[str, object], usage: bool) -> None:
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, stream=True,
-                                                 stream_options=options))  # type: ignore[arg-type]
-    assert (chunks[-1].usage is not None) is usage
-    assert all(chunk.usage is None for chunk in chunks[:-1])
-
-
 def test_stream_options_need_stream(client: openai.OpenAI) -> None:
     for stream in (openai.NOT_GIVEN, False):
         with pytest.raises(openai.BadRequestError) as excinfo:
