@@ -190,6 +190,32 @@ def test_stream_has_usage_only_when_asked(client: openai.OpenAI) -> None:
     texts = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0,
                                            stream=True))
     assert texts and all(c.usage is None for c in texts)
+    # `stream_options` without `include_usage`: no usage, as vLLM answers it (see below)
+    unsaid = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={}))  # type: ignore[typeddict-item]
+    assert unsaid and all(c.usage is None for c in unsaid)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_as_vllm_does(client: openai.OpenAI) -> None:
+    """vLLM's way to score a prompt (what evaluation harnesses send): the prompt back with its log-probabilities,
+    nothing generated."""
+    scored = client.completions.create(model=MODEL, prompt="Once upon a time", echo=True, max_tokens=0, logprobs=1)
+    assert scored.choices[0].text.startswith("Once upon a time")
+    assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.tokens
+
+
+def test_stream_options_without_include_usage_get_no_usage_as_from_vllm(vllm: tuple[str, subprocess.Popen[bytes]],
+                                                                  gateway: ServerThread,
+                                                                  token_factory: Callable[..., str]) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {}}
+    direct = httpx.post(f"{vllm[0]}/v1/chat/completions", json=body, timeout=60).text
+    relayed = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60,
+                         headers={"authorization": f"Bearer {token_factory()}"}).text
+    # vLLM's own answer has no usage chunk (its protocol's default for `include_usage` reads true, its answer says
+    # otherwise), and the gateway, which always asks vLLM for usage, gives the client what vLLM would have
+    assert '"usage":{' not in direct.replace(" ", ""), direct
+    assert '"usage":{' not in relayed.replace(" ", ""), relayed
 
 
 def test_stream_bytes_match_vllm_direct_without_usage(vllm: tuple[str, subprocess.Popen[bytes]],
