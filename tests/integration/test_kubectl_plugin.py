@@ -223,6 +223,19 @@ def test_rotations_past_the_bound_on_tokens_out_wait_and_say_so(world: Cluster, 
     assert "cannot have another token yet" in failed(plugin(kubeconfig, "rotate", "churn", "-n", ns))
     assert world.verify(world.token("churn"))["jti"] == status["tokenId"]
 
+    # A new subject revokes the current token at once, and at the bound no new one is issued: the Secret keeps the
+    # revoked token, which `env` must not hand out (it printed it, with exit 0)
+    kept = world.token("churn")
+    world.patch_apikey("churn", {"subject": "churn-renamed"})
+    world.wait_condition("churn", "Ready", "False", "TokenLimitReached", timeout=30)
+    assert status["tokenId"] in world.auth()["revoked"]
+    assert world.token("churn") == kept, "the Secret still holds the revoked token"
+    refused = failed(plugin(kubeconfig, "env", "churn", "-n", ns))
+    assert "has no token in force now" in refused and "TokenLimitReached" in refused
+    assert kept not in refused
+    held_rotation = failed(plugin(kubeconfig, "rotate", "churn", "-n", ns))  # not "it gets its first token"
+    assert "cannot have another token yet" in held_rotation and "first token" not in held_rotation
+
 
 def test_rotating_a_key_without_a_token_says_why_at_once(crds, kubeconfig: str, namespace: str,
                                                          api_client) -> None:
@@ -235,6 +248,15 @@ def test_rotating_a_key_without_a_token_says_why_at_once(crds, kubeconfig: str, 
     message = failed(plugin(kubeconfig, "rotate", "early", "-n", namespace, "--timeout", "20"))
     assert time.monotonic() - started < 10
     assert "has no token to rotate yet" in message and "timed out" not in message
+
+
+def test_a_context_or_kubeconfig_asked_for_that_cannot_be_used_is_an_error(kubeconfig: str, tmp_path: Path) -> None:
+    """Not a fall back to the credentials of the pod the plugin runs in (a toolbox or CI pod), which would act on
+    another cluster and namespace than the one asked for."""
+    mistyped = failed(plugin(kubeconfig, "keys", "--context", "no-such-context"))
+    assert "the kubeconfig or context asked for cannot be used" in mistyped and "no-such-context" in mistyped
+    missing = failed(plugin(kubeconfig, "keys", "--kubeconfig", str(tmp_path / "absent")))
+    assert "cannot be used" in missing or "could not be read" in missing
 
 
 def test_unreachable_api_server_is_one_clear_error(tmp_path: Path) -> None:
