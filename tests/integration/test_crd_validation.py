@@ -199,6 +199,22 @@ INVALID = [
      "may not be more than 63 bytes"),
     ("priority class not a DNS name", edited(DSD, "spec.scheduling", {"priorityClassName": "High Priority"}),
      "spec.scheduling.priorityClassName in body should match"),
+    # the API server adds matchLabelKeys to the selector from each pod's labels, then refuses the pod when the key
+    # was there already: every pod of the rollout would be refused
+    *[(f"matchLabelKeys key in the selector's {where}", edited(DSD, "spec.scheduling", {"affinity": {kind: {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname", "labelSelector": selector,
+            "matchLabelKeys": ["deepseek.ai/deployment"]}}]}}}),
+       "a key of matchLabelKeys must not be in labelSelector too")
+      for kind, where, selector in (
+          ("podAntiAffinity", "matchLabels", {"matchLabels": {"deepseek.ai/deployment": "chat"}}),
+          ("podAffinity", "matchExpressions", {"matchExpressions": [
+              {"key": "deepseek.ai/deployment", "operator": "Exists"}]}))],
+    ("matchLabelKeys key in a required term's selector", edited(DSD, "spec.scheduling", {"affinity": {
+        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "x"}},
+            "matchLabelKeys": ["app"]}]}}}),
+     "a key of matchLabelKeys must not be in labelSelector too"),
     ("misspelt affinity field", edited(DSD, "spec.scheduling", {"affinity": {"nodeAffinty": {}}}),
      'unknown field "spec.scheduling.affinity.nodeAffinty"'),
     ("node affinity without terms",
