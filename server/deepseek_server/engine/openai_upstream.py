@@ -100,6 +100,7 @@ class OpenAIUpstreamEngine:
         self.model_name = model_name
         self.max_new_tokens = max_new_tokens
         self.max_model_len = 0  # learned from the engine's /v1/models
+        self.sampling_defaults: dict[str, float] = {}  # vLLM applies the model's own to what it is relayed
         self.capabilities = capabilities
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
