@@ -16,6 +16,7 @@ from functools import cached_property
 CATEGORIES = ("api_key", "email", "phone", "card", "national_id")
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")  # the last whitespace of a text
 WINDOW_MARGIN = 64  # masked characters past a preview's cut: more than any pattern of several words spans
+WINDOW_MOST = 4096  # characters past a preview's cut that are masked at most (a few hundredths of a second)
 
 _API_KEY = [
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),
@@ -25,12 +26,13 @@ _API_KEY = [
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
     re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"),
-    # `name: value` / `name=value` for a secret's name, also inside a longer one (`access_token`, `client_secret`,
-    # `REDIS_PASSWORD`, `DEEPSEEK_RECORD_KEY`)
-    re.compile(r"(?i)\b[\w-]*(?:(?:api|access|secret|private|record)[_-]?key|secret|token|password|passwd)\b"
+    # `name: value` / `name=value` for a secret's name, also at the end of a longer one (`access_token`,
+    # `client_secret`, `REDIS_PASSWORD`, `DEEPSEEK_RECORD_KEY`). The match starts at the name's last part: a pattern
+    # for the whole name (`\b[\w-]*...`) tries every position of a long run of word characters again (quadratic)
+    re.compile(r"(?i)(?:(?:api|access|secret|private|record)[_-]?key|secret|token|password|passwd)\b"
                r"(\s*[:=]\s*)[\"']?[^\s\"']{6,}"),
-    # a password in a URL (`redis://:pw@host`, `https://user:pw@host`): the URL up to it stays
-    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+(?=@)"),
+    # a password in a URL (`redis://:pw@host`, `https://user:pw@host`), found from its `://`
+    re.compile(r"(://[^\s:/@]*:)[^\s/@]+(?=@)"),
 ]
 _EMAIL = [re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")]
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -120,19 +122,21 @@ class Redactor:
         """The first `limit` characters of `text`, masked. Masking runs over a wider window first, so a secret that
         crosses the cut is still recognised whole; a word cut in two at the end is dropped, back to the last
         whitespace. Text without whitespace (Chinese, Japanese) is cut as it is: it has no words to keep whole."""
-        end = limit + 1024
+        end, most = limit + 1024, limit + WINDOW_MOST
         while True:
             window = text[:end]
             masked = self.mask(window)
             # the window's end well past the cut: a pattern it splits (a card number's digits, a phone number) ends
-            # after the cut, not inside what is kept; where masking shortened it that much, the window grows
-            if len(window) == len(text) or len(masked) > limit + WINDOW_MARGIN:
+            # after the cut, not inside what is kept; where masking shortened it that much, the window grows, up to
+            # WINDOW_MOST (some patterns take time growing with the square of a long run of their characters)
+            if len(window) == len(text) or len(masked) > limit + WINDOW_MARGIN or end >= most:
                 break
-            end *= 2
-        if len(masked) <= limit:
+            end = min(end * 2, most)
+        if len(masked) <= limit and len(window) == len(text):
             return masked
         cut = masked[:limit]
-        if not masked[limit].isspace() and cut and not cut[-1].isspace():
+        after = masked[limit] if len(masked) > limit else text[len(window)]  # what follows the cut
+        if not after.isspace() and cut and not cut[-1].isspace():
             last = _LAST_SPACE.search(cut)
             if last is not None:
                 cut = cut[:last.start()]

@@ -164,3 +164,21 @@ def test_a_request_orjson_cannot_write_gets_the_standard_librarys_fingerprint() 
     assert keys.request_fingerprint("text", body) == hmac.new(b"k" * 32, f"11:fingerprint{canonical}".encode(),
                                                               hashlib.sha256).hexdigest()
     assert keys.request_fingerprint("text", body) != keys.request_fingerprint("text", {**body, "seed": 2**70 + 1})
+
+
+def test_a_preview_masks_a_bounded_window_whatever_the_prompt() -> None:
+    """A long secret at the head shrinks when masked, and the window grows to keep a fragment out of the preview;
+    it stops at WINDOW_MOST characters past the cut, so a prompt of a megabyte is not masked whole."""
+    from deepseek_server.redaction import WINDOW_MOST
+
+    masked_lengths: list[int] = []
+
+    class Recording(Redactor):
+        def mask(self, text: str) -> str:
+            masked_lengths.append(len(text))
+            return super().mask(text)
+
+    recording = Recording(ALL.categories)
+    preview = recording.preview("token=" + "x" * 20_000 + " " + "a-" * 200_000, 200)
+    assert max(masked_lengths) <= 200 + WINDOW_MOST and "xxxx" not in preview
+
