@@ -310,3 +310,10 @@ def test_a_reservation_the_minute_has_already_drained_is_not_refunded() -> None:
     half = limiter.acquire_now("v", limits, 100)
     half.admitted_at -= 3  # 50 of its 100 tokens drained: 50 of the unused 80 come back
     assert half.settled_reservation(20) == 70
+    # admitted behind another request's 900: this reservation drains only after those, so after a minute 900 of
+    # its 1000 are still outstanding, and come back unused
+    ahead = limiter.acquire_now("w", limits, 900)
+    behind = limiter.acquire_now("w", limits, 1000)
+    ahead.admitted_at -= 60
+    behind.admitted_at -= 60
+    assert ahead.settled_reservation(900) == 900 and behind.settled_reservation(0) == 900

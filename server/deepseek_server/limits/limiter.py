@@ -53,11 +53,15 @@ class Lease:
         """The reservation to settle `tokens_used` against: all of it, less what of its unused part the minute has
         drained already. A request that ran longer than its reservation took to drain (a minute for a whole budget)
         gets back only what is still outstanding: refunding the rest would cancel other requests' newer
-        reservations, and requests in parallel could then overshoot by more than one reservation."""
+        reservations, and requests in parallel could then overshoot by more than one reservation. The key's debt
+        drains oldest first: what it owed when this request was admitted drains before this reservation does."""
         reserved, tpm = self.reserved, self.limits.tpm
         if tokens_used >= reserved or tpm is None:
             return reserved
-        outstanding = reserved - (time.monotonic() - self.admitted_at) * tpm / gcra.TOKEN_WINDOW_S
+        rate = tpm / gcra.TOKEN_WINDOW_S  # tokens drained per second
+        owed_before = self.decision.reset_tokens_s * rate - reserved  # the key's debt ahead of this reservation
+        drained = (time.monotonic() - self.admitted_at) * rate - (owed_before if owed_before > 0 else 0)
+        outstanding = reserved - (drained if drained > 0 else 0)
         refund = min(reserved - tokens_used, math.ceil(outstanding) if outstanding > 0 else 0)
         return tokens_used + refund
 
