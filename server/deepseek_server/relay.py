@@ -69,7 +69,9 @@ async def relay_call(services: Services, request: Request, principal: Principal,
             return cached
     request.state.cache = "miss"
     raw = _without_null_parameters(await request.body())  # already read and validated; relayed as sent
-    reserve = prompt_bound(raw, engine.max_model_len) + (requested_max or ceiling) * body.choices()
+    # `max_tokens: 0` (with `echo`: the prompt scored) reserves no completion; not sent, the ceiling
+    completion = ceiling if requested_max is None else requested_max
+    reserve = prompt_bound(raw, engine.max_model_len) + completion * body.choices()
     lease = await admit(services, request, principal, reserve)
     client_left = asyncio.ensure_future(_wait_for_disconnect(request))
     if body.stream:

@@ -366,6 +366,28 @@ def test_echo_with_max_tokens_zero_is_relayed_and_zero_without_echo_is_refused(
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text
 
 
+def test_echo_with_max_tokens_zero_reserves_the_prompt_alone(standin: tuple[StandInEngine, ServerThread],
+                                                              tmp_path: Path) -> None:
+    """A scoring request generates nothing: its tokens-per-minute reservation is its prompt's bound, not the prompt
+    plus `--max-new-tokens` (0 was read as "not sent")."""
+    key = SigningKey(kid="echo-key")
+    auth = write_auth_dir(tmp_path / "auth", [key], default_limits={"rps": 100, "burst": 100, "tpm": 100_000,
+                                                                      "parallel": None})
+    settings = ServerSettings(engine="vllm", engine_url=standin[1].url, model_name=MODEL, auth_dir=auth,
+                              max_new_tokens=1000)
+    server = ServerThread(create_app(settings)).start(ready_timeout=30)
+    try:
+        body = json.dumps({"model": MODEL, "prompt": "score me", "echo": True, "max_tokens": 0}).encode()
+        scored = httpx.post(f"{server.url}/v1/completions", content=body, timeout=10,
+                            headers={"authorization": f"Bearer {mint(key, uid='uid-echo')}",
+                                     "content-type": "application/json"})
+        assert scored.status_code == 200, scored.text
+        reserved = 100_000 - int(scored.headers["x-ratelimit-remaining-tokens"])
+        assert reserved <= len(body), reserved  # at most a token a byte of the body; 1,000 more before
+    finally:
+        server.stop()
+
+
 def test_a_json_schema_without_schema_is_refused_by_name_before_the_engine(
         standin: tuple[StandInEngine, ServerThread], gateway: ServerThread,
         token_factory: Callable[..., str]) -> None:
