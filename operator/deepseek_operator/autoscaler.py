@@ -285,7 +285,10 @@ class LoadReader:
     """Reads one metric from the pods' /metrics (short timeouts: a slow pod must not stall the loop)."""
 
     def __init__(self, timeout: float = READ_TIMEOUT_S, port: int = SERVER_PORT) -> None:
-        self._http = httpx.Client(timeout=timeout, trust_env=False)
+        # as many connections as readers: httpx's default pool (100) would keep readers past it waiting, and failing
+        self._http = httpx.Client(timeout=timeout, trust_env=False,
+                                  limits=httpx.Limits(max_connections=READ_WORKERS,
+                                                      max_keepalive_connections=READ_WORKERS))
         self._port = port
 
     def close(self) -> None:
