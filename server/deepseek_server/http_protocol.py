@@ -55,7 +55,8 @@ class RememberedCheck(dict[bytes, Any]):
     """`pattern.search(text)` for header bytes, remembered: `check.search(text)` is None for a text the pattern does
     not match, as the pattern says, and the pattern's match where it does (not remembered: refused headers are rare,
     and each is scanned again). Holds at most `size` texts of at most REMEMBERED_LENGTH bytes; a full table is
-    emptied (`renew`) or kept as it is."""
+    emptied (`renew`) or kept as it is. Texts are `bytes`, as ASGI has header names and values: a `bytearray` (which
+    the pattern alone would scan) cannot be looked up, and raises TypeError."""
 
     __slots__ = ("pattern", "renew", "size")
 
